@@ -1,0 +1,199 @@
+"""The store's one interface: versioned FHIR resources, search, history and the change feed.
+
+Callers (the REST API, the importer, the HL7 interface, the site follower) only
+see this module; which engine runs behind it is decided by the database URL.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rebond.fhir.search import SearchQuery
+
+
+class StoreError(Exception):
+    """A failure the caller can act on; `status` is the HTTP status it maps to."""
+
+    status = 500
+    code = "exception"
+
+
+class NotFound(StoreError):
+    status = 404
+    code = "not-found"
+
+
+class Gone(StoreError):
+    status = 410
+    code = "deleted"
+
+
+class PreconditionFailed(StoreError):
+    """If-Match named a version that is no longer the current one."""
+
+    status = 412
+    code = "conflict"
+
+
+class Conflict(StoreError):
+    status = 409
+    code = "conflict"
+
+
+class MultipleMatches(StoreError):
+    """A conditional operation whose criteria matched more than one resource."""
+
+    status = 412
+    code = "multiple-matches"
+
+
+class Unavailable(StoreError):
+    """The database cannot be reached; the caller may retry."""
+
+    status = 503
+    code = "transient"
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One version of a resource as the store holds it."""
+
+    resource_type: str
+    id: str
+    version: int
+    last_updated: float  # epoch seconds
+    deleted: bool
+    body: bytes | None  # JSON, meta.versionId and meta.lastUpdated included; None for a deletion
+    seq: int = 0
+    method: str = ""
+    site_id: str = ""
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    stored: Stored
+    created: bool  # a new resource (201) rather than a new version of an existing one
+    unchanged: bool = False  # a conditional create that found its match, or a delete of nothing
+
+
+@dataclass
+class SearchResult:
+    matches: list[Stored]
+    included: list[Stored] = field(default_factory=list)
+    total: int | None = None
+
+
+@dataclass(frozen=True)
+class Change:
+    """An entry of the change feed: one committed version, in commit order."""
+
+    seq: int
+    stored: Stored
+
+
+@dataclass(frozen=True)
+class ChangePage:
+    changes: list[Change]
+    next_cursor: str
+
+
+class Session(abc.ABC):
+    """One write transaction: everything done through it commits together, or not at all."""
+
+    @abc.abstractmethod
+    def create(self, resource: dict[str, Any], *, resource_id: str | None = None) -> WriteResult:
+        """Store a new resource; `resource_id` None asks for a server-assigned UUID."""
+
+    @abc.abstractmethod
+    def update(self, resource_type: str, resource_id: str, resource: dict[str, Any], *, if_match: int | None = None) -> WriteResult:
+        """A new version (or the first one: update as create). `if_match` is checked atomically."""
+
+    @abc.abstractmethod
+    def delete(self, resource_type: str, resource_id: str, *, if_match: int | None = None) -> WriteResult | None:
+        """A deletion version; None when there was nothing to delete."""
+
+    @abc.abstractmethod
+    def read(self, resource_type: str, resource_id: str) -> Stored | None:
+        """The current version as seen inside this transaction (locked against concurrent writers)."""
+
+    @abc.abstractmethod
+    def search_ids(self, query: SearchQuery) -> list[str]:
+        """Ids matching a search, inside this transaction (for conditional operations)."""
+
+    @abc.abstractmethod
+    def lock(self, key: str) -> None:
+        """Serialise with every other transaction that locks the same key (conditional create)."""
+
+
+class Store(abc.ABC):
+    """A versioned FHIR resource store with search and a change feed."""
+
+    site_id: str
+
+    @abc.abstractmethod
+    def transaction(self) -> contextlib.AbstractContextManager[Session]:
+        """A write transaction, committed durably when the block ends without error."""
+
+    @abc.abstractmethod
+    def read(self, resource_type: str, resource_id: str) -> Stored | None: ...
+
+    @abc.abstractmethod
+    def vread(self, resource_type: str, resource_id: str, version: int) -> Stored | None: ...
+
+    @abc.abstractmethod
+    def history(
+        self,
+        resource_type: str | None = None,
+        resource_id: str | None = None,
+        *,
+        since: float | None = None,
+        count: int = 50,
+        offset: int = 0,
+    ) -> tuple[list[Stored], int]:
+        """Versions newest first, and how many there are in all."""
+
+    @abc.abstractmethod
+    def search(self, query: SearchQuery) -> SearchResult: ...
+
+    @abc.abstractmethod
+    def changes(self, after: str | None, count: int = 100) -> ChangePage:
+        """Committed versions after `after` (an opaque cursor; None from the start), in commit order."""
+
+    @abc.abstractmethod
+    def counts(self) -> dict[str, int]:
+        """Live resources per type."""
+
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Raise Unavailable when the database cannot be reached."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    # Conveniences built on the transaction, shared by every engine.
+
+    def create(self, resource: dict[str, Any], *, resource_id: str | None = None) -> WriteResult:
+        with self.transaction() as tx:
+            return tx.create(resource, resource_id=resource_id)
+
+    def update(self, resource_type: str, resource_id: str, resource: dict[str, Any], *, if_match: int | None = None) -> WriteResult:
+        with self.transaction() as tx:
+            return tx.update(resource_type, resource_id, resource, if_match=if_match)
+
+    def delete(self, resource_type: str, resource_id: str, *, if_match: int | None = None) -> WriteResult | None:
+        with self.transaction() as tx:
+            return tx.delete(resource_type, resource_id, if_match=if_match)
+
+    def read_many(self, keys: Sequence[tuple[str, str]]) -> list[Stored]:
+        out = []
+        for rtype, rid in keys:
+            found = self.read(rtype, rid)
+            if found is not None and not found.deleted:
+                out.append(found)
+        return out
+
+

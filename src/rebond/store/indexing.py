@@ -1,0 +1,302 @@
+"""Turn a resource into the search-index rows its search parameters define.
+
+Each parameter type has one table; a row carries the parameter key
+(`Observation.code`) and the values a search compares against. Dates, numbers
+and quantities are stored as ranges [lo, hi) so that the precision of the stored
+value is kept: `2024-03` covers the whole month.
+"""
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from rebond.fhir.searchparams import SearchParam, component_param, registry
+
+INFINITY = 1e18
+
+_DATE_RE = re.compile(
+    r"^(?P<y>\d{4})(-(?P<m>\d\d)(-(?P<d>\d\d)(T(?P<H>\d\d)(:(?P<M>\d\d)(:(?P<S>\d\d)(?P<f>\.\d+)?)?)?(?P<tz>Z|[+-]\d\d:\d\d)?)?)?)?$"
+)
+
+
+def normalize_text(value: str) -> str:
+    """Case- and accent-insensitive form used by string search (`Hélène` finds `helene`)."""
+    decomposed = unicodedata.normalize("NFKD", value)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold().strip()
+
+
+def date_range(value: str) -> tuple[float, float] | None:
+    """[lo, hi) in epoch seconds for a FHIR date, dateTime or instant, by its precision.
+
+    A time without a zone is read as UTC, as the specification leaves it to the server.
+    """
+    m = _DATE_RE.match(value.strip())
+    if not m:
+        return None
+    year = int(m["y"])
+    try:
+        if m["m"] is None:
+            lo = dt.datetime(year, 1, 1, tzinfo=dt.timezone.utc)
+            hi = dt.datetime(year + 1, 1, 1, tzinfo=dt.timezone.utc)
+            return lo.timestamp(), hi.timestamp()
+        month = int(m["m"])
+        if m["d"] is None:
+            lo = dt.datetime(year, month, 1, tzinfo=dt.timezone.utc)
+            days = calendar.monthrange(year, month)[1]
+            return lo.timestamp(), lo.timestamp() + days * 86400
+        day = int(m["d"])
+        if m["H"] is None:
+            lo = dt.datetime(year, month, day, tzinfo=dt.timezone.utc)
+            return lo.timestamp(), lo.timestamp() + 86400
+        tz = dt.timezone.utc
+        if m["tz"] and m["tz"] != "Z":
+            sign = 1 if m["tz"][0] == "+" else -1
+            tz = dt.timezone(sign * dt.timedelta(hours=int(m["tz"][1:3]), minutes=int(m["tz"][4:6])))
+        hour = int(m["H"])
+        minute = int(m["M"] or 0)
+        if m["S"] is None:
+            lo = dt.datetime(year, month, day, hour, minute, tzinfo=tz)
+            return lo.timestamp(), lo.timestamp() + (60 if m["M"] else 3600)
+        second = min(int(m["S"]), 59)
+        base = dt.datetime(year, month, day, hour, minute, second, tzinfo=tz).timestamp()
+        if m["f"]:
+            fraction = float(m["f"])
+            width = 10.0 ** -(len(m["f"]) - 1)
+            return base + fraction, base + fraction + width
+        return base, base + 1
+    except ValueError:
+        return None
+
+
+def number_range(value: Any) -> tuple[float, float, float] | None:
+    """(lo, hi, value): a number's implied precision range, `100` → [99.5, 100.5)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        d = Decimal(str(value))
+    except InvalidOperation:
+        return None
+    if not d.is_finite():
+        return None
+    exponent = d.as_tuple().exponent
+    half = Decimal(5).scaleb(int(exponent) - 1) if isinstance(exponent, int) else Decimal(0)
+    return float(d - half), float(d + half), float(d)
+
+
+@dataclass
+class IndexRows:
+    """The rows one resource contributes to each index table."""
+
+    string: list[tuple[str, str, str]] = field(default_factory=list)  # key, normalized, exact
+    token: list[tuple[str, str | None, str | None, str | None]] = field(default_factory=list)  # key, system, code, text
+    date: list[tuple[str, float, float]] = field(default_factory=list)  # key, lo, hi
+    number: list[tuple[str, float, float, float]] = field(default_factory=list)  # key, lo, hi, value
+    quantity: list[tuple[str, str | None, str | None, float, float, float]] = field(default_factory=list)
+    reference: list[tuple[str, str | None, str | None, str | None]] = field(default_factory=list)  # key, type, id, url
+    uri: list[tuple[str, str]] = field(default_factory=list)
+    composite: list[tuple[str, str, str]] = field(default_factory=list)  # key, first part, second part
+
+    def dedupe(self) -> None:
+        for name in ("string", "token", "date", "number", "quantity", "reference", "uri", "composite"):
+            rows = getattr(self, name)
+            if len(rows) > 1:
+                setattr(self, name, list(dict.fromkeys(rows)))
+
+
+def split_reference(ref: str) -> tuple[str | None, str | None, str | None]:
+    """(type, id, url) of a reference string: `Patient/1`, an absolute URL, or `urn:uuid:…`."""
+    if ref.startswith("urn:") or ref.startswith("#"):
+        return None, None, ref
+    parts = ref.split("/")
+    if "_history" in parts:
+        parts = parts[: parts.index("_history")]
+    if len(parts) >= 2:
+        return parts[-2], parts[-1], ref if "://" in ref else None
+    return None, None, ref
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        out: list[str] = []
+        for key in ("text", "family", "given", "prefix", "suffix", "line", "city", "district", "state", "postalCode", "country", "value", "display"):
+            item = value.get(key)
+            if isinstance(item, str):
+                out.append(item)
+            elif isinstance(item, list):
+                out.extend(s for s in item if isinstance(s, str))
+        return out
+    return []
+
+
+def _tokens(value: Any) -> list[tuple[str | None, str | None, str | None]]:
+    if isinstance(value, bool):
+        return [(None, "true" if value else "false", None)]
+    if isinstance(value, (str, int)):
+        return [(None, str(value), None)]
+    if not isinstance(value, dict):
+        return []
+    if "coding" in value or ("text" in value and "system" not in value and "value" not in value and "code" not in value):
+        out = [(c.get("system"), c.get("code"), c.get("display")) for c in value.get("coding", []) if isinstance(c, dict)]
+        if isinstance(value.get("text"), str):
+            out.append((None, None, value["text"]))
+        return out
+    if "code" in value or "display" in value and "value" not in value:
+        return [(value.get("system"), value.get("code"), value.get("display"))]
+    if "value" in value:  # Identifier or ContactPoint
+        type_text = value.get("type", {}).get("text") if isinstance(value.get("type"), dict) else None
+        system = value.get("system")
+        if not isinstance(system, str) or system in _CONTACT_SYSTEMS:
+            system = None  # a ContactPoint's system says phone or email: not a code system
+        return [(system, str(value["value"]), type_text)]
+    return []
+
+
+_CONTACT_SYSTEMS = frozenset({"phone", "fax", "email", "pager", "url", "sms", "other"})
+
+
+def _dates(value: Any) -> list[tuple[float, float]]:
+    if isinstance(value, str):
+        r = date_range(value)
+        return [r] if r else []
+    if isinstance(value, dict):
+        if "start" in value or "end" in value:  # Period
+            lo = date_range(value["start"])[0] if isinstance(value.get("start"), str) and date_range(value["start"]) else -INFINITY
+            hi = date_range(value["end"])[1] if isinstance(value.get("end"), str) and date_range(value["end"]) else INFINITY
+            return [(lo, hi)]
+        if "event" in value or "repeat" in value:  # Timing
+            out = [r for e in value.get("event", []) if isinstance(e, str) and (r := date_range(e))]
+            bounds = value.get("repeat", {}).get("boundsPeriod") if isinstance(value.get("repeat"), dict) else None
+            if isinstance(bounds, dict):
+                out.extend(_dates(bounds))
+            return out
+    return []
+
+
+def _quantities(value: Any) -> list[tuple[str | None, str | None, float, float, float]]:
+    if isinstance(value, dict):
+        if "value" in value:
+            r = number_range(value["value"])
+            if r:
+                system = value.get("system") or (None if "currency" not in value else "urn:iso:std:iso:4217")
+                code = value.get("code") or value.get("currency") or value.get("unit")
+                return [(system, code, *r)]
+        elif "low" in value or "high" in value:  # Range
+            lo = number_range(value.get("low", {}).get("value")) if isinstance(value.get("low"), dict) else None
+            hi = number_range(value.get("high", {}).get("value")) if isinstance(value.get("high"), dict) else None
+            unit = value.get("low", value.get("high", {}))
+            return [(unit.get("system"), unit.get("code"), lo[0] if lo else -INFINITY, hi[1] if hi else INFINITY, (lo or hi or (0, 0, 0))[2])]
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        r = number_range(value)
+        return [(None, None, *r)] if r else []
+    return []
+
+
+def _references(value: Any) -> list[tuple[str | None, str | None, str | None]]:
+    if isinstance(value, dict):
+        ref = value.get("reference")
+        out = [split_reference(ref)] if isinstance(ref, str) else []
+        return out
+    if isinstance(value, str):  # canonical or uri used as a reference
+        return [(None, None, value)]
+    return []
+
+
+def index_resource(resource: dict[str, Any]) -> IndexRows:
+    """All index rows of a resource, for every search parameter of its type."""
+    rows = IndexRows()
+    params = registry().get(resource["resourceType"], {})
+    for param in params.values():
+        if param.code in ("_id", "_lastUpdated"):
+            continue  # answered from the resource table
+        values = param.extractor.values(resource)
+        if not values:
+            continue
+        _index_values(rows, param, values)
+    rows.dedupe()
+    return rows
+
+
+def _index_values(rows: IndexRows, param: SearchParam, values: Any) -> None:
+    key = param.key
+    ptype = param.type
+    for value in values:
+        if ptype == "string":
+            rows.string.extend((key, normalize_text(s), s) for s in _strings(value))
+        elif ptype == "token":
+            rows.token.extend((key, s, c, normalize_text(t) if t else None) for s, c, t in _tokens(value))
+        elif ptype == "date":
+            rows.date.extend((key, lo, hi) for lo, hi in _dates(value))
+        elif ptype == "number":
+            r = number_range(value)
+            if r:
+                rows.number.append((key, *r))
+        elif ptype == "quantity":
+            rows.quantity.extend((key, *q) for q in _quantities(value))
+        elif ptype == "reference":
+            rows.reference.extend((key, *r) for r in _references(value))
+        elif ptype == "uri":
+            if isinstance(value, str):
+                rows.uri.append((key, value))
+        elif ptype == "composite":
+            rows.composite.extend((key, a, b) for a, b in composite_values(param, value))
+
+
+def component_keys(ptype: str, value: Any) -> list[str]:
+    """The comparable forms of one component value of a composite parameter.
+
+    Tokens give `system|code` and `|code`-less `code`; quantities and numbers their
+    value as text; dates their lower bound. Composite search matches these exactly.
+    """
+    if ptype == "token":
+        out = []
+        for system, code, _text in _tokens(value):
+            if code:
+                out.append(code)
+                if system:
+                    out.append(f"{system}|{code}")
+        return out
+    if ptype in ("quantity", "number"):
+        return [format_number(q[4]) for q in _quantities(value)]
+    if ptype == "date":
+        return [str(lo) for lo, _hi in _dates(value)]
+    if ptype in ("string", "uri"):
+        return [normalize_text(s) for s in _strings(value)]
+    if ptype == "reference":
+        return [f"{t}/{i}" for t, i, _u in _references(value) if t and i]
+    return []
+
+
+def format_number(value: float) -> str:
+    return format(Decimal(str(value)).normalize(), "f")
+
+
+def composite_values(param: SearchParam, node: Any) -> list[tuple[str, str]]:
+    if not isinstance(node, dict) or len(param.components) != 2:
+        return []
+    pairs: list[list[str]] = []
+    for url, expression in param.components:
+        ptype, _code = component_param(url, param.resource_type)
+        extractor = _component_extractor(expression)
+        values = extractor.values({"resourceType": "Element", **node}) if extractor.applies else []
+        pairs.append([k for v in values for k in component_keys(ptype, v)])
+    return [(a, b) for a in pairs[0] for b in pairs[1]]
+
+
+_COMPONENT_CACHE: dict[str, Any] = {}
+
+
+def _component_extractor(expression: str) -> Any:
+    from rebond.fhir.paths import Extractor
+
+    extractor = _COMPONENT_CACHE.get(expression)
+    if extractor is None:
+        extractor = Extractor("Element." + expression, "Element")
+        _COMPONENT_CACHE[expression] = extractor
+    return extractor

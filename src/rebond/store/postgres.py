@@ -1,0 +1,186 @@
+"""The production engine: PostgreSQL through psycopg 3, with a change feed that never skips a commit.
+
+Sequence numbers are handed out when a version is inserted, but transactions
+commit in any order: a follower that has read seq 11 may later see seq 10 appear.
+The feed therefore only moves past a gap in the sequence once every transaction
+that could still hold the missing number has ended (see `changes`).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from rebond.store.base import Change, ChangePage, Session, Unavailable
+from rebond.store.schema import SCHEMA_VERSION, Types, ddl
+from rebond.store.sql import Cursor, SQLSession, SQLStore, stored_from_row
+
+_TYPES = Types(serial_pk="BIGSERIAL PRIMARY KEY", bigint="BIGINT", real="DOUBLE PRECISION", blob="BYTEA", text='TEXT COLLATE "C"')
+_PLACEHOLDER = re.compile(r"\?")
+
+
+class _PgCursor(Cursor):
+    """psycopg's cursor with the `?` placeholders the shared SQL is written in."""
+
+    _cache: dict[str, str] = {}
+
+    def __init__(self, cur: psycopg.Cursor[Any]) -> None:
+        self._cur = cur
+
+    def _sql(self, sql: str) -> str:
+        out = self._cache.get(sql)
+        if out is None:
+            out = _PLACEHOLDER.sub("%s", sql.replace("%", "%%"))
+            self._cache[sql] = out
+        return out
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self._cur.execute(self._sql(sql), list(params))  # type: ignore[call-overload]
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self._cur.executemany(self._sql(sql), [list(r) for r in rows])  # type: ignore[arg-type]
+
+    def fetchone(self) -> Any:
+        return self._cur.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return self._cur.fetchall()
+
+
+@dataclass(frozen=True)
+class FeedPosition:
+    """Where a follower stands: after `seq`; and, while waiting at a gap, what it waits for."""
+
+    seq: int
+    horizon: int | None = None  # the first xid not yet started when the gap was seen
+    resume: int | None = None  # the first seq visible after the gap at that moment
+
+    @classmethod
+    def parse(cls, token: str | None) -> FeedPosition:
+        if not token:
+            return cls(0)
+        parts = token.split("~")
+        if len(parts) == 3:
+            return cls(int(parts[0]), int(parts[1]), int(parts[2]))
+        return cls(int(parts[0]))
+
+    def __str__(self) -> str:
+        if self.horizon is None:
+            return str(self.seq)
+        return f"{self.seq}~{self.horizon}~{self.resume}"
+
+
+def _parse_snapshot(text: str) -> tuple[int, int, list[int]]:
+    xmin, xmax, xip = text.split(":")
+    return int(xmin), int(xmax), [int(x) for x in xip.split(",") if x]
+
+
+class PostgresStore(SQLStore):
+    for_update = " FOR UPDATE"
+    txid_sql = "pg_current_xact_id()::text::bigint"
+
+    def __init__(self, url: str, site_id: str, pool_size: int = 16) -> None:
+        super().__init__(site_id)
+        self.url = url
+        try:
+            self._pool = ConnectionPool(
+                url,
+                min_size=2,
+                max_size=pool_size,
+                kwargs={"autocommit": True, "options": "-c synchronous_commit=on"},
+                open=True,
+                timeout=30,
+            )
+            self._pool.wait(timeout=30)
+            with self._pool.connection() as conn:
+                conn.execute("SELECT pg_advisory_lock(4242)")  # two servers starting at once create the schema once
+                try:
+                    for statement in ddl(_TYPES):
+                        conn.execute(statement)
+                    conn.execute(
+                        "INSERT INTO rebond_meta (name, value) VALUES ('schema', %s) ON CONFLICT (name) DO NOTHING",
+                        (str(SCHEMA_VERSION),),
+                    )
+                finally:
+                    conn.execute("SELECT pg_advisory_unlock(4242)")
+        except (psycopg.Error, Exception) as err:
+            if isinstance(err, Unavailable):
+                raise
+            raise Unavailable(f"cannot reach PostgreSQL: {err}") from err
+
+    def blob(self, body: bytes | None) -> Any:
+        return body
+
+    def lock_key(self, cur: Cursor, key: str) -> None:
+        digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+        cur.execute("SELECT pg_advisory_xact_lock(?)", (digest,))
+
+    @contextmanager
+    def reader(self) -> Iterator[Cursor]:
+        try:
+            with self._pool.connection() as conn:
+                with conn.cursor() as cur:
+                    yield _PgCursor(cur)
+        except psycopg.OperationalError as err:
+            raise Unavailable(f"PostgreSQL unavailable: {err}") from err
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        try:
+            with self._pool.connection() as conn:
+                with conn.transaction():
+                    with conn.cursor() as raw:
+                        cur = _PgCursor(raw)
+                        # an xid before any sequence number: the feed relies on it (see `changes`)
+                        cur.execute("SELECT pg_current_xact_id()")
+                        yield SQLSession(self, cur)
+        except psycopg.errors.SerializationFailure as err:
+            raise Unavailable(f"concurrent update, retry: {err}") from err
+        except psycopg.OperationalError as err:
+            raise Unavailable(f"PostgreSQL unavailable: {err}") from err
+
+    def changes(self, after: str | None, count: int = 100) -> ChangePage:
+        """Committed versions in seq order, never skipping one that commits late.
+
+        A writer takes its xid before its sequence number. A gap at seq g seen
+        alongside a visible later seq s was handed to a transaction whose xid is
+        below the snapshot's xmax: once the oldest running xid has passed that
+        xmax, the holder has ended, and if g is still absent it never will be
+        (rolled back, or lost to sequence caching after a crash).
+        """
+        pos = FeedPosition.parse(after)
+        try:
+            with self._pool.connection() as conn:
+                with conn.transaction():
+                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                    with conn.cursor() as raw:
+                        cur = _PgCursor(raw)
+                        cur.execute("SELECT pg_current_snapshot()::text")
+                        xmin, xmax, xip = _parse_snapshot(cur.fetchone()[0])
+                        rows = self._change_rows(cur, pos.seq, count)
+        except psycopg.OperationalError as err:
+            raise Unavailable(f"PostgreSQL unavailable: {err}") from err
+        accepted: list[Change] = []
+        expected = pos.seq + 1
+        next_pos = FeedPosition(pos.seq)
+        for row in rows:
+            seq = int(row[6])
+            if seq > expected:  # numbers expected .. seq-1 are not visible
+                waiting_here = expected == pos.seq + 1 and pos.horizon is not None
+                settled = not xip or (waiting_here and xmin >= (pos.horizon or 0) and seq <= (pos.resume or 0))
+                if not settled:
+                    next_pos = pos if waiting_here else FeedPosition(expected - 1, xmax, seq)
+                    break
+            accepted.append(Change(seq, stored_from_row(row)))
+            expected = seq + 1
+            next_pos = FeedPosition(seq)
+        return ChangePage(accepted, str(next_pos))
+
+    def close(self) -> None:
+        self._pool.close()

@@ -1,0 +1,190 @@
+"""Compile a parsed SearchQuery into SQL that both engines run (placeholders are `?`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rebond.fhir.search import Clause, SearchQuery, Value
+from rebond.store.indexing import format_number, normalize_text, number_range
+
+_TABLE_BY_TYPE = {
+    "string": "sp_string",
+    "token": "sp_token",
+    "date": "sp_date",
+    "number": "sp_number",
+    "quantity": "sp_quantity",
+    "reference": "sp_reference",
+    "uri": "sp_uri",
+    "composite": "sp_composite",
+}
+PREFIX_END = "\U0010ffff"  # sorts after every character: `x >= p AND x < p || END` is a prefix match
+
+
+@dataclass
+class Fragment:
+    sql: str
+    params: list[Any] = field(default_factory=list)
+
+
+def _range_condition(prefix: str, lo_col: str, hi_col: str, value: Value, is_date: bool) -> Fragment:
+    lo, hi = value.lo, value.hi
+    if prefix == "eq":
+        return Fragment(f"({lo_col} >= ? AND {hi_col} <= ?)", [lo, hi])
+    if prefix == "ne":
+        return Fragment(f"NOT ({lo_col} >= ? AND {hi_col} <= ?)", [lo, hi])
+    if prefix == "gt":
+        return Fragment(f"{hi_col} > ?", [hi])
+    if prefix == "lt":
+        return Fragment(f"{lo_col} < ?", [lo])
+    if prefix == "ge":
+        return Fragment(f"{hi_col} > ?", [lo])
+    if prefix == "le":
+        return Fragment(f"{lo_col} < ?", [hi])
+    if prefix == "sa":
+        return Fragment(f"{lo_col} >= ?", [hi])
+    if prefix == "eb":
+        return Fragment(f"{hi_col} <= ?", [lo])
+    # ap: within 10 % (numbers) or a day either side (dates)
+    slack = 86400.0 if is_date else abs((lo + hi) / 2) * 0.1
+    return Fragment(f"({lo_col} < ? AND {hi_col} > ?)", [hi + slack, lo - slack])
+
+
+def _or(fragments: list[Fragment]) -> Fragment:
+    if len(fragments) == 1:
+        return fragments[0]
+    return Fragment("(" + " OR ".join(f.sql for f in fragments) + ")", [p for f in fragments for p in f.params])
+
+
+def _value_condition(clause: Clause, value: Value) -> Fragment:
+    t = clause.type
+    mod = clause.modifier
+    if t == "string":
+        if mod == "exact":
+            return Fragment("value_exact = ?", [value.raw])
+        if mod == "contains":
+            return Fragment("value_norm LIKE ? ESCAPE '!'", ["%" + _like_escape(value.text) + "%"])
+        return Fragment("(value_norm >= ? AND value_norm < ?)", [value.text, value.text + PREFIX_END])
+    if t == "token":
+        if mod == "text":
+            return Fragment("(text_norm >= ? AND text_norm < ?)", [value.text, value.text + PREFIX_END])
+        if value.any_system:
+            return Fragment("code = ?", [value.code])
+        if value.code is None:
+            return Fragment("system = ?", [value.system])
+        if value.system is None:
+            return Fragment("(code = ? AND system IS NULL)", [value.code])
+        return Fragment("(code = ? AND system = ?)", [value.code, value.system])
+    if t in ("date", "number"):
+        return _range_condition(value.prefix, "lo", "hi", value, t == "date")
+    if t == "quantity":
+        cond = _range_condition(value.prefix, "lo", "hi", value, False)
+        if value.code is not None:
+            cond = Fragment(f"({cond.sql} AND code = ?)", [*cond.params, value.code])
+        if value.system is not None:
+            cond = Fragment(f"({cond.sql} AND system = ?)", [*cond.params, value.system])
+        return cond
+    if t == "reference":
+        if value.ref_id is None:
+            return Fragment("url = ?", [value.raw])
+        if value.ref_type is not None:
+            return Fragment("(target_id = ? AND target_type = ?)", [value.ref_id, value.ref_type])
+        targets = clause.param.targets if clause.param else ()
+        if len(targets) == 1:
+            return Fragment("(target_id = ? AND target_type = ?)", [value.ref_id, targets[0]])
+        return Fragment("target_id = ?", [value.ref_id])
+    if t == "uri":
+        if mod == "below":
+            return Fragment("(value >= ? AND value < ?)", [value.raw, value.raw + PREFIX_END])
+        if mod == "above":
+            return Fragment("value = substr(?, 1, length(value))", [value.raw])
+        return Fragment("value = ?", [value.raw])
+    if t == "composite":
+        second = value.text
+        num = number_range(second)
+        candidates = [normalize_text(second)]
+        if num is not None:
+            candidates.append(format_number(num[2]))
+        placeholders = ", ".join("?" for _ in candidates)
+        return Fragment(f"(part1 = ? AND part2 IN ({placeholders}))", [value.code, *candidates])
+    raise ValueError(t)
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+
+
+def clause_fragment(clause: Clause, resource_type: str, alias: str) -> Fragment:
+    """A condition on `alias` (a row of `resources`) for one clause."""
+    rid = f"{alias}.rid"
+    if clause.type == "id":
+        ph = ", ".join("?" for _ in clause.values)
+        neg = "NOT " if clause.modifier == "not" else ""
+        return Fragment(f"{alias}.res_id {neg}IN ({ph})", [v.raw for v in clause.values])
+    if clause.type == "lastUpdated":
+        return _or([_range_condition(v.prefix, f"{alias}.lu", f"({alias}.lu + 0.000001)", v, True) for v in clause.values])
+    if clause.has is not None:
+        source, ref_code, inner = clause.has
+        sub = clause_fragment(inner, source, "hs")
+        return Fragment(
+            f"{alias}.res_id IN (SELECT hx.target_id FROM sp_reference hx JOIN resources hs ON hs.rid = hx.rid"
+            f" WHERE hx.key = ? AND hx.target_type = ? AND {sub.sql})",
+            [f"{source}.{ref_code}", resource_type, *sub.params],
+        )
+    assert clause.param is not None
+    key = clause.param.key
+    table = _TABLE_BY_TYPE[clause.type]
+    if clause.chain is not None:
+        target_type, inner = clause.chain
+        sub = clause_fragment(inner, target_type, "ct")
+        return Fragment(
+            f"{rid} IN (SELECT cx.rid FROM sp_reference cx JOIN resources ct ON ct.res_type = cx.target_type"
+            f" AND ct.res_id = cx.target_id WHERE cx.key = ? AND cx.target_type = ? AND ct.deleted = 0 AND {sub.sql})",
+            [key, target_type, *sub.params],
+        )
+    if clause.missing is not None:
+        neg = "NOT " if clause.missing else ""
+        return Fragment(f"{rid} {neg}IN (SELECT rid FROM {table} WHERE key = ?)", [key])
+    cond = _or([_value_condition(clause, v) for v in clause.values])
+    neg = "NOT " if clause.modifier == "not" else ""
+    return Fragment(f"{rid} {neg}IN (SELECT rid FROM {table} WHERE key = ? AND {cond.sql})", [key, *cond.params])
+
+
+def where_fragment(query: SearchQuery, alias: str = "r") -> Fragment:
+    parts = [Fragment(f"{alias}.deleted = 0")]
+    if query.resource_type is not None:
+        parts.insert(0, Fragment(f"{alias}.res_type = ?", [query.resource_type]))
+    for clause in query.clauses:
+        parts.append(clause_fragment(clause, query.resource_type or "", alias))
+    return Fragment(" AND ".join(p.sql for p in parts), [x for p in parts for x in p.params])
+
+
+_SORT_COLUMN = {
+    "string": ("sp_string", "value_norm", "value_norm"),
+    "token": ("sp_token", "code", "code"),
+    "date": ("sp_date", "lo", "hi"),
+    "number": ("sp_number", "value", "value"),
+    "quantity": ("sp_quantity", "value", "value"),
+    "uri": ("sp_uri", "value", "value"),
+}
+
+
+def order_fragment(query: SearchQuery, alias: str = "r") -> Fragment:
+    terms: list[str] = []
+    params: list[Any] = []
+    for key, ptype, desc in query.sort:
+        direction = "DESC" if desc else "ASC"
+        if ptype == "_id":
+            terms.append(f"{alias}.res_id {direction}")
+            continue
+        if ptype == "_lastUpdated":
+            terms.append(f"{alias}.lu {direction}")
+            continue
+        table, asc_col, desc_col = _SORT_COLUMN[ptype]
+        agg = f"MAX({desc_col})" if desc else f"MIN({asc_col})"
+        expr = f"(SELECT {agg} FROM {table} s WHERE s.rid = {alias}.rid AND s.key = ?)"
+        # resources without a value sort last either way, the same on both engines
+        terms.append(f"({expr} IS NULL) ASC")
+        terms.append(f"{expr} {direction}")
+        params.extend([key, key])
+    terms.append(f"{alias}.rid ASC")
+    return Fragment(", ".join(terms), params)

@@ -1,0 +1,81 @@
+"""The tables both engines share, written once with per-engine column types."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEMA_VERSION = 1
+
+#: index table -> its value columns (after rid and key), in insert order
+INDEX_TABLES: dict[str, tuple[str, ...]] = {
+    "sp_string": ("value_norm", "value_exact"),
+    "sp_token": ("system", "code", "text_norm"),
+    "sp_date": ("lo", "hi"),
+    "sp_number": ("lo", "hi", "value"),
+    "sp_quantity": ("system", "code", "lo", "hi", "value"),
+    "sp_reference": ("target_type", "target_id", "url"),
+    "sp_uri": ("value",),
+    "sp_composite": ("part1", "part2"),
+}
+
+#: IndexRows attribute -> index table
+ROW_TABLES = {
+    "string": "sp_string",
+    "token": "sp_token",
+    "date": "sp_date",
+    "number": "sp_number",
+    "quantity": "sp_quantity",
+    "reference": "sp_reference",
+    "uri": "sp_uri",
+    "composite": "sp_composite",
+}
+
+_REAL_COLUMNS = {"lo", "hi", "value"}
+
+
+@dataclass(frozen=True)
+class Types:
+    serial_pk: str  # auto-incrementing integer primary key
+    bigint: str
+    real: str
+    blob: str
+    text: str = "TEXT"
+
+
+def ddl(types: Types) -> list[str]:
+    statements = [
+        "CREATE TABLE IF NOT EXISTS rebond_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        f"""CREATE TABLE IF NOT EXISTS resources (
+            rid {types.serial_pk},
+            res_type TEXT NOT NULL,
+            res_id TEXT NOT NULL,
+            version {types.bigint} NOT NULL,
+            seq {types.bigint} NOT NULL,
+            lu {types.real} NOT NULL,
+            deleted SMALLINT NOT NULL,
+            UNIQUE (res_type, res_id))""",
+        f"""CREATE TABLE IF NOT EXISTS versions (
+            seq {types.serial_pk},
+            res_type TEXT NOT NULL,
+            res_id TEXT NOT NULL,
+            version {types.bigint} NOT NULL,
+            lu {types.real} NOT NULL,
+            method TEXT NOT NULL,
+            site_id TEXT NOT NULL,
+            txid {types.bigint},
+            body {types.blob},
+            UNIQUE (res_type, res_id, version))""",
+        "CREATE INDEX IF NOT EXISTS versions_type_lu ON versions (res_type, lu)",
+        "CREATE INDEX IF NOT EXISTS versions_lu ON versions (lu)",
+        "CREATE INDEX IF NOT EXISTS resources_type_lu ON resources (res_type, lu)",
+    ]
+    for table, columns in INDEX_TABLES.items():
+        cols = ", ".join(f"{c} {types.real if c in _REAL_COLUMNS else types.text}" for c in columns)
+        statements.append(f"CREATE TABLE IF NOT EXISTS {table} (rid {types.bigint} NOT NULL, key TEXT NOT NULL, {cols})")
+        statements.append(f"CREATE INDEX IF NOT EXISTS {table}_rid ON {table} (rid, key)")
+        first = {"sp_token": "code", "sp_quantity": "code", "sp_reference": "target_id"}.get(table, columns[0])
+        statements.append(f"CREATE INDEX IF NOT EXISTS {table}_lookup ON {table} (key, {first}, rid)")
+    statements.append("CREATE INDEX IF NOT EXISTS sp_date_hi ON sp_date (key, hi, rid)")
+    statements.append("CREATE INDEX IF NOT EXISTS sp_reference_target ON sp_reference (target_id, target_type, rid)")
+    statements.append("CREATE INDEX IF NOT EXISTS sp_token_text ON sp_token (key, text_norm, rid)")
+    statements.append("CREATE INDEX IF NOT EXISTS sp_string_exact ON sp_string (key, value_exact, rid)")
+    return statements

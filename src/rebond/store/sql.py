@@ -1,0 +1,394 @@
+"""The store logic both SQL engines share; each engine supplies connections and dialect."""
+from __future__ import annotations
+
+import abc
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import orjson
+
+from rebond.fhir.search import Include, SearchQuery
+from rebond.fhir.searchparams import registry
+from rebond.store.base import (
+    Change,
+    ChangePage,
+    Gone,
+    PreconditionFailed,
+    SearchResult,
+    Session,
+    Store,
+    Stored,
+    WriteResult,
+)
+from rebond.store.indexing import index_resource
+from rebond.store.query import order_fragment, where_fragment
+from rebond.store.schema import INDEX_TABLES, ROW_TABLES
+
+MAX_INCLUDED = 1000
+_INSERTS = {
+    table: f"INSERT INTO {table} (rid, key, {', '.join(cols)}) VALUES (?, ?, {', '.join('?' for _ in cols)})"
+    for table, cols in INDEX_TABLES.items()
+}
+_STORED_COLUMNS = "v.res_type, v.res_id, v.version, v.lu, v.method = 'delete', v.body, v.seq, v.method, v.site_id"
+
+
+def iso_instant(epoch: float) -> str:
+    """`2024-05-01T10:11:12.123456+00:00`: FHIR instant with microseconds, UTC."""
+    seconds = int(epoch)
+    micros = int(round((epoch - seconds) * 1_000_000))
+    if micros == 1_000_000:
+        seconds, micros = seconds + 1, 0
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}+00:00"
+
+
+def stored_from_row(row: Sequence[Any]) -> Stored:
+    body = row[5]
+    return Stored(
+        resource_type=row[0],
+        id=row[1],
+        version=int(row[2]),
+        last_updated=float(row[3]),
+        deleted=bool(row[4]),
+        body=bytes(body) if body is not None else None,
+        seq=int(row[6]),
+        method=row[7],
+        site_id=row[8],
+    )
+
+
+class Cursor(abc.ABC):
+    """The few cursor operations the shared code needs, over either DB-API driver."""
+
+    @abc.abstractmethod
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any: ...
+
+    @abc.abstractmethod
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+
+    @abc.abstractmethod
+    def fetchone(self) -> Any: ...
+
+    @abc.abstractmethod
+    def fetchall(self) -> list[Any]: ...
+
+
+class SQLSession(Session):
+    """A write transaction over one connection, in the dialect of its store."""
+
+    def __init__(self, store: SQLStore, cur: Cursor) -> None:
+        self.store = store
+        self.cur = cur
+
+    # -- reading inside the transaction
+
+    def read(self, resource_type: str, resource_id: str) -> Stored | None:
+        self.cur.execute(
+            f"SELECT {_STORED_COLUMNS} FROM resources r JOIN versions v ON v.seq = r.seq"
+            f" WHERE r.res_type = ? AND r.res_id = ?{self.store.for_update}",
+            (resource_type, resource_id),
+        )
+        row = self.cur.fetchone()
+        return stored_from_row(row) if row else None
+
+    def search_ids(self, query: SearchQuery) -> list[str]:
+        where = where_fragment(query)
+        self.cur.execute(f"SELECT r.res_id FROM resources r WHERE {where.sql} LIMIT 2", where.params)
+        return [row[0] for row in self.cur.fetchall()]
+
+    def lock(self, key: str) -> None:
+        self.store.lock_key(self.cur, key)
+
+    # -- writing
+
+    def create(self, resource: dict[str, Any], *, resource_id: str | None = None) -> WriteResult:
+        rid = resource_id or str(uuid.uuid4())
+        return self._write(resource["resourceType"], rid, resource, "create", if_match=None)
+
+    def update(self, resource_type: str, resource_id: str, resource: dict[str, Any], *, if_match: int | None = None) -> WriteResult:
+        return self._write(resource_type, resource_id, resource, "update", if_match=if_match)
+
+    def delete(self, resource_type: str, resource_id: str, *, if_match: int | None = None) -> WriteResult | None:
+        current = self._current(resource_type, resource_id)
+        if current is None or current[2]:
+            if if_match is not None:
+                raise PreconditionFailed(f"{resource_type}/{resource_id} has no current version {if_match}")
+            return None
+        return self._write(resource_type, resource_id, None, "delete", if_match=if_match, current=current)
+
+    def _current(self, resource_type: str, resource_id: str) -> tuple[int, int, bool] | None:
+        """(internal rid, version, deleted) of the current version, row-locked."""
+        self.cur.execute(
+            f"SELECT rid, version, deleted FROM resources WHERE res_type = ? AND res_id = ?{self.store.for_update}",
+            (resource_type, resource_id),
+        )
+        row = self.cur.fetchone()
+        return (int(row[0]), int(row[1]), bool(row[2])) if row else None
+
+    def _write(
+        self,
+        resource_type: str,
+        resource_id: str,
+        resource: dict[str, Any] | None,
+        method: str,
+        *,
+        if_match: int | None,
+        current: tuple[int, int, bool] | None = None,
+    ) -> WriteResult:
+        store = self.store
+        cur = self.cur
+        if current is None:
+            current = self._current(resource_type, resource_id)
+        if current is None:
+            if if_match is not None:
+                raise PreconditionFailed(f"{resource_type}/{resource_id} does not exist; If-Match cannot hold")
+            # claim the id; a concurrent writer of the same new id waits here, then sees our row
+            cur.execute(
+                "INSERT INTO resources (res_type, res_id, version, seq, lu, deleted) VALUES (?, ?, 0, 0, 0, 1)"
+                " ON CONFLICT (res_type, res_id) DO NOTHING RETURNING rid",
+                (resource_type, resource_id),
+            )
+            row = cur.fetchone()
+            current = (int(row[0]), 0, True) if row else self._current(resource_type, resource_id)
+            assert current is not None
+        internal, version, was_deleted = current
+        if if_match is not None and if_match != version:
+            raise PreconditionFailed(
+                f"{resource_type}/{resource_id} is at version {version}, not {if_match}: reload it and apply your change again"
+            )
+        if method == "create" and version > 0:
+            raise PreconditionFailed(f"{resource_type}/{resource_id} already exists")
+        new_version = version + 1
+        now = store.clock()
+        body: bytes | None = None
+        if resource is not None:
+            resource["id"] = resource_id
+            meta = resource.get("meta")
+            if not isinstance(meta, dict):
+                meta = {}
+            resource["meta"] = {**meta, "versionId": str(new_version), "lastUpdated": iso_instant(now)}
+            body = orjson.dumps(resource)
+        cur.execute(
+            "INSERT INTO versions (res_type, res_id, version, lu, method, site_id, txid, body)"
+            f" VALUES (?, ?, ?, ?, ?, ?, {store.txid_sql}, ?) RETURNING seq",
+            (resource_type, resource_id, new_version, now, method, store.site_id, store.blob(body)),
+        )
+        seq = int(cur.fetchone()[0])
+        deleted = resource is None
+        cur.execute(
+            "UPDATE resources SET version = ?, seq = ?, lu = ?, deleted = ? WHERE rid = ?",
+            (new_version, seq, now, 1 if deleted else 0, internal),
+        )
+        if version > 0 and not was_deleted:
+            for table in INDEX_TABLES:
+                cur.execute(f"DELETE FROM {table} WHERE rid = ?", (internal,))
+        if resource is not None:
+            self._insert_index(internal, resource)
+        stored = Stored(resource_type, resource_id, new_version, now, deleted, body, seq, method, store.site_id)
+        return WriteResult(stored, created=version == 0 or was_deleted)
+
+    def _insert_index(self, internal: int, resource: dict[str, Any]) -> None:
+        rows = index_resource(resource)
+        for attr, table in ROW_TABLES.items():
+            values = getattr(rows, attr)
+            if values:
+                self.cur.executemany(_INSERTS[table], [(internal, *v) for v in values])
+
+
+class SQLStore(Store):
+    """Shared reads, searches and history; engines fill in connections and dialect."""
+
+    for_update = ""
+    txid_sql = "NULL"
+
+    def __init__(self, site_id: str) -> None:
+        self.site_id = site_id
+        self._last_clock = 0.0
+
+    def clock(self) -> float:
+        """Now, strictly increasing within this process so versions never share an instant."""
+        now = time.time()
+        if now <= self._last_clock:
+            now = self._last_clock + 0.000001
+        self._last_clock = now
+        return now
+
+    def blob(self, body: bytes | None) -> Any:
+        return body
+
+    @abc.abstractmethod
+    def lock_key(self, cur: Cursor, key: str) -> None: ...
+
+    @abc.abstractmethod
+    @contextmanager
+    def reader(self) -> Iterator[Cursor]:
+        """A cursor for reads, outside any write transaction."""
+        yield  # type: ignore[misc]
+
+    # -- reads
+
+    def read(self, resource_type: str, resource_id: str) -> Stored | None:
+        with self.reader() as cur:
+            cur.execute(
+                f"SELECT {_STORED_COLUMNS} FROM resources r JOIN versions v ON v.seq = r.seq"
+                " WHERE r.res_type = ? AND r.res_id = ?",
+                (resource_type, resource_id),
+            )
+            row = cur.fetchone()
+        return stored_from_row(row) if row else None
+
+    def vread(self, resource_type: str, resource_id: str, version: int) -> Stored | None:
+        with self.reader() as cur:
+            cur.execute(
+                f"SELECT {_STORED_COLUMNS} FROM versions v WHERE v.res_type = ? AND v.res_id = ? AND v.version = ?",
+                (resource_type, resource_id, version),
+            )
+            row = cur.fetchone()
+        return stored_from_row(row) if row else None
+
+    def history(
+        self,
+        resource_type: str | None = None,
+        resource_id: str | None = None,
+        *,
+        since: float | None = None,
+        count: int = 50,
+        offset: int = 0,
+    ) -> tuple[list[Stored], int]:
+        conds: list[str] = []
+        params: list[Any] = []
+        if resource_type is not None:
+            conds.append("v.res_type = ?")
+            params.append(resource_type)
+        if resource_id is not None:
+            conds.append("v.res_id = ?")
+            params.append(resource_id)
+        if since is not None:
+            conds.append("v.lu >= ?")
+            params.append(since)
+        where = (" WHERE " + " AND ".join(conds)) if conds else ""
+        with self.reader() as cur:
+            cur.execute(f"SELECT count(*) FROM versions v{where}", params)
+            total = int(cur.fetchone()[0])
+            cur.execute(
+                f"SELECT {_STORED_COLUMNS} FROM versions v{where} ORDER BY v.seq DESC LIMIT ? OFFSET ?",
+                [*params, count, offset],
+            )
+            rows = cur.fetchall()
+        return [stored_from_row(r) for r in rows], total
+
+    def search(self, query: SearchQuery) -> SearchResult:
+        where = where_fragment(query)
+        with self.reader() as cur:
+            total: int | None = None
+            if query.total == "accurate" or query.summary == "count":
+                cur.execute(f"SELECT count(*) FROM resources r WHERE {where.sql}", where.params)
+                total = int(cur.fetchone()[0])
+            if query.summary == "count":
+                return SearchResult([], total=total)
+            order = order_fragment(query)
+            cur.execute(
+                f"SELECT {_STORED_COLUMNS}, r.rid FROM resources r JOIN versions v ON v.seq = r.seq"
+                f" WHERE {where.sql} ORDER BY {order.sql} LIMIT ? OFFSET ?",
+                [*where.params, *order.params, query.count, query.offset],
+            )
+            rows = cur.fetchall()
+            matches = [stored_from_row(r) for r in rows]
+            included = self._includes(cur, query.includes, [(m.resource_type, int(r[9]), m.id) for m, r in zip(matches, rows)])
+        return SearchResult(matches, included, total)
+
+    def _includes(self, cur: Cursor, includes: list[Include], page: list[tuple[str, int, str]]) -> list[Stored]:
+        """Resources named by _include and _revinclude, following :iterate to a fixed point."""
+        if not includes or not page:
+            return []
+        seen = {(t, i) for t, _r, i in page}
+        out: list[Stored] = []
+        frontier = page
+        first = True
+        while frontier and len(out) < MAX_INCLUDED:
+            found: list[tuple[str, int, str]] = []
+            for inc in includes:
+                if not first and not inc.iterate:
+                    continue
+                for stored, internal in self._one_include(cur, inc, frontier):
+                    key = (stored.resource_type, stored.id)
+                    if key in seen or stored.deleted:
+                        continue
+                    seen.add(key)
+                    out.append(stored)
+                    found.append((stored.resource_type, internal, stored.id))
+            frontier = found
+            first = False
+        return out[:MAX_INCLUDED]
+
+    def _reference_keys(self, inc: Include, source_types: Iterable[str]) -> list[str]:
+        reg = registry()
+        keys = []
+        for source in set(source_types):
+            if inc.source_type not in ("*", source):
+                continue
+            params = reg.get(source, {})
+            if inc.param_code == "*":
+                keys.extend(p.key for p in params.values() if p.type == "reference")
+            elif inc.param_code in params:
+                keys.append(params[inc.param_code].key)
+        return keys
+
+    def _one_include(self, cur: Cursor, inc: Include, frontier: list[tuple[str, int, str]]) -> list[tuple[Stored, int]]:
+        if inc.reverse:
+            keys = [f"{inc.source_type}.{inc.param_code}"] if inc.param_code != "*" else self._reference_keys(inc, [inc.source_type])
+            ids = list({i for _t, _r, i in frontier})
+            if not keys or not ids:
+                return []
+            sql = (
+                f"SELECT {_STORED_COLUMNS}, r.rid FROM sp_reference x JOIN resources r ON r.rid = x.rid"
+                " JOIN versions v ON v.seq = r.seq"
+                f" WHERE x.key IN ({', '.join('?' for _ in keys)}) AND x.target_id IN ({', '.join('?' for _ in ids)})"
+                f" AND x.target_type IN ({', '.join('?' for _ in frontier)}) LIMIT ?"
+            )
+            cur.execute(sql, [*keys, *ids, *[t for t, _r, _i in frontier], MAX_INCLUDED])
+        else:
+            keys = self._reference_keys(inc, [t for t, _r, _i in frontier])
+            rids = [r for t, r, _i in frontier if inc.source_type in ("*", t)]
+            if not keys or not rids:
+                return []
+            target_cond = " AND x.target_type = ?" if inc.target_type else ""
+            sql = (
+                f"SELECT {_STORED_COLUMNS}, r.rid FROM sp_reference x JOIN resources r"
+                " ON r.res_type = x.target_type AND r.res_id = x.target_id JOIN versions v ON v.seq = r.seq"
+                f" WHERE x.rid IN ({', '.join('?' for _ in rids)}) AND x.key IN ({', '.join('?' for _ in keys)}){target_cond} LIMIT ?"
+            )
+            cur.execute(sql, [*rids, *keys, *([inc.target_type] if inc.target_type else []), MAX_INCLUDED])
+        return [(stored_from_row(row), int(row[9])) for row in cur.fetchall()]
+
+    def counts(self) -> dict[str, int]:
+        with self.reader() as cur:
+            cur.execute("SELECT res_type, count(*) FROM resources WHERE deleted = 0 GROUP BY res_type")
+            return {row[0]: int(row[1]) for row in cur.fetchall()}
+
+    def ping(self) -> None:
+        with self.reader() as cur:
+            cur.execute("SELECT 1")
+            cur.fetchone()
+
+    def _change_rows(self, cur: Cursor, after: int, count: int) -> list[Any]:
+        cur.execute(
+            f"SELECT {_STORED_COLUMNS}, v.txid FROM versions v WHERE v.seq > ? ORDER BY v.seq LIMIT ?",
+            (after, count),
+        )
+        return cur.fetchall()
+
+    def changes(self, after: str | None, count: int = 100) -> ChangePage:
+        position = int(after) if after else 0
+        with self.reader() as cur:
+            rows = self._change_rows(cur, position, count)
+        changes = [Change(int(r[6]), stored_from_row(r)) for r in rows]
+        return ChangePage(changes, str(changes[-1].seq if changes else position))
+
+
+def gone_or_none(stored: Stored | None) -> Stored | None:
+    if stored is not None and stored.deleted:
+        raise Gone(f"{stored.resource_type}/{stored.id} was deleted")
+    return stored
