@@ -108,6 +108,11 @@ class SQLSession(Session):
         return self._write(resource["resourceType"], rid, resource, "create", if_match=None)
 
     def update(self, resource_type: str, resource_id: str, resource: dict[str, Any], *, if_match: int | None = None) -> WriteResult:
+        current = self.read(resource_type, resource_id)
+        if current is not None and not current.deleted and current.body is not None and (if_match in (None, current.version)):
+            if _same_content(orjson.loads(current.body), resource):
+                # an update that changes nothing makes no version: re-imports and retried replays stay quiet
+                return WriteResult(current, created=False, unchanged=True)
         return self._write(resource_type, resource_id, resource, "update", if_match=if_match)
 
     def delete(self, resource_type: str, resource_id: str, *, if_match: int | None = None) -> WriteResult | None:
@@ -168,7 +173,10 @@ class SQLSession(Session):
             meta = resource.get("meta")
             if not isinstance(meta, dict):
                 meta = {}
-            resource["meta"] = {**meta, "versionId": str(new_version), "lastUpdated": iso_instant(now)}
+            meta = {**meta, "versionId": str(new_version), "lastUpdated": iso_instant(now)}
+            rest = {k: v for k, v in resource.items() if k not in ("resourceType", "id", "meta")}
+            resource.clear()
+            resource.update({"resourceType": resource_type, "id": resource_id, "meta": meta, **rest})
             body = orjson.dumps(resource)
         cur.execute(
             "INSERT INTO versions (res_type, res_id, version, lu, method, site_id, txid, body)"
@@ -195,6 +203,18 @@ class SQLSession(Session):
             values = getattr(rows, attr)
             if values:
                 self.cur.executemany(_INSERTS[table], [(internal, *v) for v in values])
+
+
+def _content(resource: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in resource.items() if k not in ("id", "meta")}
+    meta = {k: v for k, v in (resource.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
+    if meta:
+        out["meta"] = meta
+    return out
+
+
+def _same_content(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return _content(a) == _content(b)
 
 
 class SQLStore(Store):
