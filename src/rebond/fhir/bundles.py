@@ -37,6 +37,7 @@ class _Entry:
     full_url: str | None
     if_none_exist: str | None
     if_match: int | None
+    matched: bool = False  # a POST whose If-None-Exist found the resource: nothing to write
 
 
 def parse_if_match(value: str | None) -> int | None:
@@ -163,7 +164,7 @@ def process_batch(store: Store, bundle: Any, base_url: str, reader: Reader | Non
                 continue
             with store.transaction() as tx:
                 # a batch entry may name a conditional reference too; urn:uuid references across entries are not allowed
-                _resolve_conditional_references(tx, [entry])
+                _resolve_references(tx, [entry], {})
                 out.append(_response_entry(_perform(tx, entry), base_url))
         except Exception as err:  # each entry answers for itself
             out.append(_error_entry(err))
@@ -189,8 +190,7 @@ def process_transaction(store: Store, bundle: Any, base_url: str, reader: Reader
     entries = [_parse_entry(i, e) for i, e in enumerate(raw_entries)]
     results: dict[int, dict[str, Any]] = {}
     with store.transaction() as tx:
-        _assign_ids(tx, entries)
-        _resolve_conditional_references(tx, entries)
+        _resolve_references(tx, entries, _assign_ids(tx, entries))
         for entry in sorted(entries, key=lambda e: (_ORDER[e.method], e.index)):
             if entry.method in ("GET", "HEAD"):
                 continue
@@ -212,7 +212,7 @@ def process_transaction(store: Store, bundle: Any, base_url: str, reader: Reader
 
 
 def _create_with_id(tx: Session, entry: _Entry) -> operations.Outcome:
-    if entry.if_none_exist == "\0matched":
+    if entry.matched:
         return operations.Outcome(200, tx.read(entry.resource_type, entry.resource_id or ""))
     resource = entry.resource
     if isinstance(resource, dict):
@@ -220,8 +220,8 @@ def _create_with_id(tx: Session, entry: _Entry) -> operations.Outcome:
     return operations.create(tx, entry.resource_type, resource, resource_id=entry.resource_id)
 
 
-def _assign_ids(tx: Session, entries: list[_Entry]) -> None:
-    """Give each POST its id now (or the id of the resource its If-None-Exist finds), then rewrite urn:uuid references."""
+def _assign_ids(tx: Session, entries: list[_Entry]) -> dict[str, str]:
+    """Give each POST its id now (or the id of the resource its If-None-Exist finds): fullUrl -> `Type/id`."""
     mapping: dict[str, str] = {}
     for entry in entries:
         if entry.method == "POST" and entry.resource_id is None:
@@ -232,36 +232,19 @@ def _assign_ids(tx: Session, entries: list[_Entry]) -> None:
                     raise FhirError(412, f"entry {entry.index}: If-None-Exist matches {len(found)} resources", code="multiple-matches")
                 if found:
                     entry.resource_id = found[0]
-                    entry.if_none_exist = "\0matched"
+                    entry.matched = True
             if entry.resource_id is None:
                 entry.resource_id = str(uuid.uuid4())
-                entry.if_none_exist = None
             if entry.full_url:
                 mapping[entry.full_url] = f"{entry.resource_type}/{entry.resource_id}"
         elif entry.method == "PUT" and entry.resource_id and entry.full_url and entry.full_url.startswith("urn:"):
             mapping[entry.full_url] = f"{entry.resource_type}/{entry.resource_id}"
-    if mapping:
-        for entry in entries:
-            if entry.resource is not None:
-                entry.resource = _rewrite(entry.resource, mapping)
+    return mapping
 
 
-def _rewrite(node: Any, mapping: dict[str, str]) -> Any:
-    if isinstance(node, dict):
-        out = {}
-        for key, value in node.items():
-            if key == "reference" and isinstance(value, str) and value in mapping:
-                out[key] = mapping[value]
-            else:
-                out[key] = _rewrite(value, mapping)
-        return out
-    if isinstance(node, list):
-        return [_rewrite(v, mapping) for v in node]
-    return node
-
-
-def _resolve_conditional_references(tx: Session, entries: list[_Entry]) -> None:
-    """`Practitioner?identifier=…` references become `Practitioner/id`; no match or several is a 412."""
+def _resolve_references(tx: Session, entries: list[_Entry], mapping: dict[str, str]) -> None:
+    """Rewrite references in one pass: `urn:uuid:…` fullUrls of the bundle through `mapping`, and
+    conditional references (`Practitioner?identifier=…`) to the one resource they match (none or several is a 412)."""
     cache: dict[str, str] = {}
 
     def resolve(ref: str, index: int) -> str:
@@ -279,8 +262,13 @@ def _resolve_conditional_references(tx: Session, entries: list[_Entry]) -> None:
         if isinstance(node, dict):
             out = {}
             for key, value in node.items():
-                if key == "reference" and isinstance(value, str) and "?" in value and is_resource_type(value.split("?", 1)[0]):
-                    out[key] = resolve(value, index)
+                if key == "reference" and isinstance(value, str):
+                    if value in mapping:
+                        out[key] = mapping[value]
+                    elif "?" in value and is_resource_type(value.split("?", 1)[0]):
+                        out[key] = resolve(value, index)
+                    else:
+                        out[key] = value
                 else:
                     out[key] = walk(value, index)
             return out

@@ -9,6 +9,7 @@ is handed to fhirpathpy, so every definition still evaluates.
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -188,11 +189,17 @@ class Extractor:
         return out
 
 
-def _fhirpath(resource: dict[str, Any], expression: str) -> list[Node]:
+@functools.cache
+def _compiled(expression: str) -> Callable[..., Any]:
     import fhirpathpy
+    from fhirpathpy.models import models
 
+    return fhirpathpy.compile(expression, models["r4"])  # type: ignore[no-any-return]
+
+
+def _fhirpath(resource: dict[str, Any], expression: str) -> list[Node]:
     try:
-        result = fhirpathpy.evaluate(resource, expression, {})
+        result = _compiled(expression)(resource)
     except Exception:  # an expression fhirpathpy cannot run indexes nothing rather than failing the write
         return []
     return [v for v in result if v is not None and v is not False] if isinstance(result, list) else []

@@ -297,6 +297,9 @@ def _component_extractor(expression: str) -> Any:
 
     extractor = _COMPONENT_CACHE.get(expression)
     if extractor is None:
-        extractor = Extractor("Element." + expression, "Element")
+        from rebond.fhir.paths import split_top_level
+
+        rooted = " | ".join("Element." + branch for branch in split_top_level(expression, "|"))
+        extractor = Extractor(rooted, "Element")
         _COMPONENT_CACHE[expression] = extractor
     return extractor

@@ -1,0 +1,43 @@
+"""Shared fixtures: a store on each engine (a real PostgreSQL started here), and a running API."""
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rebond.store import open_store
+from rebond.store.base import Store
+from tests.pg_harness import PostgresServer
+
+SYNTHEA = Path(__file__).resolve().parents[2] / "shared" / "data" / "synthea"
+_db_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    try:
+        server = PostgresServer().start()
+    except Exception as err:
+        if os.environ.get("CI"):
+            raise  # in CI PostgreSQL must be there: `make test` installs it
+        pytest.skip(f"PostgreSQL unavailable here: {err}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def engine_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/rebond.db"
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.create_database(f"t{os.getpid()}_{next(_db_names)}")
+
+
+@pytest.fixture
+def store(engine_url: str) -> Iterator[Store]:
+    s = open_store(engine_url)
+    yield s
+    s.close()

@@ -1,0 +1,122 @@
+"""The store on both engines: versions, history, optimistic concurrency, conditional create, the change feed."""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import orjson
+import pytest
+
+from rebond.fhir import operations
+from rebond.store import open_store
+from rebond.store.base import PreconditionFailed, Store
+
+
+def patient(family: str = "Martin", **extra: object) -> dict[str, object]:
+    return {"resourceType": "Patient", "name": [{"family": family, "given": ["Lucie"]}], **extra}
+
+
+def test_every_write_is_a_new_immutable_version(store: Store) -> None:
+    created = store.create(patient()).stored
+    assert created.version == 1 and created.id
+    body = orjson.loads(created.body or b"")
+    assert body["meta"]["versionId"] == "1" and body["id"] == created.id
+
+    updated = store.update("Patient", created.id, {**patient("Bernard"), "id": created.id}).stored
+    assert updated.version == 2
+    deleted = store.delete("Patient", created.id)
+    assert deleted is not None and deleted.stored.deleted and deleted.stored.version == 3
+
+    current = store.read("Patient", created.id)
+    assert current is not None and current.deleted
+    first = store.vread("Patient", created.id, 1)
+    assert first is not None and orjson.loads(first.body or b"")["name"][0]["family"] == "Martin"
+    versions, total = store.history("Patient", created.id)
+    assert total == 3 and [v.version for v in versions] == [3, 2, 1]
+
+
+def test_update_as_create_keeps_the_client_id(store: Store) -> None:
+    result = store.update("Patient", "ipp-000123", {**patient(), "id": "ipp-000123"})
+    assert result.created and result.stored.id == "ipp-000123"
+
+
+def test_an_update_that_changes_nothing_makes_no_version(store: Store) -> None:
+    created = store.create(patient()).stored
+    again = store.update("Patient", created.id, {**patient(), "id": created.id})
+    assert again.unchanged and again.stored.version == 1
+
+
+def test_stale_if_match_is_refused(store: Store) -> None:
+    rid = store.create(patient()).stored.id
+    store.update("Patient", rid, {**patient("A"), "id": rid}, if_match=1)
+    with pytest.raises(PreconditionFailed):
+        store.update("Patient", rid, {**patient("B"), "id": rid}, if_match=1)
+
+
+def test_concurrent_updates_with_the_same_if_match_one_wins(store: Store) -> None:
+    rid = store.create(patient()).stored.id
+    barrier = threading.Barrier(8)
+
+    def attempt(i: int) -> str:
+        barrier.wait()
+        try:
+            store.update("Patient", rid, {**patient(f"Writer{i}"), "id": rid}, if_match=1)
+            return "won"
+        except PreconditionFailed:
+            return "412"
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(attempt, range(8)))
+    assert results.count("won") == 1 and results.count("412") == 7
+    current = store.read("Patient", rid)
+    assert current is not None and current.version == 2
+
+
+def test_concurrent_conditional_creates_make_one_resource(store: Store) -> None:
+    barrier = threading.Barrier(8)
+    ident = {"system": "urn:oid:1.2.250.1.71.4.2.7", "value": "IPP-42"}
+
+    def attempt(_: int) -> int:
+        barrier.wait()
+        with store.transaction() as tx:
+            return operations.create(tx, "Patient", patient(identifier=[ident]),
+                                     if_none_exist="identifier=urn:oid:1.2.250.1.71.4.2.7|IPP-42").status
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(attempt, range(8)))
+    assert sorted(statuses) == [200] * 7 + [201]
+    assert store.counts().get("Patient") == 1
+
+
+def test_concurrent_creates_of_the_same_new_id_never_fail(store: Store) -> None:
+    barrier = threading.Barrier(6)
+
+    def attempt(i: int) -> int:
+        barrier.wait()
+        return store.update("Patient", "same-id", {**patient(f"W{i}"), "id": "same-id"}).stored.version
+
+    with ThreadPoolExecutor(6) as pool:
+        versions = sorted(pool.map(attempt, range(6)))
+    assert versions == [1, 2, 3, 4, 5, 6]
+
+
+def test_change_feed_is_resumable_and_names_the_site(engine_url: str) -> None:
+    store = open_store(engine_url, site_id="hopital-nord")
+    try:
+        ids = [store.create(patient(f"P{i}")).stored.id for i in range(5)]
+        first = store.changes(None, count=3)
+        assert [c.stored.id for c in first.changes] == ids[:3]
+        assert all(c.stored.site_id == "hopital-nord" for c in first.changes)
+        rest = store.changes(first.next_cursor, count=10)
+        assert [c.stored.id for c in rest.changes] == ids[3:]
+        assert store.changes(rest.next_cursor).changes == []
+    finally:
+        store.close()
+
+
+def test_a_rolled_back_transaction_leaves_nothing(store: Store) -> None:
+    with pytest.raises(RuntimeError), store.transaction() as tx:
+        tx.create(patient())
+        raise RuntimeError("abort")
+    assert store.counts().get("Patient") is None
+    assert store.changes(None).changes == []
