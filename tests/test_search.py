@@ -1,0 +1,187 @@
+"""Search as a clinician relies on it: every parameter type, modifiers, prefixes, chains, includes, sorting, paging."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from rebond.app import create_app
+from rebond.store.base import Store
+
+LOINC = "http://loinc.org"
+
+
+def obs(pid: str, code: str, value: float, when: str, unit: str = "mmol/L", **extra: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": code, "display": {"2823-3": "Potassium", "2951-2": "Sodium"}.get(code, code)}]},
+        "subject": {"reference": f"Patient/{pid}"},
+        "effectiveDateTime": when,
+        "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit},
+        **extra,
+    }
+
+
+@pytest.fixture
+def ward(store: Store) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    ids: dict[str, str] = {}
+    org = store.create({"resourceType": "Organization", "name": "Hôpital Lariboisière"}).stored.id
+    ids["org"] = org
+    people = [
+        ("helene", "Lefèvre", ["Hélène"], "1948-02-11", "female", "IPP-1"),
+        ("marc", "Lefort", ["Marc", "Antoine"], "1975-07-30", "male", "IPP-2"),
+        ("zoe", "Zidane", ["Zoé"], "2001-12-01", "female", "IPP-3"),
+    ]
+    for key, family, given, birth, gender, ipp in people:
+        ids[key] = store.create({
+            "resourceType": "Patient", "name": [{"family": family, "given": given}], "birthDate": birth, "gender": gender,
+            "identifier": [{"system": "urn:oid:1.2.250.1.71.4.2.7", "value": ipp}],
+            "managingOrganization": {"reference": f"Organization/{org}"},
+        }).stored.id
+    ids["k_high"] = store.create(obs(ids["helene"], "2823-3", 6.2, "2026-11-20T08:00:00Z")).stored.id
+    ids["k_norm"] = store.create(obs(ids["marc"], "2823-3", 4.1, "2026-11-21T08:00:00Z")).stored.id
+    ids["na"] = store.create(obs(ids["helene"], "2951-2", 139, "2026-11-22T08:00:00Z")).stored.id
+    ids["enc"] = store.create({
+        "resourceType": "Encounter", "status": "in-progress", "class": {"code": "IMP"},
+        "subject": {"reference": f"Patient/{ids['helene']}"}, "period": {"start": "2026-11-19T10:00:00Z"},
+    }).stored.id
+    with TestClient(create_app(store)) as client:
+        yield client, ids
+
+
+def search(client: TestClient, query: str) -> dict[str, Any]:
+    resp = client.get(f"/fhir/{query}")
+    assert resp.status_code == 200, resp.text
+    return resp.json()  # type: ignore[no-any-return]
+
+
+def ids_of(bundle: dict[str, Any], mode: str = "match") -> set[str]:
+    return {e["resource"]["id"] for e in bundle.get("entry", []) if e["search"]["mode"] == mode}
+
+
+def test_string_is_prefix_case_and_accent_insensitive(ward: tuple[TestClient, dict[str, str]]) -> None:
+    client, ids = ward
+    assert ids_of(search(client, "Patient?name=lef")) == {ids["helene"], ids["marc"]}
+    assert ids_of(search(client, "Patient?given=helene")) == {ids["helene"]}
+    assert ids_of(search(client, "Patient?family:exact=Lefort")) == {ids["marc"]}
+    assert ids_of(search(client, "Patient?family:exact=lefort")) == set()
+    assert ids_of(search(client, "Patient?name:contains=dan")) == {ids["zoe"]}
+
+
+def test_token_with_and_without_system_and_not(ward: tuple[TestClient, dict[str, str]]) -> None:
+    client, ids = ward
+    assert ids_of(search(client, "Observation?code=2823-3")) == {ids["k_high"], ids["k_norm"]}
+    assert ids_of(search(client, f"Observation?code={LOINC}|2951-2")) == {ids["na"]}
+    assert ids_of(search(client, "Observation?code=other|2951-2")) == set()
+    assert ids_of(search(client, "Patient?gender:not=female")) == {ids["marc"]}
+    assert ids_of(search(client, "Patient?identifier=urn:oid:1.2.250.1.71.4.2.7|IPP-3")) == {ids["zoe"]}
+    assert ids_of(search(client, "Observation?code:text=potass")) == {ids["k_high"], ids["k_norm"]}
+
+
+def test_or_with_commas_and_with_repetition(ward: tuple[TestClient, dict[str, str]]) -> None:
+    client, ids = ward
+    assert ids_of(search(client, "Patient?gender=male,female")) == {ids["helene"], ids["marc"], ids["zoe"]}
+    assert ids_of(search(client, "Patient?birthdate=ge1950&birthdate=lt2000")) == {ids["marc"]}
+
+
+def test_date_prefixes(ward: tuple[TestClient, dict[str, str]]) -> None:
+    client, ids = ward
+    assert ids_of(search(client, "Patient?birthdate=1948")) == {ids["helene"]}
+    assert ids_of(search(client, "Patient?birthdate=1975-07")) == {ids["marc"]}
+    assert ids_of(search(client, "Patient?birthdate=gt1975-07-30")) == {ids["zoe"]}
+    assert ids_of(search(client, "Patient?birthdate=le1975-07-30")) == {ids["helene"], ids["marc"]}
+    assert ids_of(search(client, "Patient?birthdate=ne1975-07-30")) == {ids["helene"], ids["zoe"]}
+    assert ids_of(search(client, "Observation?date=ge2026-11-21")) == {ids["k_norm"], ids["na"]}
+    assert ids_of(search(client, "Encounter?date=ge2026-11-22")) == {ids["enc"]}  # still open: the stay goes on
+    assert ids_of(search(client, "Observation?date=sa2026-11-21")) == {ids["na"]}
+    assert ids_of(search(client, "Observation?date=eb2026-11-21")) == {ids["k_high"]}
+
+
+def test_quantity_and_number_prefixes(ward: tuple[TestClient, dict[str, str]]) -> None:
+    client, ids = ward
+    assert ids_of(search(client, "Observation?value-quantity=gt5")) == {ids["k_high"], ids["na"]}
+    assert ids_of(search(client, "Observation?value-quantity=lt5|http://unitsofmeasure.org|mmol/L")) == {ids["k_norm"]}
+    assert ids_of(search(client, "Observation?value-quantity=6.2")) == {ids["k_high"]}
+    assert ids_of(search(client, "Observation?code-value-quantity=2823-3$6.2")) == {ids["k_high"]}
+
+
+def test_reference_forms_chaining_and_has(ward: tuple[TestClient, dict[str, str]]) -> None:
+    client, ids = ward
+    helene = ids["helene"]
+    assert ids_of(search(client, f"Observation?patient={helene}")) == {ids["k_high"], ids["na"]}
+    assert ids_of(search(client, f"Observation?subject=Patient/{helene}")) == {ids["k_high"], ids["na"]}
+    assert ids_of(search(client, f"Observation?subject:Patient={helene}")) == {ids["k_high"], ids["na"]}
+    assert ids_of(search(client, "Observation?subject:Patient.name=lefort")) == {ids["k_norm"]}
+    assert ids_of(search(client, "Observation?patient.birthdate=lt1960&code=2823-3")) == {ids["k_high"]}
+    assert ids_of(search(client, "Patient?_has:Observation:patient:code=2951-2")) == {helene}
+    assert ids_of(search(client, "Patient?organization.name=hopital")) == {helene, ids["marc"], ids["zoe"]}
+
+
+def test_missing_id_and_last_updated(ward: tuple[TestClient, dict[str, str]]) -> None:
+    client, ids = ward
+    assert ids_of(search(client, "Patient?deceased:missing=true")) == {ids["helene"], ids["marc"], ids["zoe"]}
+    assert ids_of(search(client, f"Patient?_id={ids['zoe']},{ids['marc']}")) == {ids["zoe"], ids["marc"]}
+    assert len(ids_of(search(client, "Patient?_lastUpdated=gt2020-01-01"))) == 3
+    assert ids_of(search(client, "Patient?_lastUpdated=lt2020-01-01")) == set()
+
+
+def test_include_revinclude_and_iterate(ward: tuple[TestClient, dict[str, str]]) -> None:
+    client, ids = ward
+    bundle = search(client, f"Observation?code=2951-2&_include=Observation:patient")
+    assert ids_of(bundle) == {ids["na"]} and ids_of(bundle, "include") == {ids["helene"]}
+    bundle = search(client, f"Patient?_id={ids['helene']}&_revinclude=Observation:subject")
+    assert ids_of(bundle, "include") == {ids["k_high"], ids["na"]}
+    bundle = search(client, "Observation?code=2951-2&_include=Observation:patient&_include:iterate=Patient:organization")
+    assert ids_of(bundle, "include") == {ids["helene"], ids["org"]}
+    wild = client.get("/fhir/Observation?_include=*&_revinclude=*")
+    assert wild.status_code == 200
+
+
+def test_sort_count_paging_total_and_summary(ward: tuple[TestClient, dict[str, str]]) -> None:
+    client, ids = ward
+    bundle = search(client, "Patient?_sort=-birthdate")
+    assert [e["resource"]["id"] for e in bundle["entry"]] == [ids["zoe"], ids["marc"], ids["helene"]]
+    bundle = search(client, "Patient?_sort=gender,-birthdate")
+    assert [e["resource"]["id"] for e in bundle["entry"]] == [ids["zoe"], ids["helene"], ids["marc"]]
+    first = search(client, "Patient?_sort=birthdate&_count=2&_total=accurate")
+    assert first["total"] == 3 and len(first["entry"]) == 2
+    next_url = next(link["url"] for link in first["link"] if link["relation"] == "next")
+    second = client.get(next_url).json()
+    assert [e["resource"]["id"] for e in second["entry"]] == [ids["zoe"]]
+    assert any(link["relation"] == "previous" for link in second["link"])
+    assert "total" not in search(client, "Patient")
+    count = search(client, "Patient?_summary=count")
+    assert count["total"] == 3 and "entry" not in count
+    elements = search(client, "Patient?_elements=birthDate&_id=" + ids["zoe"])
+    res = elements["entry"][0]["resource"]
+    assert res["birthDate"] == "2001-12-01" and "name" not in res
+    assert any(t["code"] == "SUBSETTED" for t in res["meta"]["tag"])
+
+
+def test_unknown_parameters_are_refused_unless_lenient(ward: tuple[TestClient, dict[str, str]]) -> None:
+    client, ids = ward
+    strict = client.get("/fhir/Patient?nmae=lefort")
+    assert strict.status_code == 400 and "nmae" in strict.text
+    lenient = client.get("/fhir/Patient?nmae=lefort&gender=male", headers={"Prefer": "handling=lenient"})
+    assert lenient.status_code == 200
+    bundle = lenient.json()
+    assert ids_of(bundle) == {ids["marc"]}
+    outcome = [e for e in bundle["entry"] if e["search"]["mode"] == "outcome"]
+    assert "nmae" in outcome[0]["resource"]["issue"][0]["diagnostics"]
+    assert client.get("/fhir/Patient?gender:above=male").status_code == 400
+
+
+def test_post_search(ward: tuple[TestClient, dict[str, str]]) -> None:
+    client, ids = ward
+    resp = client.post("/fhir/Patient/_search", content="family=zidane",
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert resp.status_code == 200 and ids_of(resp.json()) == {ids["zoe"]}
+
+
+def test_deleted_resources_leave_search(ward: tuple[TestClient, dict[str, str]]) -> None:
+    client, ids = ward
+    client.delete(f"/fhir/Patient/{ids['zoe']}")
+    assert ids_of(search(client, "Patient?gender=female")) == {ids["helene"]}
