@@ -10,7 +10,7 @@ from rebond.store.base import Store
 
 
 def test_concurrent_writers_and_a_follower_see_every_change_once(store: Store) -> None:
-    writers, per_writer = 4, 60
+    writers, per_writer = 4, 100
     committed: set[tuple[str, int]] = set()
     lock = threading.Lock()
     done = threading.Event()

@@ -189,26 +189,34 @@ def process_transaction(store: Store, bundle: Any, base_url: str, reader: Reader
     raw_entries = _check_bundle(bundle, "transaction")
     entries = [_parse_entry(i, e) for i, e in enumerate(raw_entries)]
     results: dict[int, dict[str, Any]] = {}
+    writes = sorted((e for e in entries if e.method not in ("GET", "HEAD")), key=lambda e: (_ORDER[e.method], e.index))
     with store.transaction() as tx:
-        _resolve_references(tx, entries, _assign_ids(tx, entries))
-        for entry in sorted(entries, key=lambda e: (_ORDER[e.method], e.index)):
-            if entry.method in ("GET", "HEAD"):
-                continue
-            try:
-                if entry.method == "POST" and entry.resource_id is not None:
-                    # the id was assigned in advance so that references to it could be rewritten
-                    outcome = _create_with_id(tx, entry)
-                else:
-                    outcome = _perform(tx, entry)
-            except (FhirError, StoreError) as err:
-                status = getattr(err, "status", 400)
-                raise FhirError(status, f"transaction failed at entry {entry.index} ({entry.method} {entry.url}): {err}",
-                                code=getattr(err, "code", "processing"), issues=getattr(err, "issues", None)) from err
-            results[entry.index] = _response_entry(outcome, base_url)
+        deletes = [e for e in writes if e.method == "DELETE"]
+        for entry in deletes:
+            results[entry.index] = _run_in_transaction(tx, entry, base_url)
+        # after the deletes, as the specification orders it: conditional creates search a store without them
+        others = [e for e in writes if e.method != "DELETE"]
+        _resolve_references(tx, others, _assign_ids(tx, others))
+        for entry in others:
+            results[entry.index] = _run_in_transaction(tx, entry, base_url)
     for entry in entries:
         if entry.method in ("GET", "HEAD"):
             results[entry.index] = _read_entry(entry, reader)
     return {"resourceType": "Bundle", "type": "transaction-response", "entry": [results[i] for i in range(len(entries))]}
+
+
+def _run_in_transaction(tx: Session, entry: _Entry, base_url: str) -> dict[str, Any]:
+    try:
+        if entry.method == "POST" and entry.resource_id is not None:
+            # the id was assigned in advance so that references to it could be rewritten
+            outcome = _create_with_id(tx, entry)
+        else:
+            outcome = _perform(tx, entry)
+    except (FhirError, StoreError) as err:
+        status = getattr(err, "status", 400)
+        raise FhirError(status, f"transaction failed at entry {entry.index} ({entry.method} {entry.url}): {err}",
+                        code=getattr(err, "code", "processing"), issues=getattr(err, "issues", None)) from err
+    return _response_entry(outcome, base_url)
 
 
 def _create_with_id(tx: Session, entry: _Entry) -> operations.Outcome:

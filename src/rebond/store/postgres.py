@@ -18,7 +18,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from rebond.store.base import Change, ChangePage, Session, Unavailable
-from rebond.store.schema import SCHEMA_VERSION, Types, ddl
+from rebond.store.schema import INDEX_TABLES, SCHEMA_VERSION, Types, ddl
 from rebond.store.sql import Cursor, SQLSession, SQLStore, stored_from_row
 
 _TYPES = Types(serial_pk="BIGSERIAL PRIMARY KEY", bigint="BIGINT", real="DOUBLE PRECISION", blob="BYTEA", text='TEXT COLLATE "C"')
@@ -32,6 +32,10 @@ class _PgCursor(Cursor):
 
     def __init__(self, cur: psycopg.Cursor[Any]) -> None:
         self._cur = cur
+
+    @property
+    def raw(self) -> psycopg.Cursor[Any]:
+        return self._cur
 
     def _sql(self, sql: str) -> str:
         out = self._cache.get(sql)
@@ -83,6 +87,7 @@ def _parse_snapshot(text: str) -> tuple[int, int, list[int]]:
 
 class PostgresStore(SQLStore):
     for_update = " FOR UPDATE"
+    for_update_current = " FOR UPDATE OF r"
     txid_sql = "pg_current_xact_id()::text::bigint"
 
     def __init__(self, url: str, site_id: str, pool_size: int = 16) -> None:
@@ -117,6 +122,24 @@ class PostgresStore(SQLStore):
     def blob(self, body: bytes | None) -> Any:
         return body
 
+    def record_version(self, cur: Cursor, internal: int, version_row: tuple[Any, ...]) -> int:
+        """One round trip: the version row and the resource's pointer to it."""
+        _type, _id, version, lu, method, _site, _body = version_row
+        cur.execute(
+            "WITH v AS (INSERT INTO versions (res_type, res_id, version, lu, method, site_id, txid, body)"
+            f" VALUES (?, ?, ?, ?, ?, ?, {self.txid_sql}, ?) RETURNING seq)"
+            " UPDATE resources SET version = ?, seq = (SELECT seq FROM v), lu = ?, deleted = ? WHERE rid = ? RETURNING seq",
+            (*version_row, version, lu, 1 if method == "delete" else 0, internal),
+        )
+        return int(cur.fetchone()[0])
+
+    def bulk_insert(self, cur: Cursor, table: str, rows: list[tuple[Any, ...]]) -> None:
+        assert isinstance(cur, _PgCursor)
+        columns = ", ".join(("rid", "key", *INDEX_TABLES[table]))
+        with cur.raw.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
     def lock_key(self, cur: Cursor, key: str) -> None:
         digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
         cur.execute("SELECT pg_advisory_xact_lock(?)", (digest,))
@@ -139,7 +162,9 @@ class PostgresStore(SQLStore):
                         cur = _PgCursor(raw)
                         # an xid before any sequence number: the feed relies on it (see `changes`)
                         cur.execute("SELECT pg_current_xact_id()")
-                        yield SQLSession(self, cur)
+                        session = SQLSession(self, cur)
+                        yield session
+                        session.flush()
         except psycopg.errors.SerializationFailure as err:
             raise Unavailable(f"concurrent update, retry: {err}") from err
         except psycopg.OperationalError as err:
@@ -148,11 +173,14 @@ class PostgresStore(SQLStore):
     def changes(self, after: str | None, count: int = 100) -> ChangePage:
         """Committed versions in seq order, never skipping one that commits late.
 
-        A writer takes its xid before its sequence number. A gap at seq g seen
-        alongside a visible later seq s was handed to a transaction whose xid is
-        below the snapshot's xmax: once the oldest running xid has passed that
-        xmax, the holder has ended, and if g is still absent it never will be
-        (rolled back, or lost to sequence caching after a crash).
+        Every writer takes its xid before its sequence number. When seq g is missing
+        but a later seq s is visible, g's holder took its xid before s committed,
+        hence before this snapshot, hence below any xid handed out after it: the
+        feed takes one such xid (the horizon) and waits at g until the oldest
+        running xid has passed it. Then g's holder has ended, and if g is still
+        absent it never will be (rolled back, or lost to sequence caching after a
+        crash). The snapshot's own xmax cannot serve as horizon: PostgreSQL leaves
+        running xids at or above it out of the in-progress list.
         """
         pos = FeedPosition.parse(after)
         try:
@@ -162,10 +190,15 @@ class PostgresStore(SQLStore):
                     with conn.cursor() as raw:
                         cur = _PgCursor(raw)
                         cur.execute("SELECT pg_current_snapshot()::text")
-                        xmin, xmax, xip = _parse_snapshot(cur.fetchone()[0])
+                        xmin, _xmax, _xip = _parse_snapshot(cur.fetchone()[0])
                         rows = self._change_rows(cur, pos.seq, count)
+                        accepted, next_pos = self._walk(cur, pos, rows, xmin)
         except psycopg.OperationalError as err:
             raise Unavailable(f"PostgreSQL unavailable: {err}") from err
+        return ChangePage(accepted, str(next_pos))
+
+    @staticmethod
+    def _walk(cur: Cursor, pos: FeedPosition, rows: list[Any], xmin: int) -> tuple[list[Change], FeedPosition]:
         accepted: list[Change] = []
         expected = pos.seq + 1
         next_pos = FeedPosition(pos.seq)
@@ -173,14 +206,18 @@ class PostgresStore(SQLStore):
             seq = int(row[6])
             if seq > expected:  # numbers expected .. seq-1 are not visible
                 waiting_here = expected == pos.seq + 1 and pos.horizon is not None
-                settled = not xip or (waiting_here and xmin >= (pos.horizon or 0) and seq <= (pos.resume or 0))
-                if not settled:
-                    next_pos = pos if waiting_here else FeedPosition(expected - 1, xmax, seq)
-                    break
+                if waiting_here:
+                    settled = xmin >= (pos.horizon or 0) and seq <= (pos.resume or 0)
+                    if not settled:
+                        return accepted, pos
+                else:
+                    cur.execute("SELECT pg_current_xact_id()::text")
+                    horizon = int(cur.fetchone()[0])
+                    return accepted, FeedPosition(expected - 1, horizon, seq)
             accepted.append(Change(seq, stored_from_row(row)))
             expected = seq + 1
             next_pos = FeedPosition(seq)
-        return ChangePage(accepted, str(next_pos))
+        return accepted, next_pos
 
     def close(self) -> None:
         self._pool.close()

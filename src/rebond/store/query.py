@@ -94,10 +94,10 @@ def _value_condition(clause: Clause, value: Value) -> Fragment:
         return Fragment("target_id = ?", [value.ref_id])
     if t == "uri":
         if mod == "below":
-            return Fragment("(value >= ? AND value < ?)", [value.raw, value.raw + PREFIX_END])
+            return Fragment("(uri >= ? AND uri < ?)", [value.raw, value.raw + PREFIX_END])
         if mod == "above":
-            return Fragment("value = substr(?, 1, length(value))", [value.raw])
-        return Fragment("value = ?", [value.raw])
+            return Fragment("uri = substr(?, 1, length(uri))", [value.raw])
+        return Fragment("uri = ?", [value.raw])
     if t == "composite":
         second = value.text
         num = number_range(second)
@@ -164,7 +164,7 @@ _SORT_COLUMN = {
     "date": ("sp_date", "lo", "hi"),
     "number": ("sp_number", "value", "value"),
     "quantity": ("sp_quantity", "value", "value"),
-    "uri": ("sp_uri", "value", "value"),
+    "uri": ("sp_uri", "uri", "uri"),
 }
 
 

@@ -13,7 +13,7 @@ INDEX_TABLES: dict[str, tuple[str, ...]] = {
     "sp_number": ("lo", "hi", "value"),
     "sp_quantity": ("system", "code", "lo", "hi", "value"),
     "sp_reference": ("target_type", "target_id", "url"),
-    "sp_uri": ("value",),
+    "sp_uri": ("uri",),
     "sp_composite": ("part1", "part2"),
 }
 

@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -23,7 +24,7 @@ from rebond.store.base import (
     Stored,
     WriteResult,
 )
-from rebond.store.indexing import index_resource
+from rebond.store.indexing import IndexRows, index_resource
 from rebond.store.query import order_fragment, where_fragment
 from rebond.store.schema import INDEX_TABLES, ROW_TABLES
 
@@ -81,6 +82,8 @@ class SQLSession(Session):
     def __init__(self, store: SQLStore, cur: Cursor) -> None:
         self.store = store
         self.cur = cur
+        # index rows wait here until a search inside the transaction or the commit needs them
+        self._pending: dict[int, IndexRows] = {}
 
     # -- reading inside the transaction
 
@@ -94,6 +97,7 @@ class SQLSession(Session):
         return stored_from_row(row) if row else None
 
     def search_ids(self, query: SearchQuery) -> list[str]:
+        self.flush()
         where = where_fragment(query)
         self.cur.execute(f"SELECT r.res_id FROM resources r WHERE {where.sql} LIMIT 2", where.params)
         return [row[0] for row in self.cur.fetchall()]
@@ -108,29 +112,50 @@ class SQLSession(Session):
         return self._write(resource["resourceType"], rid, resource, "create", if_match=None)
 
     def update(self, resource_type: str, resource_id: str, resource: dict[str, Any], *, if_match: int | None = None) -> WriteResult:
-        current = self.read(resource_type, resource_id)
-        if current is not None and not current.deleted and current.body is not None and (if_match in (None, current.version)):
+        current = self._current(resource_type, resource_id)
+        if current is not None and not current.deleted and current.body is not None and if_match in (None, current.version):
             if _same_content(orjson.loads(current.body), resource):
                 # an update that changes nothing makes no version: re-imports and retried replays stay quiet
-                return WriteResult(current, created=False, unchanged=True)
-        return self._write(resource_type, resource_id, resource, "update", if_match=if_match)
+                stored = Stored(resource_type, resource_id, current.version, current.lu, False, current.body,
+                                current.seq, current.method, current.site_id)
+                return WriteResult(stored, created=False, unchanged=True)
+        return self._write(resource_type, resource_id, resource, "update", if_match=if_match, current=current)
 
     def delete(self, resource_type: str, resource_id: str, *, if_match: int | None = None) -> WriteResult | None:
         current = self._current(resource_type, resource_id)
-        if current is None or current[2]:
+        if current is None or current.deleted:
             if if_match is not None:
                 raise PreconditionFailed(f"{resource_type}/{resource_id} has no current version {if_match}")
             return None
         return self._write(resource_type, resource_id, None, "delete", if_match=if_match, current=current)
 
-    def _current(self, resource_type: str, resource_id: str) -> tuple[int, int, bool] | None:
-        """(internal rid, version, deleted) of the current version, row-locked."""
+    def _current(self, resource_type: str, resource_id: str) -> _Current | None:
+        """The current version's row, locked against concurrent writers until this transaction ends."""
         self.cur.execute(
-            f"SELECT rid, version, deleted FROM resources WHERE res_type = ? AND res_id = ?{self.store.for_update}",
+            "SELECT r.rid, r.version, r.deleted, r.seq, r.lu, v.body, v.method, v.site_id FROM resources r"
+            f" LEFT JOIN versions v ON v.seq = r.seq WHERE r.res_type = ? AND r.res_id = ?{self.store.for_update_current}",
             (resource_type, resource_id),
         )
         row = self.cur.fetchone()
-        return (int(row[0]), int(row[1]), bool(row[2])) if row else None
+        if row is None:
+            return None
+        body = row[5]
+        return _Current(int(row[0]), int(row[1]), bool(row[2]), int(row[3]), float(row[4]),
+                        bytes(body) if body is not None else None, row[6] or "", row[7] or "")
+
+    def _claim(self, resource_type: str, resource_id: str) -> _Current:
+        """A placeholder row for a new id; a concurrent writer of the same new id waits on it, then sees our row."""
+        self.cur.execute(
+            "INSERT INTO resources (res_type, res_id, version, seq, lu, deleted) VALUES (?, ?, 0, 0, 0, 1)"
+            " ON CONFLICT (res_type, res_id) DO NOTHING RETURNING rid",
+            (resource_type, resource_id),
+        )
+        row = self.cur.fetchone()
+        if row is not None:
+            return _Current(int(row[0]), 0, True, 0, 0.0, None, "", "")
+        current = self._current(resource_type, resource_id)
+        assert current is not None
+        return current
 
     def _write(
         self,
@@ -140,25 +165,16 @@ class SQLSession(Session):
         method: str,
         *,
         if_match: int | None,
-        current: tuple[int, int, bool] | None = None,
+        current: _Current | None = None,
     ) -> WriteResult:
         store = self.store
-        cur = self.cur
-        if current is None:
+        if current is None and method != "update":
             current = self._current(resource_type, resource_id)
         if current is None:
             if if_match is not None:
                 raise PreconditionFailed(f"{resource_type}/{resource_id} does not exist; If-Match cannot hold")
-            # claim the id; a concurrent writer of the same new id waits here, then sees our row
-            cur.execute(
-                "INSERT INTO resources (res_type, res_id, version, seq, lu, deleted) VALUES (?, ?, 0, 0, 0, 1)"
-                " ON CONFLICT (res_type, res_id) DO NOTHING RETURNING rid",
-                (resource_type, resource_id),
-            )
-            row = cur.fetchone()
-            current = (int(row[0]), 0, True) if row else self._current(resource_type, resource_id)
-            assert current is not None
-        internal, version, was_deleted = current
+            current = self._claim(resource_type, resource_id)
+        version = current.version
         if if_match is not None and if_match != version:
             raise PreconditionFailed(
                 f"{resource_type}/{resource_id} is at version {version}, not {if_match}: reload it and apply your change again"
@@ -169,40 +185,53 @@ class SQLSession(Session):
         now = store.clock()
         body: bytes | None = None
         if resource is not None:
-            resource["id"] = resource_id
             meta = resource.get("meta")
-            if not isinstance(meta, dict):
-                meta = {}
-            meta = {**meta, "versionId": str(new_version), "lastUpdated": iso_instant(now)}
+            meta = {**(meta if isinstance(meta, dict) else {}), "versionId": str(new_version), "lastUpdated": iso_instant(now)}
             rest = {k: v for k, v in resource.items() if k not in ("resourceType", "id", "meta")}
             resource.clear()
             resource.update({"resourceType": resource_type, "id": resource_id, "meta": meta, **rest})
             body = orjson.dumps(resource)
-        cur.execute(
-            "INSERT INTO versions (res_type, res_id, version, lu, method, site_id, txid, body)"
-            f" VALUES (?, ?, ?, ?, ?, ?, {store.txid_sql}, ?) RETURNING seq",
-            (resource_type, resource_id, new_version, now, method, store.site_id, store.blob(body)),
-        )
-        seq = int(cur.fetchone()[0])
         deleted = resource is None
-        cur.execute(
-            "UPDATE resources SET version = ?, seq = ?, lu = ?, deleted = ? WHERE rid = ?",
-            (new_version, seq, now, 1 if deleted else 0, internal),
+        seq = store.record_version(
+            self.cur, current.internal, (resource_type, resource_id, new_version, now, method, store.site_id, store.blob(body))
         )
-        if version > 0 and not was_deleted:
-            for table in INDEX_TABLES:
-                cur.execute(f"DELETE FROM {table} WHERE rid = ?", (internal,))
+        if version > 0 and not current.deleted:
+            self._drop_index(current.internal)
         if resource is not None:
-            self._insert_index(internal, resource)
+            self._pending[current.internal] = index_resource(resource)
         stored = Stored(resource_type, resource_id, new_version, now, deleted, body, seq, method, store.site_id)
-        return WriteResult(stored, created=version == 0 or was_deleted)
+        return WriteResult(stored, created=version == 0 or current.deleted)
 
-    def _insert_index(self, internal: int, resource: dict[str, Any]) -> None:
-        rows = index_resource(resource)
-        for attr, table in ROW_TABLES.items():
-            values = getattr(rows, attr)
-            if values:
-                self.cur.executemany(_INSERTS[table], [(internal, *v) for v in values])
+    def _drop_index(self, internal: int) -> None:
+        if self._pending.pop(internal, None) is None:
+            for table in INDEX_TABLES:
+                self.cur.execute(f"DELETE FROM {table} WHERE rid = ?", (internal,))
+
+    def flush(self) -> None:
+        """Write the index rows gathered so far, one bulk insert per table."""
+        if not self._pending:
+            return
+        by_table: dict[str, list[tuple[Any, ...]]] = {}
+        for internal, rows in self._pending.items():
+            for attr, table in ROW_TABLES.items():
+                values = getattr(rows, attr)
+                if values:
+                    by_table.setdefault(table, []).extend((internal, *v) for v in values)
+        self._pending.clear()
+        for table, rows_ in by_table.items():
+            self.store.bulk_insert(self.cur, table, rows_)
+
+
+@dataclass(frozen=True)
+class _Current:
+    internal: int
+    version: int
+    deleted: bool
+    seq: int
+    lu: float
+    body: bytes | None
+    method: str
+    site_id: str
 
 
 def _content(resource: dict[str, Any]) -> dict[str, Any]:
@@ -221,6 +250,7 @@ class SQLStore(Store):
     """Shared reads, searches and history; engines fill in connections and dialect."""
 
     for_update = ""
+    for_update_current = ""
     txid_sql = "NULL"
 
     def __init__(self, site_id: str) -> None:
@@ -237,6 +267,24 @@ class SQLStore(Store):
 
     def blob(self, body: bytes | None) -> Any:
         return body
+
+    def record_version(self, cur: Cursor, internal: int, version_row: tuple[Any, ...]) -> int:
+        """Append a version and point the resource at it; returns the version's seq."""
+        cur.execute(
+            "INSERT INTO versions (res_type, res_id, version, lu, method, site_id, txid, body)"
+            f" VALUES (?, ?, ?, ?, ?, ?, {self.txid_sql}, ?) RETURNING seq",
+            version_row,
+        )
+        seq = int(cur.fetchone()[0])
+        _type, _id, version, lu, method, _site, _body = version_row
+        cur.execute(
+            "UPDATE resources SET version = ?, seq = ?, lu = ?, deleted = ? WHERE rid = ?",
+            (version, seq, lu, 1 if method == "delete" else 0, internal),
+        )
+        return seq
+
+    def bulk_insert(self, cur: Cursor, table: str, rows: list[tuple[Any, ...]]) -> None:
+        cur.executemany(_INSERTS[table], rows)
 
     @abc.abstractmethod
     def lock_key(self, cur: Cursor, key: str) -> None: ...

@@ -72,7 +72,9 @@ class SQLiteStore(SQLStore):
             cur = self._writer.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
-                yield SQLSession(self, cur)  # type: ignore[arg-type]
+                session = SQLSession(self, cur)  # type: ignore[arg-type]
+                yield session
+                session.flush()
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
