@@ -133,6 +133,20 @@ class PostgresStore(SQLStore):
         )
         return int(cur.fetchone()[0])
 
+    def insert_new(self, cur: Cursor, version_row: tuple[Any, ...]) -> tuple[int, int] | None:
+        """One round trip. The version insert yields to an existing version 1 (ON CONFLICT), so
+        a concurrent creator of the same id gets nothing back and carries on as an update."""
+        rtype, rid, _version, lu, _method, _site, _body = version_row
+        cur.execute(
+            "WITH v AS (INSERT INTO versions (res_type, res_id, version, lu, method, site_id, txid, body)"
+            f" VALUES (?, ?, ?, ?, ?, ?, {self.txid_sql}, ?) ON CONFLICT (res_type, res_id, version) DO NOTHING RETURNING seq)"
+            " INSERT INTO resources (res_type, res_id, version, seq, lu, deleted) SELECT ?, ?, 1, seq, ?, 0 FROM v"
+            " ON CONFLICT (res_type, res_id) DO NOTHING RETURNING rid, seq",
+            (*version_row, rtype, rid, lu),
+        )
+        row = cur.fetchone()
+        return (int(row[0]), int(row[1])) if row else None
+
     def bulk_insert(self, cur: Cursor, table: str, rows: list[tuple[Any, ...]]) -> None:
         assert isinstance(cur, _PgCursor)
         columns = ", ".join(("rid", "key", *INDEX_TABLES[table]))

@@ -143,20 +143,6 @@ class SQLSession(Session):
         return _Current(int(row[0]), int(row[1]), bool(row[2]), int(row[3]), float(row[4]),
                         bytes(body) if body is not None else None, row[6] or "", row[7] or "")
 
-    def _claim(self, resource_type: str, resource_id: str) -> _Current:
-        """A placeholder row for a new id; a concurrent writer of the same new id waits on it, then sees our row."""
-        self.cur.execute(
-            "INSERT INTO resources (res_type, res_id, version, seq, lu, deleted) VALUES (?, ?, 0, 0, 0, 1)"
-            " ON CONFLICT (res_type, res_id) DO NOTHING RETURNING rid",
-            (resource_type, resource_id),
-        )
-        row = self.cur.fetchone()
-        if row is not None:
-            return _Current(int(row[0]), 0, True, 0, 0.0, None, "", "")
-        current = self._current(resource_type, resource_id)
-        assert current is not None
-        return current
-
     def _write(
         self,
         resource_type: str,
@@ -168,39 +154,38 @@ class SQLSession(Session):
         current: _Current | None = None,
     ) -> WriteResult:
         store = self.store
-        if current is None and method != "update":
-            current = self._current(resource_type, resource_id)
+        now = store.clock()
         if current is None:
             if if_match is not None:
                 raise PreconditionFailed(f"{resource_type}/{resource_id} does not exist; If-Match cannot hold")
-            current = self._claim(resource_type, resource_id)
+            assert resource is not None
+            body = _versioned_body(resource, resource_type, resource_id, 1, now)
+            created = store.insert_new(self.cur, (resource_type, resource_id, 1, now, method, store.site_id, store.blob(body)))
+            if created is not None:
+                internal, seq = created
+                self._pending[internal] = index_resource(resource)
+                return WriteResult(Stored(resource_type, resource_id, 1, now, False, body, seq, method, store.site_id), created=True)
+            # a concurrent writer created this id first: ours becomes the next version of theirs
+            current = self._current(resource_type, resource_id)
+            assert current is not None
         version = current.version
         if if_match is not None and if_match != version:
             raise PreconditionFailed(
                 f"{resource_type}/{resource_id} is at version {version}, not {if_match}: reload it and apply your change again"
             )
-        if method == "create" and version > 0:
+        if method == "create" and not current.deleted:
             raise PreconditionFailed(f"{resource_type}/{resource_id} already exists")
         new_version = version + 1
-        now = store.clock()
-        body: bytes | None = None
-        if resource is not None:
-            meta = resource.get("meta")
-            meta = {**(meta if isinstance(meta, dict) else {}), "versionId": str(new_version), "lastUpdated": iso_instant(now)}
-            rest = {k: v for k, v in resource.items() if k not in ("resourceType", "id", "meta")}
-            resource.clear()
-            resource.update({"resourceType": resource_type, "id": resource_id, "meta": meta, **rest})
-            body = orjson.dumps(resource)
-        deleted = resource is None
+        body = _versioned_body(resource, resource_type, resource_id, new_version, now) if resource is not None else None
         seq = store.record_version(
             self.cur, current.internal, (resource_type, resource_id, new_version, now, method, store.site_id, store.blob(body))
         )
-        if version > 0 and not current.deleted:
+        if not current.deleted:
             self._drop_index(current.internal)
         if resource is not None:
             self._pending[current.internal] = index_resource(resource)
-        stored = Stored(resource_type, resource_id, new_version, now, deleted, body, seq, method, store.site_id)
-        return WriteResult(stored, created=version == 0 or current.deleted)
+        stored = Stored(resource_type, resource_id, new_version, now, resource is None, body, seq, method, store.site_id)
+        return WriteResult(stored, created=current.deleted)
 
     def _drop_index(self, internal: int) -> None:
         if self._pending.pop(internal, None) is None:
@@ -232,6 +217,16 @@ class _Current:
     body: bytes | None
     method: str
     site_id: str
+
+
+def _versioned_body(resource: dict[str, Any], resource_type: str, resource_id: str, version: int, now: float) -> bytes:
+    """Stamp id, meta.versionId and meta.lastUpdated (in place, first in the JSON) and serialise."""
+    meta = resource.get("meta")
+    meta = {**(meta if isinstance(meta, dict) else {}), "versionId": str(version), "lastUpdated": iso_instant(now)}
+    rest = {k: v for k, v in resource.items() if k not in ("resourceType", "id", "meta")}
+    resource.clear()
+    resource.update({"resourceType": resource_type, "id": resource_id, "meta": meta, **rest})
+    return orjson.dumps(resource)
 
 
 def _content(resource: dict[str, Any]) -> dict[str, Any]:
@@ -282,6 +277,31 @@ class SQLStore(Store):
             (version, seq, lu, 1 if method == "delete" else 0, internal),
         )
         return seq
+
+    def insert_new(self, cur: Cursor, version_row: tuple[Any, ...]) -> tuple[int, int] | None:
+        """Create a resource's first version: (internal rid, seq), or None when the id already exists.
+
+        The resource row claims the id: a concurrent creator of the same id waits
+        on it and then gets None, and carries on as an update.
+        """
+        rtype, rid, _version, lu, _method, _site, _body = version_row
+        cur.execute(
+            "INSERT INTO resources (res_type, res_id, version, seq, lu, deleted) VALUES (?, ?, 1, 0, ?, 0)"
+            " ON CONFLICT (res_type, res_id) DO NOTHING RETURNING rid",
+            (rtype, rid, lu),
+        )
+        row = cur.fetchone()
+        if row is None:
+            return None
+        internal = int(row[0])
+        cur.execute(
+            "INSERT INTO versions (res_type, res_id, version, lu, method, site_id, txid, body)"
+            f" VALUES (?, ?, ?, ?, ?, ?, {self.txid_sql}, ?) RETURNING seq",
+            version_row,
+        )
+        seq = int(cur.fetchone()[0])
+        cur.execute("UPDATE resources SET seq = ? WHERE rid = ?", (seq, internal))
+        return internal, seq
 
     def bulk_insert(self, cur: Cursor, table: str, rows: list[tuple[Any, ...]]) -> None:
         cur.executemany(_INSERTS[table], rows)
