@@ -62,9 +62,10 @@ def import_(
     paths: Annotated[list[str], typer.Argument(help="Bundle (.json, .json.bz2) or NDJSON files, or folders of them")],
     db: Annotated[str | None, typer.Option(help="load straight into this database")] = None,
     url: Annotated[str | None, typer.Option(help="load through a running server's FHIR base URL")] = None,
+    jobs: Annotated[int, typer.Option(help="transaction Bundles loaded side by side (default: 1 on SQLite, 2 otherwise)")] = 0,
 ) -> None:
     """Load FHIR Bundles (batch, transaction) and NDJSON files; re-importing creates no duplicates."""
-    from rebond.importer import ServerTarget, StoreTarget, Target, expand, import_file
+    from rebond.importer import ServerTarget, StoreTarget, Target, expand, import_files
 
     if db and url:
         raise fail("give --db or --url, not both")
@@ -82,16 +83,18 @@ def import_(
             target = StoreTarget(store)
     except StoreError as err:
         raise fail(str(err)) from None
-    reports = []
+    if jobs <= 0:
+        jobs = 1 if (db or DEFAULT_DB).startswith("sqlite") and not url else 2
     started = time.monotonic()
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err_console, transient=not sys.stderr.isatty()) as progress:
             task = progress.add_task("importing", total=len(files))
-            for path in files:
-                progress.update(task, description=f"importing {path.name}")
-                reports.append(import_file(path, target))
+
+            def done(report: object) -> None:
                 progress.advance(task)
+
+            reports = import_files(files, target, jobs=jobs, on_done=done)
     except StoreError as err:
         raise fail(f"the store failed: {err}") from None
     finally:

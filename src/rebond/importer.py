@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import bz2
 import gzip
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -151,44 +152,95 @@ def _count_batch(response: dict[str, Any], report: FileReport) -> None:
             report.fail(1, f"entry {i}: {status} {_outcome_text(entry.get('response', {}).get('outcome'))}")
 
 
-def import_file(path: Path, target: Target) -> FileReport:
+@dataclass
+class ParsedFile:
+    """A file read and parsed, ready to load: its report so far and what to send."""
+
+    report: FileReport
+    kind: str = "none"  # transaction, batch, ndjson, or none when nothing is left to load
+    bundle: dict[str, Any] | None = None
+    ndjson: bytes = b""
+
+
+def parse_file(path: Path) -> ParsedFile:
     report = FileReport(str(path))
     try:
         data = read_text(path)
     except OSError as err:
         report.fail(1, f"cannot read: {err}")
-        return report
+        return ParsedFile(report)
     if ".ndjson" in path.name:
-        for chunk in _ndjson_chunks(data, report):
-            response = target.batch({"resourceType": "Bundle", "type": "batch", "entry": [_entry_for(r) for r in chunk]})
-            _count_batch(response, report)
-        return report
+        return ParsedFile(report, "ndjson", ndjson=data)
     try:
         document = orjson.loads(data)
     except orjson.JSONDecodeError as err:
         report.fail(1, f"not JSON: {err}")
-        return report
+        return ParsedFile(report)
     if not isinstance(document, dict) or document.get("resourceType") != "Bundle":
         if isinstance(document, dict) and isinstance(document.get("resourceType"), str):
-            _count_batch(target.batch({"resourceType": "Bundle", "type": "batch", "entry": [_entry_for(document)]}), report)
-        else:
-            report.fail(1, "not a FHIR resource or Bundle")
-        return report
+            return ParsedFile(report, "batch", {"resourceType": "Bundle", "type": "batch", "entry": [_entry_for(document)]})
+        report.fail(1, "not a FHIR resource or Bundle")
+        return ParsedFile(report)
     kind = document.get("type")
-    entries = len(document.get("entry", []) or [])
-    bundle = idempotent_entries(document)
-    if kind == "transaction":
+    if kind == "collection":
+        entries = [_entry_for(e["resource"]) for e in document.get("entry", []) if isinstance(e, dict) and "resource" in e]
+        return ParsedFile(report, "batch", {"resourceType": "Bundle", "type": "batch", "entry": entries})
+    if kind in ("transaction", "batch"):
+        return ParsedFile(report, str(kind), idempotent_entries(document))
+    report.fail(len(document.get("entry", []) or []), f"a Bundle of type '{kind}' cannot be imported")
+    return ParsedFile(report)
+
+
+def load_parsed(parsed: ParsedFile, target: Target) -> FileReport:
+    report = parsed.report
+    if parsed.kind == "ndjson":
+        for chunk in _ndjson_chunks(parsed.ndjson, report):
+            _count_batch(target.batch({"resourceType": "Bundle", "type": "batch", "entry": [_entry_for(r) for r in chunk]}), report)
+    elif parsed.kind == "transaction" and parsed.bundle is not None:
+        entries = len(parsed.bundle.get("entry", []) or [])
         try:
-            target.transaction(bundle)
+            target.transaction(parsed.bundle)
             report.loaded += entries
         except (FhirError, StoreError) as err:
             report.fail(entries, f"transaction rolled back: {err}")
-    elif kind == "batch":
-        _count_batch(target.batch(bundle), report)
-    elif kind == "collection":
-        as_batch = {"resourceType": "Bundle", "type": "batch",
-                    "entry": [_entry_for(e["resource"]) for e in bundle.get("entry", []) if isinstance(e, dict) and "resource" in e]}
-        _count_batch(target.batch(as_batch), report)
-    else:
-        report.fail(entries, f"a Bundle of type '{kind}' cannot be imported")
+    elif parsed.kind == "batch" and parsed.bundle is not None:
+        _count_batch(target.batch(parsed.bundle), report)
     return report
+
+
+def import_file(path: Path, target: Target) -> FileReport:
+    return load_parsed(parse_file(path), target)
+
+
+def import_files(paths: list[Path], target: Target, *, jobs: int = 1,
+                 on_done: Callable[[FileReport], None] | None = None) -> list[FileReport]:
+    """Load files in order. With jobs > 1, consecutive transaction Bundles load side by side;
+    any other file (a batch, NDJSON) waits for them and loads alone, so what it creates is
+    there before the files after it, as the order of the command line says."""
+    reports: list[FileReport | None] = [None] * len(paths)
+
+    def finish(i: int, report: FileReport) -> None:
+        reports[i] = report
+        if on_done is not None:
+            on_done(report)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        pending: list[tuple[int, Future[FileReport]]] = []
+
+        def drain() -> None:
+            for i, fut in pending:
+                finish(i, fut.result())
+            pending.clear()
+
+        for i, path in enumerate(paths):
+            parsed = parse_file(path)
+            if jobs > 1 and parsed.kind == "transaction":
+                pending.append((i, pool.submit(load_parsed, parsed, target)))
+                if len(pending) >= jobs * 2:
+                    i0, fut = pending.pop(0)
+                    finish(i0, fut.result())
+                continue
+            drain()
+            finish(i, load_parsed(parsed, target))
+        drain()
+    return [r for r in reports if r is not None]
