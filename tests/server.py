@@ -1,0 +1,61 @@
+"""Run `rebond serve` as a real process for integration tests and drills."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.pg_harness import free_port
+
+
+class RebondServer:
+    def __init__(self, db: str, *extra: str, site_id: str = "central") -> None:
+        self.db = db
+        self.port = free_port()
+        self.extra = extra
+        self.site_id = site_id
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"rebond-serve-{self.port}.log"
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def fhir(self) -> str:
+        return f"{self.base}/fhir"
+
+    def start(self, timeout: float = 30) -> RebondServer:
+        cmd = [sys.executable, "-m", "rebond.cli", "serve", "--db", self.db, "--port", str(self.port),
+               "--site-id", self.site_id, "--log-level", "warning", *self.extra]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"rebond serve exited: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("rebond serve did not answer /healthz")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()

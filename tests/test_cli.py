@@ -1,0 +1,81 @@
+"""The `rebond` command as a person uses it, and a real server process driven by an independent FHIR client."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fhirclient import client as fhir_client
+from fhirclient.models.bundle import Bundle
+from fhirclient.models.observation import Observation
+from fhirclient.models.patient import Patient
+
+from rebond.store import open_store
+from tests.server import RebondServer
+
+
+def rebond(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "rebond.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def server(engine_url: str) -> Iterator[RebondServer]:
+    srv = RebondServer(engine_url).start()
+    yield srv
+    srv.stop()
+
+
+def test_an_independent_fhir_client_creates_reads_and_searches(server: RebondServer) -> None:
+    smart = fhir_client.FHIRClient(settings={"app_id": "rebond-tests", "api_base": server.fhir + "/"})
+    patient = Patient({"name": [{"family": "Moreau", "given": ["Inès"]}], "birthDate": "1983-05-17", "gender": "female"})
+    created = patient.create(smart.server)
+    assert created is not None and created["id"]
+    pid = created["id"]
+
+    read = Patient.read(pid, smart.server)
+    assert read.name[0].family == "Moreau" and read.birthDate.isostring == "1983-05-17"
+
+    k = Observation({
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2823-3", "display": "Potassium"}]},
+        "subject": {"reference": f"Patient/{pid}"},
+        "valueQuantity": {"value": 6.1, "unit": "mmol/L", "system": "http://unitsofmeasure.org", "code": "mmol/L"},
+    })
+    k.create(smart.server)
+
+    found = Patient.where(struct={"family": "moreau"}).perform_resources(smart.server)
+    assert [p.id for p in found] == [pid]
+    results = Observation.where(struct={"patient": pid, "code": "http://loinc.org|2823-3"}).perform(smart.server)
+    assert isinstance(results, Bundle) and results.entry[0].resource.valueQuantity.value == 6.1
+
+    read.gender = "other"
+    read.update(smart.server)
+    assert Patient.read(pid, smart.server).meta.versionId == "2"
+
+
+def test_serve_refuses_a_bad_database_url_in_one_line() -> None:
+    result = rebond("serve", "--db", "mysql://nope")
+    assert result.returncode != 0
+    assert "unsupported database URL" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_import_reports_bad_files_and_exits_non_zero(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path}/x.db"
+    good = tmp_path / "good.ndjson"
+    good.write_text('{"resourceType": "Patient", "id": "p1"}\n{"resourceType": "Patient", "id": "p2"}\n')
+    bad = tmp_path / "bad.ndjson"
+    bad.write_text('{"resourceType": "Patient", "id": "p3"}\nnot json\n{"resourceType": "Patient", "birthDate": "soon"}\n')
+    result = rebond("import", "--db", db, str(good), str(bad))
+    assert result.returncode == 1
+    assert "3 resources loaded, 2 failed" in result.stdout
+    again = rebond("import", "--db", db, str(good))
+    assert again.returncode == 0
+    store = open_store(db)
+    try:
+        assert store.counts() == {"Patient": 3}
+    finally:
+        store.close()
+    missing = rebond("import", "--db", db, str(tmp_path / "nope.json"))
+    assert missing.returncode != 0 and "no such file" in missing.stderr
