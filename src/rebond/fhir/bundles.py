@@ -162,10 +162,12 @@ def process_batch(store: Store, bundle: Any, base_url: str, reader: Reader | Non
             if entry.method in ("GET", "HEAD"):
                 out.append(_read_entry(entry, reader))
                 continue
-            with store.transaction() as tx:
+            def run(tx: Session, entry: _Entry = entry) -> operations.Outcome:
                 # a batch entry may name a conditional reference too; urn:uuid references across entries are not allowed
                 _resolve_references(tx, [entry], {})
-                out.append(_response_entry(_perform(tx, entry), base_url))
+                return _perform(tx, entry)
+
+            out.append(_response_entry(store.write(run), base_url))
         except Exception as err:  # each entry answers for itself
             out.append(_error_entry(err))
     return {"resourceType": "Bundle", "type": "batch-response", "entry": out}
@@ -190,15 +192,20 @@ def process_transaction(store: Store, bundle: Any, base_url: str, reader: Reader
     entries = [_parse_entry(i, e) for i, e in enumerate(raw_entries)]
     results: dict[int, dict[str, Any]] = {}
     writes = sorted((e for e in entries if e.method not in ("GET", "HEAD")), key=lambda e: (_ORDER[e.method], e.index))
-    with store.transaction() as tx:
+
+    def run(tx: Session) -> dict[int, dict[str, Any]]:
+        done: dict[int, dict[str, Any]] = {}
         deletes = [e for e in writes if e.method == "DELETE"]
         for entry in deletes:
-            results[entry.index] = _run_in_transaction(tx, entry, base_url)
+            done[entry.index] = _run_in_transaction(tx, entry, base_url)
         # after the deletes, as the specification orders it: conditional creates search a store without them
         others = [e for e in writes if e.method != "DELETE"]
         _resolve_references(tx, others, _assign_ids(tx, others))
         for entry in others:
-            results[entry.index] = _run_in_transaction(tx, entry, base_url)
+            done[entry.index] = _run_in_transaction(tx, entry, base_url)
+        return done
+
+    results.update(store.write(run))
     for entry in entries:
         if entry.method in ("GET", "HEAD"):
             results[entry.index] = _read_entry(entry, reader)

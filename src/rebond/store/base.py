@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from rebond.fhir.search import SearchQuery
+
+
+T = TypeVar("T")
 
 
 class StoreError(Exception):
@@ -133,6 +136,8 @@ class Store(abc.ABC):
     """A versioned FHIR resource store with search and a change feed."""
 
     site_id: str
+    #: reads by id answer from local disk in microseconds, never waiting on a network (embedded engines)
+    local_reads: bool = False
 
     @abc.abstractmethod
     def transaction(self) -> contextlib.AbstractContextManager[Session]:
@@ -176,17 +181,23 @@ class Store(abc.ABC):
 
     # Conveniences built on the transaction, shared by every engine.
 
-    def create(self, resource: dict[str, Any], *, resource_id: str | None = None) -> WriteResult:
+    def write(self, work: Callable[[Session], T]) -> T:
+        """Run `work` in a write transaction and return its result once durably committed.
+
+        Engines may commit several concurrent callers' work together (group commit);
+        each caller's work still succeeds or fails on its own.
+        """
         with self.transaction() as tx:
-            return tx.create(resource, resource_id=resource_id)
+            return work(tx)
+
+    def create(self, resource: dict[str, Any], *, resource_id: str | None = None) -> WriteResult:
+        return self.write(lambda tx: tx.create(resource, resource_id=resource_id))
 
     def update(self, resource_type: str, resource_id: str, resource: dict[str, Any], *, if_match: int | None = None) -> WriteResult:
-        with self.transaction() as tx:
-            return tx.update(resource_type, resource_id, resource, if_match=if_match)
+        return self.write(lambda tx: tx.update(resource_type, resource_id, resource, if_match=if_match))
 
     def delete(self, resource_type: str, resource_id: str, *, if_match: int | None = None) -> WriteResult | None:
-        with self.transaction() as tx:
-            return tx.delete(resource_type, resource_id, if_match=if_match)
+        return self.write(lambda tx: tx.delete(resource_type, resource_id, if_match=if_match))
 
     def read_many(self, keys: Sequence[tuple[str, str]]) -> list[Stored]:
         out = []

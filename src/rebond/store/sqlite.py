@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rebond.store.base import Session, Unavailable
 from rebond.store.schema import SCHEMA_VERSION, Types, ddl
@@ -23,8 +23,24 @@ _PRAGMAS = (
 )
 
 
+GROUP_COMMIT_MAX = 64
+T = TypeVar("T")
+
+
+class _Work:
+    __slots__ = ("fn", "result", "error", "done")
+
+    def __init__(self, fn: Callable[[Session], Any]) -> None:
+        self.fn = fn
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = False
+
+
 class SQLiteStore(SQLStore):
     """Writers take turns on one connection; each reading thread has its own connection."""
+
+    local_reads = True
 
     def __init__(self, path: str, site_id: str) -> None:
         super().__init__(site_id)
@@ -32,6 +48,8 @@ class SQLiteStore(SQLStore):
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._write_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queue: list[_Work] = []
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._writer = self._connect()
@@ -82,6 +100,52 @@ class SQLiteStore(SQLStore):
                 cur.execute("COMMIT")
             finally:
                 cur.close()
+
+    def write(self, work: Callable[[Session], T]) -> T:
+        """Group commit: concurrent writers queue their work; whoever holds the write lock runs
+        everything queued in one transaction, each piece under its own savepoint (a failing piece
+        rolls back alone), and one fsync'd COMMIT makes them all durable before any returns."""
+        item = _Work(work)
+        with self._queue_lock:
+            self._queue.append(item)
+        while not item.done:
+            with self._write_lock:
+                if item.done:
+                    break
+                with self._queue_lock:
+                    batch = self._queue[:GROUP_COMMIT_MAX]
+                    del self._queue[:GROUP_COMMIT_MAX]
+                self._run_batch(batch)
+        if item.error is not None:
+            raise item.error
+        return item.result  # type: ignore[return-value]
+
+    def _run_batch(self, batch: list[_Work]) -> None:
+        cur = self._writer.cursor()
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+            for item in batch:
+                cur.execute("SAVEPOINT work")
+                try:
+                    session = SQLSession(self, cur)  # type: ignore[arg-type]
+                    item.result = item.fn(session)
+                    session.flush()
+                except Exception as err:
+                    cur.execute("ROLLBACK TO work")
+                    item.error = err
+                cur.execute("RELEASE work")
+            cur.execute("COMMIT")
+        except BaseException as err:  # the batch did not commit: nothing of it is durable
+            if self._writer.in_transaction:
+                cur.execute("ROLLBACK")
+            for item in batch:
+                item.error = item.error or Unavailable(f"the SQLite commit failed: {err}")
+            if not isinstance(err, Exception):
+                raise
+        finally:
+            cur.close()
+            for item in batch:
+                item.done = True
 
     def close(self) -> None:
         for conn in self._all:
