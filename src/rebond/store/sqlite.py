@@ -121,19 +121,26 @@ class SQLiteStore(SQLStore):
         return item.result  # type: ignore[return-value]
 
     def _run_batch(self, batch: list[_Work]) -> None:
+        # savepoints copy every page they touch to a sub-journal: only worth it when works share the batch
+        isolate = len(batch) > 1
         cur = self._writer.cursor()
         try:
             cur.execute("BEGIN IMMEDIATE")
             for item in batch:
-                cur.execute("SAVEPOINT work")
+                if isolate:
+                    cur.execute("SAVEPOINT work")
                 try:
                     session = SQLSession(self, cur)  # type: ignore[arg-type]
                     item.result = item.fn(session)
                     session.flush()
                 except Exception as err:
-                    cur.execute("ROLLBACK TO work")
                     item.error = err
-                cur.execute("RELEASE work")
+                    if not isolate:
+                        cur.execute("ROLLBACK")
+                        return
+                    cur.execute("ROLLBACK TO work")
+                if isolate:
+                    cur.execute("RELEASE work")
             cur.execute("COMMIT")
         except BaseException as err:  # the batch did not commit: nothing of it is durable
             if self._writer.in_transaction:
