@@ -53,9 +53,42 @@ class Docs:
             self.writer.execute("COMMIT")
 
 
-def create_app(docs: Docs) -> Starlette:
+class PgDocs:
+    """The same over PostgreSQL, synchronous_commit on, through a psycopg pool."""
+
+    def __init__(self, url: str) -> None:
+        from psycopg_pool import ConnectionPool
+
+        self.pool = ConnectionPool(url, min_size=2, max_size=16, kwargs={"autocommit": True}, open=True)
+        with self.pool.connection() as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS docs (type TEXT, id TEXT, body BYTEA, PRIMARY KEY (type, id))")
+
+    def get(self, rtype: str, rid: str) -> Any:
+        with self.pool.connection() as conn:
+            row = conn.execute("SELECT body FROM docs WHERE type = %s AND id = %s", (rtype, rid)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def put(self, rtype: str, rid: str, body: bytes) -> None:
+        with self.pool.connection() as conn:
+            conn.execute("INSERT INTO docs VALUES (%s, %s, %s) ON CONFLICT (type, id) DO UPDATE SET body = EXCLUDED.body",
+                         (rtype, rid, body))
+
+    def put_many(self, rows: list[tuple[str, str, bytes]]) -> None:
+        with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            cur.executemany("INSERT INTO docs VALUES (%s, %s, %s) ON CONFLICT (type, id) DO NOTHING", rows)
+
+
+def open_docs(url: str) -> Docs | PgDocs:
+    if url.startswith("sqlite:///"):
+        return Docs(url[len("sqlite:///"):])
+    return PgDocs(url)
+
+
+def create_app(docs: Docs | PgDocs) -> Starlette:
     async def get(request: Request) -> Response:
-        body = await run_in_threadpool(docs.get, request.path_params["type"], request.path_params["id"])
+        rtype, rid = request.path_params["type"], request.path_params["id"]
+        # as Rebond does: an embedded read in the event loop, a networked one in a thread
+        body = docs.get(rtype, rid) if isinstance(docs, Docs) else await run_in_threadpool(docs.get, rtype, rid)
         if body is None:
             return Response(status_code=404)
         return Response(body, media_type="application/json")
@@ -70,4 +103,4 @@ def create_app(docs: Docs) -> Starlette:
 
 
 if __name__ == "__main__":
-    uvicorn.run(create_app(Docs(sys.argv[1])), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", access_log=False)
+    uvicorn.run(create_app(open_docs(sys.argv[1])), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", access_log=False)

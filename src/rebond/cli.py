@@ -95,6 +95,8 @@ def import_(
                 progress.advance(task)
 
             reports = import_files(files, target, jobs=jobs, on_done=done)
+        if store is not None:
+            store.optimize()
     except StoreError as err:
         raise fail(f"the store failed: {err}") from None
     finally:

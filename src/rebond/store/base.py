@@ -177,6 +177,10 @@ class Store(abc.ABC):
         """Raise Unavailable when the database cannot be reached."""
 
     @abc.abstractmethod
+    def optimize(self) -> None:
+        """Refresh the query planner's statistics (after a bulk load; engines also do it as data grows)."""
+
+    @abc.abstractmethod
     def close(self) -> None: ...
 
     # Conveniences built on the transaction, shared by every engine.

@@ -233,5 +233,10 @@ class PostgresStore(SQLStore):
             next_pos = FeedPosition(seq)
         return accepted, next_pos
 
+    def optimize(self) -> None:
+        """ANALYZE now; autovacuum keeps the statistics fresh afterwards."""
+        with self._pool.connection() as conn:
+            conn.execute("ANALYZE")
+
     def close(self) -> None:
         self._pool.close()

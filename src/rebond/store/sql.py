@@ -84,6 +84,7 @@ class SQLSession(Session):
         self.cur = cur
         # index rows wait here until a search inside the transaction or the commit needs them
         self._pending: dict[int, IndexRows] = {}
+        self.writes = 0
 
     # -- reading inside the transaction
 
@@ -155,6 +156,7 @@ class SQLSession(Session):
     ) -> WriteResult:
         store = self.store
         now = store.clock()
+        self.writes += 1
         if current is None:
             if if_match is not None:
                 raise PreconditionFailed(f"{resource_type}/{resource_id} does not exist; If-Match cannot hold")

@@ -24,6 +24,7 @@ _PRAGMAS = (
 
 
 GROUP_COMMIT_MAX = 64
+ANALYZE_MIN_WRITES = 2000
 T = TypeVar("T")
 
 
@@ -58,6 +59,10 @@ class SQLiteStore(SQLStore):
         self._writer.execute(
             "INSERT INTO rebond_meta (name, value) VALUES ('schema', ?) ON CONFLICT (name) DO NOTHING", (str(SCHEMA_VERSION),)
         )
+        self._writes_since_analyze = 0
+        self._rows_at_analyze = self._row_estimate()
+        if self._rows_at_analyze and self._writer.execute("SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'").fetchone()[0] == 0:
+            self._analyze()
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -98,6 +103,7 @@ class SQLiteStore(SQLStore):
                 raise
             else:
                 cur.execute("COMMIT")
+                self._note_writes(session.writes)
             finally:
                 cur.close()
 
@@ -123,6 +129,7 @@ class SQLiteStore(SQLStore):
     def _run_batch(self, batch: list[_Work]) -> None:
         # savepoints copy every page they touch to a sub-journal: only worth it when works share the batch
         isolate = len(batch) > 1
+        written = 0
         cur = self._writer.cursor()
         try:
             cur.execute("BEGIN IMMEDIATE")
@@ -133,6 +140,7 @@ class SQLiteStore(SQLStore):
                     session = SQLSession(self, cur)  # type: ignore[arg-type]
                     item.result = item.fn(session)
                     session.flush()
+                    written += session.writes
                 except Exception as err:
                     item.error = err
                     if not isolate:
@@ -142,6 +150,7 @@ class SQLiteStore(SQLStore):
                 if isolate:
                     cur.execute("RELEASE work")
             cur.execute("COMMIT")
+            self._note_writes(written)
         except BaseException as err:  # the batch did not commit: nothing of it is durable
             if self._writer.in_transaction:
                 cur.execute("ROLLBACK")
@@ -153,6 +162,28 @@ class SQLiteStore(SQLStore):
             cur.close()
             for item in batch:
                 item.done = True
+
+    def optimize(self) -> None:
+        with self._write_lock:
+            self._analyze()
+
+    def _analyze(self) -> None:
+        # a sampled ANALYZE takes milliseconds; without statistics SQLite scans a whole resource type
+        # instead of starting from the index rows a search names
+        self._writer.execute("PRAGMA analysis_limit=1000")
+        self._writer.execute("ANALYZE")
+        self._rows_at_analyze = max(self._row_estimate(), 1)
+        self._writes_since_analyze = 0
+
+    def _row_estimate(self) -> int:
+        row = self._writer.execute("SELECT max(seq) FROM versions").fetchone()
+        return int(row[0] or 0)
+
+    def _note_writes(self, count: int) -> None:
+        """Called under the write lock after a commit: re-analyze when the data has grown by a fifth."""
+        self._writes_since_analyze += count
+        if self._writes_since_analyze > max(ANALYZE_MIN_WRITES, self._rows_at_analyze // 5):
+            self._analyze()
 
     def close(self) -> None:
         for conn in self._all:
