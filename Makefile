@@ -26,7 +26,7 @@ demo: $(BIN)/rebond
 	@echo "Rebond FHIR API: http://127.0.0.1:$(PORT)/fhir   (health: http://127.0.0.1:$(PORT)/healthz)"
 	$(BIN)/rebond serve --db $(DB) --port $(PORT)
 
-test: $(BIN)/rebond system-deps
+test: $(BIN)/rebond system-deps lint
 	$(BIN)/python -m pytest -q
 
 # the developer's loop: everything but the long drills

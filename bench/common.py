@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent

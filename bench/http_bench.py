@@ -13,17 +13,15 @@ import random
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import orjson
-
 from common import ROOT, SCRATCH, SYNTHEA, database, machine
 from loadgen import Result, run
-from tests.pg_harness import free_port
-from tests.server import RebondServer
 
 from rebond.store import open_store
+from tests.pg_harness import free_port
+from tests.server import RebondServer
 
 
 class BaselineServer:

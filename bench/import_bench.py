@@ -14,7 +14,6 @@ import sys
 import time
 
 import orjson
-
 from common import SYNTHEA, database, machine
 
 

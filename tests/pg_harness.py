@@ -5,6 +5,7 @@ as the `postgres` system user (created by Debian's package) via runuser.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -75,8 +76,6 @@ class PostgresServer:
         return self.url(name)
 
     def stop(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):
             self._run([self.pg_ctl, "-D", str(self.data), "-m", "immediate", "stop"])
-        except subprocess.CalledProcessError:
-            pass
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,2 +1,1 @@
 from tests.test_feed import *  # noqa
-import tests.test_feed as tf

@@ -130,7 +130,7 @@ def test_missing_id_and_last_updated(ward: tuple[TestClient, dict[str, str]]) ->
 
 def test_include_revinclude_and_iterate(ward: tuple[TestClient, dict[str, str]]) -> None:
     client, ids = ward
-    bundle = search(client, f"Observation?code=2951-2&_include=Observation:patient")
+    bundle = search(client, "Observation?code=2951-2&_include=Observation:patient")
     assert ids_of(bundle) == {ids["na"]} and ids_of(bundle, "include") == {ids["helene"]}
     bundle = search(client, f"Patient?_id={ids['helene']}&_revinclude=Observation:subject")
     assert ids_of(bundle, "include") == {ids["k_high"], ids["na"]}

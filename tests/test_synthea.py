@@ -6,7 +6,6 @@ import collections
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import orjson
 import pytest

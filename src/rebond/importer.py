@@ -68,7 +68,7 @@ class ServerTarget:
         body = resp.json() if resp.content else {}
         if resp.status_code >= 400:
             raise FhirError(resp.status_code, _outcome_text(body) or f"HTTP {resp.status_code}")
-        return body  # type: ignore[no-any-return]
+        return body
 
     transaction = _post
     batch = _post

@@ -214,11 +214,9 @@ def process_transaction(store: Store, bundle: Any, base_url: str, reader: Reader
 
 def _run_in_transaction(tx: Session, entry: _Entry, base_url: str) -> dict[str, Any]:
     try:
-        if entry.method == "POST" and entry.resource_id is not None:
-            # the id was assigned in advance so that references to it could be rewritten
-            outcome = _create_with_id(tx, entry)
-        else:
-            outcome = _perform(tx, entry)
+        # a POST's id was assigned in advance so that references to it could be rewritten
+        preassigned = entry.method == "POST" and entry.resource_id is not None
+        outcome = _create_with_id(tx, entry) if preassigned else _perform(tx, entry)
     except (FhirError, StoreError) as err:
         status = getattr(err, "status", 400)
         raise FhirError(status, f"transaction failed at entry {entry.index} ({entry.method} {entry.url}): {err}",

@@ -116,10 +116,7 @@ def _compile_branch(branch: str) -> CompiledPath | None:
     if match:
         branch, cast_type, rest = match["inner"].strip(), match["type"], match["rest"]
     segments = split_top_level(branch, ".")
-    if rest:
-        segments_rest = rest.lstrip(".").split(".")
-    else:
-        segments_rest = []
+    segments_rest = rest.lstrip(".").split(".") if rest else []
     if not segments or not _NAME.match(segments[0]):
         return None
     root = segments[0]
@@ -194,7 +191,7 @@ def _compiled(expression: str) -> Callable[..., Any]:
     import fhirpathpy
     from fhirpathpy.models import models
 
-    return fhirpathpy.compile(expression, models["r4"])  # type: ignore[no-any-return]
+    return fhirpathpy.compile(expression, models["r4"])
 
 
 def _fhirpath(resource: dict[str, Any], expression: str) -> list[Node]:

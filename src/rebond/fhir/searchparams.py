@@ -58,7 +58,7 @@ def registry() -> dict[str, dict[str, SearchParam]]:
             bases = list(RESOURCE_TYPES)
         components: tuple[tuple[str, str], ...] = ()
         if ptype == "composite":
-            parts = []
+            parts: list[tuple[str, str]] = []
             for comp in definition.get("component", []):  # type: ignore[attr-defined]
                 target = by_url.get(comp["definition"])
                 if target is None or target.get("type") not in ("token", "quantity", "date", "string", "number", "uri", "reference"):

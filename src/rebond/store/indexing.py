@@ -41,19 +41,19 @@ def date_range(value: str) -> tuple[float, float] | None:
     year = int(m["y"])
     try:
         if m["m"] is None:
-            lo = dt.datetime(year, 1, 1, tzinfo=dt.timezone.utc)
-            hi = dt.datetime(year + 1, 1, 1, tzinfo=dt.timezone.utc)
+            lo = dt.datetime(year, 1, 1, tzinfo=dt.UTC)
+            hi = dt.datetime(year + 1, 1, 1, tzinfo=dt.UTC)
             return lo.timestamp(), hi.timestamp()
         month = int(m["m"])
         if m["d"] is None:
-            lo = dt.datetime(year, month, 1, tzinfo=dt.timezone.utc)
+            lo = dt.datetime(year, month, 1, tzinfo=dt.UTC)
             days = calendar.monthrange(year, month)[1]
             return lo.timestamp(), lo.timestamp() + days * 86400
         day = int(m["d"])
         if m["H"] is None:
-            lo = dt.datetime(year, month, day, tzinfo=dt.timezone.utc)
+            lo = dt.datetime(year, month, day, tzinfo=dt.UTC)
             return lo.timestamp(), lo.timestamp() + 86400
-        tz = dt.timezone.utc
+        tz = dt.UTC
         if m["tz"] and m["tz"] != "Z":
             sign = 1 if m["tz"][0] == "+" else -1
             tz = dt.timezone(sign * dt.timedelta(hours=int(m["tz"][1:3]), minutes=int(m["tz"][4:6])))
@@ -166,10 +166,10 @@ def _dates(value: Any) -> list[tuple[float, float]]:
         r = date_range(value)
         return [r] if r else []
     if isinstance(value, dict):
-        if "start" in value or "end" in value:  # Period
-            lo = date_range(value["start"])[0] if isinstance(value.get("start"), str) and date_range(value["start"]) else -INFINITY
-            hi = date_range(value["end"])[1] if isinstance(value.get("end"), str) and date_range(value["end"]) else INFINITY
-            return [(lo, hi)]
+        if "start" in value or "end" in value:  # Period: an open end runs to infinity
+            start = date_range(value["start"]) if isinstance(value.get("start"), str) else None
+            end = date_range(value["end"]) if isinstance(value.get("end"), str) else None
+            return [(start[0] if start else -INFINITY, end[1] if end else INFINITY)]
         if "event" in value or "repeat" in value:  # Timing
             out = [r for e in value.get("event", []) if isinstance(e, str) and (r := date_range(e))]
             bounds = value.get("repeat", {}).get("boundsPeriod") if isinstance(value.get("repeat"), dict) else None
@@ -188,10 +188,12 @@ def _quantities(value: Any) -> list[tuple[str | None, str | None, float, float, 
                 code = value.get("code") or value.get("currency") or value.get("unit")
                 return [(system, code, *r)]
         elif "low" in value or "high" in value:  # Range
-            lo = number_range(value.get("low", {}).get("value")) if isinstance(value.get("low"), dict) else None
-            hi = number_range(value.get("high", {}).get("value")) if isinstance(value.get("high"), dict) else None
-            unit = value.get("low", value.get("high", {}))
-            return [(unit.get("system"), unit.get("code"), lo[0] if lo else -INFINITY, hi[1] if hi else INFINITY, (lo or hi or (0, 0, 0))[2])]
+            low: dict[str, Any] = value["low"] if isinstance(value.get("low"), dict) else {}
+            high: dict[str, Any] = value["high"] if isinstance(value.get("high"), dict) else {}
+            lo, hi = number_range(low.get("value")), number_range(high.get("value"))
+            unit = low or high
+            middle = (lo or hi or (0.0, 0.0, 0.0))[2]
+            return [(unit.get("system"), unit.get("code"), lo[0] if lo else -INFINITY, hi[1] if hi else INFINITY, middle)]
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         r = number_range(value)
         return [(None, None, *r)] if r else []

@@ -45,10 +45,10 @@ class _PgCursor(Cursor):
         return out
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        return self._cur.execute(self._sql(sql), list(params))  # type: ignore[call-overload]
+        return self._cur.execute(self._sql(sql), list(params))
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        self._cur.executemany(self._sql(sql), [list(r) for r in rows])  # type: ignore[arg-type]
+        self._cur.executemany(self._sql(sql), [list(r) for r in rows])
 
     def fetchone(self) -> Any:
         return self._cur.fetchone()
@@ -161,24 +161,21 @@ class PostgresStore(SQLStore):
     @contextmanager
     def reader(self) -> Iterator[Cursor]:
         try:
-            with self._pool.connection() as conn:
-                with conn.cursor() as cur:
-                    yield _PgCursor(cur)
+            with self._pool.connection() as conn, conn.cursor() as cur:
+                yield _PgCursor(cur)
         except psycopg.OperationalError as err:
             raise Unavailable(f"PostgreSQL unavailable: {err}") from err
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         try:
-            with self._pool.connection() as conn:
-                with conn.transaction():
-                    with conn.cursor() as raw:
-                        cur = _PgCursor(raw)
-                        # an xid before any sequence number: the feed relies on it (see `changes`)
-                        cur.execute("SELECT pg_current_xact_id()")
-                        session = SQLSession(self, cur)
-                        yield session
-                        session.flush()
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as raw:
+                cur = _PgCursor(raw)
+                # an xid before any sequence number: the feed relies on it (see `changes`)
+                cur.execute("SELECT pg_current_xact_id()")
+                session = SQLSession(self, cur)
+                yield session
+                session.flush()
         except psycopg.errors.SerializationFailure as err:
             raise Unavailable(f"concurrent update, retry: {err}") from err
         except psycopg.OperationalError as err:
@@ -198,15 +195,14 @@ class PostgresStore(SQLStore):
         """
         pos = FeedPosition.parse(after)
         try:
-            with self._pool.connection() as conn:
-                with conn.transaction():
-                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                    with conn.cursor() as raw:
-                        cur = _PgCursor(raw)
-                        cur.execute("SELECT pg_current_snapshot()::text")
-                        xmin, _xmax, _xip = _parse_snapshot(cur.fetchone()[0])
-                        rows = self._change_rows(cur, pos.seq, count)
-                        accepted, next_pos = self._walk(cur, pos, rows, xmin)
+            with self._pool.connection() as conn, conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                with conn.cursor() as raw:
+                    cur = _PgCursor(raw)
+                    cur.execute("SELECT pg_current_snapshot()::text")
+                    xmin, _xmax, _xip = _parse_snapshot(cur.fetchone()[0])
+                    rows = self._change_rows(cur, pos.seq, count)
+                    accepted, next_pos = self._walk(cur, pos, rows, xmin)
         except psycopg.OperationalError as err:
             raise Unavailable(f"PostgreSQL unavailable: {err}") from err
         return ChangePage(accepted, str(next_pos))

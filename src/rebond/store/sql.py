@@ -114,12 +114,15 @@ class SQLSession(Session):
 
     def update(self, resource_type: str, resource_id: str, resource: dict[str, Any], *, if_match: int | None = None) -> WriteResult:
         current = self._current(resource_type, resource_id)
-        if current is not None and not current.deleted and current.body is not None and if_match in (None, current.version):
-            if _same_content(orjson.loads(current.body), resource):
-                # an update that changes nothing makes no version: re-imports and retried replays stay quiet
-                stored = Stored(resource_type, resource_id, current.version, current.lu, False, current.body,
-                                current.seq, current.method, current.site_id)
-                return WriteResult(stored, created=False, unchanged=True)
+        unchanged = (
+            current is not None and not current.deleted and current.body is not None and if_match in (None, current.version)
+            and _same_content(orjson.loads(current.body), resource)
+        )
+        if unchanged and current is not None and current.body is not None:
+            # an update that changes nothing makes no version: re-imports and retried replays stay quiet
+            stored = Stored(resource_type, resource_id, current.version, current.lu, False, current.body,
+                            current.seq, current.method, current.site_id)
+            return WriteResult(stored, created=False, unchanged=True)
         return self._write(resource_type, resource_id, resource, "update", if_match=if_match, current=current)
 
     def delete(self, resource_type: str, resource_id: str, *, if_match: int | None = None) -> WriteResult | None:
@@ -178,15 +181,15 @@ class SQLSession(Session):
         if method == "create" and not current.deleted:
             raise PreconditionFailed(f"{resource_type}/{resource_id} already exists")
         new_version = version + 1
-        body = _versioned_body(resource, resource_type, resource_id, new_version, now) if resource is not None else None
+        new_body = _versioned_body(resource, resource_type, resource_id, new_version, now) if resource is not None else None
         seq = store.record_version(
-            self.cur, current.internal, (resource_type, resource_id, new_version, now, method, store.site_id, store.blob(body))
+            self.cur, current.internal, (resource_type, resource_id, new_version, now, method, store.site_id, store.blob(new_body))
         )
         if not current.deleted:
             self._drop_index(current.internal)
         if resource is not None:
             self._pending[current.internal] = index_resource(resource)
-        stored = Stored(resource_type, resource_id, new_version, now, resource is None, body, seq, method, store.site_id)
+        stored = Stored(resource_type, resource_id, new_version, now, resource is None, new_body, seq, method, store.site_id)
         return WriteResult(stored, created=current.deleted)
 
     def _drop_index(self, internal: int) -> None:
@@ -386,7 +389,7 @@ class SQLStore(Store):
             )
             rows = cur.fetchall()
             matches = [stored_from_row(r) for r in rows]
-            included = self._includes(cur, query.includes, [(m.resource_type, int(r[9]), m.id) for m, r in zip(matches, rows)])
+            included = self._includes(cur, query.includes, [(m.resource_type, int(r[9]), m.id) for m, r in zip(matches, rows, strict=False)])
         return SearchResult(matches, included, total)
 
     def _includes(self, cur: Cursor, includes: list[Include], page: list[tuple[str, int, str]]) -> list[Stored]:
@@ -415,7 +418,7 @@ class SQLStore(Store):
 
     def _reference_keys(self, inc: Include, source_types: Iterable[str]) -> list[str]:
         reg = registry()
-        keys = []
+        keys: list[str] = []
         for source in set(source_types):
             if inc.source_type not in ("*", source):
                 continue
@@ -428,7 +431,7 @@ class SQLStore(Store):
 
     def _one_include(self, cur: Cursor, inc: Include, frontier: list[tuple[str, int, str]]) -> list[tuple[Stored, int]]:
         if inc.reverse:
-            keys = [f"{inc.source_type}.{inc.param_code}"] if inc.param_code != "*" else self._reference_keys(inc, [inc.source_type])
+            keys: list[str] = [f"{inc.source_type}.{inc.param_code}"] if inc.param_code != "*" else self._reference_keys(inc, [inc.source_type])
             ids = list({i for _t, _r, i in frontier})
             if not keys or not ids:
                 return []

@@ -4,9 +4,9 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from rebond.store.base import Session, Unavailable
 from rebond.store.schema import SCHEMA_VERSION, Types, ddl
@@ -124,7 +124,7 @@ class SQLiteStore(SQLStore):
                 self._run_batch(batch)
         if item.error is not None:
             raise item.error
-        return item.result  # type: ignore[return-value]
+        return cast(T, item.result)
 
     def _run_batch(self, batch: list[_Work]) -> None:
         # savepoints copy every page they touch to a sub-journal: only worth it when works share the batch
@@ -187,10 +187,8 @@ class SQLiteStore(SQLStore):
 
     def close(self) -> None:
         for conn in self._all:
-            try:
+            with suppress(sqlite3.Error):
                 conn.close()
-            except sqlite3.Error:
-                pass
         self._all.clear()
 
     def _pragma(self, name: str) -> Any:
