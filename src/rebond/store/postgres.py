@@ -23,6 +23,7 @@ from rebond.store.sql import Cursor, SQLSession, SQLStore, stored_from_row
 
 _TYPES = Types(serial_pk="BIGSERIAL PRIMARY KEY", bigint="BIGINT", real="DOUBLE PRECISION", blob="BYTEA", text='TEXT COLLATE "C"')
 _PLACEHOLDER = re.compile(r"\?")
+SMALL_INDEX_WRITE = 500  # index rows up to which one INSERT statement beats COPY
 
 
 class _PgCursor(Cursor):
@@ -147,12 +148,26 @@ class PostgresStore(SQLStore):
         row = cur.fetchone()
         return (int(row[0]), int(row[1])) if row else None
 
-    def bulk_insert(self, cur: Cursor, table: str, rows: list[tuple[Any, ...]]) -> None:
+    def insert_index_rows(self, cur: Cursor, by_table: dict[str, list[tuple[Any, ...]]]) -> None:
+        """Few rows (one resource): one statement for every table, one round trip. Many (a Bundle): COPY."""
         assert isinstance(cur, _PgCursor)
-        columns = ", ".join(("rid", "key", *INDEX_TABLES[table]))
-        with cur.raw.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
+        total = sum(len(rows) for rows in by_table.values())
+        if total <= SMALL_INDEX_WRITE:
+            parts: list[str] = []
+            params: list[Any] = []
+            for n, (table, rows) in enumerate(by_table.items()):
+                columns = ("rid", "key", *INDEX_TABLES[table])
+                row_sql = "(" + ", ".join("%s" for _ in columns) + ")"
+                parts.append(f"t{n} AS (INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join(row_sql for _ in rows)})")
+                params.extend(v for row in rows for v in row)
+            if parts:
+                cur.raw.execute("WITH " + ", ".join(parts) + " SELECT 1", params)
+            return
+        for table, rows in by_table.items():
+            columns = ", ".join(("rid", "key", *INDEX_TABLES[table]))
+            with cur.raw.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
 
     def lock_key(self, cur: Cursor, key: str) -> None:
         digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)

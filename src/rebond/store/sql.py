@@ -208,8 +208,7 @@ class SQLSession(Session):
                 if values:
                     by_table.setdefault(table, []).extend((internal, *v) for v in values)
         self._pending.clear()
-        for table, rows_ in by_table.items():
-            self.store.bulk_insert(self.cur, table, rows_)
+        self.store.insert_index_rows(self.cur, by_table)
 
 
 @dataclass(frozen=True)
@@ -308,8 +307,9 @@ class SQLStore(Store):
         cur.execute("UPDATE resources SET seq = ? WHERE rid = ?", (seq, internal))
         return internal, seq
 
-    def bulk_insert(self, cur: Cursor, table: str, rows: list[tuple[Any, ...]]) -> None:
-        cur.executemany(_INSERTS[table], rows)
+    def insert_index_rows(self, cur: Cursor, by_table: dict[str, list[tuple[Any, ...]]]) -> None:
+        for table, rows in by_table.items():
+            cur.executemany(_INSERTS[table], rows)
 
     @abc.abstractmethod
     def lock_key(self, cur: Cursor, key: str) -> None: ...
