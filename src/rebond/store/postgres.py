@@ -164,8 +164,8 @@ class PostgresStore(SQLStore):
                 cur.raw.execute("WITH " + ", ".join(parts) + " SELECT 1", params)
             return
         for table, rows in by_table.items():
-            columns = ", ".join(("rid", "key", *INDEX_TABLES[table]))
-            with cur.raw.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+            column_list = ", ".join(("rid", "key", *INDEX_TABLES[table]))
+            with cur.raw.copy(f"COPY {table} ({column_list}) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
 

@@ -1,0 +1,19 @@
+"""Every benchmark, one after the other: `make bench` (SQLite) or `python bench/run_all.py --engine postgres`."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    for script in ("import_bench.py", "http_bench.py"):
+        print(f"== {script} {' '.join(args)}", flush=True)
+        subprocess.run([sys.executable, str(HERE / script), *args], check=True)
+
+
+if __name__ == "__main__":
+    main()
