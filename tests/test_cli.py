@@ -79,3 +79,22 @@ def test_import_reports_bad_files_and_exits_non_zero(tmp_path: Path) -> None:
         store.close()
     missing = rebond("import", "--db", db, str(tmp_path / "nope.json"))
     assert missing.returncode != 0 and "no such file" in missing.stderr
+
+
+def test_import_through_a_running_server(server: RebondServer, tmp_path: Path) -> None:
+    bundle = tmp_path / "admission.json"
+    bundle.write_text(
+        '{"resourceType": "Bundle", "type": "transaction", "entry": ['
+        '{"fullUrl": "urn:uuid:7d1c0f4e-0000-4000-8000-000000000001", "request": {"method": "POST", "url": "Patient"},'
+        ' "resource": {"resourceType": "Patient", "id": "7d1c0f4e-0000-4000-8000-000000000001", "name": [{"family": "Roux"}]}},'
+        '{"request": {"method": "POST", "url": "Encounter"}, "resource": {"resourceType": "Encounter", "status": "in-progress",'
+        ' "class": {"code": "IMP"}, "subject": {"reference": "urn:uuid:7d1c0f4e-0000-4000-8000-000000000001"}}}]}'
+    )
+    for _ in range(2):
+        result = rebond("import", "--url", server.fhir, str(bundle))
+        assert result.returncode == 0, result.stdout + result.stderr
+    import httpx
+
+    found = httpx.get(f"{server.fhir}/Encounter?patient=7d1c0f4e-0000-4000-8000-000000000001").json()
+    assert len(found["entry"]) == 2  # the Encounter has no id of its own: each load creates one, the Patient only once
+    assert httpx.get(f"{server.fhir}/Patient?family=roux&_summary=count").json()["total"] == 1

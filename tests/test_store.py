@@ -9,7 +9,7 @@ import pytest
 
 from rebond.fhir import operations
 from rebond.store import open_store
-from rebond.store.base import PreconditionFailed, Store
+from rebond.store.base import PreconditionFailed, Session, Store
 
 
 def patient(family: str = "Martin", **extra: object) -> dict[str, object]:
@@ -120,3 +120,27 @@ def test_a_rolled_back_transaction_leaves_nothing(store: Store) -> None:
         raise RuntimeError("abort")
     assert store.counts().get("Patient") is None
     assert store.changes(None).changes == []
+
+
+def test_each_concurrent_write_succeeds_or_fails_on_its_own(store: Store) -> None:
+    """Writes committed together (group commit) still roll back one by one."""
+    barrier = threading.Barrier(12)
+
+    def attempt(i: int) -> str:
+        def work(tx: Session) -> str:
+            created = tx.create(patient(f"G{i}")).stored
+            if i % 2:
+                raise RuntimeError("this one fails after writing")
+            return created.id
+
+        barrier.wait()
+        try:
+            return store.write(work)
+        except RuntimeError:
+            return ""
+
+    with ThreadPoolExecutor(12) as pool:
+        ids = [i for i in pool.map(attempt, range(12)) if i]
+    assert len(ids) == 6
+    assert store.counts().get("Patient") == 6
+    assert all(store.read("Patient", i) is not None for i in ids)
