@@ -31,6 +31,10 @@ _PRIMITIVE_FORMATS = {
 }
 
 
+def choice_element_names() -> frozenset[str]:
+    return frozenset(spec[3] for elements in _TYPES.values() for spec in elements.values() if spec[3])
+
+
 def is_resource_type(name: str) -> bool:
     return name in _RESOURCE_SET
 

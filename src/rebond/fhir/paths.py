@@ -47,8 +47,17 @@ def split_top_level(text: str, sep: str) -> list[str]:
     return [p.strip() for p in parts]
 
 
+@functools.cache
+def _choice_names() -> frozenset[str]:
+    """Names of every choice element (`value` of value[x], `effective`, `onset`, …) in R4."""
+    from rebond.fhir.model import choice_element_names
+
+    return choice_element_names()
+
+
 def _children(nodes: list[Node], name: str, type_suffix: str | None) -> list[Node]:
     out: list[Node] = []
+    is_choice = type_suffix is None and name in _choice_names()
     for node in nodes:
         if not isinstance(node, dict):
             continue
@@ -56,7 +65,7 @@ def _children(nodes: list[Node], name: str, type_suffix: str | None) -> list[Nod
             value = node.get(name + type_suffix[0].upper() + type_suffix[1:])
         else:
             value = node.get(name)
-            if value is None:
+            if value is None and is_choice:
                 # a choice element (value[x]) appears as valueQuantity, valueString, ...
                 for key, candidate in node.items():
                     if key.startswith(name) and len(key) > len(name) and key[len(name)].isupper():
@@ -99,6 +108,7 @@ class CompiledPath:
 
     resource_type: str
     steps: tuple[Step, ...]
+    text: str = ""  # the branch as written: parameters sharing a branch share its evaluation
 
     def evaluate(self, resource: dict[str, Any]) -> list[Node]:
         nodes: list[Node] = [resource]
@@ -152,7 +162,7 @@ def _compile_branch(branch: str) -> CompiledPath | None:
         else:  # a cast not following a field: only possible on the root, keep as is
             return None
         i += 1
-    return CompiledPath(root, tuple(steps))
+    return CompiledPath(root, tuple(steps), branch if cast_type is None else f"({branch} as {cast_type}){rest}")
 
 
 class Extractor:
@@ -177,12 +187,19 @@ class Extractor:
     def applies(self) -> bool:
         return bool(self._paths) or self._fallback is not None
 
-    def values(self, resource: dict[str, Any]) -> Iterable[Node]:
+    def values(self, resource: dict[str, Any], memo: dict[str, list[Node]] | None = None) -> Iterable[Node]:
+        """The selected values; `memo` (one per resource) spares re-walking a branch another parameter walked."""
         if self._fallback is not None:
             return _fhirpath(resource, self._fallback)
         out: list[Node] = []
         for path in self._paths:
-            out.extend(path.evaluate(resource))
+            if memo is None:
+                out.extend(path.evaluate(resource))
+                continue
+            found = memo.get(path.text)
+            if found is None:
+                found = memo[path.text] = path.evaluate(resource)
+            out.extend(found)
         return out
 
 

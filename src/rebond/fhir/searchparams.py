@@ -30,12 +30,6 @@ class SearchParam:
         return f"{self.resource_type}.{self.code}"
 
 
-#: Parameters every resource type has that are answered from the resource table itself.
-RESULT_PARAMETERS = frozenset(
-    {"_count", "_sort", "_include", "_revinclude", "_summary", "_total", "_elements", "_format", "_pretty", "_offset", "_cursor"}
-)
-
-
 @functools.cache
 def _definitions() -> list[dict[str, object]]:
     text = package_files.files("rebond.fhir").joinpath("definitions/search-parameters.json").read_text()

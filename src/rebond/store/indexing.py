@@ -8,6 +8,7 @@ value is kept: `2024-03` covers the whole month.
 from __future__ import annotations
 
 import calendar
+import functools
 import datetime as dt
 import re
 import unicodedata
@@ -26,10 +27,13 @@ _DATE_RE = re.compile(
 
 def normalize_text(value: str) -> str:
     """Case- and accent-insensitive form used by string search (`Hélène` finds `helene`)."""
+    if value.isascii():
+        return value.lower().strip()
     decomposed = unicodedata.normalize("NFKD", value)
     return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold().strip()
 
 
+@functools.lru_cache(maxsize=16384)
 def date_range(value: str) -> tuple[float, float] | None:
     """[lo, hi) in epoch seconds for a FHIR date, dateTime or instant, by its precision.
 
@@ -214,10 +218,11 @@ def index_resource(resource: dict[str, Any]) -> IndexRows:
     """All index rows of a resource, for every search parameter of its type."""
     rows = IndexRows()
     params = registry().get(resource["resourceType"], {})
+    memo: dict[str, list[Any]] = {}
     for param in params.values():
         if param.code in ("_id", "_lastUpdated"):
             continue  # answered from the resource table
-        values = param.extractor.values(resource)
+        values = param.extractor.values(resource, memo)
         if not values:
             continue
         _index_values(rows, param, values)

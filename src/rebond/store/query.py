@@ -6,17 +6,8 @@ from typing import Any
 
 from rebond.fhir.search import Clause, SearchQuery, Value
 from rebond.store.indexing import format_number, normalize_text, number_range
+from rebond.store.schema import ROW_TABLES
 
-_TABLE_BY_TYPE = {
-    "string": "sp_string",
-    "token": "sp_token",
-    "date": "sp_date",
-    "number": "sp_number",
-    "quantity": "sp_quantity",
-    "reference": "sp_reference",
-    "uri": "sp_uri",
-    "composite": "sp_composite",
-}
 PREFIX_END = "\U0010ffff"  # sorts after every character: `x >= p AND x < p || END` is a prefix match
 
 
@@ -137,7 +128,7 @@ def clause_fragment(clause: Clause, resource_type: str, alias: str, *, drive: bo
         )
     assert clause.param is not None
     key = clause.param.key
-    table = _TABLE_BY_TYPE[clause.type]
+    table = ROW_TABLES[clause.type]
     if clause.chain is not None:
         target_type, inner = clause.chain
         sub = clause_fragment(inner, target_type, "ct")

@@ -16,7 +16,6 @@ from rebond.fhir.searchparams import registry
 from rebond.store.base import (
     Change,
     ChangePage,
-    Gone,
     PreconditionFailed,
     SearchResult,
     Session,
@@ -479,9 +478,3 @@ class SQLStore(Store):
             rows = self._change_rows(cur, position, count)
         changes = [Change(int(r[6]), stored_from_row(r)) for r in rows]
         return ChangePage(changes, str(changes[-1].seq if changes else position))
-
-
-def gone_or_none(stored: Stored | None) -> Stored | None:
-    if stored is not None and stored.deleted:
-        raise Gone(f"{stored.resource_type}/{stored.id} was deleted")
-    return stored

@@ -190,6 +190,3 @@ class SQLiteStore(SQLStore):
             with suppress(sqlite3.Error):
                 conn.close()
         self._all.clear()
-
-    def _pragma(self, name: str) -> Any:
-        return self._writer.execute(f"PRAGMA {name}").fetchone()[0]
