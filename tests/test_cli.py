@@ -98,3 +98,21 @@ def test_import_through_a_running_server(server: RebondServer, tmp_path: Path) -
     found = httpx.get(f"{server.fhir}/Encounter?patient=7d1c0f4e-0000-4000-8000-000000000001").json()
     assert len(found["entry"]) == 2  # the Encounter has no id of its own: each load creates one, the Patient only once
     assert httpx.get(f"{server.fhir}/Patient?family=roux&_summary=count").json()["total"] == 1
+
+
+def test_several_worker_processes_share_one_store(tmp_path: Path) -> None:
+    import httpx
+
+    srv = RebondServer(f"sqlite:///{tmp_path}/w.db", "--workers", "2").start()
+    try:
+        with httpx.Client(base_url=srv.fhir, timeout=10) as client:
+            ids = []
+            for i in range(20):
+                resp = client.post("/Patient", json={"resourceType": "Patient", "name": [{"family": f"Worker{i}"}]},
+                                   headers={"Content-Type": "application/fhir+json"})
+                assert resp.status_code == 201
+                ids.append(resp.json()["id"])
+            assert all(client.get(f"/Patient/{i}").status_code == 200 for i in ids)
+            assert client.get("/Patient?name=worker&_summary=count").json()["total"] == 20
+    finally:
+        srv.stop()

@@ -31,3 +31,13 @@ def create_app(store: Store) -> Starlette:
     app = Starlette(routes=[Route("/healthz", healthz, methods=["GET"]), *api.routes()])
     app.state.store = store
     return app
+
+
+def app_from_environment() -> Starlette:
+    """The app for each worker process of `rebond serve --workers N` (settings come through the environment)."""
+    import os
+
+    from rebond.store import DEFAULT_DB, open_store
+
+    store = open_store(os.environ.get("REBOND_DB", DEFAULT_DB), site_id=os.environ.get("REBOND_SITE_ID", "central"))
+    return create_app(store)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Annotated
@@ -32,6 +33,7 @@ def serve(
     port: Annotated[int, typer.Option(help="HTTP port")] = 8080,
     site_id: Annotated[str, typer.Option("--site-id", help="name of this server in the change feed")] = "central",
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+    workers: Annotated[int, typer.Option(help="server processes sharing the port (one per core)")] = 1,
 ) -> None:
     """Serve the FHIR API at http://HOST:PORT/fhir."""
     import uvicorn
@@ -45,6 +47,13 @@ def serve(
         raise fail(str(err)) from None
     out_console.print(f"Rebond serving FHIR R4 at http://{host}:{port}/fhir (store: {_redact(db)}, site: {site_id})")
     # uvicorn's access log prints request paths, which carry patient identifiers in searches: it stays off
+    if workers > 1:
+        store.close()  # each worker opens its own
+        os.environ["REBOND_DB"] = db
+        os.environ["REBOND_SITE_ID"] = site_id
+        uvicorn.run("rebond.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
+                    log_level=log_level, access_log=False)
+        return
     uvicorn.run(create_app(store), host=host, port=port, log_level=log_level, access_log=False)
 
 

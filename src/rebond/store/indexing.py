@@ -8,8 +8,8 @@ value is kept: `2024-03` covers the whole month.
 from __future__ import annotations
 
 import calendar
-import functools
 import datetime as dt
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass, field

@@ -38,7 +38,7 @@ class Types:
     bigint: str
     real: str
     blob: str
-    text: str = "TEXT"
+    text: str = "TEXT"  # PostgreSQL: one byte-order collation everywhere, so joins and prefix ranges use the indexes
 
 
 def ddl(types: Types) -> list[str]:
@@ -46,8 +46,8 @@ def ddl(types: Types) -> list[str]:
         "CREATE TABLE IF NOT EXISTS rebond_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
         f"""CREATE TABLE IF NOT EXISTS resources (
             rid {types.serial_pk},
-            res_type TEXT NOT NULL,
-            res_id TEXT NOT NULL,
+            res_type {types.text} NOT NULL,
+            res_id {types.text} NOT NULL,
             version {types.bigint} NOT NULL,
             seq {types.bigint} NOT NULL,
             lu {types.real} NOT NULL,
@@ -55,12 +55,12 @@ def ddl(types: Types) -> list[str]:
             UNIQUE (res_type, res_id))""",
         f"""CREATE TABLE IF NOT EXISTS versions (
             seq {types.serial_pk},
-            res_type TEXT NOT NULL,
-            res_id TEXT NOT NULL,
+            res_type {types.text} NOT NULL,
+            res_id {types.text} NOT NULL,
             version {types.bigint} NOT NULL,
             lu {types.real} NOT NULL,
-            method TEXT NOT NULL,
-            site_id TEXT NOT NULL,
+            method {types.text} NOT NULL,
+            site_id {types.text} NOT NULL,
             txid {types.bigint},
             body {types.blob},
             UNIQUE (res_type, res_id, version))""",
@@ -70,7 +70,7 @@ def ddl(types: Types) -> list[str]:
     ]
     for table, columns in INDEX_TABLES.items():
         cols = ", ".join(f"{c} {types.real if c in _REAL_COLUMNS else types.text}" for c in columns)
-        statements.append(f"CREATE TABLE IF NOT EXISTS {table} (rid {types.bigint} NOT NULL, key TEXT NOT NULL, {cols})")
+        statements.append(f"CREATE TABLE IF NOT EXISTS {table} (rid {types.bigint} NOT NULL, key {types.text} NOT NULL, {cols})")
         statements.append(f"CREATE INDEX IF NOT EXISTS {table}_rid ON {table} (rid, key)")
         first = {"sp_token": "code", "sp_quantity": "code", "sp_reference": "target_id"}.get(table, columns[0])
         statements.append(f"CREATE INDEX IF NOT EXISTS {table}_lookup ON {table} (key, {first}, rid)")
