@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
+import anyio
 import orjson
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -24,6 +25,7 @@ from rebond.store.sql import iso_instant
 log = logging.getLogger("rebond.api")
 
 FHIR_JSON = "application/fhir+json"
+SEARCH_SLOTS = 4
 MAX_BODY_BYTES = 32 * 1024 * 1024  # documented in docs/api.md; a larger request gets a 413
 _JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
 _PATCH_TYPES = ("application/json-patch+json",)
@@ -61,9 +63,11 @@ def version_headers(stored: Stored, base_url: str, *, location: bool = False) ->
 class FhirApi:
     """Routes of one FHIR endpoint over one store."""
 
-    def __init__(self, store: Store, *, max_body: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, store: Store, *, max_body: int = MAX_BODY_BYTES, search_slots: int = SEARCH_SLOTS) -> None:
         self.store = store
         self.max_body = max_body
+        # searches beyond this many wait their turn: more threads only fight over the interpreter lock
+        self._search_slots = anyio.Semaphore(search_slots)
 
     # -- plumbing
 
@@ -217,7 +221,8 @@ class FhirApi:
     async def _search(self, request: Request, rtype: str, params: list[tuple[str, str]]) -> Response:
         lenient = "handling=lenient" in request.headers.get("prefer", "")
         query = parse_search(rtype, params, lenient=lenient)
-        result = await run_in_threadpool(self.store.search, query)
+        async with self._search_slots:
+            result = await run_in_threadpool(self.store.search, query)
         base = self.base_url(request)
         bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
         if result.total is not None:
