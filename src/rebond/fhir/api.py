@@ -122,9 +122,8 @@ class FhirApi:
 
     def _written(self, request: Request, outcome: operations.Outcome) -> Response:
         stored = outcome.stored
-        if stored is None:
-            return fhir_response(operation_outcome(outcome.message or "done", severity="information", code="informational"),
-                                 200 if outcome.status != 204 else 200)
+        if stored is None:  # nothing written (a conditional delete that matched nothing): say so
+            return fhir_response(operation_outcome(outcome.message or "done", severity="information", code="informational"), 200)
         headers = version_headers(stored, self.base_url(request), location=outcome.status == 201 or request.method == "POST")
         prefer = request.headers.get("prefer", "")
         if "return=minimal" in prefer or stored.body is None:
