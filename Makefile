@@ -1,11 +1,10 @@
 # Rebond: two commands on a fresh Debian 12 machine with Python 3.11.
-#   make demo   install into .venv and start Rebond on its embedded SQLite store
+#   make demo   install into .venv, generate the demo hospital group once, start Rebond on SQLite
 #   make test   install everything the tests need (PostgreSQL included) and run every test
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
-DB ?= sqlite:///var/rebond.db
 
 .PHONY: demo test test-quick system-deps bench lint
 
@@ -22,9 +21,11 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null; \
 	fi
 
+# the first time, the demo hospital group is generated into the default store
 demo: $(BIN)/rebond
+	@test -e var/rebond.db || $(BIN)/rebond seed --demo --db sqlite:///var/rebond.db
 	@echo "Rebond FHIR API: http://127.0.0.1:$(PORT)/fhir   (health: http://127.0.0.1:$(PORT)/healthz)"
-	$(BIN)/rebond serve --db $(DB) --port $(PORT)
+	$(BIN)/rebond serve --port $(PORT)
 
 test: $(BIN)/rebond system-deps lint
 	$(BIN)/python -m pytest -q

@@ -128,6 +128,42 @@ def import_(
         raise typer.Exit(1)
 
 
+@app.command()
+def seed(
+    demo: Annotated[bool, typer.Option("--demo", help="generate the demo hospital group")] = False,
+    db: Annotated[str, typer.Option(help="database to fill")] = DEFAULT_DB,
+    seed_value: Annotated[int, typer.Option("--seed", help="same seed, same group")] = 1,
+    hospitals: Annotated[int, typer.Option(help="hospitals in the group")] = 3,
+    wards: Annotated[int, typer.Option("--wards-per-hospital", help="wards per hospital")] = 6,
+    beds: Annotated[int, typer.Option("--beds-per-ward", help="beds per ward")] = 24,
+) -> None:
+    """Fill a store with generated data (today: --demo, a French hospital group)."""
+    from rebond.seed.demo import DemoSize, seed_demo
+
+    if not demo:
+        raise fail("say what to generate: --demo")
+    if min(hospitals, wards, beds) < 1:
+        raise fail("--hospitals, --wards-per-hospital and --beds-per-ward must be at least 1")
+    try:
+        store = open_store(db, site_id="seed")
+    except StoreError as err:
+        raise fail(str(err)) from None
+    started = time.monotonic()
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err_console, transient=not sys.stderr.isatty()) as progress:
+            task = progress.add_task("wards", total=hospitals * wards)
+            report = seed_demo(store, seed=seed_value, size=DemoSize(hospitals, wards, beds),
+                               progress=lambda done, total: progress.update(task, completed=done))
+        store.optimize()
+    except StoreError as err:
+        raise fail(f"the store failed: {err}") from None
+    finally:
+        store.close()
+    out_console.print(f"{report.resources} resources: {hospitals} hospitals, {report.wards} wards, {report.beds} beds, "
+                      f"{report.patients} inpatients, in {time.monotonic() - started:.1f} s")
+
+
 def main() -> None:
     app()
 

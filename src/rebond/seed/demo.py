@@ -1,0 +1,308 @@
+"""`rebond seed --demo`: a deterministic French hospital group, written as FHIR transactions through the store.
+
+Group (Organization) → hospitals (Organization + site Location) → wards (Location
+`wa`) → rooms (`ro`) → beds (`bd`). Staff are Practitioners with a PractitionerRole
+per service. About 85 % of beds hold an inpatient stay (Encounter with its bed and
+ward) with allergies, problems, prescriptions with their schedules, vitals and lab
+results (some abnormal) grouped in DiagnosticReports. The same `--seed` gives the
+same group, ids included.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import random
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from rebond.fhir.bundles import process_transaction
+from rebond.seed.vocabulary import (
+    ALLERGIES,
+    DRUGS,
+    FAMILY_NAMES,
+    GIVEN_FEMALE,
+    GIVEN_MALE,
+    HOSPITALS,
+    LABS,
+    PROBLEMS,
+    SERVICES,
+    VITALS,
+    LabTest,
+)
+from rebond.store.base import Store
+
+GROUP_IPP_SYSTEM = "urn:oid:1.2.250.1.999.1.1"  # the group's patient identifier (IPP) namespace
+GROUP_VISIT_SYSTEM = "urn:oid:1.2.250.1.999.1.2"  # stay numbers (NDA)
+FINESS_SYSTEM = "urn:oid:1.2.250.1.71.4.2.2"
+RPPS_SYSTEM = "urn:oid:1.2.250.1.71.4.2.1"
+LOINC = "http://loinc.org"
+SNOMED = "http://snomed.info/sct"
+ATC = "http://www.whocc.no/atc"
+UCUM = "http://unitsofmeasure.org"
+LOCATION_TYPE = "http://terminology.hl7.org/CodeSystem/location-physical-type"
+INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+
+
+@dataclass
+class DemoSize:
+    hospitals: int = 3
+    wards_per_hospital: int = 6
+    beds_per_ward: int = 24
+    occupancy: float = 0.85
+    days_of_results: int = 5
+
+
+@dataclass
+class SeedReport:
+    resources: int = 0
+    patients: int = 0
+    beds: int = 0
+    wards: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class _Ids:
+    """Deterministic UUIDs from the seed, so the same seed gives the same ids."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+
+    def __call__(self) -> str:
+        return str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+
+
+def _entry(resource: dict[str, Any]) -> dict[str, Any]:
+    return {"resource": resource, "request": {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"}}
+
+
+def _iso(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _ref(resource: dict[str, Any]) -> dict[str, str]:
+    return {"reference": f"{resource['resourceType']}/{resource['id']}"}
+
+
+def _location(new_id: Callable[[], str], name: str, kind: str, part_of: dict[str, Any] | None, org: dict[str, Any],
+              identifier: str) -> dict[str, Any]:
+    loc: dict[str, Any] = {
+        "resourceType": "Location", "id": new_id(), "status": "active", "name": name, "mode": "instance",
+        "identifier": [{"system": "urn:rebond:location", "value": identifier}],
+        "physicalType": {"coding": [{"system": LOCATION_TYPE, "code": kind}]},
+        "managingOrganization": _ref(org),
+    }
+    if part_of is not None:
+        loc["partOf"] = _ref(part_of)
+    return loc
+
+
+def seed_demo(store: Store, *, seed: int = 1, size: DemoSize | None = None, now: dt.datetime | None = None,
+              progress: Callable[[int, int], None] | None = None) -> SeedReport:
+    size = size or DemoSize()
+    now = (now or dt.datetime.now(dt.UTC)).replace(microsecond=0)
+    rng = random.Random(seed)
+    new_id = _Ids(random.Random(seed * 7919 + 1))
+    report = SeedReport()
+
+    def commit(entries: list[dict[str, Any]]) -> None:
+        process_transaction(store, {"resourceType": "Bundle", "type": "transaction", "entry": entries}, "urn:rebond:seed")
+        for e in entries:
+            rtype = e["resource"]["resourceType"]
+            report.counts[rtype] = report.counts.get(rtype, 0) + 1
+        report.resources += len(entries)
+
+    group: dict[str, Any] = {"resourceType": "Organization", "id": new_id(), "active": True, "name": "Groupe hospitalier Rebond",
+             "identifier": [{"system": FINESS_SYSTEM, "value": "750000000"}],
+             "type": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/organization-type", "code": "prov"}]}]}
+    commit([_entry(group)])
+    total_wards = size.hospitals * size.wards_per_hospital
+    done_wards = 0
+    for h in range(size.hospitals):
+        name, city, postcode, street = HOSPITALS[h % len(HOSPITALS)]
+        if h >= len(HOSPITALS):
+            name = f"{name} {h // len(HOSPITALS) + 1}"
+        hospital: dict[str, Any] = {"resourceType": "Organization", "id": new_id(), "active": True, "name": name, "partOf": _ref(group),
+                    "identifier": [{"system": FINESS_SYSTEM, "value": f"75{h:07d}"}],
+                    "address": [{"line": [street], "city": city, "postalCode": postcode, "country": "FR"}]}
+        site = _location(new_id, name, "si", None, hospital, f"H{h + 1}")
+        site["address"] = hospital["address"][0]
+        commit([_entry(hospital), _entry(site)])
+        for w in range(size.wards_per_hospital):
+            code, service_name, service_snomed = SERVICES[w % len(SERVICES)]
+            ward_code = f"H{h + 1}-{code}{'' if w < len(SERVICES) else w // len(SERVICES) + 1}"
+            entries = _ward(new_id, rng, hospital, site, ward_code, service_name, service_snomed, size, now, report)
+            commit(entries)
+            done_wards += 1
+            if progress is not None:
+                progress(done_wards, total_wards)
+    return report
+
+
+def _staff(new_id: Callable[[], str], rng: random.Random, hospital: dict[str, Any], ward: dict[str, Any], service_name: str,
+           service_snomed: str, count: int, profession: tuple[str, str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    people, roles = [], []
+    for _ in range(count):
+        female = rng.random() < 0.6
+        name: dict[str, Any] = {"family": rng.choice(FAMILY_NAMES), "given": [rng.choice(GIVEN_FEMALE if female else GIVEN_MALE)]}
+        if profession[0] == "doctor":
+            name["prefix"] = ["Dr"]
+        person: dict[str, Any] = {"resourceType": "Practitioner", "id": new_id(), "active": True,
+                                  "identifier": [{"system": RPPS_SYSTEM, "value": f"10{rng.randrange(10**9):09d}"}],
+                                  "name": [name], "gender": "female" if female else "male"}
+        role = {"resourceType": "PractitionerRole", "id": new_id(), "active": True, "practitioner": _ref(person),
+                "organization": _ref(hospital), "location": [_ref(ward)],
+                "code": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/practitioner-role", "code": profession[0]}],
+                          "text": profession[1]}],
+                "specialty": [{"coding": [{"system": SNOMED, "code": service_snomed}], "text": service_name}]}
+        people.append(person)
+        roles.append(role)
+    return people, roles
+
+
+def _ward(new_id: Callable[[], str], rng: random.Random, hospital: dict[str, Any], site: dict[str, Any], ward_code: str,
+          service_name: str, service_snomed: str, size: DemoSize, now: dt.datetime, report: SeedReport) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = []
+    ward = _location(new_id, f"{service_name} — {hospital['name']}", "wa", site, hospital, ward_code)
+    ward["alias"] = [ward_code]
+    entries.append(_entry(ward))
+    report.wards += 1
+    doctors, doctor_roles = _staff(new_id, rng, hospital, ward, service_name, service_snomed, 4, ("doctor", "Médecin"))
+    nurses, nurse_roles = _staff(new_id, rng, hospital, ward, service_name, service_snomed, 6, ("nurse", "Infirmier(ère)"))
+    entries += [_entry(r) for r in doctors + doctor_roles + nurses + nurse_roles]
+    room: dict[str, Any] | None = None
+    for b in range(size.beds_per_ward):
+        if b % 2 == 0:
+            room = _location(new_id, f"Chambre {ward_code}-{b // 2 + 1:02d}", "ro", ward, hospital, f"{ward_code}-{b // 2 + 1:02d}")
+            entries.append(_entry(room))
+        assert room is not None
+        bed = _location(new_id, f"Lit {ward_code}-{b // 2 + 1:02d}{'AB'[b % 2]}", "bd", room, hospital,
+                        f"{ward_code}-{b // 2 + 1:02d}{'AB'[b % 2]}")
+        bed["operationalStatus"] = {"system": "http://terminology.hl7.org/CodeSystem/v2-0116", "code": "U", "display": "Libre"}
+        entries.append(_entry(bed))
+        report.beds += 1
+        if rng.random() < size.occupancy:
+            bed["operationalStatus"] = {"system": "http://terminology.hl7.org/CodeSystem/v2-0116", "code": "O", "display": "Occupé"}
+            entries += _inpatient(new_id, rng, hospital, ward, bed, rng.choice(doctors), rng.choice(nurses), size, now)
+            report.patients += 1
+    return entries
+
+
+def _inpatient(new_id: Callable[[], str], rng: random.Random, hospital: dict[str, Any], ward: dict[str, Any],
+               bed: dict[str, Any], doctor: dict[str, Any], nurse: dict[str, Any], size: DemoSize,
+               now: dt.datetime) -> list[dict[str, Any]]:
+    female = rng.random() < 0.52
+    age = int(min(99, max(18, rng.gauss(68, 16))))
+    birth = (now - dt.timedelta(days=age * 365 + rng.randrange(365))).date()
+    ipp = f"{rng.randrange(10**9):09d}"
+    patient = {
+        "resourceType": "Patient", "id": new_id(), "active": True,
+        "identifier": [{"use": "usual", "system": GROUP_IPP_SYSTEM, "value": ipp,
+                        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "PI"}], "text": "IPP"}}],
+        "name": [{"use": "official", "family": rng.choice(FAMILY_NAMES),
+                  "given": [rng.choice(GIVEN_FEMALE if female else GIVEN_MALE)]}],
+        "gender": "female" if female else "male", "birthDate": birth.isoformat(),
+        "address": [{"city": hospital["address"][0]["city"], "postalCode": hospital["address"][0]["postalCode"], "country": "FR"}],
+        "managingOrganization": _ref(hospital),
+    }
+    admitted = now - dt.timedelta(hours=rng.randrange(6, 24 * 9))
+    encounter = {
+        "resourceType": "Encounter", "id": new_id(), "status": "in-progress",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP", "display": "hospitalisation complète"},
+        "identifier": [{"system": GROUP_VISIT_SYSTEM, "value": f"{rng.randrange(10**9):09d}"}],
+        "subject": _ref(patient), "period": {"start": _iso(admitted)},
+        "participant": [{"individual": _ref(doctor), "type": [{"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "ATND"}], "text": "Médecin référent"}]}],
+        "location": [{"location": _ref(bed), "status": "active", "period": {"start": _iso(admitted)}},
+                     {"location": _ref(ward), "status": "active", "period": {"start": _iso(admitted)}}],
+        "serviceProvider": _ref(hospital),
+    }
+    out = [_entry(patient), _entry(encounter)]
+    for name, code, criticality in rng.sample(ALLERGIES, k=rng.choice((0, 0, 1, 1, 2))):
+        out.append(_entry({
+            "resourceType": "AllergyIntolerance", "id": new_id(), "patient": _ref(patient),
+            "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "code": "active"}]},
+            "verificationStatus": {"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification", "code": "confirmed"}]},
+            "criticality": criticality, "code": {"coding": [{"system": SNOMED, "code": code}], "text": name},
+            "recordedDate": _iso(admitted), "recorder": _ref(doctor),
+        }))
+    for name, code in rng.sample(PROBLEMS, k=rng.randint(1, 3)):
+        out.append(_entry({
+            "resourceType": "Condition", "id": new_id(), "subject": _ref(patient), "encounter": _ref(encounter),
+            "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]},
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-category", "code": "problem-list-item"}]}],
+            "code": {"coding": [{"system": SNOMED, "code": code}], "text": name}, "recordedDate": _iso(admitted),
+        }))
+    for drug in rng.sample(DRUGS, k=rng.randint(2, 6)):
+        out.append(_entry({
+            "resourceType": "MedicationRequest", "id": new_id(), "status": "active", "intent": "order",
+            "subject": _ref(patient), "encounter": _ref(encounter), "requester": _ref(doctor), "authoredOn": _iso(admitted),
+            "medicationCodeableConcept": {"coding": [{"system": ATC, "code": drug.atc}], "text": drug.name},
+            "dosageInstruction": [{"text": f"{drug.dose} à {', '.join(drug.times)}",
+                                   "timing": {"repeat": {"frequency": len(drug.times), "period": 1, "periodUnit": "d",
+                                                         "timeOfDay": [f"{t}:00" for t in drug.times]}},
+                                   "route": {"text": drug.route}}],
+        }))
+    out += _results(new_id, rng, patient, encounter, nurse, admitted, size, now)
+    return out
+
+
+def _value(rng: random.Random, typical: float, spread: float, decimals: int, abnormal: bool, low: float, high: float) -> float:
+    if abnormal:
+        value = high + abs(rng.gauss(spread, spread / 2)) if rng.random() < 0.6 else low - abs(rng.gauss(spread / 2, spread / 4))
+    else:
+        value = min(high, max(low, rng.gauss(typical, spread / 2)))
+    return round(max(value, 0.0), decimals) if decimals else float(round(max(value, 0.0)))
+
+
+def _observation(new_id: Callable[[], str], patient: dict[str, Any], encounter: dict[str, Any], performer: dict[str, Any],
+                 when: dt.datetime, category: str, code: str, name: str, unit: str, value: float, low: float, high: float
+                 ) -> dict[str, Any]:
+    flag = "H" if value > high else "L" if value < low else "N"
+    return {
+        "resourceType": "Observation", "id": new_id(), "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": category}]}],
+        "code": {"coding": [{"system": LOINC, "code": code, "display": name}], "text": name},
+        "subject": _ref(patient), "encounter": _ref(encounter), "effectiveDateTime": _iso(when), "issued": _iso(when),
+        "performer": [_ref(performer)],
+        "valueQuantity": {"value": value, "unit": unit, "system": UCUM, "code": unit},
+        "interpretation": [{"coding": [{"system": INTERPRETATION, "code": flag}]}],
+        "referenceRange": [{"low": {"value": low, "unit": unit, "system": UCUM, "code": unit},
+                            "high": {"value": high, "unit": unit, "system": UCUM, "code": unit}}],
+    }
+
+
+def _results(new_id: Callable[[], str], rng: random.Random, patient: dict[str, Any], encounter: dict[str, Any],
+             nurse: dict[str, Any], admitted: dt.datetime, size: DemoSize, now: dt.datetime) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    start = max(admitted, now - dt.timedelta(days=size.days_of_results))
+    # vitals three times a day, labs every morning since admission (or the last days of the stay)
+    moment = start.replace(minute=0, second=0) + dt.timedelta(hours=1)
+    while moment < now:
+        if moment.hour in (7, 14, 21):
+            for code, name, unit, low, high, typical, spread, decimals in VITALS:
+                value = _value(rng, typical, spread, decimals, rng.random() < 0.06, low, high)
+                out.append(_entry(_observation(new_id, patient, encounter, nurse, moment, "vital-signs", code, name, unit,
+                                               value, low, high)))
+        if moment.hour == 6:
+            out += _lab_panel(new_id, rng, patient, encounter, nurse, moment, LABS)
+        moment += dt.timedelta(hours=1)
+    return out
+
+
+def _lab_panel(new_id: Callable[[], str], rng: random.Random, patient: dict[str, Any], encounter: dict[str, Any],
+               performer: dict[str, Any], when: dt.datetime, tests: tuple[LabTest, ...]) -> list[dict[str, Any]]:
+    observations = []
+    for test in tests:
+        value = _value(rng, test.typical, test.spread, test.decimals, rng.random() < 0.12, test.low, test.high)
+        observations.append(_observation(new_id, patient, encounter, performer, when + dt.timedelta(minutes=50), "laboratory",
+                                         test.loinc, test.name, test.unit, value, test.low, test.high))
+    report = {
+        "resourceType": "DiagnosticReport", "id": new_id(), "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "LAB"}]}],
+        "code": {"coding": [{"system": LOINC, "code": "24323-8"}], "text": "Bilan biologique"},
+        "subject": _ref(patient), "encounter": _ref(encounter), "effectiveDateTime": _iso(when),
+        "issued": _iso(when + dt.timedelta(minutes=55)), "result": [_ref(o) for o in observations],
+    }
+    return [_entry(o) for o in observations] + [_entry(report)]
