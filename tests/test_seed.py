@@ -54,3 +54,13 @@ def test_the_same_seed_gives_the_same_group(tmp_path: Path) -> None:
         contents.append(sorted((c.stored.resource_type, c.stored.id) for c in store.changes(None, 1000).changes))
         store.close()
     assert contents[0] == contents[1] and contents[0]
+
+
+def test_the_hour_it_runs_does_not_change_who_lies_where(tmp_path: Path) -> None:
+    census = []
+    for run, now in enumerate((NOW, NOW + dt.timedelta(hours=5, minutes=17))):
+        store = open_store(f"sqlite:///{tmp_path}/h{run}.db")
+        seed_demo(store, seed=5, size=DemoSize(1, 1, 8), now=now)
+        census.append(sorted((p["id"], p["identifier"][0]["value"]) for p in search(store, "Patient")))  # type: ignore[index]
+        store.close()
+    assert census[0] == census[1] and census[0]

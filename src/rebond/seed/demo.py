@@ -244,7 +244,11 @@ def _inpatient(new_id: Callable[[], str], rng: random.Random, hospital: dict[str
                                                          "timeOfDay": [f"{t}:00" for t in drug.times]}},
                                    "route": {"text": drug.route}}],
         }))
-    out += _results(new_id, rng, patient, encounter, nurse, admitted, size, now)
+    # results draw from streams of their own: how many there are depends on the hour the seed runs,
+    # and must not change who lies in which bed
+    results_rng = random.Random(rng.getrandbits(64))
+    results_ids = _Ids(random.Random(rng.getrandbits(64)))
+    out += _results(results_ids, results_rng, patient, encounter, nurse, admitted, size, now)
     return out
 
 
