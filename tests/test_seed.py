@@ -64,3 +64,20 @@ def test_the_hour_it_runs_does_not_change_who_lies_where(tmp_path: Path) -> None
         census.append(sorted((p["id"], p["identifier"][0]["value"]) for p in search(store, "Patient")))  # type: ignore[index]
         store.close()
     assert census[0] == census[1] and census[0]
+
+
+def test_rota_administrations_imaging_notes_and_procedures(store: Store) -> None:
+    seed_demo(store, seed=3, size=SMALL, now=NOW)
+    at = NOW.isoformat().replace("+00:00", "Z")
+    on_call = search(store, "Schedule", ("specialty", "394579002"), ("date", f"ge{at}"), ("date", f"le{at}"))
+    assert on_call, "someone is on call in cardiology now"
+    assert all(s["planningHorizon"]["start"] <= at <= s["planningHorizon"]["end"] for s in on_call)  # type: ignore[index,operator]
+    given = search(store, "MedicationAdministration", ("status", "completed"))
+    assert given and all(a["request"]["reference"].startswith("MedicationRequest/") for a in given)  # type: ignore[index,union-attr]
+    reports = search(store, "DiagnosticReport", ("category", "RAD"))
+    studies = search(store, "ImagingStudy")
+    assert reports and len(reports) == len(studies)
+    assert all(r["conclusion"] and r["imagingStudy"] for r in reports)
+    assert search(store, "DocumentReference", ("category", "clinical-note"))
+    binder = search(store, "DocumentReference", ("category", "downtime-procedure"))
+    assert len(binder) == 2 * 2  # two downtime procedures per hospital

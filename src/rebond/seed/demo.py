@@ -9,6 +9,7 @@ same group, ids included.
 """
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import random
 import uuid
@@ -19,15 +20,19 @@ from typing import Any
 from rebond.fhir.bundles import process_transaction
 from rebond.seed.vocabulary import (
     ALLERGIES,
+    DOWNTIME_PROCEDURES,
     DRUGS,
     FAMILY_NAMES,
     GIVEN_FEMALE,
     GIVEN_MALE,
     HOSPITALS,
+    IMAGING,
     LABS,
+    NOTES,
     PROBLEMS,
     SERVICES,
     VITALS,
+    Drug,
     LabTest,
 )
 from rebond.store.base import Store
@@ -127,7 +132,7 @@ def seed_demo(store: Store, *, seed: int = 1, size: DemoSize | None = None, now:
                     "address": [{"line": [street], "city": city, "postalCode": postcode, "country": "FR"}]}
         site = _location(new_id, name, "si", None, hospital, f"H{h + 1}")
         site["address"] = hospital["address"][0]
-        commit([_entry(hospital), _entry(site)])
+        commit([_entry(hospital), _entry(site), *[_entry(d) for d in _procedures_binder(new_id, hospital, now)]])
         for w in range(size.wards_per_hospital):
             code, service_name, service_snomed = SERVICES[w % len(SERVICES)]
             ward_code = f"H{h + 1}-{code}{'' if w < len(SERVICES) else w // len(SERVICES) + 1}"
@@ -170,6 +175,7 @@ def _ward(new_id: Callable[[], str], rng: random.Random, hospital: dict[str, Any
     doctors, doctor_roles = _staff(new_id, rng, hospital, ward, service_name, service_snomed, 4, ("doctor", "Médecin"))
     nurses, nurse_roles = _staff(new_id, rng, hospital, ward, service_name, service_snomed, 6, ("nurse", "Infirmier(ère)"))
     entries += [_entry(r) for r in doctors + doctor_roles + nurses + nurse_roles]
+    entries += [_entry(r) for r in _on_call_rota(new_id, ward, doctor_roles, service_name, service_snomed, now)]
     room: dict[str, Any] | None = None
     for b in range(size.beds_per_ward):
         if b % 2 == 0:
@@ -234,8 +240,9 @@ def _inpatient(new_id: Callable[[], str], rng: random.Random, hospital: dict[str
             "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-category", "code": "problem-list-item"}]}],
             "code": {"coding": [{"system": SNOMED, "code": code}], "text": name}, "recordedDate": _iso(admitted),
         }))
+    prescriptions: list[tuple[dict[str, Any], Drug]] = []
     for drug in rng.sample(DRUGS, k=rng.randint(2, 6)):
-        out.append(_entry({
+        prescriptions.append(({
             "resourceType": "MedicationRequest", "id": new_id(), "status": "active", "intent": "order",
             "subject": _ref(patient), "encounter": _ref(encounter), "requester": _ref(doctor), "authoredOn": _iso(admitted),
             "medicationCodeableConcept": {"coding": [{"system": ATC, "code": drug.atc}], "text": drug.name},
@@ -243,12 +250,15 @@ def _inpatient(new_id: Callable[[], str], rng: random.Random, hospital: dict[str
                                    "timing": {"repeat": {"frequency": len(drug.times), "period": 1, "periodUnit": "d",
                                                          "timeOfDay": [f"{t}:00" for t in drug.times]}},
                                    "route": {"text": drug.route}}],
-        }))
+        }, drug))
+    out += [_entry(request) for request, _drug in prescriptions]
     # results draw from streams of their own: how many there are depends on the hour the seed runs,
     # and must not change who lies in which bed
     results_rng = random.Random(rng.getrandbits(64))
     results_ids = _Ids(random.Random(rng.getrandbits(64)))
     out += _results(results_ids, results_rng, patient, encounter, nurse, admitted, size, now)
+    out += _administrations(results_ids, results_rng, patient, encounter, nurse, prescriptions, admitted, now)
+    out += _imaging_and_notes(results_ids, results_rng, patient, encounter, doctor, admitted, now)
     return out
 
 
@@ -310,3 +320,110 @@ def _lab_panel(new_id: Callable[[], str], rng: random.Random, patient: dict[str,
         "issued": _iso(when + dt.timedelta(minutes=55)), "result": [_ref(o) for o in observations],
     }
     return [_entry(o) for o in observations] + [_entry(report)]
+
+
+def _on_call_rota(new_id: Callable[[], str], ward: dict[str, Any], doctor_roles: list[dict[str, Any]], service_name: str,
+                  service_snomed: str, now: dt.datetime) -> list[dict[str, Any]]:
+    """Two weeks of night duty (garde, on site, 18:30–08:30) and call from home (astreinte, 08:30–18:30 on weekends).
+
+    One Schedule per shift, its planningHorizon the shift: "who is on call in cardiology now" is
+    `Schedule?specialty=…&date=ge{now}&date=le{now}`.
+    """
+    out = []
+    paris = dt.timezone(dt.timedelta(hours=1))
+    first = now.astimezone(paris).replace(hour=0, minute=0, second=0) - dt.timedelta(days=1)
+    for day in range(15):
+        date = first + dt.timedelta(days=day)
+        shifts = [("garde", date.replace(hour=18, minute=30), date.replace(hour=8, minute=30) + dt.timedelta(days=1))]
+        if date.weekday() >= 5:
+            shifts.append(("astreinte", date.replace(hour=8, minute=30), date.replace(hour=18, minute=30)))
+        for n, (kind, start, end) in enumerate(shifts):
+            role = doctor_roles[(day + n) % len(doctor_roles)]
+            out.append({
+                "resourceType": "Schedule", "id": new_id(), "active": True,
+                "serviceType": [{"coding": [{"system": "urn:rebond:on-call", "code": kind}],
+                                 "text": "Garde sur place" if kind == "garde" else "Astreinte à domicile"}],
+                "specialty": [{"coding": [{"system": SNOMED, "code": service_snomed}], "text": service_name}],
+                "actor": [_ref(role), role["practitioner"], _ref(ward)],
+                "planningHorizon": {"start": _iso(start), "end": _iso(end)},
+                "comment": f"{'Garde' if kind == 'garde' else 'Astreinte'} {service_name}",
+            })
+    return out
+
+
+def _administrations(new_id: Callable[[], str], rng: random.Random, patient: dict[str, Any], encounter: dict[str, Any],
+                     nurse: dict[str, Any], prescriptions: list[tuple[dict[str, Any], Drug]], admitted: dt.datetime,
+                     now: dt.datetime) -> list[dict[str, Any]]:
+    """The last 36 hours of the administration record: given (a few not given, with the reason)."""
+    out = []
+    paris = dt.timezone(dt.timedelta(hours=1))
+    since = max(admitted, now - dt.timedelta(hours=36))
+    for request, drug in prescriptions:
+        day = since.astimezone(paris).replace(hour=0, minute=0, second=0)
+        while day < now:
+            for hhmm in drug.times:
+                hour, minute = (int(x) for x in hhmm.split(":"))
+                due = day.replace(hour=hour, minute=minute)
+                if not since <= due < now:
+                    continue
+                given = rng.random() > 0.04
+                admin: dict[str, Any] = {
+                    "resourceType": "MedicationAdministration", "id": new_id(),
+                    "status": "completed" if given else "not-done",
+                    "medicationCodeableConcept": request["medicationCodeableConcept"],
+                    "subject": _ref(patient), "context": _ref(encounter), "request": _ref(request),
+                    "effectiveDateTime": _iso(due + dt.timedelta(minutes=rng.randint(-10, 25))),
+                    "performer": [{"actor": _ref(nurse)}],
+                    "dosage": {"text": drug.dose, "route": {"text": drug.route}},
+                }
+                if not given:
+                    admin["statusReason"] = [{"text": rng.choice(("Patient au bloc", "Refus du patient", "Patient à jeun"))}]
+                out.append(_entry(admin))
+            day += dt.timedelta(days=1)
+    return out
+
+
+def _imaging_and_notes(new_id: Callable[[], str], rng: random.Random, patient: dict[str, Any], encounter: dict[str, Any],
+                       doctor: dict[str, Any], admitted: dt.datetime, now: dt.datetime) -> list[dict[str, Any]]:
+    out = []
+    if rng.random() < 0.35:
+        modality, code, title, conclusion = rng.choice(IMAGING)
+        when = admitted + (now - admitted) * rng.random()
+        uid = f"1.2.250.1.999.2.{rng.randrange(10**8)}.{rng.randrange(10**6)}"
+        study = {"resourceType": "ImagingStudy", "id": new_id(), "status": "available", "subject": _ref(patient),
+                 "encounter": _ref(encounter), "started": _iso(when),
+                 "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{uid}"}],
+                 "modality": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": modality}],
+                 "description": title, "numberOfSeries": 1, "numberOfInstances": rng.randint(40, 400)}
+        out.append(_entry(study))
+        out.append(_entry({
+            "resourceType": "DiagnosticReport", "id": new_id(), "status": "final",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD"}]}],
+            "code": {"coding": [{"system": LOINC, "code": code}], "text": title},
+            "subject": _ref(patient), "encounter": _ref(encounter), "effectiveDateTime": _iso(when),
+            "issued": _iso(min(now, when + dt.timedelta(hours=3))), "imagingStudy": [_ref(study)], "conclusion": conclusion,
+        }))
+    for title, text in rng.sample(NOTES, k=rng.randint(1, 2)):
+        when = admitted + (now - admitted) * rng.random()
+        out.append(_entry({
+            "resourceType": "DocumentReference", "id": new_id(), "status": "current",
+            "type": {"coding": [{"system": LOINC, "code": "11506-3"}], "text": title},
+            "category": [{"coding": [{"system": "urn:rebond:document-category", "code": "clinical-note"}], "text": "Note clinique"}],
+            "subject": _ref(patient), "date": _iso(when), "author": [_ref(doctor)],
+            "context": {"encounter": [_ref(encounter)]},
+            "content": [{"attachment": {"contentType": "text/plain; charset=utf-8", "language": "fr", "title": title,
+                                        "data": base64.b64encode(text.encode()).decode()}}],
+        }))
+    return out
+
+
+def _procedures_binder(new_id: Callable[[], str], hospital: dict[str, Any], now: dt.datetime) -> list[dict[str, Any]]:
+    """The hospital's procedures binder, downtime procedures first."""
+    return [{
+        "resourceType": "DocumentReference", "id": new_id(), "status": "current",
+        "type": {"text": title},
+        "category": [{"coding": [{"system": "urn:rebond:document-category", "code": category}], "text": "Classeur de procédures"}],
+        "description": title, "date": _iso(now - dt.timedelta(days=30)), "custodian": _ref(hospital),
+        "content": [{"attachment": {"contentType": "text/markdown; charset=utf-8", "language": "fr", "title": title,
+                                    "data": base64.b64encode(text.encode()).decode()}}],
+    } for category, title, text in DOWNTIME_PROCEDURES]

@@ -120,3 +120,35 @@ VITALS = (
     ("59408-5", "Saturation en oxygène", "%", 94, 100, 96, 2, 0),
     ("9279-1", "Fréquence respiratoire", "/min", 12, 20, 16, 3, 0),
 )
+
+IMAGING = (
+    ("CR", "36643-5", "Radiographie thoracique de face",
+     "Opacité alvéolaire basale droite compatible avec une pneumopathie. Pas d'épanchement."),
+    ("CT", "24627-2", "Scanner thoracique", "Pas d'embolie pulmonaire. Emphysème centrolobulaire des apex."),
+    ("CT", "30799-1", "Scanner abdomino-pelvien", "Épaississement pariétal colique sigmoïdien. Pas de collection."),
+    ("US", "24531-6", "Échographie rénale", "Reins de taille normale, pas de dilatation des cavités pyélocalicielles."),
+    ("MR", "24590-2", "IRM cérébrale", "Lésion ischémique récente du territoire sylvien gauche."),
+)
+
+NOTES = (
+    ("Observation médicale d'entrée", "Patient admis pour altération de l'état général. Constantes stables. Bilan en cours."),
+    ("Note d'évolution", "Évolution favorable sous traitement. Apyrexie depuis 24 h. Poursuite de la surveillance."),
+    ("Transmissions infirmières", "Nuit calme. Douleur évaluée à 2/10. Alimentation reprise, bonne tolérance."),
+    ("Avis spécialisé", "Pas d'indication chirurgicale à ce stade. À réévaluer selon le bilan de contrôle."),
+)
+
+DOWNTIME_PROCEDURES = (
+    ("downtime-procedure", "Procédure dégradée : panne du système d'information",
+     "# Panne du système d'information\n\n1. Prévenir la cellule de crise (poste 5555).\n"
+     "2. Imprimer ou récupérer le dernier dossier de secours du service (« as of » indiqué en couverture).\n"
+     "3. Tracer prescriptions, administrations et constantes sur les formulaires papier pré-remplis.\n"
+     "4. Transmettre les demandes d'examens par formulaire papier et coursier.\n"
+     "5. Au retour du système, saisir les données papier et faire valider par un second soignant.\n"),
+    ("downtime-procedure", "Procédure dégradée : coupure du lien avec le site central",
+     "# Site central injoignable\n\nLe nœud de site continue de servir le dossier et accepte les saisies urgentes.\n"
+     "Vérifier le bandeau de fraîcheur des données. Signaler tout conflit à la cellule de crise.\n"),
+    ("procedure", "Conduite à tenir : hyperkaliémie",
+     "# Hyperkaliémie\n\nK+ > 6 mmol/L : ECG immédiat, appel du médecin de garde, contrôle sur prélèvement non hémolysé.\n"),
+    ("procedure", "Identitovigilance : vérification de l'identité",
+     "# Identité\n\nVérifier nom, prénom, date de naissance et IPP avant tout acte, à l'aide du bracelet.\n"),
+)
