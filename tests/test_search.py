@@ -185,3 +185,15 @@ def test_deleted_resources_leave_search(ward: tuple[TestClient, dict[str, str]])
     client, ids = ward
     client.delete(f"/fhir/Patient/{ids['zoe']}")
     assert ids_of(search(client, "Patient?gender=female")) == {ids["helene"]}
+
+
+def test_uri_exact_below_and_above(store: Store) -> None:
+    profile = "http://hl7.org/fhir/StructureDefinition/vitalsigns"
+    vital = store.create({"resourceType": "Observation", "status": "final", "code": {"text": "pouls"},
+                          "meta": {"profile": [profile]}}).stored.id
+    store.create({"resourceType": "Observation", "status": "final", "code": {"text": "note"}})
+    with TestClient(create_app(store)) as client:
+        assert ids_of(search(client, f"Observation?_profile={profile}")) == {vital}
+        assert ids_of(search(client, "Observation?_profile:below=http://hl7.org/fhir/StructureDefinition/")) == {vital}
+        assert ids_of(search(client, f"Observation?_profile:above={profile}/extra")) == {vital}
+        assert ids_of(search(client, "Observation?_profile=http://hl7.org/fhir/StructureDefinition/other")) == set()
