@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from rebond.store.indexing import date_range, normalize_text, number_range
 
-moments = st.datetimes(min_value=dt.datetime(1900, 1, 1), max_value=dt.datetime(2100, 12, 31), timezones=st.just(dt.timezone.utc))
+moments = st.datetimes(min_value=dt.datetime(1900, 1, 1), max_value=dt.datetime(2100, 12, 31), timezones=st.just(dt.UTC))
 
 
 @given(moments)
