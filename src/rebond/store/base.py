@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,11 +39,6 @@ class PreconditionFailed(StoreError):
     """If-Match named a version that is no longer the current one."""
 
     status = 412
-    code = "conflict"
-
-
-class Conflict(StoreError):
-    status = 409
     code = "conflict"
 
 
@@ -202,13 +197,3 @@ class Store(abc.ABC):
 
     def delete(self, resource_type: str, resource_id: str, *, if_match: int | None = None) -> WriteResult | None:
         return self.write(lambda tx: tx.delete(resource_type, resource_id, if_match=if_match))
-
-    def read_many(self, keys: Sequence[tuple[str, str]]) -> list[Stored]:
-        out = []
-        for rtype, rid in keys:
-            found = self.read(rtype, rid)
-            if found is not None and not found.deleted:
-                out.append(found)
-        return out
-
-
