@@ -57,6 +57,12 @@ def serve(
     uvicorn.run(create_app(store), host=host, port=port, log_level=log_level, access_log=False)
 
 
+def _progress() -> Progress:
+    """A progress bar on stderr, cleared at the end when stderr is not a terminal (CI logs stay short)."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err_console, transient=not sys.stderr.isatty())
+
+
 def _redact(url: str) -> str:
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
@@ -96,8 +102,7 @@ def import_(
         jobs = 1 if (db or DEFAULT_DB).startswith("sqlite") and not url else 2
     started = time.monotonic()
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err_console, transient=not sys.stderr.isatty()) as progress:
+        with _progress() as progress:
             task = progress.add_task("importing", total=len(files))
 
             def done(report: object) -> None:
@@ -150,8 +155,7 @@ def seed(
         raise fail(str(err)) from None
     started = time.monotonic()
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err_console, transient=not sys.stderr.isatty()) as progress:
+        with _progress() as progress:
             task = progress.add_task("wards", total=hospitals * wards)
             report = seed_demo(store, seed=seed_value, size=DemoSize(hospitals, wards, beds),
                                progress=lambda done, total: progress.update(task, completed=done))

@@ -127,8 +127,7 @@ class PostgresStore(SQLStore):
         """One round trip: the version row and the resource's pointer to it."""
         _type, _id, version, lu, method, _site, _body = version_row
         cur.execute(
-            "WITH v AS (INSERT INTO versions (res_type, res_id, version, lu, method, site_id, txid, body)"
-            f" VALUES (?, ?, ?, ?, ?, ?, {self.txid_sql}, ?) RETURNING seq)"
+            f"WITH v AS ({self.insert_version} RETURNING seq)"
             " UPDATE resources SET version = ?, seq = (SELECT seq FROM v), lu = ?, deleted = ? WHERE rid = ? RETURNING seq",
             (*version_row, version, lu, 1 if method == "delete" else 0, internal),
         )
@@ -139,8 +138,7 @@ class PostgresStore(SQLStore):
         a concurrent creator of the same id gets nothing back and carries on as an update."""
         rtype, rid, _version, lu, _method, _site, _body = version_row
         cur.execute(
-            "WITH v AS (INSERT INTO versions (res_type, res_id, version, lu, method, site_id, txid, body)"
-            f" VALUES (?, ?, ?, ?, ?, ?, {self.txid_sql}, ?) ON CONFLICT (res_type, res_id, version) DO NOTHING RETURNING seq)"
+            f"WITH v AS ({self.insert_version} ON CONFLICT (res_type, res_id, version) DO NOTHING RETURNING seq)"
             " INSERT INTO resources (res_type, res_id, version, seq, lu, deleted) SELECT ?, ?, 1, seq, ?, 0 FROM v"
             " ON CONFLICT (res_type, res_id) DO NOTHING RETURNING rid, seq",
             (*version_row, rtype, rid, lu),

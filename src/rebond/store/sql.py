@@ -266,11 +266,16 @@ class SQLStore(Store):
     def blob(self, body: bytes | None) -> Any:
         return body
 
+    @property
+    def insert_version(self) -> str:
+        """INSERT of one `versions` row, its parameters in the order of a version row, the xid as the engine takes it."""
+        return ("INSERT INTO versions (res_type, res_id, version, lu, method, site_id, txid, body)"
+                f" VALUES (?, ?, ?, ?, ?, ?, {self.txid_sql}, ?)")
+
     def record_version(self, cur: Cursor, internal: int, version_row: tuple[Any, ...]) -> int:
         """Append a version and point the resource at it; returns the version's seq."""
         cur.execute(
-            "INSERT INTO versions (res_type, res_id, version, lu, method, site_id, txid, body)"
-            f" VALUES (?, ?, ?, ?, ?, ?, {self.txid_sql}, ?) RETURNING seq",
+            self.insert_version + " RETURNING seq",
             version_row,
         )
         seq = int(cur.fetchone()[0])
@@ -298,8 +303,7 @@ class SQLStore(Store):
             return None
         internal = int(row[0])
         cur.execute(
-            "INSERT INTO versions (res_type, res_id, version, lu, method, site_id, txid, body)"
-            f" VALUES (?, ?, ?, ?, ?, ?, {self.txid_sql}, ?) RETURNING seq",
+            self.insert_version + " RETURNING seq",
             version_row,
         )
         seq = int(cur.fetchone()[0])
