@@ -17,6 +17,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from rebond.clinical.conventions import (
+    ATC,
+    DOCUMENT_CATEGORY,
+    FINESS_SYSTEM,
+    GROUP_IPP_SYSTEM,
+    GROUP_VISIT_SYSTEM,
+    INTERPRETATION,
+    LOCATION_TYPE,
+    LOINC,
+    OBSERVATION_CATEGORY,
+    ON_CALL_SYSTEM,
+    REPORT_SECTION,
+    RPPS_SYSTEM,
+    SNOMED,
+    UCUM,
+)
+from rebond.clinical.records import HOSPITAL_TZ, person_name
+from rebond.clinical.results import acknowledgement_task
 from rebond.fhir.bundles import process_transaction
 from rebond.seed.vocabulary import (
     ALLERGIES,
@@ -36,17 +54,6 @@ from rebond.seed.vocabulary import (
     LabTest,
 )
 from rebond.store.base import Store
-
-GROUP_IPP_SYSTEM = "urn:oid:1.2.250.1.999.1.1"  # the group's patient identifier (IPP) namespace
-GROUP_VISIT_SYSTEM = "urn:oid:1.2.250.1.999.1.2"  # stay numbers (NDA)
-FINESS_SYSTEM = "urn:oid:1.2.250.1.71.4.2.2"
-RPPS_SYSTEM = "urn:oid:1.2.250.1.71.4.2.1"
-LOINC = "http://loinc.org"
-SNOMED = "http://snomed.info/sct"
-ATC = "http://www.whocc.no/atc"
-UCUM = "http://unitsofmeasure.org"
-LOCATION_TYPE = "http://terminology.hl7.org/CodeSystem/location-physical-type"
-INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 
 
 @dataclass
@@ -87,6 +94,11 @@ def _iso(moment: dt.datetime) -> str:
 
 def _ref(resource: dict[str, Any]) -> dict[str, str]:
     return {"reference": f"{resource['resourceType']}/{resource['id']}"}
+
+
+def _who(practitioner: dict[str, Any]) -> dict[str, str]:
+    """A reference to a practitioner that carries their name, as every clinical record shows who did what."""
+    return {**_ref(practitioner), "display": person_name(practitioner)}
 
 
 def _location(new_id: Callable[[], str], name: str, kind: str, part_of: dict[str, Any] | None, org: dict[str, Any],
@@ -155,7 +167,7 @@ def _staff(new_id: Callable[[], str], rng: random.Random, hospital: dict[str, An
         person: dict[str, Any] = {"resourceType": "Practitioner", "id": new_id(), "active": True,
                                   "identifier": [{"system": RPPS_SYSTEM, "value": f"10{rng.randrange(10**9):09d}"}],
                                   "name": [name], "gender": "female" if female else "male"}
-        role = {"resourceType": "PractitionerRole", "id": new_id(), "active": True, "practitioner": _ref(person),
+        role = {"resourceType": "PractitionerRole", "id": new_id(), "active": True, "practitioner": _who(person),
                 "organization": _ref(hospital), "location": [_ref(ward)],
                 "code": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/practitioner-role", "code": profession[0]}],
                           "text": profession[1]}],
@@ -217,7 +229,7 @@ def _inpatient(new_id: Callable[[], str], rng: random.Random, hospital: dict[str
         "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP", "display": "hospitalisation complète"},
         "identifier": [{"system": GROUP_VISIT_SYSTEM, "value": f"{rng.randrange(10**9):09d}"}],
         "subject": _ref(patient), "period": {"start": _iso(admitted)},
-        "participant": [{"individual": _ref(doctor), "type": [{"coding": [{
+        "participant": [{"individual": _who(doctor), "type": [{"coding": [{
             "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "ATND"}], "text": "Médecin référent"}]}],
         "location": [{"location": _ref(bed), "status": "active", "period": {"start": _iso(admitted)}},
                      {"location": _ref(ward), "status": "active", "period": {"start": _iso(admitted)}}],
@@ -231,7 +243,7 @@ def _inpatient(new_id: Callable[[], str], rng: random.Random, hospital: dict[str
             "verificationStatus": {"coding": [{
                 "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification", "code": "confirmed"}]},
             "criticality": criticality, "code": {"coding": [{"system": SNOMED, "code": code}], "text": name},
-            "recordedDate": _iso(admitted), "recorder": _ref(doctor),
+            "recordedDate": _iso(admitted), "recorder": _who(doctor),
         }))
     for name, code in rng.sample(PROBLEMS, k=rng.randint(1, 3)):
         out.append(_entry({
@@ -244,7 +256,7 @@ def _inpatient(new_id: Callable[[], str], rng: random.Random, hospital: dict[str
     for drug in rng.sample(DRUGS, k=rng.randint(2, 6)):
         prescriptions.append(({
             "resourceType": "MedicationRequest", "id": new_id(), "status": "active", "intent": "order",
-            "subject": _ref(patient), "encounter": _ref(encounter), "requester": _ref(doctor), "authoredOn": _iso(admitted),
+            "subject": _ref(patient), "encounter": _ref(encounter), "requester": _who(doctor), "authoredOn": _iso(admitted),
             "medicationCodeableConcept": {"coding": [{"system": ATC, "code": drug.atc}], "text": drug.name},
             "dosageInstruction": [{"text": f"{drug.dose} à {', '.join(drug.times)}",
                                    "timing": {"repeat": {"frequency": len(drug.times), "period": 1, "periodUnit": "d",
@@ -256,7 +268,9 @@ def _inpatient(new_id: Callable[[], str], rng: random.Random, hospital: dict[str
     # and must not change who lies in which bed
     results_rng = random.Random(rng.getrandbits(64))
     results_ids = _Ids(random.Random(rng.getrandbits(64)))
-    out += _results(results_ids, results_rng, patient, encounter, nurse, admitted, size, now)
+    results = _results(results_ids, results_rng, patient, encounter, nurse, admitted, size, now)
+    out += results
+    out += _acknowledgements(results_ids, results_rng, results, doctor, now)
     out += _administrations(results_ids, results_rng, patient, encounter, nurse, prescriptions, admitted, now)
     out += _imaging_and_notes(results_ids, results_rng, patient, encounter, doctor, admitted, now)
     return out
@@ -276,10 +290,10 @@ def _observation(new_id: Callable[[], str], patient: dict[str, Any], encounter: 
     flag = "H" if value > high else "L" if value < low else "N"
     return {
         "resourceType": "Observation", "id": new_id(), "status": "final",
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": category}]}],
+        "category": [{"coding": [{"system": OBSERVATION_CATEGORY, "code": category}]}],
         "code": {"coding": [{"system": LOINC, "code": code, "display": name}], "text": name},
         "subject": _ref(patient), "encounter": _ref(encounter), "effectiveDateTime": _iso(when), "issued": _iso(when),
-        "performer": [_ref(performer)],
+        "performer": [_who(performer)],
         "valueQuantity": {"value": value, "unit": unit, "system": UCUM, "code": unit},
         "interpretation": [{"coding": [{"system": INTERPRETATION, "code": flag}]}],
         "referenceRange": [{"low": {"value": low, "unit": unit, "system": UCUM, "code": unit},
@@ -314,12 +328,27 @@ def _lab_panel(new_id: Callable[[], str], rng: random.Random, patient: dict[str,
                                          test.loinc, test.name, test.unit, value, test.low, test.high))
     report = {
         "resourceType": "DiagnosticReport", "id": new_id(), "status": "final",
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "LAB"}]}],
+        "category": [{"coding": [{"system": REPORT_SECTION, "code": "LAB"}]}],
         "code": {"coding": [{"system": LOINC, "code": "24323-8"}], "text": "Bilan biologique"},
         "subject": _ref(patient), "encounter": _ref(encounter), "effectiveDateTime": _iso(when),
         "issued": _iso(when + dt.timedelta(minutes=55)), "result": [_ref(o) for o in observations],
     }
     return [_entry(o) for o in observations] + [_entry(report)]
+
+
+def _acknowledgements(new_id: Callable[[], str], rng: random.Random, results: list[dict[str, Any]], doctor: dict[str, Any],
+                      now: dt.datetime) -> list[dict[str, Any]]:
+    """The attending has seen every lab report older than the morning round; the newest wait for them."""
+    out = []
+    for entry in results:
+        report = entry["resource"]
+        if report["resourceType"] != "DiagnosticReport":
+            continue
+        issued = dt.datetime.fromisoformat(report["issued"])
+        seen = issued + dt.timedelta(minutes=rng.randint(30, 300))
+        if seen < now - dt.timedelta(hours=18):
+            out.append(_entry(acknowledgement_task(report, _who(doctor), seen, new_id())))
+    return out
 
 
 def _on_call_rota(new_id: Callable[[], str], ward: dict[str, Any], doctor_roles: list[dict[str, Any]], service_name: str,
@@ -330,7 +359,7 @@ def _on_call_rota(new_id: Callable[[], str], ward: dict[str, Any], doctor_roles:
     `Schedule?specialty=…&date=ge{now}&date=le{now}`.
     """
     out = []
-    paris = dt.timezone(dt.timedelta(hours=1))
+    paris = HOSPITAL_TZ
     first = now.astimezone(paris).replace(hour=0, minute=0, second=0) - dt.timedelta(days=1)
     for day in range(15):
         date = first + dt.timedelta(days=day)
@@ -341,7 +370,7 @@ def _on_call_rota(new_id: Callable[[], str], ward: dict[str, Any], doctor_roles:
             role = doctor_roles[(day + n) % len(doctor_roles)]
             out.append({
                 "resourceType": "Schedule", "id": new_id(), "active": True,
-                "serviceType": [{"coding": [{"system": "urn:rebond:on-call", "code": kind}],
+                "serviceType": [{"coding": [{"system": ON_CALL_SYSTEM, "code": kind}],
                                  "text": "Garde sur place" if kind == "garde" else "Astreinte à domicile"}],
                 "specialty": [{"coding": [{"system": SNOMED, "code": service_snomed}], "text": service_name}],
                 "actor": [_ref(role), role["practitioner"], _ref(ward)],
@@ -356,7 +385,7 @@ def _administrations(new_id: Callable[[], str], rng: random.Random, patient: dic
                      now: dt.datetime) -> list[dict[str, Any]]:
     """The last 36 hours of the administration record: given (a few not given, with the reason)."""
     out = []
-    paris = dt.timezone(dt.timedelta(hours=1))
+    paris = HOSPITAL_TZ
     since = max(admitted, now - dt.timedelta(hours=36))
     for request, drug in prescriptions:
         day = since.astimezone(paris).replace(hour=0, minute=0, second=0)
@@ -373,7 +402,7 @@ def _administrations(new_id: Callable[[], str], rng: random.Random, patient: dic
                     "medicationCodeableConcept": request["medicationCodeableConcept"],
                     "subject": _ref(patient), "context": _ref(encounter), "request": _ref(request),
                     "effectiveDateTime": _iso(due + dt.timedelta(minutes=rng.randint(-10, 25))),
-                    "performer": [{"actor": _ref(nurse)}],
+                    "performer": [{"actor": _who(nurse)}],
                     "dosage": {"text": drug.dose, "route": {"text": drug.route}},
                 }
                 if not given:
@@ -398,7 +427,7 @@ def _imaging_and_notes(new_id: Callable[[], str], rng: random.Random, patient: d
         out.append(_entry(study))
         out.append(_entry({
             "resourceType": "DiagnosticReport", "id": new_id(), "status": "final",
-            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD"}]}],
+            "category": [{"coding": [{"system": REPORT_SECTION, "code": "RAD"}]}],
             "code": {"coding": [{"system": LOINC, "code": code}], "text": title},
             "subject": _ref(patient), "encounter": _ref(encounter), "effectiveDateTime": _iso(when),
             "issued": _iso(min(now, when + dt.timedelta(hours=3))), "imagingStudy": [_ref(study)], "conclusion": conclusion,
@@ -408,8 +437,8 @@ def _imaging_and_notes(new_id: Callable[[], str], rng: random.Random, patient: d
         out.append(_entry({
             "resourceType": "DocumentReference", "id": new_id(), "status": "current",
             "type": {"coding": [{"system": LOINC, "code": "11506-3"}], "text": title},
-            "category": [{"coding": [{"system": "urn:rebond:document-category", "code": "clinical-note"}], "text": "Note clinique"}],
-            "subject": _ref(patient), "date": _iso(when), "author": [_ref(doctor)],
+            "category": [{"coding": [{"system": DOCUMENT_CATEGORY, "code": "clinical-note"}], "text": "Note clinique"}],
+            "subject": _ref(patient), "date": _iso(when), "author": [_who(doctor)],
             "context": {"encounter": [_ref(encounter)]},
             "content": [{"attachment": {"contentType": "text/plain; charset=utf-8", "language": "fr", "title": title,
                                         "data": base64.b64encode(text.encode()).decode()}}],
@@ -422,7 +451,7 @@ def _procedures_binder(new_id: Callable[[], str], hospital: dict[str, Any], now:
     return [{
         "resourceType": "DocumentReference", "id": new_id(), "status": "current",
         "type": {"text": title},
-        "category": [{"coding": [{"system": "urn:rebond:document-category", "code": category}], "text": "Classeur de procédures"}],
+        "category": [{"coding": [{"system": DOCUMENT_CATEGORY, "code": category}], "text": "Classeur de procédures"}],
         "description": title, "date": _iso(now - dt.timedelta(days=30)), "custodian": _ref(hospital),
         "content": [{"attachment": {"contentType": "text/markdown; charset=utf-8", "language": "fr", "title": title,
                                     "data": base64.b64encode(text.encode()).decode()}}],

@@ -1,0 +1,149 @@
+"""The patient chart: everything a clinician reads about one patient, gathered in one pass over the store."""
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+from dataclasses import dataclass, field
+
+from rebond.clinical.census import Allergy, Stay, allergies_by_patient, stay
+from rebond.clinical.conventions import OBSERVATION_CATEGORY
+from rebond.clinical.medication import Administration, Dose, Prescription, administration, dose_schedule, prescription
+from rebond.clinical.records import (
+    PatientSummary,
+    Resource,
+    concept_text,
+    fhir_instant,
+    find,
+    find_with_included,
+    has_code,
+    instant,
+    patient_summary,
+    read,
+)
+from rebond.clinical.results import LabResult, ResultReport, lab_result, reports
+from rebond.store.base import NotFound, Store
+
+#: how much of the administration record the chart shows around now
+RECORD_BEFORE = dt.timedelta(hours=24)
+RECORD_AFTER = dt.timedelta(hours=12)
+#: the vital-signs trend covers the last days
+VITALS_WINDOW = dt.timedelta(days=7)
+
+
+@dataclass
+class Series:
+    """One analyte or vital sign over time, oldest first, with its reference range."""
+
+    code: str
+    name: str
+    unit: str
+    low: float | None
+    high: float | None
+    points: list[LabResult] = field(default_factory=list)
+
+    @property
+    def latest(self) -> LabResult:
+        return self.points[-1]
+
+
+@dataclass(frozen=True)
+class Note:
+    title: str
+    when: dt.datetime | None
+    author: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Location:
+    id: str
+    name: str
+
+
+@dataclass
+class PatientChart:
+    patient: PatientSummary
+    stay: Stay | None
+    bed: Location | None
+    ward: Location | None
+    allergies: list[Allergy]
+    problems: list[str]
+    prescriptions: list[Prescription]
+    doses: list[Dose]
+    administrations: list[Administration]
+    vitals: list[Series]
+    labs: list[Series]
+    lab_reports: list[ResultReport]
+    imaging: list[ResultReport]
+    notes: list[Note]
+    as_of: dt.datetime
+
+
+def series_by_code(results: list[LabResult]) -> list[Series]:
+    by_code: dict[str, Series] = {}
+    for result in sorted(results, key=lambda r: r.when or dt.datetime.min.replace(tzinfo=dt.UTC)):
+        series = by_code.get(result.code)
+        if series is None:
+            series = by_code[result.code] = Series(result.code, result.name, result.unit, result.low, result.high)
+        series.points.append(result)
+        series.low, series.high = result.low if result.low is not None else series.low, result.high if result.high is not None else series.high
+    return list(by_code.values())
+
+
+def _note(document: Resource) -> Note:
+    text = ""
+    for content in document.get("content") or ():
+        attachment = content.get("attachment") or {}
+        if attachment.get("data") and str(attachment.get("contentType", "text/plain")).startswith("text/"):
+            try:
+                text = base64.b64decode(attachment["data"]).decode("utf-8", "replace")
+            except (binascii.Error, ValueError):
+                text = ""
+            break
+    authors = document.get("author") or [{}]
+    return Note(concept_text(document.get("type")) or str(document.get("description", "")), instant(document.get("date")),
+                str(authors[0].get("display", "")), text)
+
+
+def patient_chart(store: Store, patient_id: str, now: dt.datetime) -> PatientChart:
+    patient = read(store, "Patient", patient_id)
+    if patient is None:
+        raise NotFound(f"no Patient/{patient_id}")
+    me = f"Patient/{patient_id}"
+    encounters, included = find_with_included(store, "Encounter", ("subject", me), ("status", "in-progress"), ("_sort", "-date"),
+                                              ("_include", "Encounter:participant"), ("_include", "Encounter:location"))
+    practitioners = {r["id"]: r for r in included if r["resourceType"] == "Practitioner"}
+    locations = {r["id"]: r for r in included if r["resourceType"] == "Location"}
+    current = stay(encounters[0], practitioners, {i for i, loc in locations.items() if has_code(loc.get("physicalType"), "bd")}) \
+        if encounters else None
+
+    def place(location_id: str | None) -> Location | None:
+        loc = locations.get(location_id or "")
+        return Location(loc["id"], str(loc.get("name", ""))) if loc else None
+
+    problems = [concept_text(c.get("code")) for c in find(store, "Condition", ("subject", me), ("clinical-status", "active"))]
+    requests = find(store, "MedicationRequest", ("subject", me), ("status", "active"))
+    prescriptions = sorted((prescription(r) for r in requests), key=lambda p: p.medication)
+    given = find(store, "MedicationAdministration", ("subject", me),
+                 ("effective-time", f"ge{fhir_instant(now - RECORD_BEFORE - dt.timedelta(hours=3))}"), ("_sort", "-effective-time"))
+    administrations = [a for a in (administration(r) for r in given) if a is not None]
+    doses = dose_schedule(prescriptions, administrations, now - RECORD_BEFORE, now + RECORD_AFTER, now)
+    vitals = find(store, "Observation", ("subject", me), ("category", f"{OBSERVATION_CATEGORY}|vital-signs"),
+                  ("date", f"ge{fhir_instant(now - VITALS_WINDOW)}"))
+    lab_reports = reports(store, ("subject", me), ("category", "LAB"))
+    in_reports = {r.id for report in lab_reports for r in report.results}
+    loose = [lab_result(o) for o in find(store, "Observation", ("subject", me), ("category", f"{OBSERVATION_CATEGORY}|laboratory"))
+             if o["id"] not in in_reports]  # results that came without a report still count
+    imaging = reports(store, ("subject", me), ("category", "RAD"))
+    notes = [_note(d) for d in find(store, "DocumentReference", ("subject", me), ("_sort", "-date"))]
+    return PatientChart(
+        patient=patient_summary(patient), stay=current, bed=place(current.bed_id if current else None),
+        ward=place(current.ward_id if current else None),
+        allergies=allergies_by_patient(store, [patient_id]).get(patient_id, []), problems=sorted(p for p in problems if p),
+        prescriptions=prescriptions, doses=doses, administrations=administrations,
+        vitals=series_by_code([lab_result(o) for o in vitals]),
+        labs=sorted(series_by_code([r for report in lab_reports for r in report.results] + loose), key=lambda s: s.name),
+        lab_reports=lab_reports, imaging=imaging, notes=notes, as_of=now,
+    )
+

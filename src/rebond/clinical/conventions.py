@@ -1,0 +1,25 @@
+"""How the hospital is written in FHIR: the identifier systems and codes every part of Rebond agrees on."""
+from __future__ import annotations
+
+GROUP_IPP_SYSTEM = "urn:oid:1.2.250.1.999.1.1"  # the group's patient identifier (IPP) namespace
+GROUP_VISIT_SYSTEM = "urn:oid:1.2.250.1.999.1.2"  # stay numbers (NDA)
+FINESS_SYSTEM = "urn:oid:1.2.250.1.71.4.2.2"
+RPPS_SYSTEM = "urn:oid:1.2.250.1.71.4.2.1"
+LOINC = "http://loinc.org"
+SNOMED = "http://snomed.info/sct"
+ATC = "http://www.whocc.no/atc"
+UCUM = "http://unitsofmeasure.org"
+LOCATION_TYPE = "http://terminology.hl7.org/CodeSystem/location-physical-type"
+INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+REPORT_SECTION = "http://terminology.hl7.org/CodeSystem/v2-0074"  # LAB, RAD
+DOCUMENT_CATEGORY = "urn:rebond:document-category"
+ON_CALL_SYSTEM = "urn:rebond:on-call"
+
+#: a clinician's acknowledgement that they have seen a result: a completed Task whose focus is the report
+TASK_CODE_SYSTEM = "urn:rebond:task"
+ACKNOWLEDGEMENT = "result-acknowledgement"
+
+#: interpretation codes that make a result stand out
+ABNORMAL_FLAGS = frozenset({"H", "L", "HH", "LL", "HU", "LU", "A", "AA", "<", ">"})
+CRITICAL_FLAGS = frozenset({"HH", "LL", "AA"})

@@ -1,0 +1,158 @@
+"""Lab and imaging results as clinicians read them: reports with their values and flags, and their acknowledgement.
+
+A clinician acknowledging a report is data, not a UI state: a completed Task whose focus is the
+DiagnosticReport, owned by the clinician, so that it replicates, prints and audits like any record.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from rebond.clinical.conventions import ABNORMAL_FLAGS, ACKNOWLEDGEMENT, CRITICAL_FLAGS, INTERPRETATION, TASK_CODE_SYSTEM
+from rebond.clinical.records import (
+    Clinician,
+    Resource,
+    any_of,
+    concept_text,
+    fhir_instant,
+    find,
+    find_with_included,
+    first_code,
+    instant,
+    read,
+    ref_id,
+)
+from rebond.fhir import operations
+from rebond.store.base import NotFound, Store
+
+ACK_CODE = f"{TASK_CODE_SYSTEM}|{ACKNOWLEDGEMENT}"
+
+
+@dataclass(frozen=True)
+class LabResult:
+    id: str
+    code: str
+    name: str
+    value: float | None
+    display: str  # the value as written, for results that are not numbers
+    unit: str
+    low: float | None
+    high: float | None
+    flag: str | None
+    when: dt.datetime | None
+
+    @property
+    def abnormal(self) -> bool:
+        return self.flag in ABNORMAL_FLAGS
+
+    @property
+    def critical(self) -> bool:
+        return self.flag in CRITICAL_FLAGS
+
+
+@dataclass(frozen=True)
+class Acknowledgement:
+    by: str
+    at: dt.datetime | None
+
+
+@dataclass
+class ResultReport:
+    id: str
+    patient_id: str | None
+    section: str  # LAB, RAD, …
+    title: str
+    status: str
+    issued: dt.datetime | None
+    results: list[LabResult] = field(default_factory=list)
+    conclusion: str = ""
+    acknowledgement: Acknowledgement | None = None
+
+    @property
+    def abnormal(self) -> list[LabResult]:
+        return [r for r in self.results if r.abnormal]
+
+
+def lab_result(observation: Resource) -> LabResult:
+    quantity = observation.get("valueQuantity") or {}
+    value = quantity.get("value")
+    display = str(value) if value is not None else str(observation.get("valueString") or concept_text(observation.get("valueCodeableConcept")))
+    ranges = observation.get("referenceRange") or [{}]
+    flag = None
+    for interpretation in observation.get("interpretation") or ():
+        for coding in interpretation.get("coding") or ():
+            if coding.get("system") in (INTERPRETATION, None) and coding.get("code"):
+                flag = str(coding["code"])
+    return LabResult(
+        id=observation["id"], code=first_code(observation.get("code")) or "", name=concept_text(observation.get("code")),
+        value=float(value) if isinstance(value, int | float) else None, display=display,
+        unit=str(quantity.get("unit") or quantity.get("code") or ""),
+        low=(ranges[0].get("low") or {}).get("value"), high=(ranges[0].get("high") or {}).get("value"),
+        flag=flag, when=instant(observation.get("effectiveDateTime") or observation.get("issued")),
+    )
+
+
+def _report(resource: Resource, observations: dict[str, LabResult]) -> ResultReport:
+    categories = resource.get("category") or [{}]
+    results = [observations[rid] for rid in (ref_id(r, "Observation") for r in resource.get("result") or ()) if rid in observations]
+    return ResultReport(
+        id=resource["id"], patient_id=ref_id(resource.get("subject"), "Patient"), section=first_code(categories[0]) or "",
+        title=concept_text(resource.get("code")), status=str(resource.get("status", "")),
+        issued=instant(resource.get("issued") or resource.get("effectiveDateTime")), results=results,
+        conclusion=str(resource.get("conclusion", "")),
+    )
+
+
+def reports(store: Store, *params: tuple[str, str]) -> list[ResultReport]:
+    """DiagnosticReports matching a search, with their results and acknowledgements, newest first."""
+    found, included = find_with_included(store, "DiagnosticReport", *params, ("_include", "DiagnosticReport:result"),
+                                         ("_sort", "-issued"))
+    observations = {o["id"]: lab_result(o) for o in included if o.get("resourceType") == "Observation"}
+    out = [_report(r, observations) for r in found]
+    acks = acknowledgements(store, [r.id for r in out])
+    for report in out:
+        report.acknowledgement = acks.get(report.id)
+    return out
+
+
+def acknowledgements(store: Store, report_ids: Iterable[str]) -> dict[str, Acknowledgement]:
+    ids = list(report_ids)
+    out: dict[str, Acknowledgement] = {}
+    for start in range(0, len(ids), 500):
+        focus = any_of(f"DiagnosticReport/{rid}" for rid in ids[start:start + 500])
+        for task in find(store, "Task", ("focus", focus), ("code", ACK_CODE), ("status", "completed")):
+            report_id = ref_id(task.get("focus"), "DiagnosticReport")
+            if report_id is not None and report_id not in out:
+                out[report_id] = Acknowledgement(str((task.get("owner") or {}).get("display", "")), instant(task.get("authoredOn")))
+    return out
+
+
+def acknowledgement_task(report: Resource, clinician: Resource, when: dt.datetime, task_id: str | None = None) -> Resource:
+    """The record that `clinician` (a reference with its display) saw `report` at `when`."""
+    task: Resource = {
+        "resourceType": "Task", "status": "completed", "intent": "order",
+        "code": {"coding": [{"system": TASK_CODE_SYSTEM, "code": ACKNOWLEDGEMENT}], "text": "Résultat pris en compte"},
+        "focus": {"reference": f"DiagnosticReport/{report['id']}"},
+        "authoredOn": fhir_instant(when), "lastModified": fhir_instant(when), "owner": clinician,
+        "executionPeriod": {"end": fhir_instant(when)},
+    }
+    if task_id is not None:
+        task["id"] = task_id
+    if report.get("subject"):
+        task["for"] = report["subject"]
+    if report.get("encounter"):
+        task["encounter"] = report["encounter"]
+    return task
+
+
+def acknowledge_result(store: Store, report_id: str, clinician: Clinician, now: dt.datetime) -> Acknowledgement:
+    """Record the acknowledgement once: a second click (or a second clinician) finds the first one."""
+    report = read(store, "DiagnosticReport", report_id)
+    if report is None:
+        raise NotFound(f"DiagnosticReport/{report_id} is not known")
+    task = acknowledgement_task(report, clinician.reference(), now, str(uuid.uuid4()))
+    criteria = f"focus=DiagnosticReport/{report_id}&code={ACK_CODE}&status=completed"
+    store.write(lambda tx: operations.create(tx, "Task", task, if_none_exist=criteria, resource_id=task["id"]))
+    return acknowledgements(store, [report_id])[report_id]
