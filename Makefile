@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
 
-.PHONY: demo test test-quick system-deps bench lint
+.PHONY: demo test test-quick system-deps bench lint messages
 
 $(BIN)/rebond: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,8 @@ lint: $(BIN)/rebond
 
 bench: $(BIN)/rebond
 	$(BIN)/python bench/run_all.py
+
+# after changing a message in the web app: extract, merge into the French catalogue, then translate the new entries
+messages: $(BIN)/rebond
+	$(BIN)/pybabel extract -F babel.cfg -k _ -k gettext -k N_ -k ngettext:1,2 --no-location --sort-output -o var/rebond.pot .
+	$(BIN)/pybabel update -i var/rebond.pot -d src/rebond/web/locales -D rebond -l fr --no-fuzzy-matching -w 120

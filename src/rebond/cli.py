@@ -34,8 +34,9 @@ def serve(
     site_id: Annotated[str, typer.Option("--site-id", help="name of this server in the change feed")] = "central",
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
     workers: Annotated[int, typer.Option(help="server processes sharing the port (one per core)")] = 1,
+    session_idle_minutes: Annotated[float, typer.Option(help="sign-in sessions close after this long without use")] = 30,
 ) -> None:
-    """Serve the FHIR API at http://HOST:PORT/fhir."""
+    """Serve the web app at http://HOST:PORT/ and the FHIR API at http://HOST:PORT/fhir."""
     import uvicorn
 
     from rebond.app import create_app
@@ -45,16 +46,18 @@ def serve(
         store = open_store(db, site_id=site_id)
     except StoreError as err:
         raise fail(str(err)) from None
-    out_console.print(f"Rebond serving FHIR R4 at http://{host}:{port}/fhir (store: {_redact(db)}, site: {site_id})")
+    out_console.print(f"Rebond serving the web app at http://{host}:{port}/ and FHIR R4 at http://{host}:{port}/fhir"
+                      f" (store: {_redact(db)}, site: {site_id})")
     # uvicorn's access log prints request paths, which carry patient identifiers in searches: it stays off
     if workers > 1:
         store.close()  # each worker opens its own
         os.environ["REBOND_DB"] = db
         os.environ["REBOND_SITE_ID"] = site_id
+        os.environ["REBOND_SESSION_IDLE"] = str(session_idle_minutes * 60)
         uvicorn.run("rebond.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
                     log_level=log_level, access_log=False)
         return
-    uvicorn.run(create_app(store), host=host, port=port, log_level=log_level, access_log=False)
+    uvicorn.run(create_app(store, session_idle=session_idle_minutes * 60), host=host, port=port, log_level=log_level, access_log=False)
 
 
 def _progress() -> Progress:
@@ -142,8 +145,9 @@ def seed(
     wards: Annotated[int, typer.Option("--wards-per-hospital", help="wards per hospital")] = 6,
     beds: Annotated[int, typer.Option("--beds-per-ward", help="beds per ward")] = 24,
 ) -> None:
-    """Fill a store with generated data (today: --demo, a French hospital group)."""
-    from rebond.seed.demo import DemoSize, seed_demo
+    """Fill a store with generated data (today: --demo, a French hospital group, and its demo accounts)."""
+    from rebond.security.accounts import Accounts
+    from rebond.seed.demo import DEMO_PASSWORD, DemoSize, demo_accounts, seed_demo
 
     if not demo:
         raise fail("say what to generate: --demo")
@@ -159,6 +163,7 @@ def seed(
             task = progress.add_task("wards", total=hospitals * wards)
             report = seed_demo(store, seed=seed_value, size=DemoSize(hospitals, wards, beds),
                                progress=lambda done, total: progress.update(task, completed=done))
+        accounts = demo_accounts(Accounts(store), report)
         store.optimize()
     except StoreError as err:
         raise fail(f"the store failed: {err}") from None
@@ -166,6 +171,56 @@ def seed(
         store.close()
     out_console.print(f"{report.resources} resources: {hospitals} hospitals, {report.wards} wards, {report.beds} beds, "
                       f"{report.patients} inpatients, in {time.monotonic() - started:.1f} s")
+    out_console.print("demo accounts (password " + DEMO_PASSWORD + "): "
+                      + ", ".join(f"{a.username} ({a.role})" for a in accounts))
+
+
+accounts_app = typer.Typer(help="Sign-in accounts of this node: nurses, physicians, lab staff, IT.", no_args_is_help=True)
+app.add_typer(accounts_app, name="accounts")
+
+
+@accounts_app.command("add")
+def accounts_add(
+    username: Annotated[str, typer.Argument(help="the sign-in name")],
+    role: Annotated[str, typer.Option(help="nurse, physician, lab or admin")],
+    name: Annotated[str, typer.Option(help="the name shown on records, e.g. 'Dr Marie DUPONT'")] = "",
+    practitioner: Annotated[str, typer.Option(help="id of the Practitioner this account stands for")] = "",
+    db: Annotated[str, typer.Option(help="database of the node")] = DEFAULT_DB,
+    password: Annotated[str, typer.Option(prompt=True, hide_input=True, confirmation_prompt=True,
+                                          envvar="REBOND_PASSWORD", help="asked for when not given")] = "",
+) -> None:
+    """Create an account (or replace it: a new password, a new role)."""
+    from rebond.security.accounts import AccountError, Accounts
+
+    try:
+        store = open_store(db)
+    except StoreError as err:
+        raise fail(str(err)) from None
+    try:
+        account = Accounts(store).save(username, password, role, name or username, practitioner or None)
+    except AccountError as err:
+        raise fail(str(err)) from None
+    finally:
+        store.close()
+    out_console.print(f"account {account.username} ({account.role}) saved")
+
+
+@accounts_app.command("list")
+def accounts_list(db: Annotated[str, typer.Option(help="database of the node")] = DEFAULT_DB) -> None:
+    """The accounts of this node."""
+    from rebond.security.accounts import Accounts
+
+    try:
+        store = open_store(db)
+    except StoreError as err:
+        raise fail(str(err)) from None
+    try:
+        table = Table("user", "name", "role", "active")
+        for a in Accounts(store).all():
+            table.add_row(a.username, a.display, a.role, "yes" if a.active else "no")
+    finally:
+        store.close()
+    out_console.print(table)
 
 
 def main() -> None:

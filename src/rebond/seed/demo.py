@@ -36,6 +36,7 @@ from rebond.clinical.conventions import (
 from rebond.clinical.records import HOSPITAL_TZ, person_name
 from rebond.clinical.results import acknowledgement_task
 from rebond.fhir.bundles import process_transaction
+from rebond.security.accounts import Account, Accounts
 from rebond.seed.vocabulary import (
     ALLERGIES,
     DOWNTIME_PROCEDURES,
@@ -72,6 +73,8 @@ class SeedReport:
     beds: int = 0
     wards: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    #: the first ward's staff, for the demo accounts: profession -> (Practitioner id, name)
+    staff: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 class _Ids:
@@ -187,6 +190,8 @@ def _ward(new_id: Callable[[], str], rng: random.Random, hospital: dict[str, Any
     doctors, doctor_roles = _staff(new_id, rng, hospital, ward, service_name, service_snomed, 4, ("doctor", "Médecin"))
     nurses, nurse_roles = _staff(new_id, rng, hospital, ward, service_name, service_snomed, 6, ("nurse", "Infirmier(ère)"))
     entries += [_entry(r) for r in doctors + doctor_roles + nurses + nurse_roles]
+    for profession, people in (("doctor", doctors), ("nurse", nurses)):
+        report.staff.setdefault(profession, (people[0]["id"], person_name(people[0])))
     entries += [_entry(r) for r in _on_call_rota(new_id, ward, doctor_roles, service_name, service_snomed, now)]
     room: dict[str, Any] | None = None
     for b in range(size.beds_per_ward):
@@ -456,3 +461,18 @@ def _procedures_binder(new_id: Callable[[], str], hospital: dict[str, Any], now:
         "content": [{"attachment": {"contentType": "text/markdown; charset=utf-8", "language": "fr", "title": title,
                                     "data": base64.b64encode(text.encode()).decode()}}],
     } for category, title, text in DOWNTIME_PROCEDURES]
+
+
+DEMO_PASSWORD = "rebond-demo"
+
+
+def demo_accounts(accounts: Accounts, report: SeedReport) -> list[Account]:
+    """The demo's sign-ins, all with password `rebond-demo`: a nurse and a doctor of the first ward, a lab technician, IT."""
+    doctor_id, doctor_name = report.staff.get("doctor", (None, "Dr Démo"))
+    nurse_id, nurse_name = report.staff.get("nurse", (None, "Infirmière Démo"))
+    return [
+        accounts.save("nurse", DEMO_PASSWORD, "nurse", nurse_name, nurse_id),
+        accounts.save("doctor", DEMO_PASSWORD, "physician", doctor_name, doctor_id),
+        accounts.save("lab", DEMO_PASSWORD, "lab", "Laboratoire (démo)"),
+        accounts.save("admin", DEMO_PASSWORD, "admin", "Informatique (démo)"),
+    ]

@@ -126,6 +126,10 @@ class Session(abc.ABC):
     def lock(self, key: str) -> None:
         """Serialise with every other transaction that locks the same key (conditional create)."""
 
+    @abc.abstractmethod
+    def put_state(self, namespace: str, key: str, value: Any) -> None:
+        """Set (or with None, remove) a value of this node's own state: JSON-serialisable, outside the change feed."""
+
 
 class Store(abc.ABC):
     """A versioned FHIR resource store with search and a change feed."""
@@ -162,6 +166,17 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def changes(self, after: str | None, count: int = 100) -> ChangePage:
         """Committed versions after `after` (an opaque cursor; None from the start), in commit order."""
+
+    @abc.abstractmethod
+    def get_state(self, namespace: str, key: str) -> Any:
+        """A value of this node's own state (accounts, sessions, cursors), or None."""
+
+    @abc.abstractmethod
+    def list_state(self, namespace: str) -> list[tuple[str, Any]]:
+        """Every (key, value) of a namespace of this node's state, by key."""
+
+    def put_state(self, namespace: str, key: str, value: Any) -> None:
+        self.write(lambda tx: tx.put_state(namespace, key, value))
 
     @abc.abstractmethod
     def counts(self) -> dict[str, int]:

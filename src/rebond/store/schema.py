@@ -64,6 +64,13 @@ def ddl(types: Types) -> list[str]:
             txid {types.bigint},
             body {types.blob},
             UNIQUE (res_type, res_id, version))""",
+        # what belongs to this node alone and never enters the change feed: accounts, sign-in sessions, cursors
+        f"""CREATE TABLE IF NOT EXISTS node_state (
+            ns {types.text} NOT NULL,
+            key {types.text} NOT NULL,
+            value {types.text} NOT NULL,
+            updated {types.real} NOT NULL,
+            PRIMARY KEY (ns, key))""",
         "CREATE INDEX IF NOT EXISTS versions_type_lu ON versions (res_type, lu)",
         "CREATE INDEX IF NOT EXISTS versions_lu ON versions (lu)",
         "CREATE INDEX IF NOT EXISTS resources_type_lu ON resources (res_type, lu)",

@@ -105,6 +105,16 @@ class SQLSession(Session):
     def lock(self, key: str) -> None:
         self.store.lock_key(self.cur, key)
 
+    def put_state(self, namespace: str, key: str, value: Any) -> None:
+        if value is None:
+            self.cur.execute("DELETE FROM node_state WHERE ns = ? AND key = ?", (namespace, key))
+            return
+        self.cur.execute(
+            "INSERT INTO node_state (ns, key, value, updated) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, updated = excluded.updated",
+            (namespace, key, orjson.dumps(value).decode(), time.time()),
+        )
+
     # -- writing
 
     def create(self, resource: dict[str, Any], *, resource_id: str | None = None) -> WriteResult:
@@ -458,6 +468,17 @@ class SQLStore(Store):
             )
             cur.execute(sql, [*rids, *keys, *([inc.target_type] if inc.target_type else []), MAX_INCLUDED])
         return [(stored_from_row(row), int(row[9])) for row in cur.fetchall()]
+
+    def get_state(self, namespace: str, key: str) -> Any:
+        with self.reader() as cur:
+            cur.execute("SELECT value FROM node_state WHERE ns = ? AND key = ?", (namespace, key))
+            row = cur.fetchone()
+        return orjson.loads(row[0]) if row else None
+
+    def list_state(self, namespace: str) -> list[tuple[str, Any]]:
+        with self.reader() as cur:
+            cur.execute("SELECT key, value FROM node_state WHERE ns = ? ORDER BY key", (namespace,))
+            return [(row[0], orjson.loads(row[1])) for row in cur.fetchall()]
 
     def counts(self) -> dict[str, int]:
         with self.reader() as cur:

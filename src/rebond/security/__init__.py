@@ -1,0 +1,1 @@
+"""Who may do what: accounts with hashed passwords, roles, and sign-in sessions."""

@@ -1,0 +1,183 @@
+"""Accounts, roles and sign-in sessions, kept in the node's own state (never in the change feed).
+
+Passwords are hashed with argon2id. A session is a random token in an HttpOnly cookie; the
+node keeps only its SHA-256, so a copy of the database opens no session. Sessions end after
+a quiet period (`idle`) and in any case after `lifetime`.
+"""
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from rebond.store.base import Store
+
+ACCOUNTS = "account"
+SESSIONS = "web-session"
+
+#: what each role may do; the web app checks these names, never the role itself
+PERMISSIONS: dict[str, frozenset[str]] = {
+    "nurse": frozenset({"view-patients", "view-notes", "view-results", "record-vitals", "record-administrations", "acknowledge-results"}),
+    "physician": frozenset({"view-patients", "view-notes", "view-results", "record-vitals", "acknowledge-results"}),
+    "lab": frozenset({"view-patients", "view-results"}),
+    "admin": frozenset({"manage-accounts", "view-status"}),
+}
+ROLES = tuple(PERMISSIONS)
+
+_hasher = PasswordHasher()
+# verifying against this when the user does not exist keeps unknown and known names equally slow
+_DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
+
+
+@dataclass(frozen=True)
+class Account:
+    username: str
+    display: str
+    role: str
+    password_hash: str
+    practitioner_id: str | None = None
+    active: bool = True
+
+    def may(self, permission: str) -> bool:
+        return self.active and permission in PERMISSIONS.get(self.role, frozenset())
+
+
+@dataclass(frozen=True)
+class WebSession:
+    token_hash: str
+    username: str
+    csrf: str
+    created: float
+    last_seen: float
+
+
+class AccountError(ValueError):
+    """A refused account change, said in one line."""
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass
+class _Failures:
+    count: int = 0
+    since: float = field(default_factory=time.monotonic)
+
+
+class Accounts:
+    """The accounts and sessions of one node."""
+
+    #: after this many wrong passwords for one name within LOCKOUT seconds, sign-in waits
+    MAX_FAILURES = 5
+    LOCKOUT = 300.0
+
+    def __init__(self, store: Store, *, idle: float = 30 * 60, lifetime: float = 12 * 3600) -> None:
+        self.store = store
+        self.idle = idle
+        self.lifetime = lifetime
+        self._failures: dict[str, _Failures] = {}
+        self._lock = threading.Lock()
+
+    # -- accounts
+
+    def get(self, username: str) -> Account | None:
+        value = self.store.get_state(ACCOUNTS, username.lower())
+        return Account(**value) if value else None
+
+    def all(self) -> list[Account]:
+        return [Account(**value) for _key, value in self.store.list_state(ACCOUNTS)]
+
+    def save(self, username: str, password: str, role: str, display: str, practitioner_id: str | None = None) -> Account:
+        """Create or replace an account."""
+        username = username.strip().lower()
+        if not username or not username.replace("-", "").replace(".", "").replace("_", "").isalnum():
+            raise AccountError(f"'{username}' is not a valid user name (letters, digits, '.', '-', '_')")
+        if role not in PERMISSIONS:
+            raise AccountError(f"unknown role '{role}': choose one of {', '.join(ROLES)}")
+        if len(password) < 8:
+            raise AccountError("the password must have at least 8 characters")
+        account = Account(username, display.strip() or username, role, _hasher.hash(password), practitioner_id)
+        self.store.put_state(ACCOUNTS, username, asdict(account))
+        return account
+
+    def authenticate(self, username: str, password: str) -> Account | None:
+        """The account if the password is right; None otherwise (and after too many failures, even when right)."""
+        key = username.strip().lower()
+        if self.locked_out(key):
+            return None
+        account = self.get(key)
+        try:
+            _hasher.verify(account.password_hash if account else _DUMMY_HASH, password)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            self._fail(key)
+            return None
+        if account is None or not account.active:
+            self._fail(key)
+            return None
+        with self._lock:
+            self._failures.pop(key, None)
+        if _hasher.check_needs_rehash(account.password_hash):
+            self.store.put_state(ACCOUNTS, key, {**asdict(account), "password_hash": _hasher.hash(password)})
+        return account
+
+    def locked_out(self, username: str) -> bool:
+        with self._lock:
+            failures = self._failures.get(username.strip().lower())
+            if failures is None:
+                return False
+            if time.monotonic() - failures.since > self.LOCKOUT:
+                del self._failures[username.strip().lower()]
+                return False
+            return failures.count >= self.MAX_FAILURES
+
+    def _fail(self, username: str) -> None:
+        with self._lock:
+            failures = self._failures.setdefault(username, _Failures())
+            failures.count += 1
+
+    # -- sessions
+
+    def open_session(self, account: Account) -> tuple[str, WebSession]:
+        """A new session: the token for the cookie, and the session (with its CSRF token)."""
+        token = secrets.token_urlsafe(32)
+        now = time.time()
+        session = WebSession(_digest(token), account.username, secrets.token_urlsafe(24), now, now)
+        self.store.put_state(SESSIONS, session.token_hash, asdict(session))
+        return token, session
+
+    def session(self, token: str) -> WebSession | None:
+        """The live session for a cookie's token; None when unknown or expired (an expired one is removed)."""
+        if not token:
+            return None
+        key = _digest(token)
+        value = self.store.get_state(SESSIONS, key)
+        if not value:
+            return None
+        session = WebSession(**value)
+        now = time.time()
+        if now - session.last_seen > self.idle or now - session.created > self.lifetime:
+            self.store.put_state(SESSIONS, key, None)
+            return None
+        if now - session.last_seen > 60:  # one write a minute at most, not one per page
+            session = WebSession(session.token_hash, session.username, session.csrf, session.created, now)
+            self.store.put_state(SESSIONS, key, asdict(session))
+        return session
+
+    def close_session(self, token: str) -> None:
+        if token:
+            self.store.put_state(SESSIONS, _digest(token), None)
+
+    def purge_sessions(self) -> int:
+        """Remove expired sessions; returns how many."""
+        now = time.time()
+        gone = [key for key, value in self.store.list_state(SESSIONS)
+                if now - value["last_seen"] > self.idle or now - value["created"] > self.lifetime]
+        for key in gone:
+            self.store.put_state(SESSIONS, key, None)
+        return len(gone)

@@ -1,0 +1,1 @@
+"""The clinician web app: server-rendered pages over the store, French first."""

@@ -1,0 +1,347 @@
+"""The clinician web app's routes: sign-in, wards, census, chart, results, bedside forms.
+
+Every page reads and writes through the same store and search as the FHIR API. Pages
+that show patient data require a session and a permission of the user's role; they are
+never cached by the browser, and no error ever shows a stack trace.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import secrets
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from rebond.clinical.census import group_wards, ward_census, ward_of
+from rebond.clinical.chart import patient_chart
+from rebond.clinical.patients import UnclearSearch, find_patients
+from rebond.clinical.recording import VITAL_SIGNS, InvalidForm, record_administration, record_vitals
+from rebond.clinical.records import Clinician, any_of, fhir_instant, instant
+from rebond.clinical.results import acknowledge_result, reports
+from rebond.security.accounts import Account, Accounts, WebSession
+from rebond.store.base import NotFound, Store
+from rebond.web.i18n import DEFAULT_LANGUAGE, LANGUAGES, Translator, translator
+from rebond.web.plots import human_unit, trend_svg
+
+log = logging.getLogger("rebond.web")
+HERE = Path(__file__).parent
+SESSION_COOKIE = "rebond_session"
+LANGUAGE_COOKIE = "rebond_lang"
+LOGIN_CSRF_COOKIE = "rebond_login"
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+                               "frame-ancestors 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",  # patient data stays off the disk of shared ward PCs
+}
+
+
+class Forbidden(Exception):
+    """The user's role does not allow this page or action."""
+
+
+@dataclass
+class Page:
+    """What every handler gets: the request, the signed-in user, and the language."""
+
+    request: Request
+    account: Account
+    session: WebSession
+    t: Translator
+    now: dt.datetime
+
+    @property
+    def clinician(self) -> Clinician:
+        return Clinician(self.account.username, self.account.display, self.account.practitioner_id)
+
+
+def safe_target(target: str | None) -> str:
+    """Only a path of this site may be a redirect target (never //elsewhere or http://elsewhere)."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
+def _wanted(request: Request) -> str:
+    return request.url.path + (f"?{request.url.query}" if request.url.query else "")
+
+
+class WebApp:
+    """The pages of one Rebond node over one store."""
+
+    def __init__(self, store: Store, accounts: Accounts, *, secure_cookies: bool = False,
+                 status_banner: Callable[[Translator], str | None] | None = None) -> None:
+        self.store = store
+        self.accounts = accounts
+        self.secure_cookies = secure_cookies
+        self.status_banner = status_banner
+        self.env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
+                               trim_blocks=True, lstrip_blocks=True)
+        self.env.globals["trend_svg"] = trend_svg
+        self.env.globals["VITAL_SIGNS"] = VITAL_SIGNS
+        self.env.filters["unit"] = human_unit
+
+    def routes(self) -> list[BaseRoute]:
+        page = self._page
+        return [
+            Route("/", page(self.home, None), methods=["GET"]),
+            Route("/login", self.login, methods=["GET", "POST"]),
+            Route("/logout", self.logout, methods=["POST"]),
+            Route("/language/{lang}", self.language, methods=["GET"]),
+            Route("/wards/{ward_id}", page(self.census, "view-patients"), methods=["GET"]),
+            Route("/patients", page(self.patient_search, "view-patients"), methods=["GET"]),
+            Route("/patients/{patient_id}", page(self.chart, "view-patients"), methods=["GET"]),
+            Route("/patients/{patient_id}/vitals", page(self.vitals_form, "record-vitals"), methods=["GET", "POST"]),
+            Route("/patients/{patient_id}/administrations/{request_id}", page(self.administration_form, "record-administrations"),
+                  methods=["GET", "POST"]),
+            Route("/results", page(self.results, "view-results"), methods=["GET"]),
+            Route("/results/{report_id}/acknowledge", page(self.acknowledge, "acknowledge-results"), methods=["POST"]),
+            Route("/admin/accounts", page(self.account_list, "manage-accounts"), methods=["GET"]),
+            Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+        ]
+
+    # -- plumbing
+
+    def language_of(self, request: Request) -> Translator:
+        lang = request.cookies.get(LANGUAGE_COOKIE, DEFAULT_LANGUAGE)
+        return translator(lang if lang in LANGUAGES else DEFAULT_LANGUAGE)
+
+    def render(self, request: Request, t: Translator, template: str, status: int = 200, account: Account | None = None,
+               session: WebSession | None = None, **context: Any) -> HTMLResponse:
+        html = self.env.get_template(template).render(
+            _=t.gettext, ngettext=t.ngettext, t=t, lang=t.language, account=account, csrf=session.csrf if session else "",
+            here=_wanted(request), status_banner=self.status_banner(t) if self.status_banner else None, **context)
+        return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
+
+    def error_page(self, request: Request, status: int, message: str, account: Account | None = None,
+                   session: WebSession | None = None) -> HTMLResponse:
+        t = self.language_of(request)
+        return self.render(request, t, "error.html", status=status, account=account, session=session, status_code=status, message=message)
+
+    def _page(self, handler: Callable[[Page], Awaitable[Response]], permission: str | None) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            t = self.language_of(request)
+            token = request.cookies.get(SESSION_COOKIE, "")
+            session = await run_in_threadpool(self.accounts.session, token)
+            account = await run_in_threadpool(self.accounts.get, session.username) if session else None
+            if session is None or account is None or not account.active:
+                target = urlencode({"next": _wanted(request), **({"expired": "1"} if token else {})})
+                return RedirectResponse(f"/login?{target}", status_code=303)
+            if permission is not None and not account.may(permission):
+                return self.error_page(request, 403, t.gettext("Your role does not give access to this page."), account, session)
+            if request.method == "POST":
+                form = await request.form()
+                if not secrets.compare_digest(str(form.get("csrf", "")), session.csrf):
+                    return self.error_page(request, 403, t.gettext("This form has expired. Go back, reload the page and try again."),
+                                           account, session)
+            try:
+                return await handler(Page(request, account, session, t, dt.datetime.now(dt.UTC)))
+            except NotFound:
+                return self.error_page(request, 404, t.gettext("This page does not exist, or the record is not in this hospital's file."),
+                                       account, session)
+            except Forbidden:
+                return self.error_page(request, 403, t.gettext("Your role does not give access to this page."), account, session)
+            except Exception:
+                incident = uuid.uuid4().hex[:8]
+                log.exception("page %s failed (incident %s)", request.url.path.split("/")[1], incident)
+                return self.error_page(request, 500, t.gettext("Something went wrong on our side (incident %(id)s). Your data is safe; "
+                                                               "try again, and call IT if it happens again.", id=incident),
+                                       account, session)
+
+        return endpoint
+
+    def _show(self, p: Page, template: str, status: int = 200, **context: Any) -> HTMLResponse:
+        return self.render(p.request, p.t, template, status=status, account=p.account, session=p.session, now=p.now, **context)
+
+    # -- signing in and out
+
+    async def login(self, request: Request) -> Response:
+        t = self.language_of(request)
+        target = safe_target(request.query_params.get("next"))
+        if request.method == "GET":
+            notice = t.gettext("Your session has expired: sign in again to continue.") if request.query_params.get("expired") else None
+            return self._login_page(request, t, target, notice=notice)
+        form = await request.form()
+        target = safe_target(str(form.get("next", "/")))
+        cookie_token = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+        if not cookie_token or not secrets.compare_digest(str(form.get("csrf", "")), cookie_token):
+            return self._login_page(request, t, target, error=t.gettext("The sign-in form had expired: please try again."), status=400)
+        username = str(form.get("username", "")).strip()
+        password = str(form.get("password", ""))
+        if not username or not password:
+            return self._login_page(request, t, target, username=username, error=t.gettext("Enter your user name and your password."),
+                                    status=400)
+        if await run_in_threadpool(self.accounts.locked_out, username):
+            return self._login_page(request, t, target, username=username, status=429,
+                                    error=t.gettext("Too many failed attempts: wait 5 minutes, or ask IT to check your account."))
+        account = await run_in_threadpool(self.accounts.authenticate, username, password)
+        if account is None:
+            return self._login_page(request, t, target, username=username, error=t.gettext("Wrong user name or password."), status=401)
+        token, _session = await run_in_threadpool(self.accounts.open_session, account)
+        if target == "/" and not account.may("view-patients") and account.may("manage-accounts"):
+            target = "/admin/accounts"
+        response = RedirectResponse(target, status_code=303)
+        response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="lax", secure=self.secure_cookies, path="/")
+        response.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
+        return response
+
+    def _login_page(self, request: Request, t: Translator, target: str, *, username: str = "", error: str | None = None,
+                    notice: str | None = None, status: int = 200) -> Response:
+        token = secrets.token_urlsafe(24)
+        response = self.render(request, t, "login.html", status=status, login_csrf=token, target=target, username=username,
+                               error=error, notice=notice)
+        response.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", secure=self.secure_cookies, path="/login")
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        token = request.cookies.get(SESSION_COOKIE, "")
+        session = await run_in_threadpool(self.accounts.session, token)
+        form = await request.form()
+        if session is not None and secrets.compare_digest(str(form.get("csrf", "")), session.csrf):
+            await run_in_threadpool(self.accounts.close_session, token)
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        return response
+
+    async def language(self, request: Request) -> Response:
+        lang = request.path_params["lang"]
+        response = RedirectResponse(safe_target(request.query_params.get("next")), status_code=303)
+        if lang in LANGUAGES:
+            response.set_cookie(LANGUAGE_COOKIE, lang, max_age=400 * 24 * 3600, samesite="lax", secure=self.secure_cookies, path="/")
+        return response
+
+    # -- pages
+
+    async def home(self, p: Page) -> Response:
+        hospitals = await run_in_threadpool(group_wards, self.store) if p.account.may("view-patients") else []
+        return self._show(p, "home.html", hospitals=hospitals)
+
+    async def census(self, p: Page) -> Response:
+        census = await run_in_threadpool(ward_census, self.store, p.request.path_params["ward_id"], p.now)
+        return self._show(p, "census.html", census=census)
+
+    async def patient_search(self, p: Page) -> Response:
+        text = p.request.query_params.get("q", "").strip()
+        hits, problem = None, None
+        if text:
+            try:
+                hits = await run_in_threadpool(find_patients, self.store, text)
+            except UnclearSearch:
+                problem = p.t.gettext("Type a name, an IPP or a birth date (dd/mm/yyyy).")
+        return self._show(p, "patients.html", text=text, hits=hits, problem=problem, status=400 if problem else 200)
+
+    async def chart(self, p: Page) -> Response:
+        chart = await run_in_threadpool(patient_chart, self.store, p.request.path_params["patient_id"], p.now)
+        selected = p.request.query_params.get("analyte")
+        analyte = next((s for s in chart.labs if s.code == selected), None)
+        if analyte is None:
+            analyte = next((s for s in chart.labs if s.latest.abnormal), chart.labs[0] if chart.labs else None)
+        return self._show(p, "chart.html", chart=chart, analyte=analyte, may=p.account.may, saved=p.request.query_params.get("saved"))
+
+    async def vitals_form(self, p: Page) -> Response:
+        patient_id = p.request.path_params["patient_id"]
+        chart = await run_in_threadpool(patient_chart, self.store, patient_id, p.now)
+        values: dict[str, str] = {}
+        problems: dict[str, str] = {}
+        if p.request.method == "POST":
+            form = await p.request.form()
+            values = {sign.field: str(form.get(sign.field, "")) for sign in VITAL_SIGNS}
+            try:
+                await run_in_threadpool(record_vitals, self.store, patient_id, values, p.clinician, p.now)
+            except InvalidForm as err:
+                problems = {k: self._problem(p.t, v) for k, v in err.problems.items()}
+            else:
+                return RedirectResponse(f"/patients/{quote(patient_id)}?saved=vitals#vitals", status_code=303)
+        return self._show(p, "vitals_form.html", status=422 if problems else 200, chart=chart, values=values, problems=problems)
+
+    async def administration_form(self, p: Page) -> Response:
+        patient_id, request_id = p.request.path_params["patient_id"], p.request.path_params["request_id"]
+        chart = await run_in_threadpool(patient_chart, self.store, patient_id, p.now)
+        rx = next((r for r in chart.prescriptions if r.id == request_id), None)
+        if rx is None:
+            raise NotFound(request_id)
+        due = instant(p.request.query_params.get("due"))
+        values: dict[str, str] = {"outcome": "given", "time": p.t.time(p.now)}
+        problems: dict[str, str] = {}
+        if p.request.method == "POST":
+            form = await p.request.form()
+            values = {k: str(form.get(k, "")) for k in ("outcome", "reason", "time")}
+            try:
+                await run_in_threadpool(record_administration, self.store, request_id, values, p.clinician, p.now)
+            except InvalidForm as err:
+                problems = {k: self._problem(p.t, v) for k, v in err.problems.items()}
+            else:
+                return RedirectResponse(f"/patients/{quote(patient_id)}?saved=administration#administrations", status_code=303)
+        return self._show(p, "administration_form.html", status=422 if problems else 200, chart=chart, rx=rx, due=due,
+                          values=values, problems=problems)
+
+    @staticmethod
+    def _problem(t: Translator, code: str) -> str:
+        kind, _, rest = code.partition(":")
+        if kind == "out-of-range":
+            low, high = rest.split(":")
+            return t.gettext("Must be between %(low)s and %(high)s.", low=low, high=high)
+        return {
+            "not-a-number": t.gettext("Not a number."),
+            "empty": t.gettext("Fill in at least one measurement."),
+            "diastolic-above-systolic": t.gettext("The diastolic pressure must be lower than the systolic."),
+            "choose-outcome": t.gettext("Say whether the dose was given."),
+            "reason-required": t.gettext("Give the reason the dose was not given."),
+            "not-a-time": t.gettext("Write the time as HH:MM."),
+        }.get(kind, kind)
+
+    async def results(self, p: Page) -> Response:
+        q = p.request.query_params
+        ward_id = q.get("ward", "")
+        abnormal_only = q.get("abnormal") == "1"
+        pending_only = q.get("pending", "1") == "1"
+        problems: dict[str, str] = {}
+        since = p.now - dt.timedelta(days=2)
+        if q.get("since"):
+            parsed = instant(q["since"])
+            if parsed is None:
+                problems["since"] = p.t.gettext("Write the date as dd/mm/yyyy or yyyy-mm-dd.")
+            else:
+                since = parsed
+        hospitals = await run_in_threadpool(group_wards, self.store)
+        ward = await run_in_threadpool(ward_of, self.store, ward_id) if ward_id else None
+
+        def load() -> list[tuple[Any, Any]]:
+            if ward is None or problems:
+                return []
+            census = ward_census(self.store, ward.id, p.now)
+            beds = {b.patient.id: b for b in census.beds if b.patient is not None}
+            if not beds:
+                return []
+            found = reports(self.store, ("patient", any_of(f"Patient/{pid}" for pid in beds)), ("category", "LAB,RAD"),
+                            ("issued", f"ge{fhir_instant(since)}"))
+            return [(beds[r.patient_id], r) for r in found if r.patient_id in beds
+                    and (not abnormal_only or r.abnormal) and (not pending_only or r.acknowledgement is None)]
+
+        rows = await run_in_threadpool(load)
+        return self._show(p, "results.html", status=400 if problems else 200, hospitals=hospitals, ward=ward, rows=rows,
+                          abnormal_only=abnormal_only, pending_only=pending_only, since=since, since_text=q.get("since", ""),
+                          problems=problems, may=p.account.may)
+
+    async def acknowledge(self, p: Page) -> Response:
+        report_id = p.request.path_params["report_id"]
+        await run_in_threadpool(acknowledge_result, self.store, report_id, p.clinician, p.now)
+        form = await p.request.form()
+        return RedirectResponse(safe_target(str(form.get("next", "/results"))), status_code=303)
+
+    async def account_list(self, p: Page) -> Response:
+        accounts = await run_in_threadpool(self.accounts.all)
+        return self._show(p, "accounts.html", accounts=accounts)
+
