@@ -41,3 +41,30 @@ def store(engine_url: str) -> Iterator[Store]:
     s = open_store(engine_url)
     yield s
     s.close()
+
+
+DEMO_SIZE = (1, 2, 8)  # hospitals, wards per hospital, beds per ward: small enough to seed in a second
+
+
+@pytest.fixture(scope="session")
+def demo_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small demo hospital group with its demo accounts, seeded once; tests copy it."""
+    from rebond.security.accounts import Accounts
+    from rebond.seed.demo import DemoSize, demo_accounts, seed_demo
+
+    path = tmp_path_factory.mktemp("demo") / "demo.db"
+    store = open_store(f"sqlite:///{path}")
+    report = seed_demo(store, seed=4, size=DemoSize(*DEMO_SIZE))
+    demo_accounts(Accounts(store), report)
+    store.close()
+    return path
+
+
+@pytest.fixture
+def demo_db(demo_template: Path, tmp_path: Path) -> str:
+    """A fresh copy of the demo group for one test."""
+    import shutil
+
+    target = tmp_path / "demo.db"
+    shutil.copyfile(demo_template, target)
+    return f"sqlite:///{target}"

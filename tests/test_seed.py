@@ -6,8 +6,8 @@ from pathlib import Path
 
 import orjson
 
-from rebond.fhir.search import parse_search
 from rebond.clinical.conventions import GROUP_IPP_SYSTEM
+from rebond.fhir.search import parse_search
 from rebond.seed.demo import DemoSize, seed_demo
 from rebond.store import open_store
 from rebond.store.base import Store

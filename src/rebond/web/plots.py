@@ -9,7 +9,6 @@ from markupsafe import Markup
 from rebond.clinical.chart import Series
 from rebond.web.i18n import Translator
 
-
 #: UCUM codes as a French ward writes them
 _UNITS = {"Cel": "°C", "mm[Hg]": "mmHg", "10*9/L": "G/L", "10*12/L": "T/L", "/min": "/min", "umol/L": "µmol/L"}
 

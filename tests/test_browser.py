@@ -1,0 +1,133 @@
+"""The web app in a real browser: Debian's Chromium driven by Playwright, screenshots kept as artifacts."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rebond.clinical.census import group_wards, ward_census
+from rebond.store import open_store
+from tests.server import RebondServer
+
+CHROMIUM = "/usr/bin/chromium"
+# as root, in a sandbox with no internet: no setuid sandbox, no calls home
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+ARTIFACTS = Path(os.environ.get("REBOND_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts")) / "browser"
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            raise RuntimeError("Chromium is missing: `make test` installs the Debian package chromium")
+        pytest.skip("Debian's chromium is not installed here (make system-deps)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+def _potassium_for_a_patient_with_an_allergy(server: RebondServer) -> tuple[str, str, str]:
+    """Post, as an analyzer would, a high potassium for an inpatient who has an allergy: (ward id, patient id, name)."""
+    store = open_store(server.db)
+    try:
+        now = dt.datetime.now(dt.UTC)
+        for hospital in group_wards(store):
+            for ward, _count in hospital.wards:
+                for line in ward_census(store, ward.id, now).beds:
+                    if line.patient is not None and line.allergies:
+                        patient, ward_id = line.patient, ward.id
+                        break
+                else:
+                    continue
+                break
+            else:
+                continue
+            break
+        else:
+            raise AssertionError("the demo group has an inpatient with an allergy")
+    finally:
+        store.close()
+    obs_id, report_id = str(uuid.uuid4()), str(uuid.uuid4())
+    when = now.isoformat(timespec="seconds").replace("+00:00", "Z")
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "PUT", "url": f"Observation/{obs_id}"}, "resource": {
+            "resourceType": "Observation", "id": obs_id, "status": "final",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": "2823-3"}], "text": "Potassium"},
+            "subject": {"reference": f"Patient/{patient.id}"}, "effectiveDateTime": when, "issued": when,
+            "valueQuantity": {"value": 6.4, "unit": "mmol/L", "system": "http://unitsofmeasure.org", "code": "mmol/L"},
+            "interpretation": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation", "code": "HH"}]}],
+            "referenceRange": [{"low": {"value": 3.5, "unit": "mmol/L"}, "high": {"value": 5.0, "unit": "mmol/L"}}]}},
+        {"request": {"method": "PUT", "url": f"DiagnosticReport/{report_id}"}, "resource": {
+            "resourceType": "DiagnosticReport", "id": report_id, "status": "final",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "LAB"}]}],
+            "code": {"text": "Ionogramme sanguin"}, "subject": {"reference": f"Patient/{patient.id}"},
+            "effectiveDateTime": when, "issued": when, "result": [{"reference": f"Observation/{obs_id}"}]}},
+    ]}
+    response = httpx.post(server.fhir, json=bundle, headers={"Content-Type": "application/fhir+json"}, timeout=30)
+    assert response.status_code == 200, response.text
+    return ward_id, patient.id, patient.name
+
+
+def test_a_nurse_finds_the_allergy_and_the_potassium_and_acknowledges_it(browser: object, demo_db: str) -> None:
+    from playwright.sync_api import Browser, expect
+
+    assert isinstance(browser, Browser)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    server = RebondServer(demo_db).start()
+    try:
+        ward_id, patient_id, name = _potassium_for_a_patient_with_an_allergy(server)
+        page = browser.new_page(viewport={"width": 1280, "height": 900}, locale="fr-FR")
+        page.goto(f"{server.base}/")
+        expect(page.locator("h1")).to_have_text("Connexion à Rebond")
+        page.screenshot(path=ARTIFACTS / "01-login.png")
+        page.fill("#username", "nurse")
+        page.fill("#password", "rebond-demo")
+        page.keyboard.press("Enter")  # keyboard only, as on a ward PC
+
+        expect(page.locator("h1")).to_have_text("Services")
+        page.screenshot(path=ARTIFACTS / "02-wards.png", full_page=True)
+        page.click(f"a[href='/wards/{ward_id}']")
+        row = page.locator("tr", has=page.locator(f"a[href='/patients/{patient_id}']"))
+        expect(row.locator(".chip.allergy").first).to_be_visible()
+        expect(row.locator(".chip.result")).to_contain_text("Potassium")
+        page.screenshot(path=ARTIFACTS / "03-census.png", full_page=True)
+
+        page.click(f"a.patient[href='/patients/{patient_id}']")
+        banner = page.locator(".patient-banner")
+        expect(banner).to_contain_text(name)
+        expect(banner.locator(".chip.allergy").first).to_be_visible()
+        potassium = page.locator("#labs tr", has=page.get_by_role("link", name="Potassium"))
+        expect(potassium.locator(".flag")).to_have_text("HH")
+        expect(potassium.locator("td.value")).to_contain_text("6,4")
+        page.screenshot(path=ARTIFACTS / "04-chart.png", full_page=True)
+
+        report = page.locator("ul.reports li", has_text="Ionogramme sanguin")
+        report.get_by_role("button", name="Prendre en compte").click()
+        expect(page.locator("ul.reports li", has_text="Ionogramme sanguin").locator(".ack")).to_contain_text("vu par")
+        page.screenshot(path=ARTIFACTS / "05-acknowledged.png", full_page=True)
+
+        page.get_by_role("link", name="English").click()
+        expect(page.locator("#labs h2")).to_have_text("Lab results")
+        expect(page.locator("html")).to_have_attribute("lang", "en")
+        page.screenshot(path=ARTIFACTS / "06-english.png", full_page=True)
+
+        page.goto(f"{server.base}/patients/{patient_id}/vitals")
+        page.fill("#temperature", "45")
+        page.click("button.primary")
+        expect(page.locator(".field-error")).to_contain_text("between 30 and 44")
+        page.screenshot(path=ARTIFACTS / "07-invalid-form.png", full_page=True)
+        page.close()
+    finally:
+        server.stop()

@@ -1,0 +1,111 @@
+"""The clinical views and bedside recording, over the store (both engines where it matters)."""
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from rebond.clinical.census import ward_census
+from rebond.clinical.chart import patient_chart
+from rebond.clinical.medication import Administration, Prescription, dose_schedule
+from rebond.clinical.patients import UnclearSearch, search_terms
+from rebond.clinical.recording import InvalidForm, record_vitals
+from rebond.clinical.records import HOSPITAL_TZ, Clinician, find
+from rebond.clinical.results import acknowledge_result, reports
+from rebond.seed.demo import DemoSize, seed_demo
+from rebond.store.base import NotFound, Store
+
+NOW = dt.datetime(2026, 11, 23, 9, 30, tzinfo=HOSPITAL_TZ)
+NURSE = Clinician("nurse", "LEROY Hélène", None)
+
+
+def _rx(*times: str) -> Prescription:
+    return Prescription("rx1", "Furosémide 40 mg", "1 comprimé", "Voie orale", tuple(dt.time.fromisoformat(t) for t in times),
+                        NOW - dt.timedelta(days=3), "Dr X")
+
+
+def _given(at: dt.datetime, given: bool = True) -> Administration:
+    return Administration(f"a{at.hour}", "rx1", "Furosémide", at, given, "", "LEROY Hélène", "1 comprimé")
+
+
+def test_doses_are_given_late_due_or_planned() -> None:
+    rx = _rx("06:00", "08:00", "09:45", "20:00")
+    doses = dose_schedule([rx], [_given(NOW.replace(hour=6, minute=10)), _given(NOW.replace(hour=8, minute=5), given=False)],
+                          NOW.replace(hour=0, minute=0), NOW.replace(hour=23, minute=59), NOW)
+    states = {d.due.strftime("%H:%M"): d.state for d in doses}
+    assert states == {"06:00": "given", "08:00": "not-given", "09:45": "due", "20:00": "planned"}
+
+
+def test_an_unrecorded_dose_more_than_an_hour_old_is_late_and_one_record_answers_one_dose() -> None:
+    rx = _rx("07:00", "08:00")
+    doses = dose_schedule([rx], [_given(NOW.replace(hour=7, minute=30))], NOW.replace(hour=0, minute=0), NOW, NOW)
+    assert sorted(d.state for d in doses) == ["given", "late"]
+
+
+def test_doses_before_the_prescription_do_not_exist() -> None:
+    rx = Prescription("rx1", "X", "", "", (dt.time(8),), NOW, "")
+    assert dose_schedule([rx], [], NOW - dt.timedelta(days=2), NOW, NOW) == []
+
+
+def test_what_is_typed_in_the_search_box_becomes_search_parameters() -> None:
+    assert search_terms("Dupont 12/03/1950") == [("name", "Dupont"), ("birthdate", "1950-03-12")]
+    assert search_terms("123456789") == [("identifier", "urn:oid:1.2.250.1.999.1.1|123456789")]
+    assert search_terms("1950-03-12") == [("birthdate", "1950-03-12")]
+    with pytest.raises(UnclearSearch):
+        search_terms("31/02/1950")
+    with pytest.raises(UnclearSearch):
+        search_terms("  ")
+
+
+@pytest.fixture
+def seeded(store: Store) -> Store:
+    seed_demo(store, seed=2, size=DemoSize(1, 1, 6), now=NOW)
+    return store
+
+
+def test_census_places_each_inpatient_in_their_bed(seeded: Store) -> None:
+    ward = next(w for w in find(seeded, "Location") if w.get("alias"))
+    census = ward_census(seeded, ward["id"], NOW)
+    assert len(census.beds) == 6
+    stays = find(seeded, "Encounter", ("status", "in-progress"))
+    assert census.occupied == len(stays)
+    for line in census.beds:
+        if line.patient is not None:
+            assert line.stay is not None and line.stay.bed_id == line.bed_id and line.stay.attending.startswith("Dr ")
+    with pytest.raises(NotFound):
+        ward_census(seeded, "not-a-ward", NOW)
+
+
+def test_acknowledging_twice_records_one_task(seeded: Store) -> None:
+    pending = [r for r in reports(seeded, ("category", "LAB")) if r.acknowledgement is None]
+    assert pending
+    first = acknowledge_result(seeded, pending[0].id, NURSE, NOW)
+    second = acknowledge_result(seeded, pending[0].id, Clinician("doctor", "Dr Y"), NOW + dt.timedelta(minutes=5))
+    assert first == second and first.by == "LEROY Hélène"
+    assert len(find(seeded, "Task", ("focus", f"DiagnosticReport/{pending[0].id}"))) == 1
+
+
+def test_invalid_vitals_write_nothing_and_valid_ones_reach_the_chart(seeded: Store) -> None:
+    patient = find(seeded, "Patient")[0]["id"]
+    before = len(find(seeded, "Observation", ("subject", f"Patient/{patient}")))
+    with pytest.raises(InvalidForm) as refused:
+        record_vitals(seeded, patient, {"heart_rate": "80", "systolic": "90", "diastolic": "120"}, NURSE, NOW)
+    assert refused.value.problems == {"diastolic": "diastolic-above-systolic"}
+    with pytest.raises(InvalidForm):
+        record_vitals(seeded, patient, {}, NURSE, NOW)
+    assert len(find(seeded, "Observation", ("subject", f"Patient/{patient}"))) == before
+    record_vitals(seeded, patient, {"heart_rate": "131", "temperature": "38,2"}, NURSE, NOW + dt.timedelta(minutes=1))
+    chart = patient_chart(seeded, patient, NOW + dt.timedelta(minutes=2))
+    heart = next(s for s in chart.vitals if s.code == "8867-4")
+    assert heart.latest.value == 131 and heart.latest.flag == "H"
+
+
+def test_node_state_is_kept_apart_from_the_change_feed(store: Store) -> None:
+    before = store.changes(None, 1000).next_cursor
+    store.put_state("account", "nurse", {"role": "nurse"})
+    store.put_state("account", "admin", {"role": "admin"})
+    assert store.get_state("account", "nurse") == {"role": "nurse"}
+    assert [k for k, _ in store.list_state("account")] == ["admin", "nurse"]
+    store.put_state("account", "nurse", None)
+    assert store.get_state("account", "nurse") is None
+    assert store.changes(before, 10).changes == []

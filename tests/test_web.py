@@ -1,0 +1,215 @@
+"""The clinician web app over a real `rebond serve` process: sign-in, roles, pages, forms, errors."""
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rebond.clinical.census import group_wards, ward_census
+from rebond.store import open_store
+from tests.server import RebondServer
+from tests.web_client import csrf_of, signed_in
+
+
+@pytest.fixture(scope="module")
+def web(demo_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RebondServer]:
+    path = tmp_path_factory.mktemp("web") / "demo.db"
+    shutil.copyfile(demo_template, path)
+    server = RebondServer(f"sqlite:///{path}").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ward(web: RebondServer) -> dict[str, str]:
+    """A ward of the demo and one of its inpatients (with their stay's first prescription)."""
+    import datetime as dt
+
+    store = open_store(web.db)
+    try:
+        ward = group_wards(store)[0].wards[0][0]
+        census = ward_census(store, ward.id, dt.datetime.now(dt.UTC))
+        line = next(b for b in census.beds if b.patient is not None)
+        assert line.patient is not None
+        from rebond.clinical.records import find
+
+        request = find(store, "MedicationRequest", ("subject", f"Patient/{line.patient.id}"), ("status", "active"))[0]
+        return {"ward": ward.id, "patient": line.patient.id, "name": line.patient.name, "ipp": line.patient.ipp or "",
+                "birth": line.patient.birth_date.isoformat() if line.patient.birth_date else "", "request": request["id"]}
+    finally:
+        store.close()
+
+
+def fhir_count(web: RebondServer, query: str) -> int:
+    bundle = httpx.get(f"{web.fhir}/{query}&_summary=count", timeout=30).json()
+    return int(bundle["total"])
+
+
+def test_every_page_asks_for_sign_in_and_keeps_the_target(web: RebondServer, ward: dict[str, str]) -> None:
+    response = httpx.get(f"{web.base}/wards/{ward['ward']}", follow_redirects=False)
+    assert response.status_code == 303
+    assert response.headers["location"] == f"/login?next=%2Fwards%2F{ward['ward']}"
+
+
+def test_wrong_password_and_missing_csrf_are_refused(web: RebondServer) -> None:
+    client = httpx.Client(base_url=web.base, follow_redirects=False)
+    page = client.get("/login")
+    wrong = client.post("/login", data={"username": "nurse", "password": "nope", "csrf": csrf_of(page.text)})
+    assert wrong.status_code == 401 and "Identifiant ou mot de passe incorrect" in wrong.text
+    no_token = httpx.post(f"{web.base}/login", data={"username": "nurse", "password": "rebond-demo"}, follow_redirects=False)
+    assert no_token.status_code == 400 and "rebond_session" not in no_token.cookies
+
+
+def test_sign_in_lands_on_the_page_asked_for(web: RebondServer, ward: dict[str, str]) -> None:
+    client = httpx.Client(base_url=web.base, follow_redirects=False)
+    page = client.get(f"/login?next=/wards/{ward['ward']}")
+    response = client.post("/login", data={"username": "nurse", "password": "rebond-demo", "csrf": csrf_of(page.text),
+                                           "next": f"/wards/{ward['ward']}"})
+    assert response.status_code == 303 and response.headers["location"] == f"/wards/{ward['ward']}"
+    cookie = response.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=lax" in cookie
+    census = client.get(f"/wards/{ward['ward']}")
+    assert census.status_code == 200 and ward["name"] in census.text
+    assert census.headers["cache-control"] == "no-store" and "frame-ancestors 'none'" in census.headers["content-security-policy"]
+
+
+def test_a_redirect_target_never_leaves_the_site(web: RebondServer) -> None:
+    client = httpx.Client(base_url=web.base, follow_redirects=False)
+    page = client.get("/login")
+    response = client.post("/login", data={"username": "nurse", "password": "rebond-demo", "csrf": csrf_of(page.text),
+                                           "next": "//evil.example/"})
+    assert response.headers["location"] == "/"
+
+
+def test_roles_decide_what_a_user_sees_and_does(web: RebondServer, ward: dict[str, str]) -> None:
+    admin = signed_in(web.base, "admin")
+    assert admin.get(f"/patients/{ward['patient']}").status_code == 403
+    assert admin.get("/admin/accounts").status_code == 200
+    lab = signed_in(web.base, "lab")
+    assert lab.get(f"/patients/{ward['patient']}").status_code == 200
+    form = lab.get(f"/patients/{ward['patient']}")
+    assert lab.post(f"/patients/{ward['patient']}/vitals", data={"csrf": csrf_of(form.text), "heart_rate": "80"}).status_code == 403
+    nurse = signed_in(web.base, "nurse")
+    assert nurse.get("/admin/accounts").status_code == 403
+
+
+def test_unknown_patient_ward_and_page_are_404_pages(web: RebondServer) -> None:
+    nurse = signed_in(web.base, "nurse")
+    for path in ("/patients/no-such-patient", "/wards/no-such-ward", "/no/such/page"):
+        response = nurse.get(path)
+        assert response.status_code == 404, path
+        assert "text/html" in response.headers["content-type"] and "Traceback" not in response.text
+    assert httpx.get(f"{web.fhir}/Patient/nope").json()["resourceType"] == "OperationOutcome"
+
+
+def test_a_form_without_its_csrf_token_writes_nothing(web: RebondServer, ward: dict[str, str]) -> None:
+    nurse = signed_in(web.base, "nurse")
+    before = fhir_count(web, f"Observation?subject=Patient/{ward['patient']}")
+    response = nurse.post(f"/patients/{ward['patient']}/vitals", data={"heart_rate": "80", "csrf": "forged"})
+    assert response.status_code == 403
+    assert fhir_count(web, f"Observation?subject=Patient/{ward['patient']}") == before
+
+
+def test_invalid_vitals_come_back_with_reasons_and_nothing_is_written(web: RebondServer, ward: dict[str, str]) -> None:
+    nurse = signed_in(web.base, "nurse")
+    form = nurse.get(f"/patients/{ward['patient']}/vitals")
+    before = fhir_count(web, f"Observation?subject=Patient/{ward['patient']}")
+    response = nurse.post(f"/patients/{ward['patient']}/vitals",
+                          data={"csrf": csrf_of(form.text), "heart_rate": "82", "temperature": "73,5", "spo2": "abc"})
+    assert response.status_code == 422
+    assert "Doit être compris entre 30 et 44" in response.text and "Ce n&#39;est pas un nombre" in response.text
+    assert 'value="82"' in response.text, "what was typed is shown again"
+    assert fhir_count(web, f"Observation?subject=Patient/{ward['patient']}") == before, "nothing half-written"
+
+
+def test_valid_vitals_are_written_as_observations(web: RebondServer, ward: dict[str, str]) -> None:
+    nurse = signed_in(web.base, "nurse")
+    form = nurse.get(f"/patients/{ward['patient']}/vitals")
+    response = nurse.post(f"/patients/{ward['patient']}/vitals",
+                          data={"csrf": csrf_of(form.text), "heart_rate": "131", "temperature": "38,9"})
+    assert response.status_code == 303
+    found = httpx.get(f"{web.fhir}/Observation?subject=Patient/{ward['patient']}&code=http://loinc.org|8310-5&_sort=-date&_count=1").json()
+    latest = found["entry"][0]["resource"]
+    assert latest["valueQuantity"]["value"] == 38.9 and latest["interpretation"][0]["coding"][0]["code"] == "H"
+    assert latest["performer"][0]["display"], "who recorded it is on the record"
+
+
+def test_an_administration_not_given_needs_a_reason(web: RebondServer, ward: dict[str, str]) -> None:
+    nurse = signed_in(web.base, "nurse")
+    url = f"/patients/{ward['patient']}/administrations/{ward['request']}"
+    form = nurse.get(url)
+    assert form.status_code == 200
+    refused = nurse.post(url, data={"csrf": csrf_of(form.text), "outcome": "not-given", "reason": "", "time": "08:00"})
+    assert refused.status_code == 422 and "Indiquez pourquoi" in refused.text
+    saved = nurse.post(url, data={"csrf": csrf_of(form.text), "outcome": "not-given", "reason": "Patient au bloc", "time": "08:00"})
+    assert saved.status_code == 303
+    found = httpx.get(f"{web.fhir}/MedicationAdministration?request=MedicationRequest/{ward['request']}&status=not-done").json()
+    assert any(e["resource"].get("statusReason", [{}])[0].get("text") == "Patient au bloc" for e in found.get("entry", []))
+
+
+def test_acknowledging_a_result_is_recorded_once_as_a_task(web: RebondServer, ward: dict[str, str]) -> None:
+    doctor = signed_in(web.base, "doctor")
+    results = doctor.get(f"/results?ward={ward['ward']}&pending=1")
+    assert results.status_code == 200
+    report_ids = re.findall(r'action="/results/([^/]+)/acknowledge"', results.text)
+    assert report_ids, "the demo has results waiting for acknowledgement"
+    for _ in range(2):  # a double click acknowledges once
+        response = doctor.post(f"/results/{report_ids[0]}/acknowledge", data={"csrf": csrf_of(results.text), "next": "/results"})
+        assert response.status_code == 303
+    tasks = httpx.get(f"{web.fhir}/Task?focus=DiagnosticReport/{report_ids[0]}&code=urn:rebond:task|result-acknowledgement").json()
+    assert len(tasks["entry"]) == 1 and tasks["entry"][0]["resource"]["status"] == "completed"
+    after = doctor.get(f"/results?ward={ward['ward']}&pending=1")
+    assert f"/results/{report_ids[0]}/acknowledge" not in after.text
+
+
+def test_results_filter_rejects_a_bad_date_with_the_reason(web: RebondServer, ward: dict[str, str]) -> None:
+    nurse = signed_in(web.base, "nurse")
+    response = nurse.get(f"/results?ward={ward['ward']}&since=31/02/2026")
+    assert response.status_code == 400 and "jj/mm/aaaa" in response.text
+
+
+def test_patient_search_by_name_ipp_and_birth_date(web: RebondServer, ward: dict[str, str]) -> None:
+    nurse = signed_in(web.base, "nurse")
+    family = ward["name"].split()[0].lower()
+    y, m, d = ward["birth"].split("-")
+    for query in (family, ward["ipp"], f"{d}/{m}/{y}", f"{family} {d}/{m}/{y}"):
+        page = nurse.get("/patients", params={"q": query})
+        assert page.status_code == 200 and f"/patients/{ward['patient']}" in page.text, query
+    assert "Aucun patient" in nurse.get("/patients", params={"q": "Zzyzx"}).text
+    assert nurse.get("/patients", params={"q": "31/02/1950"}).status_code == 400
+
+
+def test_english_is_one_click_away(web: RebondServer, ward: dict[str, str]) -> None:
+    nurse = signed_in(web.base, "nurse")
+    assert "Lit libre" in nurse.get(f"/wards/{ward['ward']}").text or "Médecin référent" in nurse.get(f"/wards/{ward['ward']}").text
+    switched = nurse.get(f"/language/en?next=/wards/{ward['ward']}")
+    assert switched.status_code == 303 and switched.headers["location"] == f"/wards/{ward['ward']}"
+    english = nurse.get(f"/wards/{ward['ward']}")
+    assert "Attending" in english.text and 'lang="en"' in english.text
+
+
+def test_sign_out_ends_the_session(web: RebondServer) -> None:
+    nurse = signed_in(web.base, "nurse")
+    home = nurse.get("/")
+    assert home.status_code == 200
+    nurse.post("/logout", data={"csrf": csrf_of(home.text)})
+    assert nurse.get("/").status_code == 303
+
+
+def test_an_expired_session_goes_back_to_sign_in_keeping_the_target(demo_db: str) -> None:
+    server = RebondServer(demo_db, "--session-idle-minutes", "0.03").start()  # about 2 s without use
+    try:
+        nurse = signed_in(server.base, "nurse")
+        assert nurse.get("/").status_code == 200
+        time.sleep(2.5)
+        response = nurse.get("/results?ward=x")
+        assert response.status_code == 303
+        assert response.headers["location"] == "/login?next=%2Fresults%3Fward%3Dx&expired=1"
+        assert "a expiré" in nurse.get(response.headers["location"]).text
+    finally:
+        server.stop()
