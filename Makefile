@@ -28,7 +28,8 @@ system-deps:
 # the first time, the demo hospital group is generated into the default store
 demo: $(BIN)/rebond
 	@test -e var/rebond.db || $(BIN)/rebond seed --demo --db sqlite:///var/rebond.db
-	@echo "Rebond FHIR API: http://127.0.0.1:$(PORT)/fhir   (health: http://127.0.0.1:$(PORT)/healthz)"
+	@echo "Rebond web app: http://127.0.0.1:$(PORT)/   FHIR API: http://127.0.0.1:$(PORT)/fhir   (health: /healthz)"
+	@echo "demo accounts, password rebond-demo: nurse (nurse), doctor (physician), admin (IT), lab (lab staff)"
 	$(BIN)/rebond serve --port $(PORT)
 
 test: $(BIN)/rebond system-deps lint

@@ -128,6 +128,12 @@ def test_a_nurse_finds_the_allergy_and_the_potassium_and_acknowledges_it(browser
         page.click("button.primary")
         expect(page.locator(".field-error")).to_contain_text("between 30 and 44")
         page.screenshot(path=ARTIFACTS / "07-invalid-form.png", full_page=True)
+
+        page.set_viewport_size({"width": 768, "height": 1024})  # a ward tablet, upright
+        page.goto(f"{server.base}/wards/{ward_id}")
+        expect(page.locator(f"a.patient[href='/patients/{patient_id}']")).to_be_visible()
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), "no sideways scrolling on a tablet"
+        page.screenshot(path=ARTIFACTS / "08-census-tablet.png", full_page=True)
         page.close()
     finally:
         server.stop()

@@ -29,6 +29,8 @@ RECORD_BEFORE = dt.timedelta(hours=24)
 RECORD_AFTER = dt.timedelta(hours=12)
 #: the vital-signs trend covers the last days
 VITALS_WINDOW = dt.timedelta(days=7)
+#: the chart lists the latest lab reports (each analyte's whole history is in its plot)
+REPORTS_SHOWN = 20
 
 
 @dataclass
@@ -131,10 +133,10 @@ def patient_chart(store: Store, patient_id: str, now: dt.datetime) -> PatientCha
     doses = dose_schedule(prescriptions, administrations, now - RECORD_BEFORE, now + RECORD_AFTER, now)
     vitals = find(store, "Observation", ("subject", me), ("category", f"{OBSERVATION_CATEGORY}|vital-signs"),
                   ("date", f"ge{fhir_instant(now - VITALS_WINDOW)}"))
-    lab_reports = reports(store, ("subject", me), ("category", "LAB"))
-    in_reports = {r.id for report in lab_reports for r in report.results}
-    loose = [lab_result(o) for o in find(store, "Observation", ("subject", me), ("category", f"{OBSERVATION_CATEGORY}|laboratory"))
-             if o["id"] not in in_reports]  # results that came without a report still count
+    # every lab result, read once: the per-analyte history; the latest reports are drawn from the same results
+    lab_results = {o["id"]: lab_result(o) for o in find(store, "Observation", ("subject", me),
+                                                         ("category", f"{OBSERVATION_CATEGORY}|laboratory"))}
+    lab_reports = reports(store, ("subject", me), ("category", "LAB"), observations=lab_results, limit=REPORTS_SHOWN)
     imaging = reports(store, ("subject", me), ("category", "RAD"))
     notes = [_note(d) for d in find(store, "DocumentReference", ("subject", me), ("_sort", "-date"))]
     return PatientChart(
@@ -143,7 +145,7 @@ def patient_chart(store: Store, patient_id: str, now: dt.datetime) -> PatientCha
         allergies=allergies_by_patient(store, [patient_id]).get(patient_id, []), problems=sorted(p for p in problems if p),
         prescriptions=prescriptions, doses=doses, administrations=administrations,
         vitals=series_by_code([lab_result(o) for o in vitals]),
-        labs=sorted(series_by_code([r for report in lab_reports for r in report.results] + loose), key=lambda s: s.name),
+        labs=sorted(series_by_code(list(lab_results.values())), key=lambda s: s.name),
         lab_reports=lab_reports, imaging=imaging, notes=notes, as_of=now,
     )
 

@@ -19,14 +19,15 @@ HOSPITAL_TZ = ZoneInfo("Europe/Paris")
 SEARCH_LIMIT = 20_000
 
 
-def find(store: Store, resource_type: str, *params: tuple[str, str]) -> list[Resource]:
-    return find_with_included(store, resource_type, *params)[0]
+def find(store: Store, resource_type: str, *params: tuple[str, str], limit: int = SEARCH_LIMIT) -> list[Resource]:
+    return find_with_included(store, resource_type, *params, limit=limit)[0]
 
 
-def find_with_included(store: Store, resource_type: str, *params: tuple[str, str]) -> tuple[list[Resource], list[Resource]]:
-    """Search through the same parser and index as the FHIR API; every match, not one page."""
+def find_with_included(store: Store, resource_type: str, *params: tuple[str, str],
+                       limit: int = SEARCH_LIMIT) -> tuple[list[Resource], list[Resource]]:
+    """Search through the same parser and index as the FHIR API; every match (up to `limit`), not one page."""
     query = parse_search(resource_type, list(params))
-    query.count = SEARCH_LIMIT
+    query.count = limit
     result = store.search(query)
     return [orjson.loads(s.body) for s in result.matches if s.body], [orjson.loads(s.body) for s in result.included if s.body]
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from rebond.clinical.conventions import ABNORMAL_FLAGS, ACKNOWLEDGEMENT, CRITICAL_FLAGS, INTERPRETATION, TASK_CODE_SYSTEM
 from rebond.clinical.records import (
+    SEARCH_LIMIT,
     Clinician,
     Resource,
     any_of,
@@ -105,11 +106,16 @@ def _report(resource: Resource, observations: dict[str, LabResult]) -> ResultRep
     )
 
 
-def reports(store: Store, *params: tuple[str, str]) -> list[ResultReport]:
-    """DiagnosticReports matching a search, with their results and acknowledgements, newest first."""
-    found, included = find_with_included(store, "DiagnosticReport", *params, ("_include", "DiagnosticReport:result"),
-                                         ("_sort", "-issued"))
-    observations = {o["id"]: lab_result(o) for o in included if o.get("resourceType") == "Observation"}
+def reports(store: Store, *params: tuple[str, str], observations: dict[str, LabResult] | None = None,
+            limit: int = SEARCH_LIMIT) -> list[ResultReport]:
+    """DiagnosticReports matching a search, newest first, with their results and acknowledgements.
+
+    `observations` already read (by id) spare reading them again through _include.
+    """
+    include = () if observations is not None else (("_include", "DiagnosticReport:result"),)
+    found, included = find_with_included(store, "DiagnosticReport", *params, *include, ("_sort", "-issued"), limit=limit)
+    if observations is None:
+        observations = {o["id"]: lab_result(o) for o in included if o.get("resourceType") == "Observation"}
     out = [_report(r, observations) for r in found]
     acks = acknowledgements(store, [r.id for r in out])
     for report in out:

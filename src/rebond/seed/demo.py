@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from rebond.clinical.conventions import (
     ATC,
     DOCUMENT_CATEGORY,
@@ -36,6 +38,7 @@ from rebond.clinical.conventions import (
 from rebond.clinical.records import HOSPITAL_TZ, person_name
 from rebond.clinical.results import acknowledgement_task
 from rebond.fhir.bundles import process_transaction
+from rebond.fhir.search import parse_search
 from rebond.security.accounts import Account, Accounts
 from rebond.seed.vocabulary import (
     ALLERGIES,
@@ -289,7 +292,7 @@ def _value(rng: random.Random, typical: float, spread: float, decimals: int, abn
     return round(max(value, 0.0), decimals) if decimals else float(round(max(value, 0.0)))
 
 
-def _observation(new_id: Callable[[], str], patient: dict[str, Any], encounter: dict[str, Any], performer: dict[str, Any],
+def _observation(new_id: Callable[[], str], patient: dict[str, Any], encounter: dict[str, Any] | None, performer: dict[str, Any],
                  when: dt.datetime, category: str, code: str, name: str, unit: str, value: float, low: float, high: float
                  ) -> dict[str, Any]:
     flag = "H" if value > high else "L" if value < low else "N"
@@ -297,7 +300,7 @@ def _observation(new_id: Callable[[], str], patient: dict[str, Any], encounter: 
         "resourceType": "Observation", "id": new_id(), "status": "final",
         "category": [{"coding": [{"system": OBSERVATION_CATEGORY, "code": category}]}],
         "code": {"coding": [{"system": LOINC, "code": code, "display": name}], "text": name},
-        "subject": _ref(patient), "encounter": _ref(encounter), "effectiveDateTime": _iso(when), "issued": _iso(when),
+        "subject": _ref(patient), **_during(encounter), "effectiveDateTime": _iso(when), "issued": _iso(when),
         "performer": [_who(performer)],
         "valueQuantity": {"value": value, "unit": unit, "system": UCUM, "code": unit},
         "interpretation": [{"coding": [{"system": INTERPRETATION, "code": flag}]}],
@@ -324,7 +327,11 @@ def _results(new_id: Callable[[], str], rng: random.Random, patient: dict[str, A
     return out
 
 
-def _lab_panel(new_id: Callable[[], str], rng: random.Random, patient: dict[str, Any], encounter: dict[str, Any],
+def _during(encounter: dict[str, Any] | None) -> dict[str, Any]:
+    return {"encounter": _ref(encounter)} if encounter else {}
+
+
+def _lab_panel(new_id: Callable[[], str], rng: random.Random, patient: dict[str, Any], encounter: dict[str, Any] | None,
                performer: dict[str, Any], when: dt.datetime, tests: tuple[LabTest, ...]) -> list[dict[str, Any]]:
     observations = []
     for test in tests:
@@ -335,7 +342,7 @@ def _lab_panel(new_id: Callable[[], str], rng: random.Random, patient: dict[str,
         "resourceType": "DiagnosticReport", "id": new_id(), "status": "final",
         "category": [{"coding": [{"system": REPORT_SECTION, "code": "LAB"}]}],
         "code": {"coding": [{"system": LOINC, "code": "24323-8"}], "text": "Bilan biologique"},
-        "subject": _ref(patient), "encounter": _ref(encounter), "effectiveDateTime": _iso(when),
+        "subject": _ref(patient), **_during(encounter), "effectiveDateTime": _iso(when),
         "issued": _iso(when + dt.timedelta(minutes=55)), "result": [_ref(o) for o in observations],
     }
     return [_entry(o) for o in observations] + [_entry(report)]
@@ -476,3 +483,22 @@ def demo_accounts(accounts: Accounts, report: SeedReport) -> list[Account]:
         accounts.save("lab", DEMO_PASSWORD, "lab", "Laboratoire (démo)"),
         accounts.save("admin", DEMO_PASSWORD, "admin", "Informatique (démo)"),
     ]
+
+
+def add_result_history(store: Store, patient_id: str, *, days: int = 365, seed: int = 1, now: dt.datetime | None = None) -> int:
+    """A year (or `days`) of morning lab panels for one patient, as a long-stay or chronic patient has; returns resources written."""
+    now = (now or dt.datetime.now(dt.UTC)).replace(microsecond=0)
+    rng = random.Random(seed)
+    new_id = _Ids(random.Random(seed * 31 + 7))
+    patient = {"resourceType": "Patient", "id": patient_id}
+    biologist = store.search(parse_search("Practitioner", [("_count", "1")])).matches
+    if not biologist or not biologist[0].body:
+        raise ValueError("the store holds no Practitioner to sign the results")
+    performer = orjson.loads(biologist[0].body)
+    written = 0
+    for day in range(days, 0, -1):  # earlier visits: results outside the current stay
+        when = (now - dt.timedelta(days=day)).replace(hour=6, minute=0, second=0)
+        entries = _lab_panel(new_id, rng, patient, None, performer, when, LABS)
+        process_transaction(store, {"resourceType": "Bundle", "type": "transaction", "entry": entries}, "urn:rebond:seed")
+        written += len(entries)
+    return written

@@ -17,6 +17,22 @@ def human_unit(unit: str) -> str:
     return _UNITS.get(unit, unit)
 
 
+#: a sparkline a few centimetres wide shows no more points than this
+SPARKLINE_POINTS = 120
+
+
+def _thinned(points: list[tuple[dt.datetime, float, bool]], buckets: int) -> list[tuple[dt.datetime, float, bool]]:
+    """The lowest and highest point of each stretch of time, so no peak is lost when a year is drawn small."""
+    size = len(points) / buckets
+    out: list[tuple[dt.datetime, float, bool]] = []
+    for b in range(buckets):
+        chunk = points[int(b * size):int((b + 1) * size)]
+        if chunk:
+            extremes = {min(chunk, key=lambda p: p[1]), max(chunk, key=lambda p: p[1])}
+            out.extend(sorted(extremes, key=lambda p: p[0]))
+    return out
+
+
 def _scale(lo: float, hi: float, out_lo: float, out_hi: float) -> tuple[float, float]:
     span = hi - lo or 1.0
     factor = (out_hi - out_lo) / span
@@ -28,6 +44,8 @@ def trend_svg(series: Series, t: Translator, *, width: int = 560, height: int = 
     points = [(p.when, p.value, p.abnormal) for p in series.points if p.when is not None and p.value is not None]
     if not points:
         return Markup("")
+    if compact and len(points) > SPARKLINE_POINTS:
+        points = _thinned(points, SPARKLINE_POINTS // 2)
     pad_left, pad_right, pad_top, pad_bottom = (4, 4, 4, 4) if compact else (44, 12, 10, 24)
     values = [v for _, v, _ in points] + [x for x in (series.low, series.high) if x is not None]
     lo, hi = min(values), max(values)
