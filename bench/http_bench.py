@@ -13,11 +13,12 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import httpx
 import orjson
 from common import ROOT, SCRATCH, SYNTHEA, database, machine
-from loadgen import Result, run
+from loadgen import Request, Result, run
 
 from rebond.store import open_store
 from tests.pg_harness import free_port
@@ -106,6 +107,15 @@ OBSERVATION = orjson.dumps({
 FHIR = {"Content-Type": "application/fhir+json"}
 
 
+def signed(make: Callable[[int], Request], server: RebondServer) -> Callable[[int], Request]:
+    """The same requests, carrying the server's API token, as every integration does."""
+    def request(n: int) -> Request:
+        method, path, body, headers = make(n)
+        return method, path, body, {**headers, **server.headers}
+
+    return request
+
+
 def report(title: str, rebond_result: Result, baseline: Result) -> None:
     print(f"{title}")
     print("  " + rebond_result.line())
@@ -131,13 +141,13 @@ def main() -> None:
         try:
             obs = data["observations"]
             read = run("rebond GET Observation/{id}", "127.0.0.1", server.port,
-                       lambda n: ("GET", f"/fhir/Observation/{obs[n % len(obs)]}", b"", {}), concurrency=16, seconds=secs)
+                       signed(lambda n: ("GET", f"/fhir/Observation/{obs[n % len(obs)]}", b"", {}), server), concurrency=16, seconds=secs)
             base_read = run("baseline GET docs/Observation/{id}", "127.0.0.1", baseline.port,
                             lambda n: ("GET", f"/docs/Observation/{obs[n % len(obs)]}", b"", {}), concurrency=16, seconds=secs)
             report("read by id, 16 concurrent clients, all of Synthea loaded", read, base_read)
             for clients in (4, 16):
                 mix = run(f"rebond search mix ({clients} clients)", "127.0.0.1", server.port,
-                          lambda n: search_request(n, data), concurrency=clients, seconds=secs)
+                          signed(lambda n: search_request(n, data), server), concurrency=clients, seconds=secs)
                 report(f"search mix, {clients} concurrent clients (baseline: read by id, the floor of one request)", mix, base_read)
         finally:
             server.stop()
@@ -148,7 +158,7 @@ def main() -> None:
         baseline = BaselineServer(burl)
         try:
             create = run("rebond POST Observation", "127.0.0.1", server.port,
-                         lambda n: ("POST", "/fhir/Observation", OBSERVATION, FHIR), concurrency=16, seconds=secs)
+                         signed(lambda n: ("POST", "/fhir/Observation", OBSERVATION, FHIR), server), concurrency=16, seconds=secs)
             base_create = run("baseline POST docs/Observation", "127.0.0.1", baseline.port,
                               lambda n: ("POST", "/docs/Observation", OBSERVATION, FHIR), concurrency=16, seconds=secs)
             report("durable create, 16 concurrent clients (acknowledged after the commit is on disk)", create, base_create)

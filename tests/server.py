@@ -13,6 +13,11 @@ import httpx
 from tests.pg_harness import free_port
 
 
+def rebond(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the `rebond` command as a user would."""
+    return subprocess.run([sys.executable, "-m", "rebond.cli", *args], capture_output=True, text=True, timeout=600)
+
+
 class RebondServer:
     def __init__(self, db: str, *extra: str, site_id: str = "central") -> None:
         self.db = db
@@ -20,6 +25,7 @@ class RebondServer:
         self.extra = extra
         self.site_id = site_id
         self.proc: subprocess.Popen[bytes] | None = None
+        self.token = ""
         self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"rebond-serve-{self.port}.log"
 
     @property
@@ -30,7 +36,19 @@ class RebondServer:
     def fhir(self) -> str:
         return f"{self.base}/fhir"
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """What an integration sends: its API token."""
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def client(self, timeout: float = 30) -> httpx.Client:
+        return httpx.Client(base_url=self.fhir, headers=self.headers, timeout=timeout)
+
     def start(self, timeout: float = 30) -> RebondServer:
+        if not self.token:
+            from tests.auth import api_token_for
+
+            self.token = api_token_for(self.db)
         cmd = [sys.executable, "-m", "rebond.cli", "serve", "--db", self.db, "--port", str(self.port),
                "--site-id", self.site_id, "--log-level", "warning", *self.extra]
         with open(self.log, "wb") as log:

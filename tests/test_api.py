@@ -6,15 +6,15 @@ from collections.abc import Iterator
 import pytest
 from starlette.testclient import TestClient
 
-from rebond.app import create_app
 from rebond.store.base import Store
+from tests.auth import api_client
 
 FHIR = {"Content-Type": "application/fhir+json"}
 
 
 @pytest.fixture
 def client(store: Store) -> Iterator[TestClient]:
-    with TestClient(create_app(store)) as c:
+    with api_client(store) as c:
         yield c
 
 
@@ -124,9 +124,8 @@ def test_invalid_resource_names_the_path_of_each_problem(client: TestClient) -> 
 def test_body_over_the_limit_is_413(store: Store) -> None:
     from rebond.fhir.api import FhirApi
 
-    app = create_app(store)
     limit = FhirApi(store).max_body
-    with TestClient(app) as c:
+    with api_client(store) as c:
         resp = c.post("/fhir/Patient", content=b" " * (limit + 10), headers=FHIR)
     assert resp.status_code == 413 and resp.json()["resourceType"] == "OperationOutcome"
 

@@ -75,7 +75,7 @@ def _potassium_for_a_patient_with_an_allergy(server: RebondServer) -> tuple[str,
             "code": {"text": "Ionogramme sanguin"}, "subject": {"reference": f"Patient/{patient.id}"},
             "effectiveDateTime": when, "issued": when, "result": [{"reference": f"Observation/{obs_id}"}]}},
     ]}
-    response = httpx.post(server.fhir, json=bundle, headers={"Content-Type": "application/fhir+json"}, timeout=30)
+    response = httpx.post(server.fhir, json=bundle, headers={"Content-Type": "application/fhir+json", **server.headers}, timeout=30)
     assert response.status_code == 200, response.text
     return ward_id, patient.id, patient.name
 

@@ -7,15 +7,15 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from rebond.app import create_app
 from rebond.store.base import Store
+from tests.auth import api_client
 
 FHIR = {"Content-Type": "application/fhir+json"}
 
 
 @pytest.fixture
 def client(store: Store) -> Iterator[TestClient]:
-    with TestClient(create_app(store)) as c:
+    with api_client(store) as c:
         yield c
 
 

@@ -1,8 +1,6 @@
 """The `rebond` command as a person uses it, and a real server process driven by an independent FHIR client."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,11 +11,7 @@ from fhirclient.models.observation import Observation
 from fhirclient.models.patient import Patient
 
 from rebond.store import open_store
-from tests.server import RebondServer
-
-
-def rebond(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "rebond.cli", *args], capture_output=True, text=True, timeout=600)
+from tests.server import RebondServer, rebond
 
 
 @pytest.fixture
@@ -29,6 +23,7 @@ def server(engine_url: str) -> Iterator[RebondServer]:
 
 def test_an_independent_fhir_client_creates_reads_and_searches(server: RebondServer) -> None:
     smart = fhir_client.FHIRClient(settings={"app_id": "rebond-tests", "api_base": server.fhir + "/"})
+    smart.server.session.headers.update(server.headers)  # the integration's API token
     patient = Patient({"name": [{"family": "Moreau", "given": ["Inès"]}], "birthDate": "1983-05-17", "gender": "female"})
     created = patient.create(smart.server)
     assert created is not None and created["id"]
@@ -91,21 +86,20 @@ def test_import_through_a_running_server(server: RebondServer, tmp_path: Path) -
         ' "class": {"code": "IMP"}, "subject": {"reference": "urn:uuid:7d1c0f4e-0000-4000-8000-000000000001"}}}]}'
     )
     for _ in range(2):
-        result = rebond("import", "--url", server.fhir, str(bundle))
+        result = rebond("import", "--url", server.fhir, "--token", server.token, str(bundle))
         assert result.returncode == 0, result.stdout + result.stderr
     import httpx
 
-    found = httpx.get(f"{server.fhir}/Encounter?patient=7d1c0f4e-0000-4000-8000-000000000001").json()
+    found = httpx.get(f"{server.fhir}/Encounter?patient=7d1c0f4e-0000-4000-8000-000000000001", headers=server.headers).json()
     assert len(found["entry"]) == 2  # the Encounter has no id of its own: each load creates one, the Patient only once
-    assert httpx.get(f"{server.fhir}/Patient?family=roux&_summary=count").json()["total"] == 1
+    assert httpx.get(f"{server.fhir}/Patient?family=roux&_summary=count", headers=server.headers).json()["total"] == 1
 
 
 def test_several_worker_processes_share_one_store(tmp_path: Path) -> None:
-    import httpx
 
     srv = RebondServer(f"sqlite:///{tmp_path}/w.db", "--workers", "2").start()
     try:
-        with httpx.Client(base_url=srv.fhir, timeout=10) as client:
+        with srv.client(timeout=10) as client:
             ids = []
             for i in range(20):
                 resp = client.post("/Patient", json={"resourceType": "Patient", "name": [{"family": f"Worker{i}"}]},

@@ -19,7 +19,7 @@ def test_every_acknowledged_create_survives_a_kill_9(engine_url: str) -> None:
     stop = threading.Event()
 
     def write(worker: int) -> None:
-        with httpx.Client(base_url=server.fhir, timeout=5) as client:
+        with server.client(timeout=5) as client:
             n = 0
             while not stop.is_set():
                 n += 1
@@ -45,7 +45,7 @@ def test_every_acknowledged_create_survives_a_kill_9(engine_url: str) -> None:
 
     restarted = RebondServer(engine_url).start()
     try:
-        with httpx.Client(base_url=restarted.fhir, timeout=10) as client:
+        with restarted.client(timeout=10) as client:
             missing = [rid for rid in acknowledged if client.get(f"/Observation/{rid}").status_code != 200]
             total = client.get("/Observation?_summary=count").json()["total"]
         assert missing == []

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from rebond.app import create_app
 from rebond.store.base import Store
+from tests.auth import api_client
 
 LOINC = "http://loinc.org"
 
@@ -48,7 +48,7 @@ def ward(store: Store) -> Iterator[tuple[TestClient, dict[str, str]]]:
         "resourceType": "Encounter", "status": "in-progress", "class": {"code": "IMP"},
         "subject": {"reference": f"Patient/{ids['helene']}"}, "period": {"start": "2026-11-19T10:00:00Z"},
     }).stored.id
-    with TestClient(create_app(store)) as client:
+    with api_client(store) as client:
         yield client, ids
 
 
@@ -192,7 +192,7 @@ def test_uri_exact_below_and_above(store: Store) -> None:
     vital = store.create({"resourceType": "Observation", "status": "final", "code": {"text": "pouls"},
                           "meta": {"profile": [profile]}}).stored.id
     store.create({"resourceType": "Observation", "status": "final", "code": {"text": "note"}})
-    with TestClient(create_app(store)) as client:
+    with api_client(store) as client:
         assert ids_of(search(client, f"Observation?_profile={profile}")) == {vital}
         assert ids_of(search(client, "Observation?_profile:below=http://hl7.org/fhir/StructureDefinition/")) == {vital}
         assert ids_of(search(client, f"Observation?_profile:above={profile}/extra")) == {vital}

@@ -12,7 +12,7 @@ import pytest
 
 from rebond.clinical.census import group_wards, ward_census
 from rebond.store import open_store
-from tests.server import RebondServer
+from tests.server import RebondServer, rebond
 from tests.web_client import csrf_of, signed_in
 
 
@@ -46,7 +46,7 @@ def ward(web: RebondServer) -> dict[str, str]:
 
 
 def fhir_count(web: RebondServer, query: str) -> int:
-    bundle = httpx.get(f"{web.fhir}/{query}&_summary=count", timeout=30).json()
+    bundle = httpx.get(f"{web.fhir}/{query}&_summary=count", headers=web.headers, timeout=30).json()
     return int(bundle["total"])
 
 
@@ -104,7 +104,7 @@ def test_unknown_patient_ward_and_page_are_404_pages(web: RebondServer) -> None:
         response = nurse.get(path)
         assert response.status_code == 404, path
         assert "text/html" in response.headers["content-type"] and "Traceback" not in response.text
-    assert httpx.get(f"{web.fhir}/Patient/nope").json()["resourceType"] == "OperationOutcome"
+    assert httpx.get(f"{web.fhir}/Patient/nope", headers=web.headers).json()["resourceType"] == "OperationOutcome"
 
 
 def test_a_form_without_its_csrf_token_writes_nothing(web: RebondServer, ward: dict[str, str]) -> None:
@@ -133,7 +133,8 @@ def test_valid_vitals_are_written_as_observations(web: RebondServer, ward: dict[
     response = nurse.post(f"/patients/{ward['patient']}/vitals",
                           data={"csrf": csrf_of(form.text), "heart_rate": "131", "temperature": "38,9"})
     assert response.status_code == 303
-    found = httpx.get(f"{web.fhir}/Observation?subject=Patient/{ward['patient']}&code=http://loinc.org|8310-5&_sort=-date&_count=1").json()
+    found = httpx.get(f"{web.fhir}/Observation?subject=Patient/{ward['patient']}&code=http://loinc.org|8310-5&_sort=-date&_count=1",
+                      headers=web.headers).json()
     latest = found["entry"][0]["resource"]
     assert latest["valueQuantity"]["value"] == 38.9 and latest["interpretation"][0]["coding"][0]["code"] == "H"
     assert latest["performer"][0]["display"], "who recorded it is on the record"
@@ -148,7 +149,7 @@ def test_an_administration_not_given_needs_a_reason(web: RebondServer, ward: dic
     assert refused.status_code == 422 and "Indiquez pourquoi" in refused.text
     saved = nurse.post(url, data={"csrf": csrf_of(form.text), "outcome": "not-given", "reason": "Patient au bloc", "time": "08:00"})
     assert saved.status_code == 303
-    found = httpx.get(f"{web.fhir}/MedicationAdministration?request=MedicationRequest/{ward['request']}&status=not-done").json()
+    found = httpx.get(f"{web.fhir}/MedicationAdministration?request=MedicationRequest/{ward['request']}&status=not-done", headers=web.headers).json()
     assert any(e["resource"].get("statusReason", [{}])[0].get("text") == "Patient au bloc" for e in found.get("entry", []))
 
 
@@ -161,7 +162,8 @@ def test_acknowledging_a_result_is_recorded_once_as_a_task(web: RebondServer, wa
     for _ in range(2):  # a double click acknowledges once
         response = doctor.post(f"/results/{report_ids[0]}/acknowledge", data={"csrf": csrf_of(results.text), "next": "/results"})
         assert response.status_code == 303
-    tasks = httpx.get(f"{web.fhir}/Task?focus=DiagnosticReport/{report_ids[0]}&code=urn:rebond:task|result-acknowledgement").json()
+    tasks = httpx.get(f"{web.fhir}/Task?focus=DiagnosticReport/{report_ids[0]}&code=urn:rebond:task|result-acknowledgement",
+                      headers=web.headers).json()
     assert len(tasks["entry"]) == 1 and tasks["entry"][0]["resource"]["status"] == "completed"
     after = doctor.get(f"/results?ward={ward['ward']}&pending=1")
     assert f"/results/{report_ids[0]}/acknowledge" not in after.text
@@ -213,3 +215,32 @@ def test_an_expired_session_goes_back_to_sign_in_keeping_the_target(demo_db: str
         assert "a expiré" in nurse.get(response.headers["location"]).text
     finally:
         server.stop()
+
+
+def test_the_fhir_api_asks_for_a_token_or_a_session_and_checks_the_role(web: RebondServer, ward: dict[str, str]) -> None:
+    anonymous = httpx.get(f"{web.fhir}/Patient/{ward['patient']}")
+    assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"].startswith("Bearer")
+    assert anonymous.json()["resourceType"] == "OperationOutcome" and ward["name"].split()[0] not in anonymous.text
+    assert httpx.get(f"{web.fhir}/Patient/{ward['patient']}", headers={"Authorization": "Bearer rbd_forged"}).status_code == 401
+    assert httpx.post(f"{web.fhir}/Patient", json={"resourceType": "Patient"}).status_code == 401
+    assert httpx.get(f"{web.fhir}/metadata").status_code == 200, "the CapabilityStatement stays public"
+    assert httpx.get(f"{web.fhir}/Patient/{ward['patient']}", headers=web.headers).status_code == 200
+    nurse = signed_in(web.base, "nurse")  # the web session works for the API of the same site
+    assert nurse.get(f"/fhir/Patient/{ward['patient']}").status_code == 200
+    admin = signed_in(web.base, "admin")
+    assert admin.get(f"/fhir/Patient/{ward['patient']}").status_code == 403, "IT sees no patient data"
+
+
+def test_an_api_token_is_issued_once_and_checked_by_its_hash(demo_db: str) -> None:
+    issued = rebond("accounts", "token", "nurse", "--db", demo_db)
+    assert issued.returncode == 0
+    token = issued.stdout.strip()
+    assert token.startswith("rbd_")
+    server = RebondServer(demo_db).start()
+    try:
+        assert httpx.get(f"{server.fhir}/Patient?_count=1", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    finally:
+        server.stop()
+    assert token not in Path(demo_db.removeprefix("sqlite:///")).read_bytes().decode("latin-1")
+    missing = rebond("accounts", "token", "nobody", "--db", demo_db)
+    assert missing.returncode == 1 and "no account 'nobody'" in missing.stderr

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -14,14 +15,15 @@ from rebond.fhir.api import FhirApi, error_response
 from rebond.fhir.errors import FhirError
 from rebond.security.accounts import Accounts
 from rebond.store.base import Store, StoreError
-from rebond.web.app import WebApp
+from rebond.web.app import SESSION_COOKIE, WebApp
 
 log = logging.getLogger("rebond")
 
 
 def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: bool = False) -> Starlette:
-    api = FhirApi(store)
-    web = WebApp(store, Accounts(store, idle=session_idle), secure_cookies=secure_cookies)
+    accounts = Accounts(store, idle=session_idle)
+    api = FhirApi(store, authorize=api_guard(accounts))
+    web = WebApp(store, accounts, secure_cookies=secure_cookies)
 
     async def healthz(request: Request) -> Response:
         try:
@@ -44,6 +46,27 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
                     exception_handlers={404: unrouted, 405: unrouted})
     app.state.store = store
     return app
+
+
+def api_guard(accounts: Accounts) -> Callable[[Request, bool], Awaitable[None]]:
+    """Every FHIR request but the CapabilityStatement carries an API token (`Authorization: Bearer`) or a web session."""
+
+    async def authorize(request: Request, writes: bool) -> None:
+        header = request.headers.get("authorization", "")
+        account = None
+        if header[:7].lower() == "bearer ":
+            account = accounts.token_account(header[7:].strip())  # cached: no database read on most requests
+            if account is None:
+                raise FhirError(401, "the API token is unknown, revoked or its account disabled", code="login")
+        elif request.cookies.get(SESSION_COOKIE):
+            session = await run_in_threadpool(accounts.session, request.cookies[SESSION_COOKIE])
+            account = await run_in_threadpool(accounts.get, session.username) if session else None
+        if account is None:
+            raise FhirError(401, "sign in: send 'Authorization: Bearer <token>' (rebond accounts token USER)", code="login")
+        if not account.may("fhir-write" if writes else "fhir-read"):
+            raise FhirError(403, f"the role '{account.role}' may not {'write' if writes else 'read'} clinical data", code="forbidden")
+
+    return authorize
 
 
 def app_from_environment() -> Starlette:

@@ -80,6 +80,7 @@ def import_(
     paths: Annotated[list[str], typer.Argument(help="Bundle (.json, .json.bz2) or NDJSON files, or folders of them")],
     db: Annotated[str | None, typer.Option(help="load straight into this database")] = None,
     url: Annotated[str | None, typer.Option(help="load through a running server's FHIR base URL")] = None,
+    token: Annotated[str, typer.Option(envvar="REBOND_TOKEN", help="API token for --url (rebond accounts token USER)")] = "",
     jobs: Annotated[int, typer.Option(help="transaction Bundles loaded side by side (default: 1 on SQLite, 2 otherwise)")] = 0,
 ) -> None:
     """Load FHIR Bundles (batch, transaction) and NDJSON files; re-importing creates no duplicates."""
@@ -95,7 +96,7 @@ def import_(
     store = None
     try:
         if url:
-            target = ServerTarget(url)
+            target = ServerTarget(url, token)
         else:
             store = open_store(db or DEFAULT_DB, site_id="import")
             target = StoreTarget(store)
@@ -182,7 +183,7 @@ app.add_typer(accounts_app, name="accounts")
 @accounts_app.command("add")
 def accounts_add(
     username: Annotated[str, typer.Argument(help="the sign-in name")],
-    role: Annotated[str, typer.Option(help="nurse, physician, lab or admin")],
+    role: Annotated[str, typer.Option(help="nurse, physician, lab, admin, or system (an interface or another node)")],
     name: Annotated[str, typer.Option(help="the name shown on records, e.g. 'Dr Marie DUPONT'")] = "",
     practitioner: Annotated[str, typer.Option(help="id of the Practitioner this account stands for")] = "",
     db: Annotated[str, typer.Option(help="database of the node")] = DEFAULT_DB,
@@ -203,6 +204,28 @@ def accounts_add(
     finally:
         store.close()
     out_console.print(f"account {account.username} ({account.role}) saved")
+
+
+@accounts_app.command("token")
+def accounts_token(
+    username: Annotated[str, typer.Argument(help="the account the token acts as")],
+    label: Annotated[str, typer.Option(help="what the token is for, e.g. 'lab interface'")] = "",
+    db: Annotated[str, typer.Option(help="database of the node")] = DEFAULT_DB,
+) -> None:
+    """Print a new API token (Authorization: Bearer …) for an account; it is shown only this once."""
+    from rebond.security.accounts import AccountError, Accounts
+
+    try:
+        store = open_store(db)
+    except StoreError as err:
+        raise fail(str(err)) from None
+    try:
+        token = Accounts(store).issue_token(username, label)
+    except AccountError as err:
+        raise fail(str(err)) from None
+    finally:
+        store.close()
+    print(token)
 
 
 @accounts_app.command("list")

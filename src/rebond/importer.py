@@ -60,8 +60,9 @@ class StoreTarget:
 class ServerTarget:
     """Through a running server's FHIR API."""
 
-    def __init__(self, base_url: str, timeout: float = 300.0) -> None:
-        self.client = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
+    def __init__(self, base_url: str, token: str = "", timeout: float = 300.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.client = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, headers=headers)
 
     def _post(self, bundle: dict[str, Any]) -> dict[str, Any]:
         resp = self.client.post("", content=orjson.dumps(bundle), headers={"Content-Type": "application/fhir+json"})

@@ -63,8 +63,11 @@ def version_headers(stored: Stored, base_url: str, *, location: bool = False) ->
 class FhirApi:
     """Routes of one FHIR endpoint over one store."""
 
-    def __init__(self, store: Store, *, max_body: int = MAX_BODY_BYTES, search_slots: int = SEARCH_SLOTS) -> None:
+    def __init__(self, store: Store, *, max_body: int = MAX_BODY_BYTES, search_slots: int = SEARCH_SLOTS,
+                 authorize: Callable[[Request, bool], Awaitable[None]] | None = None) -> None:
         self.store = store
+        # raises FhirError 401/403 unless the caller may read (False) or write (True); None: no accounts on this API
+        self.authorize = authorize
         self.max_body = max_body
         # searches beyond this many wait their turn: more threads only fight over the interpreter lock
         self._search_slots = anyio.Semaphore(search_slots)
@@ -74,7 +77,7 @@ class FhirApi:
     def routes(self) -> list[Route]:
         h = self._handler
         return [
-            Route("/fhir/metadata", h(self.metadata), methods=["GET"]),
+            Route("/fhir/metadata", h(self.metadata, public=True), methods=["GET"]),
             Route("/fhir/_history", h(self.history_system), methods=["GET"]),
             Route("/fhir/$changes", h(self.changes), methods=["GET"]),
             Route("/fhir", h(self.system_bundle), methods=["POST"]),
@@ -87,12 +90,18 @@ class FhirApi:
             Route("/fhir/{type}", h(self.type_level), methods=["GET", "POST", "PUT", "DELETE"]),
         ]
 
-    def _handler(self, fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    def _handler(self, fn: Callable[[Request], Awaitable[Response]], *, public: bool = False) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             try:
+                if self.authorize is not None and not public:
+                    writes = request.method not in ("GET", "HEAD") and not request.url.path.endswith("/_search")
+                    await self.authorize(request, writes)
                 return await fn(request)
             except Exception as err:  # every failure leaves as an OperationOutcome, never a stack trace
-                return error_response(err)
+                response = error_response(err)
+                if response.status_code == 401:
+                    response.headers["WWW-Authenticate"] = 'Bearer realm="rebond"'
+                return response
 
         return endpoint
 

@@ -19,13 +19,20 @@ from rebond.store.base import Store
 
 ACCOUNTS = "account"
 SESSIONS = "web-session"
+TOKENS = "api-token"
+#: a token's account is looked up at most this often (seconds): reads stay fast, a revoked token stops within it
+TOKEN_CACHE_SECONDS = 30.0
 
 #: what each role may do; the web app checks these names, never the role itself
+_FHIR = frozenset({"fhir-read", "fhir-write"})
 PERMISSIONS: dict[str, frozenset[str]] = {
-    "nurse": frozenset({"view-patients", "view-notes", "view-results", "record-vitals", "record-administrations", "acknowledge-results"}),
-    "physician": frozenset({"view-patients", "view-notes", "view-results", "record-vitals", "acknowledge-results"}),
-    "lab": frozenset({"view-patients", "view-results"}),
+    "nurse": frozenset({"view-patients", "view-notes", "view-results", "record-vitals", "record-administrations",
+                        "acknowledge-results"}) | _FHIR,
+    "physician": frozenset({"view-patients", "view-notes", "view-results", "record-vitals", "acknowledge-results"}) | _FHIR,
+    "lab": frozenset({"view-patients", "view-results"}) | _FHIR,
     "admin": frozenset({"manage-accounts", "view-status"}),
+    # interfaces and other nodes: importers, site nodes, the HL7 engine; the FHIR API only
+    "system": _FHIR,
 }
 ROLES = tuple(PERMISSIONS)
 
@@ -83,6 +90,7 @@ class Accounts:
         self.lifetime = lifetime
         self._failures: dict[str, _Failures] = {}
         self._lock = threading.Lock()
+        self._token_cache: dict[str, tuple[float, Account | None]] = {}
 
     # -- accounts
 
@@ -181,3 +189,41 @@ class Accounts:
         for key in gone:
             self.store.put_state(SESSIONS, key, None)
         return len(gone)
+
+    # -- API tokens (Authorization: Bearer)
+
+    def issue_token(self, username: str, label: str = "") -> str:
+        """A new API token for an account; only its SHA-256 is kept, the token is shown once."""
+        account = self.get(username)
+        if account is None:
+            raise AccountError(f"no account '{username}'")
+        token = "rbd_" + secrets.token_urlsafe(32)
+        self.store.put_state(TOKENS, _digest(token), {"username": account.username, "label": label, "created": time.time()})
+        return token
+
+    def revoke_tokens(self, username: str) -> int:
+        mine = [key for key, value in self.store.list_state(TOKENS) if value.get("username") == username.lower()]
+        for key in mine:
+            self.store.put_state(TOKENS, key, None)
+        with self._lock:
+            self._token_cache.clear()
+        return len(mine)
+
+    def token_account(self, token: str) -> Account | None:
+        if not token:
+            return None
+        key = _digest(token)
+        now = time.monotonic()
+        with self._lock:
+            cached = self._token_cache.get(key)
+        if cached is not None and now - cached[0] < TOKEN_CACHE_SECONDS:
+            return cached[1]
+        value = self.store.get_state(TOKENS, key)
+        account = self.get(value["username"]) if value else None
+        if account is not None and not account.active:
+            account = None
+        with self._lock:
+            if len(self._token_cache) > 10_000:
+                self._token_cache.clear()
+            self._token_cache[key] = (now, account)
+        return account
