@@ -13,6 +13,9 @@ def main() -> None:
     for script in ("import_bench.py", "http_bench.py"):
         print(f"== {script} {' '.join(args)}", flush=True)
         subprocess.run([sys.executable, str(HERE / script), *args], check=True)
+    if "postgres" not in args:  # the clinical pages are measured on the embedded store, as on a site node
+        print("== web_bench.py", flush=True)
+        subprocess.run([sys.executable, str(HERE / "web_bench.py")], check=True)
 
 
 if __name__ == "__main__":

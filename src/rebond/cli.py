@@ -1,11 +1,14 @@
 """The `rebond` command."""
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
 import time
-from typing import Annotated
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -14,6 +17,9 @@ from rich.table import Table
 
 from rebond.store import DEFAULT_DB, open_store
 from rebond.store.base import StoreError
+
+if TYPE_CHECKING:
+    from rebond.security.accounts import Accounts
 
 app = typer.Typer(help="Rebond: the hospital information system that keeps care going when the IT fails.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -48,6 +54,8 @@ def serve(
         raise fail(str(err)) from None
     out_console.print(f"Rebond serving the web app at http://{host}:{port}/ and FHIR R4 at http://{host}:{port}/fhir"
                       f" (store: {_redact(db)}, site: {site_id})")
+    # what start-up loaded (FHIR definitions, templates) lives as long as the process: keep the collector off it
+    gc.freeze()
     # uvicorn's access log prints request paths, which carry patient identifiers in searches: it stays off
     if workers > 1:
         store.close()  # each worker opens its own
@@ -180,6 +188,23 @@ accounts_app = typer.Typer(help="Sign-in accounts of this node: nurses, physicia
 app.add_typer(accounts_app, name="accounts")
 
 
+@contextmanager
+def _accounts_of(db: str) -> Iterator[Accounts]:
+    """The accounts of the node whose database is `db`; a refused change or an unreachable store is one line and exit 1."""
+    from rebond.security.accounts import AccountError, Accounts
+
+    try:
+        store = open_store(db)
+    except StoreError as err:
+        raise fail(str(err)) from None
+    try:
+        yield Accounts(store)
+    except AccountError as err:
+        raise fail(str(err)) from None
+    finally:
+        store.close()
+
+
 @accounts_app.command("add")
 def accounts_add(
     username: Annotated[str, typer.Argument(help="the sign-in name")],
@@ -191,18 +216,8 @@ def accounts_add(
                                           envvar="REBOND_PASSWORD", help="asked for when not given")] = "",
 ) -> None:
     """Create an account (or replace it: a new password, a new role)."""
-    from rebond.security.accounts import AccountError, Accounts
-
-    try:
-        store = open_store(db)
-    except StoreError as err:
-        raise fail(str(err)) from None
-    try:
-        account = Accounts(store).save(username, password, role, name or username, practitioner or None)
-    except AccountError as err:
-        raise fail(str(err)) from None
-    finally:
-        store.close()
+    with _accounts_of(db) as accounts:
+        account = accounts.save(username, password, role, name or username, practitioner or None)
     out_console.print(f"account {account.username} ({account.role}) saved")
 
 
@@ -213,36 +228,18 @@ def accounts_token(
     db: Annotated[str, typer.Option(help="database of the node")] = DEFAULT_DB,
 ) -> None:
     """Print a new API token (Authorization: Bearer …) for an account; it is shown only this once."""
-    from rebond.security.accounts import AccountError, Accounts
-
-    try:
-        store = open_store(db)
-    except StoreError as err:
-        raise fail(str(err)) from None
-    try:
-        token = Accounts(store).issue_token(username, label)
-    except AccountError as err:
-        raise fail(str(err)) from None
-    finally:
-        store.close()
+    with _accounts_of(db) as accounts:
+        token = accounts.issue_token(username, label)
     print(token)
 
 
 @accounts_app.command("list")
 def accounts_list(db: Annotated[str, typer.Option(help="database of the node")] = DEFAULT_DB) -> None:
     """The accounts of this node."""
-    from rebond.security.accounts import Accounts
-
-    try:
-        store = open_store(db)
-    except StoreError as err:
-        raise fail(str(err)) from None
-    try:
-        table = Table("user", "name", "role", "active")
-        for a in Accounts(store).all():
+    table = Table("user", "name", "role", "active")
+    with _accounts_of(db) as accounts:
+        for a in accounts.all():
             table.add_row(a.username, a.display, a.role, "yes" if a.active else "no")
-    finally:
-        store.close()
     out_console.print(table)
 
 

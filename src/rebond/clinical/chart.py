@@ -21,7 +21,7 @@ from rebond.clinical.records import (
     patient_summary,
     read,
 )
-from rebond.clinical.results import LabResult, ResultReport, lab_result, reports
+from rebond.clinical.results import LabResult, ResultReport, lab_result, lab_results, reports
 from rebond.store.base import NotFound, Store
 
 #: how much of the administration record the chart shows around now
@@ -134,9 +134,8 @@ def patient_chart(store: Store, patient_id: str, now: dt.datetime) -> PatientCha
     vitals = find(store, "Observation", ("subject", me), ("category", f"{OBSERVATION_CATEGORY}|vital-signs"),
                   ("date", f"ge{fhir_instant(now - VITALS_WINDOW)}"))
     # every lab result, read once: the per-analyte history; the latest reports are drawn from the same results
-    lab_results = {o["id"]: lab_result(o) for o in find(store, "Observation", ("subject", me),
-                                                         ("category", f"{OBSERVATION_CATEGORY}|laboratory"))}
-    lab_reports = reports(store, ("subject", me), ("category", "LAB"), observations=lab_results, limit=REPORTS_SHOWN)
+    results_by_id = lab_results(store, ("subject", me), ("category", f"{OBSERVATION_CATEGORY}|laboratory"))
+    lab_reports = reports(store, ("subject", me), ("category", "LAB"), observations=results_by_id, limit=REPORTS_SHOWN)
     imaging = reports(store, ("subject", me), ("category", "RAD"))
     notes = [_note(d) for d in find(store, "DocumentReference", ("subject", me), ("_sort", "-date"))]
     return PatientChart(
@@ -145,7 +144,7 @@ def patient_chart(store: Store, patient_id: str, now: dt.datetime) -> PatientCha
         allergies=allergies_by_patient(store, [patient_id]).get(patient_id, []), problems=sorted(p for p in problems if p),
         prescriptions=prescriptions, doses=doses, administrations=administrations,
         vitals=series_by_code([lab_result(o) for o in vitals]),
-        labs=sorted(series_by_code(list(lab_results.values())), key=lambda s: s.name),
+        labs=sorted(series_by_code(list(results_by_id.values())), key=lambda s: s.name),
         lab_reports=lab_reports, imaging=imaging, notes=notes, as_of=now,
     )
 

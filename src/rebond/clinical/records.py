@@ -11,7 +11,7 @@ import orjson
 
 from rebond.clinical.conventions import GROUP_IPP_SYSTEM
 from rebond.fhir.search import parse_search
-from rebond.store.base import Store
+from rebond.store.base import Store, Stored
 
 Resource = dict[str, Any]
 HOSPITAL_TZ = ZoneInfo("Europe/Paris")
@@ -30,6 +30,13 @@ def find_with_included(store: Store, resource_type: str, *params: tuple[str, str
     query.count = limit
     result = store.search(query)
     return [orjson.loads(s.body) for s in result.matches if s.body], [orjson.loads(s.body) for s in result.included if s.body]
+
+
+def find_stored(store: Store, resource_type: str, *params: tuple[str, str], limit: int = SEARCH_LIMIT) -> list[Stored]:
+    """The matching versions as stored (ids, versions, JSON bodies), for callers that cache what they parse."""
+    query = parse_search(resource_type, list(params))
+    query.count = limit
+    return store.search(query).matches
 
 
 def read(store: Store, resource_type: str, resource_id: str) -> Resource | None:

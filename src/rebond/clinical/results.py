@@ -6,9 +6,13 @@ DiagnosticReport, owned by the clinician, so that it replicates, prints and audi
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+import orjson
 
 from rebond.clinical.conventions import ABNORMAL_FLAGS, ACKNOWLEDGEMENT, CRITICAL_FLAGS, INTERPRETATION, TASK_CODE_SYSTEM
 from rebond.clinical.records import (
@@ -19,6 +23,7 @@ from rebond.clinical.records import (
     concept_text,
     fhir_instant,
     find,
+    find_stored,
     find_with_included,
     first_code,
     instant,
@@ -26,7 +31,7 @@ from rebond.clinical.records import (
     ref_id,
 )
 from rebond.fhir import operations
-from rebond.store.base import NotFound, Store
+from rebond.store.base import NotFound, Store, Stored
 
 ACK_CODE = f"{TASK_CODE_SYSTEM}|{ACKNOWLEDGEMENT}"
 
@@ -93,6 +98,43 @@ def lab_result(observation: Resource) -> LabResult:
         low=(ranges[0].get("low") or {}).get("value"), high=(ranges[0].get("high") or {}).get("value"),
         flag=flag, when=instant(observation.get("effectiveDateTime") or observation.get("issued")),
     )
+
+
+class _LabResultCache:
+    """Parsed lab results by (id, version). A version never changes, so an entry is never stale; a
+    chart with a year of results then parses only what arrived since it was last opened."""
+
+    def __init__(self, size: int = 200_000) -> None:
+        self.size = size
+        self._entries: OrderedDict[tuple[str, int], LabResult] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def results(self, found: list[Stored]) -> dict[str, LabResult]:
+        out: dict[str, LabResult] = {}
+        missing: list[Stored] = []
+        with self._lock:
+            for stored in found:
+                hit = self._entries.get((stored.id, stored.version))
+                if hit is None:
+                    missing.append(stored)
+                else:
+                    out[stored.id] = hit
+        parsed = {s.id: (s.version, lab_result(orjson.loads(s.body))) for s in missing if s.body}
+        with self._lock:
+            for rid, (version, result) in parsed.items():
+                self._entries[(rid, version)] = result
+                out[rid] = result
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return out
+
+
+_lab_cache = _LabResultCache()
+
+
+def lab_results(store: Store, *params: tuple[str, str]) -> dict[str, LabResult]:
+    """Observations matching a search, as lab results by id."""
+    return _lab_cache.results(find_stored(store, "Observation", *params))
 
 
 def _report(resource: Resource, observations: dict[str, LabResult]) -> ResultReport:
