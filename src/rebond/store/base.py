@@ -86,6 +86,21 @@ class SearchResult:
 
 
 @dataclass(frozen=True)
+class InboxMessage:
+    """A message another system sent (an HL7 v2 message), as received, and what became of it."""
+
+    id: int
+    channel: str
+    sender: str
+    control_id: str
+    received: float
+    raw: bytes
+    status: str  # received (stored, not yet applied), applied, rejected (a dead letter)
+    detail: str  # what was applied, or why it was rejected
+    updated: float
+
+
+@dataclass(frozen=True)
 class Change:
     """An entry of the change feed: one committed version, in commit order."""
 
@@ -119,12 +134,20 @@ class Session(abc.ABC):
         """The current version as seen inside this transaction (locked against concurrent writers)."""
 
     @abc.abstractmethod
-    def search_ids(self, query: SearchQuery) -> list[str]:
-        """Ids matching a search, inside this transaction (for conditional operations)."""
+    def search_ids(self, query: SearchQuery, limit: int = 2) -> list[str]:
+        """Ids matching a search, inside this transaction: two tell a conditional operation all it needs."""
 
     @abc.abstractmethod
     def lock(self, key: str) -> None:
         """Serialise with every other transaction that locks the same key (conditional create)."""
+
+    @abc.abstractmethod
+    def receive_message(self, channel: str, sender: str, control_id: str, raw: bytes) -> tuple[InboxMessage, bool]:
+        """Keep a message as received; (the message, True) when new, (the one kept earlier, False) for a re-send."""
+
+    @abc.abstractmethod
+    def settle_message(self, message_id: int, status: str, detail: str, raw: bytes | None = None) -> None:
+        """Record what became of a message (and, for a corrected one, its new content), with the writes it caused."""
 
     @abc.abstractmethod
     def put_state(self, namespace: str, key: str, value: Any) -> None:
@@ -166,6 +189,13 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def changes(self, after: str | None, count: int = 100) -> ChangePage:
         """Committed versions after `after` (an opaque cursor; None from the start), in commit order."""
+
+    @abc.abstractmethod
+    def message(self, message_id: int) -> InboxMessage | None: ...
+
+    @abc.abstractmethod
+    def messages(self, channel: str, status: str | None = None, *, limit: int = 100, after_id: int = 0) -> list[InboxMessage]:
+        """Messages of a channel (of one status), oldest first."""
 
     @abc.abstractmethod
     def get_state(self, namespace: str, key: str) -> Any:

@@ -16,6 +16,7 @@ from rebond.fhir.searchparams import registry
 from rebond.store.base import (
     Change,
     ChangePage,
+    InboxMessage,
     PreconditionFailed,
     SearchResult,
     Session,
@@ -75,6 +76,13 @@ class Cursor(abc.ABC):
     def fetchall(self) -> list[Any]: ...
 
 
+_INBOX_COLUMNS = "id, channel, sender, control_id, received, raw, status, detail, updated"
+
+
+def inbox_from_row(row: Sequence[Any]) -> InboxMessage:
+    return InboxMessage(int(row[0]), row[1], row[2], row[3], float(row[4]), bytes(row[5]), row[6], row[7], float(row[8]))
+
+
 class SQLSession(Session):
     """A write transaction over one connection, in the dialect of its store."""
 
@@ -96,14 +104,35 @@ class SQLSession(Session):
         row = self.cur.fetchone()
         return stored_from_row(row) if row else None
 
-    def search_ids(self, query: SearchQuery) -> list[str]:
+    def search_ids(self, query: SearchQuery, limit: int = 2) -> list[str]:
         self.flush()
         where = where_fragment(query)
-        self.cur.execute(f"SELECT r.res_id FROM resources r WHERE {where.sql} LIMIT 2", where.params)
+        self.cur.execute(f"SELECT r.res_id FROM resources r WHERE {where.sql} LIMIT ?", [*where.params, limit])
         return [row[0] for row in self.cur.fetchall()]
 
     def lock(self, key: str) -> None:
         self.store.lock_key(self.cur, key)
+
+    def receive_message(self, channel: str, sender: str, control_id: str, raw: bytes) -> tuple[InboxMessage, bool]:
+        now = time.time()
+        self.cur.execute(
+            "INSERT INTO inbox (channel, sender, control_id, received, raw, status, detail, updated)"
+            " VALUES (?, ?, ?, ?, ?, 'received', '', ?) ON CONFLICT (channel, sender, control_id) DO NOTHING RETURNING id",
+            (channel, sender, control_id, now, self.store.blob(raw), now),
+        )
+        row = self.cur.fetchone()
+        if row is not None:
+            return InboxMessage(int(row[0]), channel, sender, control_id, now, raw, "received", "", now), True
+        self.cur.execute(f"SELECT {_INBOX_COLUMNS} FROM inbox WHERE channel = ? AND sender = ? AND control_id = ?",
+                         (channel, sender, control_id))
+        return inbox_from_row(self.cur.fetchone()), False
+
+    def settle_message(self, message_id: int, status: str, detail: str, raw: bytes | None = None) -> None:
+        if raw is None:
+            self.cur.execute("UPDATE inbox SET status = ?, detail = ?, updated = ? WHERE id = ?", (status, detail, time.time(), message_id))
+        else:
+            self.cur.execute("UPDATE inbox SET status = ?, detail = ?, raw = ?, updated = ? WHERE id = ?",
+                             (status, detail, self.store.blob(raw), time.time(), message_id))
 
     def put_state(self, namespace: str, key: str, value: Any) -> None:
         if value is None:
@@ -468,6 +497,21 @@ class SQLStore(Store):
             )
             cur.execute(sql, [*rids, *keys, *([inc.target_type] if inc.target_type else []), MAX_INCLUDED])
         return [(stored_from_row(row), int(row[9])) for row in cur.fetchall()]
+
+    def message(self, message_id: int) -> InboxMessage | None:
+        with self.reader() as cur:
+            cur.execute(f"SELECT {_INBOX_COLUMNS} FROM inbox WHERE id = ?", (message_id,))
+            row = cur.fetchone()
+        return inbox_from_row(row) if row else None
+
+    def messages(self, channel: str, status: str | None = None, *, limit: int = 100, after_id: int = 0) -> list[InboxMessage]:
+        where, params = "channel = ? AND id > ?", [channel, after_id]
+        if status is not None:
+            where += " AND status = ?"
+            params.append(status)
+        with self.reader() as cur:
+            cur.execute(f"SELECT {_INBOX_COLUMNS} FROM inbox WHERE {where} ORDER BY id LIMIT ?", [*params, limit])
+            return [inbox_from_row(r) for r in cur.fetchall()]
 
     def get_state(self, namespace: str, key: str) -> Any:
         with self.reader() as cur:

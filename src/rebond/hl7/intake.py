@@ -1,0 +1,156 @@
+"""Taking in one HL7 v2 message: kept raw and committed first, applied once, then acknowledged.
+
+    bytes → decode (MSH-18) → header → inbox (commit) → FHIR writes + "applied" (one commit) → AA
+                                     ↘ a re-send of an applied message: AA again, nothing applied twice
+    a message that cannot be processed: kept as a dead letter with the reason → AR with ERR
+    the store unavailable: the message stays "received" → AE, the sender retries (and start-up retries too)
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+from rebond.hl7.mapping import apply_message
+from rebond.hl7.message import CHARSETS, Header, Message, MessageError, acknowledgement, charset_of, decode
+from rebond.store.base import InboxMessage, Session, Store, StoreError, Unavailable
+
+log = logging.getLogger("rebond.hl7")
+CHANNEL = "hl7v2"
+#: a message over this size is refused (AR) and kept truncated as a dead letter; a lab result is a few kilobytes
+MAX_MESSAGE_BYTES = 1024 * 1024
+KEPT_OF_OVERSIZED = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The acknowledgement to send back, as bytes in the message's character set."""
+
+    ack: bytes
+    code: str  # AA, AE, AR (or CA, CE, CR)
+    message_id: int | None
+
+
+def _codes(header: Header | None) -> tuple[str, str, str]:
+    enhanced = header is not None and bool(header.accept_ack)
+    return ("CA", "CE", "CR") if enhanced else ("AA", "AE", "AR")
+
+
+def _answer(header: Header | None, code: str, text: str, message_id: int | None, *, error: MessageError | None = None,
+            control_id: str = "") -> Answer:
+    codec = CHARSETS.get((header.charset if header else "").upper(), "utf-8")
+    body = acknowledgement(header, code, text, error=error, control_id=control_id)
+    return Answer(body.encode(codec, "replace"), code, message_id)
+
+
+def _control_id_of(raw: bytes) -> str:
+    """MSH-10 read from the bytes, for answering a message that cannot be decoded."""
+    first = raw.split(b"\r", 1)[0]
+    if first.startswith(b"MSH") and len(first) > 3:
+        fields = first.split(first[3:4])
+        if len(fields) > 9:
+            return fields[9].decode("ascii", "replace")
+    return ""
+
+
+def receive(store: Store, raw: bytes) -> Answer:
+    """Take in one message (the MLLP payload) and say how to acknowledge it."""
+    header: Header | None = None
+    message: Message | None = None
+    problem: MessageError | None = None
+    try:
+        text, _charset = decode(raw)
+        message = Message(text)
+        header = message.header()
+    except MessageError as err:
+        problem = err
+    sender = header.sender if header else "?"
+    control_id = header.control_id if header else (_control_id_of(raw) or "sha256:" + hashlib.sha256(raw).hexdigest())
+    accept, error, reject = _codes(header)
+    try:
+        kept, new = store.write(lambda tx: tx.receive_message(CHANNEL, sender, control_id, raw))
+    except StoreError as err:
+        log.warning("message not kept, the store is unavailable: %s", err)
+        return _answer(header, error, "the message could not be stored; send it again", None, control_id=control_id)
+    if not new and kept.raw != raw:
+        # same sender and control id, other content: refused rather than silently ignored
+        conflict = MessageError(f"MSH-10 '{control_id}' was already used by another message from {sender}", code=207,
+                                location="MSH-10")
+        return _answer(header, reject, conflict.text, kept.id, error=conflict)
+    if not new and kept.status == "applied":
+        return _answer(header, accept, "already received and applied", kept.id)
+    if not new and kept.status == "rejected":
+        return _answer(header, reject, kept.detail, kept.id, error=MessageError(kept.detail))
+    if problem is not None or message is None:
+        assert problem is not None
+        return _reject(store, kept, header, problem)
+    return _apply(store, kept, message, header)
+
+
+def _reject(store: Store, kept: InboxMessage, header: Header | None, problem: MessageError) -> Answer:
+    _accept, error, reject = _codes(header)
+    try:
+        store.write(lambda tx: tx.settle_message(kept.id, "rejected", problem.text))
+    except StoreError:
+        return _answer(header, error, "the store is unavailable; send it again", kept.id, control_id=kept.control_id)
+    log.info("message %s rejected: %s", kept.id, problem.text)
+    return _answer(header, reject, problem.text, kept.id, error=problem, control_id=kept.control_id)
+
+
+def _apply(store: Store, kept: InboxMessage, message: Message, header: Header | None) -> Answer:
+    accept, error, _ = _codes(header)
+
+    def work(tx: Session) -> str:
+        applied = apply_message(tx, message)
+        summary = applied.summary()
+        tx.settle_message(kept.id, "applied", summary)
+        return summary
+
+    try:
+        store.write(work)
+    except MessageError as err:
+        return _reject(store, kept, header, err)
+    except (Unavailable, StoreError) as err:
+        if isinstance(err, Unavailable) or err.status >= 500:
+            log.warning("message %s waits: the store is unavailable (%s)", kept.id, err)
+            return _answer(header, error, "the store is unavailable; send it again", kept.id)
+        return _reject(store, kept, header, MessageError(f"the store refused the result: {err}", code=207))
+    except Exception:
+        log.exception("message %s: unexpected failure", kept.id)
+        return _reject(store, kept, header, MessageError("internal error while applying the message", code=207))
+    return _answer(header, accept, "", kept.id)
+
+
+def recover(store: Store) -> int:
+    """Apply every message kept but not yet applied (a crash between keeping and applying); returns how many."""
+    count = 0
+    after = 0
+    while True:
+        waiting = store.messages(CHANNEL, "received", limit=200, after_id=after)
+        if not waiting:
+            return count
+        for kept in waiting:
+            after = kept.id
+            replay(store, kept.id)
+            count += 1
+
+
+def replay(store: Store, message_id: int, corrected: bytes | None = None) -> Answer:
+    """Process a kept message again (a dead letter after the cause was fixed), or its corrected content."""
+    kept = store.message(message_id)
+    if kept is None:
+        raise LookupError(f"no message {message_id}")
+    raw = corrected if corrected is not None else kept.raw
+    if corrected is not None:
+        original = kept.raw
+        store.write(lambda tx: (tx.put_state("hl7-original", str(message_id), original.decode("latin-1")),
+                                tx.settle_message(message_id, "received", "corrected by hand", raw=corrected)))
+    header: Header | None = None
+    try:
+        charset_of(raw)
+        text, _ = decode(raw)
+        message = Message(text)
+        header = message.header()
+    except MessageError as err:
+        return _reject(store, kept, header, err)
+    return _apply(store, kept, message, header)

@@ -1,0 +1,205 @@
+"""Reading an HL7 v2 message: its character set (MSH-18), its segments and fields, and writing the acknowledgement."""
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import re
+from dataclasses import dataclass
+
+import hl7
+
+#: MSH-18 values and the Python codec each names; no MSH-18 means ASCII by the standard, read as UTF-8 here
+CHARSETS = {
+    "": "utf-8", "ASCII": "ascii", "UNICODE UTF-8": "utf-8", "UTF-8": "utf-8", "UNICODE": "utf-8",
+    "8859/1": "iso-8859-1", "8859/15": "iso-8859-15", "ISO-8859-1": "iso-8859-1", "WINDOWS-1252": "cp1252",
+}
+_MSH18 = re.compile(rb"^MSH(.)")
+
+
+class MessageError(ValueError):
+    """A message that cannot be processed as sent: answered AR (or CR) with an ERR segment, kept as a dead letter.
+
+    `code` is an HL7 table 0357 error code: 100 segment sequence, 101 required field missing,
+    102 data type error, 103 table value not found, 200 unsupported message type, 207 application error.
+    """
+
+    def __init__(self, text: str, *, code: int = 207, location: str = "") -> None:
+        super().__init__(text)
+        self.text = text
+        self.code = code
+        self.location = location
+
+
+@dataclass(frozen=True)
+class Header:
+    """What MSH says: who sent it, its id, its type, how to answer."""
+
+    sending_application: str
+    sending_facility: str
+    receiving_application: str
+    receiving_facility: str
+    control_id: str
+    message_type: str  # ADT, ORU, …
+    trigger: str  # A01, R01, …
+    processing_id: str
+    version: str
+    charset: str  # MSH-18 as written
+    accept_ack: str  # MSH-15: set means enhanced acknowledgement mode
+
+    @property
+    def sender(self) -> str:
+        return f"{self.sending_application}|{self.sending_facility}"
+
+
+def charset_of(raw: bytes) -> str:
+    """MSH-18, read from the bytes before decoding (MSH itself is ASCII)."""
+    first = raw.split(b"\r", 1)[0]
+    match = _MSH18.match(first)
+    if not match:
+        raise MessageError("the message does not start with an MSH segment", code=100, location="MSH")
+    fields = first.split(match.group(1))
+    return fields[17].split(b"^")[0].decode("ascii", "replace").strip() if len(fields) > 17 else ""
+
+
+def decode(raw: bytes) -> tuple[str, str]:
+    """The message as text and the MSH-18 it declared; MessageError when the bytes do not match it."""
+    declared = charset_of(raw)
+    codec = CHARSETS.get(declared.upper())
+    if codec is None:
+        raise MessageError(f"character set '{declared}' (MSH-18) is not supported: use UNICODE UTF-8 or 8859/1",
+                           code=103, location="MSH-18")
+    try:
+        return raw.decode(codec), declared
+    except UnicodeDecodeError as err:
+        raise MessageError(f"the bytes are not valid {declared or 'UTF-8'} (MSH-18) at byte {err.start}", code=102,
+                           location="MSH-18") from None
+
+
+class Message:
+    """A parsed message with forgiving accessors: a missing field reads as ''."""
+
+    def __init__(self, text: str) -> None:
+        text = text.replace("\r\n", "\r").replace("\n", "\r").strip("\r")
+        if not text.startswith("MSH"):
+            raise MessageError("the message does not start with an MSH segment", code=100, location="MSH")
+        try:
+            self.parsed = hl7.parse(text)
+        except Exception as err:  # the parser's own errors say little; ours says where
+            raise MessageError(f"the message cannot be parsed: {err}", code=100) from None
+        self.names = [str(segment[0]) for segment in self.parsed]
+
+    def segments(self, name: str) -> list[Segment]:
+        counter = itertools.count(1)
+        return [Segment(self, name, next(counter)) for n in self.names if n == name]
+
+    def segment(self, name: str) -> Segment | None:
+        found = self.segments(name)
+        return found[0] if found else None
+
+    def require(self, name: str) -> Segment:
+        found = self.segment(name)
+        if found is None:
+            raise MessageError(f"the {name} segment is missing", code=100, location=name)
+        return found
+
+    def ordered(self) -> list[Segment]:
+        """Every segment in message order (for groups: OBR followed by its OBX and NTE)."""
+        seen: dict[str, int] = {}
+        out = []
+        for name in self.names:
+            seen[name] = seen.get(name, 0) + 1
+            out.append(Segment(self, name, seen[name]))
+        return out
+
+    def header(self) -> Header:
+        msh = self.require("MSH")
+        header = Header(
+            msh.get(3), msh.get(4), msh.get(5), msh.get(6), msh.get(10), msh.get(9, 1), msh.get(9, 2), msh.get(11, 1),
+            msh.get(12, 1), msh.get(18), msh.get(15),
+        )
+        if not header.control_id:
+            raise MessageError("MSH-10 (message control id) is empty", code=101, location="MSH-10")
+        if not header.message_type:
+            raise MessageError("MSH-9 (message type) is empty", code=101, location="MSH-9")
+        return header
+
+
+class Segment:
+    def __init__(self, message: Message, name: str, occurrence: int) -> None:
+        self.message = message
+        self.name = name
+        self.occurrence = occurrence
+
+    def get(self, field: int, component: int = 1, subcomponent: int = 1, repetition: int = 1) -> str:
+        key = f"{self.name}{self.occurrence}.F{field}.R{repetition}.C{component}.S{subcomponent}"
+        try:
+            value = self.message.parsed[key]
+        except (KeyError, IndexError):
+            return ""
+        text = str(value)
+        if "\\" in text:
+            text = self.message.parsed.unescape(text.replace("\\.br\\", "\n").replace("\\X0A\\", "\n"))
+        return text.strip()
+
+    def repetitions(self, field: int) -> int:
+        try:
+            return max(1, len(self.message.parsed.segments(self.name)[self.occurrence - 1][field]))
+        except (KeyError, IndexError, TypeError):
+            return 0
+
+    def where(self, field: int) -> str:
+        return f"{self.name}-{field}"
+
+
+def hl7_time(value: str) -> dt.datetime | None:
+    """YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]; without a zone, the hospital's time (Europe/Paris)."""
+    from rebond.clinical.records import HOSPITAL_TZ
+
+    value = value.strip()
+    if not value:
+        return None
+    match = re.fullmatch(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.\d+)?([+-]\d{4})?", value)
+    if not match:
+        raise MessageError(f"'{value}' is not an HL7 date/time", code=102)
+    year, month, day, hour, minute, second, zone = match.groups()
+    try:
+        moment = dt.datetime(int(year), int(month or 1), int(day or 1), int(hour or 0), int(minute or 0), int(second or 0))
+    except ValueError:
+        raise MessageError(f"'{value}' is not a valid date/time", code=102) from None
+    if zone:
+        offset = dt.timedelta(hours=int(zone[1:3]), minutes=int(zone[3:5])) * (1 if zone[0] == "+" else -1)
+        return moment.replace(tzinfo=dt.timezone(offset))
+    return moment.replace(tzinfo=HOSPITAL_TZ)
+
+
+def hl7_now() -> str:
+    from rebond.clinical.records import HOSPITAL_TZ
+
+    return dt.datetime.now(HOSPITAL_TZ).strftime("%Y%m%d%H%M%S%z")
+
+
+def acknowledgement(header: Header | None, code: str, text: str = "", *, error: MessageError | None = None,
+                    control_id: str = "") -> str:
+    """The ACK for a message: MSA with `code` (AA/AE/AR, or CA/CE/CR), and ERR when refused."""
+    def clean(value: str) -> str:
+        return value.replace("|", " ").replace("^", " ").replace("~", " ").replace("\\", "/").replace("&", "+").replace("\r", " ")
+
+    if header is not None:
+        msh = (f"MSH|^~\\&|{header.receiving_application or 'REBOND'}|{header.receiving_facility}|{header.sending_application}|"
+               f"{header.sending_facility}|{hl7_now()}||ACK^{header.trigger}^ACK|ACK{clean(header.control_id)}|"
+               f"{header.processing_id or 'P'}|{header.version or '2.5'}||||||{header.charset}")
+        acked = header.control_id
+    else:
+        msh = f"MSH|^~\\&|REBOND||||{hl7_now()}||ACK^^ACK|ACK{control_id or 'UNKNOWN'}|P|2.5"
+        acked = control_id
+    segments = [msh, f"MSA|{code}|{clean(acked)}|{clean(text)[:200]}"]
+    if error is not None:
+        segment, _, field = error.location.partition("-")
+        location = f"{segment}^1^{field}" if field else segment  # ERL: segment^sequence^field
+        name = _ERROR_NAMES.get(error.code, "Application internal error")
+        segments.append(f"ERR||{location}|{error.code}^{name}^HL70357|E||||{clean(error.text)[:200]}")
+    return "\r".join(segments) + "\r"
+
+
+_ERROR_NAMES = {100: "Segment sequence error", 101: "Required field missing", 102: "Data type error", 103: "Table value not found",
+                200: "Unsupported message type", 201: "Unsupported event code", 207: "Application internal error"}
