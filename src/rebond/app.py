@@ -1,8 +1,9 @@
 """The Rebond web application: the FHIR API and the health probe, over one store."""
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -13,6 +14,8 @@ from starlette.routing import Route
 
 from rebond.fhir.api import FhirApi, error_response
 from rebond.fhir.errors import FhirError
+from rebond.hl7.intake import recover
+from rebond.hl7.mllp import MllpServer
 from rebond.security.accounts import Accounts
 from rebond.store.base import Store, StoreError
 from rebond.web.app import SESSION_COOKIE, WebApp
@@ -20,7 +23,8 @@ from rebond.web.app import SESSION_COOKIE, WebApp
 log = logging.getLogger("rebond")
 
 
-def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: bool = False) -> Starlette:
+def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: bool = False,
+               mllp: MllpServer | None = None) -> Starlette:
     accounts = Accounts(store, idle=session_idle)
     api = FhirApi(store, authorize=api_guard(accounts))
     web = WebApp(store, accounts, secure_cookies=secure_cookies)
@@ -42,8 +46,19 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
             return error_response(FhirError(status, message, code="not-found" if status == 404 else "exception"))
         return web.error_page(request, status, web.language_of(request).gettext("This page does not exist."))
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if mllp is not None:
+            recovered = await run_in_threadpool(recover, store)  # kept before a crash, never applied: applied now
+            if recovered:
+                log.info("%d HL7 messages kept before the last stop were applied", recovered)
+            await mllp.start()
+        yield
+        if mllp is not None:
+            await mllp.stop()
+
     app = Starlette(routes=[Route("/healthz", healthz, methods=["GET"]), *api.routes(), *web.routes()],
-                    exception_handlers={404: unrouted, 405: unrouted})
+                    exception_handlers={404: unrouted, 405: unrouted}, lifespan=lifespan)
     app.state.store = store
     return app
 

@@ -20,6 +20,7 @@ from rebond.store.base import StoreError
 
 if TYPE_CHECKING:
     from rebond.security.accounts import Accounts
+    from rebond.store.base import Store
 
 app = typer.Typer(help="Rebond: the hospital information system that keeps care going when the IT fails.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -41,6 +42,7 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
     workers: Annotated[int, typer.Option(help="server processes sharing the port (one per core)")] = 1,
     session_idle_minutes: Annotated[float, typer.Option(help="sign-in sessions close after this long without use")] = 30,
+    mllp_port: Annotated[int | None, typer.Option(help="also take HL7 v2 messages over MLLP on this port (2575 is usual)")] = None,
 ) -> None:
     """Serve the web app at http://HOST:PORT/ and the FHIR API at http://HOST:PORT/fhir."""
     import uvicorn
@@ -48,6 +50,8 @@ def serve(
     from rebond.app import create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if mllp_port is not None and workers > 1:
+        raise fail("--mllp-port runs in a single server process: leave out --workers, or run the listener on its own")
     try:
         store = open_store(db, site_id=site_id)
     except StoreError as err:
@@ -65,7 +69,13 @@ def serve(
         uvicorn.run("rebond.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
                     log_level=log_level, access_log=False)
         return
-    uvicorn.run(create_app(store, session_idle=session_idle_minutes * 60), host=host, port=port, log_level=log_level, access_log=False)
+    mllp = None
+    if mllp_port is not None:
+        from rebond.hl7.mllp import MllpServer
+
+        mllp = MllpServer(store, host, mllp_port)
+        out_console.print(f"HL7 v2 over MLLP on {host}:{mllp_port}")
+    uvicorn.run(create_app(store, session_idle=session_idle_minutes * 60, mllp=mllp), host=host, port=port, log_level=log_level, access_log=False)
 
 
 def _progress() -> Progress:
@@ -241,6 +251,92 @@ def accounts_list(db: Annotated[str, typer.Option(help="database of the node")] 
         for a in accounts.all():
             table.add_row(a.username, a.display, a.role, "yes" if a.active else "no")
     out_console.print(table)
+
+
+hl7_app = typer.Typer(help="HL7 v2 messages: dead letters, replay, a traffic simulator.", no_args_is_help=True)
+app.add_typer(hl7_app, name="hl7")
+
+
+@contextmanager
+def _store_of(db: str) -> Iterator[Store]:
+    try:
+        store = open_store(db)
+    except StoreError as err:
+        raise fail(str(err)) from None
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@hl7_app.command("dead-letters")
+def hl7_dead_letters(
+    db: Annotated[str, typer.Option(help="database of the node")] = DEFAULT_DB,
+    limit: Annotated[int, typer.Option(help="how many at most")] = 100,
+) -> None:
+    """Messages refused (AR) and kept: id, when, sender, control id, type, why."""
+    from rebond.hl7.intake import CHANNEL, describe
+
+    with _store_of(db) as store:
+        letters = store.messages(CHANNEL, "rejected", limit=limit)
+    table = Table("id", "received", "sender", "control id", "type", "reason")
+    for letter in letters:
+        kind, _ = describe(letter.raw)
+        table.add_row(str(letter.id), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter.received)), letter.sender,
+                      letter.control_id, kind, letter.detail)
+    out_console.print(table)
+    out_console.print(f"{len(letters)} dead letter(s)")
+
+
+@hl7_app.command("replay")
+def hl7_replay(
+    message_id: Annotated[int, typer.Argument(help="the dead letter's id (rebond hl7 dead-letters)")],
+    file: Annotated[str | None, typer.Option(help="the corrected message, to process instead of the one kept")] = None,
+    db: Annotated[str, typer.Option(help="database of the node")] = DEFAULT_DB,
+) -> None:
+    """Process a kept message again, after what made it fail was fixed (or with --file, its corrected text)."""
+    from pathlib import Path
+
+    from rebond.hl7.intake import replay
+
+    corrected = None
+    if file is not None:
+        try:
+            corrected = Path(file).read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+        except OSError as err:
+            raise fail(f"cannot read {file}: {err.strerror}") from None
+    with _store_of(db) as store:
+        try:
+            answer = replay(store, message_id, corrected)
+        except LookupError as err:
+            raise fail(str(err)) from None
+        kept = store.message(message_id)
+    if answer.code not in ("AA", "CA"):
+        raise fail(f"message {message_id} still refused: {kept.detail if kept else answer.code}")
+    out_console.print(f"message {message_id} applied: {kept.detail if kept else ''}")
+
+
+@hl7_app.command("simulate")
+def hl7_simulate(
+    target: Annotated[str, typer.Option(help="HOST:PORT of an MLLP listener (rebond serve --mllp-port)")],
+    rate: Annotated[float, typer.Option(help="messages per second (0: as fast as acknowledged)")] = 5.0,
+    count: Annotated[int, typer.Option(help="how many messages")] = 100,
+    seed: Annotated[int, typer.Option(help="same seed, same traffic")] = 1,
+) -> None:
+    """Send admissions and lab results for the demo group, as an admissions system and an analyzer chain would."""
+    from rebond.hl7.mllp import send_messages
+    from rebond.hl7.simulate import Traffic
+
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise fail(f"--target must be HOST:PORT, not '{target}'")
+    try:
+        codes = send_messages(host, int(port), (m.encode() for m in Traffic(seed).messages(count)), rate=rate)
+    except OSError as err:
+        raise fail(f"cannot reach {target}: {err.strerror or err}") from None
+    out_console.print(f"{sum(codes.values())} messages sent: " + ", ".join(f"{n} {c}" for c, n in sorted(codes.items())))
+    if set(codes) - {"AA", "CA"}:
+        raise typer.Exit(1)
 
 
 def main() -> None:

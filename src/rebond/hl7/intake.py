@@ -43,7 +43,7 @@ def _answer(header: Header | None, code: str, text: str, message_id: int | None,
     return Answer(body.encode(codec, "replace"), code, message_id)
 
 
-def _control_id_of(raw: bytes) -> str:
+def control_id_of(raw: bytes) -> str:
     """MSH-10 read from the bytes, for answering a message that cannot be decoded."""
     first = raw.split(b"\r", 1)[0]
     if first.startswith(b"MSH") and len(first) > 3:
@@ -65,7 +65,7 @@ def receive(store: Store, raw: bytes) -> Answer:
     except MessageError as err:
         problem = err
     sender = header.sender if header else "?"
-    control_id = header.control_id if header else (_control_id_of(raw) or "sha256:" + hashlib.sha256(raw).hexdigest())
+    control_id = header.control_id if header else (control_id_of(raw) or "sha256:" + hashlib.sha256(raw).hexdigest())
     accept, error, reject = _codes(header)
     try:
         kept, new = store.write(lambda tx: tx.receive_message(CHANNEL, sender, control_id, raw))
@@ -154,3 +154,13 @@ def replay(store: Store, message_id: int, corrected: bytes | None = None) -> Ans
     except MessageError as err:
         return _reject(store, kept, header, err)
     return _apply(store, kept, message, header)
+
+
+def describe(raw: bytes) -> tuple[str, str]:
+    """(message type, control id) read from the bytes, whatever their state."""
+    first = raw.split(b"\r", 1)[0]
+    if first.startswith(b"MSH") and len(first) > 3:
+        fields = first.split(first[3:4])
+        kind = fields[8].decode("ascii", "replace").split("^")[:2] if len(fields) > 8 else ["?"]
+        return "^".join(kind), control_id_of(raw)
+    return "?", ""
