@@ -306,7 +306,7 @@ def apply_adt(w: Writer, msg: Message, trigger: str) -> None:
     at = _movement_time(msg, pv1)
     encounter = find_encounter(w, pv1)
     if encounter is None:
-        if trigger not in ("A01", "A04", "A05", "A06", "A07", "A08", "A02", "A31", "Z99"):
+        if trigger not in ("A01", "A04", "A05", "A06", "A07", "A08"):
             raise MessageError(f"ADT^{trigger} refers to a stay (PV1-19 {_visit(pv1)[1]}) that was never admitted", code=207,
                                location="PV1-19")
         encounter = _new_encounter(pv1, patient)

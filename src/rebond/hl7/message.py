@@ -181,8 +181,9 @@ def hl7_now() -> str:
 def acknowledgement(header: Header | None, code: str, text: str = "", *, error: MessageError | None = None,
                     control_id: str = "") -> str:
     """The ACK for a message: MSA with `code` (AA/AE/AR, or CA/CE/CR), and ERR when refused."""
-    def clean(value: str) -> str:
-        return value.replace("|", " ").replace("^", " ").replace("~", " ").replace("\\", "/").replace("&", "+").replace("\r", " ")
+    def clean(value: str) -> str:  # HL7 escapes, so a reason may quote the message's own delimiters
+        value = value.replace("\\", "\\E\\").replace("|", "\\F\\").replace("^", "\\S\\").replace("~", "\\R\\")
+        return value.replace("&", "\\T\\").replace("\r", " ").replace("\n", " ")
 
     if header is not None:
         msh = (f"MSH|^~\\&|{header.receiving_application or 'REBOND'}|{header.receiving_facility}|{header.sending_application}|"

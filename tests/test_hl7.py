@@ -1,0 +1,175 @@
+"""HL7 v2 into FHIR, in process, on both engines: admissions and moves, results, corrections, merges, bad messages."""
+from __future__ import annotations
+
+import pytest
+
+from rebond.clinical.records import find, read
+from rebond.hl7.intake import CHANNEL, receive, replay
+from rebond.seed.demo import DemoSize, seed_demo
+from rebond.store.base import Store
+from tests.hl7_messages import adt, oru
+
+IPP_SYSTEM = "urn:oid:1.2.250.1.999.1.1"
+
+
+@pytest.fixture
+def hospital(store: Store) -> Store:
+    seed_demo(store, seed=2, size=DemoSize(1, 1, 4))
+    return store
+
+
+def patient(store: Store, ipp: str) -> dict[str, object]:
+    found = find(store, "Patient", ("identifier", f"{IPP_SYSTEM}|{ipp}"))
+    assert len(found) == 1
+    return found[0]
+
+
+def stay(store: Store, visit: str) -> dict[str, object]:
+    found = find(store, "Encounter", ("identifier", f"urn:oid:1.2.250.1.999.1.2|{visit}"))
+    assert len(found) == 1
+    return found[0]
+
+
+def active_places(encounter: dict[str, object]) -> list[str]:
+    return [loc["location"].get("display", "") for loc in encounter["location"] if loc["status"] == "active"]  # type: ignore[union-attr,index]
+
+
+def test_an_admission_creates_the_patient_and_the_stay_in_its_bed(hospital: Store) -> None:
+    answer = receive(hospital, adt("A01", "ADT1", "900000001", "V1", bed="H1-CARDIO-01A"))
+    assert answer.code == "AA" and b"MSA|AA|ADT1" in answer.ack
+    p = patient(hospital, "900000001")
+    assert p["name"][0]["family"] == "LÉGER" and p["birthDate"] == "1947-02-11" and p["gender"] == "female"  # type: ignore[index]
+    encounter = stay(hospital, "V1")
+    assert encounter["status"] == "in-progress" and encounter["class"]["code"] == "IMP"  # type: ignore[index]
+    bed = encounter["location"][0]["location"]  # type: ignore[index]
+    assert bed["reference"].startswith("Location/") and bed["display"] == "Lit H1-CARDIO-01A"  # the directory's bed
+
+
+def test_transfer_discharge_and_their_cancellations_keep_the_location_history(hospital: Store) -> None:
+    receive(hospital, adt("A01", "M1", "900000002", "V2", bed="H1-CARDIO-01A"))
+    receive(hospital, adt("A02", "M2", "900000002", "V2", bed="H1-CARDIO-02B", at="20261123120000"))
+    moved = stay(hospital, "V2")
+    assert active_places(moved) == ["Lit H1-CARDIO-02B", "Cardiologie — Hôpital Louis-Pasteur"]
+    closed = [loc for loc in moved["location"] if loc["status"] == "completed"]  # type: ignore[union-attr]
+    assert closed and all(loc["period"]["end"] == "2026-11-23T11:00:00Z" for loc in closed)
+    receive(hospital, adt("A12", "M3", "900000002", "V2", bed="H1-CARDIO-02B"))
+    assert active_places(stay(hospital, "V2"))[0] == "Lit H1-CARDIO-01A", "cancelling the transfer puts the patient back"
+    receive(hospital, adt("A03", "M4", "900000002", "V2", at="20261124090000"))
+    left = stay(hospital, "V2")
+    assert left["status"] == "finished" and left["period"]["end"] == "2026-11-24T08:00:00Z" and not active_places(left)  # type: ignore[index]
+    receive(hospital, adt("A13", "M5", "900000002", "V2"))
+    back = stay(hospital, "V2")
+    assert back["status"] == "in-progress" and "end" not in back["period"] and active_places(back)  # type: ignore[operator]
+    receive(hospital, adt("A21", "M6", "900000002", "V2"))
+    assert stay(hospital, "V2")["status"] == "onleave"
+    receive(hospital, adt("A22", "M7", "900000002", "V2"))
+    assert stay(hospital, "V2")["status"] == "in-progress"
+
+
+def test_a_result_becomes_a_report_with_flagged_observations_linked_to_order_and_stay(hospital: Store) -> None:
+    receive(hospital, adt("A01", "A1", "900000003", "V3", bed="H1-CARDIO-01B"))
+    assert receive(hospital, oru("L1", "900000003", "F100", visit="V3")).code == "AA"
+    p = patient(hospital, "900000003")
+    report = find(hospital, "DiagnosticReport", ("subject", f"Patient/{p['id']}"))[0]
+    assert report["status"] == "final" and report["encounter"]["reference"] == f"Encounter/{stay(hospital, 'V3')['id']}"
+    order = read(hospital, "ServiceRequest", report["basedOn"][0]["reference"].split("/")[1])
+    assert order is not None and {i["value"] for i in order["identifier"]} == {"PF100", "F100"}
+    values = {o["code"]["coding"][0]["code"]: o for o in find(hospital, "Observation", ("subject", f"Patient/{p['id']}"))}
+    k = values["2823-3"]
+    assert k["valueQuantity"]["value"] == 6.4 and k["interpretation"][0]["coding"][0]["code"] == "HH"
+    assert k["referenceRange"][0]["high"]["value"] == 5.0 and k["note"][0]["text"].startswith("Contrôle")
+    assert values["2160-0"]["valueQuantity"] == {"value": 30.0, "comparator": "<", "unit": "umol/L", "system": "http://unitsofmeasure.org",
+                                                  "code": "umol/L"}
+    assert values["8251-1"]["valueString"] == "Hémolysé"
+
+
+def test_a_correction_is_a_new_version_of_the_same_observation(hospital: Store) -> None:
+    receive(hospital, oru("C1", "900000004", "F200"))
+    receive(hospital, oru("C2", "900000004", "F200", potassium="4,1", flag="N", status="C"))
+    p = patient(hospital, "900000004")
+    k = [o for o in find(hospital, "Observation", ("subject", f"Patient/{p['id']}")) if o["code"]["coding"][0]["code"] == "2823-3"]
+    assert len(k) == 1 and k[0]["status"] == "corrected" and k[0]["valueQuantity"]["value"] == 4.1
+    assert k[0]["meta"]["versionId"] == "2"
+    assert find(hospital, "DiagnosticReport", ("subject", f"Patient/{p['id']}"))[0]["status"] == "corrected"
+
+
+def test_a_result_for_an_unknown_patient_is_kept_on_a_provisional_record_that_the_admission_completes(hospital: Store) -> None:
+    assert receive(hospital, oru("U1", "900000005", "F300")).code == "AA"
+    provisional = patient(hospital, "900000005")
+    assert provisional["meta"]["tag"][0]["code"] == "provisional-patient"  # type: ignore[index]
+    receive(hospital, adt("A01", "U2", "900000005", "V5", bed="H1-CARDIO-02A"))
+    admitted = patient(hospital, "900000005")
+    assert admitted["id"] == provisional["id"] and "tag" not in admitted.get("meta", {})  # type: ignore[operator]
+    assert find(hospital, "DiagnosticReport", ("subject", f"Patient/{admitted['id']}"))
+
+
+def test_a_resent_message_is_acknowledged_again_and_applied_once(hospital: Store) -> None:
+    message = oru("D1", "900000006", "F400")
+    assert receive(hospital, message).code == "AA"
+    versions = hospital.history()[1]
+    again = receive(hospital, message)
+    assert again.code == "AA" and b"already received" in again.ack
+    assert hospital.history()[1] == versions, "nothing written twice"
+    reused = receive(hospital, oru("D1", "900000006", "F401"))
+    assert reused.code == "AR" and b"already used" in reused.ack
+
+
+def test_a_merge_moves_the_merged_records_to_the_surviving_patient(hospital: Store) -> None:
+    receive(hospital, adt("A28", "G1", "900000007", "V7", family="DOUBLON"))
+    receive(hospital, oru("G2", "900000007", "F500", family="DOUBLON"))
+    receive(hospital, adt("A01", "G3", "900000008", "V8", bed="H1-CARDIO-02A"))
+    merged_id = patient(hospital, "900000007")["id"]
+    merge = adt("A40", "G4", "900000008", "V8", extra=f"MRG|900000007^^^GHR&1.2.250.1.999.1.1&ISO^PI")
+    assert receive(hospital, merge).code == "AA"
+    survivor = patient(hospital, "900000008")
+    assert find(hospital, "DiagnosticReport", ("subject", f"Patient/{survivor['id']}")), "the survivor shows the merged record's results"
+    assert not find(hospital, "Observation", ("subject", f"Patient/{merged_id}"))
+    old = read(hospital, "Patient", str(merged_id))
+    assert old is not None and old["active"] is False and old["link"][0] == {"other": {"reference": f"Patient/{survivor['id']}"},
+                                                                              "type": "replaced-by"}
+    assert any(link["type"] == "replaces" for link in survivor["link"])  # type: ignore[union-attr,index]
+
+
+def test_a47_corrects_a_patient_identifier(hospital: Store) -> None:
+    receive(hospital, adt("A28", "I1", "900000009", "V9"))
+    assert receive(hospital, adt("A47", "I2", "900000010", "V9", extra="MRG|900000009^^^GHR&1.2.250.1.999.1.1&ISO^PI")).code == "AA"
+    assert patient(hospital, "900000010") and not find(hospital, "Patient", ("identifier", f"{IPP_SYSTEM}|900000009"))
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    (oru("B1", "900000011", "F600", potassium="six"), b"OBX-5 (set 1) 'six' is not a number"),
+    (oru("B2", "900000011", "F601").replace(b"|HH|", b"|ZZ|"), b"OBX-8 flag 'ZZ' is not in table 0078"),
+    (oru("B3", "900000011", "F602").replace(b"UNICODE UTF-8", b"KLINGON"), b"character set 'KLINGON'"),
+    (oru("B4", "900000011", "F603").replace("Hémolysé".encode(), b"H\xe9molys\xe9"), b"not valid UNICODE UTF-8"),
+    (b"\x00\xff garbage that is not HL7", b"does not start with an MSH segment"),
+    (adt("A02", "B5", "900000011", "NEVER-ADMITTED"), b"never admitted"),
+    (adt("A99", "B6", "900000011", "V11"), b"ADT\\S\\A99 is not handled"),
+])
+def test_a_message_that_cannot_be_processed_is_refused_with_the_reason_and_kept(hospital: Store, raw: bytes, reason: bytes) -> None:
+    before = hospital.history()[1]
+    answer = receive(hospital, raw)
+    assert answer.code == "AR" and reason in answer.ack and b"\rERR|" in answer.ack
+    assert hospital.history()[1] == before, "nothing half-written"
+    letter = hospital.message(answer.message_id or 0)
+    assert letter is not None and letter.status == "rejected" and letter.raw == raw
+
+
+def test_latin_1_messages_are_read_as_latin_1(hospital: Store) -> None:
+    assert receive(hospital, oru("E1", "900000012", "F700", charset="8859/1")).code == "AA"
+    assert patient(hospital, "900000012")["name"][0]["family"] == "LÉGER"  # type: ignore[index]
+
+
+def test_enhanced_mode_answers_commit_codes(hospital: Store) -> None:
+    assert receive(hospital, oru("E2", "900000013", "F800", enhanced=True)).code == "CA"
+    assert receive(hospital, oru("E3", "900000013", "F801", potassium="x", enhanced=True)).code == "CR"
+
+
+def test_a_dead_letter_is_replayed_once_corrected(hospital: Store) -> None:
+    refused = receive(hospital, oru("R1", "900000014", "F900", potassium="6;4"))
+    assert refused.code == "AR" and refused.message_id is not None
+    assert [m.id for m in hospital.messages(CHANNEL, "rejected")] == [refused.message_id]
+    fixed = replay(hospital, refused.message_id, oru("R1", "900000014", "F900", potassium="6,4"))
+    assert fixed.code == "AA"
+    assert hospital.message(refused.message_id).status == "applied"  # type: ignore[union-attr]
+    assert hospital.get_state("hl7-original", str(refused.message_id)), "the message as first sent is kept"
+    assert patient(hospital, "900000014")
