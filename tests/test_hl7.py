@@ -119,7 +119,7 @@ def test_a_merge_moves_the_merged_records_to_the_surviving_patient(hospital: Sto
     receive(hospital, oru("G2", "900000007", "F500", family="DOUBLON"))
     receive(hospital, adt("A01", "G3", "900000008", "V8", bed="H1-CARDIO-02A"))
     merged_id = patient(hospital, "900000007")["id"]
-    merge = adt("A40", "G4", "900000008", "V8", extra=f"MRG|900000007^^^GHR&1.2.250.1.999.1.1&ISO^PI")
+    merge = adt("A40", "G4", "900000008", "V8", extra="MRG|900000007^^^GHR&1.2.250.1.999.1.1&ISO^PI")
     assert receive(hospital, merge).code == "AA"
     survivor = patient(hospital, "900000008")
     assert find(hospital, "DiagnosticReport", ("subject", f"Patient/{survivor['id']}")), "the survivor shows the merged record's results"

@@ -273,12 +273,20 @@ def _store_of(db: str) -> Iterator[Store]:
 def hl7_dead_letters(
     db: Annotated[str, typer.Option(help="database of the node")] = DEFAULT_DB,
     limit: Annotated[int, typer.Option(help="how many at most")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line, for scripts")] = False,
 ) -> None:
     """Messages refused (AR) and kept: id, when, sender, control id, type, why."""
+    import json
+
     from rebond.hl7.intake import CHANNEL, describe
 
     with _store_of(db) as store:
         letters = store.messages(CHANNEL, "rejected", limit=limit)
+    if as_json:
+        for letter in letters:
+            print(json.dumps({"id": letter.id, "received": letter.received, "sender": letter.sender, "control_id": letter.control_id,
+                              "type": describe(letter.raw)[0], "reason": letter.detail}, ensure_ascii=False))
+        return
     table = Table("id", "received", "sender", "control id", "type", "reason")
     for letter in letters:
         kind, _ = describe(letter.raw)

@@ -1,0 +1,142 @@
+"""The MLLP listener of a real `rebond serve` process, with the `hl7` package's MLLP client as the sender."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import hl7.client
+import httpx
+import pytest
+
+from rebond.hl7.mllp import END, START, ack_code
+from tests.hl7_messages import oru
+from tests.pg_harness import free_port
+from tests.server import RebondServer, rebond
+
+
+@pytest.fixture
+def listener(demo_db: str) -> Iterator[RebondServer]:
+    port = free_port()
+    server = RebondServer(demo_db, "--mllp-port", str(port)).start()
+    server.mllp_port = port  # type: ignore[attr-defined]
+    yield server
+    server.stop()
+
+
+def mllp_port(server: RebondServer) -> int:
+    return int(server.mllp_port)  # type: ignore[attr-defined]
+
+
+def read_ack(conn: socket.socket) -> bytes:
+    data = b""
+    while END not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+def test_a_result_sent_by_a_real_mllp_client_is_acknowledged_after_it_is_stored(listener: RebondServer) -> None:
+    with hl7.client.MLLPClient("127.0.0.1", mllp_port(listener)) as client:
+        ack = client.send_message(oru("M1", "910000001", "F1"))
+    assert ack_code(ack) == "AA"
+    found = httpx.get(f"{listener.fhir}/DiagnosticReport?identifier=F1", headers=listener.headers).json()
+    assert found["entry"][0]["resource"]["status"] == "final"
+
+
+def test_bytes_outside_frames_and_a_cut_frame_do_not_stop_the_next_message(listener: RebondServer) -> None:
+    with socket.create_connection(("127.0.0.1", mllp_port(listener)), timeout=10) as conn:
+        conn.sendall(b"\x00\xffnoise before any frame\r\n")
+        conn.sendall(START + oru("M2", "910000002", "F2")[:60])  # cut by the next start: never acknowledged
+        conn.sendall(frame_of(oru("M3", "910000002", "F3")))
+        assert ack_code(read_ack(conn)) == "AA"
+    reports = httpx.get(f"{listener.fhir}/DiagnosticReport?identifier=F2,F3", headers=listener.headers).json()
+    assert [e["resource"]["identifier"][0]["value"] for e in reports["entry"]] == ["F3"]
+
+
+def frame_of(payload: bytes) -> bytes:
+    return START + payload + END
+
+
+def test_garbage_in_a_frame_gets_a_negative_ack_and_waits_in_the_dead_letters(listener: RebondServer) -> None:
+    with hl7.client.MLLPClient("127.0.0.1", mllp_port(listener)) as client:
+        ack = client.send_message(b"\x13\x37 this is not an HL7 message")
+    assert ack_code(ack) == "AR" and b"ERR|" in ack
+    letters = rebond("hl7", "dead-letters", "--json", "--db", listener.db)
+    assert letters.returncode == 0
+    assert [json.loads(line)["reason"] for line in letters.stdout.splitlines()] == ["the message does not start with an MSH segment"]
+
+
+def test_a_message_far_over_the_size_limit_is_refused_and_kept_truncated(listener: RebondServer) -> None:
+    huge = oru("BIG1", "910000003", "F4").replace("Hémolysé".encode(), b"X" * (3 * 1024 * 1024))
+    with socket.create_connection(("127.0.0.1", mllp_port(listener)), timeout=30) as conn:
+        conn.sendall(frame_of(huge))
+        ack = read_ack(conn)
+        assert ack_code(ack) == "AR" and b"over the 1048576-byte limit" in ack
+        conn.sendall(frame_of(oru("M5", "910000003", "F5")))  # the connection carries on
+        assert ack_code(read_ack(conn)) == "AA"
+
+
+def test_a_wrongly_encoded_message_is_refused_with_the_reason(listener: RebondServer) -> None:
+    latin1_claiming_utf8 = oru("ENC1", "910000004", "F6", charset="8859/1").replace(b"8859/1", b"UNICODE UTF-8")
+    with hl7.client.MLLPClient("127.0.0.1", mllp_port(listener)) as client:
+        ack = client.send_message(latin1_claiming_utf8)
+        assert ack_code(ack) == "AR" and b"not valid UNICODE UTF-8" in ack
+        assert ack_code(client.send_message(oru("ENC2", "910000004", "F7", charset="8859/1"))) == "AA"
+
+
+def test_a_duplicate_is_acknowledged_again_and_applied_once(listener: RebondServer) -> None:
+    message = oru("DUP1", "910000005", "F8")
+    with hl7.client.MLLPClient("127.0.0.1", mllp_port(listener)) as client:
+        assert ack_code(client.send_message(message)) == "AA"
+        assert ack_code(client.send_message(message)) == "AA"
+    history = httpx.get(f"{listener.fhir}/DiagnosticReport?identifier=F8", headers=listener.headers).json()
+    report_id = history["entry"][0]["resource"]["id"]
+    versions = httpx.get(f"{listener.fhir}/DiagnosticReport/{report_id}/_history", headers=listener.headers).json()
+    assert versions["total"] == 1
+
+
+def test_a_stalled_sender_does_not_hold_up_the_others(listener: RebondServer) -> None:
+    stalled = socket.create_connection(("127.0.0.1", mllp_port(listener)), timeout=10)
+    stalled.sendall(START + b"MSH|^~\\&|SLOW|H1|")  # half a message, then nothing
+    try:
+        acks: list[str] = []
+
+        def sender(n: int) -> None:
+            with hl7.client.MLLPClient("127.0.0.1", mllp_port(listener)) as client:
+                for i in range(10):
+                    acks.append(ack_code(client.send_message(oru(f"P{n}-{i}", f"92000{n:04d}", f"FP{n}-{i}"))))
+
+        started = time.monotonic()
+        threads = [threading.Thread(target=sender, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert acks.count("AA") == 60 and time.monotonic() - started < 30
+    finally:
+        stalled.close()
+
+
+def test_a_connection_dropped_mid_message_loses_nothing_acknowledged(listener: RebondServer) -> None:
+    with hl7.client.MLLPClient("127.0.0.1", mllp_port(listener)) as client:
+        assert ack_code(client.send_message(oru("DROP1", "910000006", "F9"))) == "AA"
+    conn = socket.create_connection(("127.0.0.1", mllp_port(listener)), timeout=10)
+    conn.sendall(START + oru("DROP2", "910000006", "F10")[:80])
+    conn.close()
+    found = httpx.get(f"{listener.fhir}/DiagnosticReport?identifier=F9,F10", headers=listener.headers).json()
+    assert [e["resource"]["identifier"][0]["value"] for e in found["entry"]] == ["F9"]
+
+
+def test_simulate_plays_admissions_and_results_to_a_listener(listener: RebondServer) -> None:
+    result = rebond("hl7", "simulate", "--target", f"127.0.0.1:{mllp_port(listener)}", "--rate", "0", "--count", "60")
+    assert result.returncode == 0, result.stderr
+    assert "60 messages sent: 60 AA" in result.stdout
+    admitted = httpx.get(f"{listener.fhir}/Patient?identifier=urn:oid:1.2.250.1.999.1.1|&_summary=count", headers=listener.headers)
+    assert admitted.status_code == 200
+    unreachable = rebond("hl7", "simulate", "--target", f"127.0.0.1:{free_port()}", "--count", "1")
+    assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr

@@ -1,0 +1,93 @@
+"""Failure drill: kill -9 the server in the middle of a stream of 2,000 results; every acknowledged one is there once."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from rebond.hl7.intake import CHANNEL
+from rebond.hl7.mllp import END, START, ack_code
+from rebond.store import open_store
+from tests.hl7_messages import oru
+from tests.pg_harness import free_port
+from tests.server import RebondServer
+
+pytestmark = pytest.mark.slow
+SENDERS, PER_SENDER = 4, 500
+
+
+class Sender(threading.Thread):
+    """An analyzer chain's interface: one message at a time, re-sent until acknowledged, reconnecting as needed."""
+
+    def __init__(self, n: int, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.messages = [(f"K{n}-{i}", oru(f"K{n}-{i}", f"93{n:03d}{i:04d}", f"FK{n}-{i}")) for i in range(PER_SENDER)]
+        self.acked: list[str] = []
+        self.resends = 0
+
+    def run(self) -> None:
+        conn: socket.socket | None = None
+        deadline = time.monotonic() + 240
+        for control, message in self.messages:
+            while time.monotonic() < deadline:
+                try:
+                    if conn is None:
+                        conn = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+                    conn.sendall(START + message + END)
+                    data = b""
+                    while END not in data:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            raise ConnectionError("closed")
+                        data += chunk
+                    if ack_code(data) == "AA":
+                        self.acked.append(control)
+                        break
+                except OSError:
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+                    self.resends += 1
+                    time.sleep(0.2)
+        if conn is not None:
+            conn.close()
+
+
+def test_kill_9_in_the_middle_of_a_result_stream(demo_db: str) -> None:
+    port = free_port()
+    server = RebondServer(demo_db, "--mllp-port", str(port)).start()
+    senders = [Sender(n, port) for n in range(SENDERS)]
+    for s in senders:
+        s.start()
+    while sum(len(s.acked) for s in senders) < 700:
+        time.sleep(0.01)
+    server.kill()
+    acked_before_kill = sum(len(s.acked) for s in senders)
+    restarted = RebondServer(demo_db, "--mllp-port", str(port)).start()
+    try:
+        for s in senders:
+            s.join(300)
+        acked = [c for s in senders for c in s.acked]
+        print(f"\nkilled after {acked_before_kill} acknowledgements; {sum(s.resends for s in senders)} re-sends; "
+              f"{len(acked)} acknowledged in all")
+        assert len(acked) == SENDERS * PER_SENDER, "every message was eventually acknowledged"
+    finally:
+        restarted.stop()
+    store = open_store(demo_db)
+    try:
+        kept = {m.control_id: m for m in store.messages(CHANNEL, limit=100_000)}
+        assert all(kept[c].status == "applied" for c in acked), "every acknowledged message was applied"
+        assert len([c for c in kept if c.startswith("K")]) == SENDERS * PER_SENDER, "each kept once"
+        from rebond.fhir.search import parse_search
+
+        query = parse_search("DiagnosticReport", [("identifier", ",".join(f"FK{n}-{i}" for n in range(SENDERS) for i in range(0, PER_SENDER, 25)))])
+        query.count = 1000
+        reports = store.search(query).matches
+        assert len(reports) == SENDERS * PER_SENDER // 25
+        assert all(r.version == 1 for r in reports), "applied once: no second version"
+        assert sum(store.counts().get(t, 0) for t in ("DiagnosticReport",)) >= SENDERS * PER_SENDER
+    finally:
+        store.close()
