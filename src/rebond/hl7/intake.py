@@ -54,7 +54,12 @@ def control_id_of(raw: bytes) -> str:
 
 
 def receive(store: Store, raw: bytes) -> Answer:
-    """Take in one message (the MLLP payload) and say how to acknowledge it."""
+    """Take in one message (the MLLP payload) and say how to acknowledge it.
+
+    The raw message is the first row its transaction writes; its FHIR writes and its "applied"
+    mark commit with it, in one commit. A message that cannot be applied is kept alone, as a
+    dead letter. Nothing is acknowledged before its commit.
+    """
     header: Header | None = None
     message: Message | None = None
     problem: MessageError | None = None
@@ -67,11 +72,28 @@ def receive(store: Store, raw: bytes) -> Answer:
     sender = header.sender if header else "?"
     control_id = header.control_id if header else (control_id_of(raw) or "sha256:" + hashlib.sha256(raw).hexdigest())
     accept, error, reject = _codes(header)
+
+    def keep_and_apply(tx: Session) -> tuple[InboxMessage, bool]:
+        kept, new = tx.receive_message(CHANNEL, sender, control_id, raw)
+        if new and message is not None and problem is None:
+            tx.settle_message(kept.id, "applied", apply_message(tx, message).summary())
+        return kept, new
+
     try:
-        kept, new = store.write(lambda tx: tx.receive_message(CHANNEL, sender, control_id, raw))
+        kept, new = store.write(keep_and_apply)
+    except MessageError as err:
+        problem = err
+        try:
+            kept, new = store.write(lambda tx: tx.receive_message(CHANNEL, sender, control_id, raw))
+        except StoreError:
+            return _answer(header, error, "the message could not be stored; send it again", None, control_id=control_id)
     except StoreError as err:
         log.warning("message not kept, the store is unavailable: %s", err)
         return _answer(header, error, "the message could not be stored; send it again", None, control_id=control_id)
+    except Exception:
+        log.exception("message %s from %s: unexpected failure", control_id, sender)
+        problem = MessageError("internal error while applying the message", code=207)
+        kept, new = store.write(lambda tx: tx.receive_message(CHANNEL, sender, control_id, raw))
     if not new and kept.raw != raw:
         # same sender and control id, other content: refused rather than silently ignored
         conflict = MessageError(f"MSH-10 '{control_id}' was already used by another message from {sender}", code=207,
@@ -81,10 +103,11 @@ def receive(store: Store, raw: bytes) -> Answer:
         return _answer(header, accept, "already received and applied", kept.id)
     if not new and kept.status == "rejected":
         return _answer(header, reject, kept.detail, kept.id, error=MessageError(kept.detail))
-    if problem is not None or message is None:
-        assert problem is not None
+    if problem is not None:
         return _reject(store, kept, header, problem)
-    return _apply(store, kept, message, header)
+    if not new and message is not None:  # kept earlier but not applied (a replay in progress, a crash in between)
+        return _apply(store, kept, message, header)
+    return _answer(header, accept, "", kept.id)
 
 
 def _reject(store: Store, kept: InboxMessage, header: Header | None, problem: MessageError) -> Answer:

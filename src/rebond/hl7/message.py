@@ -5,6 +5,7 @@ import datetime as dt
 import itertools
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import hl7
 
@@ -90,7 +91,7 @@ class Message:
 
     def segments(self, name: str) -> list[Segment]:
         counter = itertools.count(1)
-        return [Segment(self, name, next(counter)) for n in self.names if n == name]
+        return [Segment(self, name, next(counter), raw) for n, raw in zip(self.names, self.parsed, strict=True) if n == name]
 
     def segment(self, name: str) -> Segment | None:
         found = self.segments(name)
@@ -106,9 +107,9 @@ class Message:
         """Every segment in message order (for groups: OBR followed by its OBX and NTE)."""
         seen: dict[str, int] = {}
         out = []
-        for name in self.names:
+        for name, raw in zip(self.names, self.parsed, strict=True):
             seen[name] = seen.get(name, 0) + 1
-            out.append(Segment(self, name, seen[name]))
+            out.append(Segment(self, name, seen[name], raw))
         return out
 
     def header(self) -> Header:
@@ -125,26 +126,25 @@ class Message:
 
 
 class Segment:
-    def __init__(self, message: Message, name: str, occurrence: int) -> None:
+    """One segment; fields are read straight from its parsed form (HL7 escapes undone by the parser)."""
+
+    def __init__(self, message: Message, name: str, occurrence: int, raw: Any) -> None:
         self.message = message
         self.name = name
         self.occurrence = occurrence
+        self.raw = raw
 
     def get(self, field: int, component: int = 1, subcomponent: int = 1, repetition: int = 1) -> str:
-        key = f"{self.name}{self.occurrence}.F{field}.R{repetition}.C{component}.S{subcomponent}"
         try:
-            value = self.message.parsed[key]
-        except (KeyError, IndexError):
+            value = self.raw.extract_field(1, field, repetition, component, subcomponent)
+        except (IndexError, KeyError):
             return ""
-        text = str(value)
-        if "\\" in text:
-            text = self.message.parsed.unescape(text.replace("\\.br\\", "\n").replace("\\X0A\\", "\n"))
-        return text.strip()
+        return str(value).strip()
 
     def repetitions(self, field: int) -> int:
         try:
-            return max(1, len(self.message.parsed.segments(self.name)[self.occurrence - 1][field]))
-        except (KeyError, IndexError, TypeError):
+            return max(1, len(self.raw[field]))
+        except (IndexError, TypeError):
             return 0
 
     def where(self, field: int) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -43,10 +44,12 @@ class Traffic:
         self.stays: list[_Stay] = []
         self.next_ipp = 990_000_000 + seed * 100_000
         self.sent = 0
+        # control ids are unique per run: a second run of the same seed is new traffic, not re-sends
+        self.run = format(time.time_ns() // 1_000_000, "x")
 
     def _control(self, prefix: str) -> str:
         self.sent += 1
-        return f"{prefix}{self.sent:08d}"
+        return f"{prefix}{self.run}-{self.sent}"
 
     def _pid(self, stay: _Stay) -> str:
         return (f"PID|1||{stay.ipp}^^^{IPP_AUTHORITY}^PI||{stay.family.upper()}^{stay.given}^^^^^L||{stay.born}|{stay.sex}|||"
