@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
+MLLP_PORT ?= 2575
 
 .PHONY: demo test test-quick system-deps bench lint messages
 
@@ -30,7 +31,8 @@ demo: $(BIN)/rebond
 	@test -e var/rebond.db || $(BIN)/rebond seed --demo --db sqlite:///var/rebond.db
 	@echo "Rebond web app: http://127.0.0.1:$(PORT)/   FHIR API: http://127.0.0.1:$(PORT)/fhir   (health: /healthz)"
 	@echo "demo accounts, password rebond-demo: nurse (nurse), doctor (physician), admin (IT), lab (lab staff)"
-	$(BIN)/rebond serve --port $(PORT)
+	@echo "HL7 v2 over MLLP on 127.0.0.1:$(MLLP_PORT); try: $(BIN)/rebond hl7 simulate --target 127.0.0.1:$(MLLP_PORT)"
+	$(BIN)/rebond serve --port $(PORT) --mllp-port $(MLLP_PORT)
 
 test: $(BIN)/rebond system-deps lint
 	$(BIN)/python -m pytest -q

@@ -44,3 +44,9 @@ def database(engine: str, name: str) -> Iterator[str]:
         yield server.create_database(name)
     finally:
         server.stop()
+
+
+def percentile(values: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank) of some latencies; 0 for none."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))] if ordered else 0.0

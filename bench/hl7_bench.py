@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from common import ROOT, SCRATCH, database, machine
+from common import ROOT, SCRATCH, database, machine, percentile
 
 from rebond.hl7.mllp import END, START, ack_code, send_messages
 from rebond.hl7.simulate import Traffic
@@ -27,11 +27,6 @@ from rebond.seed.demo import seed_demo
 from rebond.store import open_store
 from tests.pg_harness import free_port
 from tests.server import RebondServer
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))] if ordered else 0.0
 
 
 def load(port: int, batches: list[list[bytes]], seconds: float) -> tuple[float, list[float], int]:

@@ -14,8 +14,9 @@ def main() -> None:
         print(f"== {script} {' '.join(args)}", flush=True)
         subprocess.run([sys.executable, str(HERE / script), *args], check=True)
     if "postgres" not in args:  # the clinical pages are measured on the embedded store, as on a site node
-        print("== web_bench.py", flush=True)
-        subprocess.run([sys.executable, str(HERE / "web_bench.py")], check=True)
+        for script in ("web_bench.py", "hl7_bench.py"):
+            print(f"== {script}", flush=True)
+            subprocess.run([sys.executable, str(HERE / script)], check=True)
 
 
 if __name__ == "__main__":

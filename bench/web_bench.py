@@ -20,7 +20,7 @@ import sys
 import time
 
 import httpx
-from common import ROOT, SCRATCH, database, machine
+from common import ROOT, SCRATCH, database, machine, percentile
 
 from rebond.clinical.census import group_wards, ward_census
 from rebond.security.accounts import Accounts
@@ -29,11 +29,6 @@ from rebond.store import open_store
 from tests.pg_harness import free_port
 from tests.server import RebondServer
 from tests.web_client import signed_in
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
 def timed(client: httpx.Client, path: str, count: int) -> tuple[list[float], list[float], bytes]:

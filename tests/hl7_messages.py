@@ -1,6 +1,10 @@
 """HL7 v2 messages for the tests, built the way the admissions system and the lab send them."""
 from __future__ import annotations
 
+import socket
+
+from rebond.hl7.mllp import END
+
 IPP = "GHR&1.2.250.1.999.1.1&ISO"
 VISIT = "GHR&1.2.250.1.999.1.2&ISO"
 
@@ -41,3 +45,14 @@ def oru(control: str, ipp: str, filler: str, *, potassium: str = "6,4", flag: st
                  f"OBX|2|SN|2160-0^Créatinine^LN||<^30|umol/L|60-110|L|||{status}",
                  f"OBX|3|ST|8251-1^Aspect^LN||Hémolysé||||||{status}"]
     return ("\r".join(segments) + "\r").encode("latin-1" if charset == "8859/1" else "utf-8")
+
+
+def read_ack(conn: socket.socket) -> bytes:
+    """Read from a connection until an acknowledgement's frame ends."""
+    data = b""
+    while END not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise ConnectionError("the listener closed the connection")
+        data += chunk
+    return data

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from rebond.hl7.mllp import END, START, ack_code
-from tests.hl7_messages import oru
+from tests.hl7_messages import oru, read_ack
 from tests.pg_harness import free_port
 from tests.server import RebondServer, rebond
 
@@ -28,16 +28,6 @@ def listener(demo_db: str) -> Iterator[RebondServer]:
 
 def mllp_port(server: RebondServer) -> int:
     return int(server.mllp_port)  # type: ignore[attr-defined]
-
-
-def read_ack(conn: socket.socket) -> bytes:
-    data = b""
-    while END not in data:
-        chunk = conn.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return data
 
 
 def test_a_result_sent_by_a_real_mllp_client_is_acknowledged_after_it_is_stored(listener: RebondServer) -> None:

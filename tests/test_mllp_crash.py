@@ -10,7 +10,7 @@ import pytest
 from rebond.hl7.intake import CHANNEL
 from rebond.hl7.mllp import END, START, ack_code
 from rebond.store import open_store
-from tests.hl7_messages import oru
+from tests.hl7_messages import oru, read_ack
 from tests.pg_harness import free_port
 from tests.server import RebondServer
 
@@ -37,13 +37,7 @@ class Sender(threading.Thread):
                     if conn is None:
                         conn = socket.create_connection(("127.0.0.1", self.port), timeout=10)
                     conn.sendall(START + message + END)
-                    data = b""
-                    while END not in data:
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            raise ConnectionError("closed")
-                        data += chunk
-                    if ack_code(data) == "AA":
+                    if ack_code(read_ack(conn)) == "AA":
                         self.acked.append(control)
                         break
                 except OSError:

@@ -244,3 +244,23 @@ def test_an_api_token_is_issued_once_and_checked_by_its_hash(demo_db: str) -> No
     assert token not in Path(demo_db.removeprefix("sqlite:///")).read_bytes().decode("latin-1")
     missing = rebond("accounts", "token", "nobody", "--db", demo_db)
     assert missing.returncode == 1 and "no account 'nobody'" in missing.stderr
+
+
+def test_it_reads_and_replays_hl7_dead_letters_in_the_web_app(web: RebondServer) -> None:
+    from rebond.hl7.intake import receive
+    from tests.hl7_messages import adt
+
+    store = open_store(web.db)
+    try:
+        refused = receive(store, adt("A02", "DL1", "940000001", "V-NOT-YET"))  # a transfer before its admission
+        assert refused.code == "AR"
+        admin = signed_in(web.base, "admin")
+        page = admin.get("/admin/hl7")
+        assert page.status_code == 200 and "never admitted" in page.text
+        receive(store, adt("A01", "DL0", "940000001", "V-NOT-YET"))  # the admission arrives
+    finally:
+        store.close()
+    replayed = admin.post(f"/admin/hl7/{refused.message_id}/replay", data={"csrf": csrf_of(page.text)})
+    assert replayed.status_code == 303 and replayed.headers["location"] == "/admin/hl7?outcome=applied"
+    assert "never admitted" not in admin.get("/admin/hl7").text
+    assert signed_in(web.base, "nurse").get("/admin/hl7").status_code == 403

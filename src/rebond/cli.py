@@ -199,20 +199,28 @@ app.add_typer(accounts_app, name="accounts")
 
 
 @contextmanager
-def _accounts_of(db: str) -> Iterator[Accounts]:
-    """The accounts of the node whose database is `db`; a refused change or an unreachable store is one line and exit 1."""
-    from rebond.security.accounts import AccountError, Accounts
-
+def _store_of(db: str) -> Iterator[Store]:
+    """The node's store; an unreachable one is one line and exit 1."""
     try:
         store = open_store(db)
     except StoreError as err:
         raise fail(str(err)) from None
     try:
-        yield Accounts(store)
-    except AccountError as err:
-        raise fail(str(err)) from None
+        yield store
     finally:
         store.close()
+
+
+@contextmanager
+def _accounts_of(db: str) -> Iterator[Accounts]:
+    """The accounts of the node whose database is `db`; a refused change is one line and exit 1."""
+    from rebond.security.accounts import AccountError, Accounts
+
+    with _store_of(db) as store:
+        try:
+            yield Accounts(store)
+        except AccountError as err:
+            raise fail(str(err)) from None
 
 
 @accounts_app.command("add")
@@ -255,18 +263,6 @@ def accounts_list(db: Annotated[str, typer.Option(help="database of the node")] 
 
 hl7_app = typer.Typer(help="HL7 v2 messages: dead letters, replay, a traffic simulator.", no_args_is_help=True)
 app.add_typer(hl7_app, name="hl7")
-
-
-@contextmanager
-def _store_of(db: str) -> Iterator[Store]:
-    try:
-        store = open_store(db)
-    except StoreError as err:
-        raise fail(str(err)) from None
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 @hl7_app.command("dead-letters")

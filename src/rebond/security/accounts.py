@@ -30,7 +30,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
                         "acknowledge-results"}) | _FHIR,
     "physician": frozenset({"view-patients", "view-notes", "view-results", "record-vitals", "acknowledge-results"}) | _FHIR,
     "lab": frozenset({"view-patients", "view-results"}) | _FHIR,
-    "admin": frozenset({"manage-accounts", "view-status"}),
+    "admin": frozenset({"manage-accounts", "view-status", "manage-interfaces"}),
     # interfaces and other nodes: importers, site nodes, the HL7 engine; the FHIR API only
     "system": _FHIR,
 }

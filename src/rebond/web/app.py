@@ -30,6 +30,8 @@ from rebond.clinical.patients import UnclearSearch, find_patients
 from rebond.clinical.recording import VITAL_SIGNS, InvalidForm, record_administration, record_vitals
 from rebond.clinical.records import Clinician, any_of, fhir_instant, instant
 from rebond.clinical.results import acknowledge_result, reports
+from rebond.hl7.intake import CHANNEL as HL7_CHANNEL
+from rebond.hl7.intake import describe, replay
 from rebond.security.accounts import Account, Accounts, WebSession
 from rebond.store.base import NotFound, Store
 from rebond.web.i18n import DEFAULT_LANGUAGE, LANGUAGES, Translator, translator
@@ -93,6 +95,7 @@ class WebApp:
         self.env.globals["trend_svg"] = trend_svg
         self.env.globals["VITAL_SIGNS"] = VITAL_SIGNS
         self.env.filters["unit"] = human_unit
+        self.env.globals["epoch"] = lambda seconds: dt.datetime.fromtimestamp(seconds, dt.UTC)
 
     def routes(self) -> list[BaseRoute]:
         page = self._page
@@ -110,6 +113,8 @@ class WebApp:
             Route("/results", page(self.results, "view-results"), methods=["GET"]),
             Route("/results/{report_id}/acknowledge", page(self.acknowledge, "acknowledge-results"), methods=["POST"]),
             Route("/admin/accounts", page(self.account_list, "manage-accounts"), methods=["GET"]),
+            Route("/admin/hl7", page(self.dead_letters, "manage-interfaces"), methods=["GET"]),
+            Route("/admin/hl7/{message_id:int}/replay", page(self.replay_letter, "manage-interfaces"), methods=["POST"]),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ]
 
@@ -348,6 +353,20 @@ class WebApp:
         await run_in_threadpool(acknowledge_result, self.store, report_id, p.clinician, p.now)
         form = await p.request.form()
         return RedirectResponse(safe_target(str(form.get("next", "/results"))), status_code=303)
+
+    async def dead_letters(self, p: Page) -> Response:
+        letters = await run_in_threadpool(self.store.messages, HL7_CHANNEL, "rejected")
+        shown = [(m, describe(m.raw)[0], m.raw.decode("utf-8", "replace").replace("\r", "\n")) for m in letters]
+        return self._show(p, "dead_letters.html", letters=shown, outcome=p.request.query_params.get("outcome"))
+
+    async def replay_letter(self, p: Page) -> Response:
+        message_id = int(p.request.path_params["message_id"])
+        try:
+            answer = await run_in_threadpool(replay, self.store, message_id)
+        except LookupError:
+            raise NotFound(str(message_id)) from None
+        outcome = "applied" if answer.code in ("AA", "CA") else "refused"
+        return RedirectResponse(f"/admin/hl7?outcome={outcome}", status_code=303)
 
     async def account_list(self, p: Page) -> Response:
         accounts = await run_in_threadpool(self.accounts.all)
