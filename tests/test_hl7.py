@@ -173,3 +173,11 @@ def test_a_dead_letter_is_replayed_once_corrected(hospital: Store) -> None:
     assert hospital.message(refused.message_id).status == "applied"  # type: ignore[union-attr]
     assert hospital.get_state("hl7-original", str(refused.message_id)), "the message as first sent is kept"
     assert patient(hospital, "900000014")
+
+
+def test_the_senders_section_is_kept_beside_lab_so_the_clinical_views_find_the_report(hospital: Store) -> None:
+    chemistry = oru("S1", "900000015", "F1000").replace(b"|||20261123111000|||F", b"|||20261123111000||CH|F")
+    assert receive(hospital, chemistry).code == "AA"
+    p = patient(hospital, "900000015")
+    report = find(hospital, "DiagnosticReport", ("subject", f"Patient/{p['id']}"), ("category", "LAB"))
+    assert [c["code"] for c in report[0]["category"][0]["coding"]] == ["LAB", "CH"]

@@ -575,7 +575,7 @@ def apply_oru(w: Writer, msg: Message) -> None:
         report: Resource = {
             "resourceType": "DiagnosticReport", "id": derived_id("DiagnosticReport", key), "status": report_status,
             "identifier": [{"value": key}], "basedOn": [{"reference": f"ServiceRequest/{service_request['id']}"}],
-            "category": [{"coding": [{"system": REPORT_SECTION, "code": request.get(24) or "LAB"}]}],
+            "category": [_section(request.get(24))],
             "code": _code(request, 4), "subject": subject, "result": observation_refs,
         }
         if effective is not None:
@@ -585,6 +585,18 @@ def apply_oru(w: Writer, msg: Message) -> None:
         if encounter is not None:
             report["encounter"] = {"reference": f"Encounter/{encounter['id']}"}
         w.save(report)
+
+
+IMAGING_SECTIONS = {"RAD", "RX", "CT", "MR", "NMR", "US", "NMS", "VUS", "XRC", "CUS", "RUS"}
+
+
+def _section(code: str) -> Resource:
+    """LAB or RAD, as the clinical views look for them; the sender's finer section (OBR-24: CH, HM, …) is kept beside."""
+    main = "RAD" if code in IMAGING_SECTIONS else "LAB"
+    codings = [{"system": REPORT_SECTION, "code": main}]
+    if code and code != main:
+        codings.append({"system": REPORT_SECTION, "code": code})
+    return {"coding": codings}
 
 
 def _observation(obx: Segment, order_key: str, subject: Resource, encounter: Resource | None, effective: Any,
