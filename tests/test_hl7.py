@@ -181,3 +181,18 @@ def test_the_senders_section_is_kept_beside_lab_so_the_clinical_views_find_the_r
     p = patient(hospital, "900000015")
     report = find(hospital, "DiagnosticReport", ("subject", f"Patient/{p['id']}"), ("category", "LAB"))
     assert [c["code"] for c in report[0]["category"][0]["coding"]] == ["LAB", "CH"]
+
+
+def test_z99_corrects_a_movement_and_a06_a07_change_the_class(hospital: Store) -> None:
+    receive(hospital, adt("A01", "Z1", "900000016", "V16", bed="H1-CARDIO-01A"))
+    wrong_bed = stay(hospital, "V16")
+    movement = wrong_bed["location"][0]["extension"][0]["valueString"]  # type: ignore[index]
+    fix = adt("Z99", "Z2", "900000016", "V16", bed="H1-CARDIO-02B").replace(b"ZBE|MVZ2|", f"ZBE|{movement}|".encode())
+    assert receive(hospital, fix).code == "AA"
+    assert active_places(stay(hospital, "V16"))[0] == "Lit H1-CARDIO-02B"
+    unknown = adt("Z99", "Z3", "900000016", "V16", bed="H1-CARDIO-02B").replace(b"ZBE|MVZ3|", b"ZBE|NO-SUCH-MOVE|")
+    assert receive(hospital, unknown).code == "AR"
+    outpatient = adt("A07", "Z4", "900000016", "V16").replace(b"PV1|1|I|", b"PV1|1|O|")
+    assert receive(hospital, outpatient).code == "AA" and stay(hospital, "V16")["class"]["code"] == "AMB"  # type: ignore[index]
+    assert receive(hospital, adt("A06", "Z5", "900000016", "V16")).code == "AA"
+    assert stay(hospital, "V16")["class"]["code"] == "IMP"  # type: ignore[index]
