@@ -7,16 +7,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rebond.fhir.api import FhirApi, error_response
 from rebond.fhir.errors import FhirError
 from rebond.hl7.intake import recover
 from rebond.hl7.mllp import MllpServer
 from rebond.security.accounts import Accounts
+from rebond.site.node import Node
 from rebond.store.base import Store, StoreError
 from rebond.web.app import SESSION_COOKIE, WebApp
 
@@ -24,10 +27,11 @@ log = logging.getLogger("rebond")
 
 
 def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: bool = False,
-               mllp: MllpServer | None = None) -> Starlette:
+               mllp: MllpServer | None = None, node: Node | None = None) -> Starlette:
+    node = node or Node(store)
     accounts = Accounts(store, idle=session_idle)
     api = FhirApi(store, authorize=api_guard(accounts))
-    web = WebApp(store, accounts, secure_cookies=secure_cookies)
+    web = WebApp(store, accounts, secure_cookies=secure_cookies, status_banner=node.banner)
 
     async def healthz(request: Request) -> Response:
         try:
@@ -46,8 +50,15 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
             return error_response(FhirError(status, message, code="not-found" if status == 404 else "exception"))
         return web.error_page(request, status, web.language_of(request).gettext("This page does not exist."))
 
+    async def status(request: Request) -> Response:
+        facts = node.status()
+        if "json" in request.headers.get("accept", ""):
+            return JSONResponse(facts)
+        return web.status_page(request, facts)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await node.start()
         if mllp is not None:
             recovered = await run_in_threadpool(recover, store)  # kept before a crash, never applied: applied now
             if recovered:
@@ -56,11 +67,36 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
         yield
         if mllp is not None:
             await mllp.stop()
+        await node.stop()
 
-    app = Starlette(routes=[Route("/healthz", healthz, methods=["GET"]), *api.routes(), *web.routes()],
+    app = Starlette(routes=[Route("/healthz", healthz, methods=["GET"]), Route("/status", status, methods=["GET"]),
+                            *api.routes(), *web.routes()],
                     exception_handlers={404: unrouted, 405: unrouted}, lifespan=lifespan)
+    app.add_middleware(NodeHeaders, node=node)
     app.state.store = store
     return app
+
+
+class NodeHeaders:
+    """Every response says which node answered and, on a site node, how fresh its data is."""
+
+    def __init__(self, app: ASGIApp, node: Node) -> None:
+        self.app = app
+        self.node = node
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in self.node.headers().items():
+                    headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def api_guard(accounts: Accounts) -> Callable[[Request, bool], Awaitable[None]]:

@@ -78,6 +78,46 @@ def serve(
     uvicorn.run(create_app(store, session_idle=session_idle_minutes * 60, mllp=mllp), host=host, port=port, log_level=log_level, access_log=False)
 
 
+@app.command()
+def site(
+    upstream: Annotated[str, typer.Option(help="the central site's FHIR base, e.g. http://central:8080/fhir")],
+    site_id: Annotated[str, typer.Option("--site-id", help="this hospital's name in the group, e.g. H1")],
+    db: Annotated[str | None, typer.Option(help="this site's own store (default: sqlite:///var/site-SITE_ID.db)")] = None,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8081,
+    mllp_port: Annotated[int | None, typer.Option(help="also take HL7 v2 messages over MLLP on this port")] = None,
+    token: Annotated[str, typer.Option(envvar="REBOND_UPSTREAM_TOKEN", help="API token for the central site (role system)")] = "",
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+    session_idle_minutes: Annotated[float, typer.Option(help="sign-in sessions close after this long without use")] = 30,
+) -> None:
+    """Run a site node: a live copy of the central data that keeps serving when the central site is gone."""
+    import uvicorn
+
+    from rebond.app import create_app
+    from rebond.site.node import SiteNode
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll of the feed says nothing
+    if not upstream.startswith(("http://", "https://")):
+        raise fail(f"--upstream must be the central FHIR base URL (http://host:port/fhir), not '{upstream}'")
+    db = db or f"sqlite:///var/site-{site_id}.db"
+    try:
+        store = open_store(db, site_id=site_id)
+    except StoreError as err:
+        raise fail(str(err)) from None
+    node = SiteNode(store, upstream, token)
+    mllp = None
+    if mllp_port is not None:
+        from rebond.hl7.mllp import MllpServer
+
+        mllp = MllpServer(store, host, mllp_port)
+    out_console.print(f"Rebond site node {site_id} at http://{host}:{port}/ (FHIR: /fhir, status: /status), "
+                      f"following {upstream} (store: {_redact(db)})")
+    gc.freeze()
+    uvicorn.run(create_app(store, session_idle=session_idle_minutes * 60, mllp=mllp, node=node), host=host, port=port,
+                log_level=log_level, access_log=False)
+
+
 def _progress() -> Progress:
     """A progress bar on stderr, cleared at the end when stderr is not a terminal (CI logs stay short)."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

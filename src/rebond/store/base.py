@@ -142,6 +142,11 @@ class Session(abc.ABC):
         """Serialise with every other transaction that locks the same key (conditional create)."""
 
     @abc.abstractmethod
+    def replicate(self, copy: Stored) -> bool:
+        """Make a version read from the upstream's change feed the current one here, exactly as it is there
+        (version number, time, body, site). False when this store already has it or a later one."""
+
+    @abc.abstractmethod
     def receive_message(self, channel: str, sender: str, control_id: str, raw: bytes) -> tuple[InboxMessage, bool]:
         """Keep a message as received; (the message, True) when new, (the one kept earlier, False) for a re-send."""
 
@@ -160,6 +165,9 @@ class Store(abc.ABC):
     site_id: str
     #: reads by id answer from local disk in microseconds, never waiting on a network (embedded engines)
     local_reads: bool = False
+    #: set on a copy that must not diverge from its source (a site node): clinical writes raise Unavailable with this reason;
+    #: copies from the feed, the node's own state and its inbox are still written
+    refuse_writes: str | None = None
 
     @abc.abstractmethod
     def transaction(self) -> contextlib.AbstractContextManager[Session]:

@@ -22,6 +22,8 @@ from rebond.store.base import (
     Session,
     Store,
     Stored,
+    StoreError,
+    Unavailable,
     WriteResult,
 )
 from rebond.store.indexing import IndexRows, index_resource
@@ -196,6 +198,8 @@ class SQLSession(Session):
         current: _Current | None = None,
     ) -> WriteResult:
         store = self.store
+        if store.refuse_writes:
+            raise Unavailable(store.refuse_writes)
         now = store.clock()
         self.writes += 1
         if current is None:
@@ -229,6 +233,31 @@ class SQLSession(Session):
             self._pending[current.internal] = index_resource(resource)
         stored = Stored(resource_type, resource_id, new_version, now, resource is None, new_body, seq, method, store.site_id)
         return WriteResult(stored, created=current.deleted)
+
+    def replicate(self, copy: Stored) -> bool:
+        current = self._current(copy.resource_type, copy.id)
+        if current is not None and current.version >= copy.version:
+            return False  # already here: the feed is applied idempotently
+        store = self.store
+        method = copy.method or ("delete" if copy.deleted else "update")
+        row = (copy.resource_type, copy.id, copy.version, copy.last_updated, method, copy.site_id or "central",
+               store.blob(copy.body))
+        if current is None:
+            created = store.insert_new(self.cur, row)
+            if created is None:
+                raise StoreError(f"{copy.resource_type}/{copy.id} appeared while its copy was being written")
+            internal = created[0]
+            self.cur.execute("UPDATE resources SET version = ?, deleted = ? WHERE rid = ?",
+                             (copy.version, 1 if copy.deleted else 0, internal))
+        else:
+            internal = current.internal
+            store.record_version(self.cur, internal, row)
+            if not current.deleted:
+                self._drop_index(internal)
+        if copy.body is not None and not copy.deleted:
+            self._pending[internal] = index_resource(orjson.loads(copy.body))
+        self.writes += 1
+        return True
 
     def _drop_index(self, internal: int) -> None:
         if self._pending.pop(internal, None) is None:

@@ -33,7 +33,7 @@ from rebond.clinical.results import acknowledge_result, reports
 from rebond.hl7.intake import CHANNEL as HL7_CHANNEL
 from rebond.hl7.intake import describe, replay
 from rebond.security.accounts import Account, Accounts, WebSession
-from rebond.store.base import NotFound, Store
+from rebond.store.base import NotFound, Store, Unavailable
 from rebond.web.i18n import DEFAULT_LANGUAGE, LANGUAGES, Translator, translator
 from rebond.web.plots import human_unit, trend_svg
 
@@ -166,6 +166,9 @@ class WebApp:
                                        account, session)
             except Forbidden:
                 return self.error_page(request, 403, t.gettext("Your role does not give access to this page."), account, session)
+            except Unavailable as err:
+                return self.error_page(request, 503, t.gettext("Nothing was recorded: this node cannot take writes now (%(why)s).",
+                                                               why=str(err)), account, session)
             except Exception:
                 incident = uuid.uuid4().hex[:8]
                 log.exception("page %s failed (incident %s)", request.url.path.split("/")[1], incident)
@@ -353,6 +356,10 @@ class WebApp:
         await run_in_threadpool(acknowledge_result, self.store, report_id, p.clinician, p.now)
         form = await p.request.form()
         return RedirectResponse(safe_target(str(form.get("next", "/results"))), status_code=303)
+
+    def status_page(self, request: Request, facts: dict[str, Any]) -> HTMLResponse:
+        """The node's situation for a person (the same facts as `GET /status` in JSON); no sign-in needed."""
+        return self.render(request, self.language_of(request), "status.html", facts=facts, now=dt.datetime.now(dt.UTC))
 
     async def dead_letters(self, p: Page) -> Response:
         letters = await run_in_threadpool(self.store.messages, HL7_CHANNEL, "rejected")

@@ -1,0 +1,102 @@
+"""A node's situation — central or site, how fresh its data is, whether the central site answers — for
+`GET /status`, the banner on every page and the headers on every response."""
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+from rebond.clinical.records import HOSPITAL_TZ
+from rebond.site.follower import Follower
+from rebond.store.base import Store
+from rebond.web.i18n import Translator
+
+#: until the write journal lands, a site node serves reads only: its copy must never diverge from the central one
+READ_ONLY = ("this site node keeps a read-only copy: write to the central site (writes kept during an outage come "
+             "with the site's write journal)")
+
+
+def _iso(epoch: float | None) -> str | None:
+    return None if epoch is None else dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class Node:
+    """The central server: it is the source, always fresh."""
+
+    role = "central"
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @property
+    def site_id(self) -> str:
+        return self.store.site_id
+
+    def status(self, now: float | None = None) -> dict[str, Any]:
+        now = time.time() if now is None else now
+        return {"role": self.role, "site_id": self.site_id, "upstream": None, "upstream_reachable": None,
+                "unreachable_since": None, "last_change_applied_at": None, "data_as_of": _iso(now), "lag_seconds": 0.0,
+                "journal_pending": 0, "conflicts_open": 0, "writes": "accepted"}
+
+    def headers(self, now: float | None = None) -> dict[str, str]:
+        return {"X-Rebond-Node": f"{self.role}; site={self.site_id}"}
+
+    def banner(self, t: Translator) -> str | None:
+        return None
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+
+class SiteNode(Node):
+    """A site: a live copy of the central store, following its change feed."""
+
+    role = "site"
+
+    def __init__(self, store: Store, upstream: str, token: str, *, interval: float = 0.5, timeout: float = 2.0) -> None:
+        super().__init__(store)
+        self.upstream = upstream
+        self.follower = Follower(store, upstream, token, interval=interval, timeout=timeout)
+        store.refuse_writes = READ_ONLY
+
+    def status(self, now: float | None = None) -> dict[str, Any]:
+        now = time.time() if now is None else now
+        feed = self.follower.state
+        lag = feed.lag_seconds(now)
+        return {"role": self.role, "site_id": self.site_id, "upstream": self.upstream,
+                "upstream_reachable": feed.upstream_reachable, "unreachable_since": _iso(feed.unreachable_since),
+                "last_change_applied_at": _iso(feed.last_change_applied_at), "data_as_of": _iso(feed.data_as_of(now)),
+                "lag_seconds": None if lag is None else round(lag, 3), "journal_pending": 0, "conflicts_open": 0,
+                "writes": "refused: read-only copy"}
+
+    def headers(self, now: float | None = None) -> dict[str, str]:
+        now = time.time() if now is None else now
+        feed = self.follower.state
+        out = {"X-Rebond-Node": f"site; site={self.site_id}"}
+        as_of = _iso(feed.data_as_of(now))
+        out["X-Rebond-Data-As-Of"] = as_of or "never"
+        out["X-Rebond-Upstream"] = "reachable" if feed.upstream_reachable else f"unreachable; since={_iso(feed.unreachable_since) or 'start'}"
+        return out
+
+    def banner(self, t: Translator) -> str | None:
+        now = time.time()
+        feed = self.follower.state
+        as_of = feed.data_as_of(now)
+        if as_of is None:
+            return t.gettext("Site node %(site)s: no copy of the central data yet — the central site has not answered.", site=self.site_id)
+        moment = dt.datetime.fromtimestamp(as_of, HOSPITAL_TZ)
+        if feed.upstream_reachable:
+            return t.gettext("Site node %(site)s: data up to date (%(time)s), following the central site. Read-only copy.",
+                             site=self.site_id, time=t.time(moment))
+        cut = t.since(dt.datetime.fromtimestamp(feed.unreachable_since or now, dt.UTC), dt.datetime.now(dt.UTC))
+        return t.gettext("Data up to date at %(time)s — central site unreachable for %(since)s. Read-only copy.",
+                         time=t.time(moment), since=cut)
+
+    async def start(self) -> None:
+        self.follower.start()
+
+    async def stop(self) -> None:
+        await self.follower.stop()
