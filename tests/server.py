@@ -49,8 +49,7 @@ class RebondServer:
             from tests.auth import api_token_for
 
             self.token = api_token_for(self.db)
-        cmd = [sys.executable, "-m", "rebond.cli", "serve", "--db", self.db, "--port", str(self.port),
-               "--site-id", self.site_id, "--log-level", "warning", *self.extra]
+        cmd = [sys.executable, "-m", "rebond.cli", *self.command()]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
@@ -65,6 +64,9 @@ class RebondServer:
             time.sleep(0.1)
         raise RuntimeError("rebond serve did not answer /healthz")
 
+    def command(self) -> list[str]:
+        return ["serve", "--db", self.db, "--port", str(self.port), "--site-id", self.site_id, "--log-level", "warning", *self.extra]
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
@@ -77,3 +79,18 @@ class RebondServer:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+class SiteServer(RebondServer):
+    """`rebond site` following a central server, with an API token of its own (role system) on the central."""
+
+    def __init__(self, db: str, central: RebondServer, site_id: str = "H1", *extra: str) -> None:
+        super().__init__(db, *extra, site_id=site_id)
+        self.central = central
+
+    def command(self) -> list[str]:
+        return ["site", "--upstream", self.central.fhir, "--site-id", self.site_id, "--db", self.db, "--port", str(self.port),
+                "--token", self.central.token, "--log-level", "warning", *self.extra]
+
+    def status(self) -> dict[str, object]:
+        return dict(httpx.get(f"{self.base}/status", headers={"Accept": "application/json"}, timeout=5).json())

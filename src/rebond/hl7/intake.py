@@ -89,7 +89,7 @@ def receive(store: Store, raw: bytes) -> Answer:
             return _answer(header, error, "the message could not be stored; send it again", None, control_id=control_id)
     except StoreError as err:
         log.warning("message not kept, the store is unavailable: %s", err)
-        return _answer(header, error, "the message could not be stored; send it again", None, control_id=control_id)
+        return _answer(header, error, f"the message could not be taken now ({err}); send it again", None, control_id=control_id)
     except Exception:
         log.exception("message %s from %s: unexpected failure", control_id, sender)
         problem = MessageError("internal error while applying the message", code=207)

@@ -1,0 +1,120 @@
+"""Site nodes as real processes beside a real central server: following, freshness, cut-off, restarts."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rebond.hl7.intake import receive
+from rebond.store import open_store
+from tests.hl7_messages import oru
+from tests.server import RebondServer, SiteServer
+from tests.web_client import signed_in
+
+FHIR = {"Content-Type": "application/fhir+json"}
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise AssertionError("not within the time allowed")
+
+
+@pytest.fixture
+def group(demo_db: str, tmp_path: Path) -> Iterator[tuple[RebondServer, SiteServer]]:
+    central = RebondServer(demo_db).start()
+    site_db = f"sqlite:///{tmp_path}/site-H1.db"
+    from rebond.security.accounts import Accounts
+
+    store = open_store(site_db)
+    Accounts(store).save("nurse", "rebond-demo", "nurse", "LEROY Hélène")
+    store.close()
+    site = SiteServer(site_db, central).start()
+    wait_for(lambda: site.status()["data_as_of"] is not None, 120)  # the first copy of the demo group
+    yield central, site
+    site.stop()
+    central.stop()
+
+
+def create_at(server: RebondServer, family: str) -> dict[str, object]:
+    response = httpx.post(f"{server.fhir}/Patient", json={"resourceType": "Patient", "name": [{"family": family}]},
+                          headers={**FHIR, **server.headers}, timeout=10)
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+def site_read(site: SiteServer, path: str) -> httpx.Response:
+    return httpx.get(f"{site.fhir}/{path}", headers=site.headers, timeout=10)
+
+
+def test_a_central_write_reaches_the_site_within_a_second_with_the_same_version(group: tuple[RebondServer, SiteServer]) -> None:
+    central, site = group
+    created = create_at(central, "Suivi")
+    took = wait_for(lambda: site_read(site, f"Patient/{created['id']}").status_code == 200)
+    copy = site_read(site, f"Patient/{created['id']}")
+    assert copy.json()["meta"] == created["meta"], "the same version, the same time"
+    assert took < 2.0
+    status = site.status()
+    for field in ("role", "site_id", "upstream_reachable", "last_change_applied_at", "lag_seconds", "journal_pending", "conflicts_open"):
+        assert field in status
+    assert status["role"] == "site" and status["site_id"] == "H1" and status["upstream_reachable"] is True
+    assert float(status["lag_seconds"]) < 5  # type: ignore[arg-type]
+    assert copy.headers["x-rebond-upstream"] == "reachable" and copy.headers["x-rebond-data-as-of"] != "never"
+    central_status = httpx.get(f"{central.base}/status", headers={"Accept": "application/json"}).json()
+    assert central_status["role"] == "central" and central_status["upstream_reachable"] is None
+
+
+def test_the_site_keeps_serving_and_says_since_when_it_is_cut_off(group: tuple[RebondServer, SiteServer]) -> None:
+    central, site = group
+    created = create_at(central, "Coupure")
+    wait_for(lambda: site_read(site, f"Patient/{created['id']}").status_code == 200)
+    central.kill()
+    killed_at = time.monotonic()
+    detected = wait_for(lambda: site.status()["upstream_reachable"] is False, 10)
+    print(f"\nloss of the central site detected in {detected:.1f} s")
+    assert time.monotonic() - killed_at < 5
+    read = site_read(site, f"Patient/{created['id']}")
+    assert read.status_code == 200, "reads are never interrupted"
+    assert read.headers["x-rebond-upstream"].startswith("unreachable; since=")
+    nurse = signed_in(site.base, "nurse")
+    page = nurse.get("/")
+    assert "site central injoignable depuis" in page.text and "Données à jour à" in page.text
+    refused = httpx.post(f"{site.fhir}/Patient", json={"resourceType": "Patient"}, headers={**FHIR, **site.headers})
+    assert refused.status_code == 503 and refused.json()["resourceType"] == "OperationOutcome"
+
+    central.start()  # the same store and port: the central site comes back
+    wait_for(lambda: site.status()["upstream_reachable"] is True, 15)
+    after = create_at(central, "Retour")
+    wait_for(lambda: site_read(site, f"Patient/{after['id']}").status_code == 200)
+
+
+def test_a_restarted_site_resumes_from_its_cursor_and_applies_each_change_once(group: tuple[RebondServer, SiteServer]) -> None:
+    central, site = group
+    site.stop()
+    created = create_at(central, "Reprise")
+    updated = httpx.put(f"{central.fhir}/Patient/{created['id']}", json={**created, "gender": "female"},
+                        headers={**FHIR, **central.headers}).json()
+    site.start()
+    wait_for(lambda: site_read(site, f"Patient/{created['id']}").json().get("gender") == "female")
+    history = site_read(site, f"Patient/{created['id']}/_history").json()
+    assert [e["resource"]["meta"]["versionId"] for e in history["entry"]] == ["2", "1"]
+    assert site_read(site, f"Patient/{created['id']}").json()["meta"] == updated["meta"]
+
+
+def test_hl7_at_a_read_only_site_is_answered_ae_so_the_sender_retries(tmp_path: Path) -> None:
+    from rebond.site.node import SiteNode
+
+    store = open_store(f"sqlite:///{tmp_path}/s.db")
+    try:
+        SiteNode(store, "http://127.0.0.1:9/fhir", "")
+        answer = receive(store, oru("S1", "950000001", "F1"))
+        assert answer.code == "AE" and b"read-only" in answer.ack
+        assert store.counts().get("Observation", 0) == 0
+    finally:
+        store.close()
