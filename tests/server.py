@@ -84,12 +84,13 @@ class RebondServer:
 class SiteServer(RebondServer):
     """`rebond site` following a central server, with an API token of its own (role system) on the central."""
 
-    def __init__(self, db: str, central: RebondServer, site_id: str = "H1", *extra: str) -> None:
+    def __init__(self, db: str, central: RebondServer, site_id: str = "H1", *extra: str, upstream: str | None = None) -> None:
         super().__init__(db, *extra, site_id=site_id)
         self.central = central
+        self.upstream = upstream or central.fhir
 
     def command(self) -> list[str]:
-        return ["site", "--upstream", self.central.fhir, "--site-id", self.site_id, "--db", self.db, "--port", str(self.port),
+        return ["site", "--upstream", self.upstream, "--site-id", self.site_id, "--db", self.db, "--port", str(self.port),
                 "--token", self.central.token, "--log-level", "warning", *self.extra]
 
     def status(self) -> dict[str, object]:

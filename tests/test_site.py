@@ -85,13 +85,18 @@ def test_the_site_keeps_serving_and_says_since_when_it_is_cut_off(group: tuple[R
     nurse = signed_in(site.base, "nurse")
     page = nurse.get("/")
     assert "site central injoignable depuis" in page.text and "Données à jour à" in page.text
-    refused = httpx.post(f"{site.fhir}/Patient", json={"resourceType": "Patient"}, headers={**FHIR, **site.headers})
-    assert refused.status_code == 503 and refused.json()["resourceType"] == "OperationOutcome"
+    kept = httpx.post(f"{site.fhir}/Patient", json={"resourceType": "Patient", "name": [{"family": "Urgence"}]},
+                      headers={**FHIR, **site.headers})
+    assert kept.status_code == 201, "the site accepts the writes care needs while cut off"
+    assert site.status()["journal_pending"] == 1
 
     central.start()  # the same store and port: the central site comes back
     wait_for(lambda: site.status()["upstream_reachable"] is True, 15)
     after = create_at(central, "Retour")
     wait_for(lambda: site_read(site, f"Patient/{after['id']}").status_code == 200)
+    wait_for(lambda: site.status()["journal_pending"] == 0, 15)
+    replayed = httpx.get(f"{central.fhir}/Patient/{kept.json()['id']}", headers=central.headers)
+    assert replayed.status_code == 200 and replayed.json()["name"][0]["family"] == "Urgence"
 
 
 def test_a_restarted_site_resumes_from_its_cursor_and_applies_each_change_once(group: tuple[RebondServer, SiteServer]) -> None:
@@ -107,14 +112,17 @@ def test_a_restarted_site_resumes_from_its_cursor_and_applies_each_change_once(g
     assert site_read(site, f"Patient/{created['id']}").json()["meta"] == updated["meta"]
 
 
-def test_hl7_at_a_read_only_site_is_answered_ae_so_the_sender_retries(tmp_path: Path) -> None:
+def test_hl7_at_a_cut_off_site_is_applied_here_and_journaled(tmp_path: Path) -> None:
     from rebond.site.node import SiteNode
 
-    store = open_store(f"sqlite:///{tmp_path}/s.db")
+    store = open_store(f"sqlite:///{tmp_path}/s.db", site_id="H1")
     try:
         SiteNode(store, "http://127.0.0.1:9/fhir", "")
         answer = receive(store, oru("S1", "950000001", "F1"))
-        assert answer.code == "AE" and b"read-only" in answer.ack
-        assert store.counts().get("Observation", 0) == 0
+        assert answer.code == "AA"
+        assert store.counts().get("Observation", 0) == 3
+        pending = store.journal("pending")
+        assert {e.resource_type for e in pending} == {"Patient", "ServiceRequest", "Observation", "DiagnosticReport"}
+        assert all(e.method == "create" and e.base_version == 0 for e in pending)
     finally:
         store.close()

@@ -31,7 +31,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
     node = node or Node(store)
     accounts = Accounts(store, idle=session_idle)
     api = FhirApi(store, authorize=api_guard(accounts))
-    web = WebApp(store, accounts, secure_cookies=secure_cookies, status_banner=node.banner)
+    web = WebApp(store, accounts, secure_cookies=secure_cookies, status_banner=node.banner, upstream=node.upstream_access())
 
     async def healthz(request: Request) -> Response:
         try:

@@ -8,12 +8,9 @@ from typing import Any
 
 from rebond.clinical.records import HOSPITAL_TZ
 from rebond.site.follower import Follower
+from rebond.site.replay import Replayer
 from rebond.store.base import Store
 from rebond.web.i18n import Translator
-
-#: until the write journal lands, a site node serves reads only: its copy must never diverge from the central one
-READ_ONLY = ("this site node keeps a read-only copy: write to the central site (writes kept during an outage come "
-             "with the site's write journal)")
 
 
 def _iso(epoch: float | None) -> str | None:
@@ -44,6 +41,10 @@ class Node:
     def banner(self, t: Translator) -> str | None:
         return None
 
+    def upstream_access(self) -> tuple[str, str] | None:
+        """The central site's FHIR base and API token, for a site node; None on the central site."""
+        return None
+
     async def start(self) -> None:
         return None
 
@@ -59,8 +60,15 @@ class SiteNode(Node):
     def __init__(self, store: Store, upstream: str, token: str, *, interval: float = 0.5, timeout: float = 2.0) -> None:
         super().__init__(store)
         self.upstream = upstream
+        self.token = token
         self.follower = Follower(store, upstream, token, interval=interval, timeout=timeout)
-        store.refuse_writes = READ_ONLY
+        # every write made here is applied at once and journaled in the same commit, then replayed on the central site
+        store.journal_writes = True
+        self.replayer = Replayer(store, upstream, token, store.site_id, reachable=lambda: self.follower.state.upstream_reachable,
+                                 interval=interval)
+
+    def upstream_access(self) -> tuple[str, str] | None:
+        return self.upstream, self.token
 
     def status(self, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now
@@ -69,8 +77,10 @@ class SiteNode(Node):
         return {"role": self.role, "site_id": self.site_id, "upstream": self.upstream,
                 "upstream_reachable": feed.upstream_reachable, "unreachable_since": _iso(feed.unreachable_since),
                 "last_change_applied_at": _iso(feed.last_change_applied_at), "data_as_of": _iso(feed.data_as_of(now)),
-                "lag_seconds": None if lag is None else round(lag, 3), "journal_pending": 0, "conflicts_open": 0,
-                "writes": "refused: read-only copy"}
+                "lag_seconds": None if lag is None else round(lag, 3), "journal_pending": self.store.journal_count("pending"),
+                "conflicts_open": self.store.journal_count("conflict"), "replayed": self.replayer.replayed,
+                "last_replay_rate": self.replayer.last_replay_rate,
+                "writes": "accepted: applied here at once, replayed on the central site in order"}
 
     def headers(self, now: float | None = None) -> dict[str, str]:
         now = time.time() if now is None else now
@@ -89,14 +99,17 @@ class SiteNode(Node):
             return t.gettext("Site node %(site)s: no copy of the central data yet — the central site has not answered.", site=self.site_id)
         moment = dt.datetime.fromtimestamp(as_of, HOSPITAL_TZ)
         if feed.upstream_reachable:
-            return t.gettext("Site node %(site)s: data up to date (%(time)s), following the central site. Read-only copy.",
+            return t.gettext("Site node %(site)s: data up to date (%(time)s), following the central site.",
                              site=self.site_id, time=t.time(moment))
         cut = t.since(dt.datetime.fromtimestamp(feed.unreachable_since or now, dt.UTC), dt.datetime.now(dt.UTC))
-        return t.gettext("Data up to date at %(time)s — central site unreachable for %(since)s. Read-only copy.",
-                         time=t.time(moment), since=cut)
+        kept = self.store.journal_count("pending")
+        return t.gettext("Data up to date at %(time)s — central site unreachable for %(since)s. Writes are kept here "
+                         "(%(kept)s waiting) and will be sent when it returns.", time=t.time(moment), since=cut, kept=kept)
 
     async def start(self) -> None:
         self.follower.start()
+        self.replayer.start()
 
     async def stop(self) -> None:
+        await self.replayer.stop()
         await self.follower.stop()

@@ -101,6 +101,23 @@ class InboxMessage:
 
 
 @dataclass(frozen=True)
+class JournalEntry:
+    """A write a site node made on its own, to be replayed on the central site in this order."""
+
+    seq: int
+    resource_type: str
+    resource_id: str
+    method: str  # create, update, delete
+    base_version: int  # the version it was made on (0 for a create): the If-Match of the replay
+    local_version: int
+    body: bytes | None
+    written: float
+    status: str  # pending, replayed, conflict, resolved
+    detail: str
+    updated: float
+
+
+@dataclass(frozen=True)
 class Change:
     """An entry of the change feed: one committed version, in commit order."""
 
@@ -147,6 +164,10 @@ class Session(abc.ABC):
         (version number, time, body, site). False when this store already has it or a later one."""
 
     @abc.abstractmethod
+    def settle_journal(self, seq: int, status: str, detail: str) -> None:
+        """Record what became of a journaled write (replayed, conflict, resolved)."""
+
+    @abc.abstractmethod
     def receive_message(self, channel: str, sender: str, control_id: str, raw: bytes) -> tuple[InboxMessage, bool]:
         """Keep a message as received; (the message, True) when new, (the one kept earlier, False) for a re-send."""
 
@@ -165,9 +186,8 @@ class Store(abc.ABC):
     site_id: str
     #: reads by id answer from local disk in microseconds, never waiting on a network (embedded engines)
     local_reads: bool = False
-    #: set on a copy that must not diverge from its source (a site node): clinical writes raise Unavailable with this reason;
-    #: copies from the feed, the node's own state and its inbox are still written
-    refuse_writes: str | None = None
+    #: set on a site node: every clinical write is also journaled, in its transaction, for replay on the central site
+    journal_writes: bool = False
 
     @abc.abstractmethod
     def transaction(self) -> contextlib.AbstractContextManager[Session]:
@@ -197,6 +217,13 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def changes(self, after: str | None, count: int = 100) -> ChangePage:
         """Committed versions after `after` (an opaque cursor; None from the start), in commit order."""
+
+    @abc.abstractmethod
+    def journal(self, status: str | None = None, *, limit: int = 100, after: int = 0) -> list[JournalEntry]:
+        """Journaled writes (of one status), oldest first."""
+
+    @abc.abstractmethod
+    def journal_count(self, status: str) -> int: ...
 
     @abc.abstractmethod
     def message(self, message_id: int) -> InboxMessage | None: ...

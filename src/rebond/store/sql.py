@@ -17,13 +17,13 @@ from rebond.store.base import (
     Change,
     ChangePage,
     InboxMessage,
+    JournalEntry,
     PreconditionFailed,
     SearchResult,
     Session,
     Store,
     Stored,
     StoreError,
-    Unavailable,
     WriteResult,
 )
 from rebond.store.indexing import IndexRows, index_resource
@@ -79,6 +79,14 @@ class Cursor(abc.ABC):
 
 
 _INBOX_COLUMNS = "id, channel, sender, control_id, received, raw, status, detail, updated"
+
+
+_JOURNAL_COLUMNS = "seq, res_type, res_id, method, base_version, local_version, body, written, status, detail, updated"
+
+
+def journal_from_row(row: Sequence[Any]) -> JournalEntry:
+    return JournalEntry(int(row[0]), row[1], row[2], row[3], int(row[4]), int(row[5]), bytes(row[6]) if row[6] is not None else None,
+                        float(row[7]), row[8], row[9], float(row[10]))
 
 
 def inbox_from_row(row: Sequence[Any]) -> InboxMessage:
@@ -150,7 +158,7 @@ class SQLSession(Session):
 
     def create(self, resource: dict[str, Any], *, resource_id: str | None = None) -> WriteResult:
         rid = resource_id or str(uuid.uuid4())
-        return self._write(resource["resourceType"], rid, resource, "create", if_match=None)
+        return self._journal(self._write(resource["resourceType"], rid, resource, "create", if_match=None), "create", 0, resource)
 
     def update(self, resource_type: str, resource_id: str, resource: dict[str, Any], *, if_match: int | None = None) -> WriteResult:
         current = self._current(resource_type, resource_id)
@@ -163,7 +171,9 @@ class SQLSession(Session):
             stored = Stored(resource_type, resource_id, current.version, current.lu, False, current.body,
                             current.seq, current.method, current.site_id)
             return WriteResult(stored, created=False, unchanged=True)
-        return self._write(resource_type, resource_id, resource, "update", if_match=if_match, current=current)
+        result = self._write(resource_type, resource_id, resource, "update", if_match=if_match, current=current)
+        base = 0 if current is None or current.deleted else current.version
+        return self._journal(result, "update" if base else "create", base, resource)
 
     def delete(self, resource_type: str, resource_id: str, *, if_match: int | None = None) -> WriteResult | None:
         current = self._current(resource_type, resource_id)
@@ -171,7 +181,8 @@ class SQLSession(Session):
             if if_match is not None:
                 raise PreconditionFailed(f"{resource_type}/{resource_id} has no current version {if_match}")
             return None
-        return self._write(resource_type, resource_id, None, "delete", if_match=if_match, current=current)
+        return self._journal(self._write(resource_type, resource_id, None, "delete", if_match=if_match, current=current),
+                             "delete", current.version, None)
 
     def _current(self, resource_type: str, resource_id: str) -> _Current | None:
         """The current version's row, locked against concurrent writers until this transaction ends."""
@@ -198,8 +209,6 @@ class SQLSession(Session):
         current: _Current | None = None,
     ) -> WriteResult:
         store = self.store
-        if store.refuse_writes:
-            raise Unavailable(store.refuse_writes)
         now = store.clock()
         self.writes += 1
         if current is None:
@@ -234,8 +243,28 @@ class SQLSession(Session):
         stored = Stored(resource_type, resource_id, new_version, now, resource is None, new_body, seq, method, store.site_id)
         return WriteResult(stored, created=current.deleted)
 
+    def _journal(self, result: WriteResult, method: str, base_version: int, resource: dict[str, Any] | None) -> WriteResult:
+        if self.store.journal_writes and not result.unchanged:
+            now = time.time()
+            body = orjson.dumps(resource) if resource is not None else None
+            self.cur.execute(
+                "INSERT INTO journal (res_type, res_id, method, base_version, local_version, body, written, status, detail, updated)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', '', ?)",
+                (result.stored.resource_type, result.stored.id, method, base_version, result.stored.version,
+                 self.store.blob(body), now, now),
+            )
+        return result
+
+    def settle_journal(self, seq: int, status: str, detail: str) -> None:
+        self.cur.execute("UPDATE journal SET status = ?, detail = ?, updated = ? WHERE seq = ?", (status, detail, time.time(), seq))
+
     def replicate(self, copy: Stored) -> bool:
         current = self._current(copy.resource_type, copy.id)
+        if current is not None and current.version == copy.version and current.site_id == self.store.site_id:
+            # the central site's version of one this site wrote itself: the central one is the truth (the site's own,
+            # if it differed, is kept in its journal and shown as a conflict)
+            self._overwrite(current, copy)
+            return True
         if current is not None and current.version >= copy.version:
             return False  # already here: the feed is applied idempotently
         store = self.store
@@ -258,6 +287,18 @@ class SQLSession(Session):
             self._pending[internal] = index_resource(orjson.loads(copy.body))
         self.writes += 1
         return True
+
+    def _overwrite(self, current: _Current, copy: Stored) -> None:
+        """Replace, in place, this node's own version `current` by the upstream's version of the same number."""
+        self.cur.execute("UPDATE versions SET lu = ?, method = ?, site_id = ?, body = ? WHERE seq = ?",
+                         (copy.last_updated, copy.method or "update", copy.site_id or "central", self.store.blob(copy.body), current.seq))
+        self.cur.execute("UPDATE resources SET lu = ?, deleted = ? WHERE rid = ?", (copy.last_updated, 1 if copy.deleted else 0,
+                                                                                     current.internal))
+        if not current.deleted:
+            self._drop_index(current.internal)
+        if copy.body is not None and not copy.deleted:
+            self._pending[current.internal] = index_resource(orjson.loads(copy.body))
+        self.writes += 1
 
     def _drop_index(self, internal: int) -> None:
         if self._pending.pop(internal, None) is None:
@@ -526,6 +567,21 @@ class SQLStore(Store):
             )
             cur.execute(sql, [*rids, *keys, *([inc.target_type] if inc.target_type else []), MAX_INCLUDED])
         return [(stored_from_row(row), int(row[9])) for row in cur.fetchall()]
+
+    def journal(self, status: str | None = None, *, limit: int = 100, after: int = 0) -> list[JournalEntry]:
+        where = "seq > ?"
+        params: list[Any] = [after]
+        if status is not None:
+            where += " AND status = ?"
+            params.append(status)
+        with self.reader() as cur:
+            cur.execute(f"SELECT {_JOURNAL_COLUMNS} FROM journal WHERE {where} ORDER BY seq LIMIT ?", [*params, limit])
+            return [journal_from_row(r) for r in cur.fetchall()]
+
+    def journal_count(self, status: str) -> int:
+        with self.reader() as cur:
+            cur.execute("SELECT count(*) FROM journal WHERE status = ?", (status,))
+            return int(cur.fetchone()[0])
 
     def message(self, message_id: int) -> InboxMessage | None:
         with self.reader() as cur:

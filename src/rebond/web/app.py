@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
+import httpx
+import orjson
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -33,6 +35,7 @@ from rebond.clinical.results import acknowledge_result, reports
 from rebond.hl7.intake import CHANNEL as HL7_CHANNEL
 from rebond.hl7.intake import describe, replay
 from rebond.security.accounts import Account, Accounts, WebSession
+from rebond.site.reconcile import StillInConflict, open_conflicts, settle
 from rebond.store.base import NotFound, Store, Unavailable
 from rebond.web.i18n import DEFAULT_LANGUAGE, LANGUAGES, Translator, translator
 from rebond.web.plots import human_unit, trend_svg
@@ -70,6 +73,13 @@ class Page:
         return Clinician(self.account.username, self.account.display, self.account.practitioner_id)
 
 
+def _pretty(resource: dict[str, Any] | None) -> str:
+    if resource is None:
+        return "—"
+    shown = {k: v for k, v in resource.items() if k not in ("meta", "text")}
+    return orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode()
+
+
 def safe_target(target: str | None) -> str:
     """Only a path of this site may be a redirect target (never //elsewhere or http://elsewhere)."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
@@ -85,8 +95,9 @@ class WebApp:
     """The pages of one Rebond node over one store."""
 
     def __init__(self, store: Store, accounts: Accounts, *, secure_cookies: bool = False,
-                 status_banner: Callable[[Translator], str | None] | None = None) -> None:
+                 status_banner: Callable[[Translator], str | None] | None = None, upstream: tuple[str, str] | None = None) -> None:
         self.store = store
+        self.upstream = upstream  # a site node's central site (FHIR base, API token), for settling conflicts
         self.accounts = accounts
         self.secure_cookies = secure_cookies
         self.status_banner = status_banner
@@ -113,6 +124,8 @@ class WebApp:
             Route("/results", page(self.results, "view-results"), methods=["GET"]),
             Route("/results/{report_id}/acknowledge", page(self.acknowledge, "acknowledge-results"), methods=["POST"]),
             Route("/admin/accounts", page(self.account_list, "manage-accounts"), methods=["GET"]),
+            Route("/reconciliation", page(self.reconciliation, "resolve-conflicts"), methods=["GET"]),
+            Route("/reconciliation/{seq:int}", page(self.settle_conflict, "resolve-conflicts"), methods=["POST"]),
             Route("/admin/hl7", page(self.dead_letters, "manage-interfaces"), methods=["GET"]),
             Route("/admin/hl7/{message_id:int}/replay", page(self.replay_letter, "manage-interfaces"), methods=["POST"]),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
@@ -356,6 +369,28 @@ class WebApp:
         await run_in_threadpool(acknowledge_result, self.store, report_id, p.clinician, p.now)
         form = await p.request.form()
         return RedirectResponse(safe_target(str(form.get("next", "/results"))), status_code=303)
+
+    async def reconciliation(self, p: Page) -> Response:
+        conflicts = await run_in_threadpool(open_conflicts, self.store)
+        shown = [(c, _pretty(c.site), _pretty(c.central)) for c in conflicts]
+        return self._show(p, "reconciliation.html", conflicts=shown, site_node=self.upstream is not None,
+                          outcome=p.request.query_params.get("outcome"))
+
+    async def settle_conflict(self, p: Page) -> Response:
+        if self.upstream is None:
+            raise NotFound("no central site to settle with")
+        form = await p.request.form()
+        keep = str(form.get("keep", ""))
+        if keep not in ("site", "central"):
+            return self.error_page(p.request, 400, p.t.gettext("Choose which version to keep."), p.account, p.session)
+        upstream, token = self.upstream
+        try:
+            await run_in_threadpool(settle, self.store, upstream, token, int(p.request.path_params["seq"]), keep, p.clinician)  # type: ignore[arg-type]
+        except LookupError:
+            raise NotFound("conflict") from None
+        except (StillInConflict, httpx.HTTPError):
+            return RedirectResponse("/reconciliation?outcome=changed", status_code=303)
+        return RedirectResponse("/reconciliation?outcome=settled", status_code=303)
 
     def status_page(self, request: Request, facts: dict[str, Any]) -> HTMLResponse:
         """The node's situation for a person (the same facts as `GET /status` in JSON); no sign-in needed."""
