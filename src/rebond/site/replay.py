@@ -1,4 +1,4 @@
-"""Replaying a site's journal on the central site, in journal order, through the central FHIR API.
+"""Replaying a site's journal on the central site, in journal order, through the central FHIR API (batch Bundles).
 
 Creates are sent with their client-assigned ids (PUT: idempotent); updates and deletions carry
 `If-Match` on the version the site saw. A 412 is a conflict: the site's version stays in its
@@ -45,49 +45,79 @@ class Replayer:
         self._task: asyncio.Task[None] | None = None
 
     async def replay_pending(self, client: httpx.AsyncClient) -> int:
-        """Replay every pending write, oldest first; returns how many were settled (replayed or in conflict)."""
+        """Replay every pending write, oldest first, in batches; returns how many were settled (replayed or in conflict)."""
         settled = 0
         started = time.monotonic()
-        while True:
-            entries = await run_in_threadpool(self.store.journal, "pending", limit=200)
-            if not entries:
-                break
-            for entry in entries:
-                await self.replay_one(client, entry)
-                settled += 1
-        if settled:
-            self.replayed += settled
-            self.last_replay_rate = settled / max(time.monotonic() - started, 1e-6)
-            log.info("journal replayed: %d writes (%.0f/s)", settled, self.last_replay_rate)
+        try:
+            while True:
+                entries = await run_in_threadpool(self.store.journal, "pending", limit=BATCH * 2)
+                if not entries:
+                    break
+                settled += await self._replay_batch(client, _one_per_record(entries))
+        finally:
+            if settled:
+                self.replayed += settled
+                self.last_replay_rate = settled / max(time.monotonic() - started, 1e-6)
+                log.info("journal replayed: %d writes (%.0f/s)", settled, self.last_replay_rate)
         return settled
 
-    async def replay_one(self, client: httpx.AsyncClient, entry: JournalEntry) -> None:
-        blocked = await run_in_threadpool(self._blocked_by_conflict, entry)
-        if blocked:
-            await self._settle(entry, "conflict", {"reason": "made on top of an unresolved conflict on the same record"})
-            return
-        url = f"{self.upstream}/{entry.resource_type}/{entry.resource_id}"
-        headers = dict(self.headers)
-        if entry.base_version:
-            headers["If-Match"] = f'W/"{entry.base_version}"'
-        try:
-            if entry.method == "delete":
-                response = await client.delete(url, headers=headers, timeout=self.timeout)
+    async def _replay_batch(self, client: httpx.AsyncClient, batch: list[JournalEntry]) -> int:
+        """One FHIR batch Bundle: each entry stands on its own on the central site (a 412 fails only itself)."""
+        conflicted = await run_in_threadpool(self._conflicted_records)
+        outcomes: list[tuple[int, str, dict[str, Any]]] = []
+        to_send = []
+        for entry in batch:
+            if (entry.resource_type, entry.resource_id) in conflicted:
+                outcomes.append((entry.seq, "conflict", {"reason": "made on top of an unresolved conflict on the same record"}))
             else:
-                response = await client.put(url, content=entry.body or b"{}", headers=headers, timeout=self.timeout)
+                to_send.append(entry)
+        try:
+            if to_send:
+                answers = await self._send(client, to_send)
+                for entry, answer in zip(to_send, answers, strict=True):
+                    status = int(str(answer.get("response", {}).get("status", "500"))[:3])
+                    if status >= 500:
+                        raise Unreachable(f"central answered {status} for {entry.resource_type}/{entry.resource_id}")
+                    if status < 300:
+                        version = str(answer["response"].get("etag", "")).removeprefix('W/"').rstrip('"')
+                        outcomes.append((entry.seq, "replayed", {"central_version": int(version) if version.isdigit() else None}))
+                        continue
+                    url = f"{self.upstream}/{entry.resource_type}/{entry.resource_id}"
+                    reason = "changed on the central site meanwhile" if status == 412 else \
+                        f"refused by the central site ({status}): {_outcome_text(answer.get('response', {}).get('outcome'))}"
+                    outcomes.append((entry.seq, "conflict", {"reason": reason, "central": await self._central_copy(client, url)}))
+                    log.warning("conflict on %s/%s: %s", entry.resource_type, entry.resource_id, reason)
+        finally:
+            if outcomes:
+                await run_in_threadpool(self.store.write, lambda tx: [tx.settle_journal(seq, status, orjson.dumps(detail).decode())
+                                                                      for seq, status, detail in outcomes])
+        return len(outcomes)
+
+    async def _send(self, client: httpx.AsyncClient, entries: list[JournalEntry]) -> list[dict[str, Any]]:
+        bundle_entries = []
+        for entry in entries:
+            request: dict[str, Any] = {"method": "DELETE" if entry.method == "delete" else "PUT",
+                                       "url": f"{entry.resource_type}/{entry.resource_id}"}
+            if entry.base_version:
+                request["ifMatch"] = f'W/"{entry.base_version}"'
+            item: dict[str, Any] = {"request": request}
+            if entry.method != "delete" and entry.body is not None:
+                item["resource"] = orjson.Fragment(entry.body)
+            bundle_entries.append(item)
+        try:
+            response = await client.post(self.upstream, content=orjson.dumps({"resourceType": "Bundle", "type": "batch",
+                                                                              "entry": bundle_entries}),
+                                         headers=self.headers, timeout=self.timeout)
         except httpx.HTTPError as err:
             raise Unreachable(str(err)) from err
-        if response.status_code >= 500:
+        if response.status_code >= 500 or response.status_code in (401, 403):
             raise Unreachable(f"central answered {response.status_code}")
-        if response.status_code < 300:
-            version = response.headers.get("etag", "").removeprefix('W/"').rstrip('"')
-            await self._settle(entry, "replayed", {"central_version": int(version) if version.isdigit() else None})
-            return
-        central = await self._central_copy(client, url)
-        reason = "changed on the central site meanwhile" if response.status_code == 412 else \
-            f"refused by the central site ({response.status_code}): {_diagnostics(response)}"
-        await self._settle(entry, "conflict", {"reason": reason, "central": central})
-        log.warning("conflict on %s/%s: %s", entry.resource_type, entry.resource_id, reason)
+        if response.status_code >= 300:
+            return [{"response": {"status": str(response.status_code), "outcome": response.json()}} for _ in entries]
+        answers: list[dict[str, Any]] = response.json().get("entry", [])
+        if len(answers) != len(entries):
+            raise Unreachable("the central site's batch answer does not match the batch")
+        return answers
 
     async def _central_copy(self, client: httpx.AsyncClient, url: str) -> dict[str, Any] | None:
         try:
@@ -96,13 +126,8 @@ class Replayer:
             raise Unreachable(str(err)) from err
         return dict(response.json()) if response.status_code == 200 else None
 
-    def _blocked_by_conflict(self, entry: JournalEntry) -> bool:
-        return any(c.resource_type == entry.resource_type and c.resource_id == entry.resource_id and c.seq < entry.seq
-                   for c in self.store.journal("conflict", limit=100_000))
-
-    async def _settle(self, entry: JournalEntry, status: str, detail: dict[str, Any]) -> None:
-        text = orjson.dumps(detail).decode()
-        await run_in_threadpool(self.store.write, lambda tx: tx.settle_journal(entry.seq, status, text))
+    def _conflicted_records(self) -> set[tuple[str, str]]:
+        return {(c.resource_type, c.resource_id) for c in self.store.journal("conflict", limit=100_000)}
 
     async def run(self) -> None:
         async with httpx.AsyncClient() as client:
@@ -126,9 +151,23 @@ class Replayer:
                 await self._task
 
 
-def _diagnostics(response: httpx.Response) -> str:
-    try:
-        outcome = response.json()
-        return "; ".join(str(i.get("diagnostics", "")) for i in outcome.get("issue", []))
-    except ValueError:
-        return response.text[:200]
+BATCH = 100
+
+
+def _one_per_record(entries: list[JournalEntry]) -> list[JournalEntry]:
+    """The oldest entries up to the first one that touches a record already in the batch (order per record is kept)."""
+    seen: set[tuple[str, str]] = set()
+    batch = []
+    for entry in entries[:BATCH]:
+        key = (entry.resource_type, entry.resource_id)
+        if key in seen:
+            break
+        seen.add(key)
+        batch.append(entry)
+    return batch
+
+
+def _outcome_text(outcome: Any) -> str:
+    if isinstance(outcome, dict):
+        return "; ".join(str(i.get("diagnostics", "")) for i in outcome.get("issue", []) if isinstance(i, dict))
+    return ""
