@@ -5,6 +5,7 @@ import datetime as dt
 
 import pytest
 
+from rebond.clinical.admission import NoNumberRange
 from rebond.clinical.census import ward_census
 from rebond.clinical.chart import patient_chart
 from rebond.clinical.medication import Administration, Prescription, dose_schedule
@@ -109,3 +110,25 @@ def test_node_state_is_kept_apart_from_the_change_feed(store: Store) -> None:
     store.put_state("account", "nurse", None)
     assert store.get_state("account", "nurse") is None
     assert store.changes(before, 10).changes == []
+
+
+def test_emergency_admissions_take_consecutive_numbers_from_the_sites_range(seeded: Store) -> None:
+    from rebond.clinical.admission import RangeExhausted, emergency_admission, set_ipp_range
+    from rebond.clinical.records import read
+
+    ward = next(w for w in find(seeded, "Location") if w.get("alias"))["id"]
+    form = {"family": "Urgence", "given": "Jean", "birth_date": "12/03/1950", "gender": "male"}
+    with pytest.raises(NoNumberRange):
+        emergency_admission(seeded, ward, form, NURSE, NOW)
+    set_ipp_range(seeded, 910000000, 910000001)
+    before = seeded.history()[1]
+    with pytest.raises(InvalidForm) as refused:
+        emergency_admission(seeded, ward, {**form, "birth_date": "31/02/1950", "family": ""}, NURSE, NOW)
+    assert set(refused.value.problems) == {"family", "birth_date"} and seeded.history()[1] == before
+    first = read(seeded, "Patient", emergency_admission(seeded, ward, form, NURSE, NOW))
+    second = read(seeded, "Patient", emergency_admission(seeded, ward, form, NURSE, NOW))
+    assert first and second and [first["identifier"][0]["value"], second["identifier"][0]["value"]] == ["910000000", "910000001"]
+    stay = find(seeded, "Encounter", ("subject", f"Patient/{first['id']}"))[0]
+    assert stay["class"]["code"] == "EMER" and stay["status"] == "in-progress"
+    with pytest.raises(RangeExhausted):
+        emergency_admission(seeded, ward, form, NURSE, NOW)

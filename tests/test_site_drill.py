@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,7 +75,7 @@ def test_cut_link_and_killed_central_lose_nothing_and_overwrite_nothing(demo_db:
     link_h1 = CuttableLink(central.port)
     link_h2 = CuttableLink(central.port)
     mllp_h1 = free_port()
-    h1 = SiteServer(site_db(tmp_path, "H1"), central, "H1", "--mllp-port", str(mllp_h1),
+    h1 = SiteServer(site_db(tmp_path, "H1"), central, "H1", "--mllp-port", str(mllp_h1), "--ipp-range", "910000000-910000999",
                     upstream=f"http://127.0.0.1:{link_h1.port}/fhir").start()
     h2 = SiteServer(site_db(tmp_path, "H2"), central, "H2", upstream=f"http://127.0.0.1:{link_h2.port}/fhir").start()
     load = Load(central)
@@ -104,12 +103,16 @@ def test_cut_link_and_killed_central_lose_nothing_and_overwrite_nothing(demo_db:
                                              "payload": [{"contentString": "Scanner en panne, patients orientés vers H2"}]})
         assert r.status_code == 201
         acknowledged.append(("Communication", r.json()["id"]))
-        emergency = str(uuid.uuid4())
-        r = api.put(f"/Patient/{emergency}", json={"resourceType": "Patient", "id": emergency, "name": [{"family": "URGENCE"}],
-                                                    "identifier": [{"system": "urn:rebond:site-H1:ipp", "value": "H1-000001"}]})
-        assert r.status_code == 201
+        nurse = signed_in(h1.base, "nurse")
+        ward = api.get("/Location?identifier=urn:rebond:location|H1-CARDIO").json()["entry"][0]["resource"]["id"]
+        form = nurse.get(f"/wards/{ward}/admit")  # an emergency admission, numbered from the site's range
+        admitted = nurse.post(f"/wards/{ward}/admit", data={"csrf": csrf_of(form.text), "family": "Urgence", "given": "Jean",
+                                                             "birth_date": "12/03/1950", "gender": "male"})
+        assert admitted.status_code == 303
+        emergency = admitted.headers["location"].rsplit("/", 1)[1]
         acknowledged.append(("Patient", emergency))
-        nurse = signed_in(h1.base, "nurse")  # vitals through the web app
+        ipp = api.get(f"/Patient/{emergency}").json()["identifier"][0]["value"]
+        assert ipp == "910000000"
         form = nurse.get(f"/patients/{patient_at_h1}/vitals")
         assert nurse.post(f"/patients/{patient_at_h1}/vitals",
                           data={"csrf": csrf_of(form.text), "heart_rate": "88", "temperature": "37,9"}).status_code == 303

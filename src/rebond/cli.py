@@ -87,6 +87,7 @@ def site(
     port: Annotated[int, typer.Option(help="HTTP port")] = 8081,
     mllp_port: Annotated[int | None, typer.Option(help="also take HL7 v2 messages over MLLP on this port")] = None,
     token: Annotated[str, typer.Option(envvar="REBOND_UPSTREAM_TOKEN", help="API token for the central site (role system)")] = "",
+    ipp_range: Annotated[str, typer.Option(help="FIRST-LAST: patient numbers allocated to this site for emergency admissions")] = "",
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
     session_idle_minutes: Annotated[float, typer.Option(help="sign-in sessions close after this long without use")] = 30,
 ) -> None:
@@ -105,6 +106,16 @@ def site(
         store = open_store(db, site_id=site_id)
     except StoreError as err:
         raise fail(str(err)) from None
+    if ipp_range:
+        from rebond.clinical.admission import set_ipp_range
+
+        first, _, last = ipp_range.partition("-")
+        if not (first.isdigit() and last.isdigit()):
+            raise fail(f"--ipp-range must be FIRST-LAST, digits only, not '{ipp_range}'")
+        try:
+            set_ipp_range(store, int(first), int(last))
+        except ValueError as err:
+            raise fail(str(err)) from None
     node = SiteNode(store, upstream, token)
     mllp = None
     if mllp_port is not None:

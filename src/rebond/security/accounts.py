@@ -27,9 +27,9 @@ TOKEN_CACHE_SECONDS = 30.0
 _FHIR = frozenset({"fhir-read", "fhir-write"})
 PERMISSIONS: dict[str, frozenset[str]] = {
     "nurse": frozenset({"view-patients", "view-notes", "view-results", "record-vitals", "record-administrations",
-                        "acknowledge-results", "resolve-conflicts"}) | _FHIR,
+                        "acknowledge-results", "resolve-conflicts", "admit-patients"}) | _FHIR,
     "physician": frozenset({"view-patients", "view-notes", "view-results", "record-vitals", "acknowledge-results",
-                            "resolve-conflicts"}) | _FHIR,
+                            "resolve-conflicts", "admit-patients"}) | _FHIR,
     "lab": frozenset({"view-patients", "view-results"}) | _FHIR,
     "admin": frozenset({"manage-accounts", "view-status", "manage-interfaces"}),
     # interfaces and other nodes: importers, site nodes, the HL7 engine; the FHIR API only

@@ -26,6 +26,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from rebond.clinical.admission import RangeExhausted, emergency_admission, ipp_range
 from rebond.clinical.census import group_wards, ward_census, ward_of
 from rebond.clinical.chart import patient_chart
 from rebond.clinical.patients import UnclearSearch, find_patients
@@ -116,6 +117,7 @@ class WebApp:
             Route("/logout", self.logout, methods=["POST"]),
             Route("/language/{lang}", self.language, methods=["GET"]),
             Route("/wards/{ward_id}", page(self.census, "view-patients"), methods=["GET"]),
+            Route("/wards/{ward_id}/admit", page(self.admit, "admit-patients"), methods=["GET", "POST"]),
             Route("/patients", page(self.patient_search, "view-patients"), methods=["GET"]),
             Route("/patients/{patient_id}", page(self.chart, "view-patients"), methods=["GET"]),
             Route("/patients/{patient_id}/vitals", page(self.vitals_form, "record-vitals"), methods=["GET", "POST"]),
@@ -259,7 +261,31 @@ class WebApp:
 
     async def census(self, p: Page) -> Response:
         census = await run_in_threadpool(ward_census, self.store, p.request.path_params["ward_id"], p.now)
-        return self._show(p, "census.html", census=census)
+        can_admit = p.account.may("admit-patients") and await run_in_threadpool(ipp_range, self.store) is not None
+        return self._show(p, "census.html", census=census, can_admit=can_admit)
+
+    async def admit(self, p: Page) -> Response:
+        ward_id = p.request.path_params["ward_id"]
+        census = await run_in_threadpool(ward_census, self.store, ward_id, p.now)
+        if await run_in_threadpool(ipp_range, self.store) is None:
+            return self.error_page(p.request, 409, p.t.gettext("Emergency admissions need a range of patient numbers on this node: "
+                                                               "ask IT (rebond site --ipp-range)."), p.account, p.session)
+        values: dict[str, str] = {"gender": ""}
+        problems: dict[str, str] = {}
+        if p.request.method == "POST":
+            form = await p.request.form()
+            values = {k: str(form.get(k, "")) for k in ("family", "given", "birth_date", "gender", "bed")}
+            try:
+                patient_id = await run_in_threadpool(emergency_admission, self.store, ward_id, values, p.clinician, p.now)
+            except InvalidForm as err:
+                problems = {k: self._problem(p.t, v) for k, v in err.problems.items()}
+            except RangeExhausted:
+                return self.error_page(p.request, 409, p.t.gettext("The range of patient numbers of this node is used up: call IT."),
+                                       p.account, p.session)
+            else:
+                return RedirectResponse(f"/patients/{quote(patient_id)}", status_code=303)
+        free = [line for line in census.beds if line.patient is None and line.bed_id]
+        return self._show(p, "admit.html", status=422 if problems else 200, census=census, free=free, values=values, problems=problems)
 
     async def patient_search(self, p: Page) -> Response:
         text = p.request.query_params.get("q", "").strip()
@@ -329,6 +355,11 @@ class WebApp:
             "choose-outcome": t.gettext("Say whether the dose was given."),
             "reason-required": t.gettext("Give the reason the dose was not given."),
             "not-a-time": t.gettext("Write the time as HH:MM."),
+            "required": t.gettext("Required."),
+            "not-a-date": t.gettext("Write the date as dd/mm/yyyy or yyyy-mm-dd."),
+            "in-the-future": t.gettext("This date is in the future."),
+            "choose-one": t.gettext("Choose one."),
+            "bed-taken": t.gettext("This bed is not free any more: choose another."),
         }.get(kind, kind)
 
     async def results(self, p: Page) -> Response:
