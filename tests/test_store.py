@@ -144,3 +144,36 @@ def test_each_concurrent_write_succeeds_or_fails_on_its_own(store: Store) -> Non
     assert len(ids) == 6
     assert store.counts().get("Patient") == 6
     assert all(store.read("Patient", i) is not None for i in ids)
+
+
+def test_a_copy_from_the_feed_keeps_its_version_and_is_applied_once(store: Store) -> None:
+    from rebond.store.base import Stored
+
+    body = b'{"resourceType":"Patient","id":"p-copy","meta":{"versionId":"3","lastUpdated":"2026-11-23T10:00:00.000000+00:00"},"gender":"male"}'
+    copy = Stored("Patient", "p-copy", 3, 1_795_000_000.0, False, body, 0, "update", "central")
+    assert store.write(lambda tx: tx.replicate(copy)) is True
+    assert store.write(lambda tx: tx.replicate(copy)) is False, "a page applied twice changes nothing"
+    here = store.read("Patient", "p-copy")
+    assert here is not None and here.version == 3 and here.body == body and here.site_id == "central"
+    from rebond.fhir.search import parse_search
+
+    assert [s.id for s in store.search(parse_search("Patient", [("gender", "male")])).matches] == ["p-copy"], "indexed"
+
+
+def test_a_sites_own_writes_are_journaled_and_its_version_yields_to_the_centrals(store: Store) -> None:
+    from rebond.store.base import Stored
+
+    store.journal_writes = True
+    store.site_id = "H1"
+    created = store.create({"resourceType": "Patient", "gender": "female"}, resource_id="p-site")
+    store.update("Patient", "p-site", {"resourceType": "Patient", "id": "p-site", "gender": "other"})
+    entries = store.journal("pending")
+    assert [(e.method, e.base_version, e.local_version) for e in entries] == [("create", 0, 1), ("update", 1, 2)]
+    assert created.stored.site_id == "H1"
+    central = b'{"resourceType":"Patient","id":"p-site","meta":{"versionId":"2","lastUpdated":"2026-11-23T10:00:00.000000+00:00"},"gender":"male"}'
+    assert store.write(lambda tx: tx.replicate(Stored("Patient", "p-site", 2, 1_795_000_000.0, False, central, 0, "update", "central")))
+    here = store.read("Patient", "p-site")
+    assert here is not None and here.version == 2 and here.body == central, "the central version replaces the site's own in place"
+    assert store.journal("pending")[1].body is not None, "the site's version is still in its journal"
+    store.write(lambda tx: tx.settle_journal(entries[0].seq, "replayed", "{}"))
+    assert store.journal_count("pending") == 1 and store.journal_count("replayed") == 1

@@ -260,9 +260,9 @@ class SQLSession(Session):
 
     def replicate(self, copy: Stored) -> bool:
         current = self._current(copy.resource_type, copy.id)
-        if current is not None and current.version == copy.version and current.site_id == self.store.site_id:
-            # the central site's version of one this site wrote itself: the central one is the truth (the site's own,
-            # if it differed, is kept in its journal and shown as a conflict)
+        if current is not None and current.version == copy.version and current.body != copy.body:
+            # the upstream's version of a number this node wrote itself: the upstream one is the truth (this node's own
+            # is kept in its journal, and shown as a conflict if it was not the same change)
             self._overwrite(current, copy)
             return True
         if current is not None and current.version >= copy.version:
