@@ -30,7 +30,7 @@ class Conflict:
     site_written: float
     site_author: str
     central: dict[str, Any] | None
-    central_updated: str
+    central_updated: float | None
     later: list[int]  # later writes of the same record, made on top of this one
 
 
@@ -67,8 +67,9 @@ def open_conflicts(store: Store) -> list[Conflict]:
         latest = chain[-1]
         site = orjson.loads(latest.body) if latest.body else None
         central = detail.get("central")
+        updated = ((central or {}).get("meta") or {}).get("lastUpdated")
         out.append(Conflict(entry.seq, entry.resource_type, entry.resource_id, str(detail.get("reason", "")), site, latest.written,
-                            _author(site), central, str(((central or {}).get("meta") or {}).get("lastUpdated", "")),
+                            _author(site), central, dt.datetime.fromisoformat(updated).timestamp() if updated else None,
                             later[entry.seq]))
     return out
 

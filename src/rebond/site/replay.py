@@ -20,9 +20,13 @@ import orjson
 from starlette.concurrency import run_in_threadpool
 
 from rebond.store.base import JournalEntry, Store
+from rebond.web.i18n import N_
 
 log = logging.getLogger("rebond.site")
 FHIR = "application/fhir+json"
+# reasons kept with a conflict, in English; the reconciliation page shows them translated
+CHANGED_MEANWHILE = N_("changed on the central site meanwhile")
+ON_TOP_OF_CONFLICT = N_("made on top of an unresolved conflict on the same record")
 
 
 class Unreachable(Exception):
@@ -68,7 +72,7 @@ class Replayer:
         to_send = []
         for entry in batch:
             if (entry.resource_type, entry.resource_id) in conflicted:
-                outcomes.append((entry.seq, "conflict", {"reason": "made on top of an unresolved conflict on the same record"}))
+                outcomes.append((entry.seq, "conflict", {"reason": ON_TOP_OF_CONFLICT}))
             else:
                 to_send.append(entry)
         try:
@@ -83,7 +87,7 @@ class Replayer:
                         outcomes.append((entry.seq, "replayed", {"central_version": int(version) if version.isdigit() else None}))
                         continue
                     url = f"{self.upstream}/{entry.resource_type}/{entry.resource_id}"
-                    reason = "changed on the central site meanwhile" if status == 412 else \
+                    reason = CHANGED_MEANWHILE if status == 412 else \
                         f"refused by the central site ({status}): {_outcome_text(answer.get('response', {}).get('outcome'))}"
                     outcomes.append((entry.seq, "conflict", {"reason": reason, "central": await self._central_copy(client, url)}))
                     log.warning("conflict on %s/%s: %s", entry.resource_type, entry.resource_id, reason)
