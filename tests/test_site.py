@@ -11,7 +11,7 @@ import pytest
 from rebond.hl7.intake import receive
 from rebond.store import open_store
 from tests.hl7_messages import oru
-from tests.server import RebondServer, SiteServer
+from tests.server import RebondServer, SiteServer, rebond
 from tests.web_client import signed_in
 
 FHIR = {"Content-Type": "application/fhir+json"}
@@ -139,3 +139,28 @@ def test_a_write_at_a_connected_site_reaches_the_central_site_at_once(group: tup
     wait_for(lambda: site.status()["journal_pending"] == 0, 5)
     central_copy = httpx.get(f"{central.fhir}/Patient/{written.json()['id']}", headers=central.headers).json()
     wait_for(lambda: site_read(site, f"Patient/{written.json()['id']}").json() == central_copy, 5)
+
+
+def feed_site_of(central: RebondServer, resource_id: str) -> set[str]:
+    """The change-site of every feed entry of one resource on the central site."""
+    sites: set[str] = set()
+    page = httpx.get(f"{central.fhir}/$changes?_count=1000", headers=central.headers).json()
+    while page["entry"]:
+        for entry in page["entry"]:
+            if entry["fullUrl"].endswith(f"/{resource_id}"):
+                sites |= {x["valueString"] for x in entry["extension"] if x["url"].endswith("change-site")}
+        page = httpx.get(page["link"][0]["url"], headers=central.headers).json()
+    return sites
+
+
+def test_the_central_feed_says_which_site_a_replayed_write_came_from(group: tuple[RebondServer, SiteServer]) -> None:
+    central, site = group
+    written = httpx.post(f"{site.fhir}/Patient", json={"resourceType": "Patient", "name": [{"family": "Origine"}]},
+                         headers={**FHIR, **site.headers})
+    wait_for(lambda: httpx.get(f"{central.fhir}/Patient/{written.json()['id']}", headers=central.headers).status_code == 200, 5)
+    assert feed_site_of(central, written.json()["id"]) == {"H1"}
+    nurse = rebond("accounts", "token", "nurse", "--db", central.db).stdout.strip()
+    claimed = httpx.post(f"{central.fhir}/Patient", json={"resourceType": "Patient"},
+                         headers={**FHIR, "Authorization": f"Bearer {nurse}", "X-Rebond-Site": "H9"})
+    assert claimed.status_code == 201
+    assert feed_site_of(central, claimed.json()["id"]) == {"central"}, "only an interface account may say where a write came from"

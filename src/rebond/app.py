@@ -116,6 +116,7 @@ def api_guard(accounts: Accounts) -> Callable[[Request, bool], Awaitable[None]]:
             raise FhirError(401, "sign in: send 'Authorization: Bearer <token>' (rebond accounts token USER)", code="login")
         if not account.may("fhir-write" if writes else "fhir-read"):
             raise FhirError(403, f"the role '{account.role}' may not {'write' if writes else 'read'} clinical data", code="forbidden")
+        request.state.account = account
 
     return authorize
 

@@ -19,7 +19,7 @@ from rebond.fhir.bundles import parse_if_match, process_batch, process_transacti
 from rebond.fhir.capability import capability_statement
 from rebond.fhir.errors import FhirError, bad_request, operation_outcome
 from rebond.fhir.search import SearchError, SearchQuery, parse_search
-from rebond.store.base import Gone, NotFound, Store, Stored, StoreError
+from rebond.store.base import Gone, NotFound, Session, Store, Stored, StoreError
 from rebond.store.sql import iso_instant
 
 log = logging.getLogger("rebond.api")
@@ -142,8 +142,20 @@ class FhirApi:
                                  outcome.status, headers)
         return fhir_response(stored.body, outcome.status, headers)
 
-    async def _write(self, fn: Callable[..., operations.Outcome], *args: Any, **kwargs: Any) -> operations.Outcome:
-        return await run_in_threadpool(self.store.write, lambda tx: fn(tx, *args, **kwargs))
+    async def _write(self, fn: Callable[..., operations.Outcome], *args: Any, origin: str | None = None,
+                     **kwargs: Any) -> operations.Outcome:
+        def work(tx: Session) -> operations.Outcome:
+            tx.origin = origin
+            return fn(tx, *args, **kwargs)
+
+        return await run_in_threadpool(self.store.write, work)
+
+    @staticmethod
+    def origin(request: Request) -> str | None:
+        """The site a replayed write comes from (`X-Rebond-Site`), believed only from an interface account (role system)."""
+        account = getattr(request.state, "account", None)
+        site = request.headers.get("x-rebond-site", "").strip()
+        return site[:64] if site and getattr(account, "role", "") == "system" else None
 
     # -- endpoints
 
@@ -157,15 +169,16 @@ class FhirApi:
             return await self._search(request, rtype, list(request.query_params.multi_items()))
         if request.method == "POST":
             body = await self._body(request)
-            outcome = await self._write(operations.create, rtype, body, if_none_exist=request.headers.get("if-none-exist"))
+            outcome = await self._write(operations.create, rtype, body, if_none_exist=request.headers.get("if-none-exist"),
+                                        origin=self.origin(request))
             return self._written(request, outcome)
         query = request.url.query
         if request.method == "PUT":
             body = await self._body(request)
             if_match = parse_if_match(request.headers.get("if-match"))
-            outcome = await self._write(operations.conditional_update, rtype, query, body, if_match=if_match)
+            outcome = await self._write(operations.conditional_update, rtype, query, body, if_match=if_match, origin=self.origin(request))
             return self._written(request, outcome)
-        outcome = await self._write(operations.conditional_delete, rtype, query)
+        outcome = await self._write(operations.conditional_delete, rtype, query, origin=self.origin(request))
         return self._written(request, outcome)
 
     async def instance(self, request: Request) -> Response:
@@ -177,12 +190,12 @@ class FhirApi:
         if_match = parse_if_match(request.headers.get("if-match"))
         if request.method == "PUT":
             body = await self._body(request)
-            outcome = await self._write(operations.update, rtype, rid, body, if_match=if_match)
+            outcome = await self._write(operations.update, rtype, rid, body, if_match=if_match, origin=self.origin(request))
         elif request.method == "PATCH":
             body = await self._body(request, patch=True)
-            outcome = await self._write(operations.patch, rtype, rid, body, if_match=if_match)
+            outcome = await self._write(operations.patch, rtype, rid, body, if_match=if_match, origin=self.origin(request))
         else:
-            outcome = await self._write(operations.delete, rtype, rid, if_match=if_match)
+            outcome = await self._write(operations.delete, rtype, rid, if_match=if_match, origin=self.origin(request))
             if outcome.stored is not None:
                 return Response(status_code=204, headers={"ETag": f'W/"{outcome.stored.version}"'})
             return Response(status_code=204)
@@ -323,9 +336,10 @@ class FhirApi:
             raise bad_request("POST to the base takes a batch or transaction Bundle")
         kind = body.get("type")
         if kind == "batch":
-            result = await run_in_threadpool(process_batch, self.store, body, base, self._bundle_reader(base))
+            result = await run_in_threadpool(process_batch, self.store, body, base, self._bundle_reader(base), self.origin(request))
         elif kind == "transaction":
-            result = await run_in_threadpool(process_transaction, self.store, body, base, self._bundle_reader(base))
+            result = await run_in_threadpool(process_transaction, self.store, body, base, self._bundle_reader(base),
+                                             self.origin(request))
         else:
             raise bad_request(f"a Bundle of type '{kind}' cannot be processed; send a batch or a transaction")
         return fhir_response(result)

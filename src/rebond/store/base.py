@@ -134,6 +134,9 @@ class ChangePage:
 class Session(abc.ABC):
     """One write transaction: everything done through it commits together, or not at all."""
 
+    #: the site a write came from when it is not this node (a site's journal replayed here); None: this node
+    origin: str | None = None
+
     @abc.abstractmethod
     def create(self, resource: dict[str, Any], *, resource_id: str | None = None) -> WriteResult:
         """Store a new resource; `resource_id` None asks for a server-assigned UUID."""

@@ -210,17 +210,18 @@ class SQLSession(Session):
     ) -> WriteResult:
         store = self.store
         now = store.clock()
+        site = self.origin or store.site_id
         self.writes += 1
         if current is None:
             if if_match is not None:
                 raise PreconditionFailed(f"{resource_type}/{resource_id} does not exist; If-Match cannot hold")
             assert resource is not None
             body = _versioned_body(resource, resource_type, resource_id, 1, now)
-            created = store.insert_new(self.cur, (resource_type, resource_id, 1, now, method, store.site_id, store.blob(body)))
+            created = store.insert_new(self.cur, (resource_type, resource_id, 1, now, method, site, store.blob(body)))
             if created is not None:
                 internal, seq = created
                 self._pending[internal] = index_resource(resource)
-                return WriteResult(Stored(resource_type, resource_id, 1, now, False, body, seq, method, store.site_id), created=True)
+                return WriteResult(Stored(resource_type, resource_id, 1, now, False, body, seq, method, site), created=True)
             # a concurrent writer created this id first: ours becomes the next version of theirs
             current = self._current(resource_type, resource_id)
             assert current is not None
@@ -234,13 +235,13 @@ class SQLSession(Session):
         new_version = version + 1
         new_body = _versioned_body(resource, resource_type, resource_id, new_version, now) if resource is not None else None
         seq = store.record_version(
-            self.cur, current.internal, (resource_type, resource_id, new_version, now, method, store.site_id, store.blob(new_body))
+            self.cur, current.internal, (resource_type, resource_id, new_version, now, method, site, store.blob(new_body))
         )
         if not current.deleted:
             self._drop_index(current.internal)
         if resource is not None:
             self._pending[current.internal] = index_resource(resource)
-        stored = Stored(resource_type, resource_id, new_version, now, resource is None, new_body, seq, method, store.site_id)
+        stored = Stored(resource_type, resource_id, new_version, now, resource is None, new_body, seq, method, site)
         return WriteResult(stored, created=current.deleted)
 
     def _journal(self, result: WriteResult, method: str, base_version: int, resource: dict[str, Any] | None) -> WriteResult:
