@@ -67,7 +67,25 @@ class FeedState:
         return None if as_of is None else max(0.0, now - as_of)
 
 
-class Follower:
+class BackgroundLoop:
+    """A loop a node runs beside its web server, started and stopped with it."""
+
+    _task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class Follower(BackgroundLoop):
     """Polls the central feed every `interval` seconds; a failed or slow answer marks the central site unreachable."""
 
     def __init__(self, store: Store, upstream: str, token: str, *, interval: float = 0.5, timeout: float = 2.0,
@@ -79,7 +97,6 @@ class Follower:
         self.timeout = timeout
         self.page_size = page_size
         self.state = FeedState()
-        self._task: asyncio.Task[None] | None = None
         saved = store.get_state(STATE, "follower") or {}
         self.state.caught_up_at = saved.get("caught_up_at")
         self.state.last_change_applied_at = saved.get("last_change_applied_at")
@@ -159,12 +176,3 @@ class Follower:
                     await run_in_threadpool(self.store.put_state, STATE, "follower", facts)
                 if caught_up:
                     await asyncio.sleep(self.interval)
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self.run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task

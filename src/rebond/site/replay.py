@@ -9,7 +9,6 @@ Nothing is overwritten silently; nothing is dropped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ import httpx
 import orjson
 from starlette.concurrency import run_in_threadpool
 
+from rebond.site.follower import BackgroundLoop
 from rebond.store.base import JournalEntry, Store
 from rebond.web.i18n import N_
 
@@ -33,7 +33,7 @@ class Unreachable(Exception):
     """The central site did not answer: the replay stops here and resumes when it does."""
 
 
-class Replayer:
+class Replayer(BackgroundLoop):
     def __init__(self, store: Store, upstream: str, token: str, site_id: str, *, reachable: Callable[[], bool],
                  interval: float = 0.5, timeout: float = 5.0) -> None:
         self.store = store
@@ -46,7 +46,6 @@ class Replayer:
         self.timeout = timeout
         self.replayed = 0
         self.last_replay_rate: float | None = None
-        self._task: asyncio.Task[None] | None = None
 
     async def replay_pending(self, client: httpx.AsyncClient) -> int:
         """Replay every pending write, oldest first, in batches; returns how many were settled (replayed or in conflict)."""
@@ -145,14 +144,6 @@ class Replayer:
                         log.exception("replaying the journal failed")
                 await asyncio.sleep(self.interval)
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self.run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
 
 BATCH = 100
