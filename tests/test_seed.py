@@ -82,3 +82,12 @@ def test_rota_administrations_imaging_notes_and_procedures(store: Store) -> None
     assert search(store, "DocumentReference", ("category", "clinical-note"))
     binder = search(store, "DocumentReference", ("category", "downtime-procedure"))
     assert len(binder) == 2 * 2  # two downtime procedures per hospital
+
+
+def test_no_result_is_dated_after_the_moment_the_seed_runs(store: Store) -> None:
+    for now in (dt.datetime(2026, 11, 23, 5, 10, tzinfo=dt.UTC), dt.datetime(2026, 11, 23, 6, 10, tzinfo=dt.UTC)):
+        # 06:10 in Paris the morning panel is not out yet; at 07:10 it is, dated 06:50
+        seed_demo(store, seed=3, size=DemoSize(1, 1, 4), now=now)
+        limit = now.isoformat().replace("+00:00", "Z")
+        for observation in search(store, "Observation"):
+            assert str(observation["effectiveDateTime"]) <= limit and str(observation["issued"]) <= limit

@@ -316,12 +316,13 @@ def _results(new_id: Callable[[], str], rng: random.Random, patient: dict[str, A
     # vitals three times a day, labs every morning since admission (or the last days of the stay)
     moment = start.replace(minute=0, second=0) + dt.timedelta(hours=1)
     while moment < now:
-        if moment.hour in (7, 14, 21):
+        hour = moment.astimezone(HOSPITAL_TZ).hour  # the ward's rounds follow the hospital's clock
+        if hour in (7, 14, 21):
             for code, name, unit, low, high, typical, spread, decimals in VITALS:
                 value = _value(rng, typical, spread, decimals, rng.random() < 0.06, low, high)
                 out.append(_entry(_observation(new_id, patient, encounter, nurse, moment, "vital-signs", code, name, unit,
                                                value, low, high)))
-        if moment.hour == 6:
+        if hour == 6 and moment + dt.timedelta(minutes=55) <= now:  # a panel drawn at 6 is out at 6:55, never in the future
             out += _lab_panel(new_id, rng, patient, encounter, nurse, moment, LABS)
         moment += dt.timedelta(hours=1)
     return out
