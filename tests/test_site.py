@@ -128,15 +128,17 @@ def test_hl7_at_a_cut_off_site_is_applied_here_and_journaled(tmp_path: Path) -> 
         store.close()
 
 
-def test_a_write_at_a_connected_site_reaches_the_central_site_at_once(group: tuple[RebondServer, SiteServer]) -> None:
+def test_a_write_at_a_connected_site_is_on_the_central_site_before_it_is_answered(group: tuple[RebondServer, SiteServer]) -> None:
     central, site = group
-    written = httpx.post(f"{site.fhir}/Patient", json={"resourceType": "Patient", "name": [{"family": "Connecté"}]},
-                         headers={**FHIR, **site.headers})
+    for attempt in range(3):  # the first write also warms the central server up
+        started = time.monotonic()
+        written = httpx.post(f"{site.fhir}/Patient", json={"resourceType": "Patient", "name": [{"family": f"Connecté{attempt}"}]},
+                             headers={**FHIR, **site.headers})
+        took = time.monotonic() - started
     assert written.status_code == 201
-    took = wait_for(lambda: httpx.get(f"{central.fhir}/Patient/{written.json()['id']}", headers=central.headers).status_code == 200, 5)
-    print(f"\nsite write on the central site after {took * 1000:.0f} ms")
-    assert took < 1.0
-    wait_for(lambda: site.status()["journal_pending"] == 0, 5)
+    print(f"\na write at a connected site answered in {took * 1000:.0f} ms, the central site having it")
+    assert httpx.get(f"{central.fhir}/Patient/{written.json()['id']}", headers=central.headers).status_code == 200
+    assert site.status()["journal_pending"] == 0
     central_copy = httpx.get(f"{central.fhir}/Patient/{written.json()['id']}", headers=central.headers).json()
     wait_for(lambda: site_read(site, f"Patient/{written.json()['id']}").json() == central_copy, 5)
 

@@ -68,6 +68,23 @@ class SiteNode(Node):
         # about 0.1 s after it was made here (an indexed read of an empty journal costs microseconds)
         self.replayer = Replayer(store, upstream, token, store.site_id, reachable=lambda: self.follower.state.upstream_reachable,
                                  interval=min(interval, 0.1))
+        store.after_journal = self.wait_for_central
+
+    #: how long a write waits for the central site before it is answered anyway (it is durable here already)
+    FORWARD_WAIT = 3.0
+
+    def wait_for_central(self, seqs: list[int]) -> None:
+        """While the central site answers, a write made here is answered once the central site has it (or refused it:
+        then it waits in the reconciliation view). Cut off, it is answered at once: kept here, sent later."""
+        if not self.follower.state.upstream_reachable or not seqs:
+            return
+        wanted = set(seqs)
+        self.replayer.nudge()
+        deadline = time.monotonic() + self.FORWARD_WAIT
+        while time.monotonic() < deadline and self.follower.state.upstream_reachable:
+            if not wanted & {e.seq for e in self.store.journal("pending", limit=len(seqs) + 1000, after=min(seqs) - 1)}:
+                return
+            time.sleep(0.005)
 
     def upstream_access(self) -> tuple[str, str] | None:
         return self.upstream, self.token

@@ -9,6 +9,7 @@ Nothing is overwritten silently; nothing is dropped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -46,6 +47,8 @@ class Replayer(BackgroundLoop):
         self.timeout = timeout
         self.replayed = 0
         self.last_replay_rate: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
 
     async def replay_pending(self, client: httpx.AsyncClient) -> int:
         """Replay every pending write, oldest first, in batches; returns how many were settled (replayed or in conflict)."""
@@ -132,7 +135,14 @@ class Replayer(BackgroundLoop):
     def _conflicted_records(self) -> set[tuple[str, str]]:
         return {(c.resource_type, c.resource_id) for c in self.store.journal("conflict", limit=100_000)}
 
+    def nudge(self) -> None:
+        """Replay now rather than at the next tick (safe from any thread)."""
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            loop.call_soon_threadsafe(wake.set)
+
     async def run(self) -> None:
+        self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
         async with httpx.AsyncClient() as client:
             while True:
                 if self.reachable():
@@ -142,7 +152,9 @@ class Replayer(BackgroundLoop):
                         log.info("replay paused: %s", err)
                     except Exception:
                         log.exception("replaying the journal failed")
-                await asyncio.sleep(self.interval)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
+                self._wake.clear()
 
 
 

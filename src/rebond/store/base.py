@@ -191,6 +191,9 @@ class Store(abc.ABC):
     local_reads: bool = False
     #: set on a site node: every clinical write is also journaled, in its transaction, for replay on the central site
     journal_writes: bool = False
+    #: called (outside the transaction, after its commit) with the journal entries a write made: a connected site node
+    #: waits there until the central site has them, so that its writes go to the central site before they are answered
+    after_journal: Callable[[list[int]], None] | None = None
 
     @abc.abstractmethod
     def transaction(self) -> contextlib.AbstractContextManager[Session]:
@@ -270,7 +273,11 @@ class Store(abc.ABC):
         each caller's work still succeeds or fails on its own.
         """
         with self.transaction() as tx:
-            return work(tx)
+            result = work(tx)
+        journaled: list[int] = getattr(tx, "journaled", [])
+        if journaled and self.after_journal is not None:
+            self.after_journal(journaled)
+        return result
 
     def create(self, resource: dict[str, Any], *, resource_id: str | None = None) -> WriteResult:
         return self.write(lambda tx: tx.create(resource, resource_id=resource_id))

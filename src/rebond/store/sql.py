@@ -102,6 +102,7 @@ class SQLSession(Session):
         # index rows wait here until a search inside the transaction or the commit needs them
         self._pending: dict[int, IndexRows] = {}
         self.writes = 0
+        self.journaled: list[int] = []  # journal entries this transaction wrote (a site node's own writes)
 
     # -- reading inside the transaction
 
@@ -250,10 +251,11 @@ class SQLSession(Session):
             body = orjson.dumps(resource) if resource is not None else None
             self.cur.execute(
                 "INSERT INTO journal (res_type, res_id, method, base_version, local_version, body, written, status, detail, updated)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', '', ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', '', ?) RETURNING seq",
                 (result.stored.resource_type, result.stored.id, method, base_version, result.stored.version,
                  self.store.blob(body), now, now),
             )
+            self.journaled.append(int(self.cur.fetchone()[0]))
         return result
 
     def settle_journal(self, seq: int, status: str, detail: str) -> None:

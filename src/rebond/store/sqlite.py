@@ -29,13 +29,14 @@ T = TypeVar("T")
 
 
 class _Work:
-    __slots__ = ("fn", "result", "error", "done")
+    __slots__ = ("fn", "result", "error", "done", "journaled")
 
     def __init__(self, fn: Callable[[Session], Any]) -> None:
         self.fn = fn
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = False
+        self.journaled: list[int] = []
 
 
 class SQLiteStore(SQLStore):
@@ -124,6 +125,8 @@ class SQLiteStore(SQLStore):
                 self._run_batch(batch)
         if item.error is not None:
             raise item.error
+        if item.journaled and self.after_journal is not None:
+            self.after_journal(item.journaled)
         return cast(T, item.result)
 
     def _run_batch(self, batch: list[_Work]) -> None:
@@ -141,6 +144,7 @@ class SQLiteStore(SQLStore):
                     item.result = item.fn(session)
                     session.flush()
                     written += session.writes
+                    item.journaled = session.journaled
                 except Exception as err:
                     item.error = err
                     if not isolate:
