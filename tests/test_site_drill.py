@@ -116,6 +116,14 @@ def test_cut_link_and_killed_central_lose_nothing_and_overwrite_nothing(demo_db:
         form = nurse.get(f"/patients/{patient_at_h1}/vitals")
         assert nurse.post(f"/patients/{patient_at_h1}/vitals",
                           data={"csrf": csrf_of(form.text), "heart_rate": "88", "temperature": "37,9"}).status_code == 303
+        request = api.get(f"/MedicationRequest?subject=Patient/{patient_at_h1}&status=active&_count=1").json()["entry"][0]["resource"]
+        form = nurse.get(f"/patients/{patient_at_h1}/administrations/{request['id']}")  # an administration through the web app
+        assert nurse.post(f"/patients/{patient_at_h1}/administrations/{request['id']}",
+                          data={"csrf": csrf_of(form.text), "outcome": "given", "time": "08:00"}).status_code == 303
+        given = api.get(f"/MedicationAdministration?request=MedicationRequest/{request['id']}&_sort=-_lastUpdated&_count=1")
+        administration = given.json()["entry"][0]["resource"]
+        assert administration["performer"][0]["actor"]["display"] == "Infirmière H1", "the one just recorded at H1"
+        acknowledged.append(("MedicationAdministration", administration["id"]))
         with hl7.client.MLLPClient("127.0.0.1", mllp_h1) as analyzer:  # a lab result through MLLP
             assert ack_code(analyzer.send_message(oru("DRILL1", "960000001", "FDRILL1"))) == "AA"
         # the same record edited on both sides
