@@ -66,6 +66,8 @@ def test_a_central_write_reaches_the_site_within_a_second_with_the_same_version(
     assert status["role"] == "site" and status["site_id"] == "H1" and status["upstream_reachable"] is True
     assert float(status["lag_seconds"]) < 5  # type: ignore[arg-type]
     assert copy.headers["x-rebond-upstream"] == "reachable" and copy.headers["x-rebond-data-as-of"] != "never"
+    page = httpx.get(f"{site.base}/status")  # for people: no sign-in, no patient data
+    assert page.status_code == 200 and "nœud de site · H1" in page.text and "joignable" in page.text
     central_status = httpx.get(f"{central.base}/status", headers={"Accept": "application/json"}).json()
     assert central_status["role"] == "central" and central_status["upstream_reachable"] is None
 

@@ -108,6 +108,7 @@ class WebApp:
         self.env.globals["VITAL_SIGNS"] = VITAL_SIGNS
         self.env.filters["unit"] = human_unit
         self.env.globals["epoch"] = lambda seconds: dt.datetime.fromtimestamp(seconds, dt.UTC)
+        self.env.filters["instant"] = lambda iso: dt.datetime.fromisoformat(iso.replace("Z", "+00:00")) if iso else None
 
     def routes(self) -> list[BaseRoute]:
         page = self._page
