@@ -73,27 +73,35 @@ def receive(store: Store, raw: bytes) -> Answer:
     control_id = header.control_id if header else (control_id_of(raw) or "sha256:" + hashlib.sha256(raw).hexdigest())
     accept, error, reject = _codes(header)
 
+    def keep(tx: Session) -> tuple[InboxMessage, bool]:
+        return tx.receive_message(CHANNEL, sender, control_id, raw)
+
     def keep_and_apply(tx: Session) -> tuple[InboxMessage, bool]:
-        kept, new = tx.receive_message(CHANNEL, sender, control_id, raw)
+        kept, new = keep(tx)
         if new and message is not None and problem is None:
             tx.settle_message(kept.id, "applied", apply_message(tx, message).summary())
         return kept, new
 
-    try:
-        kept, new = store.write(keep_and_apply)
-    except MessageError as err:
-        problem = err
-        try:
-            kept, new = store.write(lambda tx: tx.receive_message(CHANNEL, sender, control_id, raw))
-        except StoreError:
-            return _answer(header, error, "the message could not be stored; send it again", None, control_id=control_id)
-    except StoreError as err:
+    def unavailable(err: StoreError) -> Answer:
         log.warning("message not kept, the store is unavailable: %s", err)
         return _answer(header, error, f"the message could not be taken now ({err}); send it again", None, control_id=control_id)
+
+    outcome: tuple[InboxMessage, bool] | None = None
+    try:
+        outcome = store.write(keep_and_apply)
+    except StoreError as err:
+        return unavailable(err)
+    except MessageError as err:
+        problem = err
     except Exception:
         log.exception("message %s from %s: unexpected failure", control_id, sender)
         problem = MessageError("internal error while applying the message", code=207)
-        kept, new = store.write(lambda tx: tx.receive_message(CHANNEL, sender, control_id, raw))
+    if outcome is None:  # its writes were refused: the message is kept alone, as a dead letter
+        try:
+            outcome = store.write(keep)
+        except StoreError as err:
+            return unavailable(err)
+    kept, new = outcome
     if not new and kept.raw != raw:
         # same sender and control id, other content: refused rather than silently ignored
         conflict = MessageError(f"MSH-10 '{control_id}' was already used by another message from {sender}", code=207,
