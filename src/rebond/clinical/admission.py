@@ -12,7 +12,7 @@ import threading
 import uuid
 from collections.abc import Mapping
 
-from rebond.clinical.census import ward_census
+from rebond.clinical.census import ward_occupancy
 from rebond.clinical.conventions import GROUP_IPP_SYSTEM, GROUP_VISIT_SYSTEM
 from rebond.clinical.patients import search_terms
 from rebond.clinical.recording import InvalidForm
@@ -66,7 +66,7 @@ def emergency_admission(store: Store, ward_id: str, form: Mapping[str, str], cli
     gender = form.get("gender", "")
     if gender not in ("female", "male", "other", "unknown"):
         problems["gender"] = "choose-one"
-    census = ward_census(store, ward_id, now)
+    census = ward_occupancy(store, ward_id, now)
     free = {line.bed_id: line.bed for line in census.beds if line.patient is None and line.bed_id}
     bed_id = form.get("bed", "")
     if bed_id and bed_id not in free:

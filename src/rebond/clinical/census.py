@@ -140,6 +140,15 @@ def allergies_by_patient(store: Store, patient_ids: list[str]) -> dict[str, list
 
 
 def ward_census(store: Store, ward_id: str, now: dt.datetime) -> WardCensus:
+    """Every bed, who lies in it, and the alerts of each inpatient."""
+    census = ward_occupancy(store, ward_id, now)
+    occupied = [line for line in census.beds if line.patient is not None]
+    _alerts(store, occupied, [line.patient.id for line in occupied if line.patient is not None], now)
+    return census
+
+
+def ward_occupancy(store: Store, ward_id: str, now: dt.datetime) -> WardCensus:
+    """Every bed and who lies in it, without the alerts (for pages that only need to know who is where)."""
     ward = ward_of(store, ward_id)
     beds = beds_of(store, ward_id)
     bed_ids = {b["id"] for b in beds}
@@ -159,9 +168,6 @@ def ward_census(store: Store, ward_id: str, now: dt.datetime) -> WardCensus:
             line = BedLine("", "—")
             unplaced.append(line)
         line.patient, line.stay = patient_summary(patient), current
-    occupied = [line for line in lines.values() if line.patient is not None] + unplaced
-    patient_ids = [line.patient.id for line in occupied if line.patient is not None]
-    _alerts(store, occupied, patient_ids, now)
     return WardCensus(ward, [*lines.values(), *unplaced], now)
 
 

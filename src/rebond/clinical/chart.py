@@ -4,7 +4,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from rebond.clinical.census import Allergy, Stay, allergies_by_patient, stay
 from rebond.clinical.conventions import OBSERVATION_CATEGORY
@@ -64,12 +64,18 @@ class Location:
 
 
 @dataclass
-class PatientChart:
+class PatientHeader:
+    """What the banner of every patient page shows: who, where, allergies."""
+
     patient: PatientSummary
     stay: Stay | None
     bed: Location | None
     ward: Location | None
     allergies: list[Allergy]
+
+
+@dataclass
+class PatientChart(PatientHeader):
     problems: list[str]
     prescriptions: list[Prescription]
     doses: list[Dose]
@@ -108,13 +114,14 @@ def _note(document: Resource) -> Note:
                 str(authors[0].get("display", "")), text)
 
 
-def patient_chart(store: Store, patient_id: str, now: dt.datetime) -> PatientChart:
+def patient_header(store: Store, patient_id: str) -> PatientHeader:
+    """The patient, their current stay with its bed and ward, and their allergies: the banner, without the chart."""
     patient = read(store, "Patient", patient_id)
     if patient is None:
         raise NotFound(f"no Patient/{patient_id}")
-    me = f"Patient/{patient_id}"
-    encounters, included = find_with_included(store, "Encounter", ("subject", me), ("status", "in-progress"), ("_sort", "-date"),
-                                              ("_include", "Encounter:participant"), ("_include", "Encounter:location"))
+    encounters, included = find_with_included(store, "Encounter", ("subject", f"Patient/{patient_id}"), ("status", "in-progress"),
+                                              ("_sort", "-date"), ("_include", "Encounter:participant"),
+                                              ("_include", "Encounter:location"))
     practitioners = {r["id"]: r for r in included if r["resourceType"] == "Practitioner"}
     locations = {r["id"]: r for r in included if r["resourceType"] == "Location"}
     current = stay(encounters[0], practitioners, {i for i, loc in locations.items() if has_code(loc.get("physicalType"), "bd")}) \
@@ -124,6 +131,13 @@ def patient_chart(store: Store, patient_id: str, now: dt.datetime) -> PatientCha
         loc = locations.get(location_id or "")
         return Location(loc["id"], str(loc.get("name", ""))) if loc else None
 
+    return PatientHeader(patient_summary(patient), current, place(current.bed_id if current else None),
+                         place(current.ward_id if current else None), allergies_by_patient(store, [patient_id]).get(patient_id, []))
+
+
+def patient_chart(store: Store, patient_id: str, now: dt.datetime) -> PatientChart:
+    header = patient_header(store, patient_id)
+    me = f"Patient/{patient_id}"
     problems = [concept_text(c.get("code")) for c in find(store, "Condition", ("subject", me), ("clinical-status", "active"))]
     requests = find(store, "MedicationRequest", ("subject", me), ("status", "active"))
     prescriptions = sorted((prescription(r) for r in requests), key=lambda p: p.medication)
@@ -139,9 +153,7 @@ def patient_chart(store: Store, patient_id: str, now: dt.datetime) -> PatientCha
     imaging = reports(store, ("subject", me), ("category", "RAD"))
     notes = [_note(d) for d in find(store, "DocumentReference", ("subject", me), ("_sort", "-date"))]
     return PatientChart(
-        patient=patient_summary(patient), stay=current, bed=place(current.bed_id if current else None),
-        ward=place(current.ward_id if current else None),
-        allergies=allergies_by_patient(store, [patient_id]).get(patient_id, []), problems=sorted(p for p in problems if p),
+        **{f.name: getattr(header, f.name) for f in fields(PatientHeader)}, problems=sorted(p for p in problems if p),
         prescriptions=prescriptions, doses=doses, administrations=administrations,
         vitals=series_by_code([lab_result(o) for o in vitals]),
         labs=sorted(series_by_code(list(results_by_id.values())), key=lambda s: s.name),

@@ -27,11 +27,12 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from rebond.clinical.admission import RangeExhausted, emergency_admission, ipp_range
-from rebond.clinical.census import group_wards, ward_census, ward_of
-from rebond.clinical.chart import patient_chart
+from rebond.clinical.census import group_wards, ward_census, ward_occupancy, ward_of
+from rebond.clinical.chart import patient_chart, patient_header
+from rebond.clinical.medication import prescription
 from rebond.clinical.patients import UnclearSearch, find_patients
 from rebond.clinical.recording import VITAL_SIGNS, InvalidForm, record_administration, record_vitals
-from rebond.clinical.records import Clinician, any_of, fhir_instant, instant
+from rebond.clinical.records import Clinician, any_of, fhir_instant, instant, read
 from rebond.clinical.results import acknowledge_result, reports
 from rebond.hl7.intake import CHANNEL as HL7_CHANNEL
 from rebond.hl7.intake import describe, replay
@@ -267,7 +268,7 @@ class WebApp:
 
     async def admit(self, p: Page) -> Response:
         ward_id = p.request.path_params["ward_id"]
-        census = await run_in_threadpool(ward_census, self.store, ward_id, p.now)
+        census = await run_in_threadpool(ward_occupancy, self.store, ward_id, p.now)
         if await run_in_threadpool(ipp_range, self.store) is None:
             return self.error_page(p.request, 409, p.t.gettext("Emergency admissions need a range of patient numbers on this node: "
                                                                "ask IT (rebond site --ipp-range)."), p.account, p.session)
@@ -308,7 +309,7 @@ class WebApp:
 
     async def vitals_form(self, p: Page) -> Response:
         patient_id = p.request.path_params["patient_id"]
-        chart = await run_in_threadpool(patient_chart, self.store, patient_id, p.now)
+        chart = await run_in_threadpool(patient_header, self.store, patient_id)
         values: dict[str, str] = {}
         problems: dict[str, str] = {}
         if p.request.method == "POST":
@@ -324,10 +325,11 @@ class WebApp:
 
     async def administration_form(self, p: Page) -> Response:
         patient_id, request_id = p.request.path_params["patient_id"], p.request.path_params["request_id"]
-        chart = await run_in_threadpool(patient_chart, self.store, patient_id, p.now)
-        rx = next((r for r in chart.prescriptions if r.id == request_id), None)
-        if rx is None:
-            raise NotFound(request_id)
+        chart = await run_in_threadpool(patient_header, self.store, patient_id)
+        request = await run_in_threadpool(read, self.store, "MedicationRequest", request_id)
+        if request is None or request.get("status") != "active" or request.get("subject", {}).get("reference") != f"Patient/{patient_id}":
+            raise NotFound(request_id)  # not an active prescription of this patient
+        rx = prescription(request)
         due = instant(p.request.query_params.get("due"))
         values: dict[str, str] = {"outcome": "given", "time": p.t.time(p.now)}
         problems: dict[str, str] = {}
@@ -382,7 +384,7 @@ class WebApp:
         def load() -> list[tuple[Any, Any]]:
             if ward is None or problems:
                 return []
-            census = ward_census(self.store, ward.id, p.now)
+            census = ward_occupancy(self.store, ward.id, p.now)
             beds = {b.patient.id: b for b in census.beds if b.patient is not None}
             if not beds:
                 return []
