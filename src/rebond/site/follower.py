@@ -136,10 +136,8 @@ class Follower(BackgroundLoop):
         self._reachable(now)
         if page.get("entry"):
             await run_in_threadpool(self.apply_page, page)
-            return len(page["entry"]) < self.page_size and self._caught_up(now)
-        return self._caught_up(now)
-
-    def _caught_up(self, now: float) -> bool:
+            if len(page["entry"]) >= self.page_size:
+                return False  # more to read at once
         self.state.caught_up_at = now
         return True
 
