@@ -6,7 +6,6 @@ already exist (the demo group, another interface) are found by identifier first.
 """
 from __future__ import annotations
 
-import copy
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -63,6 +62,15 @@ class Applied:
         return "; ".join([*self.notes, ", ".join(self.written)])
 
 
+def recorded(resource: Resource) -> Resource:
+    """A resource as a write gives it: without the version and time the store stamps (nor a meta left empty)."""
+    meta = {k: v for k, v in (resource.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
+    out = {k: v for k, v in resource.items() if k != "meta"}
+    if meta:
+        out["meta"] = meta
+    return out
+
+
 class Writer:
     """Reads and writes of one message, in its transaction."""
 
@@ -82,9 +90,7 @@ class Writer:
         return orjson.loads(stored.body) if stored is not None and stored.body else None
 
     def save(self, resource: Resource) -> None:
-        clean = {k: v for k, v in resource.items() if k != "meta" or set(v) - {"versionId", "lastUpdated"}}
-        if "meta" in clean:
-            clean["meta"] = {k: v for k, v in clean["meta"].items() if k not in ("versionId", "lastUpdated")}
+        clean = recorded(resource)
         try:
             operations.update(self.tx, clean["resourceType"], clean["id"], clean)
         except FhirError as err:
@@ -162,26 +168,29 @@ def find_patient(w: Writer, system: str, value: str) -> Resource | None:
 
 def upsert_patient(w: Writer, pid: Segment, *, provisional: bool = False) -> Resource:
     system, value = patient_identifier(pid)
-    patient = find_patient(w, system, value)
+    found = find_patient(w, system, value)
     fields = _patient_fields(pid)
-    if patient is None:
-        patient = {"resourceType": "Patient", "id": derived_id("Patient", system, value), "active": True,
-                   "identifier": [{"use": "usual", "system": system, "value": value,
-                                   "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "PI"}],
-                                            "text": "IPP"}}]}
+    before = recorded(found) if found is not None else None
+    if found is None:
+        patient: Resource = {
+            "resourceType": "Patient", "id": derived_id("Patient", system, value), "active": True,
+            "identifier": [{"use": "usual", "system": system, "value": value,
+                            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "PI"}],
+                                     "text": "IPP"}}]}
         if provisional:
             patient["meta"] = {"tag": [PROVISIONAL_TAG]}
             w.applied.notes.append("provisional patient created from a result")
-    elif not provisional:
-        tags = [t for t in (patient.get("meta") or {}).get("tag", []) if t.get("code") != PROVISIONAL_TAG["code"]]
-        patient["meta"] = {"tag": tags} if tags else {}
-        if not patient["meta"]:
-            patient.pop("meta")
+    else:
+        patient = recorded(found)
+        if not provisional:  # the admission completes a provisional patient
+            tags = [t for t in patient.get("meta", {}).get("tag", []) if t.get("code") != PROVISIONAL_TAG["code"]]
+            patient.pop("meta", None)
+            if tags:
+                patient["meta"] = {"tag": tags}
     if provisional and patient.get("name") and fields.get("name"):
         fields.pop("name")  # a result does not rename a known patient
-    before = copy.deepcopy(patient)
     patient.update(fields)
-    if patient != before or "meta" not in patient or provisional:
+    if patient != before:
         w.save(patient)
     return patient
 
