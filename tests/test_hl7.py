@@ -5,6 +5,7 @@ import pytest
 
 from rebond.clinical.records import find, read
 from rebond.hl7.intake import CHANNEL, receive, replay
+from rebond.hl7.message import Message, MessageError
 from rebond.seed.demo import DemoSize, seed_demo
 from rebond.store.base import Store
 from tests.hl7_messages import adt, oru
@@ -196,3 +197,17 @@ def test_z99_corrects_a_movement_and_a06_a07_change_the_class(hospital: Store) -
     assert receive(hospital, outpatient).code == "AA" and stay(hospital, "V16")["class"]["code"] == "AMB"  # type: ignore[index]
     assert receive(hospital, adt("A06", "Z5", "900000016", "V16")).code == "AA"
     assert stay(hospital, "V16")["class"]["code"] == "IMP"  # type: ignore[index]
+
+
+def test_fields_are_read_with_the_messages_own_delimiters_and_escapes_undone() -> None:
+    text = ("MSH#*!?$#LAB#H1#REBOND#H1#20260101120000##ORU*R01*ORU_R01#C1#P#2.5\r"
+            "PID###123***IPP$1.2.250$ISO!456***NDA##DUPONT?S?FILS*Jean##\r"
+            "OBX#1#NM#K*Potassium##6.1#mmol/L#3.5-5.0#H!HH#")
+    message = Message(text)
+    msh, pid, obx = message.require("MSH"), message.require("PID"), message.require("OBX")
+    assert (msh.get(1), msh.get(2), msh.get(10), msh.get(9, 2)) == ("#", "*!?$", "C1", "R01")
+    assert (pid.get(3), pid.get(3, 4, 2), pid.get(3, repetition=2), pid.repetitions(3)) == ("123", "1.2.250", "456", 2)
+    assert (pid.get(5), pid.get(5, 2)) == ("DUPONT*FILS", "Jean"), "an escaped component separator is text"
+    assert (obx.get(8, repetition=2), obx.repetitions(8), obx.get(40), obx.repetitions(40)) == ("HH", 2, "", 0)
+    with pytest.raises(MessageError, match="is not a segment name"):
+        Message("MSH|^~\\&|A|B\rpid|x")
