@@ -1,0 +1,259 @@
+"""What a ward's downtime pack holds, gathered from the store as plain data for the PDF template.
+
+A pack is what a nurse works from when every screen is dark: the census, then one section per
+patient (allergies first, prescriptions with a 24-hour grid to tick, the latest vitals and
+results), the on-call list, the downtime procedures and blank forms labelled for each patient.
+Its cover says how old it is, where it came from, and what changed since the previous pack;
+the changes are found by comparing this pack's *facts* with the previous pack's, kept beside it.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from rebond.clinical.census import Ward, ward_occupancy
+from rebond.clinical.chart import PatientChart, patient_chart
+from rebond.clinical.conventions import DOCUMENT_CATEGORY, ON_CALL_SYSTEM
+from rebond.clinical.medication import Prescription
+from rebond.clinical.records import HOSPITAL_TZ, concept_text, fhir_instant, find, instant, read, ref_id
+from rebond.clinical.results import LabResult
+from rebond.store.base import Store
+from rebond.web.i18n import Translator
+
+#: the administration grid covers the next day, hour by hour, from the hour the pack is made
+GRID_HOURS = 24
+#: the last administrations shown per patient (the grid shows what comes)
+ADMINISTRATIONS_SHOWN = 12
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the pack's data came from, for its cover: the central site or a site node, and how fresh it was."""
+
+    role: str  # central, site
+    node: str  # the site id
+    data_as_of: dt.datetime | None
+    upstream_reachable: bool | None = None
+
+
+@dataclass(frozen=True)
+class Pack:
+    ward: Ward
+    data: dict[str, Any]  # what the template lays out
+    facts: dict[str, Any]  # what the next pack compares itself with
+    digest: str  # short hash of the clinical content: two packs with the same digest say the same thing
+    as_of: dt.datetime
+
+
+def _labels(t: Translator) -> dict[str, str]:
+    g = t.gettext
+    return {
+        "title": g("Downtime pack"), "as_of": g("Data as of"), "printed_note": g("This paper is as old as the time above."),
+        "source": g("Source"), "digest": g("Content hash"), "pages": g("Page"), "of": g("of"),
+        "central": g("central site"), "site": g("site node"), "upstream_down": g("central site unreachable"),
+        "changes": g("What changed since the previous pack"), "since": g("previous pack"), "first_pack": g("First pack for this ward."),
+        "nothing_changed": g("Nothing changed."), "admissions": g("Admissions"), "discharges": g("Discharges or transfers out"),
+        "new_allergies": g("New allergies"), "new_prescriptions": g("New prescriptions"),
+        "stopped_prescriptions": g("Stopped prescriptions"), "new_abnormal": g("New abnormal results"),
+        "census": g("Census"), "bed": g("Bed"), "patient": g("Patient"), "born": g("Born"), "ipp": g("IPP"),
+        "admitted": g("Admitted"), "attending": g("Attending"), "allergies": g("Allergies"), "no_allergy": g("No known allergy"),
+        "empty_bed": g("empty"), "problems": g("Active problems"), "prescriptions": g("Active prescriptions"),
+        "medication": g("Medication"), "dose": g("Dose"), "route": g("Route"), "times": g("Times"), "prescriber": g("Prescriber"),
+        "grid": g("Administrations, next 24 hours: tick, initial, time"), "last_given": g("Last administrations"),
+        "given": g("given"), "not_given": g("not given"), "vitals": g("Latest vital signs"), "labs": g("Latest lab results"),
+        "abnormal_mark": g("abnormal values in bold and marked ▲ ▼"), "range": g("Range"), "pending": g("Pending orders"),
+        "imaging": g("Imaging conclusions"), "none": g("None"), "on_call": g("On call today"), "from": g("From"), "to": g("To"),
+        "procedures": g("Downtime procedures"), "forms": g("Blank forms"), "vitals_form": g("Vital signs sheet"),
+        "admin_form": g("Administration sheet"), "lab_form": g("Lab request"), "time": g("Time"),
+        "signature": g("Signature"), "exam": g("Exam requested"), "urgent": g("Urgent"), "sampled_at": g("Sampled at"),
+        "requested_by": g("Requested by"), "enter_later": g("To be entered into Rebond when it is back, checked by a second person."),
+        "sex": g("Sex"), "age": g("age"), "hr": g("HR"), "bp": g("BP"), "temp": g("Temp."), "spo2": g("SpO2"),
+        "rr": g("RR"), "pain": g("Pain"), "by": g("By"), "when": g("When"), "value": g("Value"),
+        "unplaced": g("not in a bed"),
+    }
+
+
+def _line(text: str | None) -> str:
+    return (text or "").strip()
+
+
+def _day_of(t: Translator, value: dt.datetime | dt.date | None) -> str:
+    return t.date(value, "short") if value else "—"
+
+
+def _prescription(t: Translator, rx: Prescription) -> dict[str, Any]:
+    return {"id": rx.id, "medication": rx.medication, "dose": rx.dose, "route": rx.route,
+            "times": ", ".join(at.strftime("%H:%M") for at in rx.times) or t.gettext("if needed"),
+            "prescriber": rx.prescriber, "authored": _day_of(t, rx.authored)}
+
+
+def _grid(chart: PatientChart, start: dt.datetime) -> list[dict[str, Any]]:
+    """Each active prescription and, for each of the next 24 hours, the minutes of the doses due in it ('' for none)."""
+    rows = []
+    for rx in chart.prescriptions:
+        cells: list[str] = []
+        for n in range(GRID_HOURS):
+            hour = start + dt.timedelta(hours=n)
+            due = [at for at in rx.times if at.hour == hour.hour]
+            cells.append(" ".join(at.strftime("%M") for at in due))
+        rows.append({"medication": rx.medication, "dose": f"{rx.dose} {rx.route}".strip(), "cells": cells})
+    return rows
+
+
+def _result(t: Translator, result: LabResult) -> dict[str, Any]:
+    arrow = ""
+    if result.abnormal:
+        low = result.flag in ("L", "LL", "LU", "<")
+        arrow = "▼" if low else "▲"
+    value = t.number(result.value) if result.value is not None else result.display
+    span = ""
+    if result.low is not None or result.high is not None:
+        span = f"{t.number(result.low) if result.low is not None else ''}–{t.number(result.high) if result.high is not None else ''}"
+    return {"name": result.name, "value": value, "unit": result.unit, "flag": result.flag or "", "abnormal": result.abnormal,
+            "critical": result.critical, "arrow": arrow, "range": span, "when": t.datetime(result.when)}
+
+
+def _patient(store: Store, t: Translator, chart: PatientChart, bed: str, now: dt.datetime, grid_start: dt.datetime) -> dict[str, Any]:
+    me = f"Patient/{chart.patient.id}"
+    pending = [r for r in find(store, "ServiceRequest", ("subject", me), ("status", "active"))]
+    stay = chart.stay
+    summary = chart.patient
+    return {
+        "id": summary.id, "name": summary.name, "birth_date": _day_of(t, summary.birth_date), "ipp": summary.ipp or "—",
+        "sex": {"female": "F", "male": "M"}.get(summary.gender, "—"),
+        "age": str(summary.age(now.astimezone(HOSPITAL_TZ).date()) or "—"), "bed": bed,
+        "admitted": _day_of(t, stay.admitted if stay else None), "attending": stay.attending if stay else "—",
+        "allergies": [{"substance": a.substance, "critical": a.criticality == "high"} for a in chart.allergies],
+        "problems": chart.problems,
+        "prescriptions": [_prescription(t, rx) for rx in chart.prescriptions],
+        "grid": _grid(chart, grid_start),
+        "administrations": [{"when": t.datetime(a.when), "medication": a.medication, "dose": a.dose,
+                             "given": a.given, "reason": a.reason, "by": a.performer}
+                            for a in chart.administrations[:ADMINISTRATIONS_SHOWN]],
+        "vitals": [_result(t, s.latest) for s in chart.vitals],
+        "labs": [_result(t, s.latest) for s in chart.labs],
+        "pending": [{"what": concept_text(r.get("code")) or "—", "when": t.datetime(instant(r.get("authoredOn"))),
+                     "priority": str(r.get("priority") or "")} for r in pending],
+        "imaging": [{"title": r.title, "when": t.datetime(r.issued), "conclusion": r.conclusion} for r in chart.imaging],
+    }
+
+
+def _on_call(store: Store, t: Translator, ward_id: str, now: dt.datetime) -> list[dict[str, str]]:
+    """The shifts that cover today (hospital time) for this ward: who, what kind, from when to when."""
+    day = now.astimezone(HOSPITAL_TZ).replace(hour=0, minute=0, second=0, microsecond=0)
+    shifts = find(store, "Schedule", ("actor", f"Location/{ward_id}"), ("date", f"le{fhir_instant(day + dt.timedelta(days=1))}"),
+                  ("date", f"ge{fhir_instant(day)}"))
+    out = []
+    for shift in shifts:
+        horizon = shift.get("planningHorizon") or {}
+        start, end = instant(horizon.get("start")), instant(horizon.get("end"))
+        if start is None or end is None or end <= day or start >= day + dt.timedelta(days=1):
+            continue
+        who = next((a.get("display", "") for a in shift.get("actor") or () if "Practitioner/" in str(a.get("reference", ""))), "")
+        if not who:
+            role_id = next((ref_id(a, "PractitionerRole") for a in shift.get("actor") or () if ref_id(a, "PractitionerRole")), None)
+            role = read(store, "PractitionerRole", role_id) if role_id else None
+            who = str(((role or {}).get("practitioner") or {}).get("display", ""))
+        kind = next((c.get("code") for s in shift.get("serviceType") or () for c in s.get("coding") or ()
+                     if c.get("system") == ON_CALL_SYSTEM), "")
+        out.append({"who": who or "—", "kind": concept_text((shift.get("serviceType") or [{}])[0]) or kind,
+                    "from": t.datetime(start), "to": t.datetime(end), "sort": start.isoformat()})
+    return [{k: v for k, v in row.items() if k != "sort"} for row in sorted(out, key=lambda r: r["sort"])]
+
+
+def _procedures(store: Store, hospital_id: str | None) -> list[dict[str, Any]]:
+    """The downtime procedures of the hospital's binder (or of the group, when the hospital has none of its own)."""
+    documents = find(store, "DocumentReference", ("category", f"{DOCUMENT_CATEGORY}|downtime-procedure"), ("status", "current"))
+    own = [d for d in documents if ref_id(d.get("custodian"), "Organization") == hospital_id]
+    out: list[dict[str, Any]] = []
+    for document in own or documents:
+        text = ""
+        for content in document.get("content") or ():
+            data = (content.get("attachment") or {}).get("data")
+            if data:
+                try:
+                    text = base64.b64decode(data).decode("utf-8", "replace")
+                except (binascii.Error, ValueError):
+                    text = ""
+                break
+        title = str(document.get("description") or concept_text(document.get("type")))
+        # the document's own heading repeats its title: the steps are what the page needs
+        out.append({"title": title, "lines": [line for line in text.splitlines() if line.strip() and not line.startswith("#")]})
+    return sorted(out, key=lambda p: p["title"])
+
+
+def _facts(patients: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"patients": {p["id"]: {
+        "name": p["name"], "bed": p["bed"],
+        "allergies": sorted(a["substance"] for a in p["allergies"]),
+        "prescriptions": {rx["id"]: f"{rx['medication']} — {rx['dose']}" for rx in p["prescriptions"]},
+        "abnormal": sorted(f"{r['name']} {r['value']} {r['unit']} {r['arrow']}".strip() for r in p["labs"] if r["abnormal"]),
+    } for p in patients}}
+
+
+def changes(previous: dict[str, Any] | None, current: dict[str, Any]) -> dict[str, list[str]] | None:
+    """What a nurse must notice between two packs; None when there is no previous pack to compare with."""
+    if previous is None:
+        return None
+    before: dict[str, Any] = previous.get("patients") or {}
+    now: dict[str, Any] = current["patients"]
+    out: dict[str, list[str]] = {key: [] for key in ("admissions", "discharges", "new_allergies", "new_prescriptions",
+                                                      "stopped_prescriptions", "new_abnormal")}
+    for pid, p in now.items():
+        old = before.get(pid)
+        who = f"{p['bed']} · {p['name']}"
+        if old is None:
+            allergies = f" — {', '.join(p['allergies'])}" if p["allergies"] else ""
+            out["admissions"].append(who + allergies)
+            continue
+        out["new_allergies"] += [f"{who}: {a}" for a in p["allergies"] if a not in old.get("allergies", [])]
+        out["new_prescriptions"] += [f"{who}: {text}" for rid, text in p["prescriptions"].items() if rid not in old.get("prescriptions", {})]
+        out["stopped_prescriptions"] += [f"{who}: {text}" for rid, text in old.get("prescriptions", {}).items()
+                                         if rid not in p["prescriptions"]]
+        out["new_abnormal"] += [f"{who}: {r}" for r in p["abnormal"] if r not in old.get("abnormal", [])]
+    out["discharges"] = [f"{p['bed']} · {p['name']}" for pid, p in before.items() if pid not in now]
+    return out
+
+
+def _digest(content: Any) -> str:
+    return hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()[:12]
+
+
+def ward_pack(store: Store, ward_id: str, now: dt.datetime, t: Translator, source: Source,
+              previous: dict[str, Any] | None = None) -> Pack:
+    """Everything the ward's pack prints, as of `now`; `previous` is the facts of the previous pack, if any."""
+    census = ward_occupancy(store, ward_id, now)
+    grid_start = now.astimezone(HOSPITAL_TZ).replace(minute=0, second=0, microsecond=0)
+    beds = []
+    patients = []
+    for line in census.beds:
+        bed = line.bed if line.bed_id else t.gettext("not in a bed")
+        if line.patient is None:
+            beds.append({"bed": bed, "empty": True})
+            continue
+        chart = patient_chart(store, line.patient.id, now)
+        patient = _patient(store, t, chart, bed, now, grid_start)
+        patients.append(patient)
+        beds.append({"bed": bed, "empty": False, "name": patient["name"], "birth_date": patient["birth_date"],
+                     "ipp": patient["ipp"], "admitted": patient["admitted"], "attending": patient["attending"],
+                     "allergies": patient["allergies"]})
+    content = {"ward": census.ward.name, "hospital": census.ward.hospital, "census": beds, "patients": patients,
+               "on_call": _on_call(store, t, ward_id, now), "procedures": _procedures(store, census.ward.hospital_id)}
+    # the grid follows the clock, not the record: it stays out of the hash, so the same record gives the same hash
+    digest = _digest({**content, "patients": [{k: v for k, v in p.items() if k != "grid"} for p in patients]})
+    facts = _facts(patients)
+    data = {
+        **content, "labels": _labels(t), "lang": t.language, "digest": "-".join(digest[i:i + 4] for i in range(0, 12, 4)),
+        "as_of": t.datetime(now, "long"), "hours": [(grid_start + dt.timedelta(hours=n)).strftime("%H") for n in range(GRID_HOURS)],
+        "source": {"role": source.role, "node": source.node, "data_as_of": t.datetime(source.data_as_of, "long"),
+                   "upstream_reachable": source.upstream_reachable},
+        "changes": changes(previous, facts), "previous_as_of": (previous or {}).get("as_of_text"),
+    }
+    facts["as_of_text"] = data["as_of"]
+    return Pack(census.ward, data, facts, digest, now)

@@ -1,0 +1,57 @@
+"""One round of downtime packs, run by the scheduler as a child process at low priority.
+
+    python -m rebond.downtime.regenerate --db URL --site-id ID --dir DIR --keep N --lang fr --source JSON
+
+Prints one JSON line: {"written": n, "failed": n, "seconds": s}; exits 1 when no pack could be made.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+from rebond.downtime.library import PackLibrary, regenerate
+from rebond.downtime.pack import Source
+from rebond.store import open_store
+from rebond.web.i18n import translator
+
+
+def source_from(facts: dict[str, object]) -> Source:
+    """The cover's source line from a node's /status facts."""
+    as_of = facts.get("data_as_of")
+    reachable = facts.get("upstream_reachable")
+    return Source(str(facts.get("role") or "central"), str(facts.get("site_id") or ""),
+                  dt.datetime.fromisoformat(str(as_of).replace("Z", "+00:00")) if as_of else None,
+                  reachable if isinstance(reachable, bool) else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rebond.downtime.regenerate")
+    parser.add_argument("--db", required=True)
+    parser.add_argument("--site-id", default="central")
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--keep", type=int, default=6)
+    parser.add_argument("--lang", default="fr")
+    parser.add_argument("--source", default="{}")
+    args = parser.parse_args(argv)
+    os.nice(10)  # the clinical pages come first
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    started = time.monotonic()
+    store = open_store(args.db, site_id=args.site_id)
+    try:
+        written, failed = regenerate(store, PackLibrary(Path(args.dir), args.keep), source_from(orjson.loads(args.source)),
+                                     translator(args.lang))
+    finally:
+        store.close()
+    print(orjson.dumps({"written": written, "failed": failed, "seconds": round(time.monotonic() - started, 2)}).decode())
+    return 0 if written or not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Regenerating every ward's pack on a schedule, beside `rebond serve` and `rebond site`.
+
+Each round runs in a child process at low priority (`python -m rebond.downtime.regenerate`),
+so laying out a hundred pages never holds the server's interpreter while a nurse opens a chart,
+and a failure there cannot take the server down.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from rebond.downtime.library import PackLibrary
+
+log = logging.getLogger("rebond.downtime")
+
+
+class PackScheduler:
+    def __init__(self, db_url: str, site_id: str, library: PackLibrary, every_minutes: float,
+                 source: Callable[[], dict[str, Any]], language: str = "fr") -> None:
+        self.db_url = db_url
+        self.site_id = site_id
+        self.library = library
+        self.every = max(every_minutes, 0.01) * 60
+        self.source = source
+        self.language = language
+        self._task: asyncio.Task[None] | None = None
+        self.last_started: float | None = None
+        self.last_finished: float | None = None
+        self.last_outcome: dict[str, Any] | None = None
+        self.rounds = 0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("downtime packs: a round failed")
+            await asyncio.sleep(max(1.0, self.every - (time.monotonic() - started)))
+
+    async def run_once(self) -> dict[str, Any]:
+        """One round in a child process; returns what it reported ({"written": n, "failed": n, "seconds": s})."""
+        self.last_started = time.time()
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "rebond.downtime.regenerate", "--db", self.db_url, "--site-id", self.site_id,
+            "--dir", str(self.library.root), "--keep", str(self.library.keep), "--lang", self.language,
+            "--source", orjson.dumps(self.source()).decode(),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await child.communicate()
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                child.kill()
+            raise
+        try:
+            outcome = orjson.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+        except orjson.JSONDecodeError:
+            outcome = {}
+        if child.returncode != 0:
+            outcome = {**outcome, "error": err.decode("utf-8", "replace").strip().splitlines()[-1:] or ["exit " + str(child.returncode)]}
+            log.warning("downtime packs: the round ended with code %s: %s", child.returncode, outcome["error"])
+        self.last_finished = time.time()
+        self.last_outcome = outcome
+        self.rounds += 1
+        return outcome
+
+    def status(self) -> dict[str, Any]:
+        return {"every_minutes": round(self.every / 60, 2), "keep": self.library.keep, "rounds": self.rounds,
+                "last_started": self.last_started, "last_finished": self.last_finished, "last_outcome": self.last_outcome}
