@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from rebond.downtime.schedule import PackScheduler
 from rebond.fhir.api import FhirApi, error_response
 from rebond.fhir.errors import FhirError
 from rebond.hl7.intake import recover
@@ -27,11 +28,12 @@ log = logging.getLogger("rebond")
 
 
 def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: bool = False,
-               mllp: MllpServer | None = None, node: Node | None = None) -> Starlette:
+               mllp: MllpServer | None = None, node: Node | None = None, downtime: PackScheduler | None = None) -> Starlette:
     node = node or Node(store)
     accounts = Accounts(store, idle=session_idle)
     api = FhirApi(store, authorize=api_guard(accounts))
-    web = WebApp(store, accounts, secure_cookies=secure_cookies, status_banner=node.banner, upstream=node.upstream_access())
+    web = WebApp(store, accounts, secure_cookies=secure_cookies, status_banner=node.banner, upstream=node.upstream_access(),
+                 downtime=downtime, source=node.status)
 
     async def healthz(request: Request) -> Response:
         try:
@@ -52,6 +54,8 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
 
     async def status(request: Request) -> Response:
         facts = node.status()
+        if downtime is not None:
+            facts["downtime_packs"] = downtime.status()
         if "json" in request.headers.get("accept", ""):
             return JSONResponse(facts)
         return web.status_page(request, facts)
@@ -64,7 +68,11 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
             if recovered:
                 log.info("%d HL7 messages kept before the last stop were applied", recovered)
             await mllp.start()
+        if downtime is not None:
+            await downtime.start()
         yield
+        if downtime is not None:
+            await downtime.stop()
         if mllp is not None:
             await mllp.stop()
         await node.stop()

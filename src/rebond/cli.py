@@ -6,9 +6,10 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -19,6 +20,7 @@ from rebond.store import DEFAULT_DB, open_store
 from rebond.store.base import StoreError
 
 if TYPE_CHECKING:
+    from rebond.downtime.schedule import PackScheduler
     from rebond.security.accounts import Accounts
     from rebond.store.base import Store
 
@@ -43,6 +45,9 @@ def serve(
     workers: Annotated[int, typer.Option(help="server processes sharing the port (one per core)")] = 1,
     session_idle_minutes: Annotated[float, typer.Option(help="sign-in sessions close after this long without use")] = 30,
     mllp_port: Annotated[int | None, typer.Option(help="also take HL7 v2 messages over MLLP on this port (2575 is usual)")] = None,
+    downtime_dir: Annotated[str | None, typer.Option(help="where the downtime packs are kept (default: var/downtime)")] = None,
+    downtime_every: Annotated[float, typer.Option(help="minutes between two rounds of downtime packs (0: none)")] = 10,
+    downtime_keep: Annotated[int, typer.Option(help="downtime packs kept per ward")] = 6,
 ) -> None:
     """Serve the web app at http://HOST:PORT/ and the FHIR API at http://HOST:PORT/fhir."""
     import uvicorn
@@ -75,7 +80,12 @@ def serve(
 
         mllp = MllpServer(store, host, mllp_port)
         out_console.print(f"HL7 v2 over MLLP on {host}:{mllp_port}")
-    uvicorn.run(create_app(store, session_idle=session_idle_minutes * 60, mllp=mllp), host=host, port=port, log_level=log_level, access_log=False)
+    from rebond.site.node import Node
+
+    node = Node(store)
+    downtime = _pack_scheduler(db, site_id, downtime_dir or "var/downtime", downtime_every, downtime_keep, node.status)
+    uvicorn.run(create_app(store, session_idle=session_idle_minutes * 60, mllp=mllp, node=node, downtime=downtime), host=host,
+                port=port, log_level=log_level, access_log=False)
 
 
 @app.command()
@@ -90,6 +100,9 @@ def site(
     ipp_range: Annotated[str, typer.Option(help="FIRST-LAST: patient numbers allocated to this site for emergency admissions")] = "",
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
     session_idle_minutes: Annotated[float, typer.Option(help="sign-in sessions close after this long without use")] = 30,
+    downtime_dir: Annotated[str | None, typer.Option(help="where the downtime packs are kept (default: var/downtime)")] = None,
+    downtime_every: Annotated[float, typer.Option(help="minutes between two rounds of downtime packs (0: none)")] = 10,
+    downtime_keep: Annotated[int, typer.Option(help="downtime packs kept per ward")] = 6,
 ) -> None:
     """Run a site node: a live copy of the central data that keeps serving when the central site is gone."""
     import uvicorn
@@ -124,9 +137,24 @@ def site(
         mllp = MllpServer(store, host, mllp_port)
     out_console.print(f"Rebond site node {site_id} at http://{host}:{port}/ (FHIR: /fhir, status: /status), "
                       f"following {upstream} (store: {_redact(db)})")
+    downtime = _pack_scheduler(db, site_id, downtime_dir or f"var/downtime-{site_id}", downtime_every, downtime_keep, node.status)
     gc.freeze()
-    uvicorn.run(create_app(store, session_idle=session_idle_minutes * 60, mllp=mllp, node=node), host=host, port=port,
-                log_level=log_level, access_log=False)
+    uvicorn.run(create_app(store, session_idle=session_idle_minutes * 60, mllp=mllp, node=node, downtime=downtime), host=host,
+                port=port, log_level=log_level, access_log=False)
+
+
+def _pack_scheduler(db: str, site_id: str, folder: str, every: float, keep: int,
+                    source: Callable[[], dict[str, Any]]) -> PackScheduler | None:
+    """The downtime packs' schedule beside a server; none when asked for none, or for a store only this process can see."""
+    from rebond.downtime.library import PackLibrary
+    from rebond.downtime.schedule import PackScheduler
+
+    if every <= 0 or ":memory:" in db:
+        return None
+    if keep < 1:
+        raise fail("--downtime-keep must be 1 or more")
+    out_console.print(f"downtime packs every {every:g} min into {folder} (the last {keep} kept per ward)")
+    return PackScheduler(db, site_id, PackLibrary(Path(folder), keep), every, source)
 
 
 def _progress() -> Progress:
@@ -243,6 +271,111 @@ def seed(
                       f"{report.patients} inpatients, in {time.monotonic() - started:.1f} s")
     out_console.print("demo accounts (password " + DEMO_PASSWORD + "): "
                       + ", ".join(f"{a.username} ({a.role})" for a in accounts))
+
+
+@app.command("downtime-pack")
+def downtime_pack(
+    ward: Annotated[str | None, typer.Option(help="the ward's Location id")] = None,
+    out: Annotated[str | None, typer.Option(help="the PDF to write, for --ward")] = None,
+    all_wards: Annotated[bool, typer.Option("--all", help="every ward of the group, one PDF each, into --out-dir")] = False,
+    out_dir: Annotated[str | None, typer.Option(help="folder for --all")] = None,
+    db: Annotated[str | None, typer.Option(help="read this database directly")] = None,
+    server: Annotated[str | None, typer.Option(help="or ask a running server, e.g. http://127.0.0.1:8080")] = None,
+    token: Annotated[str, typer.Option(envvar="REBOND_TOKEN", help="API token for --server (rebond accounts token USER)")] = "",
+    lang: Annotated[str, typer.Option(help="fr or en")] = "fr",
+) -> None:
+    """Write a ward's downtime pack (or every ward's) as PDF: census, patients, 24-hour grids, on-call, procedures, forms."""
+    if all_wards == bool(ward):
+        raise fail("give --ward ID with --out FILE.pdf, or --all with --out-dir DIR")
+    if ward and not out:
+        raise fail("--ward needs --out FILE.pdf")
+    if all_wards and not out_dir:
+        raise fail("--all needs --out-dir DIR")
+    if db and server:
+        raise fail("give --db or --server, not both")
+    if lang not in ("fr", "en"):
+        raise fail(f"--lang is fr or en, not '{lang}'")
+    targets = [(ward, Path(out))] if ward and out else []
+    started = time.monotonic()
+    if server:
+        written = _packs_from_server(server.rstrip("/"), token, targets, Path(out_dir) if out_dir else None, lang)
+    else:
+        written = _packs_from_store(db or DEFAULT_DB, targets, Path(out_dir) if out_dir else None, lang)
+    for path, pages in written:
+        out_console.print(f"{path} ({pages} pages)", highlight=False)
+    out_console.print(f"{len(written)} downtime pack{'s' if len(written) != 1 else ''} written in {time.monotonic() - started:.1f} s")
+
+
+def _packs_from_store(db: str, targets: list[tuple[str, Path]], out_dir: Path | None, lang: str) -> list[tuple[Path, int]]:
+    import datetime as dt
+
+    from rebond.downtime.library import page_count, read_facts, save_pack, ward_ids
+    from rebond.downtime.pack import Source, ward_pack
+    from rebond.downtime.render import render_pdf
+    from rebond.site.follower import STATE
+    from rebond.store.base import NotFound
+    from rebond.web.i18n import translator
+
+    try:
+        store = open_store(db, site_id="downtime-pack")
+    except StoreError as err:
+        raise fail(str(err)) from None
+    try:
+        follower = store.get_state(STATE, "follower")
+        if follower:  # a site node's database: say how fresh its copy was
+            seen = follower.get("caught_up_at") or follower.get("last_change_applied_at")
+            source = Source("site", "", dt.datetime.fromtimestamp(seen, dt.UTC) if seen else None)
+        else:
+            source = Source("central", "", dt.datetime.now(dt.UTC))
+        if out_dir is not None:
+            targets = [(ward_id, out_dir / f"{ward_id}.pdf") for ward_id in ward_ids(store)]
+            if not targets:
+                raise fail("this database has no ward")
+        written = []
+        for ward_id, path in targets:
+            try:
+                pack = ward_pack(store, ward_id, dt.datetime.now(dt.UTC), translator(lang), source, previous=read_facts(path))
+            except NotFound:
+                raise fail(f"no ward '{ward_id}' in this database") from None
+            pdf = render_pdf(pack.data)
+            try:
+                save_pack(path, pack, pdf)
+            except OSError as err:
+                raise fail(f"cannot write {path}: {err.strerror}") from None
+            written.append((path, page_count(pdf)))
+        return written
+    except StoreError as err:
+        raise fail(f"the store failed: {err}") from None
+    finally:
+        store.close()
+
+
+def _packs_from_server(server: str, token: str, targets: list[tuple[str, Path]], out_dir: Path | None,
+                       lang: str) -> list[tuple[Path, int]]:
+    import httpx
+
+    from rebond.downtime.library import page_count, write_atomically
+
+    headers = {"Authorization": f"Bearer {token}", "Accept-Language": lang}
+    written = []
+    try:
+        with httpx.Client(base_url=server, headers=headers, timeout=120) as client:
+            if out_dir is not None:
+                listing = client.get("/downtime", headers={"Accept": "application/json"})
+                if listing.status_code != 200:
+                    raise fail(f"{server} answered {listing.status_code} for the list of wards: {listing.text[:200]}")
+                targets = [(w["ward_id"], out_dir / f"{w['ward_id']}.pdf") for w in listing.json()["wards"]]
+            for ward_id, path in targets:
+                answer = client.get(f"/downtime/wards/{ward_id}.pdf", params={"lang": lang})
+                if answer.status_code != 200 or not answer.content.startswith(b"%PDF"):
+                    raise fail(f"{server} answered {answer.status_code} for ward '{ward_id}': {answer.text[:200]}")
+                write_atomically(path, answer.content)
+                written.append((path, page_count(answer.content)))
+    except httpx.HTTPError as err:
+        raise fail(f"cannot reach {server}: {err}") from None
+    except OSError as err:
+        raise fail(f"cannot write: {err}") from None
+    return written
 
 
 accounts_app = typer.Typer(help="Sign-in accounts of this node: nurses, physicians, lab staff, IT.", no_args_is_help=True)

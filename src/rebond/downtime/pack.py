@@ -42,6 +42,15 @@ class Source:
     upstream_reachable: bool | None = None
 
 
+def source_from(facts: dict[str, object]) -> Source:
+    """The cover's source line from a node's /status facts."""
+    as_of = facts.get("data_as_of")
+    reachable = facts.get("upstream_reachable")
+    return Source(str(facts.get("role") or "central"), str(facts.get("site_id") or ""),
+                  dt.datetime.fromisoformat(str(as_of).replace("Z", "+00:00")) if as_of else None,
+                  reachable if isinstance(reachable, bool) else None)
+
+
 @dataclass(frozen=True)
 class Pack:
     ward: Ward
@@ -52,35 +61,31 @@ class Pack:
 
 
 def _labels(t: Translator) -> dict[str, str]:
-    g = t.gettext
+    _ = t.gettext
     return {
-        "title": g("Downtime pack"), "as_of": g("Data as of"), "printed_note": g("This paper is as old as the time above."),
-        "source": g("Source"), "digest": g("Content hash"), "pages": g("Page"), "of": g("of"),
-        "central": g("central site"), "site": g("site node"), "upstream_down": g("central site unreachable"),
-        "changes": g("What changed since the previous pack"), "since": g("previous pack"), "first_pack": g("First pack for this ward."),
-        "nothing_changed": g("Nothing changed."), "admissions": g("Admissions"), "discharges": g("Discharges or transfers out"),
-        "new_allergies": g("New allergies"), "new_prescriptions": g("New prescriptions"),
-        "stopped_prescriptions": g("Stopped prescriptions"), "new_abnormal": g("New abnormal results"),
-        "census": g("Census"), "bed": g("Bed"), "patient": g("Patient"), "born": g("Born"), "ipp": g("IPP"),
-        "admitted": g("Admitted"), "attending": g("Attending"), "allergies": g("Allergies"), "no_allergy": g("No known allergy"),
-        "empty_bed": g("empty"), "problems": g("Active problems"), "prescriptions": g("Active prescriptions"),
-        "medication": g("Medication"), "dose": g("Dose"), "route": g("Route"), "times": g("Times"), "prescriber": g("Prescriber"),
-        "grid": g("Administrations, next 24 hours: tick, initial, time"), "last_given": g("Last administrations"),
-        "given": g("given"), "not_given": g("not given"), "vitals": g("Latest vital signs"), "labs": g("Latest lab results"),
-        "abnormal_mark": g("abnormal values in bold and marked ▲ ▼"), "range": g("Range"), "pending": g("Pending orders"),
-        "imaging": g("Imaging conclusions"), "none": g("None"), "on_call": g("On call today"), "from": g("From"), "to": g("To"),
-        "procedures": g("Downtime procedures"), "forms": g("Blank forms"), "vitals_form": g("Vital signs sheet"),
-        "admin_form": g("Administration sheet"), "lab_form": g("Lab request"), "time": g("Time"),
-        "signature": g("Signature"), "exam": g("Exam requested"), "urgent": g("Urgent"), "sampled_at": g("Sampled at"),
-        "requested_by": g("Requested by"), "enter_later": g("To be entered into Rebond when it is back, checked by a second person."),
-        "sex": g("Sex"), "age": g("age"), "hr": g("HR"), "bp": g("BP"), "temp": g("Temp."), "spo2": g("SpO2"),
-        "rr": g("RR"), "pain": g("Pain"), "by": g("By"), "when": g("When"), "value": g("Value"),
-        "unplaced": g("not in a bed"),
+        "title": _("Downtime pack"), "as_of": _("Data as of"), "printed_note": _("This paper is as old as the time above."),
+        "source": _("Source"), "digest": _("Content hash"), "pages": _("Page"), "of": _("of"),
+        "central": _("central site"), "site": _("site node"), "upstream_down": _("central site unreachable"),
+        "changes": _("What changed since the previous pack"), "since": _("previous pack"), "first_pack": _("First pack for this ward."),
+        "nothing_changed": _("Nothing changed."), "admissions": _("Admissions"), "discharges": _("Discharges or transfers out"),
+        "new_allergies": _("New allergies"), "new_prescriptions": _("New prescriptions"),
+        "stopped_prescriptions": _("Stopped prescriptions"), "new_abnormal": _("New abnormal results"),
+        "census": _("Census"), "bed": _("Bed"), "patient": _("Patient"), "born": _("Born"), "ipp": _("IPP"),
+        "admitted": _("Admitted"), "attending": _("Attending"), "allergies": _("Allergies"), "no_allergy": _("No known allergy"),
+        "empty_bed": _("empty"), "problems": _("Active problems"), "prescriptions": _("Active prescriptions"),
+        "medication": _("Medication"), "dose": _("Dose"), "route": _("Route"), "times": _("Times"), "prescriber": _("Prescriber"),
+        "grid": _("Administrations, next 24 hours: tick, initial, time"), "last_given": _("Last administrations"),
+        "given": _("given"), "not_given": _("not given"), "vitals": _("Latest vital signs"), "labs": _("Latest lab results"),
+        "abnormal_mark": _("abnormal values in bold and marked ▲ ▼"), "range": _("Range"), "pending": _("Pending orders"),
+        "imaging": _("Imaging conclusions"), "none": _("None"), "on_call": _("On call today"), "from": _("From"), "to": _("To"),
+        "procedures": _("Downtime procedures"), "forms": _("Blank forms"), "vitals_form": _("Vital signs sheet"),
+        "admin_form": _("Administration sheet"), "lab_form": _("Lab request"), "time": _("Time"),
+        "signature": _("Signature"), "exam": _("Exam requested"), "urgent": _("Urgent"), "sampled_at": _("Sampled at"),
+        "requested_by": _("Requested by"), "enter_later": _("To be entered into Rebond when it is back, checked by a second person."),
+        "sex": _("Sex"), "age": _("age"), "hr": _("HR"), "bp": _("BP"), "temp": _("Temp."), "spo2": _("SpO2"),
+        "rr": _("RR"), "pain": _("Pain"), "by": _("By"), "when": _("When"), "value": _("Value"),
+        "unplaced": _("not in a bed"),
     }
-
-
-def _line(text: str | None) -> str:
-    return (text or "").strip()
 
 
 def _day_of(t: Translator, value: dt.datetime | dt.date | None) -> str:

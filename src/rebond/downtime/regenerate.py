@@ -7,7 +7,6 @@ Prints one JSON line: {"written": n, "failed": n, "seconds": s}; exits 1 when no
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import logging
 import os
 import sys
@@ -17,18 +16,9 @@ from pathlib import Path
 import orjson
 
 from rebond.downtime.library import PackLibrary, regenerate
-from rebond.downtime.pack import Source
+from rebond.downtime.pack import source_from
 from rebond.store import open_store
 from rebond.web.i18n import translator
-
-
-def source_from(facts: dict[str, object]) -> Source:
-    """The cover's source line from a node's /status facts."""
-    as_of = facts.get("data_as_of")
-    reachable = facts.get("upstream_reachable")
-    return Source(str(facts.get("role") or "central"), str(facts.get("site_id") or ""),
-                  dt.datetime.fromisoformat(str(as_of).replace("Z", "+00:00")) if as_of else None,
-                  reachable if isinstance(reachable, bool) else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,18 +22,22 @@ import orjson
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from rebond.clinical.admission import RangeExhausted, emergency_admission, ipp_range
-from rebond.clinical.census import group_wards, ward_census, ward_occupancy, ward_of
+from rebond.clinical.census import HospitalWards, group_wards, ward_census, ward_occupancy, ward_of
 from rebond.clinical.chart import patient_chart, patient_header
 from rebond.clinical.medication import prescription
 from rebond.clinical.patients import UnclearSearch, find_patients
 from rebond.clinical.recording import VITAL_SIGNS, InvalidForm, record_administration, record_vitals
 from rebond.clinical.records import Clinician, any_of, fhir_instant, instant, read
 from rebond.clinical.results import acknowledge_result, reports
+from rebond.downtime.library import KeptPack
+from rebond.downtime.pack import source_from, ward_pack
+from rebond.downtime.render import render_pdf
+from rebond.downtime.schedule import PackScheduler
 from rebond.hl7.intake import CHANNEL as HL7_CHANNEL
 from rebond.hl7.intake import describe, replay
 from rebond.security.accounts import Account, Accounts, WebSession
@@ -66,7 +70,7 @@ class Page:
 
     request: Request
     account: Account
-    session: WebSession
+    session: WebSession | None  # None for a program reading with an API token
     t: Translator
     now: dt.datetime
 
@@ -97,8 +101,11 @@ class WebApp:
     """The pages of one Rebond node over one store."""
 
     def __init__(self, store: Store, accounts: Accounts, *, secure_cookies: bool = False,
-                 status_banner: Callable[[Translator], str | None] | None = None, upstream: tuple[str, str] | None = None) -> None:
+                 status_banner: Callable[[Translator], str | None] | None = None, upstream: tuple[str, str] | None = None,
+                 downtime: PackScheduler | None = None, source: Callable[[], dict[str, Any]] | None = None) -> None:
         self.store = store
+        self.downtime = downtime  # the scheduled packs, when this node makes them
+        self.source = source or (lambda: {"role": "central", "data_as_of": dt.datetime.now(dt.UTC).isoformat()})
         self.upstream = upstream  # a site node's central site (FHIR base, API token), for settling conflicts
         self.accounts = accounts
         self.secure_cookies = secure_cookies
@@ -130,6 +137,9 @@ class WebApp:
             Route("/admin/accounts", page(self.account_list, "manage-accounts"), methods=["GET"]),
             Route("/reconciliation", page(self.reconciliation, "resolve-conflicts"), methods=["GET"]),
             Route("/reconciliation/{seq:int}", page(self.settle_conflict, "resolve-conflicts"), methods=["POST"]),
+            Route("/downtime", page(self.downtime_packs, "view-patients"), methods=["GET"]),
+            Route("/downtime/wards/{ward_id}.pdf", page(self.fresh_pack, "view-patients"), methods=["GET"]),
+            Route("/downtime/files/{ward_id}/{name}.pdf", page(self.kept_pack, "view-patients"), methods=["GET"]),
             Route("/admin/hl7", page(self.dead_letters, "manage-interfaces"), methods=["GET"]),
             Route("/admin/hl7/{message_id:int}/replay", page(self.replay_letter, "manage-interfaces"), methods=["POST"]),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
@@ -164,16 +174,24 @@ class WebApp:
         async def checked(request: Request) -> Response:
             t = self.language_of(request)
             token = request.cookies.get(SESSION_COOKIE, "")
-            session = await run_in_threadpool(self.accounts.session, token)
-            account = await run_in_threadpool(self.accounts.get, session.username) if session else None
-            if session is None or account is None or not account.active:
-                target = urlencode({"next": _wanted(request), **({"expired": "1"} if token else {})})
-                return RedirectResponse(f"/login?{target}", status_code=303)
+            bearer = request.headers.get("authorization", "")
+            session = None
+            if not token and bearer[:7].lower() == "bearer " and request.method == "GET":
+                # a program reading a page (the downtime packs): an API token instead of a sign-in; never for a form
+                account = await run_in_threadpool(self.accounts.token_account, bearer[7:].strip())
+                if account is None:
+                    return PlainTextResponse("the API token is unknown, revoked or its account disabled", status_code=401)
+            else:
+                session = await run_in_threadpool(self.accounts.session, token)
+                account = await run_in_threadpool(self.accounts.get, session.username) if session else None
+                if session is None or account is None or not account.active:
+                    target = urlencode({"next": _wanted(request), **({"expired": "1"} if token else {})})
+                    return RedirectResponse(f"/login?{target}", status_code=303)
             if permission is not None and not account.may(permission):
                 return self.error_page(request, 403, t.gettext("Your role does not give access to this page."), account, session)
             if request.method == "POST":
                 form = await request.form()
-                if not secrets.compare_digest(str(form.get("csrf", "")), session.csrf):
+                if session is None or not secrets.compare_digest(str(form.get("csrf", "")), session.csrf):
                     return self.error_page(request, 403, t.gettext("This form has expired. Go back, reload the page and try again."),
                                            account, session)
             try:
@@ -429,6 +447,48 @@ class WebApp:
     def status_page(self, request: Request, facts: dict[str, Any]) -> HTMLResponse:
         """The node's situation for a person (the same facts as `GET /status` in JSON); no sign-in needed."""
         return self.render(request, self.language_of(request), "status.html", facts=facts, now=dt.datetime.now(dt.UTC))
+
+    async def downtime_packs(self, p: Page) -> Response:
+        """The latest pack of every ward (and the older ones kept), to download and print; JSON for programs."""
+        library = self.downtime.library if self.downtime else None
+
+        def load() -> tuple[list[HospitalWards], dict[str, list[KeptPack]]]:
+            hospitals = group_wards(self.store)
+            kept = {ward.id: library.packs(ward.id) for h in hospitals for ward, _n in h.wards} if library else {}
+            return hospitals, kept
+
+        hospitals, kept = await run_in_threadpool(load)
+        if "json" in p.request.headers.get("accept", ""):
+            return JSONResponse({"wards": [
+                {"ward_id": ward.id, "ward": ward.name, "hospital": h.hospital, "fresh": f"/downtime/wards/{ward.id}.pdf",
+                 "kept": [{"url": f"/downtime/files/{ward.id}/{k.filename}", "as_of": k.as_of.isoformat(), "digest": k.digest,
+                           "pages": k.pages, "size": k.size, "changes": k.changes} for k in kept.get(ward.id, [])]}
+                for h in hospitals for ward, _n in h.wards],
+                "schedule": self.downtime.status() if self.downtime else None}, headers={"Cache-Control": "no-store"})
+        return self._show(p, "downtime.html", hospitals=hospitals, kept=kept, schedule=self.downtime.status() if self.downtime else None)
+
+    async def fresh_pack(self, p: Page) -> Response:
+        """A pack made now, for one ward (what `rebond downtime-pack --server` downloads)."""
+        ward_id = p.request.path_params["ward_id"]
+        lang = p.request.query_params.get("lang", p.t.language)
+        library = self.downtime.library if self.downtime else None
+
+        def make() -> bytes:
+            previous = library.previous_facts(ward_id) if library else None
+            pack = ward_pack(self.store, ward_id, p.now, translator(lang), source_from(self.source()), previous=previous)
+            return render_pdf(pack.data)
+
+        pdf = await run_in_threadpool(make)
+        return Response(pdf, media_type="application/pdf", headers={
+            "Content-Disposition": f'inline; filename="rebond-{ward_id}.pdf"', "Cache-Control": "no-store"})
+
+    async def kept_pack(self, p: Page) -> Response:
+        library = self.downtime.library if self.downtime else None
+        path = library.pdf_path(p.request.path_params["ward_id"], p.request.path_params["name"]) if library else None
+        if path is None:
+            raise NotFound("no such pack")
+        return FileResponse(path, media_type="application/pdf", content_disposition_type="inline",
+                            headers={"Cache-Control": "no-store"})
 
     async def dead_letters(self, p: Page) -> Response:
         letters = await run_in_threadpool(self.store.messages, HL7_CHANNEL, "rejected")
