@@ -16,11 +16,14 @@ $(BIN)/rebond: pyproject.toml
 	touch $@
 
 # Debian packages the tests use; installed only when missing (needs root, as on CI):
-# PostgreSQL for the second engine, Chromium for the browser tests (Playwright drives it; no browser download)
+# PostgreSQL for the second engine, Chromium for the browser tests (Playwright drives it; no browser download),
+# poppler-utils to read the downtime PDFs back (pdftotext, pdftoppm), DejaVu fonts for those PDFs
 system-deps:
 	@missing=""; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql-15"; \
 	test -x /usr/bin/chromium || missing="$$missing chromium"; \
+	command -v pdftotext >/dev/null || missing="$$missing poppler-utils"; \
+	test -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf || missing="$$missing fonts-dejavu-core"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
@@ -31,6 +34,7 @@ demo: $(BIN)/rebond
 	@test -e var/rebond.db || $(BIN)/rebond seed --demo --db sqlite:///var/rebond.db
 	@echo "Rebond web app: http://127.0.0.1:$(PORT)/   FHIR API: http://127.0.0.1:$(PORT)/fhir   (health: /healthz)"
 	@echo "demo accounts, password rebond-demo: nurse (nurse), doctor (physician), admin (IT), lab (lab staff)"
+	@echo "downtime packs (PDF per ward, remade every 10 min): http://127.0.0.1:$(PORT)/downtime"
 	@echo "HL7 v2 over MLLP on 127.0.0.1:$(MLLP_PORT); try: $(BIN)/rebond hl7 simulate --target 127.0.0.1:$(MLLP_PORT)"
 	$(BIN)/rebond serve --port $(PORT) --mllp-port $(MLLP_PORT)
 

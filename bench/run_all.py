@@ -14,7 +14,7 @@ def main() -> None:
         print(f"== {script} {' '.join(args)}", flush=True)
         subprocess.run([sys.executable, str(HERE / script), *args], check=True)
     if "postgres" not in args:  # the clinical pages are measured on the embedded store, as on a site node
-        for script in ("web_bench.py", "hl7_bench.py", "site_bench.py"):
+        for script in ("web_bench.py", "hl7_bench.py", "site_bench.py", "downtime_bench.py"):
             print(f"== {script}", flush=True)
             subprocess.run([sys.executable, str(HERE / script)], check=True)
 

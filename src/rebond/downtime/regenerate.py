@@ -21,6 +21,14 @@ from rebond.store import open_store
 from rebond.web.i18n import translator
 
 
+def _background() -> None:
+    """Run only on a core nothing else wants: the clinical pages come first (SCHED_IDLE on Linux, else the lowest nice)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(19)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rebond.downtime.regenerate")
     parser.add_argument("--db", required=True)
@@ -30,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lang", default="fr")
     parser.add_argument("--source", default="{}")
     args = parser.parse_args(argv)
-    os.nice(10)  # the clinical pages come first
+    _background()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     started = time.monotonic()
     store = open_store(args.db, site_id=args.site_id)
