@@ -64,8 +64,14 @@ class RebondServer:
             time.sleep(0.1)
         raise RuntimeError("rebond serve did not answer /healthz")
 
+    @property
+    def packs(self) -> list[str]:
+        """Downtime packs only where a test asks for them (every server making them would load the machine)."""
+        return [] if "--downtime-every" in self.extra else ["--downtime-every", "0"]
+
     def command(self) -> list[str]:
-        return ["serve", "--db", self.db, "--port", str(self.port), "--site-id", self.site_id, "--log-level", "warning", *self.extra]
+        return ["serve", "--db", self.db, "--port", str(self.port), "--site-id", self.site_id, "--log-level", "warning",
+                *self.packs, *self.extra]
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -91,7 +97,7 @@ class SiteServer(RebondServer):
 
     def command(self) -> list[str]:
         return ["site", "--upstream", self.upstream, "--site-id", self.site_id, "--db", self.db, "--port", str(self.port),
-                "--token", self.central.token, "--log-level", "warning", *self.extra]
+                "--token", self.central.token, "--log-level", "warning", *self.packs, *self.extra]
 
     def status(self) -> dict[str, object]:
         return dict(httpx.get(f"{self.base}/status", headers={"Accept": "application/json"}, timeout=5).json())

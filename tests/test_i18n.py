@@ -15,7 +15,8 @@ KEYWORDS = {"_": None, "gettext": None, "N_": None, "ngettext": (1, 2)}
 def _messages() -> set[str]:
     found: set[str] = set()
     for folder, mapping in (("src/rebond/web", [("**.py", "python"), ("templates/**.html", "jinja2")]),
-                            ("src/rebond", [("app.py", "python")]), ("src/rebond/site", [("**.py", "python")]), ("src/rebond/downtime", [("**.py", "python")])):
+                            ("src/rebond", [("app.py", "python")]), ("src/rebond/site", [("**.py", "python")]),
+                            ("src/rebond/downtime", [("**.py", "python")])):
         for _file, _line, message, _comments, _context in extract_from_dir(ROOT / folder, mapping, keywords=KEYWORDS):
             found.add(message[0] if isinstance(message, tuple) else message)
     return found

@@ -101,6 +101,34 @@ def test_the_site_keeps_serving_and_says_since_when_it_is_cut_off(group: tuple[R
     assert replayed.status_code == 200 and replayed.json()["name"][0]["family"] == "Urgence"
 
 
+def test_a_cut_off_site_keeps_making_downtime_packs_that_say_where_they_come_from(demo_db: str, tmp_path: Path) -> None:
+    from rebond.downtime.library import PackLibrary
+    from tests.test_downtime import pages_of
+
+    central = RebondServer(demo_db).start()
+    folder = tmp_path / "packs-H1"
+    site = SiteServer(f"sqlite:///{tmp_path}/site-H1.db", central, "H1", "--downtime-dir", str(folder), "--downtime-every", "0.02")
+    try:
+        site.start()
+        wait_for(lambda: site.status()["data_as_of"] is not None, 120)
+        central.kill()
+        wait_for(lambda: site.status()["upstream_reachable"] is False, 10)
+        cut_at = time.time()
+
+        def a_round_made_after_the_cut() -> bool:
+            schedule = dict(site.status().get("downtime_packs") or {})  # type: ignore[call-overload]
+            return float(schedule.get("last_started") or 0) > cut_at + 0.5 and float(schedule.get("last_finished") or 0) > cut_at + 0.5
+
+        wait_for(a_round_made_after_the_cut, 60)
+        latest = PackLibrary(folder).latest()
+        assert latest and latest[0].as_of.timestamp() > cut_at
+        cover = pages_of(folder / latest[0].ward_id / latest[0].filename)[0]
+        assert "nœud de site H1" in cover and "site central injoignable" in cover
+    finally:
+        site.stop()
+        central.stop()
+
+
 def test_a_restarted_site_resumes_from_its_cursor_and_applies_each_change_once(group: tuple[RebondServer, SiteServer]) -> None:
     central, site = group
     site.stop()
