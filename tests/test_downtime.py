@@ -203,6 +203,7 @@ def test_the_server_remakes_packs_on_schedule_lists_them_and_never_shows_half_a_
             page = client.get("/downtime")
             assert page.status_code == 200 and "Dossiers de secours" in page.text and kept["digest"] in page.text
             assert client.get(f"/downtime/files/{wards[0]}/..%2F..%2Fdemo.pdf").status_code == 404
+            assert client.get("/downtime/files/no%20such%20ward/20990101T000000Z-000000000000.pdf").status_code == 404
             assert client.get(f"/downtime/files/{wards[0]}/20990101T000000Z-000000000000.pdf").status_code == 404
             status = client.get("/status", headers={"Accept": "application/json"}).json()
             assert status["downtime_packs"]["rounds"] >= 3

@@ -127,7 +127,7 @@ class PackLibrary:
 
     def pdf_path(self, ward_id: str, name: str) -> Path | None:
         """The file of a kept pack, or None (names are checked: nothing outside the library is ever served)."""
-        if not _NAME.match(name):
+        if not _NAME.match(name) or not _WARD.match(ward_id):
             return None
         path = self._folder(ward_id) / f"{name}.pdf"
         return path if path.exists() else None

@@ -126,7 +126,7 @@ def _result(t: Translator, result: LabResult) -> dict[str, Any]:
 
 def _patient(store: Store, t: Translator, chart: PatientChart, bed: str, now: dt.datetime, grid_start: dt.datetime) -> dict[str, Any]:
     me = f"Patient/{chart.patient.id}"
-    pending = [r for r in find(store, "ServiceRequest", ("subject", me), ("status", "active"))]
+    pending = find(store, "ServiceRequest", ("subject", me), ("status", "active"))
     stay = chart.stay
     summary = chart.patient
     return {

@@ -1,6 +1,6 @@
 """One round of downtime packs, run by the scheduler as a child process at low priority.
 
-    python -m rebond.downtime.regenerate --db URL --site-id ID --dir DIR --keep N --lang fr --source JSON
+    REBOND_DB=URL python -m rebond.downtime.regenerate --site-id ID --dir DIR --keep N --lang fr --source JSON
 
 Prints one JSON line: {"written": n, "failed": n, "seconds": s}; exits 1 when no pack could be made.
 """
@@ -31,13 +31,15 @@ def _background() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rebond.downtime.regenerate")
-    parser.add_argument("--db", required=True)
+    parser.add_argument("--db", default=os.environ.get("REBOND_DB"), help="or REBOND_DB in the environment")
     parser.add_argument("--site-id", default="central")
     parser.add_argument("--dir", required=True)
     parser.add_argument("--keep", type=int, default=6)
     parser.add_argument("--lang", default="fr")
     parser.add_argument("--source", default="{}")
     args = parser.parse_args(argv)
+    if not args.db:
+        parser.error("--db URL or REBOND_DB is needed")
     _background()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     started = time.monotonic()

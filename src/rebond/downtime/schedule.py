@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -60,9 +61,10 @@ class PackScheduler:
         """One round in a child process; returns what it reported ({"written": n, "failed": n, "seconds": s})."""
         self.last_started = time.time()
         child = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "rebond.downtime.regenerate", "--db", self.db_url, "--site-id", self.site_id,
+            sys.executable, "-m", "rebond.downtime.regenerate", "--site-id", self.site_id,
             "--dir", str(self.library.root), "--keep", str(self.library.keep), "--lang", self.language,
             "--source", orjson.dumps(self.source()).decode(),
+            env={**os.environ, "REBOND_DB": self.db_url},  # not on the command line, where `ps` shows a password
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
             out, err = await child.communicate()
