@@ -129,10 +129,11 @@ def _patient(store: Store, t: Translator, chart: PatientChart, bed: str, now: dt
     pending = find(store, "ServiceRequest", ("subject", me), ("status", "active"))
     stay = chart.stay
     summary = chart.patient
+    age = summary.age(now.astimezone(HOSPITAL_TZ).date())
     return {
         "id": summary.id, "name": summary.name, "birth_date": _day_of(t, summary.birth_date), "ipp": summary.ipp or "—",
         "sex": {"female": "F", "male": "M"}.get(summary.gender, "—"),
-        "age": str(summary.age(now.astimezone(HOSPITAL_TZ).date()) or "—"), "bed": bed,
+        "age": "—" if age is None else str(age), "bed": bed,
         "admitted": _day_of(t, stay.admitted if stay else None), "attending": stay.attending if stay else "—",
         "allergies": [{"substance": a.substance, "critical": a.criticality == "high"} for a in chart.allergies],
         "problems": chart.problems,
