@@ -99,7 +99,8 @@ def series_by_code(results: list[LabResult]) -> list[Series]:
     return list(by_code.values())
 
 
-def _note(document: Resource) -> Note:
+def note(document: Resource) -> Note:
+    """A DocumentReference as text: its title, date, author and the text of its first text attachment."""
     text = ""
     for content in document.get("content") or ():
         attachment = content.get("attachment") or {}
@@ -151,7 +152,7 @@ def patient_chart(store: Store, patient_id: str, now: dt.datetime) -> PatientCha
     results_by_id = lab_results(store, ("subject", me), ("category", f"{OBSERVATION_CATEGORY}|laboratory"))
     lab_reports = reports(store, ("subject", me), ("category", "LAB"), observations=results_by_id, limit=REPORTS_SHOWN)
     imaging = reports(store, ("subject", me), ("category", "RAD"))
-    notes = [_note(d) for d in find(store, "DocumentReference", ("subject", me), ("_sort", "-date"))]
+    notes = [note(d) for d in find(store, "DocumentReference", ("subject", me), ("_sort", "-date"))]
     return PatientChart(
         **{f.name: getattr(header, f.name) for f in fields(PatientHeader)}, problems=sorted(p for p in problems if p),
         prescriptions=prescriptions, doses=doses, administrations=administrations,

@@ -8,8 +8,6 @@ the changes are found by comparing this pack's *facts* with the previous pack's,
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
 import hashlib
 from dataclasses import dataclass
@@ -18,7 +16,7 @@ from typing import Any
 import orjson
 
 from rebond.clinical.census import Ward, ward_occupancy
-from rebond.clinical.chart import PatientChart, patient_chart
+from rebond.clinical.chart import PatientChart, note, patient_chart
 from rebond.clinical.conventions import DOCUMENT_CATEGORY, ON_CALL_SYSTEM
 from rebond.clinical.medication import Prescription
 from rebond.clinical.records import HOSPITAL_TZ, concept_text, fhir_instant, find, instant, read, ref_id
@@ -88,14 +86,10 @@ def _labels(t: Translator) -> dict[str, str]:
     }
 
 
-def _day_of(t: Translator, value: dt.datetime | dt.date | None) -> str:
-    return t.date(value, "short") if value else "—"
-
-
 def _prescription(t: Translator, rx: Prescription) -> dict[str, Any]:
     return {"id": rx.id, "medication": rx.medication, "dose": rx.dose, "route": rx.route,
             "times": ", ".join(at.strftime("%H:%M") for at in rx.times) or t.gettext("if needed"),
-            "prescriber": rx.prescriber, "authored": _day_of(t, rx.authored)}
+            "prescriber": rx.prescriber, "authored": t.date(rx.authored, "short")}
 
 
 def _grid(chart: PatientChart, start: dt.datetime) -> list[dict[str, Any]]:
@@ -131,10 +125,10 @@ def _patient(store: Store, t: Translator, chart: PatientChart, bed: str, now: dt
     summary = chart.patient
     age = summary.age(now.astimezone(HOSPITAL_TZ).date())
     return {
-        "id": summary.id, "name": summary.name, "birth_date": _day_of(t, summary.birth_date), "ipp": summary.ipp or "—",
+        "id": summary.id, "name": summary.name, "birth_date": t.date(summary.birth_date, "short"), "ipp": summary.ipp or "—",
         "sex": {"female": "F", "male": "M"}.get(summary.gender, "—"),
         "age": "—" if age is None else str(age), "bed": bed,
-        "admitted": _day_of(t, stay.admitted if stay else None), "attending": stay.attending if stay else "—",
+        "admitted": t.date(stay.admitted if stay else None, "short"), "attending": stay.attending if stay else "—",
         "allergies": [{"substance": a.substance, "critical": a.criticality == "high"} for a in chart.allergies],
         "problems": chart.problems,
         "prescriptions": [_prescription(t, rx) for rx in chart.prescriptions],
@@ -179,18 +173,10 @@ def _procedures(store: Store, hospital_id: str | None) -> list[dict[str, Any]]:
     own = [d for d in documents if ref_id(d.get("custodian"), "Organization") == hospital_id]
     out: list[dict[str, Any]] = []
     for document in own or documents:
-        text = ""
-        for content in document.get("content") or ():
-            data = (content.get("attachment") or {}).get("data")
-            if data:
-                try:
-                    text = base64.b64decode(data).decode("utf-8", "replace")
-                except (binascii.Error, ValueError):
-                    text = ""
-                break
-        title = str(document.get("description") or concept_text(document.get("type")))
+        procedure = note(document)
         # the document's own heading repeats its title: the steps are what the page needs
-        out.append({"title": title, "lines": [line for line in text.splitlines() if line.strip() and not line.startswith("#")]})
+        out.append({"title": procedure.title,
+                    "lines": [line for line in procedure.text.splitlines() if line.strip() and not line.startswith("#")]})
     return sorted(out, key=lambda p: p["title"])
 
 

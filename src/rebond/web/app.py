@@ -34,7 +34,7 @@ from rebond.clinical.patients import UnclearSearch, find_patients
 from rebond.clinical.recording import VITAL_SIGNS, InvalidForm, record_administration, record_vitals
 from rebond.clinical.records import Clinician, any_of, fhir_instant, instant, read
 from rebond.clinical.results import acknowledge_result, reports
-from rebond.downtime.library import KeptPack
+from rebond.downtime.library import KeptPack, PackLibrary
 from rebond.downtime.pack import source_from, ward_pack
 from rebond.downtime.render import render_pdf
 from rebond.downtime.schedule import PackScheduler
@@ -448,13 +448,15 @@ class WebApp:
         """The node's situation for a person (the same facts as `GET /status` in JSON); no sign-in needed."""
         return self.render(request, self.language_of(request), "status.html", facts=facts, now=dt.datetime.now(dt.UTC))
 
+    @property
+    def _packs(self) -> PackLibrary | None:
+        return self.downtime.library if self.downtime else None
+
     async def downtime_packs(self, p: Page) -> Response:
         """The latest pack of every ward (and the older ones kept), to download and print; JSON for programs."""
-        library = self.downtime.library if self.downtime else None
-
         def load() -> tuple[list[HospitalWards], dict[str, list[KeptPack]]]:
             hospitals = group_wards(self.store)
-            kept = {ward.id: library.packs(ward.id) for h in hospitals for ward, _n in h.wards} if library else {}
+            kept = {ward.id: self._packs.packs(ward.id) for h in hospitals for ward, _n in h.wards} if self._packs else {}
             return hospitals, kept
 
         hospitals, kept = await run_in_threadpool(load)
@@ -471,10 +473,8 @@ class WebApp:
         """A pack made now, for one ward (what `rebond downtime-pack --server` downloads)."""
         ward_id = p.request.path_params["ward_id"]
         lang = p.request.query_params.get("lang", p.t.language)
-        library = self.downtime.library if self.downtime else None
-
         def make() -> bytes:
-            previous = library.previous_facts(ward_id) if library else None
+            previous = self._packs.previous_facts(ward_id) if self._packs else None
             pack = ward_pack(self.store, ward_id, p.now, translator(lang), source_from(self.source()), previous=previous)
             return render_pdf(pack.data)
 
@@ -483,8 +483,7 @@ class WebApp:
             "Content-Disposition": f'inline; filename="rebond-{ward_id}.pdf"', "Cache-Control": "no-store"})
 
     async def kept_pack(self, p: Page) -> Response:
-        library = self.downtime.library if self.downtime else None
-        path = library.pdf_path(p.request.path_params["ward_id"], p.request.path_params["name"]) if library else None
+        path = self._packs.pdf_path(p.request.path_params["ward_id"], p.request.path_params["name"]) if self._packs else None
         if path is None:
             raise NotFound("no such pack")
         return FileResponse(path, media_type="application/pdf", content_disposition_type="inline",
