@@ -4,10 +4,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
 from starlette.testclient import TestClient
 
+from rebond.fhir.searchparams import lookup
 from rebond.store.base import Store
+from rebond.store.indexing import index_resource
 from tests.auth import api_client
 
 LOINC = "http://loinc.org"
@@ -197,3 +200,44 @@ def test_uri_exact_below_and_above(store: Store) -> None:
         assert ids_of(search(client, "Observation?_profile:below=http://hl7.org/fhir/StructureDefinition/")) == {vital}
         assert ids_of(search(client, f"Observation?_profile:above={profile}/extra")) == {vital}
         assert ids_of(search(client, "Observation?_profile=http://hl7.org/fhir/StructureDefinition/other")) == set()
+
+
+def test_parameters_answered_from_other_parameters_rows(store: Store, ward: tuple[TestClient, dict[str, str]]) -> None:
+    """combo-code reads the rows of code and component-code, patient those of subject aimed at a Patient: the same
+    resources match as if they had rows of their own."""
+    client, ids = ward
+    combo = lookup("Observation", "combo-code")
+    patient = lookup("Observation", "patient")
+    assert combo is not None and combo.keys == ("Observation.code", "Observation.component-code")
+    assert patient is not None and patient.keys == ("Observation.subject",) and patient.target_type == "Patient"
+    group = store.create({"resourceType": "Group", "type": "person", "actual": True}).stored.id
+    pressure = store.create({
+        "resourceType": "Observation", "status": "final", "subject": {"reference": f"Group/{group}"},
+        "code": {"coding": [{"system": LOINC, "code": "85354-9", "display": "Blood pressure"}], "text": "Tension artérielle"},
+        "component": [
+            {"code": {"coding": [{"system": LOINC, "code": "8480-6"}]}, "valueQuantity": {"value": 150, "code": "mm[Hg]"}},
+            {"code": {"coding": [{"system": LOINC, "code": "8462-4"}]}, "valueQuantity": {"value": 95, "code": "mm[Hg]"}},
+        ],
+    }).stored.id
+    stored = store.read("Observation", pressure)
+    assert stored is not None and stored.body is not None
+    rows = index_resource(orjson.loads(stored.body))
+    assert not [r for r in rows.token + rows.reference if r[0] in ("Observation.combo-code", "Observation.patient")]
+    assert ids_of(search(client, "Observation?combo-code=8480-6")) == {pressure}
+    assert ids_of(search(client, "Observation?combo-code=2823-3")) == {ids["k_high"], ids["k_norm"]}
+    assert ids_of(search(client, "Observation?combo-value-quantity=gt140")) == {pressure}
+    assert ids_of(search(client, "Observation?combo-value-quantity=gt7")) == {pressure, ids["na"]}
+    assert ids_of(search(client, "Observation?combo-code-value-quantity=8462-4$95")) == {pressure}
+    assert ids_of(search(client, "Observation?combo-code-value-quantity=2823-3$6.2")) == {ids["k_high"]}
+    assert ids_of(search(client, f"Observation?subject=Group/{group}")) == {pressure}
+    assert ids_of(search(client, f"Observation?patient={group}")) == set()  # a Group is not a Patient
+    assert pressure in ids_of(search(client, "Observation?patient:missing=true"))
+    assert ids["na"] not in ids_of(search(client, "Observation?patient:missing=true"))
+    assert ids_of(search(client, "Observation?code:text=tension")) == {pressure}
+    assert ids_of(search(client, "Observation?code:text=blood")) == {pressure}
+    bundle = search(client, f"Patient?_id={ids['helene']}&_revinclude=Observation:patient")
+    assert ids_of(bundle, "include") == {ids["k_high"], ids["na"]}
+    bundle = search(client, f"Observation?_id={pressure}&_include=Observation:patient")
+    assert ids_of(bundle, "include") == set()
+    bundle = search(client, f"Observation?_id={pressure}&_include=Observation:subject")
+    assert ids_of(bundle, "include") == {group}

@@ -187,6 +187,15 @@ class Extractor:
     def applies(self) -> bool:
         return bool(self._paths) or self._fallback is not None
 
+    @property
+    def compiled(self) -> bool:
+        """Whether every branch runs as compiled steps (not handed to fhirpathpy)."""
+        return self._fallback is None and bool(self._paths)
+
+    def branch_texts(self) -> tuple[str, ...]:
+        """The branches that apply to this type, as written in the definition."""
+        return tuple(sorted(p.text for p in self._paths))
+
     def values(self, resource: dict[str, Any], memo: dict[str, list[Node]] | None = None) -> Iterable[Node]:
         """The selected values; `memo` (one per resource) spares re-walking a branch another parameter walked."""
         if self._fallback is not None:

@@ -75,7 +75,7 @@ class Include:
 class SearchQuery:
     resource_type: str | None
     clauses: list[Clause] = field(default_factory=list)
-    sort: list[tuple[str, str, bool]] = field(default_factory=list)  # (name, type, descending)
+    sort: list[tuple[tuple[str, ...], str, bool]] = field(default_factory=list)  # (index keys, type, descending)
     count: int = DEFAULT_COUNT
     offset: int = 0
     includes: list[Include] = field(default_factory=list)
@@ -288,12 +288,12 @@ def _parse_one(query: SearchQuery, resource_type: str | None, name: str, value: 
             desc = key.startswith("-")
             code = key.lstrip("-")
             if code in ("_id", "_lastUpdated"):
-                query.sort.append((code, code, desc))
+                query.sort.append(((code,), code, desc))
                 continue
             param = lookup(resource_type, code) if resource_type else None
             if param is None or param.type in ("reference", "composite"):
                 raise SearchError([f"_sort: cannot sort on '{code}'"])
-            query.sort.append((param.key, param.type, desc))
+            query.sort.append((param.keys, param.type, desc))
         return
     base, _, mod = name.partition(":")
     if base in ("_include", "_revinclude"):

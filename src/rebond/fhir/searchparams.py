@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources as package_files
 
 from rebond.fhir.model import RESOURCE_TYPES
@@ -23,11 +23,25 @@ class SearchParam:
     components: tuple[tuple[str, str], ...] = ()  # (definition url, relative expression)
     url: str = ""
     extractor: Extractor = field(compare=False, hash=False, repr=False, default=None)  # type: ignore[assignment]
+    #: the keys of the parameters whose rows answer this one, when it selects nothing they do not (see `_aliases`)
+    stored_as: tuple[str, ...] = ()
+    #: and, for `patient` answered by `subject`, the one type of target it keeps
+    target_type: str = ""
 
     @property
     def key(self) -> str:
         """The name this parameter's index rows carry: `Observation.code`."""
         return f"{self.resource_type}.{self.code}"
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The keys a search on this parameter reads."""
+        return self.stored_as or (self.key,)
+
+    @property
+    def indexed(self) -> bool:
+        """Whether writes make rows for this parameter (an alias reads another's rows)."""
+        return not self.stored_as
 
 
 @functools.cache
@@ -78,7 +92,55 @@ def registry() -> dict[str, dict[str, SearchParam]]:
                 url=str(definition.get("url", "")),
                 extractor=extractor,
             )
+    for params in out.values():
+        found = {code: a for code, param in params.items() if (a := _aliases(param, params)) is not None}
+        by_key = {p.key: code for code, p in params.items()}
+        for code, (keys, target_type) in found.items():
+            if any(by_key[k] in found for k in keys):
+                continue  # an alias of an alias: keep it indexed rather than chase the chain
+            params[code] = replace(params[code], stored_as=keys, target_type=target_type)
     return out
+
+
+def _branches(param: SearchParam) -> frozenset[str]:
+    """What a parameter selects: the branches of its expression for its type (components included for composites)."""
+    texts = param.extractor.branch_texts() if param.extractor is not None else ()
+    return frozenset(texts + tuple(f"{{{expr}}}" for _url, expr in param.components))
+
+
+def _aliases(param: SearchParam, params: dict[str, SearchParam]) -> tuple[tuple[str, ...], str] | None:
+    """Other parameters of the same type whose rows, together, are exactly this one's rows.
+
+    `Observation.combo-code` selects `Observation.code | Observation.component.code`: the rows
+    of `code` and `component-code` answer it, and indexing it again would write every code of
+    every Observation twice. `Observation.patient` selects `Observation.subject.where(resolve()
+    is Patient)`: the `subject` rows whose target is a Patient. Such a parameter is not indexed;
+    a search on it reads the other keys. Nothing else changes: the same resources match.
+    """
+    mine = _branches(param)
+    if not mine or param.extractor is None or not param.extractor.compiled:
+        return None
+    restricted = {b.split(".where(resolve() is ", 1)[0]: b for b in mine if b.endswith(")") and ".where(resolve() is " in b}
+    if restricted and len(restricted) == len(mine) and param.type == "reference":
+        types = {b.rsplit(" ", 1)[-1].rstrip(")") for b in mine}
+        if len(types) == 1:
+            plain = frozenset(restricted)
+            for other in params.values():
+                if other is not param and other.type == "reference" and _branches(other) == plain and other.extractor.compiled:
+                    return (other.key,), types.pop()
+        return None
+    parts: list[SearchParam] = []
+    covered: set[str] = set()
+    for other in params.values():
+        if other is param or other.type != param.type or not other.extractor.compiled:
+            continue
+        theirs = _branches(other)
+        if theirs and theirs < mine or (theirs == mine and other.code < param.code):
+            parts.append(other)
+            covered |= theirs
+    if parts and covered == mine:
+        return tuple(p.key for p in sorted(parts, key=lambda p: p.code)), ""
+    return None
 
 
 @functools.cache

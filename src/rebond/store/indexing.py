@@ -148,8 +148,9 @@ def _tokens(value: Any) -> list[tuple[str | None, str | None, str | None]]:
         return []
     if "coding" in value or ("text" in value and "system" not in value and "value" not in value and "code" not in value):
         out = [(c.get("system"), c.get("code"), c.get("display")) for c in value.get("coding", []) if isinstance(c, dict)]
-        if isinstance(value.get("text"), str):
-            out.append((None, None, value["text"]))
+        text = value.get("text")
+        if isinstance(text, str) and not any(d == text for _s, _c, d in out):
+            out.append((None, None, text))  # a text that repeats a coding's display is already found by :text
         return out
     if "code" in value or "display" in value and "value" not in value:
         return [(value.get("system"), value.get("code"), value.get("display"))]
@@ -220,8 +221,8 @@ def index_resource(resource: dict[str, Any]) -> IndexRows:
     params = registry().get(resource["resourceType"], {})
     memo: dict[str, list[Any]] = {}
     for param in params.values():
-        if param.code in ("_id", "_lastUpdated"):
-            continue  # answered from the resource table
+        if param.code in ("_id", "_lastUpdated") or not param.indexed:
+            continue  # answered from the resource table, or from the rows of the parameters it is made of
         values = param.extractor.values(resource, memo)
         if not values:
             continue

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rebond.fhir.search import Clause, SearchQuery, Value
+from rebond.fhir.searchparams import SearchParam, lookup
 from rebond.store.indexing import format_number, normalize_text, number_range
 from rebond.store.schema import ROW_TABLES
 
@@ -121,31 +122,45 @@ def clause_fragment(clause: Clause, resource_type: str, alias: str, *, drive: bo
     if clause.has is not None:
         source, ref_code, inner = clause.has
         sub = clause_fragment(inner, source, "hs")
+        referring = lookup(source, ref_code)
+        keys = key_condition(referring, "hx") if referring is not None else Fragment("hx.key = ?", [f"{source}.{ref_code}"])
         return Fragment(
             f"{alias}.res_id IN (SELECT hx.target_id FROM sp_reference hx JOIN resources hs ON hs.rid = hx.rid"
-            f" WHERE hx.key = ? AND hx.target_type = ? AND {sub.sql})",
-            [f"{source}.{ref_code}", resource_type, *sub.params],
+            f" WHERE {keys.sql} AND hx.target_type = ? AND {sub.sql})",
+            [*keys.params, resource_type, *sub.params],
         )
     assert clause.param is not None
-    key = clause.param.key
     table = ROW_TABLES[clause.type]
     if clause.chain is not None:
         target_type, inner = clause.chain
         sub = clause_fragment(inner, target_type, "ct")
+        keys = key_condition(clause.param, "cx")
         return Fragment(
             f"{rid} IN (SELECT cx.rid FROM sp_reference cx JOIN resources ct ON ct.res_type = cx.target_type"
-            f" AND ct.res_id = cx.target_id WHERE cx.key = ? AND cx.target_type = ? AND ct.deleted = 0 AND {sub.sql})",
-            [key, target_type, *sub.params],
+            f" AND ct.res_id = cx.target_id WHERE {keys.sql} AND cx.target_type = ? AND ct.deleted = 0 AND {sub.sql})",
+            [*keys.params, target_type, *sub.params],
         )
+    probe = key_condition(clause.param, "p")
     if clause.missing is not None:
         neg = "NOT " if clause.missing else ""
-        return Fragment(f"{neg}EXISTS (SELECT 1 FROM {table} p WHERE p.rid = {rid} AND p.key = ?)", [key])
+        return Fragment(f"{neg}EXISTS (SELECT 1 FROM {table} p WHERE p.rid = {rid} AND {probe.sql})", probe.params)
     cond = _or([_value_condition(clause, v) for v in clause.values])
     if clause.modifier == "not":
-        return Fragment(f"NOT EXISTS (SELECT 1 FROM {table} p WHERE p.rid = {rid} AND p.key = ? AND {cond.sql})", [key, *cond.params])
+        return Fragment(f"NOT EXISTS (SELECT 1 FROM {table} p WHERE p.rid = {rid} AND {probe.sql} AND {cond.sql})",
+                        [*probe.params, *cond.params])
     if drive:
-        return Fragment(f"{rid} IN (SELECT rid FROM {table} WHERE key = ? AND {cond.sql})", [key, *cond.params])
-    return Fragment(f"EXISTS (SELECT 1 FROM {table} p WHERE p.rid = {rid} AND p.key = ? AND {cond.sql})", [key, *cond.params])
+        keys = key_condition(clause.param, table)
+        return Fragment(f"{rid} IN (SELECT rid FROM {table} WHERE {keys.sql} AND {cond.sql})", [*keys.params, *cond.params])
+    return Fragment(f"EXISTS (SELECT 1 FROM {table} p WHERE p.rid = {rid} AND {probe.sql} AND {cond.sql})", [*probe.params, *cond.params])
+
+
+def key_condition(param: SearchParam, alias: str) -> Fragment:
+    """`alias.key = ?`, or the keys whose rows answer an alias parameter (and the one target type it keeps)."""
+    keys = param.keys
+    sql = f"{alias}.key = ?" if len(keys) == 1 else f"{alias}.key IN ({', '.join('?' for _ in keys)})"
+    if param.target_type:
+        return Fragment(f"({sql} AND {alias}.target_type = ?)", [*keys, param.target_type])
+    return Fragment(sql, list(keys))
 
 
 # which kind of clause narrows a search most, on clinical data: a patient's reference first, a date range last
@@ -186,7 +201,7 @@ _SORT_COLUMN = {
 def order_fragment(query: SearchQuery, alias: str = "r") -> Fragment:
     terms: list[str] = []
     params: list[Any] = []
-    for key, ptype, desc in query.sort:
+    for keys, ptype, desc in query.sort:
         direction = "DESC" if desc else "ASC"
         if ptype == "_id":
             terms.append(f"{alias}.res_id {direction}")
@@ -196,10 +211,11 @@ def order_fragment(query: SearchQuery, alias: str = "r") -> Fragment:
             continue
         table, asc_col, desc_col = _SORT_COLUMN[ptype]
         agg = f"MAX({desc_col})" if desc else f"MIN({asc_col})"
-        expr = f"(SELECT {agg} FROM {table} s WHERE s.rid = {alias}.rid AND s.key = ?)"
+        on_keys = "s.key = ?" if len(keys) == 1 else f"s.key IN ({', '.join('?' for _ in keys)})"
+        expr = f"(SELECT {agg} FROM {table} s WHERE s.rid = {alias}.rid AND {on_keys})"
         # resources without a value sort last either way, the same on both engines
         terms.append(f"({expr} IS NULL) ASC")
         terms.append(f"{expr} {direction}")
-        params.extend([key, key])
+        params.extend([*keys, *keys])
     terms.append(f"{alias}.rid ASC")
     return Fragment(", ".join(terms), params)

@@ -110,7 +110,7 @@ def ddl(types: Types) -> list[str]:
         first = {"sp_token": "code", "sp_quantity": "code", "sp_reference": "target_id"}.get(table, columns[0])
         statements.append(f"CREATE INDEX IF NOT EXISTS {table}_lookup ON {table} (key, {first}, rid)")
     statements.append("CREATE INDEX IF NOT EXISTS sp_date_hi ON sp_date (key, hi, rid)")
-    statements.append("CREATE INDEX IF NOT EXISTS sp_reference_target ON sp_reference (target_id, target_type, rid)")
-    statements.append("CREATE INDEX IF NOT EXISTS sp_token_text ON sp_token (key, text_norm, rid)")
+    # only rows with a text (a coding's display, a concept's text) serve :text; a status or a category has none
+    statements.append("CREATE INDEX IF NOT EXISTS sp_token_text ON sp_token (key, text_norm, rid) WHERE text_norm IS NOT NULL")
     statements.append("CREATE INDEX IF NOT EXISTS sp_string_exact ON sp_string (key, value_exact, rid)")
     return statements

@@ -531,44 +531,51 @@ class SQLStore(Store):
             first = False
         return out[:MAX_INCLUDED]
 
-    def _reference_keys(self, inc: Include, source_types: Iterable[str]) -> list[str]:
+    def _reference_keys(self, inc: Include, source_types: Iterable[str]) -> tuple[list[str], str]:
+        """The index keys an _include or _revinclude follows, and the one target type a parameter like `patient` keeps."""
         reg = registry()
         keys: list[str] = []
+        target_type = ""
         for source in set(source_types):
             if inc.source_type not in ("*", source):
                 continue
             params = reg.get(source, {})
             if inc.param_code == "*":
-                keys.extend(p.key for p in params.values() if p.type == "reference")
+                keys.extend(p.key for p in params.values() if p.type == "reference" and p.indexed)
             elif inc.param_code in params:
-                keys.append(params[inc.param_code].key)
-        return keys
+                keys.extend(params[inc.param_code].keys)
+                target_type = params[inc.param_code].target_type
+        return list(dict.fromkeys(keys)), target_type
 
     def _one_include(self, cur: Cursor, inc: Include, frontier: list[tuple[str, int, str]]) -> list[tuple[Stored, int]]:
         if inc.reverse:
-            keys: list[str] = [f"{inc.source_type}.{inc.param_code}"] if inc.param_code != "*" else self._reference_keys(inc, [inc.source_type])
+            keys, kept = self._reference_keys(inc, [inc.source_type])
             ids = list({i for _t, _r, i in frontier})
-            if not keys or not ids:
+            types = [t for t, _r, _i in frontier if not kept or t == kept]
+            if not keys or not ids or not types:
                 return []
             sql = (
                 f"SELECT {_STORED_COLUMNS}, r.rid FROM sp_reference x JOIN resources r ON r.rid = x.rid"
                 " JOIN versions v ON v.seq = r.seq"
                 f" WHERE x.key IN ({', '.join('?' for _ in keys)}) AND x.target_id IN ({', '.join('?' for _ in ids)})"
-                f" AND x.target_type IN ({', '.join('?' for _ in frontier)}) LIMIT ?"
+                f" AND x.target_type IN ({', '.join('?' for _ in types)}) LIMIT ?"
             )
-            cur.execute(sql, [*keys, *ids, *[t for t, _r, _i in frontier], MAX_INCLUDED])
+            cur.execute(sql, [*keys, *ids, *types, MAX_INCLUDED])
         else:
-            keys = self._reference_keys(inc, [t for t, _r, _i in frontier])
+            keys, kept = self._reference_keys(inc, [t for t, _r, _i in frontier])
             rids = [r for t, r, _i in frontier if inc.source_type in ("*", t)]
             if not keys or not rids:
                 return []
-            target_cond = " AND x.target_type = ?" if inc.target_type else ""
+            target = inc.target_type or kept
+            if inc.target_type and kept and inc.target_type != kept:
+                return []
+            target_cond = " AND x.target_type = ?" if target else ""
             sql = (
                 f"SELECT {_STORED_COLUMNS}, r.rid FROM sp_reference x JOIN resources r"
                 " ON r.res_type = x.target_type AND r.res_id = x.target_id JOIN versions v ON v.seq = r.seq"
                 f" WHERE x.rid IN ({', '.join('?' for _ in rids)}) AND x.key IN ({', '.join('?' for _ in keys)}){target_cond} LIMIT ?"
             )
-            cur.execute(sql, [*rids, *keys, *([inc.target_type] if inc.target_type else []), MAX_INCLUDED])
+            cur.execute(sql, [*rids, *keys, *([target] if target else []), MAX_INCLUDED])
         return [(stored_from_row(row), int(row[9])) for row in cur.fetchall()]
 
     def journal(self, status: str | None = None, *, limit: int = 100, after: int = 0) -> list[JournalEntry]:

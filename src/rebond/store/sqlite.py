@@ -1,8 +1,11 @@
 """The embedded engine: one SQLite file in WAL mode, every commit on disk before it returns."""
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -12,6 +15,7 @@ from rebond.store.base import Session, Unavailable
 from rebond.store.schema import SCHEMA_VERSION, Types, ddl
 from rebond.store.sql import Cursor, SQLSession, SQLStore
 
+log = logging.getLogger("rebond.store")
 _TYPES = Types(serial_pk="INTEGER PRIMARY KEY AUTOINCREMENT", bigint="INTEGER", real="REAL", blob="BLOB")
 _PRAGMAS = (
     "PRAGMA journal_mode=WAL",
@@ -20,11 +24,16 @@ _PRAGMAS = (
     "PRAGMA cache_size=-65536",
     "PRAGMA temp_store=MEMORY",
     "PRAGMA mmap_size=268435456",
+    "PRAGMA journal_size_limit=67108864",  # a WAL started over is cut back to 64 MiB
 )
 
 
 GROUP_COMMIT_MAX = 64
 ANALYZE_MIN_WRITES = 2000
+#: the checkpointer copies the WAL into the database this often while writes come in (seconds)
+CHECKPOINT_EVERY = 0.25
+#: past this size the writer itself waits for a full checkpoint (a checkpointer starved by long readers)
+WAL_HARD_LIMIT = 512 * 1024 * 1024
 T = TypeVar("T")
 
 
@@ -64,6 +73,12 @@ class SQLiteStore(SQLStore):
         self._rows_at_analyze = self._row_estimate()
         if self._rows_at_analyze and self._writer.execute("SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'").fetchone()[0] == 0:
             self._analyze()
+        self._checkpointer: _Checkpointer | None = None
+        if path != ":memory:":
+            # a commit only appends to the WAL and fsyncs it; copying pages back into the database (a
+            # checkpoint) happens beside, on another connection, off the path of acknowledged writes
+            self._writer.execute("PRAGMA wal_autocheckpoint=0")
+            self._checkpointer = _Checkpointer(self._connect(), path + "-wal")
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -185,12 +200,65 @@ class SQLiteStore(SQLStore):
 
     def _note_writes(self, count: int) -> None:
         """Called under the write lock after a commit: re-analyze when the data has grown by a fifth."""
+        if self._checkpointer is not None and count:
+            self._checkpointer.wake()
+            if self._checkpointer.wal_size() > WAL_HARD_LIMIT:
+                self._writer.execute("PRAGMA wal_checkpoint(RESTART)")
         self._writes_since_analyze += count
         if self._writes_since_analyze > max(ANALYZE_MIN_WRITES, self._rows_at_analyze // 5):
             self._analyze()
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         for conn in self._all:
             with suppress(sqlite3.Error):
                 conn.close()
         self._all.clear()
+
+
+class _Checkpointer:
+    """A thread that copies committed WAL pages into the database file while the writer goes on.
+
+    SQLite's own automatic checkpoint runs inside the COMMIT that crosses its threshold, so one
+    acknowledgement in a few hundred waited for thousands of page writes and an fsync of the
+    database. Here a PASSIVE checkpoint (it never blocks the writer nor readers) runs at most every
+    CHECKPOINT_EVERY seconds after commits; the sqlite3 module lets go of the GIL meanwhile.
+    When a checkpoint has copied everything, the next commit starts the WAL over from its beginning.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, wal_path: str) -> None:
+        self.conn = conn
+        self.wal_path = wal_path
+        self._wanted = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="sqlite-checkpointer", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wanted.set()
+
+    def wal_size(self) -> int:
+        try:
+            return os.path.getsize(self.wal_path)
+        except OSError:
+            return 0
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wanted.wait()
+            if self._stopping:
+                return
+            self._wanted.clear()
+            try:
+                self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error as err:  # busy or closing: the next commit wakes it again
+                log.debug("checkpoint skipped: %s", err)
+            time.sleep(CHECKPOINT_EVERY)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wanted.set()
+        self._thread.join(timeout=5)
+        with suppress(sqlite3.Error):
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")

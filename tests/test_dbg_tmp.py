@@ -1,1 +1,0 @@
-from tests.test_feed import *  # noqa
