@@ -1,6 +1,8 @@
 """Taking in one HL7 v2 message: kept raw and committed first, applied once, then acknowledged.
 
-    bytes → decode (MSH-18) → header → inbox (commit) → FHIR writes + "applied" (one commit) → AA
+    bytes → decode (MSH-18) → header → FHIR writes worked out on the last committed state (a draft, no lock)
+          → under the write lock: inbox + the draft's writes if what it read is unchanged (else worked out
+            again there) + "applied", one commit → AA
                                      ↘ a re-send of an applied message: AA again, nothing applied twice
     a message that cannot be processed: kept as a dead letter with the reason → AR with ERR
     the store unavailable: the message stays "received" → AE, the sender retries (and start-up retries too)
@@ -11,9 +13,10 @@ import hashlib
 import logging
 from dataclasses import dataclass
 
-from rebond.hl7.mapping import apply_message
+from rebond.hl7.mapping import Applied, apply_message
 from rebond.hl7.message import CHARSETS, Header, Message, MessageError, acknowledgement, charset_of, decode
 from rebond.store.base import InboxMessage, Session, Store, StoreError, Unavailable
+from rebond.store.draft import Draft
 
 log = logging.getLogger("rebond.hl7")
 CHANNEL = "hl7v2"
@@ -72,6 +75,7 @@ def receive(store: Store, raw: bytes) -> Answer:
     sender = header.sender if header else "?"
     control_id = header.control_id if header else (control_id_of(raw) or "sha256:" + hashlib.sha256(raw).hexdigest())
     accept, error, reject = _codes(header)
+    draft = _draft(store, message) if message is not None and problem is None else None
 
     def keep(tx: Session) -> tuple[InboxMessage, bool]:
         return tx.receive_message(CHANNEL, sender, control_id, raw)
@@ -79,7 +83,10 @@ def receive(store: Store, raw: bytes) -> Answer:
     def keep_and_apply(tx: Session) -> tuple[InboxMessage, bool]:
         kept, new = keep(tx)
         if new and message is not None and problem is None:
-            tx.settle_message(kept.id, "applied", apply_message(tx, message).summary())
+            # the draft's writes, or (what it read has changed since, or there is none) worked out again under the lock
+            drafted = draft is not None and tx.apply_draft(draft[0])
+            applied = draft[1] if drafted and draft is not None else apply_message(tx, message)
+            tx.settle_message(kept.id, "applied", applied.summary())
         return kept, new
 
     def unavailable(err: StoreError) -> Answer:
@@ -116,6 +123,19 @@ def receive(store: Store, raw: bytes) -> Answer:
     if not new and message is not None:  # kept earlier but not applied (a replay in progress, a crash in between)
         return _apply(store, kept, message, header)
     return _answer(header, accept, "", kept.id)
+
+
+def _draft(store: Store, message: Message) -> tuple[Draft, Applied] | None:
+    """The message's writes worked out before taking the write lock (store/draft.py), or None: then under the lock.
+
+    Any failure here (an invalid message, a store that does not answer, a message whose writes
+    need the lock) only means the work is done again in the transaction, which decides.
+    """
+    draft = Draft(store)
+    try:
+        return draft, apply_message(draft, message)
+    except Exception:
+        return None
 
 
 def _reject(store: Store, kept: InboxMessage, header: Header | None, problem: MessageError) -> Answer:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from rebond.fhir.search import SearchQuery
+    from rebond.store.draft import Draft
 
 
 T = TypeVar("T")
@@ -182,6 +183,10 @@ class Session(abc.ABC):
     def put_state(self, namespace: str, key: str, value: Any) -> None:
         """Set (or with None, remove) a value of this node's own state: JSON-serialisable, outside the change feed."""
 
+    def apply_draft(self, draft: Draft) -> bool:
+        """Write what a draft (store/draft.py) planned, if all it read is unchanged; False when the work must run here."""
+        return False
+
 
 class Store(abc.ABC):
     """A versioned FHIR resource store with search and a change feed."""
@@ -219,6 +224,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def search(self, query: SearchQuery) -> SearchResult: ...
+
+    @abc.abstractmethod
+    def search_ids(self, query: SearchQuery, limit: int = 2) -> list[str]:
+        """Ids matching a search, as last committed (outside any transaction)."""
 
     @abc.abstractmethod
     def changes(self, after: str | None, count: int = 100) -> ChangePage:

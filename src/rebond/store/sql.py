@@ -26,6 +26,7 @@ from rebond.store.base import (
     StoreError,
     WriteResult,
 )
+from rebond.store.draft import Draft, content_of
 from rebond.store.indexing import IndexRows, index_resource
 from rebond.store.query import order_fragment, where_fragment
 from rebond.store.schema import INDEX_TABLES, ROW_TABLES
@@ -124,6 +125,23 @@ class SQLSession(Session):
     def lock(self, key: str) -> None:
         self.store.lock_key(self.cur, key)
 
+    def apply_draft(self, draft: Draft) -> bool:
+        """Write what a draft planned if everything it read is as it was; False (nothing written) otherwise."""
+        currents: dict[tuple[str, str], _Current | None] = {}
+        for (rtype, rid), seen in draft.seen.items():
+            current = currents[(rtype, rid)] = self._current(rtype, rid)
+            if (0 if current is None or current.deleted else current.version) != seen:
+                return False
+        for query, limit, ids in draft.searches:
+            if self.search_ids(query, limit) != ids:
+                return False
+        for (rtype, rid), planned in draft.writes.items():
+            current = currents[(rtype, rid)] if (rtype, rid) in currents else self._current(rtype, rid)
+            result = self._write(rtype, rid, planned.resource, "update", if_match=None, current=current, rows=planned.rows)
+            base = 0 if current is None or current.deleted else current.version
+            self._journal(result, "update" if base else "create", base, planned.resource)
+        return True
+
     def receive_message(self, channel: str, sender: str, control_id: str, raw: bytes) -> tuple[InboxMessage, bool]:
         now = time.time()
         self.cur.execute(
@@ -165,7 +183,7 @@ class SQLSession(Session):
         current = self._current(resource_type, resource_id)
         unchanged = (
             current is not None and not current.deleted and current.body is not None and if_match in (None, current.version)
-            and _same_content(orjson.loads(current.body), resource)
+            and content_of(orjson.loads(current.body)) == content_of(resource)
         )
         if unchanged and current is not None and current.body is not None:
             # an update that changes nothing makes no version: re-imports and retried replays stay quiet
@@ -208,6 +226,7 @@ class SQLSession(Session):
         *,
         if_match: int | None,
         current: _Current | None = None,
+        rows: IndexRows | None = None,
     ) -> WriteResult:
         store = self.store
         now = store.clock()
@@ -221,7 +240,7 @@ class SQLSession(Session):
             created = store.insert_new(self.cur, (resource_type, resource_id, 1, now, method, site, store.blob(body)))
             if created is not None:
                 internal, seq = created
-                self._pending[internal] = index_resource(resource)
+                self._pending[internal] = rows if rows is not None else index_resource(resource)
                 return WriteResult(Stored(resource_type, resource_id, 1, now, False, body, seq, method, site), created=True)
             # a concurrent writer created this id first: ours becomes the next version of theirs
             current = self._current(resource_type, resource_id)
@@ -241,7 +260,7 @@ class SQLSession(Session):
         if not current.deleted:
             self._drop_index(current.internal)
         if resource is not None:
-            self._pending[current.internal] = index_resource(resource)
+            self._pending[current.internal] = rows if rows is not None else index_resource(resource)
         stored = Stored(resource_type, resource_id, new_version, now, resource is None, new_body, seq, method, site)
         return WriteResult(stored, created=current.deleted)
 
@@ -342,18 +361,6 @@ def _versioned_body(resource: dict[str, Any], resource_type: str, resource_id: s
     resource.clear()
     resource.update({"resourceType": resource_type, "id": resource_id, "meta": meta, **rest})
     return orjson.dumps(resource)
-
-
-def _content(resource: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in resource.items() if k not in ("id", "meta")}
-    meta = {k: v for k, v in (resource.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
-    if meta:
-        out["meta"] = meta
-    return out
-
-
-def _same_content(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return _content(a) == _content(b)
 
 
 class SQLStore(Store):
@@ -486,6 +493,12 @@ class SQLStore(Store):
             )
             rows = cur.fetchall()
         return [stored_from_row(r) for r in rows], total
+
+    def search_ids(self, query: SearchQuery, limit: int = 2) -> list[str]:
+        where = where_fragment(query)
+        with self.reader() as cur:
+            cur.execute(f"SELECT r.res_id FROM resources r WHERE {where.sql} LIMIT ?", [*where.params, limit])
+            return [row[0] for row in cur.fetchall()]
 
     def search(self, query: SearchQuery) -> SearchResult:
         where = where_fragment(query)

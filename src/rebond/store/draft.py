@@ -1,0 +1,119 @@
+"""Writes worked out before the write lock, applied under it only if nothing they read has changed.
+
+An interface message (an HL7 v2 result, an admission) turns into a handful of FHIR writes after
+a few reads: find the patient by IPP, the stay by visit number, the order, the current version
+of each resource it touches. Mapping, validating and indexing those writes costs several times
+what inserting them does. A `Draft` is a session that runs all of it against the last committed
+state, outside the write lock, in as many threads or processes as there are cores, and records
+what it read and what it would write:
+
+    draft = Draft(store); work(draft)              # reads recorded: (type, id) → version, search → ids
+    store.write(lambda tx: tx.apply_draft(draft))  # under the lock: every read checked, then the inserts
+
+Under the lock, each resource read must still be at the version seen, and each search must still
+find the same ids; then the outcome of the work is the one it would have had under the lock,
+and its writes go in as prepared. Otherwise `apply_draft` returns False and the caller runs the
+work again inside the transaction, as if there had been no draft (two results for the same
+patient at the same instant, say). What a draft cannot do outside the lock (a delete, a search
+over a type it has itself written, a named lock) raises `NeedsTransaction`, which means the same.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from rebond.fhir.search import SearchQuery
+from rebond.store.base import InboxMessage, PreconditionFailed, Session, Store, Stored, StoreError, WriteResult
+from rebond.store.indexing import IndexRows, index_resource
+
+
+class NeedsTransaction(StoreError):
+    """The work needs the write lock (it is run again inside the transaction)."""
+
+
+@dataclass
+class PlannedWrite:
+    resource_type: str
+    resource_id: str
+    resource: dict[str, Any]
+    base_version: int  # the version it replaces; 0: none (or a deleted one)
+    rows: IndexRows
+
+
+def content_of(resource: dict[str, Any]) -> dict[str, Any]:
+    """A resource without what the store stamps (id, meta.versionId, meta.lastUpdated): equal content, no new version."""
+    out = {k: v for k, v in resource.items() if k not in ("id", "meta")}
+    meta = {k: v for k, v in (resource.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
+    if meta:
+        out["meta"] = meta
+    return out
+
+
+class Draft(Session):
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.seen: dict[tuple[str, str], int] = {}  # version read (0: absent or deleted)
+        self.searches: list[tuple[SearchQuery, int, list[str]]] = []
+        self.writes: dict[tuple[str, str], PlannedWrite] = {}
+
+    # -- reads, recorded
+
+    def read(self, resource_type: str, resource_id: str) -> Stored | None:
+        planned = self.writes.get((resource_type, resource_id))
+        if planned is not None:
+            body = orjson.dumps({**planned.resource, "id": resource_id})
+            return Stored(resource_type, resource_id, planned.base_version + 1, 0.0, False, body)
+        stored = self.store.read(resource_type, resource_id)
+        self.seen.setdefault((resource_type, resource_id), 0 if stored is None or stored.deleted else stored.version)
+        return stored
+
+    def search_ids(self, query: SearchQuery, limit: int = 2) -> list[str]:
+        if any(t == query.resource_type for t, _i in self.writes):
+            raise NeedsTransaction(f"a search over {query.resource_type} after writing one")
+        ids = self.store.search_ids(query, limit)
+        self.searches.append((query, limit, ids))
+        return ids
+
+    # -- writes, planned
+
+    def update(self, resource_type: str, resource_id: str, resource: dict[str, Any], *, if_match: int | None = None) -> WriteResult:
+        current = self.read(resource_type, resource_id)
+        version = 0 if current is None or current.deleted else current.version
+        if if_match is not None and if_match != version:
+            raise PreconditionFailed(f"{resource_type}/{resource_id} is at version {version}, not {if_match}")
+        if version and current is not None and current.body is not None and content_of(orjson.loads(current.body)) == content_of(resource):
+            return WriteResult(current, created=False, unchanged=True)
+        earlier = self.writes.get((resource_type, resource_id))
+        base = earlier.base_version if earlier is not None else version
+        self.writes[(resource_type, resource_id)] = PlannedWrite(resource_type, resource_id, resource, base, index_resource(resource))
+        return WriteResult(Stored(resource_type, resource_id, base + 1, 0.0, False, None), created=base == 0)
+
+    def create(self, resource: dict[str, Any], *, resource_id: str | None = None) -> WriteResult:
+        if resource_id is None:
+            raise NeedsTransaction("a create with a server-assigned id")
+        if self.read(resource["resourceType"], resource_id) is not None:
+            raise NeedsTransaction("a create of an id that exists")
+        return self.update(resource["resourceType"], resource_id, resource)
+
+    def delete(self, resource_type: str, resource_id: str, *, if_match: int | None = None) -> WriteResult | None:
+        raise NeedsTransaction("a delete")
+
+    def lock(self, key: str) -> None:
+        raise NeedsTransaction("a named lock")
+
+    def replicate(self, copy: Stored) -> bool:
+        raise NeedsTransaction("a replicated version")
+
+    def settle_journal(self, seq: int, status: str, detail: str) -> None:
+        raise NeedsTransaction("a journal entry")
+
+    def receive_message(self, channel: str, sender: str, control_id: str, raw: bytes) -> tuple[InboxMessage, bool]:
+        raise NeedsTransaction("keeping a message")
+
+    def settle_message(self, message_id: int, status: str, detail: str, raw: bytes | None = None) -> None:
+        raise NeedsTransaction("settling a message")
+
+    def put_state(self, namespace: str, key: str, value: Any) -> None:
+        raise NeedsTransaction("node state")

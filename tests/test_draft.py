@@ -1,0 +1,87 @@
+"""Writes worked out outside the write lock (drafts): applied only when what they read is unchanged, on both engines."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from rebond.fhir.search import parse_search
+from rebond.hl7 import intake
+from rebond.hl7.mapping import apply_message
+from rebond.hl7.message import Message, decode
+from rebond.store.base import Store
+from rebond.store.draft import Draft, NeedsTransaction
+from tests.hl7_messages import adt, oru
+
+
+def patient(family: str, ipp: str) -> dict[str, Any]:
+    return {"resourceType": "Patient", "name": [{"family": family}], "identifier": [{"system": "urn:test", "value": ipp}]}
+
+
+def parsed(raw: bytes) -> Message:
+    return Message(decode(raw)[0])
+
+
+def test_a_draft_writes_what_it_planned_when_nothing_changed(store: Store) -> None:
+    known = store.update("Patient", "p1", patient("Martin", "1")).stored
+    draft = Draft(store)
+    assert draft.search_ids(parse_search("Patient", [("identifier", "urn:test|1")])) == ["p1"]
+    draft.update("Patient", "p1", {**patient("Martin", "1"), "gender": "female"})
+    draft.update("Observation", "o1", {"resourceType": "Observation", "status": "final", "code": {"text": "K"},
+                                       "subject": {"reference": "Patient/p1"}})
+    assert store.read("Observation", "o1") is None  # nothing is written before the transaction
+    assert store.write(lambda tx: tx.apply_draft(draft)) is True
+    now = store.read("Patient", "p1")
+    assert now is not None and now.version == known.version + 1
+    assert store.search_ids(parse_search("Observation", [("patient", "p1")])) == ["o1"]  # its index rows went in too
+
+
+def test_a_draft_whose_reads_changed_writes_nothing(store: Store) -> None:
+    store.update("Patient", "p1", patient("Martin", "1"))
+    draft = Draft(store)
+    draft.update("Patient", "p1", {**patient("Martin", "1"), "gender": "female"})
+    store.update("Patient", "p1", {**patient("Martin", "1"), "gender": "male"})  # someone else, in between
+    assert store.write(lambda tx: tx.apply_draft(draft)) is False
+    now = store.read("Patient", "p1")
+    assert now is not None and now.version == 2 and b'"male"' in (now.body or b"")
+
+    draft = Draft(store)
+    assert draft.search_ids(parse_search("Patient", [("identifier", "urn:test|2")])) == []
+    draft.update("Observation", "o2", {"resourceType": "Observation", "status": "final", "code": {"text": "K"}})
+    store.update("Patient", "p2", patient("Petit", "2"))  # the search would now find a patient
+    assert store.write(lambda tx: tx.apply_draft(draft)) is False
+    assert store.read("Observation", "o2") is None
+
+
+def test_what_a_draft_cannot_do_outside_the_lock(store: Store) -> None:
+    draft = Draft(store)
+    draft.update("Patient", "p1", patient("Martin", "1"))
+    with pytest.raises(NeedsTransaction):
+        draft.search_ids(parse_search("Patient", [("identifier", "urn:test|1")]))  # its own write is not indexed yet
+    with pytest.raises(NeedsTransaction):
+        draft.delete("Patient", "p1")
+    assert draft.read("Patient", "p1") is not None  # but it reads back what it planned
+
+
+def test_two_results_for_a_new_patient_drafted_together_make_one_patient(store: Store) -> None:
+    """Both drafts saw no patient with this IPP; the second, applied after the first, must not create another."""
+    first, second = parsed(oru("R1", "880001", "F1")), parsed(oru("R2", "880001", "F2"))
+    drafts = [(Draft(store), m) for m in (first, second)]
+    for draft, message in drafts:
+        apply_message(draft, message)
+    applied = [store.write(lambda tx, d=d, m=m: tx.apply_draft(d) or (apply_message(tx, m), False)[1]) for d, m in drafts]
+    assert applied == [True, False]  # the second was worked out again under the lock
+    assert len(store.search_ids(parse_search("Patient", [("identifier", "880001")]), limit=5)) == 1
+    assert len(store.search_ids(parse_search("DiagnosticReport", [("patient.identifier", "880001")]), limit=5)) == 2
+
+
+def test_intake_takes_results_and_admissions_through_drafts(store: Store) -> None:
+    applied: list[bool] = []
+    for raw in (adt("A01", "A1", "880002", "V1", bed="H1-CARDIO-01A"), oru("R3", "880002", "F3", visit="V1")):
+        made = intake._draft(store, parsed(raw))
+        assert made is not None, "the message's writes could be worked out before the lock"
+        applied.append(store.write(lambda tx, d=made[0]: tx.apply_draft(d)))
+    assert applied == [True, True]
+    answer = intake.receive(store, oru("R4", "880002", "F4", visit="V1"))
+    assert answer.code == "AA"
+    assert len(store.search_ids(parse_search("Observation", [("patient.identifier", "880002")]), limit=50)) >= 2
