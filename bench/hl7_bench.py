@@ -1,13 +1,14 @@
 """Sustained ORU^R01 ingest over MLLP with durable acknowledgement, against Rebond and a raw-append baseline.
 
-Seeds the default demo group into a scratch SQLite store, starts `rebond serve --mllp-port`,
+Seeds the default demo group into a scratch SQLite store, starts `rebond serve --mllp-port`
+(with its connections served by 2 worker processes, then by the server process itself),
 admits the simulator's patients (not timed), then sends lab results over 4 and 32
 connections, each connection one message at a time (send, wait for the ACK, send the next),
 for a fixed time. Latency is from sending a message to reading its ACK. The baseline, in the
 same run, is bench/hl7_baseline.py: the message bytes appended to a file with fsync, then
 acknowledged — the least any durable acknowledgement costs.
 
-    .venv/bin/python bench/hl7_bench.py [--seconds 20]
+    .venv/bin/python bench/hl7_bench.py [--seconds 20] [--mllp-workers 2 0]
 """
 from __future__ import annotations
 
@@ -72,6 +73,8 @@ def results_for(traffic: Traffic, connections: int, per_connection: int) -> list
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--mllp-workers", type=int, nargs="+", default=[2, 0],
+                        help="rebond serve --mllp-workers values to measure (0: served in the server process)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     with database("sqlite", "hl7") as url:
@@ -79,18 +82,20 @@ def main() -> None:
         seed_demo(store)
         store.optimize()
         store.close()
-        port = free_port()
-        server = RebondServer(url, "--mllp-port", str(port)).start()
         traffic = Traffic(seed=7)
         rows = []
-        try:
-            admissions = [traffic.admission(dt.datetime.now(dt.UTC)).encode() for _ in range(300)]
-            send_messages("127.0.0.1", port, admissions)
-            for connections in (4, 32):
-                batches = results_for(traffic, connections, int(args.seconds * 1200 / connections) + 50)
-                rows.append(("rebond", connections, *load(port, batches, args.seconds)))
-        finally:
-            server.stop()
+        for workers in args.mllp_workers:
+            port = free_port()
+            server = RebondServer(url, "--mllp-port", str(port), "--mllp-workers", str(workers)).start()
+            try:
+                if not rows:
+                    admissions = [traffic.admission(dt.datetime.now(dt.UTC)).encode() for _ in range(300)]
+                    send_messages("127.0.0.1", port, admissions)
+                for connections in (4, 32):
+                    batches = results_for(traffic, connections, int(args.seconds * 1200 / connections) + 50)
+                    rows.append((f"rebond/{workers}", connections, *load(port, batches, args.seconds)))
+            finally:
+                server.stop()
         base_port = free_port()
         journal = SCRATCH / "hl7-baseline.log"
         journal.unlink(missing_ok=True)
@@ -109,9 +114,10 @@ def main() -> None:
             baseline.terminate()
             baseline.wait()
     base = {c: rate for who, c, rate, _l, _r in rows if who == "baseline"}
-    print(f"\n{'server':<9} {'conns':>5} {'msg/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'refused':>8} {'ratio':>6}")
+    print("(rebond/N: rebond serve --mllp-workers N; 0 = the connections served in the server process)")
+    print(f"\n{'server':<10} {'conns':>5} {'msg/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'refused':>8} {'ratio':>6}")
     for who, connections, rate, latencies, refused in rows:
-        print(f"{who:<9} {connections:>5} {rate:>8.0f} {percentile(latencies, 50):>8.1f} {percentile(latencies, 99):>8.1f}"
+        print(f"{who:<10} {connections:>5} {rate:>8.0f} {percentile(latencies, 50):>8.1f} {percentile(latencies, 99):>8.1f}"
               f" {refused:>8} {rate / base[connections]:>6.2f}")
     print("(target: >= 500 messages/s with 4 connections, p99 < 50 ms; SQLite, acknowledged after the commit)")
 

@@ -41,6 +41,9 @@ class RebondServer:
         """What an integration sends: its API token."""
         return {"Authorization": f"Bearer {self.token}"}
 
+    def status(self) -> dict[str, object]:
+        return dict(httpx.get(f"{self.base}/status", headers={"Accept": "application/json"}, timeout=5).json())
+
     def client(self, timeout: float = 30) -> httpx.Client:
         return httpx.Client(base_url=self.fhir, headers=self.headers, timeout=timeout)
 
@@ -99,5 +102,3 @@ class SiteServer(RebondServer):
         return ["site", "--upstream", self.upstream, "--site-id", self.site_id, "--db", self.db, "--port", str(self.port),
                 "--token", self.central.token, "--log-level", "warning", *self.packs, *self.extra]
 
-    def status(self) -> dict[str, object]:
-        return dict(httpx.get(f"{self.base}/status", headers={"Accept": "application/json"}, timeout=5).json())

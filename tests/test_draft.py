@@ -1,6 +1,7 @@
 """Writes worked out outside the write lock (drafts): applied only when what they read is unchanged, on both engines."""
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import pytest
@@ -78,9 +79,11 @@ def test_two_results_for_a_new_patient_drafted_together_make_one_patient(store: 
 def test_intake_takes_results_and_admissions_through_drafts(store: Store) -> None:
     applied: list[bool] = []
     for raw in (adt("A01", "A1", "880002", "V1", bed="H1-CARDIO-01A"), oru("R3", "880002", "F3", visit="V1")):
-        made = intake._draft(store, parsed(raw))
+        made = intake.prepare(store, raw)
         assert made is not None, "the message's writes could be worked out before the lock"
-        applied.append(store.write(lambda tx, d=made[0]: tx.apply_draft(d)))
+        sent = pickle.loads(pickle.dumps(made))  # as a worker process sends it to the server
+        assert sent.draft.store is None and sent.draft.writes.keys() == made.draft.writes.keys()
+        applied.append(store.write(lambda tx, d=sent.draft: tx.apply_draft(d)))
     assert applied == [True, True]
     answer = intake.receive(store, oru("R4", "880002", "F4", visit="V1"))
     assert answer.code == "AA"

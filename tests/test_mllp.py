@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import hl7.client
 import httpx
@@ -130,3 +133,48 @@ def test_simulate_plays_admissions_and_results_to_a_listener(listener: RebondSer
     assert admitted.status_code == 200
     unreachable = rebond("hl7", "simulate", "--target", f"127.0.0.1:{free_port()}", "--count", "1")
     assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
+
+
+def worker_pids(server: RebondServer) -> list[int]:
+    """The server's draft worker processes (its spawned children, the multiprocessing resource tracker aside)."""
+    assert server.proc is not None
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == server.proc.pid and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_messages_are_worked_out_by_worker_processes_and_a_killed_worker_loses_nothing(demo_db: str) -> None:
+    port = free_port()
+    server = RebondServer(demo_db, "--mllp-port", str(port), "--mllp-workers", "2").start()
+    try:
+        with hl7.client.MLLPClient("127.0.0.1", port) as client:
+            codes = [ack_code(client.send_message(oru(f"W{n}", "910000020", f"FW{n}"))) for n in range(6)]
+        assert codes == ["AA"] * 6
+        facts = server.status()["mllp"]
+        assert facts["workers"]["processes"] == 2 and facts["workers"]["drafted"] >= 6 and facts["workers"]["failed"] == 0
+        pids = worker_pids(server)
+        assert pids, "the workers run as processes of their own"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        with hl7.client.MLLPClient("127.0.0.1", port) as client:  # the next messages: worked out here, then by new workers
+            codes = [ack_code(client.send_message(oru(f"X{n}", "910000020", f"FX{n}"))) for n in range(6)]
+        assert codes == ["AA"] * 6
+        reports = httpx.get(f"{server.fhir}/DiagnosticReport?patient.identifier=910000020&_count=50", headers=server.headers).json()
+        assert len(reports["entry"]) == 12
+        facts = server.status()["mllp"]
+        assert facts["workers"]["restarts"] >= 1
+        assert set(worker_pids(server)).isdisjoint(pids)
+        page = httpx.get(f"{server.base}/status", headers={"Accept-Language": "fr"}).text
+        assert "Interface HL7 v2 (MLLP)" in page and "processus de travail" in page
+    finally:
+        server.stop()
+    assert not [p for p in pids if Path(f"/proc/{p}").exists()]

@@ -56,6 +56,8 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
         facts = node.status()
         if downtime is not None:
             facts["downtime_packs"] = downtime.status()
+        if mllp is not None:
+            facts["mllp"] = mllp.status()
         if "json" in request.headers.get("accept", ""):
             return JSONResponse(facts)
         return web.status_page(request, facts)

@@ -21,6 +21,7 @@ from rebond.store.base import StoreError
 
 if TYPE_CHECKING:
     from rebond.downtime.schedule import PackScheduler
+    from rebond.hl7.mllp import MllpServer
     from rebond.security.accounts import Accounts
     from rebond.store.base import Store
 
@@ -45,6 +46,7 @@ def serve(
     workers: Annotated[int, typer.Option(help="server processes sharing the port (one per core)")] = 1,
     session_idle_minutes: Annotated[float, typer.Option(help="sign-in sessions close after this long without use")] = 30,
     mllp_port: Annotated[int | None, typer.Option(help="also take HL7 v2 messages over MLLP on this port (2575 is usual)")] = None,
+    mllp_workers: Annotated[int | None, typer.Option(help="processes working out MLLP messages (default: one per core; 0: none)")] = None,
     downtime_dir: Annotated[str | None, typer.Option(help="where the downtime packs are kept (default: var/downtime)")] = None,
     downtime_every: Annotated[float, typer.Option(help="minutes between two rounds of downtime packs (0: none)")] = 10,
     downtime_keep: Annotated[int, typer.Option(help="downtime packs kept per ward")] = 6,
@@ -74,11 +76,8 @@ def serve(
         uvicorn.run("rebond.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
                     log_level=log_level, access_log=False)
         return
-    mllp = None
-    if mllp_port is not None:
-        from rebond.hl7.mllp import MllpServer
-
-        mllp = MllpServer(store, host, mllp_port)
+    mllp = _mllp_listener(store, db, site_id, host, mllp_port, mllp_workers)
+    if mllp is not None:
         out_console.print(f"HL7 v2 over MLLP on {host}:{mllp_port}")
     from rebond.site.node import Node
 
@@ -130,17 +129,30 @@ def site(
         except ValueError as err:
             raise fail(str(err)) from None
     node = SiteNode(store, upstream, token)
-    mllp = None
-    if mllp_port is not None:
-        from rebond.hl7.mllp import MllpServer
-
-        mllp = MllpServer(store, host, mllp_port)
+    # a site node takes its messages in this process (a hospital's own traffic); the workers are for the central site
+    mllp = _mllp_listener(store, db, site_id, host, mllp_port, 0)
     out_console.print(f"Rebond site node {site_id} at http://{host}:{port}/ (FHIR: /fhir, status: /status), "
                       f"following {upstream} (store: {_redact(db)})")
     downtime = _pack_scheduler(db, site_id, downtime_dir or f"var/downtime-{site_id}", downtime_every, downtime_keep, node.status)
     gc.freeze()
     uvicorn.run(create_app(store, session_idle=session_idle_minutes * 60, mllp=mllp, node=node, downtime=downtime), host=host,
                 port=port, log_level=log_level, access_log=False)
+
+
+def _mllp_listener(store: Store, db: str, site_id: str, host: str, port: int | None, workers: int | None) -> MllpServer | None:
+    """The MLLP listener beside the web server, with worker processes working out the messages' writes."""
+    if port is None:
+        return None
+    from rebond.hl7.mllp import MllpServer
+    from rebond.hl7.workers import DraftWorkers
+
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 4) if (os.cpu_count() or 1) > 1 else 0
+    if workers < 0:
+        raise fail(f"--mllp-workers must be 0 or more, not {workers}")
+    if workers and ":memory:" in db:
+        workers = 0  # a store in this process's memory: no other process can write to it
+    return MllpServer(store, host, port, drafts=DraftWorkers(db, site_id, workers) if workers else None)
 
 
 def _pack_scheduler(db: str, site_id: str, folder: str, every: float, keep: int,

@@ -5,6 +5,7 @@ import functools
 import json
 from dataclasses import dataclass, field, replace
 from importlib import resources as package_files
+from typing import Any
 
 from rebond.fhir.model import RESOURCE_TYPES
 from rebond.fhir.paths import Extractor
@@ -32,6 +33,10 @@ class SearchParam:
     def key(self) -> str:
         """The name this parameter's index rows carry: `Observation.code`."""
         return f"{self.resource_type}.{self.code}"
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        """Sent to another process by name: the definitions (and compiled paths) are the same there."""
+        return _named, (self.resource_type, self.code)
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -150,6 +155,10 @@ def component_param(url: str, resource_type: str) -> tuple[str, str]:
         if definition.get("url") == url:
             return str(definition["type"]), str(definition["code"])
     raise KeyError(url)
+
+
+def _named(resource_type: str, code: str) -> SearchParam:
+    return registry()[resource_type][code]
 
 
 def lookup(resource_type: str, code: str) -> SearchParam | None:

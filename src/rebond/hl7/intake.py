@@ -56,7 +56,25 @@ def control_id_of(raw: bytes) -> str:
     return ""
 
 
-def receive(store: Store, raw: bytes) -> Answer:
+@dataclass
+class Prepared:
+    """A message's writes worked out before the write lock, possibly in another process (hl7/workers.py)."""
+
+    draft: Draft
+    applied: Applied
+
+
+def prepare(store: Store, raw: bytes) -> Prepared | None:
+    """Decode a message and draft its writes on the last committed state; None when it must be done under the lock."""
+    try:
+        message = Message(decode(raw)[0])
+        message.header()
+    except MessageError:
+        return None
+    return _draft(store, message)
+
+
+def receive(store: Store, raw: bytes, prepared: Prepared | None = None) -> Answer:
     """Take in one message (the MLLP payload) and say how to acknowledge it.
 
     The raw message is the first row its transaction writes; its FHIR writes and its "applied"
@@ -75,7 +93,9 @@ def receive(store: Store, raw: bytes) -> Answer:
     sender = header.sender if header else "?"
     control_id = header.control_id if header else (control_id_of(raw) or "sha256:" + hashlib.sha256(raw).hexdigest())
     accept, error, reject = _codes(header)
-    draft = _draft(store, message) if message is not None and problem is None else None
+    if prepared is None and message is not None and problem is None:
+        prepared = _draft(store, message)
+    draft = prepared
 
     def keep(tx: Session) -> tuple[InboxMessage, bool]:
         return tx.receive_message(CHANNEL, sender, control_id, raw)
@@ -84,8 +104,8 @@ def receive(store: Store, raw: bytes) -> Answer:
         kept, new = keep(tx)
         if new and message is not None and problem is None:
             # the draft's writes, or (what it read has changed since, or there is none) worked out again under the lock
-            drafted = draft is not None and tx.apply_draft(draft[0])
-            applied = draft[1] if drafted and draft is not None else apply_message(tx, message)
+            drafted = draft is not None and tx.apply_draft(draft.draft)
+            applied = draft.applied if drafted and draft is not None else apply_message(tx, message)
             tx.settle_message(kept.id, "applied", applied.summary())
         return kept, new
 
@@ -125,7 +145,7 @@ def receive(store: Store, raw: bytes) -> Answer:
     return _answer(header, accept, "", kept.id)
 
 
-def _draft(store: Store, message: Message) -> tuple[Draft, Applied] | None:
+def _draft(store: Store, message: Message) -> Prepared | None:
     """The message's writes worked out before taking the write lock (store/draft.py), or None: then under the lock.
 
     Any failure here (an invalid message, a store that does not answer, a message whose writes
@@ -133,7 +153,7 @@ def _draft(store: Store, message: Message) -> tuple[Draft, Applied] | None:
     """
     draft = Draft(store)
     try:
-        return draft, apply_message(draft, message)
+        return Prepared(draft, apply_message(draft, message))
     except Exception:
         return None
 

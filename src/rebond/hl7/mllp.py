@@ -12,7 +12,7 @@ import logging
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import anyio
@@ -20,6 +20,7 @@ from anyio.to_thread import run_sync
 
 from rebond.hl7.intake import CHANNEL, KEPT_OF_OVERSIZED, MAX_MESSAGE_BYTES, Answer, control_id_of, receive
 from rebond.hl7.message import MessageError, acknowledgement
+from rebond.hl7.workers import DraftWorkers
 from rebond.store.base import Store
 
 log = logging.getLogger("rebond.hl7")
@@ -80,30 +81,45 @@ class _Framing:
 
 class MllpServer:
     def __init__(self, store: Store, host: str, port: int, *, max_bytes: int = MAX_MESSAGE_BYTES, idle_timeout: float = 300.0,
-                 workers: int = 8, handler: Callable[[Store, bytes], Answer] = receive) -> None:
+                 workers: int = 8, drafts: DraftWorkers | None = None) -> None:
         self.store = store
         self.host = host
         self.port = port
         self.max_bytes = max_bytes
         self.idle_timeout = idle_timeout
-        self.handler = handler
+        self.drafts = drafts  # worker processes that work out each message's writes (hl7/workers.py); None: done here
         self._limiter = anyio.CapacityLimiter(workers)  # messages applied at once, across connections
         self._server: asyncio.Server | None = None
         self.connections = 0
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=2 ** 20)
+        if self.drafts is not None:
+            self.drafts.start()
+        self._server = await asyncio.start_server(self.serve_connection, self.host, self.port, limit=2 ** 20)
         sockets: list[Any] = list(self._server.sockets or [])
         if sockets and self.port == 0:
             self.port = sockets[0].getsockname()[1]
-        log.info("MLLP listening on %s:%s", self.host, self.port)
+        workers = f", each message worked out by one of {self.drafts.count} worker processes" if self.drafts else ""
+        log.info("MLLP listening on %s:%s%s", self.host, self.port, workers)
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        if self.drafts is not None:
+            await asyncio.to_thread(self.drafts.stop)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def status(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {"port": self.port, "connections": self.connections}
+        if self.drafts is not None:
+            facts["workers"] = self.drafts.status()
+        return facts
+
+    async def _take(self, payload: bytes) -> Answer:
+        prepared = await self.drafts.prepare(payload) if self.drafts is not None else None
+        return await run_sync(receive, self.store, payload, prepared, limiter=self._limiter)
+
+    async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         peer = writer.get_extra_info("peername")
         framing = _Framing(self.max_bytes)
@@ -120,7 +136,7 @@ class MllpServer:
                     if size > self.max_bytes:
                         answer = await run_sync(self._refuse_oversized, payload, size, limiter=self._limiter)
                     else:
-                        answer = await run_sync(self.handler, self.store, payload, limiter=self._limiter)
+                        answer = await self._take(payload)
                     writer.write(frame(answer.ack))
                     await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):

@@ -53,10 +53,19 @@ def content_of(resource: dict[str, Any]) -> dict[str, Any]:
 
 class Draft(Session):
     def __init__(self, store: Store) -> None:
-        self.store = store
+        self.store: Store | None = store
         self.seen: dict[tuple[str, str], int] = {}  # version read (0: absent or deleted)
         self.searches: list[tuple[SearchQuery, int, list[str]]] = []
         self.writes: dict[tuple[str, str], PlannedWrite] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What another process needs to apply it: the reads and the writes, not the store it read from."""
+        return {**self.__dict__, "store": None}
+
+    def _source(self) -> Store:
+        if self.store is None:
+            raise NeedsTransaction("a draft sent from another process reads nothing more")
+        return self.store
 
     # -- reads, recorded
 
@@ -65,14 +74,14 @@ class Draft(Session):
         if planned is not None:
             body = orjson.dumps({**planned.resource, "id": resource_id})
             return Stored(resource_type, resource_id, planned.base_version + 1, 0.0, False, body)
-        stored = self.store.read(resource_type, resource_id)
+        stored = self._source().read(resource_type, resource_id)
         self.seen.setdefault((resource_type, resource_id), 0 if stored is None or stored.deleted else stored.version)
         return stored
 
     def search_ids(self, query: SearchQuery, limit: int = 2) -> list[str]:
         if any(t == query.resource_type for t, _i in self.writes):
             raise NeedsTransaction(f"a search over {query.resource_type} after writing one")
-        ids = self.store.search_ids(query, limit)
+        ids = self._source().search_ids(query, limit)
         self.searches.append((query, limit, ids))
         return ids
 

@@ -1,6 +1,7 @@
 """The embedded engine: one SQLite file in WAL mode, every commit on disk before it returns."""
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import sqlite3
@@ -59,6 +60,9 @@ class SQLiteStore(SQLStore):
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._write_lock = threading.Lock()
+        # writers in other processes (MLLP workers, `rebond serve --workers`, a CLI import) queue on this file lock
+        # rather than on SQLite's busy handler, which polls with sleeps of up to 100 ms
+        self._file_lock = os.open(path + "-writer.lock", os.O_RDWR | os.O_CREAT, 0o600) if path != ":memory:" else None
         self._queue_lock = threading.Lock()
         self._queue: list[_Work] = []
         self._local = threading.local()
@@ -107,9 +111,9 @@ class SQLiteStore(SQLStore):
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        with self._write_lock:
+        with self._write_lock, self._across_processes():
             cur = self._writer.cursor()
-            cur.execute("BEGIN IMMEDIATE")
+            self._begin(cur)
             try:
                 session = SQLSession(self, cur)  # type: ignore[arg-type]
                 yield session
@@ -122,6 +126,25 @@ class SQLiteStore(SQLStore):
                 self._note_writes(session.writes)
             finally:
                 cur.close()
+
+    @contextmanager
+    def _across_processes(self) -> Iterator[None]:
+        if self._file_lock is None:
+            yield
+            return
+        fcntl.flock(self._file_lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._file_lock, fcntl.LOCK_UN)
+
+    def _begin(self, cur: sqlite3.Cursor) -> None:
+        cur.execute("BEGIN IMMEDIATE")
+        if self._file_lock is not None:
+            # another process may have committed a later instant: versions keep increasing times across processes
+            latest = cur.execute("SELECT max(lu) FROM versions").fetchone()[0]
+            if latest is not None and latest > self._last_clock:
+                self._last_clock = float(latest)
 
     def write(self, work: Callable[[Session], T]) -> T:
         """Group commit: concurrent writers queue their work; whoever holds the write lock runs
@@ -137,7 +160,8 @@ class SQLiteStore(SQLStore):
                 with self._queue_lock:
                     batch = self._queue[:GROUP_COMMIT_MAX]
                     del self._queue[:GROUP_COMMIT_MAX]
-                self._run_batch(batch)
+                with self._across_processes():
+                    self._run_batch(batch)
         if item.error is not None:
             raise item.error
         if item.journaled and self.after_journal is not None:
@@ -150,7 +174,7 @@ class SQLiteStore(SQLStore):
         written = 0
         cur = self._writer.cursor()
         try:
-            cur.execute("BEGIN IMMEDIATE")
+            self._begin(cur)
             for item in batch:
                 if isolate:
                     cur.execute("SAVEPOINT work")
@@ -183,7 +207,7 @@ class SQLiteStore(SQLStore):
                 item.done = True
 
     def optimize(self) -> None:
-        with self._write_lock:
+        with self._write_lock, self._across_processes():
             self._analyze()
 
     def _analyze(self) -> None:
@@ -215,6 +239,9 @@ class SQLiteStore(SQLStore):
             with suppress(sqlite3.Error):
                 conn.close()
         self._all.clear()
+        if self._file_lock is not None:
+            os.close(self._file_lock)
+            self._file_lock = None
 
 
 class _Checkpointer:
