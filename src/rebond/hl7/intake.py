@@ -79,7 +79,8 @@ def receive(store: Store, raw: bytes, prepared: Prepared | None = None) -> Answe
 
     The raw message is the first row its transaction writes; its FHIR writes and its "applied"
     mark commit with it, in one commit. A message that cannot be applied is kept alone, as a
-    dead letter. Nothing is acknowledged before its commit.
+    dead letter. Nothing is acknowledged before its commit. `prepared`: its writes already
+    worked out by a worker process (`prepare`); without it they are worked out here first.
     """
     header: Header | None = None
     message: Message | None = None
