@@ -86,5 +86,9 @@ def test_intake_takes_results_and_admissions_through_drafts(store: Store) -> Non
         applied.append(store.write(lambda tx, d=sent.draft: tx.apply_draft(d)))
     assert applied == [True, True]
     answer = intake.receive(store, oru("R4", "880002", "F4", visit="V1"))
-    assert answer.code == "AA"
+    assert answer.code == "AA" and not answer.redone
+    stale = intake.prepare(store, oru("R5", "880002", "F5", visit="V1"))
+    intake.receive(store, adt("A08", "A2", "880002", "V1", family="LEGRAND"))  # the patient changes after that draft
+    answer = intake.receive(store, oru("R5", "880002", "F5", visit="V1"), stale)
+    assert answer.code == "AA" and answer.redone
     assert len(store.search_ids(parse_search("Observation", [("patient.identifier", "880002")]), limit=50)) >= 2

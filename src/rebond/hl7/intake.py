@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rebond.hl7.mapping import Applied, apply_message
 from rebond.hl7.message import CHARSETS, Header, Message, MessageError, acknowledgement, charset_of, decode
@@ -32,6 +32,7 @@ class Answer:
     ack: bytes
     code: str  # AA, AE, AR (or CA, CE, CR)
     message_id: int | None
+    redone: bool = False  # its draft was stale (what it read had changed): worked out again under the lock
 
 
 def _codes(header: Header | None) -> tuple[str, str, str]:
@@ -101,11 +102,15 @@ def receive(store: Store, raw: bytes, prepared: Prepared | None = None) -> Answe
     def keep(tx: Session) -> tuple[InboxMessage, bool]:
         return tx.receive_message(CHANNEL, sender, control_id, raw)
 
+    redone = False
+
     def keep_and_apply(tx: Session) -> tuple[InboxMessage, bool]:
+        nonlocal redone
         kept, new = keep(tx)
         if new and message is not None and problem is None:
             # the draft's writes, or (what it read has changed since, or there is none) worked out again under the lock
             drafted = draft is not None and tx.apply_draft(draft.draft)
+            redone = draft is not None and not drafted
             applied = draft.applied if drafted and draft is not None else apply_message(tx, message)
             tx.settle_message(kept.id, "applied", applied.summary())
         return kept, new
@@ -143,7 +148,7 @@ def receive(store: Store, raw: bytes, prepared: Prepared | None = None) -> Answe
         return _reject(store, kept, header, problem)
     if not new and message is not None:  # kept earlier but not applied (a replay in progress, a crash in between)
         return _apply(store, kept, message, header)
-    return _answer(header, accept, "", kept.id)
+    return replace(_answer(header, accept, "", kept.id), redone=redone)
 
 
 def _draft(store: Store, message: Message) -> Prepared | None:

@@ -117,7 +117,10 @@ class MllpServer:
 
     async def _take(self, payload: bytes) -> Answer:
         prepared = await self.drafts.prepare(payload) if self.drafts is not None else None
-        return await run_sync(receive, self.store, payload, prepared, limiter=self._limiter)
+        answer = await run_sync(receive, self.store, payload, prepared, limiter=self._limiter)
+        if answer.redone and self.drafts is not None:
+            self.drafts.redone += 1
+        return answer
 
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1

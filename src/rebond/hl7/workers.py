@@ -59,6 +59,7 @@ class DraftWorkers:
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self.drafted = 0
         self.failed = 0
+        self.redone = 0  # drafts found stale under the lock (another write changed what they read): worked out again
         self.restarts = 0
 
     def start(self) -> None:
@@ -98,4 +99,5 @@ class DraftWorkers:
             self._pool = None
 
     def status(self) -> dict[str, Any]:
-        return {"processes": self.count, "drafted": self.drafted, "failed": self.failed, "restarts": self.restarts}
+        return {"processes": self.count, "drafted": self.drafted, "failed": self.failed, "redone": self.redone,
+                "restarts": self.restarts}
