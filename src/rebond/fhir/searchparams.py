@@ -110,7 +110,7 @@ def registry() -> dict[str, dict[str, SearchParam]]:
 def _branches(param: SearchParam) -> frozenset[str]:
     """What a parameter selects: the branches of its expression for its type (components included for composites)."""
     texts = param.extractor.branch_texts() if param.extractor is not None else ()
-    return frozenset(texts + tuple(f"{{{expr}}}" for _url, expr in param.components))
+    return frozenset(texts + tuple(f"{{{component_param(url, param.resource_type)[0]} {expr}}}" for url, expr in param.components))
 
 
 def _aliases(param: SearchParam, params: dict[str, SearchParam]) -> tuple[tuple[str, ...], str] | None:
