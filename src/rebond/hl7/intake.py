@@ -75,13 +75,14 @@ def prepare(store: Store, raw: bytes) -> Prepared | None:
     return _draft(store, message)
 
 
-def receive(store: Store, raw: bytes, prepared: Prepared | None = None) -> Answer:
+def receive(store: Store, raw: bytes, prepared: Prepared | None = None, *, draft_here: bool = True) -> Answer:
     """Take in one message (the MLLP payload) and say how to acknowledge it.
 
     The raw message is the first row its transaction writes; its FHIR writes and its "applied"
     mark commit with it, in one commit. A message that cannot be applied is kept alone, as a
     dead letter. Nothing is acknowledged before its commit. `prepared`: its writes already
-    worked out by a worker process (`prepare`); without it they are worked out here first.
+    worked out by a worker process (`prepare`); without it they are worked out here first, unless
+    `draft_here` is False (a worker already tried: doing it again here would fail the same way).
     """
     header: Header | None = None
     message: Message | None = None
@@ -95,7 +96,7 @@ def receive(store: Store, raw: bytes, prepared: Prepared | None = None) -> Answe
     sender = header.sender if header else "?"
     control_id = header.control_id if header else (control_id_of(raw) or "sha256:" + hashlib.sha256(raw).hexdigest())
     accept, error, reject = _codes(header)
-    if prepared is None and message is not None and problem is None:
+    if prepared is None and draft_here and message is not None and problem is None:
         prepared = _draft(store, message)
     draft = prepared
 

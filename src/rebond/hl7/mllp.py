@@ -8,6 +8,7 @@ acknowledged, the sender will send it again); a frame over the size limit is ans
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import time
@@ -117,7 +118,8 @@ class MllpServer:
 
     async def _take(self, payload: bytes) -> Answer:
         prepared = await self.drafts.prepare(payload) if self.drafts is not None else None
-        answer = await run_sync(receive, self.store, payload, prepared, limiter=self._limiter)
+        work = functools.partial(receive, self.store, payload, prepared, draft_here=self.drafts is None)
+        answer = await run_sync(work, limiter=self._limiter)
         if answer.redone and self.drafts is not None:
             self.drafts.redone += 1
         return answer
