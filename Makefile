@@ -9,7 +9,17 @@ MLLP_PORT ?= 2575
 
 .PHONY: demo test test-quick system-deps bench lint messages
 
-$(BIN)/rebond: pyproject.toml
+# the C part (src/rebond/store/_walvfs.c, SQLite commits written in one call) needs gcc and SQLite's headers
+$(BIN)/rebond: pyproject.toml setup.py src/rebond/store/_walvfs.c
+	@missing=""; \
+	command -v gcc >/dev/null || missing="$$missing gcc"; \
+	test -e /usr/include/sqlite3.h || missing="$$missing libsqlite3-dev"; \
+	$(PYTHON) -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
+		|| missing="$$missing python3-dev"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar, cast
+from urllib.parse import quote
 
 from rebond.store.base import Session, Unavailable
 from rebond.store.schema import SCHEMA_VERSION, Types, ddl
@@ -38,6 +39,24 @@ WAL_HARD_LIMIT = 512 * 1024 * 1024
 T = TypeVar("T")
 
 
+def _wal_vfs() -> str | None:
+    """The VFS that writes a commit's WAL frames in one call (store/_walvfs.c), if it was built and not turned off.
+
+    REBOND_SQLITE_VFS=default turns it off (to rule it out when looking into a problem).
+    """
+    if os.environ.get("REBOND_SQLITE_VFS", "").lower() in ("default", "unix", "off"):
+        return None
+    try:
+        from rebond.store import _walvfs
+    except ImportError as err:
+        log.warning("SQLite commits write their pages one by one: the 'rebond' VFS is not built (%s)", err)
+        return None
+    return str(_walvfs.NAME)
+
+
+WAL_VFS = _wal_vfs()
+
+
 class _Work:
     __slots__ = ("fn", "result", "error", "done", "journaled")
 
@@ -57,6 +76,8 @@ class SQLiteStore(SQLStore):
     def __init__(self, path: str, site_id: str) -> None:
         super().__init__(site_id)
         self.path = path
+        #: the SQLite VFS of every connection: 'rebond' (commits written in one call) or None (SQLite's default)
+        self.vfs = WAL_VFS if path != ":memory:" else None
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._write_lock = threading.Lock()
@@ -86,7 +107,11 @@ class SQLiteStore(SQLStore):
 
     def _connect(self) -> sqlite3.Connection:
         try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            if self.vfs is None:
+                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            else:
+                target = f"file:{quote(os.path.abspath(self.path))}?vfs={self.vfs}"
+                conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=30, uri=True)
             for pragma in _PRAGMAS:
                 conn.execute(pragma)
         except sqlite3.Error as err:

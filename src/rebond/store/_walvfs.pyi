@@ -1,0 +1,3 @@
+NAME: str
+
+def counts() -> dict[str, int]: ...
