@@ -127,16 +127,16 @@ class SQLSession(Session):
 
     def apply_draft(self, draft: Draft) -> bool:
         """Write what a draft planned if everything it read is as it was; False (nothing written) otherwise."""
-        currents: dict[tuple[str, str], _Current | None] = {}
-        for (rtype, rid), seen in draft.seen.items():
-            current = currents[(rtype, rid)] = self._current(rtype, rid)
+        currents = self._currents([*draft.seen, *(key for key in draft.writes if key not in draft.seen)])
+        for key, seen in draft.seen.items():
+            current = currents[key]
             if (0 if current is None or current.deleted else current.version) != seen:
                 return False
         for query, limit, ids in draft.searches:
             if self.search_ids(query, limit) != ids:
                 return False
         for (rtype, rid), planned in draft.writes.items():
-            current = currents[(rtype, rid)] if (rtype, rid) in currents else self._current(rtype, rid)
+            current = currents[(rtype, rid)]
             result = self._write(rtype, rid, planned.resource, "update", if_match=None, current=current, rows=planned.rows)
             base = 0 if current is None or current.deleted else current.version
             self._journal(result, "update" if base else "create", base, planned.resource)
@@ -206,16 +206,27 @@ class SQLSession(Session):
     def _current(self, resource_type: str, resource_id: str) -> _Current | None:
         """The current version's row, locked against concurrent writers until this transaction ends."""
         self.cur.execute(
-            "SELECT r.rid, r.version, r.deleted, r.seq, r.lu, v.body, v.method, v.site_id FROM resources r"
-            f" LEFT JOIN versions v ON v.seq = r.seq WHERE r.res_type = ? AND r.res_id = ?{self.store.for_update_current}",
+            f"SELECT {_CURRENT_COLUMNS} FROM resources r LEFT JOIN versions v ON v.seq = r.seq"
+            f" WHERE r.res_type = ? AND r.res_id = ?{self.store.for_update_current}",
             (resource_type, resource_id),
         )
         row = self.cur.fetchone()
-        if row is None:
-            return None
-        body = row[5]
-        return _Current(int(row[0]), int(row[1]), bool(row[2]), int(row[3]), float(row[4]),
-                        bytes(body) if body is not None else None, row[6] or "", row[7] or "")
+        return _current_from_row(row) if row is not None else None
+
+    def _currents(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], _Current | None]:
+        """`_current` of several resources in one statement per 100 (a message's resources: one), locked in rid order."""
+        found: dict[tuple[str, str], _Current | None] = dict.fromkeys(keys)
+        for start in range(0, len(keys), 100):
+            part = keys[start:start + 100]
+            self.cur.execute(
+                f"WITH k (t, i) AS (VALUES {', '.join(['(?, ?)'] * len(part))})"
+                f" SELECT r.res_type, r.res_id, {_CURRENT_COLUMNS} FROM k JOIN resources r ON r.res_type = k.t AND r.res_id = k.i"
+                f" LEFT JOIN versions v ON v.seq = r.seq ORDER BY r.rid{self.store.for_update_current}",
+                [value for key in part for value in key],
+            )
+            for row in self.cur.fetchall():
+                found[(row[0], row[1])] = _current_from_row(row[2:])
+        return found
 
     def _write(
         self,
@@ -339,6 +350,15 @@ class SQLSession(Session):
                     by_table.setdefault(table, []).extend((internal, *v) for v in values)
         self._pending.clear()
         self.store.insert_index_rows(self.cur, by_table)
+
+
+_CURRENT_COLUMNS = "r.rid, r.version, r.deleted, r.seq, r.lu, v.body, v.method, v.site_id"
+
+
+def _current_from_row(row: Sequence[Any]) -> _Current:
+    body = row[5]
+    return _Current(int(row[0]), int(row[1]), bool(row[2]), int(row[3]), float(row[4]),
+                    bytes(body) if body is not None else None, row[6] or "", row[7] or "")
 
 
 @dataclass(frozen=True)
