@@ -136,7 +136,7 @@ def test_simulate_plays_admissions_and_results_to_a_listener(listener: RebondSer
 
 
 def worker_pids(server: RebondServer) -> list[int]:
-    """The server's draft worker processes (its spawned children, the multiprocessing resource tracker aside)."""
+    """The server's MLLP processes: draft workers and the intake writer (its spawned children, the resource tracker aside)."""
     assert server.proc is not None
     found = []
     for entry in Path("/proc").iterdir():
@@ -171,10 +171,43 @@ def test_messages_are_worked_out_by_worker_processes_and_a_killed_worker_loses_n
         reports = httpx.get(f"{server.fhir}/DiagnosticReport?patient.identifier=910000020&_count=50", headers=server.headers).json()
         assert len(reports["entry"]) == 12
         facts = server.status()["mllp"]
-        assert facts["workers"]["restarts"] >= 1
+        assert facts["workers"]["restarts"] >= 1 and facts["workers"]["writer"]["restarts"] >= 1
         assert set(worker_pids(server)).isdisjoint(pids)
         page = httpx.get(f"{server.base}/status", headers={"Accept-Language": "fr"}).text
         assert "Interface HL7 v2 (MLLP)" in page and "processus de travail" in page
     finally:
         server.stop()
     assert not [p for p in pids if Path(f"/proc/{p}").exists()]
+
+
+def test_the_intake_writer_killed_mid_stream_is_replaced_and_every_message_is_stored_once(demo_db: str) -> None:
+    port = free_port()
+    server = RebondServer(demo_db, "--mllp-port", str(port), "--mllp-workers", "2").start()
+    codes: list[str] = []
+    acked = threading.Event()
+
+    def send(prefix: str) -> None:
+        with hl7.client.MLLPClient("127.0.0.1", port) as client:
+            for n in range(150):
+                codes.append(ack_code(client.send_message(oru(f"{prefix}{n}", "910000021", f"{prefix}F{n}"))))
+                if len(codes) >= 40:
+                    acked.set()
+
+    try:
+        writer = server.status()["mllp"]["workers"]["writer"]["pid"]
+        senders = [threading.Thread(target=send, args=(prefix,)) for prefix in ("KA", "KB")]
+        for sender in senders:
+            sender.start()
+        assert acked.wait(60)
+        os.kill(writer, signal.SIGKILL)  # messages are in flight to it, some of them committed, not yet answered
+        for sender in senders:
+            sender.join(120)
+        assert codes == ["AA"] * 300, "every message answered AA, those in flight by the new writer"
+        facts = server.status()["mllp"]["workers"]["writer"]
+        assert facts["restarts"] == 1 and facts["pid"] != writer and facts["in_flight"] == 0
+        found = httpx.get(f"{server.fhir}/DiagnosticReport?patient.identifier=910000021&_count=1000&_elements=identifier",
+                          headers=server.headers).json()
+        fillers = [i["value"] for e in found["entry"] for i in e["resource"]["identifier"] if i["value"].startswith("K")]
+        assert len(fillers) == 300 and len(set(fillers)) == 300, "each result stored once"
+    finally:
+        server.stop()

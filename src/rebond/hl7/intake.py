@@ -84,72 +84,90 @@ def receive(store: Store, raw: bytes, prepared: Prepared | None = None, *, draft
     worked out by a worker process (`prepare`); without it they are worked out here first, unless
     `draft_here` is False (a worker already tried: doing it again here would fail the same way).
     """
-    header: Header | None = None
-    message: Message | None = None
-    problem: MessageError | None = None
-    try:
-        text, _charset = decode(raw)
-        message = Message(text)
-        header = message.header()
-    except MessageError as err:
-        problem = err
-    sender = header.sender if header else "?"
-    control_id = header.control_id if header else (control_id_of(raw) or "sha256:" + hashlib.sha256(raw).hexdigest())
-    accept, error, reject = _codes(header)
-    if prepared is None and draft_here and message is not None and problem is None:
-        prepared = _draft(store, message)
-    draft = prepared
+    intake = _Intake(store, raw, prepared, draft_here=draft_here)
+    return intake.finish(store.write_many([intake.keep_and_apply])[0])
 
-    def keep(tx: Session) -> tuple[InboxMessage, bool]:
-        return tx.receive_message(CHANNEL, sender, control_id, raw)
 
-    redone = False
+def receive_many(store: Store, messages: list[tuple[bytes, Prepared | None]]) -> list[Answer]:
+    """`receive` for several messages at once (no draft made here): their writes share commits, each its own answer."""
+    intakes = [_Intake(store, raw, prepared, draft_here=False) for raw, prepared in messages]
+    outcomes = store.write_many([intake.keep_and_apply for intake in intakes])
+    return [intake.finish(outcome) for intake, outcome in zip(intakes, outcomes, strict=True)]
 
-    def keep_and_apply(tx: Session) -> tuple[InboxMessage, bool]:
-        nonlocal redone
-        kept, new = keep(tx)
-        if new and message is not None and problem is None:
+
+class _Intake:
+    """One message on its way in: what to write under the lock (`keep_and_apply`), then the answer (`finish`)."""
+
+    def __init__(self, store: Store, raw: bytes, prepared: Prepared | None, *, draft_here: bool) -> None:
+        self.store = store
+        self.raw = raw
+        self.header: Header | None = None
+        self.message: Message | None = None
+        self.problem: MessageError | None = None
+        try:
+            text, _charset = decode(raw)
+            self.message = Message(text)
+            self.header = self.message.header()
+        except MessageError as err:
+            self.problem = err
+        self.sender = self.header.sender if self.header else "?"
+        self.control_id = self.header.control_id if self.header else (control_id_of(raw) or "sha256:" + hashlib.sha256(raw).hexdigest())
+        if prepared is None and draft_here and self.message is not None and self.problem is None:
+            prepared = _draft(store, self.message)
+        self.prepared = prepared
+        self.redone = False
+
+    def keep(self, tx: Session) -> tuple[InboxMessage, bool]:
+        return tx.receive_message(CHANNEL, self.sender, self.control_id, self.raw)
+
+    def keep_and_apply(self, tx: Session) -> tuple[InboxMessage, bool]:
+        kept, new = self.keep(tx)
+        if new and self.message is not None and self.problem is None:
             # the draft's writes, or (what it read has changed since, or there is none) worked out again under the lock
-            drafted = draft is not None and tx.apply_draft(draft.draft)
-            redone = draft is not None and not drafted
-            applied = draft.applied if drafted and draft is not None else apply_message(tx, message)
+            prepared = self.prepared
+            drafted = prepared is not None and tx.apply_draft(prepared.draft)
+            self.redone = prepared is not None and not drafted
+            applied = prepared.applied if drafted and prepared is not None else apply_message(tx, self.message)
             tx.settle_message(kept.id, "applied", applied.summary())
         return kept, new
 
-    def unavailable(err: StoreError) -> Answer:
+    def _unavailable(self, err: StoreError) -> Answer:
         log.warning("message not kept, the store is unavailable: %s", err)
-        return _answer(header, error, f"the message could not be taken now ({err}); send it again", None, control_id=control_id)
+        _accept, error, _reject = _codes(self.header)
+        return _answer(self.header, error, f"the message could not be taken now ({err}); send it again", None,
+                       control_id=self.control_id)
 
-    outcome: tuple[InboxMessage, bool] | None = None
-    try:
-        outcome = store.write(keep_and_apply)
-    except StoreError as err:
-        return unavailable(err)
-    except MessageError as err:
-        problem = err
-    except Exception:
-        log.exception("message %s from %s: unexpected failure", control_id, sender)
-        problem = MessageError("internal error while applying the message", code=207)
-    if outcome is None:  # its writes were refused: the message is kept alone, as a dead letter
-        try:
-            outcome = store.write(keep)
-        except StoreError as err:
-            return unavailable(err)
-    kept, new = outcome
-    if not new and kept.raw != raw:
-        # same sender and control id, other content: refused rather than silently ignored
-        conflict = MessageError(f"MSH-10 '{control_id}' was already used by another message from {sender}", code=207,
-                                location="MSH-10")
-        return _answer(header, reject, conflict.text, kept.id, error=conflict)
-    if not new and kept.status == "applied":
-        return _answer(header, accept, "already received and applied", kept.id)
-    if not new and kept.status == "rejected":
-        return _answer(header, reject, kept.detail, kept.id, error=MessageError(kept.detail))
-    if problem is not None:
-        return _reject(store, kept, header, problem)
-    if not new and message is not None:  # kept earlier but not applied (a replay in progress, a crash in between)
-        return _apply(store, kept, message, header)
-    return replace(_answer(header, accept, "", kept.id), redone=redone)
+    def finish(self, outcome: tuple[InboxMessage, bool] | BaseException) -> Answer:
+        """The answer, once `keep_and_apply` has committed or failed (a failure: the message is kept alone)."""
+        header = self.header
+        accept, _error, reject = _codes(header)
+        if isinstance(outcome, StoreError):
+            return self._unavailable(outcome)
+        if isinstance(outcome, MessageError):
+            self.problem = outcome
+        elif isinstance(outcome, BaseException):
+            log.error("message %s from %s: unexpected failure", self.control_id, self.sender, exc_info=outcome)
+            self.problem = MessageError("internal error while applying the message", code=207)
+        if isinstance(outcome, BaseException):  # its writes were refused: the message is kept alone, as a dead letter
+            try:
+                outcome = self.store.write(self.keep)
+            except StoreError as err:
+                return self._unavailable(err)
+        kept, new = outcome
+        if not new and kept.raw != self.raw:
+            # same sender and control id, other content: refused rather than silently ignored
+            conflict = MessageError(f"MSH-10 '{self.control_id}' was already used by another message from {self.sender}",
+                                    code=207, location="MSH-10")
+            return _answer(header, reject, conflict.text, kept.id, error=conflict)
+        if not new and kept.status == "applied":
+            return _answer(header, accept, "already received and applied", kept.id)
+        if not new and kept.status == "rejected":
+            return _answer(header, reject, kept.detail, kept.id, error=MessageError(kept.detail))
+        if self.problem is not None:
+            return _reject(self.store, kept, header, self.problem)
+        if not new and self.message is not None:  # kept earlier but not applied (a replay in progress, a crash in between)
+            return _apply(self.store, kept, self.message, header)
+        return replace(_answer(header, accept, "", kept.id), redone=self.redone)
 
 
 def _draft(store: Store, message: Message) -> Prepared | None:

@@ -21,7 +21,7 @@ from anyio.to_thread import run_sync
 
 from rebond.hl7.intake import CHANNEL, KEPT_OF_OVERSIZED, MAX_MESSAGE_BYTES, Answer, control_id_of, receive
 from rebond.hl7.message import MessageError, acknowledgement
-from rebond.hl7.workers import DraftWorkers
+from rebond.hl7.workers import DraftWorkers, WriterGone
 from rebond.store.base import Store
 
 log = logging.getLogger("rebond.hl7")
@@ -100,7 +100,8 @@ class MllpServer:
         sockets: list[Any] = list(self._server.sockets or [])
         if sockets and self.port == 0:
             self.port = sockets[0].getsockname()[1]
-        workers = f", each message worked out by one of {self.drafts.count} worker processes" if self.drafts else ""
+        workers = (f", each message worked out by one of {self.drafts.count} worker processes and written by the intake"
+                   f" writer process" if self.drafts else "")
         log.info("MLLP listening on %s:%s%s", self.host, self.port, workers)
 
     async def stop(self) -> None:
@@ -117,12 +118,12 @@ class MllpServer:
         return facts
 
     async def _take(self, payload: bytes) -> Answer:
-        prepared = await self.drafts.prepare(payload) if self.drafts is not None else None
-        work = functools.partial(receive, self.store, payload, prepared, draft_here=self.drafts is None)
-        answer = await run_sync(work, limiter=self._limiter)
-        if answer.redone and self.drafts is not None:
-            self.drafts.redone += 1
-        return answer
+        if self.drafts is not None:
+            try:
+                return await self.drafts.take(payload)
+            except WriterGone as err:
+                log.warning("MLLP message taken in by the server process: %s", err)
+        return await run_sync(functools.partial(receive, self.store, payload), limiter=self._limiter)
 
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1

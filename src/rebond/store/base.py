@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -287,6 +287,19 @@ class Store(abc.ABC):
         if journaled and self.after_journal is not None:
             self.after_journal(journaled)
         return result
+
+    def write_many(self, works: Sequence[Callable[[Session], T]]) -> list[T | BaseException]:
+        """Run several works, each succeeding or failing on its own: per work, its result or the exception it raised.
+
+        Engines with group commit commit them together (one fsync); here, one after the other.
+        """
+        outcomes: list[T | BaseException] = []
+        for work in works:
+            try:
+                outcomes.append(self.write(work))
+            except Exception as err:
+                outcomes.append(err)
+        return outcomes
 
     def create(self, resource: dict[str, Any], *, resource_id: str | None = None) -> WriteResult:
         return self.write(lambda tx: tx.create(resource, resource_id=resource_id))

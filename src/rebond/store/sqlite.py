@@ -7,7 +7,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -176,22 +176,34 @@ class SQLiteStore(SQLStore):
         everything queued in one transaction, each piece under its own savepoint (a failing piece
         rolls back alone), and one fsync'd COMMIT makes them all durable before any returns."""
         item = _Work(work)
-        with self._queue_lock:
-            self._queue.append(item)
-        while not item.done:
-            with self._write_lock:
-                if item.done:
-                    break
-                with self._queue_lock:
-                    batch = self._queue[:GROUP_COMMIT_MAX]
-                    del self._queue[:GROUP_COMMIT_MAX]
-                with self._across_processes():
-                    self._run_batch(batch)
+        self._commit([item])
         if item.error is not None:
             raise item.error
-        if item.journaled and self.after_journal is not None:
-            self.after_journal(item.journaled)
         return cast(T, item.result)
+
+    def write_many(self, works: Sequence[Callable[[Session], T]]) -> list[T | BaseException]:
+        """Several works queued at once, so that they share commits (each under its own savepoint)."""
+        items = [_Work(work) for work in works]
+        self._commit(items)
+        return [item.error if item.error is not None else cast(T, item.result) for item in items]
+
+    def _commit(self, items: list[_Work]) -> None:
+        """Queue the items and return once all are committed or failed; whoever holds the lock commits for all."""
+        with self._queue_lock:
+            self._queue.extend(items)
+        for item in items:
+            while not item.done:
+                with self._write_lock:
+                    if item.done:
+                        break
+                    with self._queue_lock:
+                        batch = self._queue[:GROUP_COMMIT_MAX]
+                        del self._queue[:GROUP_COMMIT_MAX]
+                    with self._across_processes():
+                        self._run_batch(batch)
+        journaled = [seq for item in items if item.error is None for seq in item.journaled]
+        if journaled and self.after_journal is not None:
+            self.after_journal(journaled)
 
     def _run_batch(self, batch: list[_Work]) -> None:
         # savepoints copy every page they touch to a sub-journal: only worth it when works share the batch
