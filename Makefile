@@ -18,7 +18,8 @@ $(BIN)/rebond: pyproject.toml setup.py src/rebond/store/_walvfs.c
 		|| missing="$$missing python3-dev"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } \
+			|| echo "could not install$$missing (not root?): Rebond will run without its C part, slower"; \
 	fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
