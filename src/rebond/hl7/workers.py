@@ -39,6 +39,7 @@ import pickle
 import queue
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -53,6 +54,8 @@ _PR_SET_PDEATHSIG = 1
 WRITER_BATCH = 64
 #: a message in flight through this many dead writers is taken in by the server process
 WRITER_ATTEMPTS = 2
+#: a writer that dies sooner than this after its start is started again only after as long (seconds)
+WRITER_MIN_LIFE = 2.0
 _store: Store | None = None
 _SPAWN = multiprocessing.get_context("spawn")  # not forked: the server's threads, sockets and connections stay out
 
@@ -142,6 +145,7 @@ class IntakeWriter:
         self._process: Any = None
         self._conn: Connection | None = None
         self._stopping = False
+        self._launched_at = 0.0
         self.batches = 0
         self.written = 0
         self.restarts = 0
@@ -158,6 +162,7 @@ class IntakeWriter:
         process.start()
         theirs.close()
         self._process, self._conn = process, ours
+        self._launched_at = time.monotonic()
         threading.Thread(target=self._receive_loop, args=(ours,), name="mllp-writer-receive", daemon=True).start()
 
     @property
@@ -200,17 +205,25 @@ class IntakeWriter:
                     flight.loop.call_soon_threadsafe(_settle, flight.future, answer, None)
         with contextlib.suppress(OSError):
             conn.close()
+        if self._stopping or conn is not self._conn:
+            return
+        log.warning("the MLLP intake writer process died: starting it again (%d messages in flight)", len(self._in_flight))
+        if time.monotonic() - self._launched_at < WRITER_MIN_LIFE:
+            time.sleep(WRITER_MIN_LIFE)  # one that dies at start (the store cannot open?) is not started in a tight loop
         with self._lock:
-            if self._stopping or conn is not self._conn:
+            if self._stopping:
                 return
             self.restarts += 1
-            log.warning("the MLLP intake writer process died: starting it again (%d messages in flight)", len(self._in_flight))
-            self._launch()
+            try:
+                self._launch()
+            except Exception as err:  # no writer process can be started: the server takes the messages in itself
+                log.error("the MLLP intake writer cannot be started (%s): messages are taken in by the server", err)
+                self._conn = self._process = None
             for ticket, flight in list(self._in_flight.items()):
                 flight.attempts += 1
-                if flight.attempts >= WRITER_ATTEMPTS:
+                if self._conn is None or flight.attempts >= WRITER_ATTEMPTS:
                     del self._in_flight[ticket]
-                    flight.loop.call_soon_threadsafe(_settle, flight.future, None, WriterGone("in flight through two dead writers"))
+                    flight.loop.call_soon_threadsafe(_settle, flight.future, None, WriterGone("in flight through dead writers"))
                 else:
                     self._outbox.put((self._conn, (ticket, flight.raw, flight.blob)))
 
