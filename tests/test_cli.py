@@ -56,6 +56,13 @@ def test_serve_refuses_a_bad_database_url_in_one_line() -> None:
     assert "unsupported database URL" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_serve_refuses_a_negative_number_of_mllp_workers_before_starting(tmp_path: Path) -> None:
+    result = rebond("serve", "--db", f"sqlite:///{tmp_path / 'r.db'}", "--mllp-port", "0", "--mllp-workers", "-1")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["rebond: --mllp-workers must be 0 or more, not -1"]
+    assert "serving" not in result.stdout
+
+
 def test_import_reports_bad_files_and_exits_non_zero(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path}/x.db"
     good = tmp_path / "good.ndjson"

@@ -59,6 +59,8 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if mllp_port is not None and workers > 1:
         raise fail("--mllp-port runs in a single server process: leave out --workers, or run the listener on its own")
+    if mllp_workers is not None and mllp_workers < 0:
+        raise fail(f"--mllp-workers must be 0 or more, not {mllp_workers}")
     try:
         store = open_store(db, site_id=site_id)
     except StoreError as err:
@@ -148,8 +150,6 @@ def _mllp_listener(store: Store, db: str, site_id: str, host: str, port: int | N
 
     if workers is None:
         workers = min(os.cpu_count() or 1, 4) if (os.cpu_count() or 1) > 1 else 0
-    if workers < 0:
-        raise fail(f"--mllp-workers must be 0 or more, not {workers}")
     if workers and ":memory:" in db:
         workers = 0  # a store in this process's memory: no other process can write to it
     return MllpServer(store, host, port, drafts=DraftWorkers(db, site_id, workers) if workers else None)
