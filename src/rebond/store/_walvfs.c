@@ -84,21 +84,29 @@ static int pCheckReserved(sqlite3_file *f, int *o) { return R(f)->pMethods->xChe
 static int pFileControl(sqlite3_file *f, int op, void *a) { return R(f)->pMethods->xFileControl(R(f), op, a); }
 static int pSectorSize(sqlite3_file *f) { return R(f)->pMethods->xSectorSize(R(f)); }
 static int pDeviceChar(sqlite3_file *f) { return R(f)->pMethods->xDeviceCharacteristics(R(f)); }
+/* shared memory (version 2) and memory-mapped reads (version 3): passed on when the wrapped file has them */
+static int has(sqlite3_file *f, int version) { return R(f)->pMethods->iVersion >= version; }
 static int pShmMap(sqlite3_file *f, int i, int sz, int ext, void volatile **pp) {
-    return R(f)->pMethods->xShmMap(R(f), i, sz, ext, pp);
+    return has(f, 2) ? R(f)->pMethods->xShmMap(R(f), i, sz, ext, pp) : SQLITE_IOERR_SHMMAP;
 }
-static int pShmLock(sqlite3_file *f, int o, int n, int fl) { return R(f)->pMethods->xShmLock(R(f), o, n, fl); }
+static int pShmLock(sqlite3_file *f, int o, int n, int fl) {
+    return has(f, 2) ? R(f)->pMethods->xShmLock(R(f), o, n, fl) : SQLITE_IOERR_SHMLOCK;
+}
 static void pShmBarrier(sqlite3_file *f) {
     RbFile *p = (RbFile *)f;
     if (p->wal && p->wal->len) {
         int rc = flush(p->wal);
         if (rc != SQLITE_OK) p->wal->deferred = rc;
     }
-    p->real->pMethods->xShmBarrier(p->real);
+    if (has(f, 2)) p->real->pMethods->xShmBarrier(p->real);
 }
-static int pShmUnmap(sqlite3_file *f, int del) { return R(f)->pMethods->xShmUnmap(R(f), del); }
-static int pFetch(sqlite3_file *f, sqlite3_int64 o, int n, void **pp) { return R(f)->pMethods->xFetch(R(f), o, n, pp); }
-static int pUnfetch(sqlite3_file *f, sqlite3_int64 o, void *pp) { return R(f)->pMethods->xUnfetch(R(f), o, pp); }
+static int pShmUnmap(sqlite3_file *f, int del) { return has(f, 2) ? R(f)->pMethods->xShmUnmap(R(f), del) : SQLITE_OK; }
+static int pFetch(sqlite3_file *f, sqlite3_int64 o, int n, void **pp) {
+    if (has(f, 3)) return R(f)->pMethods->xFetch(R(f), o, n, pp);
+    *pp = NULL;  /* no mapping: SQLite reads the page instead */
+    return SQLITE_OK;
+}
+static int pUnfetch(sqlite3_file *f, sqlite3_int64 o, void *pp) { return has(f, 3) ? R(f)->pMethods->xUnfetch(R(f), o, pp) : SQLITE_OK; }
 
 static const sqlite3_io_methods plain_methods = {
     .iVersion = 3, .xClose = pClose, .xRead = pRead, .xWrite = pWrite, .xTruncate = pTruncate, .xSync = pSync,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import sqlite3
@@ -39,6 +40,7 @@ WAL_HARD_LIMIT = 512 * 1024 * 1024
 T = TypeVar("T")
 
 
+@functools.cache
 def _wal_vfs() -> str | None:
     """The VFS that writes a commit's WAL frames in one call (store/_walvfs.c), if it was built and not turned off.
 
@@ -52,9 +54,6 @@ def _wal_vfs() -> str | None:
         log.warning("SQLite commits write their pages one by one: the 'rebond' VFS is not built (%s)", err)
         return None
     return str(_walvfs.NAME)
-
-
-WAL_VFS = _wal_vfs()
 
 
 class _Work:
@@ -77,7 +76,7 @@ class SQLiteStore(SQLStore):
         super().__init__(site_id)
         self.path = path
         #: the SQLite VFS of every connection: 'rebond' (commits written in one call) or None (SQLite's default)
-        self.vfs = WAL_VFS if path != ":memory:" else None
+        self.vfs = _wal_vfs() if path != ":memory:" else None
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._write_lock = threading.Lock()
