@@ -75,21 +75,22 @@ def prepare(store: Store, raw: bytes) -> Prepared | None:
     return _draft(store, message)
 
 
-def receive(store: Store, raw: bytes, prepared: Prepared | None = None, *, draft_here: bool = True) -> Answer:
+def receive(store: Store, raw: bytes, prepared: Prepared | None = None) -> Answer:
     """Take in one message (the MLLP payload) and say how to acknowledge it.
 
     The raw message is the first row its transaction writes; its FHIR writes and its "applied"
     mark commit with it, in one commit. A message that cannot be applied is kept alone, as a
     dead letter. Nothing is acknowledged before its commit. `prepared`: its writes already
-    worked out by a worker process (`prepare`); without it they are worked out here first, unless
-    `draft_here` is False (a worker already tried: doing it again here would fail the same way).
+    worked out (`prepare`); without it they are worked out here first, before the write lock.
     """
-    intake = _Intake(store, raw, prepared, draft_here=draft_here)
+    intake = _Intake(store, raw, prepared, draft_here=True)
     return intake.finish(store.write_many([intake.keep_and_apply])[0])
 
 
 def receive_many(store: Store, messages: list[tuple[bytes, Prepared | None]]) -> list[Answer]:
-    """`receive` for several messages at once (no draft made here): their writes share commits, each its own answer."""
+    """`receive` for several messages at once, as the intake writer takes them: their writes share commits, each its
+    own answer. A message without a draft (its worker could not make one) is worked out under the lock: drafting it
+    here would fail the same way."""
     intakes = [_Intake(store, raw, prepared, draft_here=False) for raw, prepared in messages]
     outcomes = store.write_many([intake.keep_and_apply for intake in intakes])
     return [intake.finish(outcome) for intake, outcome in zip(intakes, outcomes, strict=True)]
@@ -143,12 +144,12 @@ class _Intake:
         accept, _error, reject = _codes(header)
         if isinstance(outcome, StoreError):
             return self._unavailable(outcome)
-        if isinstance(outcome, MessageError):
-            self.problem = outcome
-        elif isinstance(outcome, BaseException):
-            log.error("message %s from %s: unexpected failure", self.control_id, self.sender, exc_info=outcome)
-            self.problem = MessageError("internal error while applying the message", code=207)
         if isinstance(outcome, BaseException):  # its writes were refused: the message is kept alone, as a dead letter
+            if isinstance(outcome, MessageError):
+                self.problem = outcome
+            else:
+                log.error("message %s from %s: unexpected failure", self.control_id, self.sender, exc_info=outcome)
+                self.problem = MessageError("internal error while applying the message", code=207)
             try:
                 outcome = self.store.write(self.keep)
             except StoreError as err:
