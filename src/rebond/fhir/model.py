@@ -100,9 +100,15 @@ def _validate_object(obj: dict[str, Any], type_name: str, path: str, issues: lis
                 issues.append(Issue(where, "must not be an array"))
                 continue
             _validate_value(value, kind, where, issues)
-    for key, (_kind, _is_list, required, choice) in elements.items():
-        if required and not choice and key not in obj and f"_{key}" not in obj:
+    for key in _required_elements(type_name):
+        if key not in obj and f"_{key}" not in obj:
             issues.append(Issue(f"{path}.{key}", "required element missing"))
+
+
+@functools.cache
+def _required_elements(type_name: str) -> tuple[str, ...]:
+    """The elements of a type that must be present (a required choice element is checked by its own rules)."""
+    return tuple(key for key, (_kind, _is_list, required, choice) in _TYPES[type_name].items() if required and not choice)
 
 
 def _validate_value(value: Any, kind: str, path: str, issues: list[Issue]) -> None:

@@ -109,6 +109,8 @@ class CompiledPath:
     resource_type: str
     steps: tuple[Step, ...]
     text: str = ""  # the branch as written: parameters sharing a branch share its evaluation
+    #: the element its first step reads (`valueQuantity`, or `value` for any value[x]); None: it reads no element first
+    first: str | None = None
 
     def evaluate(self, resource: dict[str, Any]) -> list[Node]:
         nodes: list[Node] = [resource]
@@ -146,6 +148,10 @@ def _compile_branch(branch: str) -> CompiledPath | None:
         raw.append(("cast", cast_type))
     raw.extend(("field", seg) for seg in segments_rest)
     steps: list[Step] = []
+    first = None
+    if raw and raw[0][0] == "field":
+        suffix = raw[1][1] if len(raw) > 1 and raw[1][0] == "cast" else None
+        first = raw[0][1] + (suffix[0].upper() + suffix[1:] if suffix else "")
     i = 0
     while i < len(raw):
         kind, arg = raw[i]
@@ -162,7 +168,7 @@ def _compile_branch(branch: str) -> CompiledPath | None:
         else:  # a cast not following a field: only possible on the root, keep as is
             return None
         i += 1
-    return CompiledPath(root, tuple(steps), branch if cast_type is None else f"({branch} as {cast_type}){rest}")
+    return CompiledPath(root, tuple(steps), branch if cast_type is None else f"({branch} as {cast_type}){rest}", first)
 
 
 class Extractor:
@@ -191,6 +197,12 @@ class Extractor:
     def compiled(self) -> bool:
         """Whether every branch runs as compiled steps (not handed to fhirpathpy)."""
         return self._fallback is None and bool(self._paths)
+
+    def first_elements(self) -> frozenset[str] | None:
+        """The top-level elements at least one of which a resource must have for this to select anything; None: unknown."""
+        if self._fallback is not None or any(p.first is None for p in self._paths):
+            return None
+        return frozenset(p.first for p in self._paths if p.first is not None)
 
     def branch_texts(self) -> tuple[str, ...]:
         """The branches that apply to this type, as written in the definition."""

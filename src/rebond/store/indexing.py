@@ -218,17 +218,55 @@ def _references(value: Any) -> list[tuple[str | None, str | None, str | None]]:
 def index_resource(resource: dict[str, Any]) -> IndexRows:
     """All index rows of a resource, for every search parameter of its type."""
     rows = IndexRows()
-    params = registry().get(resource["resourceType"], {})
     memo: dict[str, list[Any]] = {}
-    for param in params.values():
-        if param.code in ("_id", "_lastUpdated") or not param.indexed:
-            continue  # answered from the resource table, or from the rows of the parameters it is made of
+    for param in _plan(resource["resourceType"]).params_for(resource):
         values = param.extractor.values(resource, memo)
-        if not values:
-            continue
-        _index_values(rows, param, values)
+        if values:
+            _index_values(rows, param, values)
     rows.dedupe()
     return rows
+
+
+class _Plan:
+    """The indexed parameters of one resource type, by the top-level element their paths start from.
+
+    An Observation type has some forty indexed parameters and a lab result has values for a
+    dozen: those whose paths start at an element the resource does not have are not evaluated.
+    """
+
+    def __init__(self, resource_type: str) -> None:
+        self.params = tuple(p for p in registry().get(resource_type, {}).values()
+                            if p.code not in ("_id", "_lastUpdated") and p.indexed)  # those two: from the resource table
+        self.always: list[int] = []
+        self.by_element: dict[str, list[int]] = {}
+        for i, param in enumerate(self.params):
+            firsts = param.extractor.first_elements()
+            if firsts is None:
+                self.always.append(i)
+            for name in firsts or ():
+                self.by_element.setdefault(name, []).append(i)
+        self._of_key: dict[str, tuple[int, ...]] = {}
+
+    def _for_key(self, key: str) -> tuple[int, ...]:
+        """Parameters a top-level key may feed: its own paths, and a choice element's (`valueQuantity` feeds `value`)."""
+        found = self._of_key.get(key)
+        if found is None:
+            names = [key, *(key[:i] for i, ch in enumerate(key) if i and ch.isupper())]
+            found = tuple(i for name in names for i in self.by_element.get(name, ()))
+            if len(self._of_key) < 4096:
+                self._of_key[key] = found
+        return found
+
+    def params_for(self, resource: dict[str, Any]) -> list[SearchParam]:
+        chosen = set(self.always)
+        for key in resource:
+            chosen.update(self._for_key(key))
+        return [self.params[i] for i in sorted(chosen)]
+
+
+@functools.cache
+def _plan(resource_type: str) -> _Plan:
+    return _Plan(resource_type)
 
 
 def _index_values(rows: IndexRows, param: SearchParam, values: Any) -> None:
@@ -286,28 +324,34 @@ def format_number(value: float) -> str:
 
 
 def composite_values(param: SearchParam, node: Any) -> list[tuple[str, str]]:
-    if not isinstance(node, dict) or len(param.components) != 2:
+    if not isinstance(node, dict):
         return []
-    pairs: list[list[str]] = []
-    for url, expression in param.components:
-        ptype, _code = component_param(url, param.resource_type)
-        extractor = _component_extractor(expression)
-        values = extractor.values({"resourceType": "Element", **node}) if extractor.applies else []
-        pairs.append([k for v in values for k in component_keys(ptype, v)])
-    return [(a, b) for a in pairs[0] for b in pairs[1]]
+    components = _components(param)
+    found = []
+    for _ptype, extractor in components:
+        # compiled paths start at the node whatever its type; fhirpathpy wants to be told the type
+        start = node if extractor.compiled else {"resourceType": "Element", **node}
+        values = extractor.values(start) if extractor.applies else []
+        if not values:
+            return []  # most composites of a resource have a part it lacks (an Observation has one kind of value)
+        found.append(values)
+    pairs = [[k for v in values for k in component_keys(ptype, v)] for (ptype, _e), values in zip(components, found, strict=True)]
+    return [(a, b) for a in pairs[0] for b in pairs[1]] if len(pairs) == 2 else []
 
 
-_COMPONENT_CACHE: dict[str, Any] = {}
+_COMPONENTS: dict[str, tuple[tuple[str, Any], ...]] = {}
 
 
-def _component_extractor(expression: str) -> Any:
-    from rebond.fhir.paths import Extractor
+def _components(param: SearchParam) -> tuple[tuple[str, Any], ...]:
+    """(parameter type, extractor) of each component of a composite parameter, worked out once."""
+    found = _COMPONENTS.get(param.key)
+    if found is None:
+        from rebond.fhir.paths import Extractor, split_top_level
 
-    extractor = _COMPONENT_CACHE.get(expression)
-    if extractor is None:
-        from rebond.fhir.paths import split_top_level
-
-        rooted = " | ".join("Element." + branch for branch in split_top_level(expression, "|"))
-        extractor = Extractor(rooted, "Element")
-        _COMPONENT_CACHE[expression] = extractor
-    return extractor
+        parts = []
+        for url, expression in param.components:
+            ptype, _code = component_param(url, param.resource_type)
+            rooted = " | ".join("Element." + branch for branch in split_top_level(expression, "|"))
+            parts.append((ptype, Extractor(rooted, "Element")))
+        found = _COMPONENTS[param.key] = tuple(parts)
+    return found
