@@ -241,3 +241,32 @@ def test_parameters_answered_from_other_parameters_rows(store: Store, ward: tupl
     assert ids_of(bundle, "include") == set()
     bundle = search(client, f"Observation?_id={pressure}&_include=Observation:subject")
     assert ids_of(bundle, "include") == {group}
+
+
+def test_indexing_skips_only_parameters_that_cannot_select_anything() -> None:
+    """Parameters whose paths start at an element a resource lacks are not evaluated (store/indexing.py `_Plan`):
+    the rows must be those of evaluating every parameter, over real Synthea resources with their value[x] choices."""
+    import bz2
+
+    from rebond.fhir.searchparams import registry
+    from rebond.store.indexing import IndexRows, _index_values
+    from tests.conftest import SYNTHEA
+
+    resources = []
+    for path in sorted(SYNTHEA.glob("*.json.bz2"))[2:5]:
+        bundle = orjson.loads(bz2.open(path).read())
+        resources += [entry["resource"] for entry in bundle["entry"]]
+    kinds = {r["resourceType"] for r in resources}
+    assert {"Observation", "Patient", "Encounter", "MedicationRequest", "Condition"} <= kinds
+    choices = 0
+    for resource in resources:
+        expected = IndexRows()
+        for param in registry()[resource["resourceType"]].values():
+            if param.code not in ("_id", "_lastUpdated") and param.indexed:
+                values = param.extractor.values(resource)
+                if values:
+                    _index_values(expected, param, values)
+        expected.dedupe()
+        assert index_resource(resource) == expected, resource["resourceType"]
+        choices += any(k.startswith("value") and k != "value" for k in resource)
+    assert choices > 100  # Observations with valueQuantity, valueCodeableConcept…: found through `value`
