@@ -254,7 +254,8 @@ def test_indexing_skips_only_parameters_that_cannot_select_anything() -> None:
 
     resources = []
     for path in sorted(SYNTHEA.glob("*.json.bz2"))[2:5]:
-        bundle = orjson.loads(bz2.open(path).read())
+        with bz2.open(path) as file:
+            bundle = orjson.loads(file.read())
         resources += [entry["resource"] for entry in bundle["entry"]]
     kinds = {r["resourceType"] for r in resources}
     assert {"Observation", "Patient", "Encounter", "MedicationRequest", "Condition"} <= kinds
