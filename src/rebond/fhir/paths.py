@@ -55,22 +55,23 @@ def _choice_names() -> frozenset[str]:
     return choice_element_names()
 
 
-def _children(nodes: list[Node], name: str, type_suffix: str | None) -> list[Node]:
+def _element_name(name: str, type_suffix: str | None) -> str:
+    """The JSON key of an element read as one type: `value` as Quantity is `valueQuantity`."""
+    return name + type_suffix[0].upper() + type_suffix[1:] if type_suffix else name
+
+
+def _children(nodes: list[Node], name: str, choice: bool) -> list[Node]:
+    """The values of element `name` in each node; `choice`: a value[x] element, found as valueQuantity, valueString, ..."""
     out: list[Node] = []
-    is_choice = type_suffix is None and name in _choice_names()
     for node in nodes:
         if not isinstance(node, dict):
             continue
-        if type_suffix is not None:
-            value = node.get(name + type_suffix[0].upper() + type_suffix[1:])
-        else:
-            value = node.get(name)
-            if value is None and is_choice:
-                # a choice element (value[x]) appears as valueQuantity, valueString, ...
-                for key, candidate in node.items():
-                    if key.startswith(name) and len(key) > len(name) and key[len(name)].isupper():
-                        value = candidate
-                        break
+        value = node.get(name)
+        if value is None and choice:
+            for key, candidate in node.items():
+                if key.startswith(name) and len(key) > len(name) and key[len(name)].isupper():
+                    value = candidate
+                    break
         if value is None:
             continue
         if isinstance(value, list):
@@ -81,7 +82,9 @@ def _children(nodes: list[Node], name: str, type_suffix: str | None) -> list[Nod
 
 
 def _field_step(name: str, type_suffix: str | None) -> Step:
-    return lambda nodes: _children(nodes, name, type_suffix)
+    key = _element_name(name, type_suffix)  # read as one type: that key only
+    choice = type_suffix is None and name in _choice_names()
+    return lambda nodes: _children(nodes, key, choice)
 
 
 def _reference_type_step(type_name: str) -> Step:
@@ -149,14 +152,13 @@ def _compile_branch(branch: str) -> CompiledPath | None:
     raw.extend(("field", seg) for seg in segments_rest)
     steps: list[Step] = []
     first = None
-    if raw and raw[0][0] == "field":
-        suffix = raw[1][1] if len(raw) > 1 and raw[1][0] == "cast" else None
-        first = raw[0][1] + (suffix[0].upper() + suffix[1:] if suffix else "")
     i = 0
     while i < len(raw):
         kind, arg = raw[i]
         if kind == "field":
             suffix = raw[i + 1][1] if i + 1 < len(raw) and raw[i + 1][0] == "cast" else None
+            if not steps:
+                first = _element_name(arg, suffix)
             steps.append(_field_step(arg, suffix))
             i += 2 if suffix else 1
             continue
