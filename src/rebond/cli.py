@@ -46,7 +46,7 @@ def serve(
     workers: Annotated[int, typer.Option(help="server processes sharing the port (one per core)")] = 1,
     session_idle_minutes: Annotated[float, typer.Option(help="sign-in sessions close after this long without use")] = 30,
     mllp_port: Annotated[int | None, typer.Option(help="also take HL7 v2 messages over MLLP on this port (2575 is usual)")] = None,
-    mllp_workers: Annotated[int | None, typer.Option(help="processes working out MLLP messages (default: one per core; 0: none)")] = None,
+    mllp_workers: Annotated[int | None, typer.Option(help="processes working out MLLP messages (default: cores less one; 0: none)")] = None,
     downtime_dir: Annotated[str | None, typer.Option(help="where the downtime packs are kept (default: var/downtime)")] = None,
     downtime_every: Annotated[float, typer.Option(help="minutes between two rounds of downtime packs (0: none)")] = 10,
     downtime_keep: Annotated[int, typer.Option(help="downtime packs kept per ward")] = 6,
@@ -149,7 +149,8 @@ def _mllp_listener(store: Store, db: str, site_id: str, host: str, port: int | N
     from rebond.hl7.workers import DraftWorkers
 
     if workers is None:
-        workers = min(os.cpu_count() or 1, 4) if (os.cpu_count() or 1) > 1 else 0
+        # the intake writer is a process too, busy on every message: the workers share the other cores
+        workers = min((os.cpu_count() or 1) - 1, 4)
     if workers and ":memory:" in db:
         workers = 0  # a store in this process's memory: no other process can write to it
     return MllpServer(store, host, port, drafts=DraftWorkers(db, site_id, workers) if workers else None)

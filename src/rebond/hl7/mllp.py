@@ -95,7 +95,7 @@ class MllpServer:
 
     async def start(self) -> None:
         if self.drafts is not None:
-            self.drafts.start()
+            await self.drafts.start()
         self._server = await asyncio.start_server(self.serve_connection, self.host, self.port, limit=2 ** 20)
         sockets: list[Any] = list(self._server.sockets or [])
         if sockets and self.port == 0:
@@ -109,7 +109,7 @@ class MllpServer:
             self._server.close()
             await self._server.wait_closed()
         if self.drafts is not None:
-            await asyncio.to_thread(self.drafts.stop)
+            await self.drafts.stop()
 
     def status(self) -> dict[str, Any]:
         facts: dict[str, Any] = {"port": self.port, "connections": self.connections}

@@ -12,6 +12,11 @@ is written by one intake writer process:
                                  ◀──────ACK───────
                           server ──▶ AA on the connection
 
+The server talks to each process over a socket pair read and written by its event loop: a
+message crosses to a worker, and its draft to the writer, without waking a thread, so a hop
+costs a system call, not a turn of the interpreter lock (the process pool's feeder and
+result threads cost about 2 ms a message on two cores).
+
 The writer is alone on purpose. SQLite has one writer at a time and drops a connection's page
 cache whenever another process has written, so writers in several processes spend their turn
 re-reading the pages they need; and a writer thread inside the server waited for the
@@ -29,19 +34,18 @@ a message in flight through two dead writers is taken in by the server process i
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import ctypes
 import itertools
 import logging
 import multiprocessing
 import pickle
-import queue
 import signal
-import threading
+import socket
+import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import Any
 
 from rebond.hl7.intake import Answer, Prepared, prepare, receive_many
@@ -54,10 +58,10 @@ _PR_SET_PDEATHSIG = 1
 WRITER_BATCH = 64
 #: a message in flight through this many dead writers is taken in by the server process
 WRITER_ATTEMPTS = 2
-#: a writer that dies sooner than this after its start is started again only after as long (seconds)
-WRITER_MIN_LIFE = 2.0
-_store: Store | None = None
+#: a process that dies sooner than this after its start is started again only after as long (seconds)
+MIN_LIFE = 2.0
 _SPAWN = multiprocessing.get_context("spawn")  # not forked: the server's threads, sockets and connections stay out
+_LENGTH = struct.Struct("!I")
 
 
 def _child_process() -> None:
@@ -67,16 +71,72 @@ def _child_process() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _start_worker(db_url: str, site_id: str) -> None:
-    global _store
+def _framed(item: Any) -> bytes:
+    payload = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(payload)) + payload
+
+
+class _Frames:
+    """In a child process: what the server sends on its socket, one pickle per length-prefixed frame."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+
+    def _complete(self, most: int) -> list[Any]:
+        items: list[Any] = []
+        start = 0
+        while len(items) < most and len(self.buffer) - start >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(self.buffer, start)
+            end = start + _LENGTH.size + size
+            if len(self.buffer) < end:
+                break
+            items.append(pickle.loads(memoryview(self.buffer)[start + _LENGTH.size:end]))  # from this server only
+            start = end
+        del self.buffer[:start]
+        return items
+
+    def take(self, most: int) -> list[Any] | None:
+        """Wait for one item, then take whatever else has arrived (up to `most`); None when the server is gone."""
+        while True:
+            items = self._complete(most)
+            if items:
+                with contextlib.suppress(BlockingIOError, InterruptedError):
+                    while len(items) < most and (more := self.sock.recv(1 << 20, socket.MSG_DONTWAIT)):
+                        self.buffer += more
+                        items += self._complete(most - len(items))
+                return items
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                return None
+            self.buffer += chunk
+
+    def send(self, item: Any) -> None:
+        self.sock.sendall(_framed(item))
+
+
+def _worker_main(sock: socket.socket, db_url: str, site_id: str) -> None:
+    """A draft worker: messages in (ticket, bytes), drafts out (ticket, pickled draft or None, error)."""
     _child_process()
-    _store = open_store(db_url, site_id=site_id)
+    store = open_store(db_url, site_id=site_id)
+    frames = _Frames(sock)
+    try:
+        while (items := frames.take(16)) is not None:
+            for item in items:
+                if item is None:  # the server is stopping
+                    return
+                ticket, raw = item
+                try:
+                    frames.send((ticket, _draft_blob(store, raw), None))
+                except Exception as err:  # a draft is an optimisation: the writer works the message out itself
+                    frames.send((ticket, None, type(err).__name__))
+    finally:
+        store.close()
 
 
-def _draft_here(raw: bytes) -> bytes | None:
-    """In a worker: the message's draft, pickled here so that the server passes it on without reading it."""
-    assert _store is not None
-    prepared = prepare(_store, raw)
+def _draft_blob(store: Store, raw: bytes) -> bytes | None:
+    """The message's draft, pickled here so that the server passes it on without reading it."""
+    prepared = prepare(store, raw)
     return pickle.dumps(prepared, protocol=pickle.HIGHEST_PROTOCOL) if prepared is not None else None
 
 
@@ -90,33 +150,82 @@ def _unpickled(blob: bytes | None) -> Prepared | None:
     return prepared if isinstance(prepared, Prepared) else None
 
 
-def _writer_main(conn: Connection, db_url: str, site_id: str) -> None:
+def _writer_main(sock: socket.socket, db_url: str, site_id: str) -> None:
     """The intake writer: messages in (ticket, bytes, draft), acknowledgements out, one commit per batch."""
     _child_process()
     store = open_store(db_url, site_id=site_id)
+    frames = _Frames(sock)
     try:
-        stopping = False
-        while not stopping:
-            try:
-                first = conn.recv()
-            except EOFError:
+        while (items := frames.take(WRITER_BATCH)) is not None:
+            batch = [item for item in items if item is not None]
+            if batch:
+                answers = receive_many(store, [(raw, _unpickled(blob)) for _ticket, raw, blob in batch])
+                frames.send([(ticket, answer) for (ticket, _raw, _blob), answer in zip(batch, answers, strict=True)])
+            if len(batch) < len(items):  # None: the server is stopping
                 return
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < WRITER_BATCH and conn.poll():  # whatever else has arrived goes into the same commit
-                try:
-                    item = conn.recv()
-                except EOFError:
-                    item = None
-                if item is None:
-                    stopping = True
-                    break
-                batch.append(item)
-            answers = receive_many(store, [(raw, _unpickled(blob)) for _ticket, raw, blob in batch])
-            conn.send([(ticket, answer) for (ticket, _raw, _blob), answer in zip(batch, answers, strict=True)])
     finally:
         store.close()
+
+
+class _Link:
+    """The server's end of one child process: frames written without blocking, frames read by a task of the loop."""
+
+    def __init__(self, process: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.process = process
+        self.reader = reader
+        self.writer = writer
+        self.started = time.monotonic()
+        self.task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, name: str, target: Callable[..., None], *args: Any) -> _Link:
+        ours, theirs = socket.socketpair()
+        try:
+            process = _SPAWN.Process(target=target, args=(theirs, *args), name=name, daemon=True)
+            await asyncio.to_thread(process.start)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_connection(sock=ours, limit=2 ** 24)
+        return cls(process, reader, writer)
+
+    @property
+    def pid(self) -> int | None:
+        return int(self.process.pid) if self.process.pid is not None else None
+
+    def listen(self, on_item: Callable[[Any], None], on_exit: Callable[[_Link], None]) -> None:
+        async def read() -> None:
+            try:
+                while True:
+                    (size,) = _LENGTH.unpack(await self.reader.readexactly(_LENGTH.size))
+                    on_item(pickle.loads(await self.reader.readexactly(size)))  # from this server's own child
+            except (asyncio.IncompleteReadError, ConnectionError, OSError):
+                pass
+            self.writer.close()
+            on_exit(self)
+
+        self.task = asyncio.get_running_loop().create_task(read())
+
+    def send(self, item: Any) -> bool:
+        if self.writer.is_closing():
+            return False
+        self.writer.write(_framed(item))
+        return True
+
+    async def stop(self, wait: float) -> None:
+        """Ask the child to end (None is its last item: it finishes what it has), and end it if it does not."""
+        with contextlib.suppress(OSError, RuntimeError):
+            self.send(None)
+        await asyncio.to_thread(self._end, wait)
+        self.writer.close()
+
+    def _end(self, wait: float) -> None:
+        self.process.join(timeout=wait)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
 
 
 class WriterGone(Exception):
@@ -128,7 +237,7 @@ class _InFlight:
     raw: bytes
     blob: bytes | None
     future: asyncio.Future[Answer]
-    loop: asyncio.AbstractEventLoop
+    sent_to: _Link | None = None
     attempts: int = 0
 
 
@@ -138,164 +247,163 @@ class IntakeWriter:
     def __init__(self, db_url: str, site_id: str) -> None:
         self.db_url = db_url
         self.site_id = site_id
-        self._lock = threading.Lock()
         self._tickets = itertools.count(1)
         self._in_flight: dict[int, _InFlight] = {}
-        self._outbox: queue.SimpleQueue[tuple[Connection | None, Any]] = queue.SimpleQueue()
-        self._process: Any = None
-        self._conn: Connection | None = None
+        self._link: _Link | None = None
+        self._launching = False
         self._stopping = False
-        self._launched_at = 0.0
         self.batches = 0
         self.written = 0
         self.restarts = 0
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self._stopping = False
-        self._launch()
-        threading.Thread(target=self._send_loop, name="mllp-writer-send", daemon=True).start()
+        await self._launch()
 
-    def _launch(self) -> None:
-        ours, theirs = _SPAWN.Pipe(duplex=True)
-        process = _SPAWN.Process(target=_writer_main, args=(theirs, self.db_url, self.site_id), name="rebond-mllp-writer",
-                                 daemon=True)
-        process.start()
-        theirs.close()
-        self._process, self._conn = process, ours
-        self._launched_at = time.monotonic()
-        threading.Thread(target=self._receive_loop, args=(ours,), name="mllp-writer-receive", daemon=True).start()
+    async def _launch(self) -> None:
+        self._launching = True
+        try:
+            link = await _Link.open("rebond-mllp-writer", _writer_main, self.db_url, self.site_id)
+        except Exception as err:  # no writer process can be started: the server takes the messages in itself
+            log.error("the MLLP intake writer cannot be started (%s): messages are taken in by the server", err)
+            self._link = None
+        else:
+            self._link = link
+            link.listen(self._answered, self._died)
+        finally:
+            self._launching = False
+        for ticket, flight in list(self._in_flight.items()):
+            if flight.sent_to is None:
+                self._send(ticket, flight)
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        return self._link.pid if self._link is not None else None
 
     async def receive(self, raw: bytes, blob: bytes | None) -> Answer:
         """The message's acknowledgement, once the writer has committed it; WriterGone if it cannot."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Answer] = loop.create_future()
-        with self._lock:
-            if self._conn is None:
-                raise WriterGone("the intake writer is stopped")
-            ticket = next(self._tickets)
-            self._in_flight[ticket] = _InFlight(raw, blob, future, loop)
-            self._outbox.put((self._conn, (ticket, raw, blob)))
-        return await future
+        if self._link is None and not self._launching:
+            raise WriterGone("the intake writer is stopped")
+        ticket = next(self._tickets)
+        flight = _InFlight(raw, blob, asyncio.get_running_loop().create_future())
+        self._in_flight[ticket] = flight
+        if self._link is not None:  # else it goes to the writer being started
+            self._send(ticket, flight)
+        return await flight.future
 
-    def _send_loop(self) -> None:
-        # sends happen here, not on the event loop: a full pipe (the writer busy committing) must not stall connections
-        while True:
-            conn, item = self._outbox.get()
-            if conn is None:
-                return
-            with contextlib.suppress(OSError, ValueError):  # a dead writer: its receiver thread starts another
-                conn.send(item)
+    def _send(self, ticket: int, flight: _InFlight) -> None:
+        if self._link is None:
+            self._in_flight.pop(ticket, None)
+            _settle(flight.future, error=WriterGone("no intake writer could be started"))
+        elif self._link.send((ticket, flight.raw, flight.blob)):
+            flight.sent_to = self._link
 
-    def _receive_loop(self, conn: Connection) -> None:
-        while True:
-            try:
-                answers = conn.recv()
-            except (EOFError, OSError):
-                break
-            with self._lock:
-                self.batches += 1
-                self.written += len(answers)
-                done = [(self._in_flight.pop(ticket, None), answer) for ticket, answer in answers]
-            for flight, answer in done:
-                if flight is not None:
-                    flight.loop.call_soon_threadsafe(_settle, flight.future, answer, None)
-        with contextlib.suppress(OSError):
-            conn.close()
-        if self._stopping or conn is not self._conn:
+    def _answered(self, answers: list[tuple[int, Answer]]) -> None:
+        self.batches += 1
+        self.written += len(answers)
+        for ticket, answer in answers:
+            flight = self._in_flight.pop(ticket, None)
+            if flight is not None:
+                _settle(flight.future, answer=answer)
+
+    def _died(self, link: _Link) -> None:
+        if self._stopping or link is not self._link:
             return
+        self._link = None
+        self._launching = True  # messages arriving meanwhile wait for the new writer
         log.warning("the MLLP intake writer process died: starting it again (%d messages in flight)", len(self._in_flight))
-        if time.monotonic() - self._launched_at < WRITER_MIN_LIFE:
-            time.sleep(WRITER_MIN_LIFE)  # one that dies at start (the store cannot open?) is not started in a tight loop
-        with self._lock:
-            if self._stopping:
-                return
-            self.restarts += 1
-            try:
-                self._launch()
-            except Exception as err:  # no writer process can be started: the server takes the messages in itself
-                log.error("the MLLP intake writer cannot be started (%s): messages are taken in by the server", err)
-                self._conn = self._process = None
-            for ticket, flight in list(self._in_flight.items()):
+        for ticket, flight in list(self._in_flight.items()):
+            if flight.sent_to is link:
+                flight.sent_to = None
                 flight.attempts += 1
-                if self._conn is None or flight.attempts >= WRITER_ATTEMPTS:
+                if flight.attempts >= WRITER_ATTEMPTS:
                     del self._in_flight[ticket]
-                    flight.loop.call_soon_threadsafe(_settle, flight.future, None, WriterGone("in flight through dead writers"))
-                else:
-                    self._outbox.put((self._conn, (ticket, flight.raw, flight.blob)))
+                    _settle(flight.future, error=WriterGone("in flight through dead writers"))
+        asyncio.get_running_loop().create_task(self._relaunch(link))
 
-    def stop(self) -> None:
-        with self._lock:
-            self._stopping = True
-            conn, process = self._conn, self._process
-            self._conn = None
-            for flight in self._in_flight.values():
-                flight.loop.call_soon_threadsafe(_settle, flight.future, None, ConnectionAbortedError("the server is stopping"))
-            self._in_flight.clear()
-        if conn is not None:
-            self._outbox.put((conn, None))  # the writer ends after its batch
-        self._outbox.put((None, None))
-        if process is not None:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
-                process.join()
-        if conn is not None:
-            conn.close()
+    async def _relaunch(self, dead: _Link) -> None:
+        if time.monotonic() - dead.started < MIN_LIFE:
+            await asyncio.sleep(MIN_LIFE)  # one that dies at start (the store cannot open?) is not started in a tight loop
+        if self._stopping:
+            return
+        self.restarts += 1
+        await self._launch()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        link, self._link = self._link, None
+        for flight in self._in_flight.values():
+            _settle(flight.future, error=ConnectionAbortedError("the server is stopping"))
+        self._in_flight.clear()
+        if link is not None:
+            await link.stop(wait=10.0)  # the writer ends after its batch
 
     def status(self) -> dict[str, Any]:
         return {"pid": self.pid, "batches": self.batches, "written": self.written, "restarts": self.restarts,
                 "in_flight": len(self._in_flight)}
 
 
-def _settle(future: asyncio.Future[Answer], answer: Answer | None, error: BaseException | None) -> None:
+def _settle(future: asyncio.Future[Any], *, answer: Any = None, error: BaseException | None = None) -> None:
     if future.done():
         return
     if error is not None:
         future.set_exception(error)
     else:
-        assert answer is not None
         future.set_result(answer)
 
 
+class _Worker:
+    def __init__(self, link: _Link) -> None:
+        self.link = link
+        self.waiting: dict[int, asyncio.Future[tuple[bytes | None, str | None]]] = {}
+
+
 class DraftWorkers:
-    """Worker processes making drafts (replaced as a whole if one of them dies) and the intake writer process."""
+    """Draft worker processes (each replaced if it dies) and the intake writer process."""
 
     def __init__(self, db_url: str, site_id: str, count: int) -> None:
         self.db_url = db_url
         self.site_id = site_id
         self.count = count
-        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._workers: list[_Worker | None] = [None] * count
+        self._tickets = itertools.count(1)
+        self._stopping = False
         self.writer = IntakeWriter(db_url, site_id)
         self.drafted = 0
         self.failed = 0
         self.redone = 0  # drafts found stale under the lock (another write changed what they read): worked out again
         self.restarts = 0
 
-    def start(self) -> None:
-        self._pool = self._new_pool()
-        self.writer.start()
+    async def start(self) -> None:
+        self._stopping = False
+        await asyncio.gather(self.writer.start(), *(self._launch(slot) for slot in range(self.count)))
 
-    def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
-        return concurrent.futures.ProcessPoolExecutor(self.count, mp_context=_SPAWN, initializer=_start_worker,
-                                                      initargs=(self.db_url, self.site_id))
+    async def _launch(self, slot: int) -> None:
+        try:
+            link = await _Link.open(f"rebond-mllp-worker-{slot + 1}", _worker_main, self.db_url, self.site_id)
+        except Exception as err:
+            log.error("an MLLP worker process cannot be started (%s): its messages are worked out by the writer", err)
+            return
+        worker = _Worker(link)
+        self._workers[slot] = worker
+        link.listen(lambda item: _drafted(worker, item), lambda dead: self._died(slot, worker))
 
     async def draft(self, raw: bytes) -> bytes | None:
         """The message's draft from a worker, pickled; None (the writer works it out itself) if the workers cannot."""
-        pool = self._pool
-        if pool is None:
+        idle = [w for w in self._workers if w is not None]
+        if not idle:
             return None
-        try:
-            blob = await asyncio.get_running_loop().run_in_executor(pool, _draft_here, raw)
-        except concurrent.futures.BrokenExecutor:
-            self._restart(pool)
+        worker = min(idle, key=lambda w: len(w.waiting))
+        ticket = next(self._tickets)
+        future: asyncio.Future[tuple[bytes | None, str | None]] = asyncio.get_running_loop().create_future()
+        worker.waiting[ticket] = future
+        if not worker.link.send((ticket, raw)):
+            worker.waiting.pop(ticket)
             return None
-        except Exception as err:  # a draft is an optimisation: whatever went wrong, the writer decides
+        blob, error = await future
+        if error is not None:  # whatever went wrong, the writer decides
             self.failed += 1
-            log.warning("an MLLP worker could not draft a message: %s", type(err).__name__)
+            log.warning("an MLLP worker could not draft a message: %s", error)
             return None
         self.drafted += 1
         return blob
@@ -307,20 +415,39 @@ class DraftWorkers:
             self.redone += 1
         return answer
 
-    def _restart(self, broken: concurrent.futures.ProcessPoolExecutor) -> None:
-        if self._pool is not broken:
+    def _died(self, slot: int, worker: _Worker) -> None:
+        for future in worker.waiting.values():
+            _settle(future, answer=(None, None))
+        worker.waiting.clear()
+        if self._stopping or self._workers[slot] is not worker:
             return
-        log.warning("an MLLP worker process died: starting the workers again")
+        self._workers[slot] = None
+        log.warning("an MLLP worker process died: starting it again")
         self.restarts += 1
-        broken.shutdown(wait=False, cancel_futures=True)
-        self._pool = self._new_pool()
 
-    def stop(self) -> None:
-        self.writer.stop()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        async def relaunch() -> None:
+            if time.monotonic() - worker.link.started < MIN_LIFE:
+                await asyncio.sleep(MIN_LIFE)
+            if not self._stopping:
+                await self._launch(slot)
+
+        asyncio.get_running_loop().create_task(relaunch())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        workers = [w for w in self._workers if w is not None]
+        self._workers = [None] * self.count
+        await self.writer.stop()
+        for worker in workers:
+            await worker.link.stop(wait=2.0)
 
     def status(self) -> dict[str, Any]:
         return {"processes": self.count, "drafted": self.drafted, "failed": self.failed, "redone": self.redone,
                 "restarts": self.restarts, "writer": self.writer.status()}
+
+
+def _drafted(worker: _Worker, item: tuple[int, bytes | None, str | None]) -> None:
+    ticket, blob, error = item
+    future = worker.waiting.pop(ticket, None)
+    if future is not None:
+        _settle(future, answer=(blob, error))
