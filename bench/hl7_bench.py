@@ -8,7 +8,7 @@ for a fixed time. Latency is from sending a message to reading its ACK. The base
 same run, is bench/hl7_baseline.py: the message bytes appended to a file with fsync, then
 acknowledged — the least any durable acknowledgement costs.
 
-    .venv/bin/python bench/hl7_bench.py [--seconds 20] [--mllp-workers 2 0]
+    .venv/bin/python bench/hl7_bench.py [--seconds 20] [--mllp-workers 1 0]
 """
 from __future__ import annotations
 
@@ -73,8 +73,8 @@ def results_for(traffic: Traffic, connections: int, per_connection: int) -> list
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--mllp-workers", type=int, nargs="+", default=[2, 0],
-                        help="rebond serve --mllp-workers values to measure (0: served in the server process)")
+    parser.add_argument("--mllp-workers", type=int, nargs="+", default=[1, 0],
+                        help="rebond serve --mllp-workers values to measure (1: the default on 2 cores; 0: served in the server process)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     with database("sqlite", "hl7") as url:

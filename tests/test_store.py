@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -153,23 +154,31 @@ def test_each_concurrent_write_succeeds_or_fails_on_its_own(store: Store) -> Non
     assert all(store.read("Patient", i) is not None for i in ids)
 
 
-def test_write_many_gives_each_work_its_result_or_its_error(store: Store) -> None:
+@pytest.mark.parametrize("rerunnable", [False, True], ids=["run-once", "rerunnable"])
+def test_write_many_gives_each_work_its_result_or_its_error(store: Store, rerunnable: bool) -> None:
     """Works handed over together (the HL7 intake writer's batches): the failing ones roll back alone."""
+    runs: Counter[int] = Counter()
 
-    def work(i: int) -> Callable[[Session], str]:
+    def work(i: int, fails: bool) -> Callable[[Session], str]:
         def run(tx: Session) -> str:
+            runs[i] += 1
             created = tx.create(patient(f"M{i}")).stored
-            if i % 3 == 1:
+            if fails:
                 raise RuntimeError(f"work {i} fails after writing")
             return created.id
         return run
 
-    outcomes = store.write_many([work(i) for i in range(9)])
+    outcomes = store.write_many([work(i, i % 3 == 1) for i in range(9)], rerunnable=rerunnable)
     assert [isinstance(o, RuntimeError) for o in outcomes] == [i % 3 == 1 for i in range(9)]
     assert str(outcomes[4]) == "work 4 fails after writing"
     ids = [o for o in outcomes if isinstance(o, str)]
     assert len(ids) == 6 and all(store.read("Patient", i) is not None for i in ids)
     assert store.counts().get("Patient") == 6, "nothing of a failed work stays"
+
+    runs.clear()
+    outcomes = store.write_many([work(i, False) for i in range(10, 14)], rerunnable=rerunnable)
+    assert all(isinstance(o, str) for o in outcomes) and store.counts().get("Patient") == 10
+    assert set(runs.values()) == {1}, "a batch where nothing fails runs each work once"
 
 
 def test_a_copy_from_the_feed_keeps_its_version_and_is_applied_once(store: Store) -> None:

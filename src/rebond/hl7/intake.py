@@ -92,7 +92,8 @@ def receive_many(store: Store, messages: list[tuple[bytes, Prepared | None]]) ->
     own answer. A message without a draft (its worker could not make one) is worked out under the lock: drafting it
     here would fail the same way."""
     intakes = [_Intake(store, raw, prepared, draft_here=False) for raw, prepared in messages]
-    outcomes = store.write_many([intake.keep_and_apply for intake in intakes])
+    # keep_and_apply keeps nothing outside the transaction: it can be run again if another message of the batch fails
+    outcomes = store.write_many([intake.keep_and_apply for intake in intakes], rerunnable=True)
     return [intake.finish(outcome) for intake, outcome in zip(intakes, outcomes, strict=True)]
 
 

@@ -288,10 +288,11 @@ class Store(abc.ABC):
             self.after_journal(journaled)
         return result
 
-    def write_many(self, works: Sequence[Callable[[Session], T]]) -> list[T | BaseException]:
+    def write_many(self, works: Sequence[Callable[[Session], T]], *, rerunnable: bool = False) -> list[T | BaseException]:
         """Run several works, each succeeding or failing on its own: per work, its result or the exception it raised.
 
         Engines with group commit commit them together (one fsync); here, one after the other.
+        `rerunnable`: each work may be run again from its start, if the engine finds that cheaper.
         """
         outcomes: list[T | BaseException] = []
         for work in works:
