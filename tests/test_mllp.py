@@ -180,6 +180,32 @@ def test_messages_are_worked_out_by_worker_processes_and_a_killed_worker_loses_n
     assert not [p for p in pids if Path(f"/proc/{p}").exists()]
 
 
+def test_a_worker_that_hangs_costs_time_not_messages(demo_db: str) -> None:
+    port = free_port()
+    server = RebondServer(demo_db, "--mllp-port", str(port), "--mllp-workers", "1").start()
+    try:
+        with hl7.client.MLLPClient("127.0.0.1", port) as client:
+            assert ack_code(client.send_message(oru("H0", "910000022", "FH0"))) == "AA"
+            writer = server.status()["mllp"]["workers"]["writer"]["pid"]
+            (worker,) = [pid for pid in worker_pids(server) if pid != writer]
+            os.kill(worker, signal.SIGSTOP)  # alive, its socket open, and silent
+            started = time.monotonic()
+            codes = [ack_code(client.send_message(oru(f"H{n}", "910000022", f"FH{n}"))) for n in range(1, 4)]
+            waited = time.monotonic() - started
+        assert codes == ["AA"] * 3
+        assert 4 < waited < 30, "the message waits for the draft timeout, then the writer works it out itself"
+        facts = server.status()["mllp"]["workers"]
+        assert facts["restarts"] == 1 and facts["failed"] >= 1
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{worker}").exists():
+            assert time.monotonic() < deadline, "the hung worker is ended"
+            time.sleep(0.05)
+        found = httpx.get(f"{server.fhir}/DiagnosticReport?patient.identifier=910000022&_count=50", headers=server.headers).json()
+        assert len(found["entry"]) == 4
+    finally:
+        server.stop()
+
+
 def test_the_intake_writer_killed_twice_mid_stream_is_replaced_and_every_message_is_stored_once(demo_db: str) -> None:
     port = free_port()
     server = RebondServer(demo_db, "--mllp-port", str(port), "--mllp-workers", "2").start()

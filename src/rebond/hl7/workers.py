@@ -60,6 +60,8 @@ WRITER_BATCH = 64
 WRITER_ATTEMPTS = 2
 #: a process that dies sooner than this after its start is started again only after as long (seconds)
 MIN_LIFE = 2.0
+#: a draft takes a few milliseconds: a worker silent for this long on one (stopped, looping) is killed and replaced
+DRAFT_TIMEOUT = 5.0
 _SPAWN = multiprocessing.get_context("spawn")  # not forked: the server's threads, sockets and connections stay out
 _LENGTH = struct.Struct("!I")
 
@@ -203,6 +205,10 @@ class _Link:
                     on_item(pickle.loads(await self.reader.readexactly(size)))  # from this server's own child
             except (asyncio.IncompleteReadError, ConnectionError, OSError):
                 pass
+            except Exception:  # whatever it was, the process is treated as gone (and replaced): nothing waits forever
+                log.exception("MLLP: reading from %s failed", self.process.name)
+                with contextlib.suppress(OSError, ValueError):
+                    self.process.kill()
             self.writer.close()
             on_exit(self)
 
@@ -218,8 +224,12 @@ class _Link:
         """Ask the child to end (None is its last item: it finishes what it has), and end it if it does not."""
         with contextlib.suppress(OSError, RuntimeError):
             self.send(None)
-        await asyncio.to_thread(self._end, wait)
+        await self.reap(wait)
         self.writer.close()
+
+    async def reap(self, wait: float = 5.0) -> None:
+        """Wait for the process to end (killing it after `wait` seconds), so that no dead child is left behind."""
+        await asyncio.to_thread(self._end, wait)
 
     def _end(self, wait: float) -> None:
         self.process.join(timeout=wait)
@@ -322,6 +332,7 @@ class IntakeWriter:
         asyncio.get_running_loop().create_task(self._relaunch(link))
 
     async def _relaunch(self, dead: _Link) -> None:
+        await dead.reap()
         if time.monotonic() - dead.started < MIN_LIFE:
             await asyncio.sleep(MIN_LIFE)  # one that dies at start (the store cannot open?) is not started in a tight loop
         if self._stopping:
@@ -400,7 +411,13 @@ class DraftWorkers:
         if not worker.link.send((ticket, raw)):
             worker.waiting.pop(ticket)
             return None
-        blob, error = await future
+        try:
+            blob, error = await asyncio.wait_for(future, DRAFT_TIMEOUT)
+        except TimeoutError:
+            log.warning("an MLLP worker gave no draft in %.0f s: it is stopped and replaced", DRAFT_TIMEOUT)
+            with contextlib.suppress(OSError, ValueError):
+                worker.link.process.kill()
+            blob, error = None, "TimeoutError"
         if error is not None:  # whatever went wrong, the writer decides
             self.failed += 1
             log.warning("an MLLP worker could not draft a message: %s", error)
@@ -426,6 +443,7 @@ class DraftWorkers:
         self.restarts += 1
 
         async def relaunch() -> None:
+            await worker.link.reap()
             if time.monotonic() - worker.link.started < MIN_LIFE:
                 await asyncio.sleep(MIN_LIFE)
             if not self._stopping:
