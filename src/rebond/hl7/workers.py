@@ -278,6 +278,9 @@ class IntakeWriter:
             log.error("the MLLP intake writer cannot be started (%s): messages are taken in by the server", err)
             self._link = None
         else:
+            if self._stopping:  # stopped while it was starting
+                await link.stop(wait=10.0)
+                return
             self._link = link
             link.listen(self._answered, self._died)
         finally:
@@ -395,16 +398,19 @@ class DraftWorkers:
         except Exception as err:
             log.error("an MLLP worker process cannot be started (%s): its messages are worked out by the writer", err)
             return
+        if self._stopping:  # stopped while it was starting
+            await link.stop(wait=2.0)
+            return
         worker = _Worker(link)
         self._workers[slot] = worker
         link.listen(lambda item: _drafted(worker, item), lambda dead: self._died(slot, worker))
 
     async def draft(self, raw: bytes) -> bytes | None:
         """The message's draft from a worker, pickled; None (the writer works it out itself) if the workers cannot."""
-        idle = [w for w in self._workers if w is not None]
-        if not idle:
+        live = [w for w in self._workers if w is not None]
+        if not live:
             return None
-        worker = min(idle, key=lambda w: len(w.waiting))
+        worker = min(live, key=lambda w: len(w.waiting))  # the one with the fewest messages waiting
         ticket = next(self._tickets)
         future: asyncio.Future[tuple[bytes | None, str | None]] = asyncio.get_running_loop().create_future()
         worker.waiting[ticket] = future
