@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from rebond.clinical.records import find, read
-from rebond.hl7.intake import CHANNEL, receive, replay
+from rebond.hl7.intake import CHANNEL, prepare, receive, receive_many, replay
 from rebond.hl7.message import Message, MessageError
 from rebond.seed.demo import DemoSize, seed_demo
 from rebond.store.base import Store
@@ -113,6 +113,28 @@ def test_a_resent_message_is_acknowledged_again_and_applied_once(hospital: Store
     assert hospital.history()[1] == versions, "nothing written twice"
     reused = receive(hospital, oru("D1", "900000006", "F401"))
     assert reused.code == "AR" and b"already used" in reused.ack
+
+
+@pytest.mark.parametrize("drafted", [True, False], ids=["drafted", "worked-out-under-the-lock"])
+def test_messages_taken_in_one_commit_are_each_answered_and_a_refused_one_leaves_the_others_applied_once(
+        hospital: Store, drafted: bool) -> None:
+    """The intake writer's batch: taken together without savepoints, then again one by one when a message fails."""
+    receive(hospital, adt("A01", "T0", "900000013", "V13", bed="H1-CARDIO-01A"))
+    raws = [oru("T1", "900000013", "F800"), adt("A02", "T2", "900000013", "NEVER-ADMITTED"), oru("T3", "900000013", "F801"),
+            oru("T4", "900000014", "F802"), oru("T5", "900000013", "F803", potassium="six")]  # the last one fails half-way
+    answers = receive_many(hospital, [(raw, prepare(hospital, raw) if drafted else None) for raw in raws])
+    assert [a.code for a in answers] == ["AA", "AR", "AA", "AA", "AR"]
+    assert b"never admitted" in answers[1].ack and b"'six' is not a number" in answers[4].ack
+    assert hospital.message(answers[1].message_id or 0).status == "rejected"  # type: ignore[union-attr]
+    reports = find(hospital, "DiagnosticReport", ("identifier", "F800,F801,F802"))
+    assert sorted(i["value"] for r in reports for i in r["identifier"]) == ["F800", "F801", "F802"], "each result stored once"
+    assert patient(hospital, "900000014")["meta"]["tag"][0]["code"] == "provisional-patient"  # type: ignore[index]
+    assert not find(hospital, "Encounter", ("identifier", "urn:oid:1.2.250.1.999.1.2|NEVER-ADMITTED")), "nothing of the refused ones"
+    assert not find(hospital, "ServiceRequest", ("identifier", "F803")) and not find(hospital, "DiagnosticReport", ("identifier", "F803"))
+    written = hospital.history()[1]
+    again = receive_many(hospital, [(raw, None) for raw in raws])
+    assert [a.code for a in again] == ["AA", "AR", "AA", "AA", "AR"]
+    assert hospital.history()[1] == written, "a batch sent again is answered again and applied once"
 
 
 def test_a_merge_moves_the_merged_records_to_the_surviving_patient(hospital: Store) -> None:

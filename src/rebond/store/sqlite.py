@@ -185,7 +185,7 @@ class SQLiteStore(SQLStore):
         """Several works queued at once, so that they share commits (each under its own savepoint).
 
         `rerunnable`: each work may be run a second time from its start. A batch made only of such works
-        is first run without savepoints (a savepoint copies every page it touches: about 8 % of a lab
+        is first run without savepoints (a savepoint copies every page it touches: about 5 % of a lab
         result's commit); if one of them fails, all of it is rolled back and run again, each work under
         its savepoint, so that the failing one fails alone.
         """
@@ -228,7 +228,9 @@ class SQLiteStore(SQLStore):
         except BaseException as err:
             if self._writer.in_transaction:
                 cur.execute("ROLLBACK")
-            if not isinstance(err, Exception):
+            if not isinstance(err, Exception):  # interrupted: nothing of the batch is durable, and nobody waits for it
+                for item in batch:
+                    item.error, item.done = Unavailable(f"the SQLite commit was interrupted: {err!r}"), True
                 raise
             return False
         finally:
