@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from common import ROOT, SCRATCH, database, machine, percentile
 
@@ -65,6 +67,31 @@ def load(port: int, batches: list[list[bytes]], seconds: float) -> tuple[float, 
     return len(latencies) / elapsed, latencies, refused[0]
 
 
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(server: RebondServer) -> dict[str, float]:
+    """CPU seconds so far of the server process, its intake writer and its draft workers (Linux /proc)."""
+    assert server.proc is not None
+    writer = (server.status().get("mllp") or {}).get("workers", {}).get("writer", {}).get("pid")  # type: ignore[union-attr]
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if parent == server.proc.pid:
+                children.append(int(entry.name))
+    return {"server": _cpu_seconds(server.proc.pid), "writer": _cpu_seconds(writer) if writer else 0.0,
+            "workers": sum(_cpu_seconds(c) for c in children if c != writer)}
+
+
 def results_for(traffic: Traffic, connections: int, per_connection: int) -> list[list[bytes]]:
     return [[traffic.result(dt.datetime.now(dt.UTC)).encode() for _ in range(per_connection)]
             for _ in range(connections)]
@@ -84,6 +111,7 @@ def main() -> None:
         store.close()
         traffic = Traffic(seed=7)
         rows = []
+        cpu: dict[tuple[int, int], dict[str, float]] = {}
         for workers in args.mllp_workers:
             port = free_port()
             server = RebondServer(url, "--mllp-port", str(port), "--mllp-workers", str(workers)).start()
@@ -93,7 +121,11 @@ def main() -> None:
                     send_messages("127.0.0.1", port, admissions)
                 for connections in (4, 32):
                     batches = results_for(traffic, connections, int(args.seconds * 1200 / connections) + 50)
-                    rows.append((f"rebond/{workers}", connections, *load(port, batches, args.seconds)))
+                    before = process_cpu(server)
+                    rate, latencies, refused = load(port, batches, args.seconds)
+                    after = process_cpu(server)
+                    cpu[(workers, connections)] = {k: (after[k] - before[k]) * 1000 / max(1, len(latencies)) for k in after}
+                    rows.append((f"rebond/{workers}", connections, rate, latencies, refused))
             finally:
                 server.stop()
         base_port = free_port()
@@ -120,6 +152,10 @@ def main() -> None:
         print(f"{who:<10} {connections:>5} {rate:>8.0f} {percentile(latencies, 50):>8.1f} {percentile(latencies, 99):>8.1f}"
               f" {refused:>8} {rate / base[connections]:>6.2f}")
     print("(target: >= 500 messages/s with 4 connections, p99 < 50 ms; SQLite, acknowledged after the commit)")
+    print("\nCPU per message, ms (user + system, from /proc):")
+    for (workers, connections), spent in cpu.items():
+        print(f"rebond/{workers:<3} {connections:>5}   " + "   ".join(f"{k} {v:.2f}" for k, v in spent.items())
+              + f"   total {sum(spent.values()):.2f}")
 
 
 if __name__ == "__main__":
