@@ -14,8 +14,8 @@ is written by one intake writer process:
 
 The server talks to each process over a socket pair read and written by its event loop: a
 message crosses to a worker, and its draft to the writer, without waking a thread, so a hop
-costs a system call, not a turn of the interpreter lock (the process pool's feeder and
-result threads cost about 2 ms a message on two cores).
+costs a system call, not a turn of the interpreter lock (through a process pool and its
+feeder and result threads, each message took about 2 ms longer on two cores).
 
 The writer is alone on purpose. SQLite has one writer at a time and drops a connection's page
 cache whenever another process has written, so writers in several processes spend their turn
