@@ -211,45 +211,25 @@ class SQLiteStore(SQLStore):
         if journaled and self.after_journal is not None:
             self.after_journal(journaled)
 
-    def _run_together(self, batch: list[_Work]) -> bool:
-        """Every work of the batch in one transaction, without savepoints; False, with nothing done, if one fails."""
-        outcomes: list[tuple[Any, list[int]]] = []
-        written = 0
-        cur = self._writer.cursor()
-        try:
-            self._begin(cur)
-            for item in batch:
-                session = SQLSession(self, cur)  # type: ignore[arg-type]
-                result = item.fn(session)
-                session.flush()
-                written += session.writes
-                outcomes.append((result, session.journaled))
-            cur.execute("COMMIT")
-        except BaseException as err:
-            if self._writer.in_transaction:
-                cur.execute("ROLLBACK")
-            if not isinstance(err, Exception):  # interrupted: nothing of the batch is durable, and nobody waits for it
-                for item in batch:
-                    item.error, item.done = Unavailable(f"the SQLite commit was interrupted: {err!r}"), True
-                raise
-            return False
-        finally:
-            cur.close()
-        for item, (result, journaled) in zip(batch, outcomes, strict=True):
-            item.result, item.journaled, item.done = result, journaled, True
-        self._note_writes(written)
-        return True
-
     def _run_batch(self, batch: list[_Work]) -> None:
-        if len(batch) > 1 and all(item.rerunnable for item in batch) and self._run_together(batch):
-            return
-        # savepoints copy every page they touch to a sub-journal: only worth it when works share the batch
-        isolate = len(batch) > 1
+        # savepoints copy every page they touch to a sub-journal: only worth it when works share the batch, and
+        # works that may run again go first without them, then, if one of them failed, again each under its own
+        together = len(batch) == 1 or all(item.rerunnable for item in batch)
+        try:
+            if not self._run(batch, isolate=not together) and len(batch) > 1:
+                self._run(batch, isolate=True)
+        finally:
+            for item in batch:
+                item.done = True
+
+    def _run(self, batch: list[_Work], *, isolate: bool) -> bool:
+        """The batch in one transaction, each work under its savepoint if `isolate`; False if, without, it did not commit."""
         written = 0
         cur = self._writer.cursor()
         try:
             self._begin(cur)
             for item in batch:
+                item.error, item.journaled = None, []
                 if isolate:
                     cur.execute("SAVEPOINT work")
                 try:
@@ -262,12 +242,13 @@ class SQLiteStore(SQLStore):
                     item.error = err
                     if not isolate:
                         cur.execute("ROLLBACK")
-                        return
+                        return False
                     cur.execute("ROLLBACK TO work")
                 if isolate:
                     cur.execute("RELEASE work")
             cur.execute("COMMIT")
             self._note_writes(written)
+            return True
         except BaseException as err:  # the batch did not commit: nothing of it is durable
             if self._writer.in_transaction:
                 cur.execute("ROLLBACK")
@@ -275,10 +256,9 @@ class SQLiteStore(SQLStore):
                 item.error = item.error or Unavailable(f"the SQLite commit failed: {err}")
             if not isinstance(err, Exception):
                 raise
+            return isolate
         finally:
             cur.close()
-            for item in batch:
-                item.done = True
 
     def optimize(self) -> None:
         with self._write_lock, self._across_processes():
