@@ -44,7 +44,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +64,13 @@ MIN_LIFE = 2.0
 DRAFT_TIMEOUT = 5.0
 _SPAWN = multiprocessing.get_context("spawn")  # not forked: the server's threads, sockets and connections stay out
 _LENGTH = struct.Struct("!I")
+_RUNNING: set[asyncio.Task[None]] = set()  # the loop keeps only a weak reference to its tasks
+
+
+def _in_background(work: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(work)
+    _RUNNING.add(task)
+    task.add_done_callback(_RUNNING.discard)
 
 
 def _child_process() -> None:
@@ -177,7 +184,6 @@ class _Link:
         self.reader = reader
         self.writer = writer
         self.started = time.monotonic()
-        self.task: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, name: str, target: Callable[..., None], *args: Any) -> _Link:
@@ -212,7 +218,7 @@ class _Link:
             self.writer.close()
             on_exit(self)
 
-        self.task = asyncio.get_running_loop().create_task(read())
+        _in_background(read())
 
     def send(self, item: Any) -> bool:
         if self.writer.is_closing():
@@ -230,6 +236,13 @@ class _Link:
     async def reap(self, wait: float = 5.0) -> None:
         """Wait for the process to end (killing it after `wait` seconds), so that no dead child is left behind."""
         await asyncio.to_thread(self._end, wait)
+
+    async def bury(self) -> None:
+        """After its death: reap it, and if it died within MIN_LIFE of its start (the store cannot open?), wait as long,
+        so that a process that cannot live is not started again in a tight loop."""
+        await self.reap()
+        if time.monotonic() - self.started < MIN_LIFE:
+            await asyncio.sleep(MIN_LIFE)
 
     def _end(self, wait: float) -> None:
         self.process.join(timeout=wait)
@@ -332,12 +345,10 @@ class IntakeWriter:
                 if flight.attempts >= WRITER_ATTEMPTS:
                     del self._in_flight[ticket]
                     _settle(flight.future, error=WriterGone("in flight through dead writers"))
-        asyncio.get_running_loop().create_task(self._relaunch(link))
+        _in_background(self._relaunch(link))
 
     async def _relaunch(self, dead: _Link) -> None:
-        await dead.reap()
-        if time.monotonic() - dead.started < MIN_LIFE:
-            await asyncio.sleep(MIN_LIFE)  # one that dies at start (the store cannot open?) is not started in a tight loop
+        await dead.bury()
         if self._stopping:
             return
         self.restarts += 1
@@ -449,13 +460,11 @@ class DraftWorkers:
         self.restarts += 1
 
         async def relaunch() -> None:
-            await worker.link.reap()
-            if time.monotonic() - worker.link.started < MIN_LIFE:
-                await asyncio.sleep(MIN_LIFE)
+            await worker.link.bury()
             if not self._stopping:
                 await self._launch(slot)
 
-        asyncio.get_running_loop().create_task(relaunch())
+        _in_background(relaunch())
 
     async def stop(self) -> None:
         self._stopping = True
