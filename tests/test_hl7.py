@@ -94,6 +94,35 @@ def test_a_correction_is_a_new_version_of_the_same_observation(hospital: Store) 
     assert find(hospital, "DiagnosticReport", ("subject", f"Patient/{p['id']}"))[0]["status"] == "corrected"
 
 
+def test_the_results_of_an_order_have_ids_side_by_side(hospital: Store) -> None:
+    receive(hospital, oru("S1", "900000014", "F210"))
+    receive(hospital, oru("S2", "900000014", "F211"))
+    p = patient(hospital, "900000014")
+    by_order: dict[str, set[str]] = {}
+    for report in find(hospital, "DiagnosticReport", ("subject", f"Patient/{p['id']}")):
+        by_order[report["identifier"][0]["value"]] = {ref["reference"].split("/")[1] for ref in report["result"]}
+    assert set(by_order) == {"F210", "F211"} and all(len(ids) == 3 for ids in by_order.values())
+    prefixes = {order: {i[:18] for i in ids} for order, ids in by_order.items()}  # the first 64 bits: the order's
+    assert all(len(p) == 1 for p in prefixes.values()) and prefixes["F210"] != prefixes["F211"]
+    assert all(i[14] == "8" for ids in by_order.values() for i in ids), "UUID version 8: laid out by Rebond"
+
+
+def test_a_correction_of_an_order_stored_with_earlier_ids_keeps_them(hospital: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rebond.hl7 import mapping
+
+    # as results were named before `result_id`: each by a UUID v5 of its own
+    monkeypatch.setattr(mapping, "result_id", lambda key, *parts: mapping.derived_id("Observation", key, *parts))
+    receive(hospital, oru("E1", "900000015", "F220"))
+    p = patient(hospital, "900000015")
+    earlier = {o["id"] for o in find(hospital, "Observation", ("subject", f"Patient/{p['id']}"))}
+    monkeypatch.undo()
+    assert receive(hospital, oru("E2", "900000015", "F220", potassium="4,1", flag="N", status="C")).code == "AA"
+    now = find(hospital, "Observation", ("subject", f"Patient/{p['id']}"))
+    assert {o["id"] for o in now} == earlier and len(earlier) == 3, "no second copy of a result under a new id"
+    k = [o for o in now if o["code"]["coding"][0]["code"] == "2823-3"][0]
+    assert k["status"] == "corrected" and k["meta"]["versionId"] == "2"
+
+
 def test_a_result_for_an_unknown_patient_is_kept_on_a_provisional_record_that_the_admission_completes(hospital: Store) -> None:
     assert receive(hospital, oru("U1", "900000005", "F300")).code == "AA"
     provisional = patient(hospital, "900000005")

@@ -57,10 +57,11 @@ class Draft(Session):
         self.seen: dict[tuple[str, str], int] = {}  # version read (0: absent or deleted)
         self.searches: list[tuple[SearchQuery, int, list[str]]] = []
         self.writes: dict[tuple[str, str], PlannedWrite] = {}
+        self._read: dict[tuple[str, str], Stored | None] = {}  # what was read, read once: the draft sees one state
 
     def __getstate__(self) -> dict[str, Any]:
         """What another process needs to apply it: the reads and the writes, not the store it read from."""
-        return {**self.__dict__, "store": None}
+        return {**self.__dict__, "store": None, "_read": {}}
 
     def _source(self) -> Store:
         if self.store is None:
@@ -74,8 +75,11 @@ class Draft(Session):
         if planned is not None:
             body = orjson.dumps({**planned.resource, "id": resource_id})
             return Stored(resource_type, resource_id, planned.base_version + 1, 0.0, False, body)
-        stored = self._source().read(resource_type, resource_id)
-        self.seen.setdefault((resource_type, resource_id), 0 if stored is None or stored.deleted else stored.version)
+        key = (resource_type, resource_id)
+        if key in self._read:
+            return self._read[key]
+        stored = self._read[key] = self._source().read(resource_type, resource_id)
+        self.seen.setdefault(key, 0 if stored is None or stored.deleted else stored.version)
         return stored
 
     def search_ids(self, query: SearchQuery, limit: int = 2) -> list[str]:
