@@ -259,6 +259,7 @@ def test_indexing_skips_only_parameters_that_cannot_select_anything() -> None:
     kinds = {r["resourceType"] for r in resources}
     assert {"Observation", "Patient", "Encounter", "MedicationRequest", "Condition"} <= kinds
     choices = 0
+    composites: set[str] = set()
     for resource in resources:
         expected = IndexRows()
         for param in _plan(resource["resourceType"]).params:  # every indexed parameter of the type, none skipped
@@ -268,4 +269,7 @@ def test_indexing_skips_only_parameters_that_cannot_select_anything() -> None:
         expected.dedupe()
         assert index_resource(resource) == expected, resource["resourceType"]
         choices += any(k.startswith("value") and k != "value" for k in resource)
+        composites.update(row[0] for row in expected.composite)
     assert choices > 100  # Observations with valueQuantity, valueCodeableConcept…: found through `value`
+    # composites on the resource itself are evaluated only when each component has an element to read
+    assert {"Observation.code-value-quantity", "Observation.code-value-concept", "Observation.component-code-value-quantity"} <= composites

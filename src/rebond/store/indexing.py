@@ -239,8 +239,14 @@ class _Plan:
                             if p.code not in ("_id", "_lastUpdated") and p.indexed)  # those two: from the resource table
         self.always: list[int] = []
         self.by_element: dict[str, list[int]] = {}
+        # composites on the resource itself (an Observation's code-value-quantity): each component needs one of its elements
+        self.composites: list[tuple[int, tuple[frozenset[str], ...]]] = []
         for i, param in enumerate(self.params):
             firsts = param.extractor.first_elements()
+            needs = _component_elements(param) if firsts is None and param.type == "composite" else None
+            if needs is not None:
+                self.composites.append((i, needs))
+                continue
             if firsts is None:
                 self.always.append(i)
             for name in firsts or ():
@@ -251,8 +257,7 @@ class _Plan:
         """Parameters a top-level key may feed: its own paths, and a choice element's (`valueQuantity` feeds `value`)."""
         found = self._of_key.get(key)
         if found is None:
-            names = [key, *(key[:i] for i, ch in enumerate(key) if i and ch.isupper())]
-            found = tuple(i for name in names for i in self.by_element.get(name, ()))
+            found = tuple(i for name in _element_names(key) for i in self.by_element.get(name, ()))
             if len(self._of_key) < 4096:
                 self._of_key[key] = found
         return found
@@ -261,7 +266,22 @@ class _Plan:
         chosen = set(self.always)
         for key in resource:
             chosen.update(self._for_key(key))
+        if self.composites:
+            present = {name for key in resource for name in _element_names(key)}
+            chosen.update(i for i, needs in self.composites if all(not need.isdisjoint(present) for need in needs))
         return [self.params[i] for i in sorted(chosen)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _element_names(key: str) -> tuple[str, ...]:
+    """The element names a top-level key stands for: itself, and for a choice its stem (`valueQuantity`: `value`)."""
+    return (key, *(key[:i] for i, ch in enumerate(key) if i and ch.isupper()))
+
+
+def _component_elements(param: SearchParam) -> tuple[frozenset[str], ...] | None:
+    """For each component of a composite, the top-level elements one of which it reads first; None: not known for all."""
+    needs = tuple(extractor.first_elements() for _ptype, extractor in _components(param))
+    return needs if needs and all(need for need in needs) else None
 
 
 @functools.cache
