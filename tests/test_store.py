@@ -108,6 +108,15 @@ def test_concurrent_creates_of_the_same_new_id_never_fail(store: Store) -> None:
     assert versions == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_create_that_names_an_existing_id_is_refused_and_leaves_nothing(store: Store) -> None:
+    store.create(patient("C1"), resource_id="named-twice")
+    with pytest.raises(PreconditionFailed, match="already exists"):
+        store.write(lambda tx: tx.create(patient("C2"), resource_id="named-twice"))
+    history, total = store.history("Patient", "named-twice")
+    assert total == 1 and history[0].version == 1, "no version row left behind by the claim that lost"
+    assert store.counts().get("Patient") == 1 and store.read("Patient", "named-twice").version == 1
+
+
 def test_change_feed_is_resumable_and_names_the_site(engine_url: str) -> None:
     store = open_store(engine_url, site_id="hopital-nord")
     try:

@@ -63,16 +63,17 @@ class Prepared:
 
     draft: Draft
     applied: Applied
+    header: Header  # the message's, read where the draft was made
 
 
 def prepare(store: Store, raw: bytes) -> Prepared | None:
     """Decode a message and draft its writes on the last committed state; None when it must be done under the lock."""
     try:
         message = Message(decode(raw)[0])
-        message.header()
+        header = message.header()
     except MessageError:
         return None
-    return _draft(store, message)
+    return _draft(store, message, header)
 
 
 def receive(store: Store, raw: bytes, prepared: Prepared | None = None) -> Answer:
@@ -103,33 +104,46 @@ class _Intake:
     def __init__(self, store: Store, raw: bytes, prepared: Prepared | None, *, draft_here: bool) -> None:
         self.store = store
         self.raw = raw
-        self.header: Header | None = None
-        self.message: Message | None = None
+        # a drafted message was read where its draft was made: it is parsed here again only if the draft is not used
+        self.header: Header | None = prepared.header if prepared is not None else None
+        self._message: Message | None = None
         self.problem: MessageError | None = None
-        try:
-            text, _charset = decode(raw)
-            self.message = Message(text)
-            self.header = self.message.header()
-        except MessageError as err:
-            self.problem = err
+        if self.header is None:
+            try:
+                self._message = Message(decode(raw)[0])
+                self.header = self._message.header()
+            except MessageError as err:
+                self.problem = err
         self.sender = self.header.sender if self.header else "?"
         self.control_id = self.header.control_id if self.header else (control_id_of(raw) or "sha256:" + hashlib.sha256(raw).hexdigest())
-        if prepared is None and draft_here and self.message is not None and self.problem is None:
-            prepared = _draft(store, self.message)
+        if prepared is None and draft_here and self._message is not None and self.header is not None and self.problem is None:
+            prepared = _draft(store, self._message, self.header)
         self.prepared = prepared
         self.redone = False
+
+    @property
+    def message(self) -> Message | None:
+        """The parsed message; None for one that cannot be read (`problem` says why)."""
+        if self._message is None and self.header is not None:
+            self._message = Message(decode(self.raw)[0])
+        return self._message
 
     def keep(self, tx: Session) -> tuple[InboxMessage, bool]:
         return tx.receive_message(CHANNEL, self.sender, self.control_id, self.raw)
 
     def keep_and_apply(self, tx: Session) -> tuple[InboxMessage, bool]:
         kept, new = self.keep(tx)
-        if new and self.message is not None and self.problem is None:
+        if new and self.header is not None and self.problem is None:
             # the draft's writes, or (what it read has changed since, or there is none) worked out again under the lock
             prepared = self.prepared
             drafted = prepared is not None and tx.apply_draft(prepared.draft)
             self.redone = prepared is not None and not drafted
-            applied = prepared.applied if drafted and prepared is not None else apply_message(tx, self.message)
+            if drafted and prepared is not None:
+                applied = prepared.applied
+            else:
+                message = self.message
+                assert message is not None  # it has a header
+                applied = apply_message(tx, message)
             tx.settle_message(kept.id, "applied", applied.summary())
         return kept, new
 
@@ -172,7 +186,7 @@ class _Intake:
         return replace(_answer(header, accept, "", kept.id), redone=self.redone)
 
 
-def _draft(store: Store, message: Message) -> Prepared | None:
+def _draft(store: Store, message: Message, header: Header) -> Prepared | None:
     """The message's writes worked out before taking the write lock (store/draft.py), or None: then under the lock.
 
     Any failure here (an invalid message, a store that does not answer, a message whose writes
@@ -180,7 +194,7 @@ def _draft(store: Store, message: Message) -> Prepared | None:
     """
     draft = Draft(store)
     try:
-        return Prepared(draft, apply_message(draft, message))
+        return Prepared(draft, apply_message(draft, message), header)
     except Exception:
         return None
 

@@ -119,6 +119,27 @@ class SQLiteStore(SQLStore):
         self._all.append(conn)
         return conn
 
+    def insert_new(self, cur: Cursor, version_row: tuple[Any, ...]) -> tuple[int, int] | None:
+        """The version first, then the resource row pointing at it: two statements instead of three (no pointer to
+        fix afterwards). An id that exists already conflicts with its version 1, or with its resource row (then the
+        version just written goes)."""
+        rtype, rid, _version, lu, _method, _site, _body = version_row
+        cur.execute(self.insert_version + " ON CONFLICT (res_type, res_id, version) DO NOTHING RETURNING seq", version_row)
+        row = cur.fetchone()
+        if row is None:
+            return None
+        seq = int(row[0])
+        cur.execute(
+            "INSERT INTO resources (res_type, res_id, version, seq, lu, deleted) VALUES (?, ?, 1, ?, ?, 0)"
+            " ON CONFLICT (res_type, res_id) DO NOTHING RETURNING rid",
+            (rtype, rid, seq, lu),
+        )
+        row = cur.fetchone()
+        if row is None:
+            cur.execute("DELETE FROM versions WHERE seq = ?", (seq,))
+            return None
+        return int(row[0]), seq
+
     def lock_key(self, cur: Cursor, key: str) -> None:
         """Nothing to do: SQLite write transactions already run one at a time."""
 
