@@ -37,6 +37,19 @@ def test_a_draft_writes_what_it_planned_when_nothing_changed(store: Store) -> No
     assert store.search_ids(parse_search("Observation", [("patient", "p1")])) == ["o1"]  # its index rows went in too
 
 
+def test_what_a_draft_reads_ahead_counts_as_read(store: Store) -> None:
+    store.update("Patient", "p2", patient("Martin", "2"))
+    store.update("Patient", "p3", patient("Durand", "3"))
+    draft = Draft(store)
+    draft.read_ahead([("Patient", "p2"), ("Patient", "p3"), ("Patient", "absent"), ("Patient", "p2")])
+    assert draft.seen == {("Patient", "p2"): 1, ("Patient", "p3"): 1, ("Patient", "absent"): 0}
+    assert draft.read("Patient", "p3") is not None and draft.read("Patient", "absent") is None
+    draft.update("Patient", "absent", patient("Petit", "4"))
+    store.update("Patient", "p2", patient("Martin", "2b"))  # read ahead, then changed: the draft is stale
+    assert store.write(lambda tx: tx.apply_draft(draft)) is False
+    assert store.read("Patient", "absent") is None
+
+
 def test_a_draft_whose_reads_changed_writes_nothing(store: Store) -> None:
     store.update("Patient", "p1", patient("Martin", "1"))
     draft = Draft(store)

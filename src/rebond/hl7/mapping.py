@@ -574,6 +574,17 @@ def apply_oru(w: Writer, msg: Message) -> None:
     for order, request, results in groups:
         placer, filler = _order_key(order, request)
         key = filler or placer
+        report_status = REPORT_STATUS.get(request.get(25) or "F")
+        if report_status is None:
+            raise MessageError(f"OBR-25 '{request.get(25)}' is not a result status of table 0123", code=103, location="OBR-25")
+        effective = hl7_time(request.get(7)) or issued_default
+        issued = hl7_time(request.get(22)) or issued_default
+        # an order stored before results had `result_id`s keeps the ids it has (a correction makes new versions of them)
+        earlier = w.read("DiagnosticReport", derived_id("DiagnosticReport", key)) or {}
+        kept = {ref.get("reference", "").removeprefix("Observation/") for ref in earlier.get("result") or ()}
+        observations = [_observation(obx, key, kept, subject, encounter, effective, notes.get((obx.name, obx.occurrence), []))
+                        for obx in results]
+        w.tx.read_ahead([("ServiceRequest", derived_id("ServiceRequest", key)), *(("Observation", o["id"]) for o in observations)])
         service_request = w.read("ServiceRequest", derived_id("ServiceRequest", key)) or {
             "resourceType": "ServiceRequest", "id": derived_id("ServiceRequest", key), "intent": "order", "subject": subject}
         service_request["identifier"] = [i for i in (
@@ -581,24 +592,14 @@ def apply_oru(w: Writer, msg: Message) -> None:
             if placer else None,
             {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "FILL"}]}, "value": filler}
             if filler else None) if i]
-        report_status = REPORT_STATUS.get(request.get(25) or "F")
-        if report_status is None:
-            raise MessageError(f"OBR-25 '{request.get(25)}' is not a result status of table 0123", code=103, location="OBR-25")
         service_request.update({"status": "completed" if report_status in ("final", "corrected") else "active",
                                 "code": _code(request, 4), "subject": subject})
         if encounter is not None:
             service_request["encounter"] = {"reference": f"Encounter/{encounter['id']}"}
         w.save(service_request)
-        effective = hl7_time(request.get(7)) or issued_default
-        issued = hl7_time(request.get(22)) or issued_default
-        # an order stored before results had `result_id`s keeps the ids it has (a correction makes new versions of them)
-        earlier = w.read("DiagnosticReport", derived_id("DiagnosticReport", key)) or {}
-        kept = {ref.get("reference", "").removeprefix("Observation/") for ref in earlier.get("result") or ()}
-        observation_refs = []
-        for obx in results:
-            observation = _observation(obx, key, kept, subject, encounter, effective, notes.get((obx.name, obx.occurrence), []))
+        for observation in observations:
             w.save(observation)
-            observation_refs.append({"reference": f"Observation/{observation['id']}"})
+        observation_refs = [{"reference": f"Observation/{o['id']}"} for o in observations]
         report: Resource = {
             "resourceType": "DiagnosticReport", "id": derived_id("DiagnosticReport", key), "status": report_status,
             "identifier": [{"value": key}], "basedOn": [{"reference": f"ServiceRequest/{service_request['id']}"}],

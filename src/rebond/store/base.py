@@ -187,6 +187,11 @@ class Session(abc.ABC):
         """Write what a draft (store/draft.py) planned, if all it read is unchanged; False when the work must run here."""
         return False
 
+    def read_ahead(self, keys: list[tuple[str, str]]) -> None:
+        """These resources are about to be read: a session that can, reads them in one go (a draft); others read
+        each when asked."""
+        return None
+
 
 class Store(abc.ABC):
     """A versioned FHIR resource store with search and a change feed."""
@@ -206,6 +211,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def read(self, resource_type: str, resource_id: str) -> Stored | None: ...
+
+    def read_many(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Stored | None]:
+        """`read` of several resources, by (type, id)."""
+        return {key: self.read(*key) for key in keys}
 
     @abc.abstractmethod
     def vread(self, resource_type: str, resource_id: str, version: int) -> Stored | None: ...

@@ -82,6 +82,13 @@ class Draft(Session):
         self.seen.setdefault(key, 0 if stored is None or stored.deleted else stored.version)
         return stored
 
+    def read_ahead(self, keys: list[tuple[str, str]]) -> None:
+        wanted = [key for key in dict.fromkeys(keys) if key not in self._read and key not in self.writes]
+        if wanted:
+            for key, stored in self._source().read_many(wanted).items():
+                self._read[key] = stored
+                self.seen.setdefault(key, 0 if stored is None or stored.deleted else stored.version)
+
     def search_ids(self, query: SearchQuery, limit: int = 2) -> list[str]:
         if any(t == query.resource_type for t, _i in self.writes):
             raise NeedsTransaction(f"a search over {query.resource_type} after writing one")

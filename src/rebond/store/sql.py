@@ -474,6 +474,22 @@ class SQLStore(Store):
             row = cur.fetchone()
         return stored_from_row(row) if row else None
 
+    def read_many(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Stored | None]:
+        """One statement per 100 resources."""
+        found: dict[tuple[str, str], Stored | None] = dict.fromkeys(keys)
+        with self.reader() as cur:
+            for start in range(0, len(keys), 100):
+                part = keys[start:start + 100]
+                cur.execute(
+                    f"WITH k (t, i) AS (VALUES {', '.join(['(?, ?)'] * len(part))}) SELECT {_STORED_COLUMNS}"
+                    " FROM k JOIN resources r ON r.res_type = k.t AND r.res_id = k.i JOIN versions v ON v.seq = r.seq",
+                    [value for key in part for value in key],
+                )
+                for row in cur.fetchall():
+                    stored = stored_from_row(row)
+                    found[(stored.resource_type, stored.id)] = stored
+        return found
+
     def vread(self, resource_type: str, resource_id: str, version: int) -> Stored | None:
         with self.reader() as cur:
             cur.execute(
