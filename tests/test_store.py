@@ -252,6 +252,23 @@ def test_sqlite_writers_in_several_processes_take_turns_and_lose_nothing(tmp_pat
         store.close()
 
 
+def test_an_intake_writers_smaller_cache_is_its_own(tmp_path: Path) -> None:
+    from rebond.store.sqlite import SMALL_COMMITS_CACHE_KIB, SQLiteStore
+
+    store = open_store(f"sqlite:///{tmp_path}/small.db")
+    try:
+        assert isinstance(store, SQLiteStore)
+        store.for_small_commits()
+        assert store._writer.execute("PRAGMA cache_size").fetchone()[0] == -SMALL_COMMITS_CACHE_KIB
+        for n in range(50):  # commits go on as before, and readers keep their own, larger cache
+            store.update("Patient", f"s{n}", {"resourceType": "Patient", "id": f"s{n}"})
+        with store.reader() as cur:
+            assert cur.execute("PRAGMA cache_size").fetchone()[0] < -SMALL_COMMITS_CACHE_KIB
+        assert store.counts()["Patient"] == 50
+    finally:
+        store.close()
+
+
 def test_sqlite_checkpoints_beside_the_writer(tmp_path: Path) -> None:
     """Commits only append to the WAL; the checkpointer thread copies them into the database file soon after."""
     path = tmp_path / "ckpt.db"

@@ -163,6 +163,7 @@ def _writer_main(sock: socket.socket, db_url: str, site_id: str) -> None:
     """The intake writer: messages in (ticket, bytes, draft), acknowledgements out, one commit per batch."""
     _child_process()
     store = open_store(db_url, site_id=site_id)
+    store.for_small_commits()
     frames = _Frames(sock)
     try:
         while (items := frames.take(WRITER_BATCH)) is not None:

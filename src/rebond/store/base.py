@@ -279,6 +279,10 @@ class Store(abc.ABC):
     def optimize(self) -> None:
         """Refresh the query planner's statistics (after a bulk load; engines also do it as data grows)."""
 
+    def for_small_commits(self) -> None:
+        """This store's writes will be many small commits (an interface's intake writer): tune the writer for them."""
+        return None
+
     @abc.abstractmethod
     def close(self) -> None: ...
 

@@ -32,6 +32,8 @@ _PRAGMAS = (
 
 
 GROUP_COMMIT_MAX = 64
+#: the writer's page cache when its commits are many and small (`for_small_commits`)
+SMALL_COMMITS_CACHE_KIB = 8192
 ANALYZE_MIN_WRITES = 2000
 #: the checkpointer copies the WAL into the database this often while writes come in (seconds)
 CHECKPOINT_EVERY = 0.25
@@ -280,6 +282,13 @@ class SQLiteStore(SQLStore):
             return isolate
         finally:
             cur.close()
+
+    def for_small_commits(self) -> None:
+        """A smaller page cache for the writer: at every commit SQLite 3.40 walks the whole cache when a page split
+        renumbered a page past the end of the file (a lab panel's commit nearly always has one), and walking 16,000
+        pages cost ~5 % of the intake writer against ~1.5 % for 2,000 (perf); the pages it writes stay cached, the
+        file's others are mapped (mmap_size)."""
+        self._writer.execute(f"PRAGMA cache_size=-{SMALL_COMMITS_CACHE_KIB}")
 
     def optimize(self) -> None:
         with self._write_lock, self._across_processes():
