@@ -16,6 +16,16 @@ SYNTHEA = Path(__file__).resolve().parents[2] / "shared" / "data" / "synthea"
 _db_names = itertools.count()
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A module compiled with mypyc (setup.py) older than its source would test old code: stop and say so."""
+    import rebond
+
+    for built in Path(rebond.__file__).parent.rglob("*.cpython-*.so"):
+        source = built.with_name(built.name.split(".", 1)[0] + ".py")
+        if source.exists() and source.stat().st_mtime > built.stat().st_mtime:
+            pytest.exit(f"{built.name} is older than {source.name}: rebuild it (make .venv/bin/rebond, or pip install -e .)", 2)
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
     try:

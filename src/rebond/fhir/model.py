@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib import resources as package_files
 from typing import Any
 
@@ -45,6 +45,10 @@ class Issue:
 
     path: str
     message: str
+
+    def __reduce__(self) -> tuple[type[Issue], tuple[str, ...]]:
+        """Pickled by its fields: compiled, a frozen class cannot be restored attribute by attribute."""
+        return Issue, tuple(getattr(self, f.name) for f in fields(self))
 
 
 def validate(resource: Any) -> list[Issue]:

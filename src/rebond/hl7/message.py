@@ -4,7 +4,8 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 from hl7.util import unescape
 
@@ -29,6 +30,14 @@ class MessageError(ValueError):
         self.code = code
         self.location = location
 
+    def __reduce__(self) -> tuple[Callable[[str, int, str], MessageError], tuple[str, int, str]]:
+        """Pickled with its code and location (compiled, it keeps no instance dictionary for pickle to restore)."""
+        return _message_error, (self.text, self.code, self.location)
+
+
+def _message_error(text: str, code: int, location: str) -> MessageError:
+    return MessageError(text, code=code, location=location)
+
 
 @dataclass(frozen=True)
 class Header:
@@ -45,6 +54,11 @@ class Header:
     version: str
     charset: str  # MSH-18 as written
     accept_ack: str  # MSH-15: set means enhanced acknowledgement mode
+
+    def __reduce__(self) -> tuple[type[Header], tuple[str, ...]]:
+        """Pickled by its fields (it goes with a draft to the intake writer): compiled, a frozen class cannot be
+        restored attribute by attribute."""
+        return Header, tuple(getattr(self, f.name) for f in fields(self))
 
     @property
     def sender(self) -> str:
