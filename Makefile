@@ -11,7 +11,8 @@ MLLP_PORT ?= 2575
 
 # the C part (src/rebond/store/_walvfs.c, SQLite commits written in one call) needs gcc and SQLite's headers
 # the modules compiled with mypyc (setup.py COMPILED) are rebuilt when they change: a stale build would run old code
-$(BIN)/rebond: pyproject.toml setup.py src/rebond/store/_walvfs.c src/rebond/store/indexing.py src/rebond/fhir/paths.py src/rebond/fhir/model.py src/rebond/hl7/message.py
+COMPILED := $(shell grep -o '"src/rebond/[a-z0-9_/]*\.py"' setup.py | tr -d '"')
+$(BIN)/rebond: pyproject.toml setup.py src/rebond/store/_walvfs.c $(COMPILED)
 	@missing=""; \
 	command -v gcc >/dev/null || missing="$$missing gcc"; \
 	test -e /usr/include/sqlite3.h || missing="$$missing libsqlite3-dev"; \

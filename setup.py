@@ -16,8 +16,13 @@ import sysconfig
 
 from setuptools import Extension, setup
 
-#: compiled with mypyc; kept free of monkeypatching and subclassing from interpreted code (mypyc's rules)
-COMPILED = ["src/rebond/store/indexing.py", "src/rebond/fhir/paths.py", "src/rebond/fhir/model.py", "src/rebond/hl7/message.py"]
+#: compiled with mypyc: what a write and an interface message spend their CPU on. Kept free of monkeypatching and of
+#: subclassing from interpreted code (mypyc's rules); the Makefile reads this list to rebuild them when they change
+COMPILED = [
+    "src/rebond/fhir/model.py", "src/rebond/fhir/paths.py", "src/rebond/fhir/search.py",
+    "src/rebond/hl7/intake.py", "src/rebond/hl7/mapping.py", "src/rebond/hl7/message.py",
+    "src/rebond/store/draft.py", "src/rebond/store/indexing.py", "src/rebond/store/query.py",
+]
 #: the build environment has mypy but not Rebond's dependencies (their types are Any there); `make lint` checks the
 #: types strictly, with them installed
 MYPY_FLAGS = ["--config-file=", "--ignore-missing-imports", "--follow-imports=silent", "--python-version=3.11"]
@@ -40,8 +45,7 @@ def compiled_modules() -> list[Extension]:
             why = f"mypyc: {err}"
     print(f"rebond: the hot modules run as plain Python ({why})", file=sys.stderr)
     # an earlier build's compiled modules would shadow the sources: gone
-    for source in [*COMPILED, "src/rebond/_compiled.py"]:
-        stem = source[:-len(".py")] if source != "src/rebond/_compiled.py" else "src/rebond/_compiled__mypyc"
+    for stem in [*(source.removesuffix(".py") for source in COMPILED), "src/rebond/_compiled__mypyc"]:
         for built in glob.glob(f"{stem}.*.so"):
             os.remove(built)
     return []

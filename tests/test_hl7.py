@@ -107,15 +107,22 @@ def test_the_results_of_an_order_have_ids_side_by_side(hospital: Store) -> None:
     assert all(i[14] == "8" for ids in by_order.values() for i in ids), "UUID version 8: laid out by Rebond"
 
 
-def test_a_correction_of_an_order_stored_with_earlier_ids_keeps_them(hospital: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    from rebond.hl7 import mapping
+def test_a_correction_of_an_order_stored_with_earlier_ids_keeps_them(hospital: Store) -> None:
+    from rebond.hl7.mapping import derived_id
 
-    # as results were named before `result_id`: each by a UUID v5 of its own
-    monkeypatch.setattr(mapping, "result_id", lambda key, *parts: mapping.derived_id("Observation", key, *parts))
     receive(hospital, oru("E1", "900000015", "F220"))
     p = patient(hospital, "900000015")
-    earlier = {o["id"] for o in find(hospital, "Observation", ("subject", f"Patient/{p['id']}"))}
-    monkeypatch.undo()
+    # the order as results were stored before `result_id`: each result named by a UUID v5 of its own
+    report = find(hospital, "DiagnosticReport", ("subject", f"Patient/{p['id']}"))[0]
+    earlier = set()
+    for ref in report["result"]:
+        result = read(hospital, "Observation", ref["reference"].split("/")[1])
+        assert result is not None
+        old = derived_id("Observation", "F220", result["code"]["coding"][0]["code"], "")
+        hospital.write(lambda tx, r=result, o=old: (tx.delete("Observation", r["id"]), tx.update("Observation", o, {**r, "id": o})))
+        ref["reference"] = f"Observation/{old}"
+        earlier.add(old)
+    hospital.update("DiagnosticReport", report["id"], report)
     assert receive(hospital, oru("E2", "900000015", "F220", potassium="4,1", flag="N", status="C")).code == "AA"
     now = find(hospital, "Observation", ("subject", f"Patient/{p['id']}"))
     assert {o["id"] for o in now} == earlier and len(earlier) == 3, "no second copy of a result under a new id"

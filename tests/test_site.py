@@ -117,7 +117,8 @@ def test_a_cut_off_site_keeps_making_downtime_packs_that_say_where_they_come_fro
 
         def a_round_made_after_the_cut() -> bool:
             schedule = dict(site.status().get("downtime_packs") or {})  # type: ignore[call-overload]
-            return float(schedule.get("last_started") or 0) > cut_at + 0.5 and float(schedule.get("last_finished") or 0) > cut_at + 0.5
+            started, finished = float(schedule.get("last_started") or 0), float(schedule.get("last_finished") or 0)
+            return started > cut_at + 0.5 and finished > started  # the round that finished is the one begun after the cut
 
         wait_for(a_round_made_after_the_cut, 60)
         latest = PackLibrary(folder).latest()

@@ -4,9 +4,11 @@ from __future__ import annotations
 import functools
 import json
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from importlib import resources as package_files
 from typing import Any
+
+from rebond.pickled import by_fields
 
 
 @functools.cache
@@ -46,9 +48,8 @@ class Issue:
     path: str
     message: str
 
-    def __reduce__(self) -> tuple[type[Issue], tuple[str, ...]]:
-        """Pickled by its fields: compiled, a frozen class cannot be restored attribute by attribute."""
-        return Issue, tuple(getattr(self, f.name) for f in fields(self))
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
+        return by_fields(self)
 
 
 def validate(resource: Any) -> list[Issue]:

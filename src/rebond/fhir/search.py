@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from rebond.fhir.model import is_resource_type
 from rebond.fhir.searchparams import SearchParam, lookup, registry
+from rebond.pickled import by_fields
 from rebond.store.indexing import date_range, normalize_text, number_range
 
 PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
@@ -47,6 +49,9 @@ class Value:
     ref_type: str | None = None
     ref_id: str | None = None
 
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
+        return by_fields(self)  # a draft's searches go to the intake writer
+
 
 @dataclass
 class Clause:
@@ -69,6 +74,9 @@ class Include:
     target_type: str | None
     iterate: bool
     reverse: bool
+
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
+        return by_fields(self)
 
 
 @dataclass

@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, replace
+from typing import Any
 
 from rebond.hl7.mapping import Applied, apply_message
 from rebond.hl7.message import CHARSETS, Header, Message, MessageError, acknowledgement, charset_of, decode
+from rebond.pickled import by_fields
 from rebond.store.base import InboxMessage, Session, Store, StoreError, Unavailable
 from rebond.store.draft import Draft
 
@@ -33,6 +35,9 @@ class Answer:
     code: str  # AA, AE, AR (or CA, CE, CR)
     message_id: int | None
     redone: bool = False  # its draft was stale (what it read had changed): worked out again under the lock
+
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
+        return by_fields(self)  # from the intake writer to the server
 
 
 def _codes(header: Header | None) -> tuple[str, str, str]:

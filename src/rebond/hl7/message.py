@@ -5,9 +5,12 @@ import datetime as dt
 import itertools
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import Any
 
 from hl7.util import unescape
+
+from rebond.pickled import by_fields
 
 #: MSH-18 values and the Python codec each names; no MSH-18 means ASCII by the standard, read as UTF-8 here
 CHARSETS = {
@@ -55,10 +58,8 @@ class Header:
     charset: str  # MSH-18 as written
     accept_ack: str  # MSH-15: set means enhanced acknowledgement mode
 
-    def __reduce__(self) -> tuple[type[Header], tuple[str, ...]]:
-        """Pickled by its fields (it goes with a draft to the intake writer): compiled, a frozen class cannot be
-        restored attribute by attribute."""
-        return Header, tuple(getattr(self, f.name) for f in fields(self))
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
+        return by_fields(self)  # it goes with a draft to the intake writer
 
     @property
     def sender(self) -> str:

@@ -52,16 +52,16 @@ def content_of(resource: dict[str, Any]) -> dict[str, Any]:
 
 
 class Draft(Session):
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store | None) -> None:
         self.store: Store | None = store
         self.seen: dict[tuple[str, str], int] = {}  # version read (0: absent or deleted)
         self.searches: list[tuple[SearchQuery, int, list[str]]] = []
         self.writes: dict[tuple[str, str], PlannedWrite] = {}
         self._read: dict[tuple[str, str], Stored | None] = {}  # what was read, read once: the draft sees one state
 
-    def __getstate__(self) -> dict[str, Any]:
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         """What another process needs to apply it: the reads and the writes, not the store it read from."""
-        return {**self.__dict__, "store": None, "_read": {}}
+        return _sent_draft, (self.seen, self.searches, self.writes)
 
     def _source(self) -> Store:
         if self.store is None:
@@ -137,3 +137,10 @@ class Draft(Session):
 
     def put_state(self, namespace: str, key: str, value: Any) -> None:
         raise NeedsTransaction("node state")
+
+
+def _sent_draft(seen: dict[tuple[str, str], int], searches: list[tuple[SearchQuery, int, list[str]]],
+                writes: dict[tuple[str, str], PlannedWrite]) -> Draft:
+    draft = Draft(None)
+    draft.seen, draft.searches, draft.writes = seen, searches, writes
+    return draft
