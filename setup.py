@@ -28,6 +28,14 @@ COMPILED = [
 MYPY_FLAGS = ["--config-file=", "--ignore-missing-imports", "--follow-imports=silent", "--python-version=3.11"]
 
 
+def drop_stale_builds(keep: list[str]) -> None:
+    """A compiled module shadows its source: one no longer built (or built no more at all) must go."""
+    for built in glob.glob("src/rebond/**/*.cpython-*.so", recursive=True):
+        source = built.split(".", 1)[0] + ".py"
+        if os.path.exists(source) and source not in keep:
+            os.remove(built)
+
+
 def compiled_modules() -> list[Extension]:
     why = ""
     if os.environ.get("REBOND_PURE_PYTHON"):
@@ -40,14 +48,14 @@ def compiled_modules() -> list[Extension]:
         try:
             from mypyc.build import mypycify
 
+            drop_stale_builds(keep=COMPILED)
             return list(mypycify([*MYPY_FLAGS, *COMPILED], group_name="rebond._compiled", opt_level="3"))
         except (Exception, SystemExit) as err:  # mypy exits on a type error
             why = f"mypyc: {err}"
     print(f"rebond: the hot modules run as plain Python ({why})", file=sys.stderr)
-    # an earlier build's compiled modules would shadow the sources: gone
-    for stem in [*(source.removesuffix(".py") for source in COMPILED), "src/rebond/_compiled__mypyc"]:
-        for built in glob.glob(f"{stem}.*.so"):
-            os.remove(built)
+    drop_stale_builds(keep=[])
+    for built in glob.glob("src/rebond/_compiled__mypyc.*.so"):
+        os.remove(built)
     return []
 
 
