@@ -2,8 +2,9 @@
 
 - the SQLite VFS that writes a commit's WAL frames in one call (src/rebond/store/_walvfs.c);
 - the hot pure-Python modules compiled to C with mypyc (the compiler of mypy, from their type hints):
-  search-index rows, FHIR validation and paths, HL7 v2 parsing. They are what every write and every
-  interface message spends its CPU on; compiled, a lab result's draft takes about 40 % less CPU.
+  search-index rows, FHIR validation and paths, search parsing and its SQL, HL7 v2 parsing, mapping
+  and intake, drafts. They are what every write and every interface message spends its CPU on;
+  compiled, a lab result's draft takes about 40 % less CPU (docs/benchmarks.md, seventh HL7 run).
 
 Without a C compiler, Python's or SQLite's headers (Debian: gcc python3-dev libsqlite3-dev), or with
 REBOND_PURE_PYTHON=1, Rebond installs and runs the same code as plain Python, slower.

@@ -634,7 +634,7 @@ def _observation(obx: Segment, order_key: str, kept: set[str], subject: Resource
     if status is None:
         raise MessageError(f"OBX-11 '{obx.get(11)}' is not an observation status of table 0085", code=103, location="OBX-11")
     identity = (code.get("coding") or [{}])[0].get("code") or code.get("text", "")
-    earlier_id = derived_id("Observation", order_key, identity, obx.get(4))
+    earlier_id = derived_id("Observation", order_key, identity, obx.get(4)) if kept else ""
     observation: Resource = {
         "resourceType": "Observation", "id": earlier_id if earlier_id in kept else result_id(order_key, identity, obx.get(4)),
         "status": status,
