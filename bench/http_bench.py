@@ -73,7 +73,7 @@ def sample(url: str) -> dict[str, list[object]]:
         observations = [r[0] for r in cur.fetchall()]
         cur.execute(
             "SELECT x.target_id, t.code FROM sp_reference x JOIN sp_token t ON t.rid = x.rid AND t.key = 'Observation.code'"
-            " WHERE x.key = 'Observation.patient' AND t.system IS NOT NULL ORDER BY x.rid LIMIT 5000"
+            " WHERE x.key = 'Observation.subject' AND x.target_type = 'Patient' AND t.system IS NOT NULL ORDER BY x.rid LIMIT 5000"
         )
         pairs = [(r[0], r[1]) for r in cur.fetchall()]
         cur.execute("SELECT value_norm FROM sp_string WHERE key = 'Patient.family'")
