@@ -584,9 +584,10 @@ def apply_oru(w: Writer, msg: Message) -> None:
         kept = {ref.get("reference", "").removeprefix("Observation/") for ref in earlier.get("result") or ()}
         observations = [_observation(obx, key, kept, subject, encounter, effective, notes.get((obx.name, obx.occurrence), []))
                         for obx in results]
-        w.tx.read_ahead([("ServiceRequest", derived_id("ServiceRequest", key)), *(("Observation", o["id"]) for o in observations)])
-        service_request = w.read("ServiceRequest", derived_id("ServiceRequest", key)) or {
-            "resourceType": "ServiceRequest", "id": derived_id("ServiceRequest", key), "intent": "order", "subject": subject}
+        order_id = derived_id("ServiceRequest", key)
+        w.tx.read_ahead([("ServiceRequest", order_id), *(("Observation", o["id"]) for o in observations)])
+        service_request = w.read("ServiceRequest", order_id) or {
+            "resourceType": "ServiceRequest", "id": order_id, "intent": "order", "subject": subject}
         service_request["identifier"] = [i for i in (
             {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "PLAC"}]}, "value": placer}
             if placer else None,

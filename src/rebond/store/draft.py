@@ -78,16 +78,20 @@ class Draft(Session):
         key = (resource_type, resource_id)
         if key in self._read:
             return self._read[key]
-        stored = self._read[key] = self._source().read(resource_type, resource_id)
-        self.seen.setdefault(key, 0 if stored is None or stored.deleted else stored.version)
+        stored = self._source().read(resource_type, resource_id)
+        self._saw(key, stored)
         return stored
 
     def read_ahead(self, keys: list[tuple[str, str]]) -> None:
         wanted = [key for key in dict.fromkeys(keys) if key not in self._read and key not in self.writes]
         if wanted:
             for key, stored in self._source().read_many(wanted).items():
-                self._read[key] = stored
-                self.seen.setdefault(key, 0 if stored is None or stored.deleted else stored.version)
+                self._saw(key, stored)
+
+    def _saw(self, key: tuple[str, str], stored: Stored | None) -> None:
+        """Keep what was read: read again, it answers the same; the first version seen is the one checked under the lock."""
+        self._read[key] = stored
+        self.seen.setdefault(key, 0 if stored is None or stored.deleted else stored.version)
 
     def search_ids(self, query: SearchQuery, limit: int = 2) -> list[str]:
         if any(t == query.resource_type for t, _i in self.writes):

@@ -216,16 +216,10 @@ class SQLSession(Session):
     def _currents(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], _Current | None]:
         """`_current` of several resources in one statement per 100 (a message's resources: one), locked in rid order."""
         found: dict[tuple[str, str], _Current | None] = dict.fromkeys(keys)
-        for start in range(0, len(keys), 100):
-            part = keys[start:start + 100]
-            self.cur.execute(
-                f"WITH k (t, i) AS (VALUES {', '.join(['(?, ?)'] * len(part))})"
-                f" SELECT r.res_type, r.res_id, {_CURRENT_COLUMNS} FROM k JOIN resources r ON r.res_type = k.t AND r.res_id = k.i"
-                f" LEFT JOIN versions v ON v.seq = r.seq ORDER BY r.rid{self.store.for_update_current}",
-                [value for key in part for value in key],
-            )
-            for row in self.cur.fetchall():
-                found[(row[0], row[1])] = _current_from_row(row[2:])
+        query = (f"SELECT r.res_type, r.res_id, {_CURRENT_COLUMNS} FROM k JOIN resources r ON r.res_type = k.t AND r.res_id = k.i"
+                 f" LEFT JOIN versions v ON v.seq = r.seq ORDER BY r.rid{self.store.for_update_current}")
+        for row in _rows_for_keys(self.cur, keys, query):
+            found[(row[0], row[1])] = _current_from_row(row[2:])
         return found
 
     def _write(
@@ -355,6 +349,16 @@ class SQLSession(Session):
 _CURRENT_COLUMNS = "r.rid, r.version, r.deleted, r.seq, r.lu, v.body, v.method, v.site_id"
 
 
+def _rows_for_keys(cur: Cursor, keys: list[tuple[str, str]], query: str) -> list[Sequence[Any]]:
+    """The rows of `query`, which reads the keys as a table `k (t, i)` of resource types and ids: one statement per 100."""
+    rows: list[Sequence[Any]] = []
+    for start in range(0, len(keys), 100):
+        part = keys[start:start + 100]
+        cur.execute(f"WITH k (t, i) AS (VALUES {', '.join(['(?, ?)'] * len(part))}) {query}", [value for key in part for value in key])
+        rows.extend(cur.fetchall())
+    return rows
+
+
 def _current_from_row(row: Sequence[Any]) -> _Current:
     body = row[5]
     return _Current(int(row[0]), int(row[1]), bool(row[2]), int(row[3]), float(row[4]),
@@ -477,17 +481,11 @@ class SQLStore(Store):
     def read_many(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Stored | None]:
         """One statement per 100 resources."""
         found: dict[tuple[str, str], Stored | None] = dict.fromkeys(keys)
+        query = f"SELECT {_STORED_COLUMNS} FROM k JOIN resources r ON r.res_type = k.t AND r.res_id = k.i JOIN versions v ON v.seq = r.seq"
         with self.reader() as cur:
-            for start in range(0, len(keys), 100):
-                part = keys[start:start + 100]
-                cur.execute(
-                    f"WITH k (t, i) AS (VALUES {', '.join(['(?, ?)'] * len(part))}) SELECT {_STORED_COLUMNS}"
-                    " FROM k JOIN resources r ON r.res_type = k.t AND r.res_id = k.i JOIN versions v ON v.seq = r.seq",
-                    [value for key in part for value in key],
-                )
-                for row in cur.fetchall():
-                    stored = stored_from_row(row)
-                    found[(stored.resource_type, stored.id)] = stored
+            for row in _rows_for_keys(cur, keys, query):
+                stored = stored_from_row(row)
+                found[(stored.resource_type, stored.id)] = stored
         return found
 
     def vread(self, resource_type: str, resource_id: str, version: int) -> Stored | None:
