@@ -67,27 +67,25 @@ def load(port: int, batches: list[list[bytes]], seconds: float) -> tuple[float, 
     return len(latencies) / elapsed, latencies, refused[0]
 
 
-def _cpu_seconds(pid: int) -> float:
+def _stat(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state, parent, …); none for a process gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return []
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = _stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
 
 
 def process_cpu(server: RebondServer) -> dict[str, float]:
     """CPU seconds so far of the server process, its intake writer and its draft workers (Linux /proc)."""
     assert server.proc is not None
     writer = (server.status().get("mllp") or {}).get("workers", {}).get("writer", {}).get("pid")  # type: ignore[union-attr]
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            if parent == server.proc.pid:
-                children.append(int(entry.name))
+    children = [int(entry.name) for entry in Path("/proc").iterdir()
+                if entry.name.isdigit() and (fields := _stat(entry.name)) and int(fields[1]) == server.proc.pid]
     return {"server": _cpu_seconds(server.proc.pid), "writer": _cpu_seconds(writer) if writer else 0.0,
             "workers": sum(_cpu_seconds(c) for c in children if c != writer)}
 
