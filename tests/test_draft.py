@@ -105,3 +105,33 @@ def test_intake_takes_results_and_admissions_through_drafts(store: Store) -> Non
     answer = intake.receive(store, oru("R5", "880002", "F5", visit="V1"), stale)
     assert answer.code == "AA" and answer.redone
     assert len(store.search_ids(parse_search("Observation", [("patient.identifier", "880002")]), limit=50)) >= 2
+
+
+def test_a_write_sent_to_another_process_is_stored_as_the_same_bytes() -> None:
+    """The intake writer splices the new version's meta into a resource a worker serialised (SentWrite.stamped):
+    it must store exactly what serialising the resource there would, over real Synthea resources and edge cases."""
+    import bz2
+
+    import orjson
+
+    from rebond.store.draft import PlannedWrite, SentWrite
+    from rebond.store.indexing import index_resource
+    from rebond.store.sql import _versioned_body
+    from tests.conftest import SYNTHEA
+
+    with bz2.open(sorted(SYNTHEA.glob("*.json.bz2"))[7]) as file:
+        resources = [entry["resource"] for entry in orjson.loads(file.read())["entry"]]
+    resources += [
+        {"resourceType": "Basic"},  # nothing but what is stamped
+        {"resourceType": "Basic", "id": "old", "meta": {"versionId": "3", "lastUpdated": "2020-01-01T00:00:00Z"}},
+        {"resourceType": "Basic", "meta": {"tag": [{"code": "é\u2028"}], "source": "#lab"}, "code": {"text": "«\"»\\"}},
+    ]
+    assert sum("meta" in r for r in resources) > 100  # Synthea resources carry meta.profile: it must be kept
+    for number, resource in enumerate(resources):
+        planned = PlannedWrite(resource["resourceType"], f"r{number}", resource, 2, index_resource(resource))
+        sent = pickle.loads(pickle.dumps(planned))
+        assert isinstance(sent, SentWrite) and sent.rows == planned.rows
+        assert sent.resource == {k: v for k, v in resource.items() if k != "id"} | {"id": f"r{number}"}
+        expected = _versioned_body(dict(resource), resource["resourceType"], f"r{number}", 3, 1_790_000_000.25)
+        assert _versioned_body(sent, resource["resourceType"], f"r{number}", 3, 1_790_000_000.25) == expected
+        assert pickle.loads(pickle.dumps(sent)) == sent

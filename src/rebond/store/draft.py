@@ -41,6 +41,52 @@ class PlannedWrite:
     base_version: int  # the version it replaces; 0: none (or a deleted one)
     rows: IndexRows
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Sent to another process as `SentWrite`: the resource already serialised, as its store keeps it."""
+        meta = self.resource.get("meta")
+        rest = {k: v for k, v in self.resource.items() if k not in _STAMPED}
+        return SentWrite, (self.resource_type, self.resource_id, orjson.dumps(rest),
+                           meta if isinstance(meta, dict) else None, self.base_version, self.rows)
+
+
+_STAMPED = ("resourceType", "id", "meta")
+
+
+@dataclass(frozen=True)
+class SentWrite:
+    """A `PlannedWrite` received from the process that drafted it.
+
+    The drafting process serialised the resource but for what the store stamps first in it (resourceType,
+    id, meta): the writer, which runs every message's commit alone, only splices in the new version's meta
+    (`stamped`) instead of unpickling a tree of dicts and serialising it again.
+    """
+
+    resource_type: str
+    resource_id: str
+    content: bytes  # the resource's JSON object without resourceType, id and meta
+    meta: dict[str, Any] | None  # its meta, if it had one, before stamping
+    base_version: int
+    rows: IndexRows
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return SentWrite, (self.resource_type, self.resource_id, self.content, self.meta, self.base_version, self.rows)
+
+    def stamped(self, version: int, last_updated: str) -> bytes:
+        """The stored JSON: the same bytes as serialising {resourceType, id, meta, ...content} (sql._versioned_body)."""
+        meta = {**(self.meta or {}), "versionId": str(version), "lastUpdated": last_updated}
+        head = b'{"resourceType":' + orjson.dumps(self.resource_type) + b',"id":' + orjson.dumps(self.resource_id)
+        head += b',"meta":' + orjson.dumps(meta)
+        return head + (b"}" if self.content == b"{}" else b"," + self.content[1:])
+
+    @property
+    def resource(self) -> dict[str, Any]:
+        """The resource as drafted (for a site node's journal; the writer needs only `stamped`)."""
+        resource: dict[str, Any] = {"resourceType": self.resource_type, "id": self.resource_id}
+        if self.meta is not None:
+            resource["meta"] = self.meta
+        resource.update(orjson.loads(self.content))
+        return resource
+
 
 def content_of(resource: dict[str, Any]) -> dict[str, Any]:
     """A resource without what the store stamps (id, meta.versionId, meta.lastUpdated): equal content, no new version."""
@@ -56,7 +102,7 @@ class Draft(Session):
         self.store: Store | None = store
         self.seen: dict[tuple[str, str], int] = {}  # version read (0: absent or deleted)
         self.searches: list[tuple[SearchQuery, int, list[str]]] = []
-        self.writes: dict[tuple[str, str], PlannedWrite] = {}
+        self.writes: dict[tuple[str, str], PlannedWrite | SentWrite] = {}  # SentWrite once sent
         self._read: dict[tuple[str, str], Stored | None] = {}  # what was read, read once: the draft sees one state
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
@@ -144,7 +190,7 @@ class Draft(Session):
 
 
 def _sent_draft(seen: dict[tuple[str, str], int], searches: list[tuple[SearchQuery, int, list[str]]],
-                writes: dict[tuple[str, str], PlannedWrite]) -> Draft:
+                writes: dict[tuple[str, str], PlannedWrite | SentWrite]) -> Draft:
     draft = Draft(None)
     draft.seen, draft.searches, draft.writes = seen, searches, writes
     return draft

@@ -26,7 +26,7 @@ from rebond.store.base import (
     StoreError,
     WriteResult,
 )
-from rebond.store.draft import Draft, content_of
+from rebond.store.draft import Draft, SentWrite, content_of
 from rebond.store.indexing import IndexRows, index_resource
 from rebond.store.query import order_fragment, where_fragment
 from rebond.store.schema import INDEX_TABLES, ROW_TABLES
@@ -137,9 +137,11 @@ class SQLSession(Session):
                 return False
         for (rtype, rid), planned in draft.writes.items():
             current = currents[(rtype, rid)]
-            result = self._write(rtype, rid, planned.resource, "update", if_match=None, current=current, rows=planned.rows)
-            base = 0 if current is None or current.deleted else current.version
-            self._journal(result, "update" if base else "create", base, planned.resource)
+            resource = planned if isinstance(planned, SentWrite) else planned.resource
+            result = self._write(rtype, rid, resource, "update", if_match=None, current=current, rows=planned.rows)
+            if self.store.journal_writes:
+                base = 0 if current is None or current.deleted else current.version
+                self._journal(result, "update" if base else "create", base, planned.resource)
         return True
 
     def receive_message(self, channel: str, sender: str, control_id: str, raw: bytes) -> tuple[InboxMessage, bool]:
@@ -226,13 +228,14 @@ class SQLSession(Session):
         self,
         resource_type: str,
         resource_id: str,
-        resource: dict[str, Any] | None,
+        resource: dict[str, Any] | SentWrite | None,
         method: str,
         *,
         if_match: int | None,
         current: _Current | None = None,
         rows: IndexRows | None = None,
     ) -> WriteResult:
+        """Write a new version (`resource` None: a deletion); a `SentWrite` comes serialised, with its `rows`."""
         store = self.store
         now = store.clock()
         site = self.origin or store.site_id
@@ -245,7 +248,7 @@ class SQLSession(Session):
             created = store.insert_new(self.cur, (resource_type, resource_id, 1, now, method, site, store.blob(body)))
             if created is not None:
                 internal, seq = created
-                self._pending[internal] = rows if rows is not None else index_resource(resource)
+                self._pending[internal] = rows if rows is not None else index_resource(_as_dict(resource))
                 return WriteResult(Stored(resource_type, resource_id, 1, now, False, body, seq, method, site), created=True)
             # a concurrent writer created this id first: ours becomes the next version of theirs
             current = self._current(resource_type, resource_id)
@@ -265,7 +268,7 @@ class SQLSession(Session):
         if not current.deleted:
             self._drop_index(current.internal)
         if resource is not None:
-            self._pending[current.internal] = rows if rows is not None else index_resource(resource)
+            self._pending[current.internal] = rows if rows is not None else index_resource(_as_dict(resource))
         stored = Stored(resource_type, resource_id, new_version, now, resource is None, new_body, seq, method, site)
         return WriteResult(stored, created=current.deleted)
 
@@ -377,8 +380,14 @@ class _Current:
     site_id: str
 
 
-def _versioned_body(resource: dict[str, Any], resource_type: str, resource_id: str, version: int, now: float) -> bytes:
+def _as_dict(resource: dict[str, Any] | SentWrite) -> dict[str, Any]:
+    return resource.resource if isinstance(resource, SentWrite) else resource
+
+
+def _versioned_body(resource: dict[str, Any] | SentWrite, resource_type: str, resource_id: str, version: int, now: float) -> bytes:
     """Stamp id, meta.versionId and meta.lastUpdated (in place, first in the JSON) and serialise."""
+    if isinstance(resource, SentWrite):
+        return resource.stamped(version, iso_instant(now))
     meta = resource.get("meta")
     meta = {**(meta if isinstance(meta, dict) else {}), "versionId": str(version), "lastUpdated": iso_instant(now)}
     rest = {k: v for k, v in resource.items() if k not in ("resourceType", "id", "meta")}
