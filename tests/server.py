@@ -91,14 +91,17 @@ class RebondServer:
 
 
 class SiteServer(RebondServer):
-    """`rebond site` following a central server, with an API token of its own (role system) on the central."""
+    """`rebond site` following a central server, with an API token on the central (the central's role-system one
+    unless `upstream_token` is given)."""
 
-    def __init__(self, db: str, central: RebondServer, site_id: str = "H1", *extra: str, upstream: str | None = None) -> None:
+    def __init__(self, db: str, central: RebondServer, site_id: str = "H1", *extra: str, upstream: str | None = None,
+                 upstream_token: str | None = None) -> None:
         super().__init__(db, *extra, site_id=site_id)
         self.central = central
         self.upstream = upstream or central.fhir
+        self.upstream_token = upstream_token
 
     def command(self) -> list[str]:
         return ["site", "--upstream", self.upstream, "--site-id", self.site_id, "--db", self.db, "--port", str(self.port),
-                "--token", self.central.token, "--log-level", "warning", *self.packs, *self.extra]
+                "--token", self.upstream_token or self.central.token, "--log-level", "warning", *self.packs, *self.extra]
 

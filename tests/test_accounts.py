@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
 from rebond.security.accounts import PERMISSIONS, AccountError, Accounts
+from rebond.store import open_store
 from rebond.store.base import Store
 
 
@@ -56,3 +58,52 @@ def test_only_clinical_roles_see_patients() -> None:
     assert "view-patients" not in PERMISSIONS["admin"]
     assert {"acknowledge-results", "record-vitals"} <= PERMISSIONS["nurse"]
     assert "record-vitals" not in PERMISSIONS["lab"]
+
+
+def test_a_site_copies_the_central_accounts_of_people_and_keeps_its_own(store: Store, tmp_path: Path) -> None:
+    """`directory` on the central site, `adopt` on a site node (here `store`): what is copied, changed, removed, kept."""
+    central_store = open_store(f"sqlite:///{tmp_path}/central.db")
+    try:
+        central, site = Accounts(central_store), Accounts(store)
+        central.save("leroy", "rebond-demo", "nurse", "LEROY Hélène")
+        central.save("martin", "rebond-demo", "physician", "Dr MARTIN")
+        central.save("garde", "rebond-demo", "physician", "Dr GARDE (central)")
+        central.save("lab-engine", "rebond-demo", "system", "Lab interface")
+        central.save("site-h1", "rebond-demo", "site", "Site H1")
+        site.save("garde", "site-password", "physician", "Dr GARDE (site)")  # made at the site before: stays the site's
+
+        directory = central.directory()
+        assert sorted(a["username"] for a in directory) == ["garde", "leroy", "martin"], "interfaces and nodes stay central"
+        adopted = site.adopt(directory)
+        assert (adopted.added, adopted.updated, adopted.removed, adopted.copies, adopted.kept_here) == (2, 0, 0, 2, ("garde",))
+        assert site.authenticate("leroy", "rebond-demo") is not None, "the central password signs in at the site"
+        assert site.authenticate("garde", "site-password") is not None and site.get("garde").origin == ""
+        assert site.get("lab-engine") is None and site.get("site-h1") is None
+        assert [a["username"] for a in site.directory()] == ["garde"], "a site shares only the accounts made there"
+
+        assert site.adopt(central.directory()) == type(adopted)(0, 0, 0, 2, ("garde",)), "nothing changed: nothing written"
+
+        central.save("leroy", "new-password", "nurse", "LEROY Hélène")  # a new password on the central site
+        central_store.put_state("account", "martin", {**central_store.get_state("account", "martin"), "active": False})
+        assert site.adopt(central.directory()).updated == 2
+        assert site.authenticate("leroy", "new-password") is not None and site.authenticate("leroy", "rebond-demo") is None
+        assert site.authenticate("martin", "rebond-demo") is None, "disabled on the central site, disabled here"
+
+        central_store.put_state("account", "leroy", None)  # gone from the central site: gone here, with its sessions
+        token, _session = site.open_session(site.get("leroy"))
+        assert site.adopt(central.directory()).removed == 1
+        assert site.get("leroy") is None and site.authenticate("leroy", "new-password") is None
+        session = site.session(token)
+        assert session is not None and site.get(session.username) is None, "its session names no account: refused"
+    finally:
+        central_store.close()
+
+
+def test_a_malformed_central_directory_changes_nothing(store: Store) -> None:
+    site = Accounts(store)
+    good = {"username": "leroy", "display": "L", "role": "nurse", "password_hash": site.save("x", "rebond-demo", "nurse", "X").password_hash}
+    for bad, why in [({**good, "role": "system"}, "not an account of a person"), ({**good, "password_hash": "plain"}, "not an account"),
+                     ({**good, "username": "Leroy "}, "not an account"), ({"username": "leroy"}, "KeyError"), ("leroy", "TypeError")]:
+        with pytest.raises(AccountError, match=why):
+            site.adopt([good, bad])
+        assert site.get("leroy") is None

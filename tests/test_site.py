@@ -74,6 +74,8 @@ def test_a_central_write_reaches_the_site_within_a_second_with_the_same_version(
 
 def test_the_site_keeps_serving_and_says_since_when_it_is_cut_off(group: tuple[RebondServer, SiteServer]) -> None:
     central, site = group
+    wait_for(lambda: site.status()["accounts"]["problem"] is not None)  # its token's role is system, not site: it says so
+    assert "role 'site'" in site.status()["accounts"]["problem"] and site.status()["accounts"]["from_central"] is None
     created = create_at(central, "Coupure")
     wait_for(lambda: site_read(site, f"Patient/{created['id']}").status_code == 200)
     central.kill()
@@ -99,6 +101,43 @@ def test_the_site_keeps_serving_and_says_since_when_it_is_cut_off(group: tuple[R
     wait_for(lambda: site.status()["journal_pending"] == 0, 15)
     replayed = httpx.get(f"{central.fhir}/Patient/{kept.json()['id']}", headers=central.headers)
     assert replayed.status_code == 200 and replayed.json()["name"][0]["family"] == "Urgence"
+
+
+def test_the_staff_sign_in_at_a_cut_off_site_with_their_central_password(demo_db: str, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    central = RebondServer(demo_db).start()
+    site: SiteServer | None = None
+    try:
+        monkeypatch.setenv("REBOND_PASSWORD", "urgence-2026")
+        assert rebond("accounts", "add", "urgentiste", "--role", "physician", "--name", "Dr URGENCE", "--db", central.db).returncode == 0
+        assert rebond("accounts", "add", "site-h1", "--role", "site", "--db", central.db).returncode == 0
+        token = rebond("accounts", "token", "site-h1", "--label", "site node H1", "--db", central.db).stdout.strip()
+
+        directory = f"{central.fhir}/$site-accounts"
+        assert httpx.get(directory, timeout=10).status_code == 401
+        refused = httpx.get(directory, headers=central.headers, timeout=10)  # an interface's token (role system)
+        assert refused.status_code == 403 and "role 'site'" in refused.json()["issue"][0]["diagnostics"]
+        shared = httpx.get(directory, headers={"Authorization": f"Bearer {token}"}, timeout=10).json()["accounts"]
+        assert "urgentiste" in {a["username"] for a in shared} and {a["role"] for a in shared} <= {"nurse", "physician", "lab", "admin"}
+
+        site = SiteServer(f"sqlite:///{tmp_path}/site-H1.db", central, upstream_token=token).start()
+        wait_for(lambda: site.status()["accounts"]["copied_at"] is not None, 30)
+        assert site.status()["accounts"]["from_central"] == len(shared) and site.status()["accounts"]["problem"] is None
+        assert signed_in(site.base, "urgentiste", "urgence-2026").get("/").status_code == 200
+        made_here = httpx.post(f"{site.fhir}/Patient", json={"resourceType": "Patient", "name": [{"family": "Origine"}]},
+                               headers={**FHIR, **site.headers}, timeout=10)
+        assert made_here.status_code == 201
+        assert feed_site_of(central, made_here.json()["id"]) == {"H1"}, "a role-site token names where its writes come from"
+
+        central.kill()
+        wait_for(lambda: site.status()["upstream_reachable"] is False, 10)
+        doctor = signed_in(site.base, "urgentiste", "urgence-2026")  # the password the physician always uses, central gone
+        assert "site central injoignable" in doctor.get("/").text
+        assert site.status()["accounts"]["from_central"] == len(shared), "the copies stay while the central site is gone"
+    finally:
+        if site is not None:
+            site.stop()
+        central.stop()
 
 
 def test_a_cut_off_site_keeps_making_downtime_packs_that_say_where_they_come_from(demo_db: str, tmp_path: Path) -> None:

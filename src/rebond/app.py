@@ -52,6 +52,21 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
             return error_response(FhirError(status, message, code="not-found" if status == 404 else "exception"))
         return web.error_page(request, status, web.language_of(request).gettext("This page does not exist."))
 
+    async def site_accounts(request: Request) -> Response:
+        """`GET /fhir/$site-accounts`: the accounts of people, for the site nodes (role site), password hashes included."""
+        header = request.headers.get("authorization", "")
+        account = await run_in_threadpool(accounts.token_account, header[7:].strip()) if header[:7].lower() == "bearer " else None
+        if account is None:
+            response = error_response(FhirError(401, "send the site's API token: 'Authorization: Bearer <token>'", code="login"))
+            response.headers["WWW-Authenticate"] = 'Bearer realm="rebond"'
+            return response
+        if not account.may("follow-accounts"):
+            return error_response(FhirError(403, f"the role '{account.role}' may not copy the accounts: a site node's account "
+                                                 "needs the role 'site' (rebond accounts add NAME --role site)", code="forbidden"))
+        directory = await run_in_threadpool(accounts.directory)
+        log.info("accounts copied by %s: %d", account.username, len(directory))
+        return JSONResponse({"site_id": store.site_id, "accounts": directory}, headers={"Cache-Control": "no-store"})
+
     async def status(request: Request) -> Response:
         facts = node.status()
         if downtime is not None:
@@ -80,7 +95,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
         await node.stop()
 
     app = Starlette(routes=[Route("/healthz", healthz, methods=["GET"]), Route("/status", status, methods=["GET"]),
-                            *api.routes(), *web.routes()],
+                            Route("/fhir/$site-accounts", site_accounts, methods=["GET"]), *api.routes(), *web.routes()],
                     exception_handlers={404: unrouted, 405: unrouted}, lifespan=lifespan)
     app.add_middleware(NodeHeaders, node=node)
     app.state.store = store

@@ -423,7 +423,7 @@ def _accounts_of(db: str) -> Iterator[Accounts]:
 @accounts_app.command("add")
 def accounts_add(
     username: Annotated[str, typer.Argument(help="the sign-in name")],
-    role: Annotated[str, typer.Option(help="nurse, physician, lab, admin, or system (an interface or another node)")],
+    role: Annotated[str, typer.Option(help="nurse, physician, lab, admin; system (an interface); site (a site node)")],
     name: Annotated[str, typer.Option(help="the name shown on records, e.g. 'Dr Marie DUPONT'")] = "",
     practitioner: Annotated[str, typer.Option(help="id of the Practitioner this account stands for")] = "",
     db: Annotated[str, typer.Option(help="database of the node")] = DEFAULT_DB,
@@ -451,10 +451,11 @@ def accounts_token(
 @accounts_app.command("list")
 def accounts_list(db: Annotated[str, typer.Option(help="database of the node")] = DEFAULT_DB) -> None:
     """The accounts of this node."""
-    table = Table("user", "name", "role", "active")
+    table = Table("user", "name", "role", "active", "made")
     with _accounts_of(db) as accounts:
         for a in accounts.all():
-            table.add_row(a.username, a.display, a.role, "yes" if a.active else "no")
+            table.add_row(a.username, a.display, a.role, "yes" if a.active else "no",
+                          "on the central site (copy)" if a.origin else "here")
     out_console.print(table)
 
 

@@ -152,10 +152,10 @@ class FhirApi:
 
     @staticmethod
     def origin(request: Request) -> str | None:
-        """The site a replayed write comes from (`X-Rebond-Site`), believed only from an interface account (role system)."""
+        """The site a replayed write comes from (`X-Rebond-Site`), believed only from a site node's or an interface's account."""
         account = getattr(request.state, "account", None)
         site = request.headers.get("x-rebond-site", "").strip()
-        return site[:64] if site and getattr(account, "role", "") == "system" else None
+        return site[:64] if site and account is not None and account.may("name-origin-site") else None
 
     # -- endpoints
 

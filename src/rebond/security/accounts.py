@@ -3,6 +3,11 @@
 Passwords are hashed with argon2id. A session is a random token in an HttpOnly cookie; the
 node keeps only its SHA-256, so a copy of the database opens no session. Sessions end after
 a quiet period (`idle`) and in any case after `lifetime`.
+
+The central site's accounts of people (not those of interfaces and nodes) are copied to every
+site node (`directory` there, `adopt` here, site/directory.py between), password hashes
+included, so that the staff of a hospital cut off from the central site still sign in with the
+name and password they always use. Sessions, API tokens and lockouts stay each node's own.
 """
 from __future__ import annotations
 
@@ -11,11 +16,12 @@ import secrets
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from rebond.store.base import Store
+from rebond.store.base import Session, Store
 
 ACCOUNTS = "account"
 SESSIONS = "web-session"
@@ -32,10 +38,16 @@ PERMISSIONS: dict[str, frozenset[str]] = {
                             "resolve-conflicts", "admit-patients"}) | _FHIR,
     "lab": frozenset({"view-patients", "view-results"}) | _FHIR,
     "admin": frozenset({"manage-accounts", "view-status", "manage-interfaces"}),
-    # interfaces and other nodes: importers, site nodes, the HL7 engine; the FHIR API only
-    "system": _FHIR,
+    # interfaces: importers, the HL7 engine, scripts; the FHIR API, and may say which site a write comes from
+    "system": _FHIR | {"name-origin-site"},
+    # a site node on the central site: the FHIR API (its feed, its replayed writes) and a copy of the accounts of people
+    "site": _FHIR | {"name-origin-site", "follow-accounts"},
 }
 ROLES = tuple(PERMISSIONS)
+#: the roles of people: their accounts are copied to the site nodes
+PEOPLE = ("nurse", "physician", "lab", "admin")
+#: `Account.origin` of a site node's copy of a central account
+CENTRAL = "central"
 
 _hasher = PasswordHasher()
 # verifying against this when the user does not exist keeps unknown and known names equally slow
@@ -50,6 +62,7 @@ class Account:
     password_hash: str
     practitioner_id: str | None = None
     active: bool = True
+    origin: str = ""  # "": made on this node; CENTRAL: a site node's copy of the central site's account
 
     def may(self, permission: str) -> bool:
         return self.active and permission in PERMISSIONS.get(self.role, frozenset())
@@ -68,8 +81,35 @@ class AccountError(ValueError):
     """A refused account change, said in one line."""
 
 
+@dataclass(frozen=True)
+class Adopted:
+    """What a copy of the central accounts changed on a site node."""
+
+    added: int
+    updated: int
+    removed: int
+    copies: int  # the central accounts this node now holds
+    kept_here: tuple[str, ...]  # names made on this node that the central site has too: this node's account is kept
+
+
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _central_copy(entry: Any) -> Account:
+    """One entry of the central site's directory as this node's copy; AccountError if it is not one."""
+    try:
+        copy = Account(username=entry["username"], display=entry["display"], role=entry["role"],
+                       password_hash=entry["password_hash"], practitioner_id=entry.get("practitioner_id"),
+                       active=entry.get("active", True), origin=CENTRAL)
+    except (TypeError, KeyError) as err:
+        raise AccountError(f"the central directory has an entry that is not an account ({type(err).__name__}: {err})") from None
+    if (not isinstance(copy.username, str) or copy.username != copy.username.strip().lower() or not copy.username
+            or copy.role not in PEOPLE or not isinstance(copy.password_hash, str) or not copy.password_hash.startswith("$argon2")
+            or not isinstance(copy.display, str) or not isinstance(copy.active, bool)
+            or not isinstance(copy.practitioner_id, str | None)):
+        raise AccountError(f"the central directory's entry '{entry.get('username')}' is not an account of a person")
+    return copy
 
 
 @dataclass
@@ -114,6 +154,43 @@ class Accounts:
         account = Account(username, display.strip() or username, role, _hasher.hash(password), practitioner_id)
         self.store.put_state(ACCOUNTS, username, asdict(account))
         return account
+
+    # -- the central accounts on the site nodes
+
+    def directory(self) -> list[dict[str, Any]]:
+        """The accounts of people made on this node, as the site nodes copy them (password hashes included)."""
+        return [asdict(a) for a in self.all() if a.role in PEOPLE and not a.origin]
+
+    def adopt(self, central: list[dict[str, Any]]) -> Adopted:
+        """Make this node's copies of the central accounts what the central site's `directory` says, in one commit.
+
+        A copy changed or disabled on the central site changes here; one gone from there is removed here (its
+        sessions end with it). An account made on this node keeps its name: it is never overwritten, and is
+        reported in `kept_here`. A malformed directory raises AccountError and changes nothing.
+        """
+        wanted = {account.username: account for account in map(_central_copy, central)}
+        mine = {account.username: account for account in self.all()}
+        added = updated = removed = 0
+        changes: list[tuple[str, dict[str, Any] | None]] = []
+        for name, copy in wanted.items():
+            current = mine.get(name)
+            if current is not None and not current.origin:
+                continue
+            if current != copy:
+                added, updated = added + (current is None), updated + (current is not None)
+                changes.append((name, asdict(copy)))
+        for name, current in mine.items():
+            if current.origin == CENTRAL and name not in wanted:
+                removed += 1
+                changes.append((name, None))
+        if changes:
+            def write(tx: Session) -> None:
+                for name, value in changes:
+                    tx.put_state(ACCOUNTS, name, value)
+
+            self.store.write(write)
+        kept = tuple(sorted(name for name in wanted if name in mine and not mine[name].origin))
+        return Adopted(added, updated, removed, len(wanted) - len(kept), kept)
 
     def authenticate(self, username: str, password: str) -> Account | None:
         """The account if the password is right; None otherwise (and after too many failures, even when right)."""

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from rebond.clinical.records import HOSPITAL_TZ
+from rebond.site.directory import DirectoryCopier
 from rebond.site.follower import Follower
 from rebond.site.replay import Replayer
 from rebond.store.base import Store
@@ -69,6 +70,8 @@ class SiteNode(Node):
         self.replayer = Replayer(store, upstream, token, store.site_id, reachable=lambda: self.follower.state.upstream_reachable,
                                  interval=min(interval, 0.1))
         store.after_journal = self.wait_for_central
+        # the central accounts of people, copied every minute: the staff sign in here with their usual password when cut off
+        self.directory = DirectoryCopier(store, upstream, token)
 
     #: how long a write waits for the central site before it is answered anyway (it is durable here already)
     FORWARD_WAIT = 3.0
@@ -99,7 +102,8 @@ class SiteNode(Node):
                 "lag_seconds": None if lag is None else round(lag, 3), "journal_pending": self.store.journal_count("pending"),
                 "conflicts_open": self.store.journal_count("conflict"), "replayed": self.replayer.replayed,
                 "last_replay_rate": self.replayer.last_replay_rate,
-                "writes": "accepted: applied here at once, replayed on the central site in order"}
+                "writes": "accepted: applied here at once, replayed on the central site in order",
+                "accounts": {"copied_at": _iso(self.directory.state.copied_at), **self.directory.status()}}
 
     def headers(self, now: float | None = None) -> dict[str, str]:
         now = time.time() if now is None else now
@@ -128,7 +132,9 @@ class SiteNode(Node):
     async def start(self) -> None:
         self.follower.start()
         self.replayer.start()
+        self.directory.start()
 
     async def stop(self) -> None:
+        await self.directory.stop()
         await self.replayer.stop()
         await self.follower.stop()
