@@ -134,6 +134,8 @@ def test_the_staff_sign_in_at_a_cut_off_site_with_their_central_password(demo_db
         doctor = signed_in(site.base, "urgentiste", "urgence-2026")  # the password the physician always uses, central gone
         assert "site central injoignable" in doctor.get("/").text
         assert site.status()["accounts"]["from_central"] == len(shared), "the copies stay while the central site is gone"
+        page = httpx.get(f"{site.base}/status", timeout=10).text  # for people: French first
+        assert f"{len(shared)} copiés ici, dernière copie le" in page
     finally:
         if site is not None:
             site.stop()
