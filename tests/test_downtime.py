@@ -216,3 +216,40 @@ def test_the_server_remakes_packs_on_schedule_lists_them_and_never_shows_half_a_
         watcher.join()
         server.stop()
     assert not bad, f"half-written packs were visible: {bad[:3]}"
+
+
+def test_with_several_server_processes_one_schedule_makes_the_packs_and_every_process_lists_them(demo_db: str,
+                                                                                                 tmp_path: Path) -> None:
+    """`rebond serve --workers 2`: the parent process runs the schedule; each web process shows its packs and status."""
+    folder = tmp_path / "packs"
+    server = RebondServer(demo_db, "--workers", "2", "--downtime-dir", str(folder), "--downtime-every", "0.02",
+                          "--downtime-keep", "2")
+    store = open_store(demo_db)
+    server.token = api_token(store, "nurse", "nurse")
+    wards = ward_ids(store)
+    store.close()
+    server.start(timeout=60)
+    try:
+        deadline = time.time() + 120
+        with httpx.Client(base_url=server.base, headers=server.headers, timeout=60) as client:
+            listing: dict[str, Any] = {}
+            while time.time() < deadline and (listing.get("schedule") or {}).get("rounds", 0) < 2:
+                listing = client.get("/downtime", headers={"Accept": "application/json"}).json()
+                time.sleep(0.5)
+            assert listing["schedule"]["rounds"] >= 2 and listing["schedule"]["last_outcome"]["failed"] == 0
+            for _ in range(12):  # new connections: both web processes answer some of them
+                with httpx.Client(base_url=server.base, headers=server.headers, timeout=60) as fresh:
+                    answer = fresh.get("/downtime", headers={"Accept": "application/json"}).json()
+                    assert answer["schedule"]["rounds"] >= 2, "every process shows the one schedule"
+                    assert sorted(w["ward_id"] for w in answer["wards"]) == sorted(wards)
+                    assert all(1 <= len(w["kept"]) <= 2 for w in answer["wards"])
+                    assert fresh.get("/status", headers={"Accept": "application/json"}).json()["downtime_packs"]["rounds"] >= 2
+            kept = listing["wards"][0]["kept"][0]
+            assert client.get(kept["url"]).content.startswith(b"%PDF")
+        for ward in wards:
+            assert 1 <= len(list((folder / ward).glob("*.pdf"))) <= 2, "the last two packs are kept"
+    finally:
+        server.stop()
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", f"rebond.downtime.regenerate.*{folder}"], capture_output=True, text=True).stdout
+    assert not left.strip(), "stopping the server stops the round in progress"

@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rebond.downtime.schedule import PackScheduler
+from rebond.downtime.schedule import PackSchedule
 from rebond.fhir.api import FhirApi, error_response
 from rebond.fhir.errors import FhirError
 from rebond.hl7.intake import recover
@@ -28,7 +28,7 @@ log = logging.getLogger("rebond")
 
 
 def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: bool = False,
-               mllp: MllpServer | None = None, node: Node | None = None, downtime: PackScheduler | None = None) -> Starlette:
+               mllp: MllpServer | None = None, node: Node | None = None, downtime: PackSchedule | None = None) -> Starlette:
     node = node or Node(store)
     accounts = Accounts(store, idle=session_idle)
     api = FhirApi(store, authorize=api_guard(accounts))
@@ -153,4 +153,12 @@ def app_from_environment() -> Starlette:
     from rebond.store import DEFAULT_DB, open_store
 
     store = open_store(os.environ.get("REBOND_DB", DEFAULT_DB), site_id=os.environ.get("REBOND_SITE_ID", "central"))
-    return create_app(store, session_idle=float(os.environ.get("REBOND_SESSION_IDLE", 30 * 60)))
+    packs = None
+    if os.environ.get("REBOND_DOWNTIME_DIR"):  # made by the parent process's schedule: listed and served here
+        from pathlib import Path
+
+        from rebond.downtime.library import PackLibrary
+        from rebond.downtime.schedule import ScheduleView
+
+        packs = ScheduleView(PackLibrary(Path(os.environ["REBOND_DOWNTIME_DIR"]), int(os.environ.get("REBOND_DOWNTIME_KEEP", "6"))))
+    return create_app(store, session_idle=float(os.environ.get("REBOND_SESSION_IDLE", 30 * 60)), downtime=packs)

@@ -71,12 +71,24 @@ def serve(
     gc.freeze()
     # uvicorn's access log prints request paths, which carry patient identifiers in searches: it stays off
     if workers > 1:
+        from rebond.site.node import Node
+
+        # the packs are made once, on a schedule run by this parent process; every web process lists them
+        packs = _pack_scheduler(db, site_id, downtime_dir or "var/downtime", downtime_every, downtime_keep, Node(store).status)
         store.close()  # each worker opens its own
         os.environ["REBOND_DB"] = db
         os.environ["REBOND_SITE_ID"] = site_id
         os.environ["REBOND_SESSION_IDLE"] = str(session_idle_minutes * 60)
-        uvicorn.run("rebond.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
-                    log_level=log_level, access_log=False)
+        if packs is not None:
+            os.environ["REBOND_DOWNTIME_DIR"] = str(packs.library.root)
+            os.environ["REBOND_DOWNTIME_KEEP"] = str(packs.library.keep)
+        stop_packs = packs.run_in_thread() if packs is not None else None
+        try:
+            uvicorn.run("rebond.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
+                        log_level=log_level, access_log=False)
+        finally:
+            if stop_packs is not None:
+                stop_packs()
         return
     mllp = _mllp_listener(store, db, site_id, host, mllp_port, mllp_workers)
     if mllp is not None:
@@ -97,7 +109,7 @@ def site(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port")] = 8081,
     mllp_port: Annotated[int | None, typer.Option(help="also take HL7 v2 messages over MLLP on this port")] = None,
-    token: Annotated[str, typer.Option(envvar="REBOND_UPSTREAM_TOKEN", help="API token for the central site (role system)")] = "",
+    token: Annotated[str, typer.Option(envvar="REBOND_UPSTREAM_TOKEN", help="API token of this site's account on the central site (role site)")] = "",
     ipp_range: Annotated[str, typer.Option(help="FIRST-LAST: patient numbers allocated to this site for emergency admissions")] = "",
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
     session_idle_minutes: Annotated[float, typer.Option(help="sign-in sessions close after this long without use")] = 30,

@@ -11,15 +11,30 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from rebond.downtime.library import PackLibrary
 
 log = logging.getLogger("rebond.downtime")
+#: in the packs' folder, the schedule's status as its process publishes it for the others (`rebond serve --workers N`)
+STATUS_FILE = ".schedule.json"
+
+
+class PackSchedule(Protocol):
+    """What the web app shows of the schedule: the packs kept, and how the rounds went."""
+
+    library: PackLibrary
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
 
 
 class PackScheduler:
@@ -38,7 +53,37 @@ class PackScheduler:
         self.rounds = 0
 
     async def start(self) -> None:
+        self._publish()
         self._task = asyncio.create_task(self._loop())
+
+    def run_in_thread(self) -> Callable[[], None]:
+        """Run the schedule on an event loop of its own, in a thread (the parent process of `rebond serve --workers N`,
+        whose web processes show it through `ScheduleView`); returns what stops it."""
+        loop = asyncio.new_event_loop()
+        running = threading.Event()
+
+        async def main() -> None:
+            await self.start()
+            running.set()
+            try:
+                await asyncio.Event().wait()  # until stopped
+            finally:
+                await self.stop()  # a round in progress ends with it: its child is killed
+
+        def run() -> None:
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(main_task)
+
+        main_task = loop.create_task(main())
+        thread = threading.Thread(target=run, name="downtime-packs", daemon=True)
+        thread.start()
+        running.wait(10)
+
+        def stop() -> None:
+            loop.call_soon_threadsafe(main_task.cancel)
+            thread.join(timeout=15)
+
+        return stop
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -82,8 +127,40 @@ class PackScheduler:
         self.last_finished = time.time()
         self.last_outcome = outcome
         self.rounds += 1
+        self._publish()
         return outcome
 
     def status(self) -> dict[str, Any]:
         return {"every_minutes": round(self.every / 60, 2), "keep": self.library.keep, "rounds": self.rounds,
                 "last_started": self.last_started, "last_finished": self.last_finished, "last_outcome": self.last_outcome}
+
+    def _publish(self) -> None:
+        """The status beside the packs, replaced whole (written aside, then renamed), for the server's other processes."""
+        try:
+            self.library.root.mkdir(parents=True, exist_ok=True)
+            aside = self.library.root / f"{STATUS_FILE}.{os.getpid()}.tmp"
+            aside.write_bytes(orjson.dumps(self.status()))
+            os.replace(aside, self.library.root / STATUS_FILE)
+        except OSError as err:
+            log.warning("downtime packs: the schedule's status could not be written (%s)", err)
+
+
+class ScheduleView:
+    """The schedule as a web process of `rebond serve --workers N` sees it: the packs on disk, and the status that the
+    process running the schedule publishes beside them."""
+
+    def __init__(self, library: PackLibrary) -> None:
+        self.library = library
+
+    async def start(self) -> None:
+        return None  # the schedule runs in the process that publishes it
+
+    async def stop(self) -> None:
+        return None
+
+    def status(self) -> dict[str, Any]:
+        try:
+            return dict(orjson.loads((self.library.root / STATUS_FILE).read_bytes()))
+        except (OSError, orjson.JSONDecodeError, TypeError, ValueError):
+            return {"every_minutes": None, "keep": self.library.keep, "rounds": 0, "last_started": None, "last_finished": None,
+                    "last_outcome": None}

@@ -37,7 +37,7 @@ from rebond.clinical.results import acknowledge_result, reports
 from rebond.downtime.library import KeptPack, PackLibrary
 from rebond.downtime.pack import source_from, ward_pack
 from rebond.downtime.render import render_pdf
-from rebond.downtime.schedule import PackScheduler
+from rebond.downtime.schedule import PackSchedule
 from rebond.hl7.intake import CHANNEL as HL7_CHANNEL
 from rebond.hl7.intake import describe, replay
 from rebond.security.accounts import Account, Accounts, WebSession
@@ -102,7 +102,7 @@ class WebApp:
 
     def __init__(self, store: Store, accounts: Accounts, *, secure_cookies: bool = False,
                  status_banner: Callable[[Translator], str | None] | None = None, upstream: tuple[str, str] | None = None,
-                 downtime: PackScheduler | None = None, source: Callable[[], dict[str, Any]] | None = None) -> None:
+                 downtime: PackSchedule | None = None, source: Callable[[], dict[str, Any]] | None = None) -> None:
         self.store = store
         self.downtime = downtime  # the scheduled packs, when this node makes them
         self.source = source or (lambda: {"role": "central", "data_as_of": dt.datetime.now(dt.UTC).isoformat()})
