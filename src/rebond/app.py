@@ -64,7 +64,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
             return error_response(FhirError(403, f"the role '{account.role}' may not copy the accounts: a site node's account "
                                                  "needs the role 'site' (rebond accounts add NAME --role site)", code="forbidden"))
         directory = await run_in_threadpool(accounts.directory)
-        log.info("accounts copied by %s: %d", account.username, len(directory))
+        log.debug("accounts copied by %s: %d", account.username, len(directory))
         return JSONResponse({"site_id": store.site_id, "accounts": directory}, headers={"Cache-Control": "no-store"})
 
     async def status(request: Request) -> Response:
