@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -32,7 +32,6 @@ class DirectoryState:
     copies: int | None = None
     kept_here: tuple[str, ...] = ()
     problem: str | None = None  # why the last attempt failed; None when it worked
-    changes: dict[str, int] = field(default_factory=dict)
 
 
 class DirectoryCopier(BackgroundLoop):
@@ -63,8 +62,7 @@ class DirectoryCopier(BackgroundLoop):
             log.info("central accounts copied: %d new, %d changed, %d removed", adopted.added, adopted.updated, adopted.removed)
         if adopted.kept_here and adopted.kept_here != self.state.kept_here:
             log.warning("accounts made on this site kept over the central site's of the same name: %s", ", ".join(adopted.kept_here))
-        self.state = DirectoryState(time.time(), adopted.copies, adopted.kept_here, None,
-                                    {"added": adopted.added, "updated": adopted.updated, "removed": adopted.removed})
+        self.state = DirectoryState(time.time(), adopted.copies, adopted.kept_here, None)
 
     def _problem(self, why: str) -> None:
         if why != self.state.problem:
