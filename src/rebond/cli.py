@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer(help="Rebond: the hospital information system that keeps care going when the IT fails.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error is one line, however long, in a terminal or a log
 out_console = Console()
 
 
@@ -401,6 +401,40 @@ def _packs_from_server(server: str, token: str, targets: list[tuple[str, Path]],
     except OSError as err:
         raise fail(f"cannot write: {err}") from None
     return written
+
+
+@app.command()
+def backup(
+    out: Annotated[Path, typer.Argument(help="the file to write, e.g. /backups/rebond-20261202.db")],
+    db: Annotated[str, typer.Option(help="the node's SQLite store (it may be serving)")] = DEFAULT_DB,
+    replace: Annotated[bool, typer.Option("--replace", help="overwrite OUT if it exists")] = False,
+) -> None:
+    """Copy a SQLite store, consistent to its last commit, while it serves; a site node's copy holds its unsent writes."""
+    if not db.startswith("sqlite:///"):
+        raise fail("rebond backup copies a SQLite store; back up PostgreSQL with its own tools (pg_basebackup, "
+                   "pgBackRest under Patroni, pg_dump): see docs/operations.md")
+    source = Path(db[len("sqlite:///"):])
+    if not source.is_file():
+        raise fail(f"no SQLite store at {source}")
+    if out.exists() and not replace:
+        raise fail(f"{out} exists: choose another name, or --replace")
+    if out.resolve() == source.resolve():
+        raise fail("the backup cannot be the store itself")
+    if not out.parent.is_dir():
+        raise fail(f"no folder {out.parent} to write the backup in")
+    started = time.monotonic()
+    from rebond.store.sqlite import SQLiteStore
+
+    with _store_of(db) as store:
+        assert isinstance(store, SQLiteStore)
+        try:
+            counts = store.backup(str(out))
+        except (StoreError, OSError) as err:
+            raise fail(f"backup failed, nothing kept at {out}: {err}") from None
+    out_console.print(
+        f"backup {out}: {counts['resources']:,} resources, {counts['versions']:,} versions, {counts['messages']:,} HL7 messages, "
+        f"{counts['journal_pending']:,} site writes not yet on the central site; {counts['bytes'] / 1e6:.1f} MB, "
+        f"checked, in {time.monotonic() - started:.1f} s", highlight=False, soft_wrap=True)
 
 
 accounts_app = typer.Typer(help="Sign-in accounts of this node: nurses, physicians, lab staff, IT.", no_args_is_help=True)
