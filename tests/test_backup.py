@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.server import RebondServer, rebond
 
@@ -74,3 +75,21 @@ def test_a_backup_that_cannot_be_made_says_why_in_one_line(demo_db: str, tmp_pat
     assert target.read_bytes() == b"yesterday's backup", "a refused backup touches nothing"
     assert rebond("backup", str(target), "--db", demo_db, "--replace").returncode == 0
     assert target.read_bytes().startswith(b"SQLite format 3")
+
+
+def test_a_backup_onto_a_full_disk_fails_in_one_line_and_leaves_nothing(demo_db: str, tmp_path: Path) -> None:
+    """A real full disk: a 1 MiB tmpfs (root, as `make test` runs in CI)."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small disk needs root (CI runs as root)")
+    disk = tmp_path / "full"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(disk)], check=True)
+    try:
+        done = rebond("backup", str(disk / "copy.db"), "--db", demo_db)
+        assert done.returncode == 1 and "disk is full" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert not list(disk.iterdir()), "nothing is left on the disk"
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -430,7 +430,7 @@ def backup(
         try:
             counts = store.backup(str(out))
         except (StoreError, OSError) as err:
-            raise fail(f"backup failed, nothing kept at {out}: {err}") from None
+            raise fail(f"backup failed ({err}): {out} is as it was") from None
     out_console.print(
         f"backup {out}: {counts['resources']:,} resources, {counts['versions']:,} versions, {counts['messages']:,} HL7 messages, "
         f"{counts['journal_pending']:,} site writes not yet on the central site; {counts['bytes'] / 1e6:.1f} MB, "

@@ -327,9 +327,7 @@ class SQLiteStore(SQLStore):
         if self.path == ":memory:":
             raise StoreError("a store in memory has nothing on disk to back up")
         partial = target + ".partial"
-        for leftover in (partial, partial + "-wal", partial + "-shm", partial + "-journal"):
-            with suppress(FileNotFoundError):
-                os.remove(leftover)
+        _remove_aside(partial)
         source = self._connect()
         copy = sqlite3.connect(partial, isolation_level=None)
         try:
@@ -344,10 +342,11 @@ class SQLiteStore(SQLStore):
                 "messages": copy.execute("SELECT count(*) FROM inbox").fetchone()[0],
             }
             copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, whatever opens it next
-        except BaseException:
+        except BaseException as err:
             copy.close()
-            with suppress(FileNotFoundError):
-                os.remove(partial)
+            _remove_aside(partial)
+            if isinstance(err, sqlite3.Error):  # a full disk, an unreadable page: said in one line by the caller
+                raise StoreError(f"the copy failed: {err}") from err
             raise
         finally:
             source.close()
@@ -378,6 +377,13 @@ class SQLiteStore(SQLStore):
         if self._file_lock is not None:
             os.close(self._file_lock)
             self._file_lock = None
+
+
+def _remove_aside(partial: str) -> None:
+    """A copy being made aside, and SQLite's files beside it."""
+    for leftover in (partial, partial + "-wal", partial + "-shm", partial + "-journal"):
+        with suppress(FileNotFoundError):
+            os.remove(leftover)
 
 
 class _Checkpointer:
