@@ -379,7 +379,8 @@ def _packs_from_server(server: str, token: str, targets: list[tuple[str, Path]],
                        lang: str) -> list[tuple[Path, int]]:
     import httpx
 
-    from rebond.downtime.library import page_count, write_atomically
+    from rebond.downtime.library import page_count
+    from rebond.durable import write_atomically
 
     headers = {"Authorization": f"Bearer {token}", "Accept-Language": lang}
     written = []

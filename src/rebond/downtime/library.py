@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import orjson
 from rebond.clinical.census import group_wards
 from rebond.downtime.pack import Pack, Source, ward_pack
 from rebond.downtime.render import render_pdf
+from rebond.durable import write_atomically
 from rebond.store.base import Store
 from rebond.web.i18n import Translator
 
@@ -33,22 +33,6 @@ _PAGE = re.compile(rb"/Type\s*/Page\b(?!s)")
 
 def page_count(pdf: bytes) -> int:
     return len(_PAGE.findall(pdf))
-
-
-def write_atomically(path: Path, content: bytes) -> None:
-    """`content` at `path`, all of it or none of it, and on disk when this returns."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with temporary.open("wb") as f:
-        f.write(content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 @dataclass(frozen=True)

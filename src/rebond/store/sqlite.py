@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 from urllib.parse import quote
 
+from rebond.durable import replace_durably
 from rebond.store.base import Session, StoreError, Unavailable
 from rebond.store.schema import SCHEMA_VERSION, Types, ddl
 from rebond.store.sql import Cursor, SQLSession, SQLStore
@@ -353,17 +354,7 @@ class SQLiteStore(SQLStore):
             with suppress(ValueError):
                 self._all.remove(source)
         copy.close()
-        fd = os.open(partial, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(partial, target)
-        fd = os.open(os.path.dirname(os.path.abspath(target)), os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the rename itself survives a power cut
-        finally:
-            os.close(fd)
+        replace_durably(partial, target)
         counts["bytes"] = os.path.getsize(target)
         return counts
 
