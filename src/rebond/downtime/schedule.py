@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import orjson
 
 from rebond.downtime.library import PackLibrary
+from rebond.durable import write_atomically
 
 log = logging.getLogger("rebond.downtime")
 #: in the packs' folder, the schedule's status as its process publishes it for the others (`rebond serve --workers N`)
@@ -135,12 +136,9 @@ class PackScheduler:
                 "last_started": self.last_started, "last_finished": self.last_finished, "last_outcome": self.last_outcome}
 
     def _publish(self) -> None:
-        """The status beside the packs, replaced whole (written aside, then renamed), for the server's other processes."""
+        """The status beside the packs, replaced whole, for the server's other processes."""
         try:
-            self.library.root.mkdir(parents=True, exist_ok=True)
-            aside = self.library.root / f"{STATUS_FILE}.{os.getpid()}.tmp"
-            aside.write_bytes(orjson.dumps(self.status()))
-            os.replace(aside, self.library.root / STATUS_FILE)
+            write_atomically(self.library.root / STATUS_FILE, orjson.dumps(self.status()))
         except OSError as err:
             log.warning("downtime packs: the schedule's status could not be written (%s)", err)
 
