@@ -54,15 +54,10 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
 
     async def site_accounts(request: Request) -> Response:
         """`GET /fhir/$site-accounts`: the accounts of people, for the site nodes (role site), password hashes included."""
-        header = request.headers.get("authorization", "")
-        account = await run_in_threadpool(accounts.token_account, header[7:].strip()) if header[:7].lower() == "bearer " else None
-        if account is None:
-            response = error_response(FhirError(401, "send the site's API token: 'Authorization: Bearer <token>'", code="login"))
-            response.headers["WWW-Authenticate"] = 'Bearer realm="rebond"'
-            return response
+        account = request.state.account
         if not account.may("follow-accounts"):
-            return error_response(FhirError(403, f"the role '{account.role}' may not copy the accounts: a site node's account "
-                                                 "needs the role 'site' (rebond accounts add NAME --role site)", code="forbidden"))
+            raise FhirError(403, f"the role '{account.role}' may not copy the accounts: a site node's account "
+                                 "needs the role 'site' (rebond accounts add NAME --role site)", code="forbidden")
         directory = await run_in_threadpool(accounts.directory)
         log.debug("accounts copied by %s: %d", account.username, len(directory))
         return JSONResponse({"site_id": store.site_id, "accounts": directory}, headers={"Cache-Control": "no-store"})
@@ -95,7 +90,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
         await node.stop()
 
     app = Starlette(routes=[Route("/healthz", healthz, methods=["GET"]), Route("/status", status, methods=["GET"]),
-                            Route("/fhir/$site-accounts", site_accounts, methods=["GET"]), *api.routes(), *web.routes()],
+                            Route("/fhir/$site-accounts", api.guarded(site_accounts), methods=["GET"]), *api.routes(), *web.routes()],
                     exception_handlers={404: unrouted, 405: unrouted}, lifespan=lifespan)
     app.add_middleware(NodeHeaders, node=node)
     app.state.store = store

@@ -75,7 +75,7 @@ class FhirApi:
     # -- plumbing
 
     def routes(self) -> list[Route]:
-        h = self._handler
+        h = self.guarded
         return [
             Route("/fhir/metadata", h(self.metadata, public=True), methods=["GET"]),
             Route("/fhir/_history", h(self.history_system), methods=["GET"]),
@@ -90,7 +90,9 @@ class FhirApi:
             Route("/fhir/{type}", h(self.type_level), methods=["GET", "POST", "PUT", "DELETE"]),
         ]
 
-    def _handler(self, fn: Callable[[Request], Awaitable[Response]], *, public: bool = False) -> Callable[[Request], Awaitable[Response]]:
+    def guarded(self, fn: Callable[[Request], Awaitable[Response]], *, public: bool = False) -> Callable[[Request], Awaitable[Response]]:
+        """`fn` as an endpoint under /fhir: the caller authorized (its account in `request.state.account`), any failure an
+        OperationOutcome."""
         async def endpoint(request: Request) -> Response:
             try:
                 if self.authorize is not None and not public:
