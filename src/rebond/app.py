@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from rebond.disk import DiskWatch
 from rebond.downtime.schedule import PackSchedule
 from rebond.fhir.api import FhirApi, error_response
 from rebond.fhir.errors import FhirError
@@ -23,16 +24,31 @@ from rebond.security.accounts import Accounts
 from rebond.site.node import Node
 from rebond.store.base import Store, StoreError
 from rebond.web.app import SESSION_COOKIE, WebApp
+from rebond.web.i18n import Translator
 
 log = logging.getLogger("rebond")
 
 
 def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: bool = False,
-               mllp: MllpServer | None = None, node: Node | None = None, downtime: PackSchedule | None = None) -> Starlette:
+               mllp: MllpServer | None = None, node: Node | None = None, downtime: PackSchedule | None = None,
+               disks: DiskWatch | None = None) -> Starlette:
     node = node or Node(store)
+    if disks is None:  # the disks of the store's file and of the downtime packs
+        kept = store.local_file()
+        places = {"store": kept} if kept else {}
+        if downtime is not None:
+            places["downtime packs"] = str(downtime.library.root)
+        disks = DiskWatch(places)
     accounts = Accounts(store, idle=session_idle)
     api = FhirApi(store, authorize=api_guard(accounts))
-    web = WebApp(store, accounts, secure_cookies=secure_cookies, status_banner=node.banner, upstream=node.upstream_access(),
+
+    def banner(t: Translator) -> str | None:
+        said = [node.banner(t)]
+        if disks.level_now() == "full":
+            said.append(t.gettext("The server's disk is full: what you record now may be refused. Tell the IT team."))
+        return " ".join(text for text in said if text) or None
+
+    web = WebApp(store, accounts, secure_cookies=secure_cookies, status_banner=banner, upstream=node.upstream_access(),
                  downtime=downtime, source=node.status)
 
     async def healthz(request: Request) -> Response:
@@ -68,6 +84,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
             facts["downtime_packs"] = downtime.status()
         if mllp is not None:
             facts["mllp"] = mllp.status()
+        facts["disk"] = disks.status()
         if "json" in request.headers.get("accept", ""):
             return JSONResponse(facts)
         return web.status_page(request, facts)
@@ -75,6 +92,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await node.start()
+        await disks.start()
         if mllp is not None:
             recovered = await run_in_threadpool(recover, store)  # kept before a crash, never applied: applied now
             if recovered:
@@ -87,6 +105,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
             await downtime.stop()
         if mllp is not None:
             await mllp.stop()
+        await disks.stop()
         await node.stop()
 
     app = Starlette(routes=[Route("/healthz", healthz, methods=["GET"]), Route("/status", status, methods=["GET"]),

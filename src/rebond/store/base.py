@@ -286,6 +286,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
+    def local_file(self) -> str | None:
+        """The file this store keeps on this machine (the disk watch looks at its disk); None for a database server's."""
+        return None
+
     # Conveniences built on the transaction, shared by every engine.
 
     def write(self, work: Callable[[Session], T]) -> T:

@@ -71,6 +71,13 @@ class _Work:
         self.journaled: list[int] = []
 
 
+def _disk_full(err: BaseException) -> Unavailable | None:
+    """A write refused for want of room on the disk, said so: nothing of it was written, and it may be sent again."""
+    if isinstance(err, sqlite3.Error) and getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return Unavailable(f"the disk of the store is full: nothing was written ({err}); send it again once room has been made")
+    return None
+
+
 class SQLiteStore(SQLStore):
     """Writers take turns on one connection; each reading thread has its own connection."""
 
@@ -263,7 +270,7 @@ class SQLiteStore(SQLStore):
                     written += session.writes
                     item.journaled = session.journaled
                 except Exception as err:
-                    item.error = err
+                    item.error = _disk_full(err) or err
                     if not isolate:
                         cur.execute("ROLLBACK")
                         return False
@@ -277,7 +284,7 @@ class SQLiteStore(SQLStore):
             if self._writer.in_transaction:
                 cur.execute("ROLLBACK")
             for item in batch:
-                item.error = item.error or Unavailable(f"the SQLite commit failed: {err}")
+                item.error = item.error or _disk_full(err) or Unavailable(f"the SQLite commit failed: {err}")
             if not isinstance(err, Exception):
                 raise
             return isolate
@@ -316,6 +323,9 @@ class SQLiteStore(SQLStore):
         self._writes_since_analyze += count
         if self._writes_since_analyze > max(ANALYZE_MIN_WRITES, self._rows_at_analyze // 5):
             self._analyze()
+
+    def local_file(self) -> str | None:
+        return None if self.path == ":memory:" else self.path
 
     def backup(self, target: str) -> dict[str, int]:
         """Copy the whole store into `target` as of its last commit, while it serves, and check the copy.

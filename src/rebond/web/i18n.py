@@ -77,6 +77,14 @@ class Translator:
         pattern = None if decimals is None else ("#,##0" if decimals == 0 else "#,##0." + "0" * decimals)
         return format_decimal(value, format=pattern, locale=self.locale)
 
+    def size(self, count: int | None) -> str:
+        """A number of bytes as a person reads it: "12.3 GB", "640 MB" (powers of 1,024)."""
+        if count is None:
+            return "—"
+        if count >= 1 << 30:
+            return self.gettext("%(n)s GB", n=self.number(count / (1 << 30), 1))
+        return self.gettext("%(n)s MB", n=self.number(count / (1 << 20), 0))
+
     def since(self, value: dt.datetime | None, now: dt.datetime) -> str:
         """How long ago, in words ("3 h", "2 d")."""
         if value is None:
@@ -105,4 +113,6 @@ RUNTIME_MESSAGES = (
     N_("given"), N_("not-given"), N_("late"), N_("due"), N_("planned"),
     N_("Heart rate"), N_("Systolic blood pressure"), N_("Diastolic blood pressure"), N_("Temperature"),
     N_("Oxygen saturation"), N_("Respiratory rate"),
+    # the disks of the status page: what they hold, their level (rebond/disk.py)
+    N_("store"), N_("downtime packs"), N_("ok"), N_("low"), N_("critical"), N_("full"), N_("unknown"),
 )
