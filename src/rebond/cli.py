@@ -565,6 +565,27 @@ def hl7_replay(
     out_console.print(f"message {message_id} applied: {kept.detail if kept else ''}")
 
 
+@hl7_app.command("prune")
+def hl7_prune(
+    older_than: Annotated[float, typer.Option("--older-than", help="days: applied messages received longer ago lose their content")],
+    db: Annotated[str, typer.Option(help="database of the node")] = DEFAULT_DB,
+) -> None:
+    """Clear the content of applied messages older than N days, keeping a digest that still recognises a re-send.
+    Dead letters and messages not yet applied are kept whole. Run it from cron with the period the hospital keeps."""
+    from rebond.hl7.intake import prune
+
+    if not older_than >= 1:
+        raise fail(f"--older-than must be 1 day or more, not {older_than:g}")
+    before = time.time() - older_than * 86400
+    with _store_of(db) as store:
+        try:
+            count, size = prune(store, before)
+        except StoreError as err:
+            raise fail(f"pruning stopped: {err}") from None
+    out_console.print(f"cleared the content of {count:,} applied HL7 message(s) received before "
+                      f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(before))} ({size / 1e6:.1f} MB); their digests are kept")
+
+
 @hl7_app.command("simulate")
 def hl7_simulate(
     target: Annotated[str, typer.Option(help="HOST:PORT of an MLLP listener (rebond serve --mllp-port)")],

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from rebond.hl7.mapping import Applied, apply_message
 from rebond.hl7.message import CHARSETS, Header, Message, MessageError, acknowledgement, charset_of, decode
 from rebond.pickled import by_fields
-from rebond.store.base import InboxMessage, Session, Store, StoreError, Unavailable
+from rebond.store.base import InboxMessage, Session, Store, StoreError, Unavailable, message_digest
 from rebond.store.draft import Draft
 
 log = logging.getLogger("rebond.hl7")
@@ -175,7 +176,7 @@ class _Intake:
             except StoreError as err:
                 return self._unavailable(err)
         kept, new = outcome
-        if not new and kept.raw != self.raw:
+        if not new and not kept.holds(self.raw):
             # same sender and control id, other content: refused rather than silently ignored
             conflict = MessageError(f"MSH-10 '{self.control_id}' was already used by another message from {self.sender}",
                                     code=207, location="MSH-10")
@@ -257,6 +258,9 @@ def replay(store: Store, message_id: int, corrected: bytes | None = None) -> Ans
     kept = store.message(message_id)
     if kept is None:
         raise LookupError(f"no message {message_id}")
+    if kept.cleared and corrected is None:
+        raise LookupError(f"message {message_id} was applied and its content cleared since (rebond hl7 prune): "
+                          "only its digest is kept")
     raw = corrected if corrected is not None else kept.raw
     if corrected is not None:
         original = kept.raw
@@ -271,6 +275,27 @@ def replay(store: Store, message_id: int, corrected: bytes | None = None) -> Ans
     except MessageError as err:
         return _reject(store, kept, header, err)
     return _apply(store, kept, message, header)
+
+
+def prune(store: Store, before: float, *, page: int = 500) -> tuple[int, int]:
+    """Clear the content of the messages applied and received before `before` (epoch seconds), keeping their digests,
+    which recognise a re-send as well; returns (messages, bytes) cleared. Dead letters and messages not yet applied
+    are kept whole."""
+    def clear(old: list[InboxMessage]) -> Callable[[Session], list[InboxMessage]]:
+        return lambda tx: [kept for kept in old if tx.clear_message(kept.id, message_digest(kept.raw))]
+
+    count = size = 0
+    after = 0
+    while batch := store.messages(CHANNEL, "applied", limit=page, after_id=after):
+        after = batch[-1].id
+        old = [kept for kept in batch if kept.received < before and kept.raw]
+        if old:
+            cleared = store.write(clear(old))
+            count += len(cleared)
+            size += sum(len(kept.raw) for kept in cleared)
+        if batch[-1].received >= before:  # ids follow arrival: the rest came later
+            break
+    return count, size
 
 
 def describe(raw: bytes) -> tuple[str, str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -99,6 +100,20 @@ class InboxMessage:
     status: str  # received (stored, not yet applied), applied, rejected (a dead letter)
     detail: str  # what was applied, or why it was rejected
     updated: float
+    digest: str = ""  # SHA-256 of `raw` (hex); what is left of an applied message once its content is cleared
+
+    @property
+    def cleared(self) -> bool:
+        """Its content was cleared (`rebond hl7 prune`): only its digest is kept, enough to recognise a re-send."""
+        return not self.raw and bool(self.digest)
+
+    def holds(self, raw: bytes) -> bool:
+        """Whether `raw` is this message's content (read from its digest once the content is cleared)."""
+        return message_digest(raw) == self.digest if self.cleared else raw == self.raw
+
+
+def message_digest(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -178,6 +193,10 @@ class Session(abc.ABC):
     @abc.abstractmethod
     def settle_message(self, message_id: int, status: str, detail: str, raw: bytes | None = None) -> None:
         """Record what became of a message (and, for a corrected one, its new content), with the writes it caused."""
+
+    @abc.abstractmethod
+    def clear_message(self, message_id: int, digest: str) -> bool:
+        """Clear the content of an applied message, keeping its digest; False if it is not applied, or cleared already."""
 
     @abc.abstractmethod
     def put_state(self, namespace: str, key: str, value: Any) -> None:

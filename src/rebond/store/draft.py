@@ -185,6 +185,9 @@ class Draft(Session):
     def settle_message(self, message_id: int, status: str, detail: str, raw: bytes | None = None) -> None:
         raise NeedsTransaction("settling a message")
 
+    def clear_message(self, message_id: int, digest: str) -> bool:
+        raise NeedsTransaction("clearing a message")
+
     def put_state(self, namespace: str, key: str, value: Any) -> None:
         raise NeedsTransaction("node state")
 

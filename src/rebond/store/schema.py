@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: inbox.digest
 
 #: index table -> its value columns (after rid and key), in insert order
 INDEX_TABLES: dict[str, tuple[str, ...]] = {
@@ -39,6 +39,13 @@ class Types:
     real: str
     blob: str
     text: str = "TEXT"  # PostgreSQL: one byte-order collation everywhere, so joins and prefix ranges use the indexes
+
+
+#: columns added since a store was first made, in the order they came: (table, column, type); each engine adds the
+#: ones a store lacks when it opens it (ADD COLUMN: no table is rewritten)
+ADDED_COLUMNS = (
+    ("inbox", "digest", "text"),  # schema 2: what is left of a message whose content was cleared (rebond hl7 prune)
+)
 
 
 def ddl(types: Types) -> list[str]:
@@ -82,6 +89,7 @@ def ddl(types: Types) -> list[str]:
             status {types.text} NOT NULL,
             detail {types.text} NOT NULL,
             updated {types.real} NOT NULL,
+            digest {types.text},
             UNIQUE (channel, sender, control_id))""",
         "CREATE INDEX IF NOT EXISTS inbox_status ON inbox (channel, status, id)",
         # a site node's own writes, in order, until the central site has them (or a person has settled a conflict)

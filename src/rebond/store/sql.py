@@ -25,6 +25,7 @@ from rebond.store.base import (
     Stored,
     StoreError,
     WriteResult,
+    message_digest,
 )
 from rebond.store.draft import Draft, SentWrite, content_of
 from rebond.store.indexing import IndexRows, index_resource
@@ -79,7 +80,7 @@ class Cursor(abc.ABC):
     def fetchall(self) -> list[Any]: ...
 
 
-_INBOX_COLUMNS = "id, channel, sender, control_id, received, raw, status, detail, updated"
+_INBOX_COLUMNS = "id, channel, sender, control_id, received, raw, status, detail, updated, digest"
 
 
 _JOURNAL_COLUMNS = "seq, res_type, res_id, method, base_version, local_version, body, written, status, detail, updated"
@@ -91,7 +92,8 @@ def journal_from_row(row: Sequence[Any]) -> JournalEntry:
 
 
 def inbox_from_row(row: Sequence[Any]) -> InboxMessage:
-    return InboxMessage(int(row[0]), row[1], row[2], row[3], float(row[4]), bytes(row[5]), row[6], row[7], float(row[8]))
+    return InboxMessage(int(row[0]), row[1], row[2], row[3], float(row[4]), bytes(row[5]), row[6], row[7], float(row[8]),
+                        row[9] or "")
 
 
 class SQLSession(Session):
@@ -146,14 +148,15 @@ class SQLSession(Session):
 
     def receive_message(self, channel: str, sender: str, control_id: str, raw: bytes) -> tuple[InboxMessage, bool]:
         now = time.time()
+        digest = message_digest(raw)
         self.cur.execute(
-            "INSERT INTO inbox (channel, sender, control_id, received, raw, status, detail, updated)"
-            " VALUES (?, ?, ?, ?, ?, 'received', '', ?) ON CONFLICT (channel, sender, control_id) DO NOTHING RETURNING id",
-            (channel, sender, control_id, now, self.store.blob(raw), now),
+            "INSERT INTO inbox (channel, sender, control_id, received, raw, status, detail, updated, digest)"
+            " VALUES (?, ?, ?, ?, ?, 'received', '', ?, ?) ON CONFLICT (channel, sender, control_id) DO NOTHING RETURNING id",
+            (channel, sender, control_id, now, self.store.blob(raw), now, digest),
         )
         row = self.cur.fetchone()
         if row is not None:
-            return InboxMessage(int(row[0]), channel, sender, control_id, now, raw, "received", "", now), True
+            return InboxMessage(int(row[0]), channel, sender, control_id, now, raw, "received", "", now, digest), True
         self.cur.execute(f"SELECT {_INBOX_COLUMNS} FROM inbox WHERE channel = ? AND sender = ? AND control_id = ?",
                          (channel, sender, control_id))
         return inbox_from_row(self.cur.fetchone()), False
@@ -162,8 +165,13 @@ class SQLSession(Session):
         if raw is None:
             self.cur.execute("UPDATE inbox SET status = ?, detail = ?, updated = ? WHERE id = ?", (status, detail, time.time(), message_id))
         else:
-            self.cur.execute("UPDATE inbox SET status = ?, detail = ?, raw = ?, updated = ? WHERE id = ?",
-                             (status, detail, self.store.blob(raw), time.time(), message_id))
+            self.cur.execute("UPDATE inbox SET status = ?, detail = ?, raw = ?, digest = ?, updated = ? WHERE id = ?",
+                             (status, detail, self.store.blob(raw), message_digest(raw), time.time(), message_id))
+
+    def clear_message(self, message_id: int, digest: str) -> bool:
+        self.cur.execute("UPDATE inbox SET raw = ?, digest = ? WHERE id = ? AND status = 'applied' AND length(raw) > 0 RETURNING id",
+                         (self.store.blob(b""), digest, message_id))
+        return self.cur.fetchone() is not None
 
     def put_state(self, namespace: str, key: str, value: Any) -> None:
         if value is None:

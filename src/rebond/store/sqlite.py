@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 from rebond.durable import replace_durably
 from rebond.store.base import Session, StoreError, Unavailable
-from rebond.store.schema import SCHEMA_VERSION, Types, ddl
+from rebond.store.schema import ADDED_COLUMNS, SCHEMA_VERSION, Types, ddl
 from rebond.store.sql import Cursor, SQLSession, SQLStore
 
 log = logging.getLogger("rebond.store")
@@ -104,6 +104,7 @@ class SQLiteStore(SQLStore):
         self._writer.execute(
             "INSERT INTO rebond_meta (name, value) VALUES ('schema', ?) ON CONFLICT (name) DO NOTHING", (str(SCHEMA_VERSION),)
         )
+        self._add_columns()
         self._writes_since_analyze = 0
         self._rows_at_analyze = self._row_estimate()
         if self._rows_at_analyze and self._writer.execute("SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'").fetchone()[0] == 0:
@@ -114,6 +115,25 @@ class SQLiteStore(SQLStore):
             # checkpoint) happens beside, on another connection, off the path of acknowledged writes
             self._writer.execute("PRAGMA wal_autocheckpoint=0")
             self._checkpointer = _Checkpointer(self._connect(), path + "-wal")
+
+    def _missing_columns(self) -> list[tuple[str, str, str]]:
+        present = {(table, row[1]) for table in {t for t, _c, _k in ADDED_COLUMNS}
+                   for row in self._writer.execute(f"PRAGMA table_info({table})")}
+        return [added for added in ADDED_COLUMNS if (added[0], added[1]) not in present]
+
+    def _add_columns(self) -> None:
+        """A store made by an earlier Rebond gets the columns added since (schema.ADDED_COLUMNS), in one transaction."""
+        if not self._missing_columns():
+            return
+        self._writer.execute("BEGIN IMMEDIATE")
+        try:
+            for table, column, kind in self._missing_columns():  # again, under the lock: another process may have added them
+                self._writer.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind.upper()}")
+            self._writer.execute("UPDATE rebond_meta SET value = ? WHERE name = 'schema'", (str(SCHEMA_VERSION),))
+            self._writer.execute("COMMIT")
+        except BaseException:
+            self._writer.execute("ROLLBACK")
+            raise
 
     def _connect(self) -> sqlite3.Connection:
         try:
