@@ -1,6 +1,7 @@
 """The MLLP listener of a real `rebond serve` process, with the `hl7` package's MLLP client as the sender."""
 from __future__ import annotations
 
+import html
 import json
 import os
 import signal
@@ -62,6 +63,25 @@ def test_garbage_in_a_frame_gets_a_negative_ack_and_waits_in_the_dead_letters(li
     letters = rebond("hl7", "dead-letters", "--json", "--db", listener.db)
     assert letters.returncode == 0
     assert [json.loads(line)["reason"] for line in letters.stdout.splitlines()] == ["the message does not start with an MSH segment"]
+
+
+def test_the_status_shows_each_senders_traffic_and_the_messages_waiting_for_it(listener: RebondServer) -> None:
+    quiet = listener.status()["mllp"]
+    assert quiet["senders"] == [] and quiet["dead_letters"] == 0 and quiet["waiting"] == 0
+    with hl7.client.MLLPClient("127.0.0.1", mllp_port(listener)) as client:
+        codes = [ack_code(client.send_message(message)) for message in
+                 (oru("S1", "910000011", "F11"), oru("S2", "910000011", "F12"), b"\x13\x37 not HL7")]
+    assert codes == ["AA", "AA", "AR"]
+    facts = listener.status()["mllp"]
+    assert facts["dead_letters"] == 1 and facts["waiting"] == 0
+    senders = {s["sender"]: s for s in facts["senders"]}
+    lab = senders["SIL|H1"]
+    assert (lab["messages"], lab["accepted"], lab["refused"], lab["retry"]) == (2, 2, 0, 0)
+    assert lab["last_at"].endswith("Z") and lab["last_refused_at"] is None
+    assert (senders["?"]["messages"], senders["?"]["refused"]) == (1, 1), "what cannot be read is counted too"
+    page = httpx.get(f"{listener.base}/status", headers={"Accept-Language": "fr"}, timeout=10).text
+    shown = html.unescape(page)
+    assert "Émetteur HL7 SIL|H1" in shown and "1 en attente de l'informatique" in shown and "Émetteur HL7 illisible" in shown, shown
 
 
 def test_a_message_far_over_the_size_limit_is_refused_and_kept_truncated(listener: RebondServer) -> None:

@@ -83,7 +83,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
         if downtime is not None:
             facts["downtime_packs"] = downtime.status()
         if mllp is not None:
-            facts["mllp"] = mllp.status()
+            facts["mllp"] = await run_in_threadpool(mllp.status)
         facts["disk"] = disks.status()
         if "json" in request.headers.get("accept", ""):
             return JSONResponse(facts)

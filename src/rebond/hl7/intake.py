@@ -36,6 +36,7 @@ class Answer:
     code: str  # AA, AE, AR (or CA, CE, CR)
     message_id: int | None
     redone: bool = False  # its draft was stale (what it read had changed): worked out again under the lock
+    sender: str = "?"  # MSH-3|MSH-4 of the message ("?": not readable)
 
     def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
         return by_fields(self)  # from the intake writer to the server
@@ -50,7 +51,7 @@ def _answer(header: Header | None, code: str, text: str, message_id: int | None,
             control_id: str = "") -> Answer:
     codec = CHARSETS.get((header.charset if header else "").upper(), "utf-8")
     body = acknowledgement(header, code, text, error=error, control_id=control_id)
-    return Answer(body.encode(codec, "replace"), code, message_id)
+    return Answer(body.encode(codec, "replace"), code, message_id, sender=header.sender if header else "?")
 
 
 def control_id_of(raw: bytes) -> str:

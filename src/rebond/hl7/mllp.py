@@ -14,6 +14,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import anyio
@@ -22,6 +23,7 @@ from anyio.to_thread import run_sync
 from rebond.hl7.intake import CHANNEL, KEPT_OF_OVERSIZED, MAX_MESSAGE_BYTES, Answer, control_id_of, receive
 from rebond.hl7.message import MessageError, acknowledgement
 from rebond.hl7.workers import DraftWorkers, WriterGone
+from rebond.moments import utc_second
 from rebond.store.base import Store
 
 log = logging.getLogger("rebond.hl7")
@@ -80,6 +82,29 @@ class _Framing:
             done.append((self.kept, self.size))
 
 
+@dataclass
+class _Sender:
+    """What one sending system (MSH-3|MSH-4) sent since the listener started, and how it was answered."""
+
+    messages: int = 0
+    accepted: int = 0  # AA, CA
+    retry: int = 0  # AE, CE: the store could not take it then; the sender sends it again
+    refused: int = 0  # AR, CR: kept as a dead letter
+    last_at: float = 0.0
+    last_refused_at: float | None = None
+
+    def note(self, code: str, at: float) -> None:
+        self.messages += 1
+        self.last_at = at
+        if code in ("AA", "CA"):
+            self.accepted += 1
+        elif code in ("AE", "CE"):
+            self.retry += 1
+        else:
+            self.refused += 1
+            self.last_refused_at = at
+
+
 class MllpServer:
     def __init__(self, store: Store, host: str, port: int, *, max_bytes: int = MAX_MESSAGE_BYTES, idle_timeout: float = 300.0,
                  workers: int = 8, drafts: DraftWorkers | None = None) -> None:
@@ -92,6 +117,7 @@ class MllpServer:
         self._limiter = anyio.CapacityLimiter(workers)  # messages applied at once, across connections
         self._server: asyncio.Server | None = None
         self.connections = 0
+        self.senders: dict[str, _Sender] = {}
 
     async def start(self) -> None:
         if self.drafts is not None:
@@ -112,7 +138,14 @@ class MllpServer:
             await self.drafts.stop()
 
     def status(self) -> dict[str, Any]:
-        facts: dict[str, Any] = {"port": self.port, "connections": self.connections}
+        """The listener, the messages waiting for IT (dead letters) or not yet applied, and each sender's traffic since the
+        listener started: a lab whose results stopped coming shows here. Reads the store: call it off the event loop."""
+        facts: dict[str, Any] = {"port": self.port, "connections": self.connections,
+                                 "dead_letters": self.store.message_count(CHANNEL, "rejected"),
+                                 "waiting": self.store.message_count(CHANNEL, "received"),
+                                 "senders": [{"sender": name, **asdict(sender), "last_at": utc_second(sender.last_at),
+                                              "last_refused_at": utc_second(sender.last_refused_at)}
+                                             for name, sender in sorted(self.senders.items())]}
         if self.drafts is not None:
             facts["workers"] = self.drafts.status()
         return facts
@@ -143,6 +176,7 @@ class MllpServer:
                         answer = await run_sync(self._refuse_oversized, payload, size, limiter=self._limiter)
                     else:
                         answer = await self._take(payload)
+                    self.senders.setdefault(answer.sender, _Sender()).note(answer.code, time.time())
                     writer.write(frame(answer.ack))
                     await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):

@@ -7,15 +7,12 @@ import time
 from typing import Any
 
 from rebond.clinical.records import HOSPITAL_TZ
+from rebond.moments import utc_second
 from rebond.site.directory import DirectoryCopier
 from rebond.site.follower import Follower
 from rebond.site.replay import Replayer
 from rebond.store.base import Store
 from rebond.web.i18n import Translator
-
-
-def _iso(epoch: float | None) -> str | None:
-    return None if epoch is None else dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class Node:
@@ -33,7 +30,7 @@ class Node:
     def status(self, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now
         return {"role": self.role, "site_id": self.site_id, "upstream": None, "upstream_reachable": None,
-                "unreachable_since": None, "last_change_applied_at": None, "data_as_of": _iso(now), "lag_seconds": 0.0,
+                "unreachable_since": None, "last_change_applied_at": None, "data_as_of": utc_second(now), "lag_seconds": 0.0,
                 "journal_pending": 0, "conflicts_open": 0, "writes": "accepted"}
 
     def headers(self, now: float | None = None) -> dict[str, str]:
@@ -97,21 +94,21 @@ class SiteNode(Node):
         feed = self.follower.state
         lag = feed.lag_seconds(now)
         return {"role": self.role, "site_id": self.site_id, "upstream": self.upstream,
-                "upstream_reachable": feed.upstream_reachable, "unreachable_since": _iso(feed.unreachable_since),
-                "last_change_applied_at": _iso(feed.last_change_applied_at), "data_as_of": _iso(feed.data_as_of(now)),
+                "upstream_reachable": feed.upstream_reachable, "unreachable_since": utc_second(feed.unreachable_since),
+                "last_change_applied_at": utc_second(feed.last_change_applied_at), "data_as_of": utc_second(feed.data_as_of(now)),
                 "lag_seconds": None if lag is None else round(lag, 3), "journal_pending": self.store.journal_count("pending"),
                 "conflicts_open": self.store.journal_count("conflict"), "replayed": self.replayer.replayed,
                 "last_replay_rate": self.replayer.last_replay_rate,
                 "writes": "accepted: applied here at once, replayed on the central site in order",
-                "accounts": {"copied_at": _iso(self.directory.state.copied_at), **self.directory.status()}}
+                "accounts": {"copied_at": utc_second(self.directory.state.copied_at), **self.directory.status()}}
 
     def headers(self, now: float | None = None) -> dict[str, str]:
         now = time.time() if now is None else now
         feed = self.follower.state
         out = {"X-Rebond-Node": f"site; site={self.site_id}"}
-        as_of = _iso(feed.data_as_of(now))
+        as_of = utc_second(feed.data_as_of(now))
         out["X-Rebond-Data-As-Of"] = as_of or "never"
-        out["X-Rebond-Upstream"] = "reachable" if feed.upstream_reachable else f"unreachable; since={_iso(feed.unreachable_since) or 'start'}"
+        out["X-Rebond-Upstream"] = "reachable" if feed.upstream_reachable else f"unreachable; since={utc_second(feed.unreachable_since) or 'start'}"
         return out
 
     def banner(self, t: Translator) -> str | None:

@@ -272,6 +272,10 @@ class Store(abc.ABC):
     def message(self, message_id: int) -> InboxMessage | None: ...
 
     @abc.abstractmethod
+    def message_count(self, channel: str, status: str) -> int:
+        """How many messages of a channel are in this state (meant for the few: waiting, refused)."""
+
+    @abc.abstractmethod
     def messages(self, channel: str, status: str | None = None, *, limit: int = 100, after_id: int = 0) -> list[InboxMessage]:
         """Messages of a channel (of one status), oldest first."""
 

@@ -663,6 +663,11 @@ class SQLStore(Store):
             row = cur.fetchone()
         return inbox_from_row(row) if row else None
 
+    def message_count(self, channel: str, status: str) -> int:
+        with self.reader() as cur:
+            cur.execute("SELECT count(*) FROM inbox WHERE channel = ? AND status = ?", (channel, status))
+            return int(cur.fetchone()[0])
+
     def messages(self, channel: str, status: str | None = None, *, limit: int = 100, after_id: int = 0) -> list[InboxMessage]:
         where, params = "channel = ? AND id > ?", [channel, after_id]
         if status is not None:
