@@ -1,14 +1,14 @@
 """Sustained ORU^R01 ingest over MLLP with durable acknowledgement, against Rebond and a raw-append baseline.
 
 Seeds the default demo group into a scratch SQLite store, starts `rebond serve --mllp-port`
-(with its connections served by 2 worker processes, then by the server process itself),
+(with the drafts made by the server process, the default on 2 cores, then by one worker process),
 admits the simulator's patients (not timed), then sends lab results over 4 and 32
 connections, each connection one message at a time (send, wait for the ACK, send the next),
 for a fixed time. Latency is from sending a message to reading its ACK. The baseline, in the
 same run, is bench/hl7_baseline.py: the message bytes appended to a file with fsync, then
 acknowledged — the least any durable acknowledgement costs.
 
-    .venv/bin/python bench/hl7_bench.py [--seconds 20] [--mllp-workers 1 0]
+    .venv/bin/python bench/hl7_bench.py [--seconds 20] [--mllp-workers 0 1]
 """
 from __future__ import annotations
 
@@ -98,8 +98,8 @@ def results_for(traffic: Traffic, connections: int, per_connection: int) -> list
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--mllp-workers", type=int, nargs="+", default=[1, 0],
-                        help="rebond serve --mllp-workers values to measure (1: the default on 2 cores; 0: served in the server process)")
+    parser.add_argument("--mllp-workers", type=int, nargs="+", default=[0, 1],
+                        help="rebond serve --mllp-workers values to measure (0: drafts made by the server process, the default on 2 cores)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     with database("sqlite", "hl7") as url:
@@ -144,7 +144,7 @@ def main() -> None:
             baseline.terminate()
             baseline.wait()
     base = {c: rate for who, c, rate, _l, _r in rows if who == "baseline"}
-    print("(rebond/N: rebond serve --mllp-workers N; 0 = the connections served in the server process)")
+    print("(rebond/N: rebond serve --mllp-workers N; 0 = the drafts made by the server process; the intake writer is a process)")
     print(f"\n{'server':<10} {'conns':>5} {'msg/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'refused':>8} {'ratio':>6}")
     for who, connections, rate, latencies, refused in rows:
         print(f"{who:<10} {connections:>5} {rate:>8.0f} {percentile(latencies, 50):>8.1f} {percentile(latencies, 99):>8.1f}"

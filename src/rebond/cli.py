@@ -46,7 +46,8 @@ def serve(
     workers: Annotated[int, typer.Option(help="server processes sharing the port (one per core)")] = 1,
     session_idle_minutes: Annotated[float, typer.Option(help="sign-in sessions close after this long without use")] = 30,
     mllp_port: Annotated[int | None, typer.Option(help="also take HL7 v2 messages over MLLP on this port (2575 is usual)")] = None,
-    mllp_workers: Annotated[int | None, typer.Option(help="processes working out MLLP messages (default: cores less one; 0: none)")] = None,
+    mllp_workers: Annotated[int | None, typer.Option(help="processes working out MLLP messages (default: 0 on two cores, "
+                                                          "the server process does it; cores less one above)")] = None,
     downtime_dir: Annotated[str | None, typer.Option(help="where the downtime packs are kept (default: var/downtime)")] = None,
     downtime_every: Annotated[float, typer.Option(help="minutes between two rounds of downtime packs (0: none)")] = 10,
     downtime_keep: Annotated[int, typer.Option(help="downtime packs kept per ward")] = 6,
@@ -143,8 +144,9 @@ def site(
         except ValueError as err:
             raise fail(str(err)) from None
     node = SiteNode(store, upstream, token)
-    # a site node takes its messages in this process (a hospital's own traffic); the workers are for the central site
-    mllp = _mllp_listener(store, db, site_id, host, mllp_port, 0)
+    # a site node takes its messages in this process, where its writes are journaled for the central site (a hospital's
+    # own traffic); the worker and writer processes are for the central site
+    mllp = _mllp_listener(store, db, site_id, host, mllp_port, None, in_this_process=True)
     out_console.print(f"Rebond site node {site_id} at http://{host}:{port}/ (FHIR: /fhir, status: /status), "
                       f"following {upstream} (store: {_redact(db)})")
     downtime = _pack_scheduler(db, site_id, downtime_dir or f"var/downtime-{site_id}", downtime_every, downtime_keep, node.status)
@@ -153,19 +155,23 @@ def site(
                 port=port, log_level=log_level, access_log=False)
 
 
-def _mllp_listener(store: Store, db: str, site_id: str, host: str, port: int | None, workers: int | None) -> MllpServer | None:
-    """The MLLP listener beside the web server, with worker processes working out the messages' writes."""
+def _mllp_listener(store: Store, db: str, site_id: str, host: str, port: int | None, workers: int | None, *,
+                   in_this_process: bool = False) -> MllpServer | None:
+    """The MLLP listener beside the web server: the messages' writes worked out by worker processes (or this one) and
+    committed by the intake writer process; or everything in this process (`in_this_process`)."""
     if port is None:
         return None
     from rebond.hl7.mllp import MllpServer
     from rebond.hl7.workers import DraftWorkers
 
+    if in_this_process or ":memory:" in db:  # a store in this process's memory: no other process can write to it
+        return MllpServer(store, host, port)
     if workers is None:
-        # the intake writer is a process too, busy on every message: the workers share the other cores
-        workers = min((os.cpu_count() or 1) - 1, 4)
-    if workers and ":memory:" in db:
-        workers = 0  # a store in this process's memory: no other process can write to it
-    return MllpServer(store, host, port, drafts=DraftWorkers(db, site_id, workers) if workers else None)
+        # the intake writer is a process of its own, busy on every message; on two cores the server process drafts
+        # (hl7/workers.py says why), on more the workers share the cores left
+        cores = os.cpu_count() or 1
+        workers = 0 if cores <= 2 else min(cores - 1, 4)
+    return MllpServer(store, host, port, drafts=DraftWorkers(db, site_id, workers, here=store))
 
 
 def _pack_scheduler(db: str, site_id: str, folder: str, every: float, keep: int,

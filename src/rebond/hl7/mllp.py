@@ -126,8 +126,10 @@ class MllpServer:
         sockets: list[Any] = list(self._server.sockets or [])
         if sockets and self.port == 0:
             self.port = sockets[0].getsockname()[1]
-        workers = (f", each message worked out by one of {self.drafts.count} worker processes and written by the intake"
-                   f" writer process" if self.drafts else "")
+        workers = ""
+        if self.drafts is not None:
+            drafted = f"one of {self.drafts.count} worker processes" if self.drafts.count else "this process"
+            workers = f", each message worked out by {drafted} and written by the intake writer process"
         log.info("MLLP listening on %s:%s%s", self.host, self.port, workers)
 
     async def stop(self) -> None:
