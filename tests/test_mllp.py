@@ -15,7 +15,8 @@ import hl7.client
 import httpx
 import pytest
 
-from rebond.hl7.mllp import END, START, ack_code
+from rebond.hl7.mllp import END, MAX_SENDERS, OTHER_SENDERS, START, MllpServer, ack_code
+from rebond.store import open_store
 from tests.hl7_messages import oru, read_ack
 from tests.pg_harness import free_port
 from tests.server import RebondServer, rebond
@@ -82,6 +83,19 @@ def test_the_status_shows_each_senders_traffic_and_the_messages_waiting_for_it(l
     page = httpx.get(f"{listener.base}/status", headers={"Accept-Language": "fr"}, timeout=10).text
     shown = html.unescape(page)
     assert "Émetteur HL7 SIL|H1" in shown and "1 en attente de l'informatique" in shown and "Émetteur HL7 illisible" in shown, shown
+
+
+def test_a_sender_changing_its_name_at_every_message_does_not_grow_the_status_without_end(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'tally.db'}")
+    try:
+        server = MllpServer(store, "127.0.0.1", 0)
+        for n in range(MAX_SENDERS + 50):
+            server._sender(f"APP{n}|H1").note("AA", 1.0)
+        server._sender("APP0|H1").note("AR", 2.0)
+        assert len(server.senders) == MAX_SENDERS + 1 and server.senders[OTHER_SENDERS].messages == 50
+        assert (server.senders["APP0|H1"].messages, server.senders["APP0|H1"].refused) == (2, 1), "a known sender keeps its own"
+    finally:
+        store.close()
 
 
 def test_a_message_far_over_the_size_limit_is_refused_and_kept_truncated(listener: RebondServer) -> None:

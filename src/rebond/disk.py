@@ -18,6 +18,7 @@ import collections
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -101,6 +102,7 @@ class DiskWatch:
         self._keep = max(int(window / every) + 1, 2)
         self._task: asyncio.Task[None] | None = None
         self._looked_at = float("-inf")
+        self._lock = threading.Lock()  # pages are rendered in threads too (the banner looks)
 
     def _place(self, what: str, where: Path) -> None:
         """Watch the file system `where` is on (its nearest existing parent's: a folder not made yet is watched too)."""
@@ -121,6 +123,10 @@ class DiskWatch:
 
     def look(self, *, record: bool = False) -> None:
         """Look at every disk now (`record`: and keep its free space for the rate); log each change of level."""
+        with self._lock:
+            self._look(record)
+
+    def _look(self, record: bool) -> None:
         now = self._looked_at = self.clock()
         for what, where in self._places.items():
             self._place(what, where)
@@ -144,20 +150,21 @@ class DiskWatch:
 
     def status(self) -> dict[str, Any]:
         """Every disk as it is now, and the worst level of them."""
-        self.look()
-        disks = [disk.facts() for disk in self._disks.values()]
-        disks += [{"holds": [what], "path": None, "level": "unknown", "problem": problem} for what, problem in self._unplaced.items()]
-        return {"level": self.level if self._disks else "unknown", "disks": disks}
+        with self._lock:
+            self._look(record=False)
+            disks = [disk.facts() for disk in self._disks.values()]
+            disks += [{"holds": [what], "path": None, "level": "unknown", "problem": problem}
+                      for what, problem in self._unplaced.items()]
+            return {"level": self._worst() if self._disks else "unknown", "disks": disks}
 
     def level_now(self, max_age: float = 5.0) -> str:
-        """The worst level, looked at again if the last look is older than `max_age` seconds."""
-        if self.clock() - self._looked_at >= max_age:
-            self.look()
-        return self.level
+        """The worst level ("ok" before any look), looked at again if the last look is older than `max_age` seconds."""
+        with self._lock:
+            if self.clock() - self._looked_at >= max_age:
+                self._look(record=False)
+            return self._worst()
 
-    @property
-    def level(self) -> str:
-        """The worst level at the last look ("ok" before any)."""
+    def _worst(self) -> str:
         known = [disk.level for disk in self._disks.values() if disk.level in LEVELS]
         return max(known, key=LEVELS.index, default="ok")
 

@@ -28,6 +28,9 @@ from rebond.store.base import Store
 
 log = logging.getLogger("rebond.hl7")
 START, END = b"\x0b", b"\x1c\x0d"
+#: senders tallied one by one in the status; the others share one tally
+MAX_SENDERS = 100
+OTHER_SENDERS = "(others)"
 
 
 def frame(payload: bytes) -> bytes:
@@ -152,6 +155,12 @@ class MllpServer:
             facts["workers"] = self.drafts.status()
         return facts
 
+    def _sender(self, name: str) -> _Sender:
+        """Its tally; past MAX_SENDERS names (a sender that changes its MSH-3 at every message), one tally for the rest."""
+        if name not in self.senders and len(self.senders) >= MAX_SENDERS:
+            name = OTHER_SENDERS
+        return self.senders.setdefault(name, _Sender())
+
     async def _take(self, payload: bytes) -> Answer:
         if self.drafts is not None:
             try:
@@ -178,7 +187,7 @@ class MllpServer:
                         answer = await run_sync(self._refuse_oversized, payload, size, limiter=self._limiter)
                     else:
                         answer = await self._take(payload)
-                    self.senders.setdefault(answer.sender, _Sender()).note(answer.code, time.time())
+                    self._sender(answer.sender).note(answer.code, time.time())
                     writer.write(frame(answer.ack))
                     await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):

@@ -16,9 +16,9 @@ With `--mllp-workers 0` (the default on two cores) the server process makes the 
 in its event loop, and the writer is the only other process: on two cores, three busy
 processes took turns on the cores and each woke up cold to every message (a draft cost 0.8 ms
 in a loop and 1.6 to 2.1 ms when its process slept between messages), and the hop to the worker
-and back cost its share too. Measured alternately: 450 to 546 lab panels a second against 369
-to 471 with one worker process; in a thread instead of the event loop, 340 to 472 (the thread
-and the loop take turns on the interpreter). HTTP reads served by the same process kept their
+and back cost its share too. Measured in the same runs, seven times: 422 to 602 lab panels a
+second against 369 to 542 with one worker process, ahead or level each time; in a thread
+instead of the event loop, 340 to 472 (the thread and the loop take turns on the interpreter). HTTP reads served by the same process kept their
 latency (p99 9.5 to 11.9 ms under 4 MLLP connections, either way).
 
 The server talks to each process over a socket pair read and written by its event loop: a
