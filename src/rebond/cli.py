@@ -589,7 +589,8 @@ def hl7_prune(
         except StoreError as err:
             raise fail(f"pruning stopped: {err}") from None
     out_console.print(f"cleared the content of {count:,} applied HL7 message(s) received before "
-                      f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(before))} ({size / 1e6:.1f} MB); their digests are kept")
+                      f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(before))} ({size / 1e6:.1f} MB); their digests are kept",
+                      soft_wrap=True)  # one line in the cron log
 
 
 @hl7_app.command("simulate")
