@@ -83,6 +83,7 @@ def test_the_status_shows_each_senders_traffic_and_the_messages_waiting_for_it(l
     page = httpx.get(f"{listener.base}/status", headers={"Accept-Language": "fr"}, timeout=10).text
     shown = html.unescape(page)
     assert "Émetteur HL7 SIL|H1" in shown and "1 en attente de l'informatique" in shown and "Émetteur HL7 illisible" in shown, shown
+    assert "2 messages depuis le démarrage" in shown and "1 refusé</span>" in shown, shown
 
 
 def test_a_sender_changing_its_name_at_every_message_does_not_grow_the_status_without_end(tmp_path: Path) -> None:
