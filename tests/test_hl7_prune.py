@@ -87,6 +87,34 @@ def test_a_store_made_before_digests_gets_them_and_its_old_messages_are_still_re
         store.close()
 
 
+def test_a_store_made_before_digests_gets_the_column_a_new_store_has(engine_url: str) -> None:
+    """The column added on opening an older store is the one a new store is made with (on PostgreSQL, its collation too)."""
+    def described(url: str) -> tuple[str, ...]:
+        if url.startswith("sqlite:///"):
+            with sqlite3.connect(url[len("sqlite:///"):]) as db:
+                return tuple(str(row[2]) for row in db.execute("PRAGMA table_info(inbox)") if row[1] == "digest")
+        import psycopg
+
+        with psycopg.connect(url) as db:
+            row = db.execute("SELECT data_type, coalesce(collation_name, '') FROM information_schema.columns"
+                             " WHERE table_name = 'inbox' AND column_name = 'digest'").fetchone()
+            return tuple(row) if row else ()
+
+    open_store(engine_url).close()
+    made_new = described(engine_url)
+    if engine_url.startswith("sqlite:///"):
+        with sqlite3.connect(engine_url[len("sqlite:///"):]) as db:
+            db.execute("ALTER TABLE inbox DROP COLUMN digest")
+    else:
+        import psycopg
+
+        with psycopg.connect(engine_url, autocommit=True) as db:
+            db.execute("ALTER TABLE inbox DROP COLUMN digest")
+    assert described(engine_url) == ()
+    open_store(engine_url).close()
+    assert made_new and described(engine_url) == made_new
+
+
 def test_rebond_hl7_prune_clears_what_is_older_than_the_days_asked(tmp_path: Path) -> None:
     path = tmp_path / "node.db"
     db = f"sqlite:///{path}"

@@ -18,7 +18,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from rebond.store.base import Change, ChangePage, Session, Unavailable
-from rebond.store.schema import ADDED_COLUMNS, INDEX_TABLES, SCHEMA_VERSION, Types, ddl
+from rebond.store.schema import INDEX_TABLES, SCHEMA_VERSION, Types, added_columns, ddl
 from rebond.store.sql import Cursor, SQLSession, SQLStore, stored_from_row
 
 _TYPES = Types(serial_pk="BIGSERIAL PRIMARY KEY", bigint="BIGINT", real="DOUBLE PRECISION", blob="BYTEA", text='TEXT COLLATE "C"')
@@ -109,8 +109,8 @@ class PostgresStore(SQLStore):
                 try:
                     for statement in ddl(_TYPES):
                         conn.execute(statement)
-                    for table, column, kind in ADDED_COLUMNS:  # a database made by an earlier Rebond
-                        conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind.upper()}")
+                    for table, column, kind in added_columns(_TYPES):  # a database made by an earlier Rebond
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
                     conn.execute(
                         "INSERT INTO rebond_meta (name, value) VALUES ('schema', %s)"
                         " ON CONFLICT (name) DO UPDATE SET value = excluded.value",

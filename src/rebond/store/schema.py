@@ -41,11 +41,16 @@ class Types:
     text: str = "TEXT"  # PostgreSQL: one byte-order collation everywhere, so joins and prefix ranges use the indexes
 
 
-#: columns added since a store was first made, in the order they came: (table, column, type); each engine adds the
-#: ones a store lacks when it opens it (ADD COLUMN: no table is rewritten)
+#: columns added since a store was first made, in the order they came: (table, column, its `Types` field); each
+#: engine adds the ones a store lacks when it opens it (ADD COLUMN: no table is rewritten)
 ADDED_COLUMNS = (
     ("inbox", "digest", "text"),  # schema 2: what is left of a message whose content was cleared (rebond hl7 prune)
 )
+
+
+def added_columns(types: Types) -> list[tuple[str, str, str]]:
+    """(table, column, SQL type) of ADDED_COLUMNS in an engine's types: the same type as a new store's CREATE TABLE."""
+    return [(table, column, getattr(types, kind)) for table, column, kind in ADDED_COLUMNS]
 
 
 def ddl(types: Types) -> list[str]:

@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 from rebond.durable import replace_durably
 from rebond.store.base import Session, StoreError, Unavailable
-from rebond.store.schema import ADDED_COLUMNS, SCHEMA_VERSION, Types, ddl
+from rebond.store.schema import SCHEMA_VERSION, Types, added_columns, ddl
 from rebond.store.sql import Cursor, SQLSession, SQLStore
 
 log = logging.getLogger("rebond.store")
@@ -117,9 +117,10 @@ class SQLiteStore(SQLStore):
             self._checkpointer = _Checkpointer(self._connect(), path + "-wal")
 
     def _missing_columns(self) -> list[tuple[str, str, str]]:
-        present = {(table, row[1]) for table in {t for t, _c, _k in ADDED_COLUMNS}
+        added = added_columns(_TYPES)
+        present = {(table, row[1]) for table in {t for t, _c, _k in added}
                    for row in self._writer.execute(f"PRAGMA table_info({table})")}
-        return [added for added in ADDED_COLUMNS if (added[0], added[1]) not in present]
+        return [(table, column, kind) for table, column, kind in added if (table, column) not in present]
 
     def _add_columns(self) -> None:
         """A store made by an earlier Rebond gets the columns added since (schema.ADDED_COLUMNS), in one transaction."""
@@ -128,7 +129,7 @@ class SQLiteStore(SQLStore):
         self._writer.execute("BEGIN IMMEDIATE")
         try:
             for table, column, kind in self._missing_columns():  # again, under the lock: another process may have added them
-                self._writer.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind.upper()}")
+                self._writer.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             self._writer.execute("UPDATE rebond_meta SET value = ? WHERE name = 'schema'", (str(SCHEMA_VERSION),))
             self._writer.execute("COMMIT")
         except BaseException:
