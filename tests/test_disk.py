@@ -77,6 +77,26 @@ def test_the_watch_reads_real_disks_as_they_fill(small_disk: Callable[[str], Pat
     assert alone.level_now(max_age=0) == "critical"
 
 
+def test_a_place_that_is_no_disk_shows_as_unknown_without_figures(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from rebond.app import create_app
+    from rebond.store import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    watch = DiskWatch({"store": tmp_path / "store.db", "kernel": "/proc/not-a-disk"})
+    try:
+        with TestClient(create_app(store, disks=watch)) as client:
+            facts = client.get("/status", headers={"Accept": "application/json"}).json()["disk"]
+            page = client.get("/status", headers={"Accept-Language": "fr"}).text
+    finally:
+        store.close()
+    kernel = next(d for d in facts["disks"] if d["holds"] == ["kernel"])
+    assert kernel["level"] == "unknown" and kernel["free_bytes"] is None and kernel["problem"] == "not a disk (no size)"
+    assert facts["level"] != "unknown", "a disk that can be read gives the level"
+    assert "inconnu" in page and "— libres" not in page, page
+
+
 def _mllp(port: int, message: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
         conn.sendall(START + message + END)
