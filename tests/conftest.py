@@ -12,6 +12,7 @@ import pytest
 from rebond.store import open_store
 from rebond.store.base import Store
 from tests.pg_harness import PostgresServer
+from tests.server import RebondServer
 
 SYNTHEA = Path(__file__).resolve().parents[2] / "shared" / "data" / "synthea"
 _db_names = itertools.count()
@@ -79,6 +80,18 @@ def demo_db(demo_template: Path, tmp_path: Path) -> str:
     target = tmp_path / "demo.db"
     shutil.copyfile(demo_template, target)
     return f"sqlite:///{target}"
+
+
+@pytest.fixture(scope="module")
+def web(demo_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RebondServer]:
+    """`rebond serve` on a copy of the demo group, shared by the tests of one module."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("web") / "demo.db"
+    shutil.copyfile(demo_template, path)
+    server = RebondServer(f"sqlite:///{path}").start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -26,17 +26,24 @@ def wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> float:
     raise AssertionError("not within the time allowed")
 
 
-@pytest.fixture
-def group(demo_db: str, tmp_path: Path) -> Iterator[tuple[RebondServer, SiteServer]]:
-    central = RebondServer(demo_db).start()
-    site_db = f"sqlite:///{tmp_path}/site-H1.db"
+def start_site(central: RebondServer, tmp_path: Path, account: tuple[str, str, str]) -> SiteServer:
+    """Site node H1 following `central`, with one account of its own (name, role, display), once it holds the data."""
     from rebond.security.accounts import Accounts
 
+    site_db = f"sqlite:///{tmp_path}/site-H1.db"
     store = open_store(site_db)
-    Accounts(store).save("nurse", "rebond-demo", "nurse", "LEROY Hélène")
+    username, role, display = account
+    Accounts(store).save(username, "rebond-demo", role, display)
     store.close()
     site = SiteServer(site_db, central).start()
     wait_for(lambda: site.status()["data_as_of"] is not None, 120)  # the first copy of the demo group
+    return site
+
+
+@pytest.fixture
+def group(demo_db: str, tmp_path: Path) -> Iterator[tuple[RebondServer, SiteServer]]:
+    central = RebondServer(demo_db).start()
+    site = start_site(central, tmp_path, ("nurse", "nurse", "LEROY Hélène"))
     yield central, site
     site.stop()
     central.stop()
@@ -118,7 +125,7 @@ def test_the_staff_sign_in_at_a_cut_off_site_with_their_central_password(demo_db
         refused = httpx.get(directory, headers=central.headers, timeout=10)  # an interface's token (role system)
         assert refused.status_code == 403 and "role 'site'" in refused.json()["issue"][0]["diagnostics"]
         shared = httpx.get(directory, headers={"Authorization": f"Bearer {token}"}, timeout=10).json()["accounts"]
-        assert "urgentiste" in {a["username"] for a in shared} and {a["role"] for a in shared} <= {"nurse", "physician", "lab", "admin"}
+        assert "urgentiste" in {a["username"] for a in shared} and {a["role"] for a in shared} <= {"nurse", "physician", "lab", "admin", "crisis"}
 
         site = SiteServer(f"sqlite:///{tmp_path}/site-H1.db", central, upstream_token=token).start()
         wait_for(lambda: site.status()["accounts"]["copied_at"] is not None, 30)

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import re
-import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -14,15 +12,6 @@ from rebond.clinical.census import group_wards, ward_census
 from rebond.store import open_store
 from tests.server import RebondServer, rebond
 from tests.web_client import csrf_of, signed_in
-
-
-@pytest.fixture(scope="module")
-def web(demo_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RebondServer]:
-    path = tmp_path_factory.mktemp("web") / "demo.db"
-    shutil.copyfile(demo_template, path)
-    server = RebondServer(f"sqlite:///{path}").start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +78,7 @@ def test_a_redirect_target_never_leaves_the_site(web: RebondServer) -> None:
 def test_roles_decide_what_a_user_sees_and_does(web: RebondServer, ward: dict[str, str]) -> None:
     admin = signed_in(web.base, "admin")
     assert admin.get(f"/patients/{ward['patient']}").status_code == 403
+    assert admin.get("/").headers["location"] == "/status", "no ward list for IT: its home is the situation"
     assert admin.get("/admin/accounts").status_code == 200
     lab = signed_in(web.base, "lab")
     assert lab.get(f"/patients/{ward['patient']}").status_code == 200

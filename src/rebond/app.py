@@ -20,6 +20,7 @@ from rebond.fhir.api import FhirApi, error_response
 from rebond.fhir.errors import FhirError
 from rebond.hl7.intake import recover
 from rebond.hl7.mllp import MllpServer
+from rebond.ops.situation import Situation
 from rebond.security.accounts import Accounts
 from rebond.site.node import Node
 from rebond.store.base import Store, StoreError
@@ -40,16 +41,18 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
             places["downtime packs"] = str(downtime.library.root)
         disks = DiskWatch(places)
     accounts = Accounts(store, idle=session_idle)
+    # the central site shows every site's updates; a site node the group's and its own
+    situation = Situation(store, site=None if node.role == "central" else store.site_id)
     api = FhirApi(store, authorize=api_guard(accounts))
 
     def banner(t: Translator) -> str | None:
-        said = [node.banner(t)]
+        said = [node.banner(t), situation_banner(t, situation)]
         if disks.level_now() == "full":
             said.append(t.gettext("The server's disk is full: what you record now may be refused. Tell the IT team."))
         return " ".join(text for text in said if text) or None
 
     web = WebApp(store, accounts, secure_cookies=secure_cookies, status_banner=banner, upstream=node.upstream_access(),
-                 downtime=downtime, source=node.status)
+                 downtime=downtime, source=node.status, situation=situation)
 
     async def healthz(request: Request) -> Response:
         try:
@@ -85,6 +88,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
         if mllp is not None:
             facts["mllp"] = await run_in_threadpool(mllp.status)
         facts["disk"] = disks.status()
+        facts["situation"] = await run_in_threadpool(situation.status)
         if "json" in request.headers.get("accept", ""):
             return JSONResponse(facts)
         return web.status_page(request, facts)
@@ -114,6 +118,19 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
     app.add_middleware(NodeHeaders, node=node)
     app.state.store = store
     return app
+
+
+def situation_banner(t: Translator, situation: Situation) -> str | None:
+    """What the crisis cell has declared degraded or down, for the top of every page."""
+    troubled = situation.headline()
+    if not troubled:
+        return None
+    said = []
+    for module in troubled:
+        sites = sorted({u.site for u in module.declared if u.state == module.state and u.site})
+        where = "" if any(u.site is None and u.state == module.state for u in module.declared) else f" ({', '.join(sites)})"
+        said.append(t.gettext("%(module)s: %(state)s", module=t.gettext(module.label), state=t.gettext(module.state or "")) + where)
+    return t.gettext("Crisis cell: %(modules)s. What to do instead: see the status page.", modules=" · ".join(said))
 
 
 class NodeHeaders:

@@ -476,7 +476,7 @@ def _accounts_of(db: str) -> Iterator[Accounts]:
 @accounts_app.command("add")
 def accounts_add(
     username: Annotated[str, typer.Argument(help="the sign-in name")],
-    role: Annotated[str, typer.Option(help="nurse, physician, lab, admin; system (an interface); site (a site node)")],
+    role: Annotated[str, typer.Option(help="nurse, physician, lab, admin, crisis (the crisis cell); system (an interface); site (a site node)")],
     name: Annotated[str, typer.Option(help="the name shown on records, e.g. 'Dr Marie DUPONT'")] = "",
     practitioner: Annotated[str, typer.Option(help="id of the Practitioner this account stands for")] = "",
     db: Annotated[str, typer.Option(help="database of the node")] = DEFAULT_DB,

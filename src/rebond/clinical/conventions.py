@@ -9,12 +9,19 @@ LOINC = "http://loinc.org"
 SNOMED = "http://snomed.info/sct"
 ATC = "http://www.whocc.no/atc"
 UCUM = "http://unitsofmeasure.org"
+LOCATION_SYSTEM = "urn:rebond:location"  # the codes of sites, wards, rooms and beds (H1, H1-CARD, …)
 LOCATION_TYPE = "http://terminology.hl7.org/CodeSystem/location-physical-type"
 INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 REPORT_SECTION = "http://terminology.hl7.org/CodeSystem/v2-0074"  # LAB, RAD
 DOCUMENT_CATEGORY = "urn:rebond:document-category"
 ON_CALL_SYSTEM = "urn:rebond:on-call"
+
+#: the crisis cell's situation updates (ops/situation.py): a Communication of this category, about a module, for a site
+SITUATION_CATEGORY = "urn:rebond:communication-category"
+MODULE_SYSTEM = "urn:rebond:module"
+MODULE_STATE_SYSTEM = "urn:rebond:module-state"
+SITE_SYSTEM = "urn:rebond:site"
 
 #: a clinician's acknowledgement that they have seen a result: a completed Task whose focus is the report
 TASK_CODE_SYSTEM = "urn:rebond:task"

@@ -21,6 +21,7 @@ from rebond.clinical.conventions import (
     GROUP_IPP_SYSTEM,
     GROUP_VISIT_SYSTEM,
     INTERPRETATION,
+    LOCATION_SYSTEM,
     LOINC,
     OBSERVATION_CATEGORY,
     REPORT_SECTION,
@@ -35,7 +36,6 @@ from rebond.store.base import Session
 
 Resource = dict[str, Any]
 NAMESPACE = uuid.UUID("5a1e0c3e-7d2b-4c61-9c55-2b0f6f1d6e01")  # Rebond's namespace for ids derived from HL7 identifiers
-LOCATION_SYSTEM = "urn:rebond:location"
 MOVEMENT_EXTENSION = "urn:rebond:hl7:movement-id"
 PROVISIONAL_TAG = {"system": "urn:rebond:hl7", "code": "provisional-patient",
                    "display": "Patient créé depuis un résultat, en attente de l'admission"}

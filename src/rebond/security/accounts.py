@@ -37,7 +37,9 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "physician": frozenset({"view-patients", "view-notes", "view-results", "record-vitals", "acknowledge-results",
                             "resolve-conflicts", "admit-patients"}) | _FHIR,
     "lab": frozenset({"view-patients", "view-results"}) | _FHIR,
-    "admin": frozenset({"manage-accounts", "view-status", "manage-interfaces"}),
+    "admin": frozenset({"manage-accounts", "view-status", "manage-interfaces", "post-situation"}),
+    # the crisis cell: publishes the situation updates of the status page; no patient data
+    "crisis": frozenset({"view-status", "post-situation"}),
     # interfaces: importers, the HL7 engine, scripts; the FHIR API, and may say which site a write comes from
     "system": _FHIR | {"name-origin-site"},
     # a site node on the central site: the FHIR API (its feed, its replayed writes) and a copy of the accounts of people
@@ -45,7 +47,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
 }
 ROLES = tuple(PERMISSIONS)
 #: the roles of people: their accounts are copied to the site nodes
-PEOPLE = ("nurse", "physician", "lab", "admin")
+PEOPLE = ("nurse", "physician", "lab", "admin", "crisis")
 #: `Account.origin` of a site node's copy of a central account
 CENTRAL = "central"
 

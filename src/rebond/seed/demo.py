@@ -26,6 +26,7 @@ from rebond.clinical.conventions import (
     GROUP_IPP_SYSTEM,
     GROUP_VISIT_SYSTEM,
     INTERPRETATION,
+    LOCATION_SYSTEM,
     LOCATION_TYPE,
     LOINC,
     OBSERVATION_CATEGORY,
@@ -111,7 +112,7 @@ def _location(new_id: Callable[[], str], name: str, kind: str, part_of: dict[str
               identifier: str) -> dict[str, Any]:
     loc: dict[str, Any] = {
         "resourceType": "Location", "id": new_id(), "status": "active", "name": name, "mode": "instance",
-        "identifier": [{"system": "urn:rebond:location", "value": identifier}],
+        "identifier": [{"system": LOCATION_SYSTEM, "value": identifier}],
         "physicalType": {"coding": [{"system": LOCATION_TYPE, "code": kind}]},
         "managingOrganization": _ref(org),
     }
@@ -475,7 +476,7 @@ DEMO_PASSWORD = "rebond-demo"
 
 
 def demo_accounts(accounts: Accounts, report: SeedReport) -> list[Account]:
-    """The demo's sign-ins, all with password `rebond-demo`: a nurse and a doctor of the first ward, a lab technician, IT."""
+    """The demo's sign-ins, all with password `rebond-demo`: a nurse and a doctor of the first ward, a lab technician, IT, the crisis cell."""
     doctor_id, doctor_name = report.staff.get("doctor", (None, "Dr Démo"))
     nurse_id, nurse_name = report.staff.get("nurse", (None, "Infirmière Démo"))
     return [
@@ -483,6 +484,7 @@ def demo_accounts(accounts: Accounts, report: SeedReport) -> list[Account]:
         accounts.save("doctor", DEMO_PASSWORD, "physician", doctor_name, doctor_id),
         accounts.save("lab", DEMO_PASSWORD, "lab", "Laboratoire (démo)"),
         accounts.save("admin", DEMO_PASSWORD, "admin", "Informatique (démo)"),
+        accounts.save("crisis", DEMO_PASSWORD, "crisis", "Cellule de crise (démo)"),
     ]
 
 

@@ -40,6 +40,7 @@ from rebond.downtime.render import render_pdf
 from rebond.downtime.schedule import PackSchedule
 from rebond.hl7.intake import CHANNEL as HL7_CHANNEL
 from rebond.hl7.intake import describe, replay
+from rebond.ops.situation import MODULES, STATES, Situation, known_sites, module_states, read_form
 from rebond.security.accounts import Account, Accounts, WebSession
 from rebond.site.reconcile import StillInConflict, open_conflicts, settle
 from rebond.store.base import NotFound, Store, Unavailable
@@ -102,8 +103,10 @@ class WebApp:
 
     def __init__(self, store: Store, accounts: Accounts, *, secure_cookies: bool = False,
                  status_banner: Callable[[Translator], str | None] | None = None, upstream: tuple[str, str] | None = None,
-                 downtime: PackSchedule | None = None, source: Callable[[], dict[str, Any]] | None = None) -> None:
+                 downtime: PackSchedule | None = None, source: Callable[[], dict[str, Any]] | None = None,
+                 situation: Situation | None = None) -> None:
         self.store = store
+        self.situation = situation or Situation(store, site=None)
         self.downtime = downtime  # the scheduled packs, when this node makes them
         self.source = source or (lambda: {"role": "central", "data_as_of": dt.datetime.now(dt.UTC).isoformat()})
         self.upstream = upstream  # a site node's central site (FHIR base, API token), for settling conflicts
@@ -114,6 +117,8 @@ class WebApp:
                                trim_blocks=True, lstrip_blocks=True)
         self.env.globals["trend_svg"] = trend_svg
         self.env.globals["VITAL_SIGNS"] = VITAL_SIGNS
+        self.env.globals["MODULES"] = MODULES
+        self.env.globals["MODULE_STATES"] = STATES
         self.env.filters["unit"] = human_unit
         self.env.globals["epoch"] = lambda seconds: dt.datetime.fromtimestamp(seconds, dt.UTC)
         self.env.filters["instant"] = lambda iso: dt.datetime.fromisoformat(iso.replace("Z", "+00:00")) if iso else None
@@ -140,6 +145,7 @@ class WebApp:
             Route("/downtime", page(self.downtime_packs, "view-patients"), methods=["GET"]),
             Route("/downtime/wards/{ward_id}.pdf", page(self.fresh_pack, "view-patients"), methods=["GET"]),
             Route("/downtime/files/{ward_id}/{name}.pdf", page(self.kept_pack, "view-patients"), methods=["GET"]),
+            Route("/status/situation", page(self.situation_form, "post-situation"), methods=["GET", "POST"]),
             Route("/admin/hl7", page(self.dead_letters, "manage-interfaces"), methods=["GET"]),
             Route("/admin/hl7/{message_id:int}/replay", page(self.replay_letter, "manage-interfaces"), methods=["POST"]),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
@@ -276,7 +282,9 @@ class WebApp:
     # -- pages
 
     async def home(self, p: Page) -> Response:
-        hospitals = await run_in_threadpool(group_wards, self.store) if p.account.may("view-patients") else []
+        if not p.account.may("view-patients"):  # IT and the crisis cell: their page is the situation
+            return RedirectResponse("/status", status_code=303)
+        hospitals = await run_in_threadpool(group_wards, self.store)
         return self._show(p, "home.html", hospitals=hospitals)
 
     async def census(self, p: Page) -> Response:
@@ -381,6 +389,9 @@ class WebApp:
             "in-the-future": t.gettext("This date is in the future."),
             "choose-one": t.gettext("Choose one."),
             "bed-taken": t.gettext("This bed is not free any more: choose another."),
+            "too-long": t.gettext("At most %(n)s characters.", n=rest),
+            "state-needs-module": t.gettext("Choose the module whose state you declare."),
+            "not-a-site": t.gettext("A site is written as its code, e.g. H1."),
         }.get(kind, kind)
 
     async def results(self, p: Page) -> Response:
@@ -446,7 +457,32 @@ class WebApp:
 
     def status_page(self, request: Request, facts: dict[str, Any]) -> HTMLResponse:
         """The node's situation for a person (the same facts as `GET /status` in JSON); no sign-in needed."""
-        return self.render(request, self.language_of(request), "status.html", facts=facts, now=dt.datetime.now(dt.UTC))
+        published = request.query_params.get("published")
+        updates = self.situation.updates(fresh=bool(published))
+        return self.render(request, self.language_of(request), "status.html", facts=facts, now=dt.datetime.now(dt.UTC),
+                           updates=updates, modules=module_states(updates), published=published)
+
+    async def situation_form(self, p: Page) -> Response:
+        """The crisis cell publishes a situation update: about a module or in general, for the group or one site."""
+        here = self.situation.site  # a site node: its own site by default; the central site: the whole group
+        values = {"text": "", "module": "", "state": "", "site": here or "", "next": ""}
+        problems: dict[str, str] = {}
+        if p.request.method == "POST":
+            form = await p.request.form()
+            values = {k: str(form.get(k, "")) for k in values}
+            try:
+                update = read_form(values, p.now)
+            except InvalidForm as err:
+                problems = {k: self._problem(p.t, v) for k, v in err.problems.items()}
+            else:
+                await run_in_threadpool(self.situation.publish, update, p.clinician)
+                log.info("situation update published by %s (module %s, state %s, site %s)", p.account.username,
+                         update.module or "-", update.state or "-", update.site or "group")
+                return RedirectResponse("/status?published=1", status_code=303)
+        sites = await run_in_threadpool(known_sites, self.store)
+        if values["site"] and values["site"] not in {code for code, _name in sites}:
+            sites.append((values["site"], values["site"]))  # a site node of a site the data does not name yet
+        return self._show(p, "situation_form.html", status=422 if problems else 200, values=values, problems=problems, sites=sites)
 
     @property
     def _packs(self) -> PackLibrary | None:

@@ -1,0 +1,1 @@
+"""Operations: what the crisis cell and the IT team say and see of the situation."""
