@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import orjson
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
@@ -22,6 +24,7 @@ from rebond.hl7.intake import recover
 from rebond.hl7.mllp import MllpServer
 from rebond.ops.situation import Situation
 from rebond.security.accounts import Accounts
+from rebond.security.audit import AuditMiddleware, AuditQueryError, AuditTrail, audit_event, audit_query
 from rebond.site.node import Node
 from rebond.store.base import Store, StoreError
 from rebond.web.app import SESSION_COOKIE, WebApp
@@ -32,7 +35,7 @@ log = logging.getLogger("rebond")
 
 def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: bool = False,
                mllp: MllpServer | None = None, node: Node | None = None, downtime: PackSchedule | None = None,
-               disks: DiskWatch | None = None) -> Starlette:
+               disks: DiskWatch | None = None, trail: AuditTrail | None = None) -> Starlette:
     node = node or Node(store)
     if disks is None:  # the disks of the store's file and of the downtime packs
         kept = store.local_file()
@@ -41,6 +44,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
             places["downtime packs"] = str(downtime.library.root)
         disks = DiskWatch(places)
     accounts = Accounts(store, idle=session_idle)
+    trail = trail or AuditTrail(store)
     # the central site shows every site's updates; a site node the group's and its own
     situation = Situation(store, site=None if node.role == "central" else store.site_id)
     api = FhirApi(store, authorize=api_guard(accounts))
@@ -81,6 +85,18 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
         log.debug("accounts copied by %s: %d", account.username, len(directory))
         return JSONResponse({"site_id": store.site_id, "accounts": directory}, headers={"Cache-Control": "no-store"})
 
+    async def audit_events(request: Request) -> Response:
+        """`GET /fhir/$audit`: the audit trail as a Bundle of AuditEvents, newest first (permission read-audit)."""
+        try:
+            query = audit_query(list(request.query_params.multi_items()))
+        except AuditQueryError as err:
+            raise FhirError(400, str(err), code="invalid") from None
+        accesses = await run_in_threadpool(lambda: store.accesses(**query))
+        bundle = {"resourceType": "Bundle", "type": "searchset", "total": len(accesses),
+                  "entry": [{"fullUrl": f"urn:uuid:{uuid.UUID(a.id)}", "resource": audit_event(a, store.site_id),
+                             "search": {"mode": "match"}} for a in accesses]}
+        return Response(orjson.dumps(bundle), media_type="application/fhir+json", headers={"Cache-Control": "no-store"})
+
     async def status(request: Request) -> Response:
         facts = node.status()
         if downtime is not None:
@@ -89,6 +105,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
             facts["mllp"] = await run_in_threadpool(mllp.status)
         facts["disk"] = disks.status()
         facts["situation"] = await run_in_threadpool(situation.status)
+        facts["audit"] = trail.status()
         if "json" in request.headers.get("accept", ""):
             return JSONResponse(facts)
         return web.status_page(request, facts)
@@ -97,6 +114,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await node.start()
         await disks.start()
+        trail.start()
         if mllp is not None:
             recovered = await run_in_threadpool(recover, store)  # kept before a crash, never applied: applied now
             if recovered:
@@ -110,11 +128,15 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
         if mllp is not None:
             await mllp.stop()
         await disks.stop()
+        await run_in_threadpool(trail.stop)  # what is left of the trail is written before the store closes
         await node.stop()
 
     app = Starlette(routes=[Route("/healthz", healthz, methods=["GET"]), Route("/status", status, methods=["GET"]),
-                            Route("/fhir/$site-accounts", api.guarded(site_accounts), methods=["GET"]), *api.routes(), *web.routes()],
+                            Route("/fhir/$site-accounts", api.guarded(site_accounts), methods=["GET"]),
+                            Route("/fhir/$audit", api.guarded(audit_events, permission="read-audit"), methods=["GET"]),
+                            *api.routes(), *web.routes()],
                     exception_handlers={404: unrouted, 405: unrouted}, lifespan=lifespan)
+    app.add_middleware(AuditMiddleware, trail=trail)
     app.add_middleware(NodeHeaders, node=node)
     app.state.store = store
     return app
@@ -155,10 +177,14 @@ class NodeHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-def api_guard(accounts: Accounts) -> Callable[[Request, bool], Awaitable[None]]:
+#: what a refusal says the role may not do
+_PERMITTED = {"fhir-read": "read clinical data", "fhir-write": "write clinical data", "read-audit": "read the audit trail"}
+
+
+def api_guard(accounts: Accounts) -> Callable[[Request, str], Awaitable[None]]:
     """Every FHIR request but the CapabilityStatement carries an API token (`Authorization: Bearer`) or a web session."""
 
-    async def authorize(request: Request, writes: bool) -> None:
+    async def authorize(request: Request, permission: str) -> None:
         header = request.headers.get("authorization", "")
         account = None
         if header[:7].lower() == "bearer ":
@@ -170,9 +196,9 @@ def api_guard(accounts: Accounts) -> Callable[[Request, bool], Awaitable[None]]:
             account = await run_in_threadpool(accounts.get, session.username) if session else None
         if account is None:
             raise FhirError(401, "sign in: send 'Authorization: Bearer <token>' (rebond accounts token USER)", code="login")
-        if not account.may("fhir-write" if writes else "fhir-read"):
-            raise FhirError(403, f"the role '{account.role}' may not {'write' if writes else 'read'} clinical data", code="forbidden")
-        request.state.account = account
+        request.state.account = account  # a refusal is on the audit trail too
+        if not account.may(permission):
+            raise FhirError(403, f"the role '{account.role}' may not {_PERMITTED.get(permission, permission)}", code="forbidden")
 
     return authorize
 

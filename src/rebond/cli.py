@@ -512,6 +512,89 @@ def accounts_list(db: Annotated[str, typer.Option(help="database of the node")] 
     out_console.print(table)
 
 
+audit_app = typer.Typer(help="The audit trail: who reached whose data, through the API and the web app.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+#: the shortest period the audit trail is kept for: a slip of the finger must not wipe what an inquiry needs
+AUDIT_MIN_DAYS = 30
+
+
+def _on_the_trail(store: Store, what: str, entity: str, patients: tuple[str, ...] = (), action: str = "R") -> None:
+    """What the command line did with the trail is on it too: the machine's user, the host, the command."""
+    import getpass
+    import socket
+
+    from rebond.security.audit import AuditTrail
+
+    trail = AuditTrail(store)
+    trail.record(agent=getpass.getuser(), role="command line", source=socket.gethostname(), channel="cli", action=action,
+                 what=what, entity=entity, patients=patients)
+    trail.flush()
+
+
+@audit_app.command("list")
+def audit_list(
+    patient: Annotated[str | None, typer.Option(help="a patient's IPP or Patient id")] = None,
+    user: Annotated[str | None, typer.Option(help="an account")] = None,
+    since: Annotated[str | None, typer.Option(help="from this day (yyyy-mm-dd or dd/mm/yyyy), hospital time")] = None,
+    limit: Annotated[int, typer.Option(help="how many at most, newest first")] = 100,
+    db: Annotated[str, typer.Option(help="database of the node")] = DEFAULT_DB,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line, for scripts")] = False,
+) -> None:
+    """The accesses recorded on this node, newest first: when, who, from where, what, the outcome, whose data."""
+    import datetime as dt
+    import json
+
+    from rebond.clinical.patients import parse_day, patient_by_ipp_or_id
+    from rebond.clinical.records import HOSPITAL_TZ
+
+    query: dict[str, Any] = {"limit": limit, "agent": user}
+    if since is not None:
+        try:
+            query["since"] = dt.datetime.combine(parse_day(since), dt.time(), HOSPITAL_TZ).timestamp()
+        except ValueError:
+            raise fail(f"--since: '{since}' is not a day (yyyy-mm-dd or dd/mm/yyyy)") from None
+    with _store_of(db) as store:
+        if patient is not None:
+            query["patient"] = patient_by_ipp_or_id(store, patient)
+            if query["patient"] is None:
+                raise fail(f"no patient has the IPP or id '{patient}' on this node")
+        accesses = store.accesses(**query)
+        _on_the_trail(store, "audit trail", "rebond audit list " + " ".join(f"--{k} {v}" for k, v in
+                                                                             (("patient", patient), ("user", user), ("since", since)) if v),
+                      (query["patient"],) if patient is not None else ())
+    if as_json:
+        for a in accesses:
+            print(json.dumps({"id": a.id, "recorded": a.recorded, "agent": a.agent, "role": a.role, "source": a.source,
+                              "channel": a.channel, "action": a.action, "what": a.what, "entity": a.entity, "outcome": a.outcome,
+                              "patients": a.count, "listed": list(a.patients)}, ensure_ascii=False))
+        return
+    table = Table("when", "who", "from", "what", "request", "outcome", "patients")
+    for a in accesses:
+        table.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a.recorded)), f"{a.agent} ({a.role})", f"{a.source} {a.channel}",
+                      a.what, a.entity[:120], str(a.outcome), str(a.count))
+    out_console.print(table)
+    out_console.print(f"{len(accesses)} access(es)")
+
+
+@audit_app.command("prune")
+def audit_prune(
+    older_than: Annotated[float, typer.Option("--older-than", help=f"days: accesses recorded longer ago are removed ({AUDIT_MIN_DAYS} at least)")],
+    db: Annotated[str, typer.Option(help="database of the node")] = DEFAULT_DB,
+) -> None:
+    """Remove the accesses recorded more than N days ago, for the period the hospital keeps its trail. Run it from cron."""
+    if not older_than >= AUDIT_MIN_DAYS:
+        raise fail(f"--older-than must be {AUDIT_MIN_DAYS} days or more, not {older_than:g}: the trail is what an inquiry reads")
+    before = time.time() - older_than * 86400
+    with _store_of(db) as store:
+        try:
+            count = store.write(lambda tx: tx.prune_accesses(before))
+        except StoreError as err:
+            raise fail(f"pruning stopped: {err}") from None
+        _on_the_trail(store, "audit prune", f"rebond audit prune --older-than {older_than:g}", action="D")
+    out_console.print(f"removed {count:,} access(es) recorded before {time.strftime('%Y-%m-%d %H:%M', time.localtime(before))}",
+                      soft_wrap=True)
+
+
 hl7_app = typer.Typer(help="HL7 v2 messages: dead letters, replay, a traffic simulator.", no_args_is_help=True)
 app.add_typer(hl7_app, name="hl7")
 

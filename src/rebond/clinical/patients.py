@@ -25,15 +25,30 @@ class UnclearSearch(ValueError):
     """The words typed could not be turned into a search (an impossible date, nothing to search on)."""
 
 
+def parse_day(word: str) -> dt.date:
+    """A day as French wards write it (dd/mm/yyyy) or as ISO (yyyy-mm-dd); ValueError for anything else."""
+    match = _DATE.match(word.strip())
+    if not match:
+        raise ValueError(f"not a date: {word!r}")
+    day, month, year = (match[1], match[2], match[3]) if match[1] else (match[6], match[5], match[4])
+    return dt.date(int(year), int(month), int(day))
+
+
+def patient_by_ipp_or_id(store: Store, text: str) -> str | None:
+    """The Patient id of an IPP (digits) or of an id; None when this node has no such patient."""
+    if text.isdigit():
+        found = find(store, "Patient", ("identifier", f"{GROUP_IPP_SYSTEM}|{text}"), limit=1)
+        return str(found[0]["id"]) if found else None
+    return text if store.read("Patient", text) is not None else None
+
+
 def search_terms(text: str) -> list[tuple[str, str]]:
     """FHIR search parameters for what was typed: digits are an IPP, a date is a birth date, words are names."""
     params: list[tuple[str, str]] = []
     for word in text.split():
-        match = _DATE.match(word)
-        if match:
-            day, month, year = (match[1], match[2], match[3]) if match[1] else (match[6], match[5], match[4])
+        if _DATE.match(word):
             try:
-                born = dt.date(int(year), int(month), int(day))
+                born = parse_day(word)
             except ValueError:
                 raise UnclearSearch(word) from None
             params.append(("birthdate", born.isoformat()))

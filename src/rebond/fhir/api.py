@@ -64,7 +64,7 @@ class FhirApi:
     """Routes of one FHIR endpoint over one store."""
 
     def __init__(self, store: Store, *, max_body: int = MAX_BODY_BYTES, search_slots: int = SEARCH_SLOTS,
-                 authorize: Callable[[Request, bool], Awaitable[None]] | None = None) -> None:
+                 authorize: Callable[[Request, str], Awaitable[None]] | None = None) -> None:
         self.store = store
         # raises FhirError 401/403 unless the caller may read (False) or write (True); None: no accounts on this API
         self.authorize = authorize
@@ -90,14 +90,15 @@ class FhirApi:
             Route("/fhir/{type}", h(self.type_level), methods=["GET", "POST", "PUT", "DELETE"]),
         ]
 
-    def guarded(self, fn: Callable[[Request], Awaitable[Response]], *, public: bool = False) -> Callable[[Request], Awaitable[Response]]:
-        """`fn` as an endpoint under /fhir: the caller authorized (its account in `request.state.account`), any failure an
-        OperationOutcome."""
+    def guarded(self, fn: Callable[[Request], Awaitable[Response]], *, public: bool = False,
+                permission: str | None = None) -> Callable[[Request], Awaitable[Response]]:
+        """`fn` as an endpoint under /fhir: the caller authorized (its account in `request.state.account`) for `permission`
+        (by default fhir-read, or fhir-write for a write), any failure an OperationOutcome."""
         async def endpoint(request: Request) -> Response:
             try:
                 if self.authorize is not None and not public:
                     writes = request.method not in ("GET", "HEAD") and not request.url.path.endswith("/_search")
-                    await self.authorize(request, writes)
+                    await self.authorize(request, permission or ("fhir-write" if writes else "fhir-read"))
                 return await fn(request)
             except Exception as err:  # every failure leaves as an OperationOutcome, never a stack trace
                 response = error_response(err)

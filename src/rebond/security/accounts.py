@@ -37,7 +37,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "physician": frozenset({"view-patients", "view-notes", "view-results", "record-vitals", "acknowledge-results",
                             "resolve-conflicts", "admit-patients"}) | _FHIR,
     "lab": frozenset({"view-patients", "view-results"}) | _FHIR,
-    "admin": frozenset({"manage-accounts", "view-status", "manage-interfaces", "post-situation"}),
+    "admin": frozenset({"manage-accounts", "view-status", "manage-interfaces", "post-situation", "read-audit"}),
     # the crisis cell: publishes the situation updates of the status page; no patient data
     "crisis": frozenset({"view-status", "post-situation"}),
     # interfaces: importers, the HL7 engine, scripts; the FHIR API, and may say which site a write comes from

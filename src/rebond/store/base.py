@@ -112,6 +112,24 @@ class InboxMessage:
         return message_digest(raw) == self.digest if self.cleared else raw == self.raw
 
 
+@dataclass(frozen=True)
+class Access:
+    """One access to the data, for the audit trail (security/audit.py): who, from where, what, the outcome, whose data."""
+
+    id: str
+    recorded: float
+    agent: str  # the account's name
+    role: str
+    source: str  # the client's network address (or the machine's user, on the command line)
+    channel: str  # fhir, web, cli
+    action: str  # C, R, U, D or E (execute), as FHIR AuditEvent.action
+    what: str  # the interaction: read, search-type, create, chart, census, …
+    entity: str  # the request: method, path and query
+    outcome: int  # the HTTP status answered
+    count: int  # the patients whose data it touched (all of them; `patients` lists at most AUDIT_PATIENTS)
+    patients: tuple[str, ...]  # their Patient ids
+
+
 def message_digest(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
@@ -202,6 +220,14 @@ class Session(abc.ABC):
     def put_state(self, namespace: str, key: str, value: Any) -> None:
         """Set (or with None, remove) a value of this node's own state: JSON-serialisable, outside the change feed."""
 
+    @abc.abstractmethod
+    def record_accesses(self, accesses: Sequence[Access]) -> None:
+        """Add to the audit trail (outside the change feed: each node keeps its own)."""
+
+    @abc.abstractmethod
+    def prune_accesses(self, before: float) -> int:
+        """Remove the accesses recorded before `before`; returns how many."""
+
     def apply_draft(self, draft: Draft) -> bool:
         """Write what a draft (store/draft.py) planned, if all it read is unchanged; False when the work must run here."""
         return False
@@ -278,6 +304,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def messages(self, channel: str, status: str | None = None, *, limit: int = 100, after_id: int = 0) -> list[InboxMessage]:
         """Messages of a channel (of one status), oldest first."""
+
+    @abc.abstractmethod
+    def accesses(self, *, patient: str | None = None, agent: str | None = None, since: float | None = None,
+                 until: float | None = None, limit: int = 100) -> list[Access]:
+        """The audit trail, newest first: of one patient's data, of one account, between two instants."""
 
     @abc.abstractmethod
     def get_state(self, namespace: str, key: str) -> Any:

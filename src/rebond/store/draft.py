@@ -19,13 +19,14 @@ over a type it has itself written, a named lock) raises `NeedsTransaction`, whic
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from rebond.fhir.search import SearchQuery
-from rebond.store.base import InboxMessage, PreconditionFailed, Session, Store, Stored, StoreError, WriteResult
+from rebond.store.base import Access, InboxMessage, PreconditionFailed, Session, Store, Stored, StoreError, WriteResult
 from rebond.store.indexing import IndexRows, index_resource
 
 
@@ -190,6 +191,12 @@ class Draft(Session):
 
     def put_state(self, namespace: str, key: str, value: Any) -> None:
         raise NeedsTransaction("node state")
+
+    def record_accesses(self, accesses: Sequence[Access]) -> None:
+        raise NeedsTransaction("the audit trail")
+
+    def prune_accesses(self, before: float) -> int:
+        raise NeedsTransaction("the audit trail")
 
 
 def _sent_draft(seen: dict[tuple[str, str], int], searches: list[tuple[SearchQuery, int, list[str]]],

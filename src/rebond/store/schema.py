@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 2  # 2: inbox.digest
+SCHEMA_VERSION = 3  # 2: inbox.digest; 3: the audit trail (new tables: a store made earlier gets them when it opens)
 
 #: index table -> its value columns (after rid and key), in insert order
 INDEX_TABLES: dict[str, tuple[str, ...]] = {
@@ -112,6 +112,28 @@ def ddl(types: Types) -> list[str]:
             updated {types.real} NOT NULL)""",
         "CREATE INDEX IF NOT EXISTS journal_status ON journal (status, seq)",
         "CREATE INDEX IF NOT EXISTS journal_resource ON journal (res_type, res_id, seq)",
+        # the audit trail: every access to the data through the API and the web app; a node's own, never on the feed
+        f"""CREATE TABLE IF NOT EXISTS audit (
+            id {types.text} PRIMARY KEY,
+            recorded {types.real} NOT NULL,
+            agent {types.text} NOT NULL,
+            role {types.text} NOT NULL,
+            source {types.text} NOT NULL,
+            channel {types.text} NOT NULL,
+            action {types.text} NOT NULL,
+            what {types.text} NOT NULL,
+            entity {types.text} NOT NULL,
+            outcome {types.bigint} NOT NULL,
+            patients {types.bigint} NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS audit_recorded ON audit (recorded)",
+        "CREATE INDEX IF NOT EXISTS audit_agent ON audit (agent, recorded)",
+        # whose data each access touched: one row per patient, found by patient and time
+        f"""CREATE TABLE IF NOT EXISTS audit_patient (
+            patient_id {types.text} NOT NULL,
+            recorded {types.real} NOT NULL,
+            audit_id {types.text} NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS audit_patient_lookup ON audit_patient (patient_id, recorded)",
+        "CREATE INDEX IF NOT EXISTS audit_patient_event ON audit_patient (audit_id)",
         "CREATE INDEX IF NOT EXISTS versions_type_lu ON versions (res_type, lu)",
         "CREATE INDEX IF NOT EXISTS versions_lu ON versions (lu)",
         "CREATE INDEX IF NOT EXISTS resources_type_lu ON resources (res_type, lu)",

@@ -14,6 +14,7 @@ import orjson
 from rebond.fhir.search import Include, SearchQuery
 from rebond.fhir.searchparams import registry
 from rebond.store.base import (
+    Access,
     Change,
     ChangePage,
     InboxMessage,
@@ -81,6 +82,15 @@ class Cursor(abc.ABC):
 
 
 _INBOX_COLUMNS = "id, channel, sender, control_id, received, raw, status, detail, updated, digest"
+
+
+def _given(conditions: list[tuple[str, Any]]) -> tuple[list[str], list[Any]]:
+    """The SQL conditions whose value is given (not None), and their parameters in the same order."""
+    kept = [(sql, value) for sql, value in conditions if value is not None]
+    return [sql for sql, _value in kept], [value for _sql, value in kept]
+
+
+_AUDIT_COLUMNS = "id, recorded, agent, role, source, channel, action, what, entity, outcome, patients"
 
 
 _JOURNAL_COLUMNS = "seq, res_type, res_id, method, base_version, local_version, body, written, status, detail, updated"
@@ -172,6 +182,18 @@ class SQLSession(Session):
         self.cur.execute("UPDATE inbox SET raw = ?, digest = ? WHERE id = ? AND status = 'applied' AND length(raw) > 0 RETURNING id",
                          (self.store.blob(b""), digest, message_id))
         return self.cur.fetchone() is not None
+
+    def record_accesses(self, accesses: Sequence[Access]) -> None:
+        self.cur.executemany(f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             [(a.id, a.recorded, a.agent, a.role, a.source, a.channel, a.action, a.what, a.entity, a.outcome, a.count)
+                              for a in accesses])
+        self.cur.executemany("INSERT INTO audit_patient (patient_id, recorded, audit_id) VALUES (?, ?, ?)",
+                             [(patient, a.recorded, a.id) for a in accesses for patient in a.patients])
+
+    def prune_accesses(self, before: float) -> int:
+        self.cur.execute("DELETE FROM audit_patient WHERE recorded < ?", (before,))
+        self.cur.execute("DELETE FROM audit WHERE recorded < ? RETURNING id", (before,))
+        return len(self.cur.fetchall())
 
     def put_state(self, namespace: str, key: str, value: Any) -> None:
         if value is None:
@@ -523,17 +545,7 @@ class SQLStore(Store):
         count: int = 50,
         offset: int = 0,
     ) -> tuple[list[Stored], int]:
-        conds: list[str] = []
-        params: list[Any] = []
-        if resource_type is not None:
-            conds.append("v.res_type = ?")
-            params.append(resource_type)
-        if resource_id is not None:
-            conds.append("v.res_id = ?")
-            params.append(resource_id)
-        if since is not None:
-            conds.append("v.lu >= ?")
-            params.append(since)
+        conds, params = _given([("v.res_type = ?", resource_type), ("v.res_id = ?", resource_id), ("v.lu >= ?", since)])
         where = (" WHERE " + " AND ".join(conds)) if conds else ""
         with self.reader() as cur:
             cur.execute(f"SELECT count(*) FROM versions v{where}", params)
@@ -676,6 +688,25 @@ class SQLStore(Store):
         with self.reader() as cur:
             cur.execute(f"SELECT {_INBOX_COLUMNS} FROM inbox WHERE {where} ORDER BY id LIMIT ?", [*params, limit])
             return [inbox_from_row(r) for r in cur.fetchall()]
+
+    def accesses(self, *, patient: str | None = None, agent: str | None = None, since: float | None = None,
+                 until: float | None = None, limit: int = 100) -> list[Access]:
+        table = "audit_patient p JOIN audit a ON a.id = p.audit_id" if patient is not None else "audit a"
+        at = "p.recorded" if patient is not None else "a.recorded"
+        where, params = _given([("p.patient_id = ?", patient), ("a.agent = ?", agent), (f"{at} >= ?", since), (f"{at} < ?", until)])
+        columns = ", ".join(f"a.{c.strip()}" for c in _AUDIT_COLUMNS.split(","))
+        with self.reader() as cur:
+            cur.execute(f"SELECT {columns} FROM {table} WHERE {' AND '.join(where) or 'TRUE'} ORDER BY {at} DESC, a.id LIMIT ?",
+                        [*params, limit])
+            rows = cur.fetchall()
+            whose: dict[str, list[str]] = {}
+            for part in range(0, len(rows), 500):
+                ids = [row[0] for row in rows[part:part + 500]]
+                cur.execute(f"SELECT audit_id, patient_id FROM audit_patient WHERE audit_id IN ({', '.join('?' * len(ids))})", ids)
+                for audit_id, patient_id in cur.fetchall():
+                    whose.setdefault(audit_id, []).append(patient_id)
+        return [Access(row[0], float(row[1]), row[2], row[3], row[4], row[5], row[6], row[7], row[8], int(row[9]), int(row[10]),
+                       tuple(sorted(whose.get(row[0], ())))) for row in rows]
 
     def get_state(self, namespace: str, key: str) -> Any:
         with self.reader() as cur:

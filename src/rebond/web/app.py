@@ -30,9 +30,9 @@ from rebond.clinical.admission import RangeExhausted, emergency_admission, ipp_r
 from rebond.clinical.census import HospitalWards, group_wards, ward_census, ward_occupancy, ward_of
 from rebond.clinical.chart import patient_chart, patient_header
 from rebond.clinical.medication import prescription
-from rebond.clinical.patients import UnclearSearch, find_patients
+from rebond.clinical.patients import UnclearSearch, find_patients, parse_day, patient_by_ipp_or_id
 from rebond.clinical.recording import VITAL_SIGNS, InvalidForm, record_administration, record_vitals
-from rebond.clinical.records import Clinician, any_of, fhir_instant, instant, read
+from rebond.clinical.records import HOSPITAL_TZ, Clinician, any_of, fhir_instant, instant, read
 from rebond.clinical.results import acknowledge_result, reports
 from rebond.downtime.library import KeptPack, PackLibrary
 from rebond.downtime.pack import source_from, ward_pack
@@ -146,6 +146,7 @@ class WebApp:
             Route("/downtime/wards/{ward_id}.pdf", page(self.fresh_pack, "view-patients"), methods=["GET"]),
             Route("/downtime/files/{ward_id}/{name}.pdf", page(self.kept_pack, "view-patients"), methods=["GET"]),
             Route("/status/situation", page(self.situation_form, "post-situation"), methods=["GET", "POST"]),
+            Route("/admin/audit", page(self.audit_trail, "read-audit"), methods=["GET"]),
             Route("/admin/hl7", page(self.dead_letters, "manage-interfaces"), methods=["GET"]),
             Route("/admin/hl7/{message_id:int}/replay", page(self.replay_letter, "manage-interfaces"), methods=["POST"]),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
@@ -193,6 +194,7 @@ class WebApp:
                 if session is None or account is None or not account.active:
                     target = urlencode({"next": _wanted(request), **({"expired": "1"} if token else {})})
                     return RedirectResponse(f"/login?{target}", status_code=303)
+            request.state.account = account  # for the audit trail: who asked (and was refused)
             if permission is not None and not account.may(permission):
                 return self.error_page(request, 403, t.gettext("Your role does not give access to this page."), account, session)
             if request.method == "POST":
@@ -524,6 +526,29 @@ class WebApp:
             raise NotFound("no such pack")
         return FileResponse(path, media_type="application/pdf", content_disposition_type="inline",
                             headers={"Cache-Control": "no-store"})
+
+    async def audit_trail(self, p: Page) -> Response:
+        """Who reached whose data, newest first: this node's audit trail, by patient (IPP or id), account and day."""
+        values = {k: p.request.query_params.get(k, "").strip() for k in ("patient", "user", "day")}
+        query: dict[str, Any] = {"limit": 200}
+        problem = None
+        if values["day"]:
+            try:
+                day = parse_day(values["day"])
+            except ValueError:
+                problem = p.t.gettext("Write the date as dd/mm/yyyy or yyyy-mm-dd.")
+            else:
+                start = dt.datetime.combine(day, dt.time(), HOSPITAL_TZ)
+                query.update(since=start.timestamp(), until=(start + dt.timedelta(days=1)).timestamp())
+        if values["user"]:
+            query["agent"] = values["user"]
+        if values["patient"] and problem is None:
+            patient = await run_in_threadpool(patient_by_ipp_or_id, self.store, values["patient"])
+            if patient is None:
+                problem = p.t.gettext("No patient has this IPP or id on this node.")
+            query["patient"] = patient
+        accesses = [] if problem else await run_in_threadpool(lambda: self.store.accesses(**query))
+        return self._show(p, "audit.html", status=400 if problem else 200, values=values, problem=problem, accesses=accesses)
 
     async def dead_letters(self, p: Page) -> Response:
         letters = await run_in_threadpool(self.store.messages, HL7_CHANNEL, "rejected")

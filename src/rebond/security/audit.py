@@ -1,0 +1,356 @@
+"""The audit trail: every access to the data through the FHIR API and the web app, with whose data it touched.
+
+Each answered request of a signed-in account (or an API token) under /fhir and on the web app's pages leaves one
+`Access`: who (account and role), from where (the client's address), when, what (the interaction or the page),
+the request (method, path and query), the status answered, and the patients whose data the answer held. The
+patients are found in what was sent back: the Patient ids of `"reference":"Patient/…"` and of Patient resources in
+FHIR JSON, of `/patients/…` links in a page, and the Patient of the path itself.
+
+The request path only hands the response over (a few microseconds); finding the patients and writing happen in a
+thread beside, in one transaction every second. An access is therefore on the trail within about a second of its
+answer, and a server killed in that second loses the accesses of that second (the data written are never at
+stake: their own commit came first). While the store refuses writes, the accesses wait in memory, up to
+MAX_PENDING; beyond, the oldest are counted as lost and the log and `/status` say so.
+
+The trail is each node's own (a site node keeps the accesses made there) and never enters the change feed.
+Reading it is an access too. `GET /fhir/$audit` serves it as FHIR AuditEvents; `rebond audit` on the command line.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from rebond.moments import utc_second
+from rebond.store.base import Access, Store, StoreError
+
+log = logging.getLogger("rebond.audit")
+
+#: the most patients one access lists (a search over a whole ward lists them all; a bulk read counts the rest)
+AUDIT_PATIENTS = 1000
+#: accesses kept in memory while the store does not take them
+MAX_PENDING = 200_000
+#: the most bytes of an answer read for patients (a larger answer: its first bytes, and the count says "at least")
+SCANNED_BYTES = 32 * 1024 * 1024
+
+_ID = rb"([A-Za-z0-9\-.]{1,64})"
+_JSON_PATIENTS = re.compile(rb'"reference":"(?:[^"]*/)?Patient/' + _ID + rb'"|"resourceType":"Patient","id":"' + _ID + rb'"')
+_PAGE_PATIENTS = re.compile(rb'href="/patients/' + _ID + rb'[/"?#]')
+
+#: the web app's pages that show or change patient data, by route: (what, action)
+WEB_PAGES: dict[str, tuple[str, str]] = {
+    "/wards/{ward_id}": ("census", "R"),
+    "/wards/{ward_id}/admit": ("emergency admission", "C"),
+    "/patients": ("patient search", "E"),
+    "/patients/{patient_id}": ("chart", "R"),
+    "/patients/{patient_id}/vitals": ("vital signs", "C"),
+    "/patients/{patient_id}/administrations/{request_id}": ("administration", "C"),
+    "/results": ("results", "R"),
+    "/results/{report_id}/acknowledge": ("result acknowledgement", "C"),
+    "/reconciliation": ("reconciliation", "R"),
+    "/reconciliation/{seq:int}": ("reconciliation", "U"),
+    "/downtime": ("downtime packs", "R"),
+    "/downtime/wards/{ward_id}.pdf": ("downtime pack", "R"),
+    "/downtime/files/{ward_id}/{name}.pdf": ("downtime pack", "R"),
+    "/admin/hl7": ("hl7 dead letters", "R"),
+    "/admin/hl7/{message_id:int}/replay": ("hl7 replay", "U"),
+    "/admin/audit": ("audit trail", "R"),
+}
+#: the FHIR routes, by (route, method): (interaction, action); $changes is the site nodes' copy of everything
+FHIR_ROUTES: dict[tuple[str, str], tuple[str, str]] = {
+    ("/fhir/{type}/{id}", "GET"): ("read", "R"),
+    ("/fhir/{type}/{id}", "PUT"): ("update", "U"),
+    ("/fhir/{type}/{id}", "PATCH"): ("patch", "U"),
+    ("/fhir/{type}/{id}", "DELETE"): ("delete", "D"),
+    ("/fhir/{type}", "GET"): ("search-type", "E"),
+    ("/fhir/{type}", "POST"): ("create", "C"),
+    ("/fhir/{type}", "PUT"): ("update", "U"),
+    ("/fhir/{type}", "DELETE"): ("delete", "D"),
+    ("/fhir/{type}/_search", "POST"): ("search-type", "E"),
+    ("/fhir/{type}/{id}/_history/{vid}", "GET"): ("vread", "R"),
+    ("/fhir/{type}/{id}/_history", "GET"): ("history-instance", "R"),
+    ("/fhir/{type}/_history", "GET"): ("history-type", "R"),
+    ("/fhir/_history", "GET"): ("history-system", "R"),
+    ("/fhir", "POST"): ("batch", "E"),
+    ("/fhir/", "POST"): ("batch", "E"),
+    ("/fhir/$changes", "GET"): ("feed", "R"),
+    ("/fhir/$audit", "GET"): ("audit trail", "R"),
+}
+
+
+def patients_in(body: bytes, *, html: bool) -> set[str]:
+    """The Patient ids an answer holds (FHIR JSON, or a page's links to charts)."""
+    if html:
+        return {m.decode() for m in _PAGE_PATIENTS.findall(body[:SCANNED_BYTES])}
+    return {(a or b).decode() for a, b in _JSON_PATIENTS.findall(body[:SCANNED_BYTES])}
+
+
+@dataclass
+class _Answered:
+    """An access as the request path hands it over: the patients are found later, beside."""
+
+    recorded: float
+    agent: str
+    role: str
+    source: str
+    channel: str
+    action: str
+    what: str
+    entity: str
+    outcome: int
+    body: list[bytes] = field(default_factory=list)
+    html: bool = False
+    scan: bool = True  # False: the answer is not read for patients (the feed carries everyone's data to a site node)
+    known: tuple[str, ...] = ()  # patients the request names itself (its path)
+
+    @property
+    def idle(self) -> bool:
+        """A poll of the change feed that found nothing new (a site node asks twice a second): not worth a line."""
+        return self.what == "feed" and bool(self.body) and self.body[-1].endswith(b'"entry":[]}')
+
+    def access(self) -> Access:
+        found = set(self.known)
+        if self.scan and self.body:
+            found |= patients_in(b"".join(self.body), html=self.html)
+        listed = tuple(sorted(found)[:AUDIT_PATIENTS])
+        return Access(uuid.uuid4().hex, self.recorded, self.agent, self.role, self.source, self.channel, self.action, self.what,
+                      self.entity, self.outcome, len(found), listed)
+
+
+class AuditTrail:
+    """Accesses handed over by the requests, written in one transaction every `interval` seconds by a thread."""
+
+    def __init__(self, store: Store, *, interval: float = 1.0, max_pending: int = MAX_PENDING) -> None:
+        self.store = store
+        self.interval = interval
+        self._pending: deque[_Answered] = deque()
+        self._max_pending = max_pending
+        self._lock = threading.Lock()  # the pending accesses
+        self._flushing = threading.Lock()  # one writer of the trail at a time
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.written = 0
+        self.lost = 0
+        self.last_written_at: float | None = None
+        self.problem: str | None = None
+
+    def hand_over(self, answered: _Answered) -> None:
+        with self._lock:
+            self._pending.append(answered)
+            if len(self._pending) > self._max_pending:
+                self._pending.popleft()
+                self.lost += 1
+                if self.lost == 1 or self.lost % 10_000 == 0:
+                    log.error("audit trail: %d accesses lost so far: more than %d waited for the store", self.lost, self._max_pending)
+
+    def record(self, *, agent: str, role: str, source: str, channel: str, action: str, what: str, entity: str, outcome: int = 200,
+               patients: tuple[str, ...] = ()) -> None:
+        """An access made elsewhere than the API and the pages (the command line), with the patients it touched."""
+        self.hand_over(_Answered(time.time(), agent, role, source, channel, action, what, entity, outcome, known=patients))
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def flush(self) -> int:
+        """Write the accesses handed over so far, in one transaction; returns how many (0 if the store refused them)."""
+        with self._flushing:
+            with self._lock:
+                batch = list(self._pending)
+                self._pending.clear()
+            if not batch:
+                return 0
+            accesses = [answered.access() for answered in batch if not answered.idle]
+            if not accesses:
+                return 0
+            try:
+                self.store.write(lambda tx: tx.record_accesses(accesses))
+            except StoreError as err:
+                with self._lock:
+                    self._pending.extendleft(reversed(batch))  # kept, in their order, for the next try
+                    while len(self._pending) > self._max_pending:
+                        self._pending.popleft()
+                        self.lost += 1
+                if self.problem is None:
+                    log.warning("audit trail: %d accesses wait, the store does not take them: %s", len(batch), err)
+                self.problem = str(err)
+                return 0
+            if self.problem is not None:
+                log.info("audit trail: written again after '%s'", self.problem)
+            self.problem = None
+            self.written += len(accesses)
+            self.last_written_at = time.time()
+            return len(accesses)
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception:  # never let the trail's thread die: the next second tries again
+                log.exception("audit trail: writing failed")
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="rebond-audit", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread and write what is left."""
+        if self._thread is not None:
+            self._stopping = True
+            self._wake.set()
+            self._thread.join(timeout=10)
+            self._thread = None
+        self.flush()
+
+    def status(self) -> dict[str, Any]:
+        return {"written": self.written, "pending": self.pending, "lost": self.lost,
+                "last_written_at": utc_second(self.last_written_at), "problem": self.problem}
+
+
+class AuditMiddleware:
+    """Hands every answered request of a known account under /fhir and on the patient pages to the audit trail."""
+
+    def __init__(self, app: ASGIApp, trail: AuditTrail, clock: Callable[[], float] = time.time) -> None:
+        self.app = app
+        self.trail = trail
+        self.clock = clock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        answered: list[_Answered] = []
+
+        async def watch(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                access = self._access(scope, message)
+                if access is not None:
+                    answered.append(access)
+            elif message["type"] == "http.response.body" and answered and (answered[0].scan or answered[0].what == "feed"):
+                answered[0].body.append(bytes(message.get("body", b"")))
+            await send(message)
+
+        await self.app(scope, receive, watch)
+        if answered:
+            self.trail.hand_over(answered[0])
+
+    def _access(self, scope: Scope, start: Message) -> _Answered | None:
+        account = (scope.get("state") or {}).get("account")
+        route = getattr(scope.get("route"), "path", None)
+        if account is None or route is None:  # not signed in (nothing was shown), or no such page
+            return None
+        method = scope["method"]
+        if route.startswith("/fhir"):
+            known = FHIR_ROUTES.get((route, method))
+            if known is None:  # the CapabilityStatement, the accounts copied to the site nodes: no patient data
+                return None
+            channel, (what, action) = "fhir", known
+        elif route in WEB_PAGES:
+            channel, (what, action) = "web", WEB_PAGES[route]
+        else:
+            return None
+        params = scope.get("path_params") or {}
+        named = params.get("patient_id") or (params.get("id") if params.get("type") == "Patient" else None)
+        query = scope.get("query_string", b"").decode("latin-1")
+        kind = dict(start.get("headers") or []).get(b"content-type", b"")
+        client = scope.get("client")
+        # an answer is read for patients when it is FHIR JSON or a page; not the feed, which carries everyone's data to a
+        # site node, nor a PDF (a downtime pack: its ward's census, named by the path)
+        return _Answered(self.clock(), account.username, account.role, client[0] if client else "", channel, action, what,
+                         f"{method} {scope['path']}" + (f"?{query}" if query else ""), int(start["status"]),
+                         html=kind.startswith(b"text/html"), scan=what != "feed" and (b"json" in kind or kind.startswith(b"text/html")),
+                         known=(str(named),) if named else ())
+
+
+_REST = {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest", "display": "RESTful Operation"}
+_PATIENT_RECORD = {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110110", "display": "Patient Record"}
+_INTERACTIONS = {"read", "vread", "update", "patch", "delete", "history-instance", "history-type", "history-system", "create",
+                 "search-type", "batch"}
+
+
+def _instant(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def audit_event(access: Access, site_id: str) -> dict[str, Any]:
+    """An access as the FHIR AuditEvent it stands for (made when asked: the trail is kept in its own table)."""
+    rest = access.channel == "fhir" and access.what in _INTERACTIONS
+    subtype = ({"system": "http://hl7.org/fhir/restful-interaction", "code": access.what} if rest
+               else {"system": "urn:rebond:audit", "code": access.what.replace(" ", "-"), "display": access.what})
+    entities: list[dict[str, Any]] = [
+        {"what": {"reference": f"Patient/{patient}"},
+         "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1", "display": "Person"},
+         "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1", "display": "Patient"}}
+        for patient in access.patients]
+    request: dict[str, Any] = {"type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2",
+                                        "display": "System Object"}, "description": access.entity}
+    if access.count > len(access.patients):
+        request["detail"] = [{"type": "patients", "valueString": f"{access.count} patients, {len(access.patients)} listed"}]
+    entities.append(request)
+    return {
+        "resourceType": "AuditEvent", "id": access.id, "type": _REST if access.channel == "fhir" else _PATIENT_RECORD,
+        "subtype": [subtype], "action": access.action, "recorded": _instant(access.recorded),
+        "outcome": "0" if access.outcome < 400 else "4" if access.outcome < 500 else "8", "outcomeDesc": f"HTTP {access.outcome}",
+        "agent": [{"who": {"identifier": {"system": "urn:rebond:account", "value": access.agent}, "display": access.agent},
+                   "role": [{"coding": [{"system": "urn:rebond:role", "code": access.role}]}], "requestor": True,
+                   **({"network": {"address": access.source, "type": "2"}} if access.source else {})}],
+        "source": {"site": site_id, "observer": {"display": f"Rebond {site_id} ({access.channel})"},
+                   "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "3", "display": "Web Server"}]},
+        "entity": entities,
+    }
+
+
+class AuditQueryError(ValueError):
+    """A search of the audit trail that cannot be understood."""
+
+
+def audit_query(params: list[tuple[str, str]]) -> dict[str, Any]:
+    """`GET /fhir/$audit` parameters as `Store.accesses` arguments: patient (Patient/ID or ID), agent (an account), date
+    (ge, gt, le, lt, or a day), _count (at most 1,000)."""
+    found: dict[str, Any] = {"limit": 100}
+    for name, value in params:
+        if name == "patient":
+            found["patient"] = value.removeprefix("Patient/")
+        elif name == "agent":
+            found["agent"] = value
+        elif name == "date":
+            prefix = value[:2] if value[:2] in ("ge", "gt", "le", "lt", "eq") else "eq"
+            text = value[2:] if value[:2] == prefix else value
+            try:
+                moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+            except ValueError:
+                raise AuditQueryError(f"date: '{value}' is not a date (ge2026-12-01, lt2026-12-02T10:00:00Z)") from None
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=dt.UTC)
+            day = len(text) <= 10
+            start = moment.timestamp()
+            end = (moment + dt.timedelta(days=1)).timestamp() if day else start
+            if prefix in ("ge", "eq"):
+                found["since"] = start
+            if prefix == "gt":
+                found["since"] = end if day else start
+            if prefix in ("lt",):
+                found["until"] = start
+            if prefix in ("le", "eq"):
+                found["until"] = end if day else start + 0.001
+        elif name == "_count":
+            if not value.isdigit() or not 1 <= int(value) <= 1000:
+                raise AuditQueryError("_count: a number from 1 to 1000")
+            found["limit"] = int(value)
+        else:
+            raise AuditQueryError(f"unknown parameter '{name}': patient, agent, date, _count")
+    return found
