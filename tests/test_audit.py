@@ -13,7 +13,7 @@ import pytest
 from rebond.clinical.census import group_wards, ward_census
 from rebond.clinical.conventions import GROUP_IPP_SYSTEM
 from rebond.fhir.model import validate
-from rebond.security.audit import AuditTrail, _Answered, audit_event, audit_query, patients_in
+from rebond.security.audit import AuditTrail, _Answered, audit_event, audit_query, patients_in, time_ordered_id
 from rebond.store import open_store
 from rebond.store.base import Access, Store, Unavailable
 from tests.server import RebondServer, rebond
@@ -22,7 +22,7 @@ from tests.web_client import csrf_of, signed_in
 
 
 def access(recorded: float, agent: str = "nurse", patients: tuple[str, ...] = (), what: str = "chart") -> Access:
-    return Access(uuid.uuid4().hex, recorded, agent, "nurse", "10.1.2.3", "web", "R", what, f"GET /patients/{patients[:1]}",
+    return Access(time_ordered_id(recorded), recorded, agent, "nurse", "10.1.2.3", "web", "R", what, f"GET /patients/{patients[:1]}",
                   200, len(patients), patients)
 
 
@@ -88,7 +88,7 @@ def test_a_site_nodes_polls_of_the_feed_are_on_the_trail_only_when_they_carried_
                                   body=[body], scan=False))
     assert trail.flush() == 1
     (line,) = store.accesses()
-    assert line.what == "feed" and line.count == 0, "the feed carries everyone's data: its patients are not listed"
+    assert line.what == "feed" and line.patient_count == 0, "the feed carries everyone's data: its patients are not listed"
 
 
 def test_the_audit_query_says_what_it_cannot_read() -> None:

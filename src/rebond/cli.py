@@ -566,12 +566,12 @@ def audit_list(
         for a in accesses:
             print(json.dumps({"id": a.id, "recorded": a.recorded, "agent": a.agent, "role": a.role, "source": a.source,
                               "channel": a.channel, "action": a.action, "what": a.what, "entity": a.entity, "outcome": a.outcome,
-                              "patients": a.count, "listed": list(a.patients)}, ensure_ascii=False))
+                              "patients": a.patient_count, "listed": list(a.patients)}, ensure_ascii=False))
         return
     table = Table("when", "who", "from", "what", "request", "outcome", "patients")
     for a in accesses:
         table.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a.recorded)), f"{a.agent} ({a.role})", f"{a.source} {a.channel}",
-                      a.what, a.entity[:120], str(a.outcome), str(a.count))
+                      a.what, a.entity[:120], str(a.outcome), str(a.patient_count))
     out_console.print(table)
     out_console.print(f"{len(accesses)} access(es)")
 

@@ -10,7 +10,7 @@ import contextlib
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 if TYPE_CHECKING:
     from rebond.fhir.search import SearchQuery
@@ -112,9 +112,10 @@ class InboxMessage:
         return message_digest(raw) == self.digest if self.cleared else raw == self.raw
 
 
-@dataclass(frozen=True)
-class Access:
-    """One access to the data, for the audit trail (security/audit.py): who, from where, what, the outcome, whose data."""
+class Access(NamedTuple):
+    """One access to the data, for the audit trail (security/audit.py): who, from where, what, the outcome, whose data.
+
+    A tuple (thousands are made a second under load), its fields in the order of the trail's columns."""
 
     id: str
     recorded: float
@@ -126,7 +127,7 @@ class Access:
     what: str  # the interaction: read, search-type, create, chart, census, …
     entity: str  # the request: method, path and query
     outcome: int  # the HTTP status answered
-    count: int  # the patients whose data it touched (all of them; `patients` lists at most AUDIT_PATIENTS)
+    patient_count: int  # the patients whose data it touched (all of them; `patients` lists at most AUDIT_PATIENTS)
     patients: tuple[str, ...]  # their Patient ids
 
 

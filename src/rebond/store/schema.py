@@ -39,6 +39,7 @@ class Types:
     real: str
     blob: str
     text: str = "TEXT"  # PostgreSQL: one byte-order collation everywhere, so joins and prefix ranges use the indexes
+    clustered: str = ""  # after a CREATE TABLE whose rows are kept in the order of their primary key (SQLite: WITHOUT ROWID)
 
 
 #: columns added since a store was first made, in the order they came: (table, column, its `Types` field); each
@@ -112,7 +113,9 @@ def ddl(types: Types) -> list[str]:
             updated {types.real} NOT NULL)""",
         "CREATE INDEX IF NOT EXISTS journal_status ON journal (status, seq)",
         "CREATE INDEX IF NOT EXISTS journal_resource ON journal (res_type, res_id, seq)",
-        # the audit trail: every access to the data through the API and the web app; a node's own, never on the feed
+        # the audit trail: every access to the data through the API and the web app; a node's own, never on the feed.
+        # Its ids begin with the time (security/audit.py time_ordered_id): kept in their order, they serve "newest first"
+        # and a range of time, and each line appends at the end instead of filling a second index
         f"""CREATE TABLE IF NOT EXISTS audit (
             id {types.text} PRIMARY KEY,
             recorded {types.real} NOT NULL,
@@ -124,16 +127,17 @@ def ddl(types: Types) -> list[str]:
             what {types.text} NOT NULL,
             entity {types.text} NOT NULL,
             outcome {types.bigint} NOT NULL,
-            patients {types.bigint} NOT NULL)""",
-        "CREATE INDEX IF NOT EXISTS audit_recorded ON audit (recorded)",
-        "CREATE INDEX IF NOT EXISTS audit_agent ON audit (agent, recorded)",
-        # whose data each access touched: one row per patient, found by patient and time
+            patients {types.bigint} NOT NULL,
+            listed {types.text} NOT NULL){types.clustered}""",
+        "CREATE INDEX IF NOT EXISTS audit_agent ON audit (agent, id)",
+        # whose data the accesses touched, to find them by patient: one row per patient for each batch of accesses
+        # written together (a second's), with the ids of those that touched the patient, and the span of their times
         f"""CREATE TABLE IF NOT EXISTS audit_patient (
             patient_id {types.text} NOT NULL,
-            recorded {types.real} NOT NULL,
-            audit_id {types.text} NOT NULL)""",
-        "CREATE INDEX IF NOT EXISTS audit_patient_lookup ON audit_patient (patient_id, recorded)",
-        "CREATE INDEX IF NOT EXISTS audit_patient_event ON audit_patient (audit_id)",
+            lo {types.real} NOT NULL,
+            hi {types.real} NOT NULL,
+            audit_ids {types.text} NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS audit_patient_lookup ON audit_patient (patient_id, hi)",
         "CREATE INDEX IF NOT EXISTS versions_type_lu ON versions (res_type, lu)",
         "CREATE INDEX IF NOT EXISTS versions_lu ON versions (lu)",
         "CREATE INDEX IF NOT EXISTS resources_type_lu ON resources (res_type, lu)",

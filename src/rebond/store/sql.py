@@ -84,13 +84,23 @@ class Cursor(abc.ABC):
 _INBOX_COLUMNS = "id, channel, sender, control_id, received, raw, status, detail, updated, digest"
 
 
+def _access_from_row(row: Sequence[Any]) -> Access:
+    return Access(row[0], float(row[1]), row[2], row[3], row[4], row[5], row[6], row[7], row[8], int(row[9]), int(row[10]),
+                  tuple(row[11].split()))
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
 def _given(conditions: list[tuple[str, Any]]) -> tuple[list[str], list[Any]]:
     """The SQL conditions whose value is given (not None), and their parameters in the same order."""
     kept = [(sql, value) for sql, value in conditions if value is not None]
     return [sql for sql, _value in kept], [value for _sql, value in kept]
 
 
-_AUDIT_COLUMNS = "id, recorded, agent, role, source, channel, action, what, entity, outcome, patients"
+_AUDIT_COLUMNS = "id, recorded, agent, role, source, channel, action, what, entity, outcome, patients, listed"
 
 
 _JOURNAL_COLUMNS = "seq, res_type, res_id, method, base_version, local_version, body, written, status, detail, updated"
@@ -184,15 +194,28 @@ class SQLSession(Session):
         return self.cur.fetchone() is not None
 
     def record_accesses(self, accesses: Sequence[Access]) -> None:
-        self.cur.executemany(f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                             [(a.id, a.recorded, a.agent, a.role, a.source, a.channel, a.action, a.what, a.entity, a.outcome, a.count)
-                              for a in accesses])
-        self.cur.executemany("INSERT INTO audit_patient (patient_id, recorded, audit_id) VALUES (?, ?, ?)",
-                             [(patient, a.recorded, a.id) for a in accesses for patient in a.patients])
+        """One row per access, and one per patient for them all (a patient read a hundred times in a second: one row).
+
+        Rows go 200 to a statement: one statement per row would hand the interpreter's lock over at each row, and
+        the server's event loop, busy answering, would make each hand-over cost more than the row."""
+        whose: dict[str, list[Access]] = {}
+        for a in accesses:
+            for patient in a.patients:
+                whose.setdefault(patient, []).append(a)
+        self._insert_rows("audit", _AUDIT_COLUMNS, [(*a[:11], " ".join(a.patients)) for a in accesses])
+        self._insert_rows("audit_patient", "patient_id, lo, hi, audit_ids",
+                          [(patient, min(a.recorded for a in mine), max(a.recorded for a in mine), " ".join(a.id for a in mine))
+                           for patient, mine in whose.items()])
+
+    def _insert_rows(self, table: str, columns: str, rows: list[tuple[Any, ...]], per_statement: int = 200) -> None:
+        for start in range(0, len(rows), per_statement):
+            part = rows[start:start + per_statement]
+            one = "(" + ", ".join("?" * len(part[0])) + ")"
+            self.cur.execute(f"INSERT INTO {table} ({columns}) VALUES {', '.join([one] * len(part))}", [v for row in part for v in row])
 
     def prune_accesses(self, before: float) -> int:
-        self.cur.execute("DELETE FROM audit_patient WHERE recorded < ?", (before,))
-        self.cur.execute("DELETE FROM audit WHERE recorded < ? RETURNING id", (before,))
+        self.cur.execute("DELETE FROM audit_patient WHERE hi < ?", (before,))
+        self.cur.execute("DELETE FROM audit WHERE id < ? RETURNING id", (f"{int(before * 1_000_000):014x}",))
         return len(self.cur.fetchall())
 
     def put_state(self, namespace: str, key: str, value: Any) -> None:
@@ -691,22 +714,28 @@ class SQLStore(Store):
 
     def accesses(self, *, patient: str | None = None, agent: str | None = None, since: float | None = None,
                  until: float | None = None, limit: int = 100) -> list[Access]:
-        table = "audit_patient p JOIN audit a ON a.id = p.audit_id" if patient is not None else "audit a"
-        at = "p.recorded" if patient is not None else "a.recorded"
-        where, params = _given([("p.patient_id = ?", patient), ("a.agent = ?", agent), (f"{at} >= ?", since), (f"{at} < ?", until)])
-        columns = ", ".join(f"a.{c.strip()}" for c in _AUDIT_COLUMNS.split(","))
+        # an id begins with its time in microseconds, in 14 hex digits (security/audit.py): a range of time is a range of ids
+        where, params = _given([("agent = ?", agent), ("id >= ?", None if since is None else f"{int(since * 1_000_000):014x}"),
+                                ("id < ?", None if until is None else f"{int(until * 1_000_000):014x}")])
         with self.reader() as cur:
-            cur.execute(f"SELECT {columns} FROM {table} WHERE {' AND '.join(where) or 'TRUE'} ORDER BY {at} DESC, a.id LIMIT ?",
-                        [*params, limit])
-            rows = cur.fetchall()
-            whose: dict[str, list[str]] = {}
-            for part in range(0, len(rows), 500):
-                ids = [row[0] for row in rows[part:part + 500]]
-                cur.execute(f"SELECT audit_id, patient_id FROM audit_patient WHERE audit_id IN ({', '.join('?' * len(ids))})", ids)
-                for audit_id, patient_id in cur.fetchall():
-                    whose.setdefault(audit_id, []).append(patient_id)
-        return [Access(row[0], float(row[1]), row[2], row[3], row[4], row[5], row[6], row[7], row[8], int(row[9]), int(row[10]),
-                       tuple(sorted(whose.get(row[0], ())))) for row in rows]
+            if patient is None:
+                cur.execute(f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE {' AND '.join(where) or 'TRUE'} ORDER BY id DESC LIMIT ?",
+                            [*params, limit])
+                return [_access_from_row(row) for row in cur.fetchall()]
+            # the patient's rows, newest first, until `limit` accesses are found and no older row can hold a newer one
+            cur.execute("SELECT hi, audit_ids FROM audit_patient WHERE patient_id = ? AND hi >= ? AND lo < ? ORDER BY hi DESC",
+                        (patient, since if since is not None else 0.0, until if until is not None else 1e12))
+            spans = cur.fetchall()
+            found: list[Access] = []
+            for hi, ids in spans:
+                if len(found) >= limit and hi < found[limit - 1].recorded:
+                    break
+                for part in _chunks(ids.split(), 500):
+                    cur.execute(f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE id IN ({', '.join('?' * len(part))})"
+                                + "".join(f" AND {w}" for w in where), [*part, *params])
+                    found.extend(_access_from_row(row) for row in cur.fetchall())
+                found.sort(key=lambda a: a.id, reverse=True)
+        return found[:limit]
 
     def get_state(self, namespace: str, key: str) -> Any:
         with self.reader() as cur:

@@ -20,7 +20,7 @@ from rebond.store.schema import SCHEMA_VERSION, Types, added_columns, ddl
 from rebond.store.sql import Cursor, SQLSession, SQLStore
 
 log = logging.getLogger("rebond.store")
-_TYPES = Types(serial_pk="INTEGER PRIMARY KEY AUTOINCREMENT", bigint="INTEGER", real="REAL", blob="BLOB")
+_TYPES = Types(serial_pk="INTEGER PRIMARY KEY AUTOINCREMENT", bigint="INTEGER", real="REAL", blob="BLOB", clustered=" WITHOUT ROWID")
 _PRAGMAS = (
     "PRAGMA journal_mode=WAL",
     "PRAGMA synchronous=FULL",  # the WAL is fsynced at every commit: an acknowledged write survives a power cut
