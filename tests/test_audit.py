@@ -16,6 +16,7 @@ from rebond.fhir.model import validate
 from rebond.security.audit import AuditTrail, _Answered, audit_event, audit_query, patients_in, time_ordered_id
 from rebond.store import open_store
 from rebond.store.base import Access, Store, Unavailable
+from rebond.store.schema import SCHEMA_VERSION
 from tests.server import RebondServer, rebond
 from tests.test_site import wait_for
 from tests.web_client import csrf_of, signed_in
@@ -38,6 +39,25 @@ def test_the_trail_is_found_by_patient_by_account_and_by_time_newest_first(store
     assert len(store.accesses(limit=1)) == 1
     assert store.write(lambda tx: tx.prune_accesses(2500.0)) == 2
     assert [a.recorded for a in store.accesses()] == [4000.0, 3000.0] and store.accesses(patient="p1") == []
+
+
+def test_a_store_made_before_the_trail_gets_it_when_it_opens(tmp_path: Any) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    open_store(f"sqlite:///{path}").close()
+    with sqlite3.connect(path) as old:  # as Rebond left it at schema 2: no trail
+        old.execute("DROP TABLE audit")
+        old.execute("DROP TABLE audit_patient")
+        old.execute("UPDATE rebond_meta SET value = '2' WHERE name = 'schema'")
+    store = open_store(f"sqlite:///{path}")
+    try:
+        store.write(lambda tx: tx.record_accesses([access(1000.0, "nurse", ("p1",))]))
+        assert [a.patients for a in store.accesses(patient="p1")] == [("p1",)]
+    finally:
+        store.close()
+    with sqlite3.connect(path) as check:
+        assert check.execute("SELECT value FROM rebond_meta WHERE name = 'schema'").fetchone() == (str(SCHEMA_VERSION),)
 
 
 def test_the_patients_of_an_answer_are_found_in_fhir_json_and_in_pages() -> None:

@@ -12,6 +12,7 @@ from rebond.hl7.intake import CHANNEL, prune, receive, replay
 from rebond.seed.demo import DemoSize, seed_demo
 from rebond.store import open_store
 from rebond.store.base import Store
+from rebond.store.schema import SCHEMA_VERSION
 from tests.hl7_messages import adt, oru
 from tests.server import rebond
 
@@ -77,7 +78,7 @@ def test_a_store_made_before_digests_gets_them_and_its_old_messages_are_still_re
     try:
         with sqlite3.connect(path) as check:
             assert "digest" in {row[1] for row in check.execute("PRAGMA table_info(inbox)")}
-            assert check.execute("SELECT value FROM rebond_meta WHERE name = 'schema'").fetchone() == ("2",)
+            assert check.execute("SELECT value FROM rebond_meta WHERE name = 'schema'").fetchone() == (str(SCHEMA_VERSION),)
         assert store.messages(CHANNEL, "applied")[0].digest == "", "an old message has no digest yet"
         assert receive(store, result).code == "AA", "an old message is recognised by its content"
         assert prune(store, time.time() + 1) == (1, len(result))

@@ -101,10 +101,12 @@ class SQLiteStore(SQLStore):
         self._writer = self._connect()
         for statement in ddl(_TYPES):
             self._writer.execute(statement)
-        self._writer.execute(
-            "INSERT INTO rebond_meta (name, value) VALUES ('schema', ?) ON CONFLICT (name) DO NOTHING", (str(SCHEMA_VERSION),)
-        )
         self._add_columns()
+        # a store made by an earlier Rebond has had its new tables made above, and its new columns added: it is of this schema
+        self._writer.execute(
+            "INSERT INTO rebond_meta (name, value) VALUES ('schema', ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+            " WHERE CAST(rebond_meta.value AS INTEGER) < CAST(excluded.value AS INTEGER)", (str(SCHEMA_VERSION),)
+        )
         self._writes_since_analyze = 0
         self._rows_at_analyze = self._row_estimate()
         if self._rows_at_analyze and self._writer.execute("SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'").fetchone()[0] == 0:
