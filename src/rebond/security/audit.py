@@ -163,9 +163,8 @@ class AuditTrail:
         self.problem: str | None = None
 
     def hand_over(self, answered: _Answered) -> None:
-        """Take an answered request: its patients are found here, in the request's thread, a few microseconds for a
-        page or a Bundle; done in the writing thread instead, the same work cost the busy server twice as much (the
-        two threads taking the interpreter's lock from each other)."""
+        """Take an answered request: its patients are found here, in the request's thread (microseconds for a page or
+        a Bundle), so that the writing thread only writes; the answer's bytes are not kept waiting for it."""
         if answered.idle:
             return
         access = answered.access()
