@@ -136,6 +136,7 @@ def test_capability_statement_lists_search_parameters(client: TestClient) -> Non
     obs = next(r for r in cap["rest"][0]["resource"] if r["type"] == "Observation")
     names = {p["name"] for p in obs["searchParam"]}
     assert {"code", "patient", "date", "value-quantity", "code-value-quantity", "_id", "_lastUpdated"} <= names
+    assert {op["name"] for op in cap["rest"][0]["operation"]} == {"changes", "audit"}
 
 
 def test_change_feed_over_http(client: TestClient) -> None:

@@ -69,11 +69,13 @@ def capability_statement(base_url: str) -> dict[str, Any]:
                 "documentation": (
                     "Unknown search parameters are rejected with 400 unless the request says Prefer: handling=lenient. "
                     "Search result parameters: _count, _offset, _sort, _include, _revinclude (with :iterate), "
-                    "_summary, _total=accurate, _elements. The change feed is GET [base]/$changes?after=CURSOR&_count=N."
+                    "_summary, _total=accurate, _elements. The change feed is GET [base]/$changes?after=CURSOR&_count=N. "
+                    "The audit trail of this node is GET [base]/$audit?patient=&agent=&date=&_count= (AuditEvents; role admin)."
                 ),
                 "resource": _resources(),
                 "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
-                "operation": [{"name": "changes", "definition": "https://rebond.health/fhir/OperationDefinition/changes"}],
+                "operation": [{"name": "changes", "definition": "https://rebond.health/fhir/OperationDefinition/changes"},
+                              {"name": "audit", "definition": "https://rebond.health/fhir/OperationDefinition/audit"}],
             }
         ],
     }
