@@ -200,9 +200,10 @@ def test_it_reads_the_trail_of_a_patient_by_ipp_in_the_web_app(web: RebondServer
     nurse.get(f"/patients/{patient}")
     assert nurse.get("/admin/audit").status_code == 403
     admin = signed_in(web.base, "admin")
-    wait_for(lambda: "chart" in admin.get("/admin/audit", params={"patient": number}).text, 10)
+    wait_for(lambda: f"GET /patients/{patient}" in admin.get("/admin/audit", params={"patient": number}).text, 10)
     page = admin.get("/admin/audit", params={"patient": number, "user": "nurse"})
     assert page.status_code == 200 and "Journal des accès" in page.text and f"GET /patients/{patient}" in page.text
+    assert "<td>dossier<br>" in page.text, "what was done, in French"
     unknown = admin.get("/admin/audit", params={"patient": "000000000"})
     assert unknown.status_code == 400 and "Aucun patient" in unknown.text
     assert admin.get("/admin/audit", params={"day": "31/02/2026"}).status_code == 400

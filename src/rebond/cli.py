@@ -546,6 +546,7 @@ def audit_list(
 
     from rebond.clinical.patients import parse_day, patient_by_ipp_or_id
     from rebond.clinical.records import HOSPITAL_TZ
+    from rebond.security.audit import READ_TRAIL
 
     query: dict[str, Any] = {"limit": limit, "agent": user}
     if since is not None:
@@ -559,7 +560,7 @@ def audit_list(
             if query["patient"] is None:
                 raise fail(f"no patient has the IPP or id '{patient}' on this node")
         accesses = store.accesses(**query)
-        _on_the_trail(store, "audit trail", "rebond audit list " + " ".join(f"--{k} {v}" for k, v in
+        _on_the_trail(store, READ_TRAIL, "rebond audit list " + " ".join(f"--{k} {v}" for k, v in
                                                                              (("patient", patient), ("user", user), ("since", since)) if v),
                       (query["patient"],) if patient is not None else ())
     if as_json:
@@ -582,6 +583,8 @@ def audit_prune(
     db: Annotated[str, typer.Option(help="database of the node")] = DEFAULT_DB,
 ) -> None:
     """Remove the accesses recorded more than N days ago, for the period the hospital keeps its trail. Run it from cron."""
+    from rebond.security.audit import PRUNE_TRAIL
+
     if not older_than >= AUDIT_MIN_DAYS:
         raise fail(f"--older-than must be {AUDIT_MIN_DAYS} days or more, not {older_than:g}: the trail is what an inquiry reads")
     before = time.time() - older_than * 86400
@@ -590,7 +593,7 @@ def audit_prune(
             count = store.write(lambda tx: tx.prune_accesses(before))
         except StoreError as err:
             raise fail(f"pruning stopped: {err}") from None
-        _on_the_trail(store, "audit prune", f"rebond audit prune --older-than {older_than:g}", action="D")
+        _on_the_trail(store, PRUNE_TRAIL, f"rebond audit prune --older-than {older_than:g}", action="D")
     out_console.print(f"removed {count:,} access(es) recorded before {time.strftime('%Y-%m-%d %H:%M', time.localtime(before))}",
                       soft_wrap=True)
 

@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rebond.moments import utc_second
 from rebond.store.base import Access, Store, StoreError
+from rebond.web.i18n import N_
 
 log = logging.getLogger("rebond.audit")
 
@@ -52,45 +53,47 @@ _JSON_PATIENTS = re.compile(rb'Patient/' + _ID + rb'"')
 _PATIENT_RESOURCES = re.compile(rb'"resourceType":"Patient","id":"' + _ID + rb'"')  # a Patient without its URL (a create)
 _PAGE_PATIENTS = re.compile(rb'href="/patients/' + _ID + rb'[/"?#]')
 _SEQUENCE = itertools.count()
+#: what the command line's reading and pruning of the trail are recorded as (rebond audit list, rebond audit prune)
+READ_TRAIL, PRUNE_TRAIL = N_("audit trail"), N_("audit prune")
 
 #: the web app's pages that show or change patient data, by route: (what, action)
 WEB_PAGES: dict[str, tuple[str, str]] = {
-    "/wards/{ward_id}": ("census", "R"),
-    "/wards/{ward_id}/admit": ("emergency admission", "C"),
-    "/patients": ("patient search", "E"),
-    "/patients/{patient_id}": ("chart", "R"),
-    "/patients/{patient_id}/vitals": ("vital signs", "C"),
-    "/patients/{patient_id}/administrations/{request_id}": ("administration", "C"),
-    "/results": ("results", "R"),
-    "/results/{report_id}/acknowledge": ("result acknowledgement", "C"),
-    "/reconciliation": ("reconciliation", "R"),
-    "/reconciliation/{seq:int}": ("reconciliation", "U"),
-    "/downtime": ("downtime packs", "R"),
-    "/downtime/wards/{ward_id}.pdf": ("downtime pack", "R"),
-    "/downtime/files/{ward_id}/{name}.pdf": ("downtime pack", "R"),
-    "/admin/hl7": ("hl7 dead letters", "R"),
-    "/admin/hl7/{message_id:int}/replay": ("hl7 replay", "U"),
-    "/admin/audit": ("audit trail", "R"),
+    "/wards/{ward_id}": (N_("census"), "R"),
+    "/wards/{ward_id}/admit": (N_("emergency admission"), "C"),
+    "/patients": (N_("patient search"), "E"),
+    "/patients/{patient_id}": (N_("chart"), "R"),
+    "/patients/{patient_id}/vitals": (N_("vital signs"), "C"),
+    "/patients/{patient_id}/administrations/{request_id}": (N_("administration"), "C"),
+    "/results": (N_("results"), "R"),
+    "/results/{report_id}/acknowledge": (N_("result acknowledgement"), "C"),
+    "/reconciliation": (N_("reconciliation"), "R"),
+    "/reconciliation/{seq:int}": (N_("reconciliation"), "U"),
+    "/downtime": (N_("downtime packs"), "R"),
+    "/downtime/wards/{ward_id}.pdf": (N_("downtime pack"), "R"),
+    "/downtime/files/{ward_id}/{name}.pdf": (N_("downtime pack"), "R"),
+    "/admin/hl7": (N_("hl7 dead letters"), "R"),
+    "/admin/hl7/{message_id:int}/replay": (N_("hl7 replay"), "U"),
+    "/admin/audit": (N_("audit trail"), "R"),
 }
 #: the FHIR routes, by (route, method): (interaction, action); $changes is the site nodes' copy of everything
 FHIR_ROUTES: dict[tuple[str, str], tuple[str, str]] = {
-    ("/fhir/{type}/{id}", "GET"): ("read", "R"),
-    ("/fhir/{type}/{id}", "PUT"): ("update", "U"),
-    ("/fhir/{type}/{id}", "PATCH"): ("patch", "U"),
-    ("/fhir/{type}/{id}", "DELETE"): ("delete", "D"),
-    ("/fhir/{type}", "GET"): ("search-type", "E"),
-    ("/fhir/{type}", "POST"): ("create", "C"),
-    ("/fhir/{type}", "PUT"): ("update", "U"),
-    ("/fhir/{type}", "DELETE"): ("delete", "D"),
-    ("/fhir/{type}/_search", "POST"): ("search-type", "E"),
-    ("/fhir/{type}/{id}/_history/{vid}", "GET"): ("vread", "R"),
-    ("/fhir/{type}/{id}/_history", "GET"): ("history-instance", "R"),
-    ("/fhir/{type}/_history", "GET"): ("history-type", "R"),
-    ("/fhir/_history", "GET"): ("history-system", "R"),
-    ("/fhir", "POST"): ("batch", "E"),
-    ("/fhir/", "POST"): ("batch", "E"),
-    ("/fhir/$changes", "GET"): ("feed", "R"),
-    ("/fhir/$audit", "GET"): ("audit trail", "R"),
+    ("/fhir/{type}/{id}", "GET"): (N_("read"), "R"),
+    ("/fhir/{type}/{id}", "PUT"): (N_("update"), "U"),
+    ("/fhir/{type}/{id}", "PATCH"): (N_("patch"), "U"),
+    ("/fhir/{type}/{id}", "DELETE"): (N_("delete"), "D"),
+    ("/fhir/{type}", "GET"): (N_("search-type"), "E"),
+    ("/fhir/{type}", "POST"): (N_("create"), "C"),
+    ("/fhir/{type}", "PUT"): (N_("update"), "U"),
+    ("/fhir/{type}", "DELETE"): (N_("delete"), "D"),
+    ("/fhir/{type}/_search", "POST"): (N_("search-type"), "E"),
+    ("/fhir/{type}/{id}/_history/{vid}", "GET"): (N_("vread"), "R"),
+    ("/fhir/{type}/{id}/_history", "GET"): (N_("history-instance"), "R"),
+    ("/fhir/{type}/_history", "GET"): (N_("history-type"), "R"),
+    ("/fhir/_history", "GET"): (N_("history-system"), "R"),
+    ("/fhir", "POST"): (N_("batch"), "E"),
+    ("/fhir/", "POST"): (N_("batch"), "E"),
+    ("/fhir/$changes", "GET"): (N_("feed"), "R"),
+    ("/fhir/$audit", "GET"): (N_("audit trail"), "R"),
 }
 
 
