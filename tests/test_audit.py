@@ -13,17 +13,17 @@ import pytest
 from rebond.clinical.census import group_wards, ward_census
 from rebond.clinical.conventions import GROUP_IPP_SYSTEM
 from rebond.fhir.model import validate
-from rebond.security.audit import AuditTrail, _Answered, audit_event, audit_query, patients_in, time_ordered_id
+from rebond.security.audit import AuditTrail, _Answered, access_to_json, audit_event, audit_query, patients_in, time_ordered_id
 from rebond.store import open_store
 from rebond.store.base import Access, Store, Unavailable
 from rebond.store.schema import SCHEMA_VERSION
-from tests.server import RebondServer, rebond
+from tests.server import RebondServer, SiteServer, rebond
 from tests.test_site import wait_for
 from tests.web_client import csrf_of, signed_in
 
 
 def access(recorded: float, agent: str = "nurse", patients: tuple[str, ...] = (), what: str = "chart") -> Access:
-    return Access(time_ordered_id(recorded), recorded, agent, "nurse", "10.1.2.3", "web", "R", what, f"GET /patients/{patients[:1]}",
+    return Access(time_ordered_id(recorded), recorded, "central", agent, "nurse", "10.1.2.3", "web", "R", what, f"GET /patients/{patients[:1]}",
                   200, len(patients), patients)
 
 
@@ -75,6 +75,7 @@ def test_the_patients_of_an_answer_are_found_in_fhir_json_and_in_pages() -> None
 class _Refusing:
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.site_id = store.site_id
         self.down = True
 
     def write(self, work: Callable[[Any], Any]) -> Any:
@@ -123,14 +124,14 @@ def test_the_audit_query_says_what_it_cannot_read() -> None:
 
 
 def test_an_access_is_a_valid_audit_event() -> None:
-    many = Access(uuid.uuid4().hex, 1796205600.5, "interface", "system", "10.0.0.9", "fhir", "E", "search-type",
+    many = Access(uuid.uuid4().hex, 1796205600.5, "central", "interface", "system", "10.0.0.9", "fhir", "E", "search-type",
                   "GET /fhir/Observation?patient=p1", 200, 1200, tuple(f"p{n}" for n in range(1000)))
-    event = audit_event(many, "central")
+    event = audit_event(many)
     assert validate(event) == []
     assert event["subtype"][0] == {"system": "http://hl7.org/fhir/restful-interaction", "code": "search-type"}
     assert event["entity"][-1]["detail"][0]["valueString"] == "1200 patients, 1000 listed"
-    page = audit_event(Access(uuid.uuid4().hex, 1796205600.0, "lab", "lab", "", "web", "C", "vital signs", "POST /patients/p1/vitals",
-                              403, 1, ("p1",)), "H1")
+    page = audit_event(Access(uuid.uuid4().hex, 1796205600.0, "H1", "lab", "lab", "", "web", "C", "vital signs", "POST /patients/p1/vitals",
+                              403, 1, ("p1",)))
     assert validate(page) == [] and page["outcome"] == "4" and page["source"]["site"] == "H1" and "network" not in page["agent"][0]
 
 
@@ -230,3 +231,45 @@ def test_the_command_line_reads_and_prunes_the_trail_and_is_on_it(web: RebondSer
     pruned = rebond("audit", "prune", "--older-than", "30", "--db", web.db)
     assert pruned.returncode == 0 and "removed 0 access(es)" in pruned.stdout
     assert len(open_store(web.db).accesses(limit=100_000)) == kept + 1  # nothing that recent went; the pruning is recorded
+
+
+def test_a_site_nodes_accesses_reach_the_central_trail_also_those_made_while_cut_off(demo_db: str, tmp_path: Any,
+                                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    central = RebondServer(demo_db).start()
+    site: SiteServer | None = None
+    try:
+        monkeypatch.setenv("REBOND_PASSWORD", "site-2026")
+        for name, role in (("site-h1", "site"), ("dpo", "admin")):
+            assert rebond("accounts", "add", name, "--role", role, "--db", central.db).returncode == 0
+        token = rebond("accounts", "token", "site-h1", "--label", "site node H1", "--db", central.db).stdout.strip()
+        auditor = rebond("accounts", "token", "dpo", "--label", "audit", "--db", central.db).stdout.strip()
+        first, second = inpatients_of_a_ward(central)[1][:2]
+        site = SiteServer(f"sqlite:///{tmp_path}/site-H1.db", central, upstream_token=token).start()
+        wait_for(lambda: site.status()["accounts"]["copied_at"] is not None, 60)  # type: ignore[index]
+
+        nurse = signed_in(site.base, "nurse")  # the central account, copied to the site
+        assert nurse.get(f"/patients/{first}").status_code == 200
+        took = wait_for(lambda: any(e["source"]["site"] == "H1" for e in trail_of(central, auditor, patient=first)), 30)
+        print(f"\nan access at the site node was on the central trail {took:.1f} s later")
+
+        central.kill()
+        wait_for(lambda: site.status()["upstream_reachable"] is False, 10)
+        assert nurse.get(f"/patients/{second}").status_code == 200  # cut off: on the site's trail only, for now
+        central.start()
+        wait_for(lambda: any(e["source"]["site"] == "H1" and e["agent"][0]["who"]["identifier"]["value"] == "nurse"
+                             for e in trail_of(central, auditor, patient=second)), 30)
+        assert site.status()["audit_sent"]["problem"] is None  # type: ignore[index]
+
+        lines = open_store(site.db).accesses_after("", node="H1")
+        again = httpx.post(f"{central.fhir}/$audit-import", content=orjson.dumps({"accesses": [access_to_json(a) for a in lines]}),
+                           headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"}, timeout=30)
+        assert again.status_code == 200 and again.json() == {"received": len(lines), "new": 0}, "a line sent twice is kept once"
+        by_system = httpx.post(f"{central.fhir}/$audit-import", content=b'{"accesses": []}', headers=central.headers, timeout=30)
+        assert by_system.status_code == 403, "only a site node sends its trail"
+        garbled = httpx.post(f"{central.fhir}/$audit-import", content=b'{"accesses": [["x"]]}',
+                             headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert garbled.status_code == 400 and garbled.json()["resourceType"] == "OperationOutcome"
+    finally:
+        if site is not None:
+            site.stop()
+        central.stop()

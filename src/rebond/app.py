@@ -24,7 +24,7 @@ from rebond.hl7.intake import recover
 from rebond.hl7.mllp import MllpServer
 from rebond.ops.situation import Situation
 from rebond.security.accounts import Accounts
-from rebond.security.audit import AuditMiddleware, AuditQueryError, AuditTrail, audit_event, audit_query
+from rebond.security.audit import AuditMiddleware, AuditQueryError, AuditTrail, access_from_json, audit_event, audit_query
 from rebond.site.node import Node
 from rebond.store.base import Store, StoreError
 from rebond.web.app import SESSION_COOKIE, WebApp
@@ -93,9 +93,19 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
             raise FhirError(400, str(err), code="invalid") from None
         accesses = await run_in_threadpool(lambda: store.accesses(**query))
         bundle = {"resourceType": "Bundle", "type": "searchset", "total": len(accesses),
-                  "entry": [{"fullUrl": f"urn:uuid:{uuid.UUID(a.id)}", "resource": audit_event(a, store.site_id),
+                  "entry": [{"fullUrl": f"urn:uuid:{uuid.UUID(a.id)}", "resource": audit_event(a),
                              "search": {"mode": "match"}} for a in accesses]}
         return Response(orjson.dumps(bundle), media_type="application/fhir+json", headers={"Cache-Control": "no-store"})
+
+    async def audit_import(request: Request) -> Response:
+        """`POST /fhir/$audit-import`: a site node's audit lines, kept on this trail too (permission send-audit)."""
+        try:
+            body = orjson.loads(await request.body())
+            lines = [access_from_json(line) for line in body["accesses"]]
+        except (ValueError, KeyError, TypeError) as err:
+            raise FhirError(400, f"the body must be {{\"accesses\": [line, …]}} as a site node sends it: {err}", code="invalid") from None
+        new = await run_in_threadpool(lambda: store.write(lambda tx: tx.record_accesses(lines)))
+        return JSONResponse({"received": len(lines), "new": new})
 
     async def status(request: Request) -> Response:
         facts = node.status()
@@ -134,6 +144,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
     app = Starlette(routes=[Route("/healthz", healthz, methods=["GET"]), Route("/status", status, methods=["GET"]),
                             Route("/fhir/$site-accounts", api.guarded(site_accounts), methods=["GET"]),
                             Route("/fhir/$audit", api.guarded(audit_events, permission="read-audit"), methods=["GET"]),
+                            Route("/fhir/$audit-import", api.guarded(audit_import, permission="send-audit"), methods=["POST"]),
                             *api.routes(), *web.routes()],
                     exception_handlers={404: unrouted, 405: unrouted}, lifespan=lifespan)
     app.add_middleware(AuditMiddleware, trail=trail)
@@ -178,7 +189,8 @@ class NodeHeaders:
 
 
 #: what a refusal says the role may not do
-_PERMITTED = {"fhir-read": "read clinical data", "fhir-write": "write clinical data", "read-audit": "read the audit trail"}
+_PERMITTED = {"fhir-read": "read clinical data", "fhir-write": "write clinical data", "read-audit": "read the audit trail",
+              "send-audit": "send a site's audit trail"}
 
 
 def api_guard(accounts: Accounts) -> Callable[[Request, str], Awaitable[None]]:

@@ -42,8 +42,9 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "crisis": frozenset({"view-status", "post-situation"}),
     # interfaces: importers, the HL7 engine, scripts; the FHIR API, and may say which site a write comes from
     "system": _FHIR | {"name-origin-site"},
-    # a site node on the central site: the FHIR API (its feed, its replayed writes) and a copy of the accounts of people
-    "site": _FHIR | {"name-origin-site", "follow-accounts"},
+    # a site node on the central site: the FHIR API (its feed, its replayed writes), a copy of the accounts of people,
+    # and its audit trail sent on
+    "site": _FHIR | {"name-origin-site", "follow-accounts", "send-audit"},
 }
 ROLES = tuple(PERMISSIONS)
 #: the roles of people: their accounts are copied to the site nodes

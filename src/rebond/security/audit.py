@@ -14,7 +14,8 @@ written are never at stake: their own commit came first). What it costs: docs/be
 refuses writes, the accesses wait in memory, up to MAX_PENDING; beyond, the oldest are counted as lost and the log
 and `/status` say so.
 
-The trail is each node's own (a site node keeps the accesses made there) and never enters the change feed.
+The trail is each node's own and never enters the change feed; a site node sends its lines on to the central
+site's trail (site/trail.py).
 Reading it is an access too. `GET /fhir/$audit` serves it as FHIR AuditEvents; `rebond audit` on the command line.
 """
 from __future__ import annotations
@@ -137,12 +138,12 @@ class _Answered:
         """A poll of the change feed that found nothing new (a site node asks twice a second): not worth a line."""
         return self.what == "feed" and bool(self.body) and self.body[-1].endswith(b'"entry":[]}')
 
-    def access(self) -> Access:
+    def access(self, node: str) -> Access:
         found = set(self.known)
         if self.scan and self.body:
             found |= patients_in(b"".join(self.body), html=self.html)
         listed = tuple(sorted(found)[:AUDIT_PATIENTS])
-        return Access(time_ordered_id(self.recorded), self.recorded, self.agent, self.role, self.source, self.channel, self.action, self.what,
+        return Access(time_ordered_id(self.recorded), self.recorded, node, self.agent, self.role, self.source, self.channel, self.action, self.what,
                       self.entity, self.outcome, len(found), listed)
 
 
@@ -170,7 +171,7 @@ class AuditTrail:
         a Bundle), so that the writing thread only writes; the answer's bytes are not kept waiting for it."""
         if answered.idle:
             return
-        access = answered.access()
+        access = answered.access(self.store.site_id)
         with self._lock:
             self._pending.append(access)
             if len(self._pending) > self._max_pending:
@@ -310,7 +311,27 @@ def _instant(seconds: float) -> str:
     return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def audit_event(access: Access, site_id: str) -> dict[str, Any]:
+def access_to_json(access: Access) -> list[Any]:
+    """An access as a site node sends it to the central site: its fields in order, the patients a list."""
+    return [*access[:12], list(access.patients)]
+
+
+def access_from_json(line: Any) -> Access:
+    """An access a site node sent; ValueError when it is not one."""
+    if not isinstance(line, list) or len(line) != 13:
+        raise ValueError("a line is a list of 13 fields: " + ", ".join(Access._fields))
+    aid, recorded, node, agent, role, source, channel, action, what, entity, outcome, count, patients = line
+    if (not all(isinstance(text, str) for text in (aid, node, agent, role, source, channel, action, what, entity))
+            or isinstance(recorded, bool) or not isinstance(recorded, int | float)
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in (outcome, count))
+            or not isinstance(patients, list) or not all(isinstance(p, str) for p in patients)):
+        raise ValueError("a line's fields are: " + ", ".join(Access._fields))
+    if len(aid) != 32 or any(c not in "0123456789abcdef" for c in aid):
+        raise ValueError(f"'{aid[:40]}' is not an id of the trail (32 hex digits)")
+    return Access(aid, float(recorded), node, agent, role, source, channel, action, what, entity, outcome, count, tuple(patients))
+
+
+def audit_event(access: Access) -> dict[str, Any]:
     """An access as the FHIR AuditEvent it stands for (made when asked: the trail is kept in its own table)."""
     rest = access.channel == "fhir" and access.what in _INTERACTIONS
     subtype = ({"system": "http://hl7.org/fhir/restful-interaction", "code": access.what} if rest
@@ -332,7 +353,7 @@ def audit_event(access: Access, site_id: str) -> dict[str, Any]:
         "agent": [{"who": {"identifier": {"system": "urn:rebond:account", "value": access.agent}, "display": access.agent},
                    "role": [{"coding": [{"system": "urn:rebond:role", "code": access.role}]}], "requestor": True,
                    **({"network": {"address": access.source, "type": "2"}} if access.source else {})}],
-        "source": {"site": site_id, "observer": {"display": f"Rebond {site_id} ({access.channel})"},
+        "source": {"site": access.node, "observer": {"display": f"Rebond {access.node} ({access.channel})"},
                    "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "3", "display": "Web Server"}]},
         "entity": entities,
     }

@@ -11,6 +11,7 @@ from rebond.moments import utc_second
 from rebond.site.directory import DirectoryCopier
 from rebond.site.follower import Follower
 from rebond.site.replay import Replayer
+from rebond.site.trail import TrailSender
 from rebond.store.base import Store
 from rebond.web.i18n import Translator
 
@@ -69,6 +70,8 @@ class SiteNode(Node):
         store.after_journal = self.wait_for_central
         # the central accounts of people, copied every minute: the staff sign in here with their usual password when cut off
         self.directory = DirectoryCopier(store, upstream, token)
+        # the accesses made here, sent on to the central site's trail every few seconds while it answers
+        self.trail_sender = TrailSender(store, upstream, token, reachable=lambda: self.follower.state.upstream_reachable)
 
     #: how long a write waits for the central site before it is answered anyway (it is durable here already)
     FORWARD_WAIT = 3.0
@@ -100,7 +103,8 @@ class SiteNode(Node):
                 "conflicts_open": self.store.journal_count("conflict"), "replayed": self.replayer.replayed,
                 "last_replay_rate": self.replayer.last_replay_rate,
                 "writes": "accepted: applied here at once, replayed on the central site in order",
-                "accounts": {"copied_at": utc_second(self.directory.state.copied_at), **self.directory.status()}}
+                "accounts": {"copied_at": utc_second(self.directory.state.copied_at), **self.directory.status()},
+                "audit_sent": self.trail_sender.status()}
 
     def headers(self, now: float | None = None) -> dict[str, str]:
         now = time.time() if now is None else now
@@ -130,8 +134,10 @@ class SiteNode(Node):
         self.follower.start()
         self.replayer.start()
         self.directory.start()
+        self.trail_sender.start()
 
     async def stop(self) -> None:
+        await self.trail_sender.stop()
         await self.directory.stop()
         await self.replayer.stop()
         await self.follower.stop()

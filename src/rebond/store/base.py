@@ -119,6 +119,7 @@ class Access(NamedTuple):
 
     id: str
     recorded: float
+    node: str  # the node that answered (central, or a site node's id): a site's lines are sent on to the central site
     agent: str  # the account's name
     role: str
     source: str  # the client's network address (or the machine's user, on the command line)
@@ -222,8 +223,8 @@ class Session(abc.ABC):
         """Set (or with None, remove) a value of this node's own state: JSON-serialisable, outside the change feed."""
 
     @abc.abstractmethod
-    def record_accesses(self, accesses: Sequence[Access]) -> None:
-        """Add to the audit trail (outside the change feed: each node keeps its own)."""
+    def record_accesses(self, accesses: Sequence[Access]) -> int:
+        """Add to the audit trail (outside the change feed); an access already there is kept once. Returns how many were new."""
 
     @abc.abstractmethod
     def prune_accesses(self, before: float) -> int:
@@ -310,6 +311,10 @@ class Store(abc.ABC):
     def accesses(self, *, patient: str | None = None, agent: str | None = None, since: float | None = None,
                  until: float | None = None, limit: int = 100) -> list[Access]:
         """The audit trail, newest first: of one patient's data, of one account, between two instants."""
+
+    @abc.abstractmethod
+    def accesses_after(self, after: str, *, node: str, limit: int = 500) -> list[Access]:
+        """The accesses made at `node` whose id follows `after`, oldest first (a site node sends its own on, in order)."""
 
     @abc.abstractmethod
     def get_state(self, namespace: str, key: str) -> Any:

@@ -192,7 +192,7 @@ class Draft(Session):
     def put_state(self, namespace: str, key: str, value: Any) -> None:
         raise NeedsTransaction("node state")
 
-    def record_accesses(self, accesses: Sequence[Access]) -> None:
+    def record_accesses(self, accesses: Sequence[Access]) -> int:
         raise NeedsTransaction("the audit trail")
 
     def prune_accesses(self, before: float) -> int:

@@ -119,6 +119,7 @@ def ddl(types: Types) -> list[str]:
         f"""CREATE TABLE IF NOT EXISTS audit (
             id {types.text} PRIMARY KEY,
             recorded {types.real} NOT NULL,
+            node {types.text} NOT NULL,
             agent {types.text} NOT NULL,
             role {types.text} NOT NULL,
             source {types.text} NOT NULL,

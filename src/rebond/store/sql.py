@@ -85,8 +85,8 @@ _INBOX_COLUMNS = "id, channel, sender, control_id, received, raw, status, detail
 
 
 def _access_from_row(row: Sequence[Any]) -> Access:
-    return Access(row[0], float(row[1]), row[2], row[3], row[4], row[5], row[6], row[7], row[8], int(row[9]), int(row[10]),
-                  tuple(row[11].split()))
+    return Access(row[0], float(row[1]), row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], int(row[10]), int(row[11]),
+                  tuple(row[12].split()))
 
 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
@@ -100,7 +100,7 @@ def _given(conditions: list[tuple[str, Any]]) -> tuple[list[str], list[Any]]:
     return [sql for sql, _value in kept], [value for _sql, value in kept]
 
 
-_AUDIT_COLUMNS = "id, recorded, agent, role, source, channel, action, what, entity, outcome, patients, listed"
+_AUDIT_COLUMNS = "id, recorded, node, agent, role, source, channel, action, what, entity, outcome, patients, listed"
 
 
 _JOURNAL_COLUMNS = "seq, res_type, res_id, method, base_version, local_version, body, written, status, detail, updated"
@@ -193,25 +193,35 @@ class SQLSession(Session):
                          (self.store.blob(b""), digest, message_id))
         return self.cur.fetchone() is not None
 
-    def record_accesses(self, accesses: Sequence[Access]) -> None:
-        """One row per access, and one per patient for them all (a patient read a hundred times in a second: one row).
+    def record_accesses(self, accesses: Sequence[Access]) -> int:
+        """One row per access, and one per patient for them all (a patient read a hundred times in a second: one row);
+        an access already kept (a site's lines sent again) is kept once. Returns how many were new.
 
         Rows go 200 to a statement: one statement per row would hand the interpreter's lock over at each row, and
         the server's event loop, busy answering, would make each hand-over cost more than the row."""
+        new = set(self._insert_rows("audit", _AUDIT_COLUMNS, [(*a[:12], " ".join(a.patients)) for a in accesses]))
         whose: dict[str, list[Access]] = {}
         for a in accesses:
-            for patient in a.patients:
-                whose.setdefault(patient, []).append(a)
-        self._insert_rows("audit", _AUDIT_COLUMNS, [(*a[:11], " ".join(a.patients)) for a in accesses])
+            if a.id in new:
+                for patient in a.patients:
+                    whose.setdefault(patient, []).append(a)
         self._insert_rows("audit_patient", "patient_id, lo, hi, audit_ids",
                           [(patient, min(a.recorded for a in mine), max(a.recorded for a in mine), " ".join(a.id for a in mine))
-                           for patient, mine in whose.items()])
+                           for patient, mine in whose.items()], returning=None)
+        return len(new)
 
-    def _insert_rows(self, table: str, columns: str, rows: list[tuple[Any, ...]], per_statement: int = 200) -> None:
+    def _insert_rows(self, table: str, columns: str, rows: list[tuple[Any, ...]], per_statement: int = 200,
+                     returning: str | None = "id") -> list[Any]:
+        """Rows in statements of `per_statement`; with `returning`, those new (a conflict keeps the row there), by that column."""
+        new: list[Any] = []
         for start in range(0, len(rows), per_statement):
             part = rows[start:start + per_statement]
             one = "(" + ", ".join("?" * len(part[0])) + ")"
-            self.cur.execute(f"INSERT INTO {table} ({columns}) VALUES {', '.join([one] * len(part))}", [v for row in part for v in row])
+            tail = f" ON CONFLICT DO NOTHING RETURNING {returning}" if returning else ""
+            self.cur.execute(f"INSERT INTO {table} ({columns}) VALUES {', '.join([one] * len(part))}{tail}", [v for row in part for v in row])
+            if returning:
+                new.extend(row[0] for row in self.cur.fetchall())
+        return new
 
     def prune_accesses(self, before: float) -> int:
         self.cur.execute("DELETE FROM audit_patient WHERE hi < ?", (before,))
@@ -736,6 +746,11 @@ class SQLStore(Store):
                     found.extend(_access_from_row(row) for row in cur.fetchall())
                 found.sort(key=lambda a: a.id, reverse=True)
         return found[:limit]
+
+    def accesses_after(self, after: str, *, node: str, limit: int = 500) -> list[Access]:
+        with self.reader() as cur:
+            cur.execute(f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE id > ? AND node = ? ORDER BY id LIMIT ?", (after, node, limit))
+            return [_access_from_row(row) for row in cur.fetchall()]
 
     def get_state(self, namespace: str, key: str) -> Any:
         with self.reader() as cur:
