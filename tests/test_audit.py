@@ -190,6 +190,7 @@ def test_every_access_to_patient_data_is_on_the_trail_within_seconds(web: Rebond
     wait_for(lambda: any(e["subtype"][0]["code"] == "audit-trail" for e in trail_of(web, auditor, agent="dpo")), 10)
     status = web.status()["audit"]
     assert status["written"] > 0 and status["lost"] == 0 and status["problem"] is None  # type: ignore[index]
+    assert "accès enregistrés depuis le démarrage" in httpx.get(f"{web.base}/status").text, "IT sees the trail is written"
 
 
 def test_it_reads_the_trail_of_a_patient_by_ipp_in_the_web_app(web: RebondServer) -> None:
@@ -259,6 +260,7 @@ def test_a_site_nodes_accesses_reach_the_central_trail_also_those_made_while_cut
         wait_for(lambda: any(e["source"]["site"] == "H1" and e["agent"][0]["who"]["identifier"]["value"] == "nurse"
                              for e in trail_of(central, auditor, patient=second)), 30)
         assert site.status()["audit_sent"]["problem"] is None  # type: ignore[index]
+        assert "envoyées au site central" in httpx.get(f"{site.base}/status").text
 
         lines = open_store(site.db).accesses_after("", node="H1")
         again = httpx.post(f"{central.fhir}/$audit-import", content=orjson.dumps({"accesses": [access_to_json(a) for a in lines]}),
