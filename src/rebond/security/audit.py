@@ -36,6 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rebond.moments import utc_second
 from rebond.store.base import Access, Store, StoreError
+from rebond.store.indexing import date_range
 from rebond.web.i18n import N_
 
 log = logging.getLogger("rebond.audit")
@@ -372,26 +373,20 @@ def audit_query(params: list[tuple[str, str]]) -> dict[str, Any]:
             found["patient"] = value.removeprefix("Patient/")
         elif name == "agent":
             found["agent"] = value
-        elif name == "date":
-            prefix = value[:2] if value[:2] in ("ge", "gt", "le", "lt", "eq") else "eq"
-            text = value[2:] if value[:2] == prefix else value
-            try:
-                moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-            except ValueError:
-                raise AuditQueryError(f"date: '{value}' is not a date (ge2026-12-01, lt2026-12-02T10:00:00Z)") from None
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=dt.UTC)
-            day = len(text) <= 10
-            start = moment.timestamp()
-            end = (moment + dt.timedelta(days=1)).timestamp() if day else start
-            if prefix in ("ge", "eq"):
-                found["since"] = start
+        elif name == "date":  # a FHIR date's prefix and precision, read as the search index reads them
+            prefix = value[:2] if value[:2] in ("ge", "gt", "le", "lt", "eq") else ""
+            span = date_range(value[len(prefix):])
+            if span is None:
+                raise AuditQueryError(f"date: '{value}' is not a date (ge2026-12-01, lt2026-12-02T10:00:00Z)")
+            lo, hi = span
+            if prefix in ("", "eq", "ge"):
+                found["since"] = lo
             if prefix == "gt":
-                found["since"] = end if day else start
-            if prefix in ("lt",):
-                found["until"] = start
-            if prefix in ("le", "eq"):
-                found["until"] = end if day else start + 0.001
+                found["since"] = hi
+            if prefix == "lt":
+                found["until"] = lo
+            if prefix in ("", "eq", "le"):
+                found["until"] = hi
         elif name == "_count":
             if not value.isdigit() or not 1 <= int(value) <= 1000:
                 raise AuditQueryError("_count: a number from 1 to 1000")
