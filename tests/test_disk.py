@@ -133,7 +133,7 @@ def test_a_full_disk_refuses_writes_in_clear_words_loses_nothing_and_writes_resu
             refused = [client.post("/Patient", json={"resourceType": "Patient", "name": [{"family": "Pendant", "given": ["x" * 2000] * 40}]},
                                    headers=FHIR) for _ in range(3)]
             for answer in refused:
-                assert answer.status_code == 503, answer.text
+                assert answer.status_code == 503 and answer.headers["Retry-After"] == "5", answer.text
                 issue = answer.json()["issue"][0]
                 assert issue["code"] == "transient" and "disk of the store is full" in issue["diagnostics"], issue
             ack = _mllp(mllp, admission)

@@ -114,6 +114,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
         if mllp is not None:
             facts["mllp"] = await run_in_threadpool(mllp.status)
         facts["disk"] = disks.status()
+        facts["database"] = await run_in_threadpool(store.database)
         facts["situation"] = await run_in_threadpool(situation.status)
         facts["audit"] = trail.status()
         if "json" in request.headers.get("accept", ""):

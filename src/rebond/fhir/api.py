@@ -31,6 +31,7 @@ _JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fh
 _PATCH_TYPES = ("application/json-patch+json",)
 CHANGE_CURSOR_URL = "https://rebond.health/fhir/StructureDefinition/change-cursor"
 CHANGE_SITE_URL = "https://rebond.health/fhir/StructureDefinition/change-site"
+RETRY_AFTER_SECONDS = 5  # a failover of the central database takes 10–30 s: clients retry a few times meanwhile
 
 
 def fhir_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -43,8 +44,9 @@ def error_response(err: Exception) -> Response:
         return fhir_response(err.outcome(), err.status)
     if isinstance(err, SearchError):
         return fhir_response(operation_outcome("; ".join(err.problems), code="not-supported"), 400)
-    if isinstance(err, StoreError):
-        return fhir_response(operation_outcome(str(err), code=err.code), err.status)
+    if isinstance(err, StoreError):  # unavailable for now (a failover, a full disk): the client is told when to retry
+        retry = {"Retry-After": str(RETRY_AFTER_SECONDS)} if err.status == 503 else None
+        return fhir_response(operation_outcome(str(err), code=err.code), err.status, retry)
     log.exception("unexpected error")
     return fhir_response(operation_outcome("internal error; the request was not applied", code="exception"), 500)
 

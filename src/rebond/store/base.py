@@ -350,6 +350,11 @@ class Store(abc.ABC):
         """The file this store keeps on this machine (the disk watch looks at its disk); None for a database server's."""
         return None
 
+    @abc.abstractmethod
+    def database(self) -> dict[str, Any]:
+        """What keeps the data, for `/status`: `engine`, where (`file` or `server`), and for a database server its
+        `role`, the `standbys` that stream from it, whether a commit waits for one (`synchronous`), and a `problem`."""
+
     # Conveniences built on the transaction, shared by every engine.
 
     def write(self, work: Callable[[Session], T]) -> T:

@@ -8,13 +8,17 @@ that could still hold the missing number has ended (see `changes`).
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
+import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool
 
 from rebond.store.base import Change, ChangePage, Session, Unavailable
@@ -24,6 +28,13 @@ from rebond.store.sql import Cursor, SQLSession, SQLStore, stored_from_row
 _TYPES = Types(serial_pk="BIGSERIAL PRIMARY KEY", bigint="BIGINT", real="DOUBLE PRECISION", blob="BYTEA", text='TEXT COLLATE "C"')
 _PLACEHOLDER = re.compile(r"\?")
 SMALL_INDEX_WRITE = 500  # index rows up to which one INSERT statement beats COPY
+log = logging.getLogger("rebond.store")
+
+#: how a connection notices a database server gone, unless the URL says otherwise: a connection attempt gives up
+#: after 5 s, an idle connection is probed after 10 s (3 probes, 3 s apart), and data unacknowledged for 15 s ends it
+#: (a server lost in a power cut sends no reset: without these, a request would wait on it for the kernel's minutes)
+CONNECTION_DEFAULTS = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3,
+                       "keepalives_count": 3, "tcp_user_timeout": 15_000}
 
 
 class _PgCursor(Cursor):
@@ -86,6 +97,20 @@ def _parse_snapshot(text: str) -> tuple[int, int, list[int]]:
     return int(xmin), int(xmax), [int(x) for x in xip.split(",") if x]
 
 
+def connection_string(url: str) -> str:
+    """The URL with CONNECTION_DEFAULTS for what it does not set; given several servers (`host1:port1,host2:port2`,
+    a Patroni cluster's nodes), libpq tries them in turn and keeps the one that takes writes (target_session_attrs)."""
+    given = conninfo_to_dict(url)
+    defaults: dict[str, Any] = dict(CONNECTION_DEFAULTS)
+    if "," in str(given.get("host", "")):
+        defaults["target_session_attrs"] = "read-write"
+    return make_conninfo(url, **{name: value for name, value in defaults.items() if name not in given})
+
+
+#: errors after which a pooled connection may be to a server gone or no longer the primary
+_LOST = (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction)
+
+
 class PostgresStore(SQLStore):
     for_update = " FOR UPDATE"
     for_update_current = " FOR UPDATE OF r"
@@ -94,14 +119,16 @@ class PostgresStore(SQLStore):
     def __init__(self, url: str, site_id: str, pool_size: int = 16) -> None:
         super().__init__(site_id)
         self.url = url
+        self._checked_at = 0.0
+        self._check_lock = threading.Lock()
         try:
             self._pool = ConnectionPool(
-                url,
+                connection_string(url),
                 min_size=2,
                 max_size=pool_size,
                 kwargs={"autocommit": True, "options": "-c synchronous_commit=on"},
                 open=True,
-                timeout=30,
+                timeout=10,  # a request waits that long for a connection (while a failover elects a new primary)
             )
             self._pool.wait(timeout=30)
             with self._pool.connection() as conn:
@@ -175,27 +202,46 @@ class PostgresStore(SQLStore):
         cur.execute("SELECT pg_advisory_xact_lock(?)", (digest,))
 
     @contextmanager
-    def reader(self) -> Iterator[Cursor]:
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection; a lost server (gone, or no longer the primary) raises Unavailable, and the pool's
+        idle connections are checked then, so that the next requests connect afresh (to the new primary)."""
         try:
-            with self._pool.connection() as conn, conn.cursor() as cur:
-                yield _PgCursor(cur)
-        except psycopg.OperationalError as err:
+            with self._pool.connection() as conn:
+                yield conn
+        except psycopg.errors.SerializationFailure as err:
+            raise Unavailable(f"concurrent update, retry: {err}") from err
+        except _LOST as err:
+            self._drop_lost_connections()
             raise Unavailable(f"PostgreSQL unavailable: {err}") from err
+
+    def _drop_lost_connections(self) -> None:
+        """Check the idle connections (at most once a second, in one thread): the broken ones are replaced."""
+        now = time.monotonic()
+        if now - self._checked_at < 1.0 or not self._check_lock.acquire(blocking=False):
+            return
+        try:
+            self._checked_at = now
+            log.warning("a PostgreSQL connection was lost: checking the others (a failover?)")
+            self._pool.check()
+        except psycopg.Error:
+            log.exception("checking the PostgreSQL connections failed")
+        finally:
+            self._check_lock.release()
+
+    @contextmanager
+    def reader(self) -> Iterator[Cursor]:
+        with self._connection() as conn, conn.cursor() as cur:
+            yield _PgCursor(cur)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        try:
-            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as raw:
-                cur = _PgCursor(raw)
-                # an xid before any sequence number: the feed relies on it (see `changes`)
-                cur.execute("SELECT pg_current_xact_id()")
-                session = SQLSession(self, cur)
-                yield session
-                session.flush()
-        except psycopg.errors.SerializationFailure as err:
-            raise Unavailable(f"concurrent update, retry: {err}") from err
-        except psycopg.OperationalError as err:
-            raise Unavailable(f"PostgreSQL unavailable: {err}") from err
+        with self._connection() as conn, conn.transaction(), conn.cursor() as raw:
+            cur = _PgCursor(raw)
+            # an xid before any sequence number: the feed relies on it (see `changes`)
+            cur.execute("SELECT pg_current_xact_id()")
+            session = SQLSession(self, cur)
+            yield session
+            session.flush()
 
     def changes(self, after: str | None, count: int = 100) -> ChangePage:
         """Committed versions in seq order, never skipping one that commits late.
@@ -210,17 +256,14 @@ class PostgresStore(SQLStore):
         running xids at or above it out of the in-progress list.
         """
         pos = FeedPosition.parse(after)
-        try:
-            with self._pool.connection() as conn, conn.transaction():
-                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                with conn.cursor() as raw:
-                    cur = _PgCursor(raw)
-                    cur.execute("SELECT pg_current_snapshot()::text")
-                    xmin, _xmax, _xip = _parse_snapshot(cur.fetchone()[0])
-                    rows = self._change_rows(cur, pos.seq, count)
-                    accepted, next_pos = self._walk(cur, pos, rows, xmin)
-        except psycopg.OperationalError as err:
-            raise Unavailable(f"PostgreSQL unavailable: {err}") from err
+        with self._connection() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            with conn.cursor() as raw:
+                cur = _PgCursor(raw)
+                cur.execute("SELECT pg_current_snapshot()::text")
+                xmin, _xmax, _xip = _parse_snapshot(cur.fetchone()[0])
+                rows = self._change_rows(cur, pos.seq, count)
+                accepted, next_pos = self._walk(cur, pos, rows, xmin)
         return ChangePage(accepted, str(next_pos))
 
     @staticmethod
@@ -245,9 +288,34 @@ class PostgresStore(SQLStore):
             next_pos = FeedPosition(seq)
         return accepted, next_pos
 
+    def database(self) -> dict[str, Any]:
+        """The server answering (the primary) and its standbys, as PostgreSQL sees them (pg_stat_replication: the
+        `rebond` role needs pg_monitor to see more than their names). A commit waits for a `sync` standby's disk:
+        such a standby can take over without losing an acknowledged write (Patroni promotes only that one)."""
+        facts: dict[str, Any] = {"engine": "postgresql", "server": None, "role": None, "standbys": [], "synchronous": False,
+                                 "problem": None}
+        try:
+            with self.reader() as cur:
+                cur.execute("SELECT host(inet_server_addr()), inet_server_port(), pg_is_in_recovery()")
+                host, port, recovery = cur.fetchone()
+                facts["server"] = f"{host}:{port}" if host else "local socket"
+                facts["role"] = "standby" if recovery else "primary"
+                if not recovery:
+                    cur.execute("SELECT application_name, state, sync_state, pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn),"
+                                " extract(epoch FROM replay_lag) FROM pg_stat_replication ORDER BY application_name")
+                    facts["standbys"] = [
+                        {"name": name, "state": state, "sync_state": sync, "lag_bytes": None if lag is None else int(lag),
+                         "replay_lag_seconds": None if seconds is None else round(float(seconds), 3)}
+                        for name, state, sync, lag, seconds in cur.fetchall()]
+        except Unavailable as err:
+            facts["problem"] = str(err)
+            return facts
+        facts["synchronous"] = any(s["sync_state"] in ("sync", "quorum") and s["state"] == "streaming" for s in facts["standbys"])
+        return facts
+
     def optimize(self) -> None:
         """ANALYZE now; autovacuum keeps the statistics fresh afterwards."""
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             conn.execute("ANALYZE")
 
     def close(self) -> None:

@@ -350,6 +350,10 @@ class SQLiteStore(SQLStore):
     def local_file(self) -> str | None:
         return None if self.path == ":memory:" else self.path
 
+    def database(self) -> dict[str, Any]:
+        """One file on this machine, each commit fsynced; its copies are the site nodes' and the backups."""
+        return {"engine": "sqlite", "file": self.local_file(), "problem": None}
+
     def backup(self, target: str) -> dict[str, int]:
         """Copy the whole store into `target` as of its last commit, while it serves, and check the copy.
 
