@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import socket
+import threading
+import time
+from collections import Counter
 
-from rebond.hl7.mllp import END
+from rebond.hl7.mllp import END, START, ack_code
 
 IPP = "GHR&1.2.250.1.999.1.1&ISO"
 VISIT = "GHR&1.2.250.1.999.1.2&ISO"
@@ -56,3 +59,46 @@ def read_ack(conn: socket.socket) -> bytes:
             raise ConnectionError("the listener closed the connection")
         data += chunk
     return data
+
+
+class Sender(threading.Thread):
+    """An analyzer chain's interface: results `K{n}-{i}`, one at a time, each re-sent until acknowledged (AA), after a
+    pause when refused for now (AE) or when the connection fails, reconnecting as needed; `stop` ends it early."""
+
+    def __init__(self, n: int, port: int, count: int, *, seconds: float = 240) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.messages = [(f"K{n}-{i}", oru(f"K{n}-{i}", f"93{n:03d}{i:04d}", f"FK{n}-{i}")) for i in range(count)]
+        self.acked: list[str] = []
+        self.acked_at: list[float] = []  # time.monotonic() of each acknowledgement
+        self.answers: Counter[str] = Counter()
+        self.resends = 0
+        self.seconds = seconds
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        conn: socket.socket | None = None
+        deadline = time.monotonic() + self.seconds
+        for control, message in self.messages:
+            while time.monotonic() < deadline and not self.stop.is_set():
+                try:
+                    if conn is None:
+                        conn = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+                    conn.sendall(START + message + END)
+                    code = ack_code(read_ack(conn))
+                    self.answers[code] += 1
+                    if code == "AA":
+                        self.acked.append(control)
+                        self.acked_at.append(time.monotonic())
+                        break
+                except OSError:
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+                    self.answers["connection lost"] += 1
+                self.resends += 1
+                time.sleep(0.2)
+            else:
+                break
+        if conn is not None:
+            conn.close()

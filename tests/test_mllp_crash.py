@@ -1,16 +1,13 @@
 """Failure drill: kill -9 the server in the middle of a stream of 2,000 results; every acknowledged one is there once."""
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import pytest
 
 from rebond.hl7.intake import CHANNEL
-from rebond.hl7.mllp import END, START, ack_code
 from rebond.store import open_store
-from tests.hl7_messages import oru, read_ack
+from tests.hl7_messages import Sender
 from tests.pg_harness import free_port
 from tests.server import RebondServer
 
@@ -18,42 +15,10 @@ pytestmark = pytest.mark.slow
 SENDERS, PER_SENDER = 4, 500
 
 
-class Sender(threading.Thread):
-    """An analyzer chain's interface: one message at a time, re-sent until acknowledged, reconnecting as needed."""
-
-    def __init__(self, n: int, port: int) -> None:
-        super().__init__(daemon=True)
-        self.port = port
-        self.messages = [(f"K{n}-{i}", oru(f"K{n}-{i}", f"93{n:03d}{i:04d}", f"FK{n}-{i}")) for i in range(PER_SENDER)]
-        self.acked: list[str] = []
-        self.resends = 0
-
-    def run(self) -> None:
-        conn: socket.socket | None = None
-        deadline = time.monotonic() + 240
-        for control, message in self.messages:
-            while time.monotonic() < deadline:
-                try:
-                    if conn is None:
-                        conn = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-                    conn.sendall(START + message + END)
-                    if ack_code(read_ack(conn)) == "AA":
-                        self.acked.append(control)
-                        break
-                except OSError:
-                    if conn is not None:
-                        conn.close()
-                    conn = None
-                    self.resends += 1
-                    time.sleep(0.2)
-        if conn is not None:
-            conn.close()
-
-
 def test_kill_9_in_the_middle_of_a_result_stream(demo_db: str) -> None:
     port = free_port()
     server = RebondServer(demo_db, "--mllp-port", str(port)).start()
-    senders = [Sender(n, port) for n in range(SENDERS)]
+    senders = [Sender(n, port, PER_SENDER) for n in range(SENDERS)]
     for s in senders:
         s.start()
     while sum(len(s.acked) for s in senders) < 700:

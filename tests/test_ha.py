@@ -1,0 +1,195 @@
+"""The central site on a highly available PostgreSQL: what the store says of it, and a failover drill.
+
+The drill runs etcd and two PostgreSQL servers under Patroni (tests/ha_harness.py), Rebond on both (one URL, libpq
+keeps the primary), FHIR clients and an analyzer chain writing all along; then the primary's server is lost at once
+(Patroni and PostgreSQL killed -9). Patroni promotes the synchronous standby; Rebond carries on there by itself, and
+every write it had acknowledged is on the new primary, once.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from rebond.fhir.search import parse_search
+from rebond.hl7.intake import CHANNEL
+from rebond.store import open_store
+from rebond.store.base import Store
+from rebond.store.postgres import connection_string
+from tests.ha_harness import PatroniCluster
+from tests.hl7_messages import Sender
+from tests.pg_harness import PostgresServer, free_port
+from tests.server import RebondServer
+
+DRILL = "urn:rebond:drill"
+
+
+def test_connection_string_defaults() -> None:
+    """What a lost server needs (timeouts, keepalives) is added unless the URL says it; several hosts keep the primary."""
+    one = connection_string("postgresql://rebond@db:5432/rebond?connect_timeout=2")
+    assert "connect_timeout=2" in one and "tcp_user_timeout=15000" in one and "keepalives_idle=10" in one
+    assert "target_session_attrs" not in one
+    two = connection_string("postgresql://rebond@db1:5432,db2:5432/rebond")
+    assert "target_session_attrs=read-write" in two and "host=db1,db2" in two
+    assert "target_session_attrs=any" in connection_string("postgresql://rebond@db1,db2/rebond?target_session_attrs=any")
+
+
+def test_database_facts_without_a_standby(postgres: PostgresServer, tmp_path: Path) -> None:
+    """A lone PostgreSQL is said to be one: no standby, commits on one server only."""
+    store = open_store(postgres.create_database(f"ha{os.getpid()}"))
+    try:
+        facts = store.database()
+    finally:
+        store.close()
+    assert facts == {"engine": "postgresql", "server": f"127.0.0.1:{postgres.port}", "role": "primary", "standbys": [],
+                     "synchronous": False, "problem": None}
+    sqlite = open_store(f"sqlite:///{tmp_path}/one.db")
+    try:
+        assert sqlite.database() == {"engine": "sqlite", "file": f"{tmp_path}/one.db", "problem": None}
+    finally:
+        sqlite.close()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[PatroniCluster]:
+    try:
+        started = PatroniCluster().start()
+    except RuntimeError as err:
+        if os.environ.get("CI"):
+            raise  # in CI the cluster must start: `make test` installs etcd-server and patroni
+        pytest.skip(f"no Patroni cluster here: {err}")
+    yield started
+    started.stop()
+
+
+class FhirWriter(threading.Thread):
+    """A FHIR client creating patients, each with its own identifier and If-None-Exist, so that a create re-sent after
+    an error (whose outcome the client cannot know) is not made twice; re-sent until acknowledged (200 or 201)."""
+
+    def __init__(self, server: RebondServer, n: int) -> None:
+        super().__init__(daemon=True)
+        self.server, self.n = server, n
+        self.acked: list[str] = []
+        self.acked_at: list[float] = []
+        self.answers: Counter[str] = Counter()
+        self.unclear: list[str] = []  # 503s without a transient OperationOutcome and Retry-After
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with self.server.client(timeout=30) as client:
+            i = 0
+            while not self.stop.is_set():
+                value = f"{self.n}-{i}"
+                patient = {"resourceType": "Patient", "identifier": [{"system": DRILL, "value": value}],
+                           "name": [{"family": "EXERCICE", "given": [value]}], "gender": "unknown"}
+                try:
+                    response = client.post("/Patient", json=patient, headers={"If-None-Exist": f"identifier={DRILL}|{value}"})
+                    self.answers[str(response.status_code)] += 1
+                    if response.status_code == 503 and not (response.headers.get("Retry-After") == "5"
+                                                             and response.json()["issue"][0]["code"] == "transient"):
+                        self.unclear.append(response.text)
+                    if response.status_code in (200, 201):
+                        self.acked.append(value)
+                        self.acked_at.append(time.monotonic())
+                        i += 1
+                        continue
+                except httpx.HTTPError as err:
+                    self.answers[type(err).__name__] += 1
+                time.sleep(0.2)
+
+
+def _longest_pause(times: list[float], after: float) -> float:
+    """The longest time without an acknowledgement, from `after` on."""
+    later = sorted(t for t in times if t >= after)
+    marks = [after, *later]
+    return max((b - a for a, b in zip(marks, marks[1:], strict=False)), default=0.0)
+
+
+@pytest.mark.slow
+def test_failover_loses_no_acknowledged_write(cluster: PatroniCluster) -> None:
+    db = cluster.create_database("drill")
+    port = free_port()
+    server = RebondServer(db, "--mllp-port", str(port)).start()
+    first = cluster.leader()
+    assert first is not None
+    try:
+        database = server.status()["database"]
+        assert isinstance(database, dict)
+        assert database["role"] == "primary" and database["server"] == first.address and database["synchronous"], database
+        writers: list[FhirWriter | Sender] = [FhirWriter(server, n) for n in range(2)]
+        writers += [Sender(n, port, 5000, seconds=300) for n in range(2)]
+        for w in writers:
+            w.start()
+        while min(len(w.acked) for w in writers) < 50:
+            time.sleep(0.05)
+
+        lost_at = time.monotonic()
+        first.lose()
+        second = cluster.wait_for(lambda: cluster.leader() not in (None, first) and cluster.leader(), 60, "no failover")
+        promoted_after = time.monotonic() - lost_at
+        # Rebond carries on on the new primary by itself: each client has its writes acknowledged again
+        baseline = [len(w.acked) for w in writers]
+        deadline = time.monotonic() + 60
+        while any(len(w.acked) < b + 50 for w, b in zip(writers, baseline, strict=True)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for w in writers:
+            w.stop.set()
+        for w in writers:
+            w.join(60)
+        back = [len(w.acked) - b for w, b in zip(writers, baseline, strict=True)]
+        pauses = [_longest_pause(w.acked_at, lost_at) for w in writers]
+        answers = sum((w.answers for w in writers), Counter())
+        print(f"\nprimary {first.name} lost; {second.name} promoted after {promoted_after:.1f} s; longest pause in "
+              f"acknowledgements per client {', '.join(f'{p:.1f}' for p in pauses)} s; answers {dict(answers)}")
+        assert all(n >= 50 for n in back), f"every client's writes are acknowledged again after the failover: {back}"
+        assert not [w.unclear for w in writers if isinstance(w, FhirWriter) and w.unclear], "a 503 says: transient, retry after 5 s"
+
+        database = server.status()["database"]
+        assert isinstance(database, dict)
+        assert database["server"] == second.address and database["role"] == "primary", database
+        assert not database["synchronous"], "the lost server is no standby any more"
+        page = httpx.get(f"{server.base}/status", headers={"Accept-Language": "fr"}).text
+        assert "aucune réplique synchrone" in page
+    finally:
+        server.stop()
+
+    store = open_store(db)
+    try:
+        _every_acknowledged_write_once(store, writers)
+    finally:
+        store.close()
+
+    # the lost server comes back: Patroni makes it the new primary's synchronous standby (pg_rewind if needed)
+    first.start()
+    cluster.wait_for(lambda: cluster.synchronous() is first, 120, "the lost server did not come back as a standby")
+    store = open_store(db)
+    try:
+        facts = store.database()
+        assert facts["synchronous"] and [s["name"] for s in facts["standbys"]] == [first.name], facts
+    finally:
+        store.close()
+
+
+def _every_acknowledged_write_once(store: Store, writers: list[FhirWriter | Sender]) -> None:
+    fhir = [v for w in writers if isinstance(w, FhirWriter) for v in w.acked]
+    query = parse_search("Patient", [("identifier", f"{DRILL}|")])
+    query.count = 100_000
+    found = Counter(i["value"] for p in store.search(query).matches
+                    for i in orjson.loads(p.body or b"{}")["identifier"] if i["system"] == DRILL)
+    assert not [v for v in fhir if found[v] != 1], "every acknowledged patient is there, once"
+    assert all(n == 1 for n in found.values()), "no patient twice"
+
+    hl7 = [c for w in writers if isinstance(w, Sender) for c in w.acked]
+    kept = {m.control_id: m for m in store.messages(CHANNEL, limit=100_000)}
+    assert all(kept[c].status == "applied" for c in hl7), "every acknowledged result was applied"
+    reports = parse_search("DiagnosticReport", [("identifier", ",".join(f"F{c}" for c in hl7))])
+    reports.count = 100_000
+    matches = store.search(reports).matches
+    assert len(matches) == len(hl7) and all(r.version == 1 for r in matches), "each acknowledged result once, applied once"
