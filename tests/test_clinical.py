@@ -11,8 +11,9 @@ from rebond.clinical.chart import patient_chart
 from rebond.clinical.medication import Administration, Prescription, dose_schedule
 from rebond.clinical.patients import UnclearSearch, search_terms
 from rebond.clinical.recording import InvalidForm, record_vitals
-from rebond.clinical.records import HOSPITAL_TZ, Clinician, find
+from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, find
 from rebond.clinical.results import acknowledge_result, reports
+from rebond.fhir import operations
 from rebond.seed.demo import DemoSize, seed_demo
 from rebond.store.base import NotFound, Store
 
@@ -132,3 +133,47 @@ def test_emergency_admissions_take_consecutive_numbers_from_the_sites_range(seed
     assert stay["class"]["code"] == "EMER" and stay["status"] == "in-progress"
     with pytest.raises(RangeExhausted):
         emergency_admission(seeded, ward, form, NURSE, NOW)
+
+
+def test_a_form_sent_twice_records_once(seeded: Store) -> None:
+    """A double click, or a retry after an answer lost in a failover: one filling of a form (its entry) records once,
+    and the second sending gets what the first recorded; the next filling records again."""
+    from rebond.clinical.admission import emergency_admission, set_ipp_range, ward_occupancy
+    from rebond.clinical.recording import record_administration
+
+    patient = find(seeded, "Patient")[0]["id"]
+    def observations() -> int:
+        return len(find(seeded, "Observation", ("subject", f"Patient/{patient}")))
+
+    before = observations()
+    vitals = {"heart_rate": "88", "spo2": "97", "entry": str(Entry.new())}
+    first = record_vitals(seeded, patient, vitals, NURSE, NOW)
+    assert len(first) == 2 and observations() == before + 2
+    assert sorted(record_vitals(seeded, patient, vitals, NURSE, NOW + dt.timedelta(seconds=20))) == sorted(first)
+    assert observations() == before + 2
+    record_vitals(seeded, patient, {**vitals, "entry": str(Entry.new())}, NURSE, NOW)
+    assert observations() == before + 4
+
+    rx = find(seeded, "MedicationRequest", ("status", "active"))[0]
+    def administrations() -> list[str]:
+        return [a["id"] for a in find(seeded, "MedicationAdministration", ("request", f"MedicationRequest/{rx['id']}"))]
+
+    before_doses = administrations()
+    dose = {"outcome": "given", "time": "09:00", "entry": str(Entry.new())}
+    given = record_administration(seeded, rx["id"], dose, NURSE, NOW)
+    assert record_administration(seeded, rx["id"], dose, NURSE, NOW) == given
+    assert sorted(administrations()) == sorted([*before_doses, given]), "one dose recorded, not two"
+
+    set_ipp_range(seeded, 910000000, 910000009)
+    leaving = find(seeded, "Encounter", ("status", "in-progress"))[0]  # a discharge frees a bed
+    seeded.write(lambda tx: operations.update(tx, "Encounter", leaving["id"], {**leaving, "status": "finished"}))
+    ward, bed = next((w["id"], line.bed_id) for w in find(seeded, "Location") if w.get("alias")
+                     for line in ward_occupancy(seeded, w["id"], NOW).beds if line.patient is None and line.bed_id)
+    form = {"family": "Urgence", "given": "Jean", "birth_date": "12/03/1950", "gender": "male", "bed": bed,
+            "entry": str(Entry.new())}
+    admitted = emergency_admission(seeded, ward, form, NURSE, NOW)
+    assert emergency_admission(seeded, ward, form, NURSE, NOW) == admitted, "not refused for the bed it took itself"
+    assert len(find(seeded, "Patient", ("family", "Urgence"))) == 1
+    assert len(find(seeded, "Encounter", ("subject", f"Patient/{admitted}"))) == 1
+    again = emergency_admission(seeded, ward, {**form, "bed": "", "entry": str(Entry.new())}, NURSE, NOW)
+    assert again != admitted and len(find(seeded, "Patient", ("family", "Urgence"))) == 2

@@ -11,7 +11,7 @@ import pytest
 from rebond.clinical.census import group_wards, ward_census
 from rebond.store import open_store
 from tests.server import RebondServer, rebond
-from tests.web_client import csrf_of, signed_in
+from tests.web_client import csrf_of, entry_of, signed_in
 
 
 @pytest.fixture(scope="module")
@@ -110,19 +110,25 @@ def test_invalid_vitals_come_back_with_reasons_and_nothing_is_written(web: Rebon
     form = nurse.get(f"/patients/{ward['patient']}/vitals")
     before = fhir_count(web, f"Observation?subject=Patient/{ward['patient']}")
     response = nurse.post(f"/patients/{ward['patient']}/vitals",
-                          data={"csrf": csrf_of(form.text), "heart_rate": "82", "temperature": "73,5", "spo2": "abc"})
+                          data={"csrf": csrf_of(form.text), "entry": entry_of(form.text), "heart_rate": "82", "temperature": "73,5",
+                                "spo2": "abc"})
     assert response.status_code == 422
     assert "Doit être compris entre 30 et 44" in response.text and "Ce n&#39;est pas un nombre" in response.text
     assert 'value="82"' in response.text, "what was typed is shown again"
+    assert entry_of(response.text) == entry_of(form.text), "the same filling of the form, until it is recorded"
     assert fhir_count(web, f"Observation?subject=Patient/{ward['patient']}") == before, "nothing half-written"
 
 
 def test_valid_vitals_are_written_as_observations(web: RebondServer, ward: dict[str, str]) -> None:
     nurse = signed_in(web.base, "nurse")
     form = nurse.get(f"/patients/{ward['patient']}/vitals")
-    response = nurse.post(f"/patients/{ward['patient']}/vitals",
-                          data={"csrf": csrf_of(form.text), "heart_rate": "131", "temperature": "38,9"})
+    before = fhir_count(web, f"Observation?subject=Patient/{ward['patient']}")
+    sent = {"csrf": csrf_of(form.text), "entry": entry_of(form.text), "heart_rate": "131", "temperature": "38,9"}
+    response = nurse.post(f"/patients/{ward['patient']}/vitals", data=sent)
     assert response.status_code == 303
+    again = nurse.post(f"/patients/{ward['patient']}/vitals", data=sent)  # a double click, or a retry after a lost answer
+    assert again.status_code == 303 and again.headers["location"] == response.headers["location"]
+    assert fhir_count(web, f"Observation?subject=Patient/{ward['patient']}") == before + 2, "recorded once"
     found = httpx.get(f"{web.fhir}/Observation?subject=Patient/{ward['patient']}&code=http://loinc.org|8310-5&_sort=-date&_count=1",
                       headers=web.headers).json()
     latest = found["entry"][0]["resource"]

@@ -8,6 +8,13 @@ import httpx
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 
+def entry_of(html: str) -> str:
+    """The form's entry (one filling of it: sent twice, it records once)."""
+    match = re.search(r'name="entry" value="([0-9a-f-]{36})"', html)
+    assert match, "the form names its entry"
+    return match.group(1)
+
+
 def csrf_of(html: str) -> str:
     match = CSRF.search(html)
     assert match, "the page carries a CSRF token"

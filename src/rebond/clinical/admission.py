@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-import uuid
 from collections.abc import Mapping
 
 from rebond.clinical.census import ward_occupancy
 from rebond.clinical.conventions import GROUP_IPP_SYSTEM, GROUP_VISIT_SYSTEM
 from rebond.clinical.patients import search_terms
 from rebond.clinical.recording import InvalidForm
-from rebond.clinical.records import Clinician, Resource, fhir_instant
+from rebond.clinical.records import Clinician, Entry, Resource, fhir_instant
 from rebond.fhir import operations
 from rebond.store.base import Session, Store
 
@@ -48,7 +47,12 @@ def ipp_range(store: Store) -> dict[str, int] | None:
 
 
 def emergency_admission(store: Store, ward_id: str, form: Mapping[str, str], clinician: Clinician, now: dt.datetime) -> str:
-    """Register a patient and open their stay in a bed of the ward; returns the Patient id. InvalidForm when refused."""
+    """Register a patient and open their stay in a bed of the ward; returns the Patient id. InvalidForm when refused.
+
+    The form sent again (its `entry` recorded already) admits no one twice: the Patient it registered is returned."""
+    entry = Entry.of(form.get("entry"))
+    if store.read("Patient", entry.id("Patient")) is not None:  # checked first: the bed it took is no longer free
+        return entry.id("Patient")
     problems: dict[str, str] = {}
     family, given = (form.get("family") or "").strip(), (form.get("given") or "").strip()
     if not family:
@@ -78,6 +82,8 @@ def emergency_admission(store: Store, ward_id: str, form: Mapping[str, str], cli
     with _allocating:  # one number for one admission, even with two nurses at once
 
         def admit(tx: Session) -> str:
+            if entry.recorded(tx, "Patient", "Patient"):  # the same form, sent twice at once
+                return entry.id("Patient")
             numbers = ipp_range(store)
             assert numbers is not None
             if numbers["next"] > numbers["last"]:
@@ -85,7 +91,7 @@ def emergency_admission(store: Store, ward_id: str, form: Mapping[str, str], cli
             ipp = str(numbers["next"])
             tx.put_state(STATE, "ipp-range", {**numbers, "next": numbers["next"] + 1})
             patient: Resource = {
-                "resourceType": "Patient", "id": str(uuid.uuid4()), "active": True, "meta": {"tag": [EMERGENCY_TAG]},
+                "resourceType": "Patient", "id": entry.id("Patient"), "active": True, "meta": {"tag": [EMERGENCY_TAG]},
                 "identifier": [{"use": "usual", "system": GROUP_IPP_SYSTEM, "value": ipp,
                                 "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "PI"}],
                                          "text": "IPP"}}],
@@ -99,7 +105,7 @@ def emergency_admission(store: Store, ward_id: str, form: Mapping[str, str], cli
                 places.insert(0, {"location": {"reference": f"Location/{bed_id}", "display": free[bed_id]}, "status": "active",
                                   "period": {"start": fhir_instant(now)}})
             encounter: Resource = {
-                "resourceType": "Encounter", "id": str(uuid.uuid4()), "status": "in-progress",
+                "resourceType": "Encounter", "id": entry.id("Encounter"), "status": "in-progress",
                 "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "EMER", "display": "urgences"},
                 "identifier": [{"system": GROUP_VISIT_SYSTEM, "value": f"{store.site_id}-U{ipp}"}],
                 "subject": {"reference": f"Patient/{patient['id']}"}, "period": {"start": fhir_instant(now)}, "location": places,

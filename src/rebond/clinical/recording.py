@@ -6,14 +6,13 @@ with the reasons, and nothing is written; a valid form is one transaction.
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from rebond.clinical.conventions import INTERPRETATION, LOINC, OBSERVATION_CATEGORY, UCUM
-from rebond.clinical.records import HOSPITAL_TZ, Clinician, Resource, fhir_instant, read
+from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, Resource, fhir_instant, read
 from rebond.fhir import operations
-from rebond.store.base import NotFound, Store
+from rebond.store.base import NotFound, Session, Store
 
 
 @dataclass(frozen=True)
@@ -82,16 +81,23 @@ def record_vitals(store: Store, patient_id: str, form: Mapping[str, str], clinic
         problems["diastolic"] = "diastolic-above-systolic"
     if problems:
         raise InvalidForm(problems)
-    observations = [_vital(sign, value, patient_id, clinician, now) for sign, value in values]
-    return store.write(lambda tx: [operations.create(tx, "Observation", o, resource_id=o["id"]).stored.id  # type: ignore[union-attr]
-                                   for o in observations])
+    entry = Entry.of(form.get("entry"))
+    observations = [_vital(sign, value, patient_id, clinician, now, entry.id(sign.field)) for sign, value in values]
+
+    def save(tx: Session) -> list[str]:
+        already = entry.recorded(tx, "Observation", *(sign.field for sign in VITAL_SIGNS))
+        if already:  # this form was sent before and recorded: not twice
+            return already
+        return [operations.create(tx, "Observation", o, resource_id=o["id"]).stored.id for o in observations]  # type: ignore[union-attr]
+
+    return store.write(save)
 
 
-def _vital(sign: VitalSign, value: float, patient_id: str, clinician: Clinician, when: dt.datetime) -> Resource:
+def _vital(sign: VitalSign, value: float, patient_id: str, clinician: Clinician, when: dt.datetime, rid: str) -> Resource:
     flag = "H" if value > sign.high else "L" if value < sign.low else "N"
     quantity = {"value": value, "unit": sign.unit, "system": UCUM, "code": sign.unit}
     return {
-        "resourceType": "Observation", "id": str(uuid.uuid4()), "status": "final",
+        "resourceType": "Observation", "id": rid, "status": "final",
         "category": [{"coding": [{"system": OBSERVATION_CATEGORY, "code": "vital-signs"}]}],
         "code": {"coding": [{"system": LOINC, "code": sign.loinc, "display": sign.display}], "text": sign.display},
         "subject": {"reference": f"Patient/{patient_id}"}, "effectiveDateTime": fhir_instant(when), "issued": fhir_instant(when),
@@ -124,8 +130,9 @@ def record_administration(store: Store, request_id: str, form: Mapping[str, str]
             when = local - dt.timedelta(days=1) if local > now + dt.timedelta(minutes=5) else local
     if problems:
         raise InvalidForm(problems)
+    entry = Entry.of(form.get("entry"))
     given: Resource = {
-        "resourceType": "MedicationAdministration", "id": str(uuid.uuid4()),
+        "resourceType": "MedicationAdministration", "id": entry.id(),
         "status": "completed" if outcome == "given" else "not-done",
         "medicationCodeableConcept": request.get("medicationCodeableConcept") or {"text": "?"},
         "subject": request["subject"], "request": {"reference": f"MedicationRequest/{request_id}"},
@@ -138,5 +145,11 @@ def record_administration(store: Store, request_id: str, form: Mapping[str, str]
         given["dosage"] = {"text": dosage["text"]}
     if outcome == "not-given":
         given["statusReason"] = [{"text": reason}]
-    return store.write(lambda tx: operations.create(tx, "MedicationAdministration", given, resource_id=given["id"])).stored.id  # type: ignore[union-attr]
+
+    def save(tx: Session) -> str:
+        if entry.recorded(tx, "MedicationAdministration"):  # this form was sent before and recorded: not twice
+            return entry.id()
+        return operations.create(tx, "MedicationAdministration", given, resource_id=given["id"]).stored.id  # type: ignore[union-attr]
+
+    return store.write(save)
 

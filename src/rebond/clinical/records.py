@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,7 @@ import orjson
 
 from rebond.clinical.conventions import GROUP_IPP_SYSTEM
 from rebond.fhir.search import parse_search
-from rebond.store.base import Store, Stored
+from rebond.store.base import Session, Store, Stored
 
 Resource = dict[str, Any]
 HOSPITAL_TZ = ZoneInfo("Europe/Paris")
@@ -37,6 +38,40 @@ def find_stored(store: Store, resource_type: str, *params: tuple[str, str], limi
     query = parse_search(resource_type, list(params))
     query.count = limit
     return store.search(query).matches
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One filling of a form, named when the form is shown (its hidden field `entry`): the ids of what it records
+    derive from it. Sent twice — a double click, a retry after an answer lost in a failover — it records nothing
+    the second time, and the second sending is told what the first recorded."""
+
+    key: uuid.UUID
+
+    @classmethod
+    def of(cls, sent: str | None) -> Entry:
+        """The form's entry; a form without one (a page from before it had one) gets a new one: it is recorded once."""
+        try:
+            return cls(uuid.UUID(sent or ""))
+        except ValueError:
+            return cls.new()
+
+    @classmethod
+    def new(cls) -> Entry:
+        return cls(uuid.uuid4())
+
+    def __str__(self) -> str:
+        return str(self.key)
+
+    def id(self, what: str = "") -> str:
+        """The id of one thing this entry records ("" for the only one, a field's name for one of several)."""
+        return str(uuid.uuid5(self.key, what)) if what else str(self.key)
+
+    def recorded(self, tx: Session, resource_type: str, *whats: str) -> list[str]:
+        """The ids among `whats` (default: the only one) already recorded by this entry, read in the transaction."""
+        keys = [(resource_type, self.id(what)) for what in (whats or ("",))]
+        tx.read_ahead(keys)
+        return [rid for _type, rid in keys if (stored := tx.read(resource_type, rid)) is not None and not stored.deleted]
 
 
 def read(store: Store, resource_type: str, resource_id: str) -> Resource | None:

@@ -32,7 +32,7 @@ from rebond.clinical.chart import patient_chart, patient_header
 from rebond.clinical.medication import prescription
 from rebond.clinical.patients import UnclearSearch, find_patients, parse_day, patient_by_ipp_or_id
 from rebond.clinical.recording import VITAL_SIGNS, InvalidForm, record_administration, record_vitals
-from rebond.clinical.records import HOSPITAL_TZ, Clinician, any_of, fhir_instant, instant, read
+from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, any_of, fhir_instant, instant, read
 from rebond.clinical.results import acknowledge_result, reports
 from rebond.downtime.library import KeptPack, PackLibrary
 from rebond.downtime.pack import source_from, ward_pack
@@ -300,11 +300,12 @@ class WebApp:
         if await run_in_threadpool(ipp_range, self.store) is None:
             return self.error_page(p.request, 409, p.t.gettext("Emergency admissions need a range of patient numbers on this node: "
                                                                "ask IT (rebond site --ipp-range)."), p.account, p.session)
-        values: dict[str, str] = {"gender": ""}
+        values: dict[str, str] = {"gender": "", "entry": str(Entry.new())}
         problems: dict[str, str] = {}
         if p.request.method == "POST":
             form = await p.request.form()
-            values = {k: str(form.get(k, "")) for k in ("family", "given", "birth_date", "gender", "bed")}
+            values = {k: str(form.get(k, "")) for k in ("family", "given", "birth_date", "gender", "bed", "entry")}
+            values["entry"] = str(Entry.of(values["entry"]))  # one filling of the form: sent twice, recorded once
             try:
                 patient_id = await run_in_threadpool(emergency_admission, self.store, ward_id, values, p.clinician, p.now)
             except InvalidForm as err:
@@ -338,11 +339,12 @@ class WebApp:
     async def vitals_form(self, p: Page) -> Response:
         patient_id = p.request.path_params["patient_id"]
         chart = await run_in_threadpool(patient_header, self.store, patient_id)
-        values: dict[str, str] = {}
+        values: dict[str, str] = {"entry": str(Entry.new())}
         problems: dict[str, str] = {}
         if p.request.method == "POST":
             form = await p.request.form()
-            values = {sign.field: str(form.get(sign.field, "")) for sign in VITAL_SIGNS}
+            values = {field: str(form.get(field, "")) for field in (*(sign.field for sign in VITAL_SIGNS), "entry")}
+            values["entry"] = str(Entry.of(values["entry"]))  # one filling of the form: sent twice, recorded once
             try:
                 await run_in_threadpool(record_vitals, self.store, patient_id, values, p.clinician, p.now)
             except InvalidForm as err:
@@ -359,11 +361,12 @@ class WebApp:
             raise NotFound(request_id)  # not an active prescription of this patient
         rx = prescription(request)
         due = instant(p.request.query_params.get("due"))
-        values: dict[str, str] = {"outcome": "given", "time": p.t.time(p.now)}
+        values: dict[str, str] = {"outcome": "given", "time": p.t.time(p.now), "entry": str(Entry.new())}
         problems: dict[str, str] = {}
         if p.request.method == "POST":
             form = await p.request.form()
-            values = {k: str(form.get(k, "")) for k in ("outcome", "reason", "time")}
+            values = {k: str(form.get(k, "")) for k in ("outcome", "reason", "time", "entry")}
+            values["entry"] = str(Entry.of(values["entry"]))  # one filling of the form: sent twice, recorded once
             try:
                 await run_in_threadpool(record_administration, self.store, request_id, values, p.clinician, p.now)
             except InvalidForm as err:
