@@ -27,6 +27,8 @@ def test_an_update_is_a_valid_communication_found_by_its_category(store: Store) 
     update = read_form({"text": "Téléphonie coupée.\nTalkies canal 3.", "module": "phones", "state": "down", "site": "H1",
                         "next": "10:00"}, NOW)
     kept = publish(store, update, Clinician("crisis", "Cellule de crise", "p-1"))
+    publish(store, update, Clinician("crisis", "Cellule de crise", "p-1"))  # the same form sent twice: published once
+    assert (stored := store.read("Communication", update.id)) is not None and stored.version == 1
     resource = communication(kept, Clinician("crisis", "Cellule de crise", "p-1"))
     assert resource["sender"] == {"display": "Cellule de crise", "reference": "Practitioner/p-1"}
     assert resource["priority"] == "urgent" and resource["recipient"][0]["identifier"]["value"] == "H1"

@@ -19,7 +19,6 @@ import datetime as dt
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,9 +26,9 @@ from typing import Any
 from rebond.clinical.census import is_kind
 from rebond.clinical.conventions import LOCATION_SYSTEM, MODULE_STATE_SYSTEM, MODULE_SYSTEM, SITE_SYSTEM, SITUATION_CATEGORY
 from rebond.clinical.recording import InvalidForm
-from rebond.clinical.records import HOSPITAL_TZ, Clinician, fhir_instant, find, instant
+from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, fhir_instant, find, instant
 from rebond.fhir import operations
-from rebond.store.base import Store, StoreError
+from rebond.store.base import Session, Store, StoreError
 from rebond.web.i18n import N_
 
 log = logging.getLogger("rebond.situation")
@@ -152,13 +151,18 @@ def read_form(form: dict[str, str], now: dt.datetime) -> Update:
                 later += dt.timedelta(days=1)
     if problems:
         raise InvalidForm(problems)
-    return Update(str(uuid.uuid4()), now, text, "", module, state, site, later)
+    return Update(Entry.of(form.get("entry")).id(), now, text, "", module, state, site, later)
 
 
 def publish(store: Store, update: Update, author: Clinician) -> Update:
     """Keep the update (on a site node: journaled for the central site in the same commit)."""
     resource = communication(update, author)
-    store.write(lambda tx: operations.create(tx, "Communication", resource, resource_id=update.id))
+
+    def keep(tx: Session) -> None:
+        if tx.read("Communication", update.id) is None:  # the form sent twice: published once
+            operations.create(tx, "Communication", resource, resource_id=update.id)
+
+    store.write(keep)
     return Update(update.id, update.sent, update.text, author.display, update.module, update.state, update.site, update.next_update)
 
 

@@ -470,11 +470,12 @@ class WebApp:
     async def situation_form(self, p: Page) -> Response:
         """The crisis cell publishes a situation update: about a module or in general, for the group or one site."""
         here = self.situation.site  # a site node: its own site by default; the central site: the whole group
-        values = {"text": "", "module": "", "state": "", "site": here or "", "next": ""}
+        values = {"text": "", "module": "", "state": "", "site": here or "", "next": "", "entry": str(Entry.new())}
         problems: dict[str, str] = {}
         if p.request.method == "POST":
             form = await p.request.form()
             values = {k: str(form.get(k, "")) for k in values}
+            values["entry"] = str(Entry.of(values["entry"]))  # one filling of the form: sent twice, published once
             try:
                 update = read_form(values, p.now)
             except InvalidForm as err:
