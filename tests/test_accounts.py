@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,26 @@ def test_a_malformed_central_directory_changes_nothing(store: Store) -> None:
         with pytest.raises(AccountError, match=why):
             site.adopt([good, bad])
         assert site.get("leroy") is None
+
+
+def test_a_session_stands_while_the_store_refuses_writes(small_disk: Callable[[str], Path]) -> None:
+    """The minute's refresh of a session is a write: while none can be made (here a full disk; a failover of the
+    central database alike), the session still opens pages, and is refreshed once writes resume."""
+    disk = small_disk("8M")
+    store = open_store(f"sqlite:///{disk}/store.db")
+    try:
+        accounts = Accounts(store)
+        token, session = accounts.open_session(accounts.save("nurse", "rebond-demo", "nurse", "N"))
+        key = next(k for k, _ in store.list_state("web-session"))
+        store.put_state("web-session", key, {**store.get_state("web-session", key), "last_seen": time.time() - 120})
+        with (disk / "filler").open("wb") as filler, pytest.raises(OSError, match="No space left"):
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+        standing = accounts.session(token)
+        assert standing is not None and standing.username == "nurse" and standing.last_seen < time.time() - 100
+        (disk / "filler").unlink()
+        refreshed = accounts.session(token)
+        assert refreshed is not None and refreshed.last_seen > time.time() - 5
+    finally:
+        store.close()

@@ -105,6 +105,29 @@ class FhirWriter(threading.Thread):
                 time.sleep(0.2)
 
 
+class FhirReader(threading.Thread):
+    """A FHIR client reading one patient again and again, as a chart left open would."""
+
+    def __init__(self, server: RebondServer, patient_id: str) -> None:
+        super().__init__(daemon=True)
+        self.server, self.patient_id = server, patient_id
+        self.read_at: list[float] = []
+        self.answers: Counter[str] = Counter()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with self.server.client(timeout=30) as client:
+            while not self.stop.is_set():
+                try:
+                    response = client.get(f"/Patient/{self.patient_id}")
+                    self.answers[str(response.status_code)] += 1
+                    if response.status_code == 200:
+                        self.read_at.append(time.monotonic())
+                except httpx.HTTPError as err:
+                    self.answers[type(err).__name__] += 1
+                time.sleep(0.1)
+
+
 def _longest_pause(times: list[float], after: float) -> float:
     """The longest time without an acknowledgement, from `after` on."""
     later = sorted(t for t in times if t >= after)
@@ -129,9 +152,14 @@ def test_failover_loses_no_acknowledged_write(cluster: PatroniCluster) -> None:
             w.start()
         while min(len(w.acked) for w in writers) < 50:
             time.sleep(0.05)
+        reader = FhirReader(server, server.client().get(f"/Patient?identifier={DRILL}|0-0").json()["entry"][0]["resource"]["id"])
+        reader.start()
 
         lost_at = time.monotonic()
         first.lose()
+        # until the standby is promoted, it serves the reads, and every page says that nothing can be saved
+        cluster.wait_for(lambda: _reading_from_the_standby(server), 15, "the standby did not serve the reads")
+        standby_seen_after = time.monotonic() - lost_at
         second = cluster.wait_for(lambda: cluster.leader() not in (None, first) and cluster.leader(), 60, "no failover")
         promoted_after = time.monotonic() - lost_at
         # Rebond carries on on the new primary by itself: each client has its writes acknowledged again
@@ -139,15 +167,19 @@ def test_failover_loses_no_acknowledged_write(cluster: PatroniCluster) -> None:
         deadline = time.monotonic() + 60
         while any(len(w.acked) < b + 50 for w, b in zip(writers, baseline, strict=True)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        for w in writers:
-            w.stop.set()
-        for w in writers:
-            w.join(60)
+        for t in (*writers, reader):
+            t.stop.set()
+        for t in (*writers, reader):
+            t.join(60)
         back = [len(w.acked) - b for w, b in zip(writers, baseline, strict=True)]
         pauses = [_longest_pause(w.acked_at, lost_at) for w in writers]
         answers = sum((w.answers for w in writers), Counter())
-        print(f"\nprimary {first.name} lost; {second.name} promoted after {promoted_after:.1f} s; longest pause in "
-              f"acknowledgements per client {', '.join(f'{p:.1f}' for p in pauses)} s; answers {dict(answers)}")
+        unread = _longest_pause(reader.read_at, lost_at)
+        print(f"\nprimary {first.name} lost; reads served by the standby after {standby_seen_after:.1f} s; {second.name} "
+              f"promoted after {promoted_after:.1f} s; longest pause in acknowledgements per client "
+              f"{', '.join(f'{p:.1f}' for p in pauses)} s; longest pause in reads {unread:.1f} s ({dict(reader.answers)}); "
+              f"answers {dict(answers)}")
+        assert unread < min(pauses), "reads go on while writes wait for the new primary"
         assert all(n >= 50 for n in back), f"every client's writes are acknowledged again after the failover: {back}"
         assert not [w.unclear for w in writers if isinstance(w, FhirWriter) and w.unclear], "a 503 says: transient, retry after 5 s"
 
@@ -175,6 +207,11 @@ def test_failover_loses_no_acknowledged_write(cluster: PatroniCluster) -> None:
         assert facts["synchronous"] and [s["name"] for s in facts["standbys"]] == [first.name], facts
     finally:
         store.close()
+
+
+def _reading_from_the_standby(server: RebondServer) -> bool:
+    page = httpx.get(f"{server.base}/status", headers={"Accept-Language": "fr"}, timeout=30).text
+    return "La base de données centrale change de serveur" in page and "pas de serveur principal" in page
 
 
 def _every_acknowledged_write_once(store: Store, writers: list[FhirWriter | Sender]) -> None:

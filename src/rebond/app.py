@@ -51,6 +51,9 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
 
     def banner(t: Translator) -> str | None:
         said = [node.banner(t), situation_banner(t, situation)]
+        if store.writes_refused():
+            said.append(t.gettext("The central database is changing servers: you can read, but nothing can be saved for now. "
+                                  "Try again in a minute."))
         if disks.level_now() == "full":
             said.append(t.gettext("The server's disk is full: what you record now may be refused. Tell the IT team."))
         return " ".join(text for text in said if text) or None

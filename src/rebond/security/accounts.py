@@ -21,7 +21,7 @@ from typing import Any
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from rebond.store.base import Session, Store
+from rebond.store.base import Session, Store, Unavailable
 
 ACCOUNTS = "account"
 SESSIONS = "web-session"
@@ -254,8 +254,12 @@ class Accounts:
             self.store.put_state(SESSIONS, key, None)
             return None
         if now - session.last_seen > 60:  # one write a minute at most, not one per page
-            session = WebSession(session.token_hash, session.username, session.csrf, session.created, now)
-            self.store.put_state(SESSIONS, key, asdict(session))
+            refreshed = WebSession(session.token_hash, session.username, session.csrf, session.created, now)
+            try:
+                self.store.put_state(SESSIONS, key, asdict(refreshed))
+            except Unavailable:  # no writes for now (a failover): the session stands; it is refreshed on a later page
+                return session
+            session = refreshed
         return session
 
     def close_session(self, token: str) -> None:

@@ -350,6 +350,10 @@ class Store(abc.ABC):
         """The file this store keeps on this machine (the disk watch looks at its disk); None for a database server's."""
         return None
 
+    def writes_refused(self) -> bool:
+        """No write can be taken now, as last seen (a failover of the database under way): pages say so."""
+        return False
+
     @abc.abstractmethod
     def database(self) -> dict[str, Any]:
         """What keeps the data, for `/status`: `engine`, where (`file` or `server`), and for a database server its

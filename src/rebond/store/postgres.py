@@ -107,6 +107,20 @@ def connection_string(url: str) -> str:
     return make_conninfo(url, **{name: value for name, value in defaults.items() if name not in given})
 
 
+def standby_connection_string(url: str) -> str | None:
+    """For reading while no primary answers (a failover under way): the same servers, a standby preferred; None
+    when the URL names one server only (behind HAProxy: Rebond knows no standby then)."""
+    given = conninfo_to_dict(url)
+    if "," not in str(given.get("host", "")):
+        return None
+    return connection_string(make_conninfo(url, target_session_attrs="prefer-standby"))
+
+
+#: while no primary answers, reads go to a standby this long before the primary is tried again
+PRIMARY_RETRY_SECONDS = 2.0
+#: a read waits this long for a primary's connection before a standby serves it (writes wait the pool's 10 s)
+READ_WAIT_SECONDS = 2.0
+
 #: errors after which a pooled connection may be to a server gone or no longer the primary
 _LOST = (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction)
 
@@ -121,6 +135,10 @@ class PostgresStore(SQLStore):
         self.url = url
         self._checked_at = 0.0
         self._check_lock = threading.Lock()
+        self._standby_conninfo = standby_connection_string(url)
+        self._standby_pool: ConnectionPool | None = None
+        self._standby_lock = threading.Lock()
+        self.primary_lost_at: float | None = None  # time.monotonic() when reads last found no primary; None: it answers
         try:
             self._pool = ConnectionPool(
                 connection_string(url),
@@ -230,8 +248,53 @@ class PostgresStore(SQLStore):
 
     @contextmanager
     def reader(self) -> Iterator[Cursor]:
-        with self._connection() as conn, conn.cursor() as cur:
-            yield _PgCursor(cur)
+        """A cursor on the primary; while none answers (a failover under way), on a standby when the URL names one:
+        what it holds was on the standby's disk before its commit was acknowledged, so it misses nothing acknowledged
+        but the last milliseconds' writes, not yet replayed there."""
+        pool, conn = self._reading_connection()
+        try:
+            with conn.cursor() as cur:
+                yield _PgCursor(cur)
+        except _LOST as err:
+            if pool is self._pool:
+                self._drop_lost_connections()
+            raise Unavailable(f"PostgreSQL unavailable: {err}") from err
+        finally:
+            pool.putconn(conn)
+
+    def _reading_connection(self) -> tuple[ConnectionPool, psycopg.Connection[Any]]:
+        lost = self.primary_lost_at
+        if self._standby_conninfo is None:
+            try:
+                return self._pool, self._pool.getconn()
+            except psycopg.OperationalError as err:
+                raise Unavailable(f"PostgreSQL unavailable: {err}") from err
+        if lost is None or time.monotonic() - lost >= PRIMARY_RETRY_SECONDS:
+            try:
+                conn = self._pool.getconn(timeout=READ_WAIT_SECONDS if lost is None else 0.5)
+            except psycopg.OperationalError:  # no primary's connection in time (PoolTimeout): a standby serves
+                if lost is None:
+                    log.warning("no PostgreSQL primary answers: reading from a standby meanwhile")
+                self.primary_lost_at = time.monotonic()
+            else:
+                if lost is not None:
+                    log.warning("the PostgreSQL primary answers again")
+                self.primary_lost_at = None
+                return self._pool, conn
+        try:
+            standby = self._standby()
+            return standby, standby.getconn()
+        except psycopg.OperationalError as err:
+            raise Unavailable(f"no PostgreSQL server answers: {err}") from err
+
+    def _standby(self) -> ConnectionPool:
+        """The pool of reads while no primary answers, opened the first time it is needed."""
+        with self._standby_lock:
+            if self._standby_pool is None:
+                assert self._standby_conninfo is not None
+                self._standby_pool = ConnectionPool(self._standby_conninfo, min_size=0, max_size=4, open=True, timeout=5,
+                                                    kwargs={"autocommit": True})
+            return self._standby_pool
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -310,6 +373,8 @@ class PostgresStore(SQLStore):
         except Unavailable as err:
             facts["problem"] = str(err)
             return facts
+        if recovery:
+            facts["problem"] = "no primary answers: a standby serves reads, writes wait for a new primary"
         facts["synchronous"] = any(s["sync_state"] in ("sync", "quorum") and s["state"] == "streaming" for s in facts["standbys"])
         return facts
 
@@ -318,5 +383,10 @@ class PostgresStore(SQLStore):
         with self._connection() as conn:
             conn.execute("ANALYZE")
 
+    def writes_refused(self) -> bool:
+        return self.primary_lost_at is not None
+
     def close(self) -> None:
         self._pool.close()
+        if self._standby_pool is not None:
+            self._standby_pool.close()
