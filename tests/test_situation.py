@@ -11,7 +11,7 @@ from rebond.clinical.recording import InvalidForm
 from rebond.clinical.records import Clinician
 from rebond.ops.situation import Situation, Update, communication, from_resource, module_states, publish, read_form, recent
 from rebond.store.base import Store, Unavailable
-from tests.server import RebondServer
+from tests.server import RebondServer, rebond
 from tests.test_site import start_site, wait_for
 from tests.web_client import csrf_of, signed_in
 
@@ -159,6 +159,27 @@ def test_the_crisis_cell_publishes_and_everyone_sees_it(web: RebondServer) -> No
     assert back.status_code == 303
     wait_for(lambda: "Cellule de crise" not in nurse.get("/").text, 10)  # once it works again, the banner goes
     assert "opérationnel" in httpx.get(f"{web.base}/status").text
+
+
+def test_through_the_fhir_api_a_nurses_token_cannot_publish_change_or_remove_a_situation_update(web: RebondServer) -> None:
+    nurse = {"Authorization": "Bearer " + rebond("accounts", "token", "nurse", "--label", "tests", "--db", web.db).stdout.strip()}
+    update = communication(said("Messagerie coupée", dt.datetime.now(dt.UTC), "messaging", "down"), CELL)
+    refused = httpx.post(f"{web.fhir}/Communication", json=update, headers=nurse)
+    assert refused.status_code == 403 and "crisis cell" in refused.json()["issue"][0]["diagnostics"], refused.text
+    in_a_bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Communication", "status": "completed"}, "request": {"method": "POST", "url": "Communication"}},
+        {"resource": update, "request": {"method": "POST", "url": "Communication"}}]}
+    assert httpx.post(web.fhir, json=in_a_bundle, headers=nurse).status_code == 403, "the whole transaction is refused"
+    # an interface (a monitoring system) may publish one; the nurse can then neither change nor remove it
+    kept = httpx.post(f"{web.fhir}/Communication", json=update, headers=web.headers)
+    assert kept.status_code == 201, kept.text
+    url = f"{web.fhir}/Communication/{kept.json()['id']}"
+    plain = {**kept.json(), "category": [{"text": "note"}]}
+    assert httpx.put(url, json=plain, headers=nurse).status_code == 403, "not even by taking the category away"
+    assert httpx.delete(url, headers=nurse).status_code == 403
+    assert httpx.get(url, headers=nurse).json()["meta"]["versionId"] == "1"
+    message = httpx.post(f"{web.fhir}/Communication", json={"resourceType": "Communication", "status": "completed"}, headers=nurse)
+    assert message.status_code == 201, "other Communications stay the nurse's to write"
 
 
 def test_a_site_node_shows_the_groups_and_its_own_updates_and_keeps_publishing_when_cut_off(demo_db: str, tmp_path: Path) -> None:

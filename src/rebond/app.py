@@ -5,6 +5,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import orjson
 from starlette.applications import Starlette
@@ -22,11 +23,11 @@ from rebond.fhir.api import FhirApi, error_response
 from rebond.fhir.errors import FhirError
 from rebond.hl7.intake import recover
 from rebond.hl7.mllp import MllpServer
-from rebond.ops.situation import Situation
-from rebond.security.accounts import Accounts
+from rebond.ops.situation import Situation, is_situation_update
+from rebond.security.accounts import PEOPLE, Accounts
 from rebond.security.audit import AuditMiddleware, AuditQueryError, AuditTrail, access_from_json, audit_event, audit_query
 from rebond.site.node import Node
-from rebond.store.base import Store, StoreError
+from rebond.store.base import Guard, Store, StoreError
 from rebond.web.app import SESSION_COOKIE, WebApp
 from rebond.web.i18n import Translator
 
@@ -47,7 +48,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
     trail = trail or AuditTrail(store)
     # the central site shows every site's updates; a site node the group's and its own
     situation = Situation(store, site=None if node.role == "central" else store.site_id)
-    api = FhirApi(store, authorize=api_guard(accounts))
+    api = FhirApi(store, authorize=api_guard(accounts), guard_for=situation_guard)
 
     def banner(t: Translator) -> str | None:
         said = [node.banner(t), situation_banner(t, situation)]
@@ -155,6 +156,21 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
     app.add_middleware(NodeHeaders, node=node)
     app.state.store = store
     return app
+
+
+def situation_guard(request: Request) -> Guard | None:
+    """Through the FHIR API, the crisis cell's situation updates are written by whom may publish them (post-situation),
+    an interface (a monitoring system) or a site node relaying its own; not by a nurse's or a physician's token."""
+    account = getattr(request.state, "account", None)
+    if account is None or account.may("post-situation") or account.role not in PEOPLE:
+        return None
+
+    def guard(resource_type: str, new: dict[str, Any] | None, current: bytes | None) -> None:
+        if resource_type == "Communication" and (is_situation_update(new) or (current is not None and is_situation_update(orjson.loads(current)))):
+            raise FhirError(403, f"the role '{account.role}' may not publish, change or remove a situation update: the crisis "
+                                 "cell publishes them (role crisis), on the status page", code="forbidden")
+
+    return guard
 
 
 def situation_banner(t: Translator, situation: Situation) -> str | None:

@@ -19,7 +19,7 @@ from rebond.fhir.bundles import parse_if_match, process_batch, process_transacti
 from rebond.fhir.capability import capability_statement
 from rebond.fhir.errors import FhirError, bad_request, operation_outcome
 from rebond.fhir.search import SearchError, SearchQuery, parse_search
-from rebond.store.base import Gone, NotFound, Session, Store, Stored, StoreError
+from rebond.store.base import Gone, Guard, NotFound, Session, Store, Stored, StoreError
 from rebond.store.sql import iso_instant
 
 log = logging.getLogger("rebond.api")
@@ -66,8 +66,11 @@ class FhirApi:
     """Routes of one FHIR endpoint over one store."""
 
     def __init__(self, store: Store, *, max_body: int = MAX_BODY_BYTES, search_slots: int = SEARCH_SLOTS,
-                 authorize: Callable[[Request, str], Awaitable[None]] | None = None) -> None:
+                 authorize: Callable[[Request, str], Awaitable[None]] | None = None,
+                 guard_for: Callable[[Request], Guard | None] | None = None) -> None:
         self.store = store
+        # what the caller may not write whatever its permissions say (Session.guard), from its request; None: no limit
+        self.guard_for = guard_for
         # raises FhirError 401/403 unless the caller may read (False) or write (True); None: no accounts on this API
         self.authorize = authorize
         self.max_body = max_body
@@ -147,13 +150,17 @@ class FhirApi:
                                  outcome.status, headers)
         return fhir_response(stored.body, outcome.status, headers)
 
-    async def _write(self, fn: Callable[..., operations.Outcome], *args: Any, origin: str | None = None,
-                     **kwargs: Any) -> operations.Outcome:
+    async def _write(self, fn: Callable[..., operations.Outcome], *args: Any, request: Request, **kwargs: Any) -> operations.Outcome:
+        origin, guard = self.origin(request), self.guard(request)
+
         def work(tx: Session) -> operations.Outcome:
-            tx.origin = origin
+            tx.origin, tx.guard = origin, guard
             return fn(tx, *args, **kwargs)
 
         return await run_in_threadpool(self.store.write, work)
+
+    def guard(self, request: Request) -> Guard | None:
+        return self.guard_for(request) if self.guard_for is not None else None
 
     @staticmethod
     def origin(request: Request) -> str | None:
@@ -175,15 +182,15 @@ class FhirApi:
         if request.method == "POST":
             body = await self._body(request)
             outcome = await self._write(operations.create, rtype, body, if_none_exist=request.headers.get("if-none-exist"),
-                                        origin=self.origin(request))
+                                        request=request)
             return self._written(request, outcome)
         query = request.url.query
         if request.method == "PUT":
             body = await self._body(request)
             if_match = parse_if_match(request.headers.get("if-match"))
-            outcome = await self._write(operations.conditional_update, rtype, query, body, if_match=if_match, origin=self.origin(request))
+            outcome = await self._write(operations.conditional_update, rtype, query, body, if_match=if_match, request=request)
             return self._written(request, outcome)
-        outcome = await self._write(operations.conditional_delete, rtype, query, origin=self.origin(request))
+        outcome = await self._write(operations.conditional_delete, rtype, query, request=request)
         return self._written(request, outcome)
 
     async def instance(self, request: Request) -> Response:
@@ -195,12 +202,12 @@ class FhirApi:
         if_match = parse_if_match(request.headers.get("if-match"))
         if request.method == "PUT":
             body = await self._body(request)
-            outcome = await self._write(operations.update, rtype, rid, body, if_match=if_match, origin=self.origin(request))
+            outcome = await self._write(operations.update, rtype, rid, body, if_match=if_match, request=request)
         elif request.method == "PATCH":
             body = await self._body(request, patch=True)
-            outcome = await self._write(operations.patch, rtype, rid, body, if_match=if_match, origin=self.origin(request))
+            outcome = await self._write(operations.patch, rtype, rid, body, if_match=if_match, request=request)
         else:
-            outcome = await self._write(operations.delete, rtype, rid, if_match=if_match, origin=self.origin(request))
+            outcome = await self._write(operations.delete, rtype, rid, if_match=if_match, request=request)
             if outcome.stored is not None:
                 return Response(status_code=204, headers={"ETag": f'W/"{outcome.stored.version}"'})
             return Response(status_code=204)
@@ -341,10 +348,11 @@ class FhirApi:
             raise bad_request("POST to the base takes a batch or transaction Bundle")
         kind = body.get("type")
         if kind == "batch":
-            result = await run_in_threadpool(process_batch, self.store, body, base, self._bundle_reader(base), self.origin(request))
+            result = await run_in_threadpool(process_batch, self.store, body, base, self._bundle_reader(base), self.origin(request),
+                                             self.guard(request))
         elif kind == "transaction":
             result = await run_in_threadpool(process_transaction, self.store, body, base, self._bundle_reader(base),
-                                             self.origin(request))
+                                             self.origin(request), self.guard(request))
         else:
             raise bad_request(f"a Bundle of type '{kind}' cannot be processed; send a batch or a transaction")
         return fhir_response(result)

@@ -13,7 +13,7 @@ import orjson
 from rebond.fhir import operations
 from rebond.fhir.errors import FhirError, bad_request, operation_outcome
 from rebond.fhir.model import is_resource_type
-from rebond.store.base import Session, Store, StoreError
+from rebond.store.base import Guard, Session, Store, StoreError
 from rebond.store.sql import iso_instant
 
 log = logging.getLogger("rebond.bundles")
@@ -152,7 +152,8 @@ def _check_bundle(bundle: Any, kind: str) -> list[Any]:
     return entries
 
 
-def process_batch(store: Store, bundle: Any, base_url: str, reader: Reader | None = None, origin: str | None = None) -> dict[str, Any]:
+def process_batch(store: Store, bundle: Any, base_url: str, reader: Reader | None = None, origin: str | None = None,
+                  guard: Guard | None = None) -> dict[str, Any]:
     """Each entry in its own transaction; one failing entry never fails the others."""
     entries = _check_bundle(bundle, "batch")
     out: list[dict[str, Any]] = []
@@ -164,7 +165,7 @@ def process_batch(store: Store, bundle: Any, base_url: str, reader: Reader | Non
                 continue
             def run(tx: Session, entry: _Entry = entry) -> operations.Outcome:
                 # a batch entry may name a conditional reference too; urn:uuid references across entries are not allowed
-                tx.origin = origin
+                tx.origin, tx.guard = origin, guard
                 _resolve_references(tx, [entry], {})
                 return _perform(tx, entry)
 
@@ -188,7 +189,7 @@ def _read_entry(entry: _Entry, reader: Reader | None) -> dict[str, Any]:
 
 
 def process_transaction(store: Store, bundle: Any, base_url: str, reader: Reader | None = None,
-                        origin: str | None = None) -> dict[str, Any]:
+                        origin: str | None = None, guard: Guard | None = None) -> dict[str, Any]:
     """All entries commit together or none does; urn:uuid and conditional references are resolved first."""
     raw_entries = _check_bundle(bundle, "transaction")
     entries = [_parse_entry(i, e) for i, e in enumerate(raw_entries)]
@@ -196,7 +197,7 @@ def process_transaction(store: Store, bundle: Any, base_url: str, reader: Reader
     writes = sorted((e for e in entries if e.method not in ("GET", "HEAD")), key=lambda e: (_ORDER[e.method], e.index))
 
     def run(tx: Session) -> dict[int, dict[str, Any]]:
-        tx.origin = origin
+        tx.origin, tx.guard = origin, guard
         done: dict[int, dict[str, Any]] = {}
         deletes = [e for e in writes if e.method == "DELETE"]
         for entry in deletes:

@@ -101,11 +101,16 @@ def _code_in(concepts: list[Any], system: str) -> str | None:
     return next((str(c["code"]) for concept in concepts for c in concept.get("coding", []) if c.get("system") == system and "code" in c), None)
 
 
+def is_situation_update(resource: dict[str, Any] | None) -> bool:
+    """A Communication of the situation-update category (whatever else it holds)."""
+    return resource is not None and _code_in(resource.get("category") or [], SITUATION_CATEGORY) == SITUATION_UPDATE
+
+
 def from_resource(resource: dict[str, Any]) -> Update | None:
     """The update a Communication holds; None for one that is not a situation update or has no date."""
     categories = resource.get("category", [])
     sent = instant(resource.get("sent"))
-    if _code_in(categories, SITUATION_CATEGORY) != SITUATION_UPDATE or sent is None:
+    if not is_situation_update(resource) or sent is None:
         return None
     module = _code_in([resource.get("topic", {})], MODULE_SYSTEM)
     state = _code_in(categories, MODULE_STATE_SYSTEM)

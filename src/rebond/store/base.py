@@ -167,11 +167,18 @@ class ChangePage:
     next_cursor: str
 
 
+#: a check of each resource before it is written: (type, new content or None for a deletion, current JSON or None)
+Guard = Callable[[str, dict[str, Any] | None, bytes | None], None]
+
+
 class Session(abc.ABC):
     """One write transaction: everything done through it commits together, or not at all."""
 
     #: the site a write came from when it is not this node (a site's journal replayed here); None: this node
     origin: str | None = None
+    #: who writes may not write everything: called with each resource before it is written (type, the new content or
+    #: None for a deletion, the current version's JSON or None); raises to refuse, and the transaction writes nothing
+    guard: Guard | None = None
 
     @abc.abstractmethod
     def create(self, resource: dict[str, Any], *, resource_id: str | None = None) -> WriteResult:

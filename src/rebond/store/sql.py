@@ -307,6 +307,8 @@ class SQLSession(Session):
             if if_match is not None:
                 raise PreconditionFailed(f"{resource_type}/{resource_id} does not exist; If-Match cannot hold")
             assert resource is not None
+            if self.guard is not None:
+                self.guard(resource_type, _as_dict(resource), None)
             body = _versioned_body(resource, resource_type, resource_id, 1, now)
             created = store.insert_new(self.cur, (resource_type, resource_id, 1, now, method, site, store.blob(body)))
             if created is not None:
@@ -323,6 +325,8 @@ class SQLSession(Session):
             )
         if method == "create" and not current.deleted:
             raise PreconditionFailed(f"{resource_type}/{resource_id} already exists")
+        if self.guard is not None:
+            self.guard(resource_type, None if resource is None else _as_dict(resource), None if current.deleted else current.body)
         new_version = version + 1
         new_body = _versioned_body(resource, resource_type, resource_id, new_version, now) if resource is not None else None
         seq = store.record_version(
