@@ -103,6 +103,8 @@ def test_the_situation_is_read_at_most_every_few_seconds_and_kept_when_the_store
     assert [u.text for u in situation.updates()] == ["Téléphonie coupée"], "a publication here is shown at once"
     publish(store, said("Écrit par un autre processus", dt.datetime.now(dt.UTC), "results", "degraded"), CELL)
     assert len(situation.updates()) == 1, "within the cache's seconds"
+    assert len(situation.updates(fresh=True)) == 1, "fresh, but read within the second: one search a second at most"
+    now[0] = 1.5
     assert len(situation.updates(fresh=True)) == 2, "the page that follows a publication reads at once"
     now[0] = 6.0
     publish(store, said("Point général", dt.datetime.now(dt.UTC)), CELL)

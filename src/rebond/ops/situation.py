@@ -220,6 +220,10 @@ def module_states(updates: list[Update]) -> list[ModuleState]:
     return out
 
 
+#: seconds: the status page asked for fresh updates (after a publication) reads them at most this often
+FRESH_AT_MOST_EVERY = 1.0
+
+
 class Situation:
     """The updates this node shows, read again at most every `ttl` seconds (the status page and every staff page's
     banner read it; a crisis brings everyone to the status page at once) and at once after a publication here."""
@@ -237,9 +241,11 @@ class Situation:
     def updates(self, *, fresh: bool = False) -> list[Update]:
         """The updates of the last days, newest first; the last ones read when the store does not answer.
 
-        `fresh`: read now (the page that follows a publication, which another server process may have made)."""
+        `fresh`: read now (the page that follows a publication, which another server process may have made), unless
+        read in the last second: anyone may ask for the status page so, and it stays one search a second at most."""
         with self._lock:
-            if not fresh and self._read_at is not None and self.clock() - self._read_at < self.ttl:
+            age = None if self._read_at is None else self.clock() - self._read_at
+            if age is not None and age < (FRESH_AT_MOST_EVERY if fresh else self.ttl):
                 return self._updates
         try:
             found = recent(self.store, dt.datetime.now(dt.UTC), site=self.site)
