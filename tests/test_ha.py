@@ -26,7 +26,7 @@ from rebond.store.postgres import connection_string
 from tests.ha_harness import PatroniCluster
 from tests.hl7_messages import Sender
 from tests.pg_harness import PostgresServer, free_port
-from tests.server import RebondServer
+from tests.server import RebondServer, SiteServer
 
 DRILL = "urn:rebond:drill"
 
@@ -136,12 +136,13 @@ def _longest_pause(times: list[float], after: float) -> float:
 
 
 @pytest.mark.slow
-def test_failover_loses_no_acknowledged_write(cluster: PatroniCluster) -> None:
+def test_failover_loses_no_acknowledged_write(cluster: PatroniCluster, tmp_path: Path) -> None:
     db = cluster.create_database("drill")
     port = free_port()
     server = RebondServer(db, "--mllp-port", str(port)).start()
     first = cluster.leader()
     assert first is not None
+    site = SiteServer(f"sqlite:///{tmp_path}/site-H1.db", server).start()  # a hospital's site node follows all along
     try:
         database = server.status()["database"]
         assert isinstance(database, dict)
@@ -189,7 +190,21 @@ def test_failover_loses_no_acknowledged_write(cluster: PatroniCluster) -> None:
         assert not database["synchronous"], "the lost server is no standby any more"
         page = httpx.get(f"{server.base}/status", headers={"Accept-Language": "fr"}).text
         assert "aucune réplique synchrone" in page
+
+        # the site node's copy: every write reaches it through the change feed, across the failover
+        def counts(client: httpx.Client) -> tuple[int, int]:
+            patients = client.get("/Patient", params={"identifier": f"{DRILL}|", "_summary": "count"}).json()["total"]
+            reports = client.get("/DiagnosticReport", params={"_summary": "count"}).json()["total"]
+            return int(patients), int(reports)
+
+        stopped = time.monotonic()
+        with server.client() as central, site.client() as copy:
+            here = counts(central)
+            assert here[0] >= sum(len(w.acked) for w in writers if isinstance(w, FhirWriter)), here
+            cluster.wait_for(lambda: counts(copy) == here, 60, f"the site node's copy is not the central data ({here})")
+        print(f"the site node held the central data {time.monotonic() - stopped:.1f} s after the writes stopped")
     finally:
+        site.stop()
         server.stop()
 
     store = open_store(db)
