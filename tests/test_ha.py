@@ -128,6 +128,34 @@ class FhirReader(threading.Thread):
                 time.sleep(0.1)
 
 
+def _under_way(server: RebondServer, writers: list[FhirWriter | Sender] | list[FhirWriter]) -> FhirReader:
+    """The writers started and 50 writes into their stream each; then a reader of the first patient written, started."""
+    for w in writers:
+        w.start()
+    while min(len(w.acked) for w in writers) < 50:
+        time.sleep(0.05)
+    reader = FhirReader(server, server.client().get(f"/Patient?identifier={DRILL}|0-0").json()["entry"][0]["resource"]["id"])
+    reader.start()
+    return reader
+
+
+def _resumed(writers: list[FhirWriter | Sender] | list[FhirWriter], reader: FhirReader,
+             since: float) -> tuple[list[int], list[float], float, Counter[str]]:
+    """Once every writer has had 50 more writes acknowledged (60 s at most), everyone stopped: how many each had, the
+    longest pause in each writer's acknowledgements and in the reads since `since`, and the answers the writers got."""
+    baseline = [len(w.acked) for w in writers]
+    deadline = time.monotonic() + 60
+    while any(len(w.acked) < b + 50 for w, b in zip(writers, baseline, strict=True)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for t in (*writers, reader):
+        t.stop.set()
+    for t in (*writers, reader):
+        t.join(60)
+    back = [len(w.acked) - b for w, b in zip(writers, baseline, strict=True)]
+    answers = sum((w.answers for w in writers), Counter())
+    return back, [_longest_pause(w.acked_at, since) for w in writers], _longest_pause(reader.read_at, since), answers
+
+
 def _longest_pause(times: list[float], after: float) -> float:
     """The longest time without an acknowledgement, from `after` on."""
     later = sorted(t for t in times if t >= after)
@@ -149,12 +177,7 @@ def test_failover_loses_no_acknowledged_write(cluster: PatroniCluster, tmp_path:
         assert database["role"] == "primary" and database["server"] == first.address and database["synchronous"], database
         writers: list[FhirWriter | Sender] = [FhirWriter(server, n) for n in range(2)]
         writers += [Sender(n, port, 5000, seconds=300) for n in range(2)]
-        for w in writers:
-            w.start()
-        while min(len(w.acked) for w in writers) < 50:
-            time.sleep(0.05)
-        reader = FhirReader(server, server.client().get(f"/Patient?identifier={DRILL}|0-0").json()["entry"][0]["resource"]["id"])
-        reader.start()
+        reader = _under_way(server, writers)
 
         lost_at = time.monotonic()
         first.lose()
@@ -164,18 +187,7 @@ def test_failover_loses_no_acknowledged_write(cluster: PatroniCluster, tmp_path:
         second = cluster.wait_for(lambda: cluster.leader() not in (None, first) and cluster.leader(), 60, "no failover")
         promoted_after = time.monotonic() - lost_at
         # Rebond carries on on the new primary by itself: each client has its writes acknowledged again
-        baseline = [len(w.acked) for w in writers]
-        deadline = time.monotonic() + 60
-        while any(len(w.acked) < b + 50 for w, b in zip(writers, baseline, strict=True)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for t in (*writers, reader):
-            t.stop.set()
-        for t in (*writers, reader):
-            t.join(60)
-        back = [len(w.acked) - b for w, b in zip(writers, baseline, strict=True)]
-        pauses = [_longest_pause(w.acked_at, lost_at) for w in writers]
-        answers = sum((w.answers for w in writers), Counter())
-        unread = _longest_pause(reader.read_at, lost_at)
+        back, pauses, unread, answers = _resumed(writers, reader, lost_at)
         print(f"\nprimary {first.name} lost; reads served by the standby after {standby_seen_after:.1f} s; {second.name} "
               f"promoted after {promoted_after:.1f} s; longest pause in acknowledgements per client "
               f"{', '.join(f'{p:.1f}' for p in pauses)} s; longest pause in reads {unread:.1f} s ({dict(reader.answers)}); "
@@ -224,6 +236,41 @@ def test_failover_loses_no_acknowledged_write(cluster: PatroniCluster, tmp_path:
         store.close()
 
 
+@pytest.mark.slow
+def test_a_planned_switchover_pauses_writes_for_seconds_and_loses_nothing(cluster: PatroniCluster) -> None:
+    """IT moves the primary to the other server (an operating system to patch): `patronictl switchover`, here through
+    Patroni's REST API as patronictl does. Writes pause while the old primary stops and the standby is promoted."""
+    leader = cluster.wait_for(cluster.leader, 60, "no primary")
+    standby = cluster.wait_for(cluster.synchronous, 120, "no synchronous standby")
+    db = cluster.create_database("switchover")
+    server = RebondServer(db).start()
+    try:
+        writers = [FhirWriter(server, n) for n in range(2)]
+        reader = _under_way(server, writers)
+        asked_at = time.monotonic()
+        answer = httpx.post(f"http://127.0.0.1:{leader.api_port}/switchover", json={"leader": leader.name, "candidate": standby.name},
+                            timeout=60)
+        assert answer.status_code == 200, answer.text
+        cluster.wait_for(lambda: cluster.leader() is standby, 60, "the switchover did not happen")
+        back, pauses, unread, answers = _resumed(writers, reader, asked_at)
+        print(f"\nswitchover {leader.name} → {standby.name}: longest pause in acknowledgements per client "
+              f"{', '.join(f'{p:.1f}' for p in pauses)} s, in reads {unread:.1f} s; answers {dict(answers)}")
+        assert all(n >= 50 for n in back), f"writes resumed: {back}"
+        assert not [w.unclear for w in writers if w.unclear], "a 503 says: transient, retry after 5 s"
+        database = server.status()["database"]
+        assert isinstance(database, dict) and database["server"] == standby.address, database
+        # the old primary follows the new one: a commit waits for it again
+        cluster.wait_for(lambda: cluster.synchronous() is leader, 120, "the old primary did not become the standby")
+        cluster.wait_for(lambda: server.status()["database"]["synchronous"], 30, "the status did not see the standby")  # type: ignore[index]
+    finally:
+        server.stop()
+    store = open_store(db)
+    try:
+        _every_acknowledged_write_once(store, list(writers))
+    finally:
+        store.close()
+
+
 def _reading_from_the_standby(server: RebondServer) -> bool:
     page = httpx.get(f"{server.base}/status", headers={"Accept-Language": "fr"}, timeout=30).text
     return "La base de données centrale change de serveur" in page and "pas de serveur principal" in page
@@ -239,6 +286,8 @@ def _every_acknowledged_write_once(store: Store, writers: list[FhirWriter | Send
     assert all(n == 1 for n in found.values()), "no patient twice"
 
     hl7 = [c for w in writers if isinstance(w, Sender) for c in w.acked]
+    if not hl7:
+        return
     kept = {m.control_id: m for m in store.messages(CHANNEL, limit=100_000)}
     assert all(kept[c].status == "applied" for c in hl7), "every acknowledged result was applied"
     reports = parse_search("DiagnosticReport", [("identifier", ",".join(f"F{c}" for c in hl7))])
