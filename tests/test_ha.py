@@ -22,7 +22,7 @@ from rebond.fhir.search import parse_search
 from rebond.hl7.intake import CHANNEL
 from rebond.store import open_store
 from rebond.store.base import Store
-from rebond.store.postgres import connection_string
+from rebond.store.postgres import PostgresStore, connection_string
 from tests.ha_harness import PatroniCluster
 from tests.hl7_messages import Sender
 from tests.pg_harness import PostgresServer, free_port
@@ -268,6 +268,35 @@ def test_a_planned_switchover_pauses_writes_for_seconds_and_loses_nothing(cluste
     try:
         _every_acknowledged_write_once(store, list(writers))
     finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_a_busy_pool_is_no_failover(cluster: PatroniCluster) -> None:
+    """Every connection of the pool in use for longer than a read waits: the read gets a connection of its own to the
+    primary, not the standby's, and no page says the database is changing servers."""
+    store = PostgresStore(cluster.create_database("busy"), "central", pool_size=2)
+    held, release = threading.Barrier(3), threading.Event()
+
+    def hold() -> None:
+        with store.transaction():
+            held.wait()
+            release.wait(30)
+
+    holders = [threading.Thread(target=hold) for _ in range(2)]
+    try:
+        for t in holders:
+            t.start()
+        held.wait(30)
+        started = time.monotonic()
+        facts = store.database()
+        waited = time.monotonic() - started
+        assert facts["role"] == "primary" and not facts["problem"] and not store.writes_refused(), facts
+        assert 1.5 < waited < 6, f"waited {waited:.1f} s for the pool, then read on a connection of its own"
+    finally:
+        release.set()
+        for t in holders:
+            t.join(30)
         store.close()
 
 

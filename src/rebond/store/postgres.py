@@ -120,6 +120,8 @@ def standby_connection_string(url: str) -> str | None:
 PRIMARY_RETRY_SECONDS = 2.0
 #: a read waits this long for a primary's connection before a standby serves it (writes wait the pool's 10 s)
 READ_WAIT_SECONDS = 2.0
+#: a lost connection of the pool is tried again for this long, then another request's wait tries afresh
+RECONNECT_SECONDS = 2.0
 
 #: errors after which a pooled connection may be to a server gone or no longer the primary
 _LOST = (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction)
@@ -139,14 +141,19 @@ class PostgresStore(SQLStore):
         self._standby_pool: ConnectionPool | None = None
         self._standby_lock = threading.Lock()
         self.primary_lost_at: float | None = None  # time.monotonic() when reads last found no primary; None: it answers
+        self._conninfo = connection_string(url)
         try:
             self._pool = ConnectionPool(
-                connection_string(url),
+                self._conninfo,
                 min_size=2,
                 max_size=pool_size,
                 kwargs={"autocommit": True, "options": "-c synchronous_commit=on"},
                 open=True,
                 timeout=10,  # a request waits that long for a connection (while a failover elects a new primary)
+                # a lost connection is tried again 3 times in 2 s, then its place is freed: the next request that waits
+                # tries at once. The pool's own way, tries after 1, 2, 4, 8, 16… s, would leave a new primary unused
+                # for as long again as the failover took
+                reconnect_timeout=RECONNECT_SECONDS,
             )
             self._pool.wait(timeout=30)
             with self._pool.connection() as conn:
@@ -260,27 +267,39 @@ class PostgresStore(SQLStore):
                 self._drop_lost_connections()
             raise Unavailable(f"PostgreSQL unavailable: {err}") from err
         finally:
-            pool.putconn(conn)
+            if pool is None:
+                conn.close()
+            else:
+                pool.putconn(conn)
 
-    def _reading_connection(self) -> tuple[ConnectionPool, psycopg.Connection[Any]]:
-        lost = self.primary_lost_at
+    def _reading_connection(self) -> tuple[ConnectionPool | None, psycopg.Connection[Any]]:
+        """A pooled connection to the primary; while none comes, a standby's when the URL names one. A pool merely
+        busy is no failover: then a connection of the read's own to the primary (pool None: closed after the read)."""
         if self._standby_conninfo is None:
             try:
                 return self._pool, self._pool.getconn()
             except psycopg.OperationalError as err:
                 raise Unavailable(f"PostgreSQL unavailable: {err}") from err
-        if lost is None or time.monotonic() - lost >= PRIMARY_RETRY_SECONDS:
+        lost = self.primary_lost_at
+        if lost is not None and time.monotonic() - lost < PRIMARY_RETRY_SECONDS:
+            return self._from_standby()
+        pool: ConnectionPool | None = self._pool
+        try:
+            conn = self._pool.getconn(timeout=READ_WAIT_SECONDS if lost is None else 0.5)
+        except psycopg.OperationalError:  # PoolTimeout: every connection busy, or none to be had
             try:
-                conn = self._pool.getconn(timeout=READ_WAIT_SECONDS if lost is None else 0.5)
-            except psycopg.OperationalError:  # no primary's connection in time (PoolTimeout): a standby serves
+                conn, pool = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=2), None
+            except psycopg.OperationalError:
                 if lost is None:
                     log.warning("no PostgreSQL primary answers: reading from a standby meanwhile")
                 self.primary_lost_at = time.monotonic()
-            else:
-                if lost is not None:
-                    log.warning("the PostgreSQL primary answers again")
-                self.primary_lost_at = None
-                return self._pool, conn
+                return self._from_standby()
+        if lost is not None:
+            log.warning("the PostgreSQL primary answers again")
+        self.primary_lost_at = None
+        return pool, conn
+
+    def _from_standby(self) -> tuple[ConnectionPool, psycopg.Connection[Any]]:
         try:
             standby = self._standby()
             return standby, standby.getconn()
