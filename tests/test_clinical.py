@@ -153,6 +153,8 @@ def test_a_form_sent_twice_records_once(seeded: Store) -> None:
     assert observations() == before + 2
     record_vitals(seeded, patient, {**vitals, "entry": str(Entry.new())}, NURSE, NOW)
     assert observations() == before + 4
+    other = next(p["id"] for p in find(seeded, "Patient") if p["id"] != patient)
+    assert not set(record_vitals(seeded, other, vitals, NURSE, NOW)) & set(first), "the entry on another patient's form records anew"
 
     rx = find(seeded, "MedicationRequest", ("status", "active"))[0]
     def administrations() -> list[str]:

@@ -81,11 +81,12 @@ def record_vitals(store: Store, patient_id: str, form: Mapping[str, str], clinic
         problems["diastolic"] = "diastolic-above-systolic"
     if problems:
         raise InvalidForm(problems)
+    # the ids name the patient too: an entry sent with another patient's form (a page tampered with) records anew
     entry = Entry.of(form.get("entry"))
-    observations = [_vital(sign, value, patient_id, clinician, now, entry.id(sign.field)) for sign, value in values]
+    observations = [_vital(sign, value, patient_id, clinician, now, entry.id(f"{patient_id}/{sign.field}")) for sign, value in values]
 
     def save(tx: Session) -> list[str]:
-        already = entry.recorded(tx, "Observation", *(sign.field for sign in VITAL_SIGNS))
+        already = entry.recorded(tx, "Observation", *(f"{patient_id}/{sign.field}" for sign in VITAL_SIGNS))
         if already:  # this form was sent before and recorded: not twice
             return already
         return [operations.create(tx, "Observation", o, resource_id=o["id"]).stored.id for o in observations]  # type: ignore[union-attr]
@@ -132,7 +133,7 @@ def record_administration(store: Store, request_id: str, form: Mapping[str, str]
         raise InvalidForm(problems)
     entry = Entry.of(form.get("entry"))
     given: Resource = {
-        "resourceType": "MedicationAdministration", "id": entry.id(),
+        "resourceType": "MedicationAdministration", "id": entry.id(request_id),
         "status": "completed" if outcome == "given" else "not-done",
         "medicationCodeableConcept": request.get("medicationCodeableConcept") or {"text": "?"},
         "subject": request["subject"], "request": {"reference": f"MedicationRequest/{request_id}"},
@@ -147,8 +148,8 @@ def record_administration(store: Store, request_id: str, form: Mapping[str, str]
         given["statusReason"] = [{"text": reason}]
 
     def save(tx: Session) -> str:
-        if entry.recorded(tx, "MedicationAdministration"):  # this form was sent before and recorded: not twice
-            return entry.id()
+        if entry.recorded(tx, "MedicationAdministration", request_id):  # this form was sent before and recorded: not twice
+            return entry.id(request_id)
         return operations.create(tx, "MedicationAdministration", given, resource_id=given["id"]).stored.id  # type: ignore[union-attr]
 
     return store.write(save)
