@@ -110,6 +110,38 @@ def test_the_site_keeps_serving_and_says_since_when_it_is_cut_off(group: tuple[R
     assert replayed.status_code == 200 and replayed.json()["name"][0]["family"] == "Urgence"
 
 
+def test_site_contacts_list_every_known_site_heard_or_not() -> None:
+    from rebond.site.contacts import IN_CONTACT_SECONDS, SiteContacts
+
+    now = [1_000.0]
+    contacts = SiteContacts(clock=lambda: now[0])
+    contacts.heard("H1", "site-h1", "10.0.1.5", behind=True)
+    now[0] += 3
+    listed = {s["site"]: s for s in contacts.status([("H1", "Hôpital Nord"), ("H2", "Hôpital Sud")])}
+    assert listed["H1"]["in_contact"] and listed["H1"]["behind"] and listed["H1"]["seconds_since"] == 3.0
+    assert listed["H1"]["name"] == "Hôpital Nord" and listed["H1"]["address"] == "10.0.1.5"
+    assert listed["H2"]["name"] == "Hôpital Sud" and listed["H2"]["last_contact"] is None and not listed["H2"]["in_contact"]
+    now[0] += IN_CONTACT_SECONDS
+    assert [s["in_contact"] for s in contacts.status([])] == [False], "a site heard from, but not for a while"
+
+
+def test_the_central_status_page_says_which_site_nodes_are_in_contact(group: tuple[RebondServer, SiteServer]) -> None:
+    central, site = group
+
+    def h1() -> dict[str, object]:
+        return next(s for s in central.status()["sites"] if s["site"] == "H1")  # type: ignore[union-attr]
+
+    wait_for(lambda: h1()["in_contact"] is True)
+    assert h1()["name"] and h1()["polls"] and h1()["account"] == "interface-tests"
+    page = httpx.get(f"{central.base}/status", headers={"Accept-Language": "fr"}).text
+    assert "Nœuds des sites du groupe" in page and "en lien" in page
+    site.kill()  # the hospital's link, or its server, is gone
+    took = wait_for(lambda: h1()["in_contact"] is False, 20)
+    print(f"\nthe central status page said the site was out of contact {took:.1f} s after its last poll stopped")
+    page = httpx.get(f"{central.base}/status", headers={"Accept-Language": "fr"}).text
+    assert "sans lien" in page and "il continue sur sa propre copie" in page
+
+
 def test_the_staff_sign_in_at_a_cut_off_site_with_their_central_password(demo_db: str, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     central = RebondServer(demo_db).start()

@@ -26,6 +26,7 @@ from rebond.hl7.mllp import MllpServer
 from rebond.ops.situation import Situation, is_situation_update
 from rebond.security.accounts import PEOPLE, Accounts
 from rebond.security.audit import AuditMiddleware, AuditQueryError, AuditTrail, access_from_json, audit_event, audit_query
+from rebond.site.contacts import SiteContacts
 from rebond.site.node import Node
 from rebond.store.base import Guard, Store, StoreError
 from rebond.web.app import SESSION_COOKIE, WebApp
@@ -48,7 +49,17 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
     trail = trail or AuditTrail(store)
     # the central site shows every site's updates; a site node the group's and its own
     situation = Situation(store, site=None if node.role == "central" else store.site_id)
-    api = FhirApi(store, authorize=api_guard(accounts), guard_for=situation_guard)
+    contacts = SiteContacts()
+
+    def feed_read(request: Request, behind: bool) -> None:
+        """A site node's poll of the change feed (it says which site it is): that hospital is in contact."""
+        account = getattr(request.state, "account", None)
+        said = request.headers.get("x-rebond-site", "").strip()[:64]
+        if account is not None and account.may("name-origin-site") and (said or account.may("follow-accounts")):
+            contacts.heard(said or account.username, account.username, request.client.host if request.client else "?",
+                           behind=behind)
+
+    api = FhirApi(store, authorize=api_guard(accounts), guard_for=situation_guard, on_feed_read=feed_read)
 
     def banner(t: Translator) -> str | None:
         said = [node.banner(t), situation_banner(t, situation)]
@@ -121,6 +132,8 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
         facts["database"] = await run_in_threadpool(store.database)
         facts["situation"] = await run_in_threadpool(situation.status)
         facts["audit"] = trail.status()
+        if node.role == "central":
+            facts["sites"] = contacts.status(await run_in_threadpool(situation.sites))
         if "json" in request.headers.get("accept", ""):
             return JSONResponse(facts)
         return web.status_page(request, facts)

@@ -67,8 +67,11 @@ class FhirApi:
 
     def __init__(self, store: Store, *, max_body: int = MAX_BODY_BYTES, search_slots: int = SEARCH_SLOTS,
                  authorize: Callable[[Request, str], Awaitable[None]] | None = None,
-                 guard_for: Callable[[Request], Guard | None] | None = None) -> None:
+                 guard_for: Callable[[Request], Guard | None] | None = None,
+                 on_feed_read: Callable[[Request, bool], None] | None = None) -> None:
         self.store = store
+        # told of each page of `$changes` served (and whether it was full: more waiting), to know who follows the feed
+        self.on_feed_read = on_feed_read
         # what the caller may not write whatever its permissions say (Session.guard), from its request; None: no limit
         self.guard_for = guard_for
         # raises FhirError 401/403 unless the caller may read (False) or write (True); None: no accounts on this API
@@ -339,6 +342,8 @@ class FhirApi:
             "link": [{"relation": "next", "url": f"{base}/$changes?{urlencode({'after': page.next_cursor, '_count': count})}"}],
             "entry": entries,
         }
+        if self.on_feed_read is not None:
+            self.on_feed_read(request, len(entries) >= count)
         return fhir_response(bundle)
 
     async def system_bundle(self, request: Request) -> Response:

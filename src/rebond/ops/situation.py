@@ -222,6 +222,8 @@ def module_states(updates: list[Update]) -> list[ModuleState]:
 
 #: seconds: the status page asked for fresh updates (after a publication) reads them at most this often
 FRESH_AT_MOST_EVERY = 1.0
+#: seconds the list of the group's sites is kept (they change when a hospital joins the group)
+SITES_KEPT_SECONDS = 60.0
 
 
 class Situation:
@@ -236,6 +238,8 @@ class Situation:
         self._lock = threading.Lock()
         self._read_at: float | None = None
         self._updates: list[Update] = []
+        self._sites: list[tuple[str, str]] = []
+        self._sites_read_at: float | None = None
         self.problem: str | None = None  # why the last reading failed: the updates shown are the last ones read
 
     def updates(self, *, fresh: bool = False) -> list[Update]:
@@ -257,6 +261,19 @@ class Situation:
                 return self._updates
         with self._lock:
             self._updates, self._read_at, self.problem = found, self.clock(), None
+        return found
+
+    def sites(self) -> list[tuple[str, str]]:
+        """The group's sites (`known_sites`), read at most once a minute; none while the store does not answer."""
+        with self._lock:
+            if self._sites_read_at is not None and self.clock() - self._sites_read_at < SITES_KEPT_SECONDS:
+                return self._sites
+        try:
+            found = known_sites(self.store)
+        except StoreError:
+            return self._sites
+        with self._lock:
+            self._sites, self._sites_read_at = found, self.clock()
         return found
 
     def publish(self, update: Update, author: Clinician) -> Update:

@@ -92,7 +92,8 @@ class Follower(BackgroundLoop):
                  page_size: int = 500) -> None:
         self.store = store
         self.upstream = upstream.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # the central site lists its site nodes by the site each says it is (its status page: in contact or not)
+        self.headers = {"X-Rebond-Site": store.site_id, **({"Authorization": f"Bearer {token}"} if token else {})}
         self.interval = interval
         self.timeout = timeout
         self.page_size = page_size
