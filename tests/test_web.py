@@ -260,3 +260,18 @@ def test_it_reads_and_replays_hl7_dead_letters_in_the_web_app(web: RebondServer)
     assert replayed.status_code == 303 and replayed.headers["location"] == "/admin/hl7?outcome=applied"
     assert "never admitted" not in admin.get("/admin/hl7").text
     assert signed_in(web.base, "nurse").get("/admin/hl7").status_code == 403
+
+
+def test_every_account_reads_the_on_call_rota_the_staff_and_the_procedures_binder(web: RebondServer) -> None:
+    assert httpx.get(f"{web.base}/directory", follow_redirects=False).status_code == 303, "signed in only"
+    for who in ("nurse", "lab", "crisis"):  # no patient data: the crisis cell and the lab read it too
+        client = signed_in(web.base, who)
+        directory = client.get("/directory")
+        assert directory.status_code == 200 and "Annuaire et gardes" in directory.text, who
+        # the rota has a night shift (garde, 18:30-08:30) every day: it is now, or within the next 24 hours
+        assert "Garde sur place" in directory.text and "Dr " in directory.text
+        assert "Personnel de chaque service" in directory.text and "Infirmier(ère)" in directory.text
+        binder = client.get("/procedures")
+        assert binder.status_code == 200 and "Classeur des procédures" in binder.text
+        assert "Prévenir la cellule de crise (poste 5555)." in binder.text and "hyperkaliémie" in binder.text
+        assert binder.text.index("mode dégradé") < binder.text.index("hyperkaliémie"), "what to do when the IT fails first"

@@ -16,11 +16,11 @@ from typing import Any
 import orjson
 
 from rebond.clinical.census import Ward, ward_occupancy
-from rebond.clinical.chart import PatientChart, note, patient_chart
-from rebond.clinical.conventions import DOCUMENT_CATEGORY, ON_CALL_SYSTEM
+from rebond.clinical.chart import PatientChart, patient_chart
 from rebond.clinical.medication import Prescription
-from rebond.clinical.records import HOSPITAL_TZ, concept_text, fhir_instant, find, instant, read, ref_id
+from rebond.clinical.records import HOSPITAL_TZ, concept_text, find, instant
 from rebond.clinical.results import LabResult
+from rebond.clinical.staff import procedures, shifts
 from rebond.store.base import Store
 from rebond.web.i18n import Translator
 
@@ -147,37 +147,13 @@ def _patient(store: Store, t: Translator, chart: PatientChart, bed: str, now: dt
 def _on_call(store: Store, t: Translator, ward_id: str, now: dt.datetime) -> list[dict[str, str]]:
     """The shifts that cover today (hospital time) for this ward: who, what kind, from when to when."""
     day = now.astimezone(HOSPITAL_TZ).replace(hour=0, minute=0, second=0, microsecond=0)
-    shifts = find(store, "Schedule", ("actor", f"Location/{ward_id}"), ("date", f"le{fhir_instant(day + dt.timedelta(days=1))}"),
-                  ("date", f"ge{fhir_instant(day)}"))
-    out = []
-    for shift in shifts:
-        horizon = shift.get("planningHorizon") or {}
-        start, end = instant(horizon.get("start")), instant(horizon.get("end"))
-        if start is None or end is None or end <= day or start >= day + dt.timedelta(days=1):
-            continue
-        who = next((a.get("display", "") for a in shift.get("actor") or () if "Practitioner/" in str(a.get("reference", ""))), "")
-        if not who:
-            role_id = next((ref_id(a, "PractitionerRole") for a in shift.get("actor") or () if ref_id(a, "PractitionerRole")), None)
-            role = read(store, "PractitionerRole", role_id) if role_id else None
-            who = str(((role or {}).get("practitioner") or {}).get("display", ""))
-        kind = next((c.get("code") for s in shift.get("serviceType") or () for c in s.get("coding") or ()
-                     if c.get("system") == ON_CALL_SYSTEM), "")
-        out.append({"who": who or "—", "kind": concept_text((shift.get("serviceType") or [{}])[0]) or kind,
-                    "from": t.datetime(start), "to": t.datetime(end), "sort": start.isoformat()})
-    return [{k: v for k, v in row.items() if k != "sort"} for row in sorted(out, key=lambda r: r["sort"])]
+    return [{"who": shift.who, "kind": shift.label, "from": t.datetime(shift.start), "to": t.datetime(shift.end)}
+            for shift in shifts(store, day, day + dt.timedelta(days=1), ward_id=ward_id)]
 
 
 def _procedures(store: Store, hospital_id: str | None) -> list[dict[str, Any]]:
     """The downtime procedures of the hospital's binder (or of the group, when the hospital has none of its own)."""
-    documents = find(store, "DocumentReference", ("category", f"{DOCUMENT_CATEGORY}|downtime-procedure"), ("status", "current"))
-    own = [d for d in documents if ref_id(d.get("custodian"), "Organization") == hospital_id]
-    out: list[dict[str, Any]] = []
-    for document in own or documents:
-        procedure = note(document)
-        # the document's own heading repeats its title: the steps are what the page needs
-        out.append({"title": procedure.title,
-                    "lines": [line for line in procedure.text.splitlines() if line.strip() and not line.startswith("#")]})
-    return sorted(out, key=lambda p: p["title"])
+    return [{"title": p.title, "lines": p.lines} for p in procedures(store, hospital_id)]
 
 
 def _facts(patients: list[dict[str, Any]]) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from rebond.clinical.patients import UnclearSearch, find_patients, parse_day, pa
 from rebond.clinical.recording import VITAL_SIGNS, InvalidForm, record_administration, record_vitals
 from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, any_of, fhir_instant, instant, read
 from rebond.clinical.results import acknowledge_result, reports
+from rebond.clinical.staff import Shift, StaffMember, binder, shifts, staff_by_ward
 from rebond.downtime.library import KeptPack, PackLibrary
 from rebond.downtime.pack import source_from, ward_pack
 from rebond.downtime.render import render_pdf
@@ -52,6 +53,8 @@ HERE = Path(__file__).parent
 SESSION_COOKIE = "rebond_session"
 LANGUAGE_COOKIE = "rebond_lang"
 LOGIN_CSRF_COOKIE = "rebond_login"
+#: the directory lists the on-call shifts starting within this many hours (at 16:00: tonight's)
+ON_CALL_AHEAD_HOURS = 24
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
                                "frame-ancestors 'none'; form-action 'self'",
@@ -137,6 +140,8 @@ class WebApp:
             Route("/patients/{patient_id}/vitals", page(self.vitals_form, "record-vitals"), methods=["GET", "POST"]),
             Route("/patients/{patient_id}/administrations/{request_id}", page(self.administration_form, "record-administrations"),
                   methods=["GET", "POST"]),
+            Route("/directory", page(self.directory, None), methods=["GET"]),
+            Route("/procedures", page(self.procedures_binder, None), methods=["GET"]),
             Route("/results", page(self.results, "view-results"), methods=["GET"]),
             Route("/results/{report_id}/acknowledge", page(self.acknowledge, "acknowledge-results"), methods=["POST"]),
             Route("/admin/accounts", page(self.account_list, "manage-accounts"), methods=["GET"]),
@@ -288,6 +293,23 @@ class WebApp:
             return RedirectResponse("/status", status_code=303)
         hospitals = await run_in_threadpool(group_wards, self.store)
         return self._show(p, "home.html", hospitals=hospitals)
+
+    async def directory(self, p: Page) -> Response:
+        """Who is on call now and in the next hours, and who works on each ward: no patient data, for every account."""
+        def load() -> tuple[list[HospitalWards], list[Shift], list[Shift], dict[str, list[StaffMember]]]:
+            now = p.now
+            upcoming = shifts(self.store, now, now + dt.timedelta(hours=ON_CALL_AHEAD_HOURS))
+            return (group_wards(self.store), [s for s in upcoming if s.start <= now], [s for s in upcoming if s.start > now],
+                    staff_by_ward(self.store))
+
+        hospitals, current, coming, staff = await run_in_threadpool(load)
+        wards = {ward.id: ward for h in hospitals for ward, _n in h.wards}
+        return self._show(p, "directory.html", hospitals=hospitals, wards=wards, current=current, coming=coming, staff=staff,
+                          ahead=ON_CALL_AHEAD_HOURS)
+
+    async def procedures_binder(self, p: Page) -> Response:
+        """Each hospital's procedures binder: what to do when the IT fails first, then the clinical procedures."""
+        return self._show(p, "procedures.html", binders=await run_in_threadpool(binder, self.store))
 
     async def census(self, p: Page) -> Response:
         census = await run_in_threadpool(ward_census, self.store, p.request.path_params["ward_id"], p.now)
