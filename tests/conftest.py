@@ -11,6 +11,7 @@ import pytest
 
 from rebond.store import open_store
 from rebond.store.base import Store
+from tests.infrastructure import started
 from tests.pg_harness import PostgresServer
 from tests.server import RebondServer
 
@@ -30,12 +31,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
-    try:
-        server = PostgresServer().start()
-    except Exception as err:
-        if os.environ.get("CI"):
-            raise  # in CI PostgreSQL must be there: `make test` installs it
-        pytest.skip(f"PostgreSQL unavailable here: {err}")
+    server = started(lambda: PostgresServer().start(), "PostgreSQL")
     yield server
     server.stop()
 

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from rebond.clinical.imaging import Orthanc
 from rebond.disk import DiskWatch
 from rebond.downtime.schedule import PackSchedule
 from rebond.fhir.api import FhirApi, error_response
@@ -37,7 +38,7 @@ log = logging.getLogger("rebond")
 
 def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: bool = False,
                mllp: MllpServer | None = None, node: Node | None = None, downtime: PackSchedule | None = None,
-               disks: DiskWatch | None = None, trail: AuditTrail | None = None) -> Starlette:
+               disks: DiskWatch | None = None, trail: AuditTrail | None = None, pacs: Orthanc | None = None) -> Starlette:
     node = node or Node(store)
     if disks is None:  # the disks of the store's file and of the downtime packs
         kept = store.local_file()
@@ -71,7 +72,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
         return " ".join(text for text in said if text) or None
 
     web = WebApp(store, accounts, secure_cookies=secure_cookies, status_banner=banner, upstream=node.upstream_access(),
-                 downtime=downtime, source=node.status, situation=situation)
+                 downtime=downtime, source=node.status, situation=situation, pacs=pacs)
 
     async def healthz(request: Request) -> Response:
         try:
@@ -130,6 +131,8 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
             facts["mllp"] = await run_in_threadpool(mllp.status)
         facts["disk"] = disks.status()
         facts["database"] = await run_in_threadpool(store.database)
+        if pacs is not None:
+            facts["imaging"] = await run_in_threadpool(pacs.status)
         facts["situation"] = await run_in_threadpool(situation.status)
         facts["audit"] = trail.status()
         if node.role == "central":
@@ -263,4 +266,5 @@ def app_from_environment() -> Starlette:
         from rebond.downtime.schedule import ScheduleView
 
         packs = ScheduleView(PackLibrary(Path(os.environ["REBOND_DOWNTIME_DIR"]), int(os.environ.get("REBOND_DOWNTIME_KEEP", "6"))))
-    return create_app(store, session_idle=float(os.environ.get("REBOND_SESSION_IDLE", 30 * 60)), downtime=packs)
+    pacs = Orthanc(os.environ["REBOND_ORTHANC"]) if os.environ.get("REBOND_ORTHANC") else None
+    return create_app(store, session_idle=float(os.environ.get("REBOND_SESSION_IDLE", 30 * 60)), downtime=packs, pacs=pacs)

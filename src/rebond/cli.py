@@ -20,6 +20,7 @@ from rebond.store import DEFAULT_DB, open_store
 from rebond.store.base import StoreError
 
 if TYPE_CHECKING:
+    from rebond.clinical.imaging import Orthanc
     from rebond.downtime.schedule import PackScheduler
     from rebond.hl7.mllp import MllpServer
     from rebond.security.accounts import Accounts
@@ -51,6 +52,8 @@ def serve(
     downtime_dir: Annotated[str | None, typer.Option(help="where the downtime packs are kept (default: var/downtime)")] = None,
     downtime_every: Annotated[float, typer.Option(help="minutes between two rounds of downtime packs (0: none)")] = 10,
     downtime_keep: Annotated[int, typer.Option(help="downtime packs kept per ward")] = 6,
+    orthanc: Annotated[str | None, typer.Option(help="the PACS's Orthanc REST API, e.g. http://pacs:8042: imaging reports "
+                                                     "link to their images there")] = None,
 ) -> None:
     """Serve the web app at http://HOST:PORT/ and the FHIR API at http://HOST:PORT/fhir."""
     import uvicorn
@@ -58,6 +61,7 @@ def serve(
     from rebond.app import create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    pacs = _pacs(orthanc)
     if mllp_port is not None and workers > 1:
         raise fail("--mllp-port runs in a single server process: leave out --workers, or run the listener on its own")
     if mllp_workers is not None and mllp_workers < 0:
@@ -80,6 +84,8 @@ def serve(
         os.environ["REBOND_DB"] = db
         os.environ["REBOND_SITE_ID"] = site_id
         os.environ["REBOND_SESSION_IDLE"] = str(session_idle_minutes * 60)
+        if orthanc:
+            os.environ["REBOND_ORTHANC"] = orthanc
         if packs is not None:
             os.environ["REBOND_DOWNTIME_DIR"] = str(packs.library.root)
             os.environ["REBOND_DOWNTIME_KEEP"] = str(packs.library.keep)
@@ -98,8 +104,16 @@ def serve(
 
     node = Node(store)
     downtime = _pack_scheduler(db, site_id, downtime_dir or "var/downtime", downtime_every, downtime_keep, node.status)
-    uvicorn.run(create_app(store, session_idle=session_idle_minutes * 60, mllp=mllp, node=node, downtime=downtime), host=host,
-                port=port, log_level=log_level, access_log=False)
+    uvicorn.run(create_app(store, session_idle=session_idle_minutes * 60, mllp=mllp, node=node, downtime=downtime,
+                           pacs=pacs), host=host, port=port, log_level=log_level, access_log=False)
+
+
+def _pacs(url: str | None) -> Orthanc | None:
+    from rebond.clinical.imaging import Orthanc
+
+    if url and not url.startswith(("http://", "https://")):
+        raise fail(f"--orthanc takes the URL of Orthanc's REST API, e.g. http://pacs:8042, not '{url}'")
+    return Orthanc(url) if url else None
 
 
 @app.command()
@@ -117,6 +131,8 @@ def site(
     downtime_dir: Annotated[str | None, typer.Option(help="where the downtime packs are kept (default: var/downtime)")] = None,
     downtime_every: Annotated[float, typer.Option(help="minutes between two rounds of downtime packs (0: none)")] = 10,
     downtime_keep: Annotated[int, typer.Option(help="downtime packs kept per ward")] = 6,
+    orthanc: Annotated[str | None, typer.Option(help="this hospital's PACS (Orthanc REST API, e.g. http://pacs-h1:8042): "
+                                                     "imaging reports link to their images there")] = None,
 ) -> None:
     """Run a site node: a live copy of the central data that keeps serving when the central site is gone."""
     import uvicorn
@@ -125,6 +141,7 @@ def site(
     from rebond.site.node import SiteNode
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    pacs = _pacs(orthanc)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll of the feed says nothing
     if not upstream.startswith(("http://", "https://")):
         raise fail(f"--upstream must be the central FHIR base URL (http://host:port/fhir), not '{upstream}'")
@@ -151,8 +168,8 @@ def site(
                       f"following {upstream} (store: {_redact(db)})")
     downtime = _pack_scheduler(db, site_id, downtime_dir or f"var/downtime-{site_id}", downtime_every, downtime_keep, node.status)
     gc.freeze()
-    uvicorn.run(create_app(store, session_idle=session_idle_minutes * 60, mllp=mllp, node=node, downtime=downtime), host=host,
-                port=port, log_level=log_level, access_log=False)
+    uvicorn.run(create_app(store, session_idle=session_idle_minutes * 60, mllp=mllp, node=node, downtime=downtime,
+                           pacs=pacs), host=host, port=port, log_level=log_level, access_log=False)
 
 
 def _mllp_listener(store: Store, db: str, site_id: str, host: str, port: int | None, workers: int | None, *,

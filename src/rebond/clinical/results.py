@@ -75,6 +75,7 @@ class ResultReport:
     results: list[LabResult] = field(default_factory=list)
     conclusion: str = ""
     acknowledgement: Acknowledgement | None = None
+    imaging_study: str | None = None  # the ImagingStudy an imaging report reads (its images: /patients/…/imaging/{id})
 
     @property
     def abnormal(self) -> list[LabResult]:
@@ -145,6 +146,7 @@ def _report(resource: Resource, observations: dict[str, LabResult]) -> ResultRep
         title=concept_text(resource.get("code")), status=str(resource.get("status", "")),
         issued=instant(resource.get("issued") or resource.get("effectiveDateTime")), results=results,
         conclusion=str(resource.get("conclusion", "")),
+        imaging_study=next((ref_id(r, "ImagingStudy") for r in resource.get("imagingStudy") or () if ref_id(r, "ImagingStudy")), None),
     )
 
 

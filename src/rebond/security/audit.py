@@ -64,6 +64,7 @@ WEB_PAGES: dict[str, tuple[str, str]] = {
     "/wards/{ward_id}/admit": (N_("emergency admission"), "C"),
     "/patients": (N_("patient search"), "E"),
     "/patients/{patient_id}": (N_("chart"), "R"),
+    "/patients/{patient_id}/imaging/{study_id}": (N_("images"), "R"),
     "/patients/{patient_id}/vitals": (N_("vital signs"), "C"),
     "/patients/{patient_id}/administrations/{request_id}": (N_("administration"), "C"),
     "/results": (N_("results"), "R"),

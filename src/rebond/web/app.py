@@ -29,6 +29,7 @@ from starlette.staticfiles import StaticFiles
 from rebond.clinical.admission import RangeExhausted, emergency_admission, ipp_range
 from rebond.clinical.census import HospitalWards, group_wards, ward_census, ward_occupancy, ward_of
 from rebond.clinical.chart import patient_chart, patient_header
+from rebond.clinical.imaging import Orthanc, PacsUnavailable, images_of
 from rebond.clinical.medication import prescription
 from rebond.clinical.patients import UnclearSearch, find_patients, parse_day, patient_by_ipp_or_id
 from rebond.clinical.recording import VITAL_SIGNS, InvalidForm, record_administration, record_vitals
@@ -107,8 +108,9 @@ class WebApp:
     def __init__(self, store: Store, accounts: Accounts, *, secure_cookies: bool = False,
                  status_banner: Callable[[Translator], str | None] | None = None, upstream: tuple[str, str] | None = None,
                  downtime: PackSchedule | None = None, source: Callable[[], dict[str, Any]] | None = None,
-                 situation: Situation | None = None) -> None:
+                 situation: Situation | None = None, pacs: Orthanc | None = None) -> None:
         self.store = store
+        self.pacs = pacs  # the images' PACS: imaging reports link to their images there
         self.situation = situation or Situation(store, site=None)
         self.downtime = downtime  # the scheduled packs, when this node makes them
         self.source = source or (lambda: {"role": "central", "data_as_of": dt.datetime.now(dt.UTC).isoformat()})
@@ -137,6 +139,7 @@ class WebApp:
             Route("/wards/{ward_id}/admit", page(self.admit, "admit-patients"), methods=["GET", "POST"]),
             Route("/patients", page(self.patient_search, "view-patients"), methods=["GET"]),
             Route("/patients/{patient_id}", page(self.chart, "view-patients"), methods=["GET"]),
+            Route("/patients/{patient_id}/imaging/{study_id}", page(self.images, "view-patients"), methods=["GET"]),
             Route("/patients/{patient_id}/vitals", page(self.vitals_form, "record-vitals"), methods=["GET", "POST"]),
             Route("/patients/{patient_id}/administrations/{request_id}", page(self.administration_form, "record-administrations"),
                   methods=["GET", "POST"]),
@@ -356,7 +359,25 @@ class WebApp:
         analyte = next((s for s in chart.labs if s.code == selected), None)
         if analyte is None:
             analyte = next((s for s in chart.labs if s.latest.abnormal), chart.labs[0] if chart.labs else None)
-        return self._show(p, "chart.html", chart=chart, analyte=analyte, may=p.account.may, saved=p.request.query_params.get("saved"))
+        return self._show(p, "chart.html", chart=chart, analyte=analyte, may=p.account.may, saved=p.request.query_params.get("saved"),
+                          pacs=self.pacs is not None)
+
+    async def images(self, p: Page) -> Response:
+        """An imaging study's images, in the PACS's viewer (Orthanc), found there by their Study Instance UID."""
+        if self.pacs is None:
+            raise NotFound("no PACS configured (rebond serve --orthanc URL)")
+        patient_id, study_id = p.request.path_params["patient_id"], p.request.path_params["study_id"]
+        try:
+            viewer = await run_in_threadpool(images_of, self.store, self.pacs, patient_id, study_id)
+        except PacsUnavailable as err:
+            log.warning("images not opened: %s", err)
+            return self.error_page(p.request, 503, p.t.gettext("The PACS (Orthanc) does not answer: the images cannot be opened now. "
+                                                               "The report can still be read in the chart."), p.account, p.session)
+        if viewer is None:
+            return self.error_page(p.request, 404, p.t.gettext("The images of this examination are not in the PACS (yet): the report "
+                                                               "can be read in the chart. Ask radiology if they are needed."),
+                                   p.account, p.session)
+        return RedirectResponse(viewer, status_code=303)
 
     async def vitals_form(self, p: Page) -> Response:
         patient_id = p.request.path_params["patient_id"]
