@@ -1,5 +1,6 @@
 """A real Orthanc for the imaging tests (Debian's `orthanc`; `make test` installs it), on a free port, its storage in
-a temporary folder, no plugins, DICOM networking off: the tests put studies in through its REST API."""
+a temporary folder, no plugins, DICOM networking off, one account (HTTP basic): the tests put studies in through its
+REST API."""
 from __future__ import annotations
 
 import contextlib
@@ -17,14 +18,22 @@ from tests.pg_harness import free_port
 
 
 class OrthancServer:
+    USER, PASSWORD = "rebond", "pacs-secret"
+
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="rebond-orthanc-"))
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.auth = (self.USER, self.PASSWORD)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url_with_account(self) -> str:
+        """What Rebond is given: the account in the URL."""
+        return f"http://{self.USER}:{self.PASSWORD}@127.0.0.1:{self.port}"
 
     def start(self) -> OrthancServer:
         binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
@@ -33,14 +42,14 @@ class OrthancServer:
         config = self.dir / "orthanc.json"
         config.write_text(json.dumps({
             "Name": "rebond-tests", "StorageDirectory": str(self.dir / "storage"), "IndexDirectory": str(self.dir / "index"),
-            "HttpPort": self.port, "DicomServerEnabled": False, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-            "Plugins": []}))
+            "HttpPort": self.port, "DicomServerEnabled": False, "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
+            "RegisteredUsers": {self.USER: self.PASSWORD}, "Plugins": []}))
         with open(self.dir / "log", "wb") as log:
             self.proc = subprocess.Popen([binary, str(config)], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 30
         while time.time() < deadline:
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/system", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/system", timeout=1, auth=self.auth).status_code == 200:
                     return self
             time.sleep(0.1)
         raise RuntimeError(f"Orthanc did not start: {(self.dir / 'log').read_text()[-2000:]}")
@@ -49,7 +58,7 @@ class OrthancServer:
         """One DICOM instance of a new study, made by Orthanc itself (/tools/create-dicom), as a modality would send it."""
         tags = {"PatientID": patient_id, "PatientName": "TEST^IMAGES", "StudyInstanceUID": study_uid, "Modality": modality,
                 "StudyDescription": description}
-        response = httpx.post(f"{self.url}/tools/create-dicom", json={"Tags": tags, "Force": True}, timeout=30)
+        response = httpx.post(f"{self.url}/tools/create-dicom", json={"Tags": tags, "Force": True}, timeout=30, auth=self.auth)
         response.raise_for_status()
         return dict(response.json())
 

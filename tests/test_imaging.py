@@ -39,7 +39,7 @@ def test_an_imaging_report_opens_its_images_in_orthanc_and_says_so_when_it_canno
     ipp = next(i["value"] for i in patient["identifier"] if i["system"] == GROUP_IPP_SYSTEM)
     in_orthanc = pacs.store_study(ipp, uid, str(kept.get("description", "")))
 
-    server = RebondServer(demo_db, "--orthanc", pacs.url).start()
+    server = RebondServer(demo_db, "--orthanc", pacs.url_with_account).start()
     try:
         nurse = signed_in(server.base, "nurse")
         chart = nurse.get(f"/patients/{patient_id}")
@@ -48,8 +48,10 @@ def test_an_imaging_report_opens_its_images_in_orthanc_and_says_so_when_it_canno
         opened = nurse.get(link, follow_redirects=False)
         assert opened.status_code == 303, opened.text
         viewer = opened.headers["location"]
+        # found with Rebond's account; the browser gets the viewer without it (Orthanc asks the person for theirs)
         assert viewer == f"{pacs.url}/app/explorer.html#study?uuid={in_orthanc['ParentStudy']}"
-        assert httpx.get(f"{pacs.url}/studies/{in_orthanc['ParentStudy']}").json()["MainDicomTags"]["StudyInstanceUID"] == uid
+        study = httpx.get(f"{pacs.url}/studies/{in_orthanc['ParentStudy']}", auth=pacs.auth).json()
+        assert study["MainDicomTags"]["StudyInstanceUID"] == uid
 
         other = missing["subject"]["reference"].split("/")[1]
         absent = nurse.get(f"/patients/{other}/imaging/{missing['id']}", follow_redirects=False)
@@ -58,6 +60,7 @@ def test_an_imaging_report_opens_its_images_in_orthanc_and_says_so_when_it_canno
         assert wrong.status_code == 404, "a study is opened only from its own patient's chart"
         facts = server.status()["imaging"]
         assert facts == {"pacs": pacs.url, "reachable": True, "problem": None}  # type: ignore[comparison-overlap]
+        assert pacs.PASSWORD not in httpx.get(f"{server.base}/status").text, "the status page shows no password"
 
         pacs.stop()  # the PACS is down: the report is still read, the images are said to be out of reach
         down = nurse.get(link, follow_redirects=False)

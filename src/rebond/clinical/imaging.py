@@ -34,10 +34,13 @@ def study_uid(study: dict[str, Any]) -> str | None:
 
 
 class Orthanc:
-    """An Orthanc server's REST API (no credentials, or `user:password@` in the URL)."""
+    """An Orthanc server's REST API. Credentials in the URL (`http://user:password@pacs:8042`) are Rebond's to send:
+    they are kept apart, never shown on the status page nor given to a browser in the viewer's link."""
 
-    def __init__(self, base: str, *, timeout: float = 3.0) -> None:
-        self.base = base.rstrip("/")
+    def __init__(self, url: str, *, timeout: float = 3.0) -> None:
+        parsed = httpx.URL(url.rstrip("/"))
+        self.auth = (parsed.username, parsed.password) if parsed.username else None
+        self.base = str(parsed.copy_with(username=None, password=None))
         self.timeout = timeout
         self._lock = threading.Lock()
         self._seen: tuple[float, str | None] | None = None  # (when, problem) of the last "are you there"
@@ -49,7 +52,7 @@ class Orthanc:
     def find_study(self, uid: str) -> str | None:
         """Orthanc's id of the study with this Study Instance UID; None when it does not hold it."""
         try:
-            response = httpx.post(f"{self.base}/tools/lookup", content=uid, timeout=self.timeout)
+            response = httpx.post(f"{self.base}/tools/lookup", content=uid, timeout=self.timeout, auth=self.auth)
             response.raise_for_status()
             found = response.json()
         except (httpx.HTTPError, ValueError) as err:
@@ -62,7 +65,7 @@ class Orthanc:
             seen = self._seen
         if seen is None or time.monotonic() - seen[0] > REACHABLE_KEPT_SECONDS:
             try:
-                httpx.get(f"{self.base}/system", timeout=self.timeout).raise_for_status()
+                httpx.get(f"{self.base}/system", timeout=self.timeout, auth=self.auth).raise_for_status()
                 problem = None
             except httpx.HTTPError as err:
                 problem = f"Orthanc did not answer: {type(err).__name__}"
