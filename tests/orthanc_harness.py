@@ -43,7 +43,7 @@ class OrthancServer:
         config.write_text(json.dumps({
             "Name": "rebond-tests", "StorageDirectory": str(self.dir / "storage"), "IndexDirectory": str(self.dir / "index"),
             "HttpPort": self.port, "DicomServerEnabled": False, "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
-            "RegisteredUsers": {self.USER: self.PASSWORD}, "Plugins": []}))
+            "RegisteredUsers": {self.USER: self.PASSWORD}, "Plugins": [], "StableAge": 1}))  # a study is complete 1 s after
         with open(self.dir / "log", "wb") as log:
             self.proc = subprocess.Popen([binary, str(config)], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 30

@@ -1,6 +1,7 @@
 """Imaging reports lead to their images in the PACS, a real Orthanc, found there by the Study Instance UID."""
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -14,6 +15,7 @@ from rebond.store import open_store
 from tests.infrastructure import started
 from tests.orthanc_harness import OrthancServer
 from tests.server import RebondServer
+from tests.test_site import wait_for
 from tests.web_client import signed_in
 
 
@@ -59,7 +61,7 @@ def test_an_imaging_report_opens_its_images_in_orthanc_and_says_so_when_it_canno
         wrong = nurse.get(f"/patients/{other}/imaging/{kept['id']}", follow_redirects=False)
         assert wrong.status_code == 404, "a study is opened only from its own patient's chart"
         facts = server.status()["imaging"]
-        assert facts == {"pacs": pacs.url, "reachable": True, "problem": None}  # type: ignore[comparison-overlap]
+        assert isinstance(facts, dict) and (facts["pacs"], facts["reachable"], facts["problem"]) == (pacs.url, True, None)
         assert pacs.PASSWORD not in httpx.get(f"{server.base}/status").text, "the status page shows no password"
 
         pacs.stop()  # the PACS is down: the report is still read, the images are said to be out of reach
@@ -80,3 +82,50 @@ def test_orthanc_must_be_a_url(demo_db: str) -> None:
 
     refused = rebond("serve", "--db", demo_db, "--orthanc", "pacs:8042")
     assert refused.returncode == 1 and "--orthanc takes the URL" in refused.stderr
+
+
+def test_a_study_the_pacs_receives_is_linked_to_its_patient_before_any_report(demo_db: str, pacs: OrthancServer) -> None:
+    """Images come before the report: Orthanc's stable studies become ImagingStudies of the patient whose IPP is their
+    PatientID, shown in the chart with their images; a study of an unknown patient number is counted for IT, not guessed."""
+    store = open_store(demo_db)
+    try:
+        patient = find(store, "Patient", ("identifier", f"{GROUP_IPP_SYSTEM}|"), limit=1)[0]
+        ipp = next(i["value"] for i in patient["identifier"] if i["system"] == GROUP_IPP_SYSTEM)
+    finally:
+        store.close()
+    server = RebondServer(demo_db, "--orthanc", pacs.url_with_account).start()
+    try:
+        pacs.store_study(ipp, "1.2.250.1.999.3.1", "Radiographie thoracique", modality="CR")
+        pacs.store_study("999999999", "1.2.250.1.999.3.2", "Examen d'un autre établissement")
+        with server.client() as api:
+            def linked() -> list[dict[str, object]]:
+                bundle = api.get("/ImagingStudy", params={"identifier": "urn:dicom:uid|urn:oid:1.2.250.1.999.3.1"}).json()
+                return [e["resource"] for e in bundle.get("entry", [])]
+            took = wait_for(lambda: bool(linked()), 30)
+            print(f"\nthe study was in Rebond {took:.1f} s after the PACS received it")
+            study = linked()[0]
+            assert study["subject"] == {"reference": f"Patient/{patient['id']}"} and study["numberOfInstances"] == 1
+            assert study["modality"] == [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CR"}]
+            wait_for(lambda: server.status()["imaging"]["new_studies"]["unmatched"] == 1, 30)  # type: ignore[index]
+            nobody = api.get("/ImagingStudy", params={"identifier": "urn:dicom:uid|urn:oid:1.2.250.1.999.3.2"}).json()
+            assert not nobody.get("entry"), "a study of an unknown patient number is not given to anyone"
+        nurse = signed_in(server.base, "nurse")
+        chart = nurse.get(f"/patients/{patient['id']}")
+        assert "Radiographie thoracique" in chart.text and "le compte rendu est à venir" in chart.text
+        opened = nurse.get(f"/patients/{patient['id']}/imaging/{study['id']}", follow_redirects=False)
+        assert opened.status_code == 303 and opened.headers["location"].startswith(f"{pacs.url}/app/explorer.html#study?uuid=")
+        status = httpx.get(f"{server.base}/status", headers={"Accept-Language": "fr"}).text
+        assert "1 nouvel examen relié depuis le démarrage" in status and "1 examen ne désigne aucun patient connu" in status
+    finally:
+        server.stop()
+
+    # restarted, the node resumes after what it read: nothing is linked twice
+    server = RebondServer(demo_db, "--orthanc", pacs.url_with_account).start()
+    try:
+        time.sleep(7)  # more than a round of following
+        with server.client() as api:
+            again = api.get("/ImagingStudy", params={"identifier": "urn:dicom:uid|urn:oid:1.2.250.1.999.3.1"}).json()
+            assert len(again["entry"]) == 1 and again["entry"][0]["resource"]["meta"]["versionId"] == "1"
+        assert server.status()["imaging"]["new_studies"]["linked"] == 0  # type: ignore[index]
+    finally:
+        server.stop()

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rebond.clinical.imaging import Orthanc
+from rebond.clinical.imaging import Orthanc, StudyFollower
 from rebond.disk import DiskWatch
 from rebond.downtime.schedule import PackSchedule
 from rebond.fhir.api import FhirApi, error_response
@@ -51,6 +51,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
     # the central site shows every site's updates; a site node the group's and its own
     situation = Situation(store, site=None if node.role == "central" else store.site_id)
     contacts = SiteContacts()
+    studies = StudyFollower(store, pacs) if pacs is not None else None  # the PACS's new studies, linked as they come
 
     def feed_read(request: Request, behind: bool) -> None:
         """A site node's poll of the change feed (it says which site it is): that hospital is in contact."""
@@ -131,8 +132,8 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
             facts["mllp"] = await run_in_threadpool(mllp.status)
         facts["disk"] = disks.status()
         facts["database"] = await run_in_threadpool(store.database)
-        if pacs is not None:
-            facts["imaging"] = await run_in_threadpool(pacs.status)
+        if pacs is not None and studies is not None:
+            facts["imaging"] = {**await run_in_threadpool(pacs.status), "new_studies": await run_in_threadpool(studies.status)}
         facts["situation"] = await run_in_threadpool(situation.status)
         facts["audit"] = trail.status()
         if node.role == "central":
@@ -146,6 +147,8 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
         await node.start()
         await disks.start()
         trail.start()
+        if studies is not None:
+            studies.start()
         if mllp is not None:
             recovered = await run_in_threadpool(recover, store)  # kept before a crash, never applied: applied now
             if recovered:
@@ -159,6 +162,8 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
         if mllp is not None:
             await mllp.stop()
         await disks.stop()
+        if studies is not None:
+            await studies.stop()
         await run_in_threadpool(trail.stop)  # what is left of the trail is written before the store closes
         await node.stop()
 

@@ -86,6 +86,16 @@ class PatientChart(PatientHeader):
     imaging: list[ResultReport]
     notes: list[Note]
     as_of: dt.datetime
+    unreported: list[Study] = field(default_factory=list)  # imaging studies with no report yet: their images only
+
+
+@dataclass(frozen=True)
+class Study:
+    """An imaging study as the chart lists it: its images are in the PACS."""
+
+    id: str
+    description: str
+    started: dt.datetime | None
 
 
 def series_by_code(results: list[LabResult]) -> list[Series]:
@@ -152,12 +162,16 @@ def patient_chart(store: Store, patient_id: str, now: dt.datetime) -> PatientCha
     results_by_id = lab_results(store, ("subject", me), ("category", f"{OBSERVATION_CATEGORY}|laboratory"))
     lab_reports = reports(store, ("subject", me), ("category", "LAB"), observations=results_by_id, limit=REPORTS_SHOWN)
     imaging = reports(store, ("subject", me), ("category", "RAD"))
+    reported = {r.imaging_study for r in imaging}
+    unreported = sorted((Study(str(s["id"]), str(s.get("description") or ""), instant(s.get("started")))
+                         for s in find(store, "ImagingStudy", ("subject", me)) if s["id"] not in reported),
+                        key=lambda s: s.started or dt.datetime.min.replace(tzinfo=dt.UTC), reverse=True)
     notes = [note(d) for d in find(store, "DocumentReference", ("subject", me), ("_sort", "-date"))]
     return PatientChart(
         **{f.name: getattr(header, f.name) for f in fields(PatientHeader)}, problems=sorted(p for p in problems if p),
         prescriptions=prescriptions, doses=doses, administrations=administrations,
         vitals=series_by_code([lab_result(o) for o in vitals]),
         labs=sorted(series_by_code(list(results_by_id.values())), key=lambda s: s.name),
-        lab_reports=lab_reports, imaging=imaging, notes=notes, as_of=now,
+        lab_reports=lab_reports, imaging=imaging, notes=notes, as_of=now, unreported=unreported,
     )
 

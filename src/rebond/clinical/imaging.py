@@ -6,16 +6,33 @@ to Orthanc's viewer for it. Orthanc keeps the pixels; Rebond keeps the report an
 """
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import orjson
+from starlette.concurrency import run_in_threadpool
 
-from rebond.clinical.records import read, ref_id
-from rebond.store.base import NotFound, Store
+from rebond.background import BackgroundLoop
+from rebond.clinical.conventions import GROUP_IPP_SYSTEM
+from rebond.clinical.records import HOSPITAL_TZ, read, ref_id
+from rebond.fhir import operations
+from rebond.fhir.search import parse_search
+from rebond.moments import utc_second
+from rebond.store.base import NotFound, Session, Store, StoreError
 
+log = logging.getLogger("rebond.imaging")
 DICOM_UID_SYSTEM = "urn:dicom:uid"
+DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
+#: this node's state: where it stands in Orthanc's change feed
+IMAGING_STATE = "imaging"
+#: changes read from Orthanc at a time
+CHANGES_PAGE = 100
 #: seconds: how long the PACS's answer to "are you there" is kept for the status page
 REACHABLE_KEPT_SECONDS = 10.0
 
@@ -48,6 +65,32 @@ class Orthanc:
     def viewer(self, orthanc_id: str) -> str:
         """Orthanc's own viewer of one of its studies."""
         return f"{self.base}/app/explorer.html#study?uuid={orthanc_id}"
+
+    def get(self, path: str) -> Any:
+        """A GET of the REST API, as JSON; PacsUnavailable when Orthanc does not answer."""
+        try:
+            response = httpx.get(f"{self.base}{path}", timeout=self.timeout, auth=self.auth)
+            response.raise_for_status()
+            return response.json()
+        except (httpx.HTTPError, ValueError) as err:
+            raise PacsUnavailable(f"Orthanc at {self.base} did not answer: {type(err).__name__}") from err
+
+    def study(self, orthanc_id: str) -> DicomStudy | None:
+        """One of its studies, with its series; None when it has gone since (deleted) or names no UID."""
+        try:
+            found = self.get(f"/studies/{orthanc_id}")
+        except PacsUnavailable as err:
+            if isinstance(err.__cause__, httpx.HTTPStatusError) and err.__cause__.response.status_code == 404:
+                return None
+            raise
+        tags, patient = found.get("MainDicomTags") or {}, found.get("PatientMainDicomTags") or {}
+        if not tags.get("StudyInstanceUID"):
+            return None
+        series = [(str((s.get("MainDicomTags") or {}).get("Modality", "")), len(s.get("Instances") or ()))
+                  for s in self.get(f"/studies/{orthanc_id}/series")]
+        return DicomStudy(orthanc_id, str(tags["StudyInstanceUID"]), str(patient.get("PatientID", "")),
+                          str(tags.get("StudyDescription", "")), _dicom_instant(str(tags.get("StudyDate", "")),
+                                                                               str(tags.get("StudyTime", ""))), series)
 
     def find_study(self, uid: str) -> str | None:
         """Orthanc's id of the study with this Study Instance UID; None when it does not hold it."""
@@ -84,3 +127,113 @@ def images_of(store: Store, orthanc: Orthanc, patient_id: str, study_id: str) ->
     uid = study_uid(study)
     found = orthanc.find_study(uid) if uid else None
     return orthanc.viewer(found) if found else None
+
+
+@dataclass(frozen=True)
+class DicomStudy:
+    """What Orthanc says of one of its studies."""
+
+    orthanc_id: str
+    uid: str
+    patient_number: str  # DICOM PatientID: the IPP, as the modality worklist gave it
+    description: str
+    started: str | None  # FHIR dateTime, from StudyDate and StudyTime
+    series: list[tuple[str, int]]  # (modality, instances) of each series
+
+
+def _dicom_instant(date: str, time_of_day: str) -> str | None:
+    """StudyDate (YYYYMMDD) and StudyTime (HHMMSS.frac) as a FHIR dateTime in the hospital's time zone, or None."""
+    try:
+        day = dt.datetime.strptime(date[:8], "%Y%m%d")
+    except ValueError:
+        return None
+    digits = "".join(c for c in time_of_day.split(".")[0] if c.isdigit()).ljust(6, "0")[:6]
+    try:
+        moment = day.replace(hour=int(digits[:2]), minute=int(digits[2:4]), second=int(digits[4:6]))
+    except ValueError:
+        moment = day
+    return moment.replace(tzinfo=HOSPITAL_TZ).isoformat()
+
+
+class StudyFollower(BackgroundLoop):
+    """Follows Orthanc's change feed (`/changes`): each study that has become stable (Orthanc's StableStudy, no new
+    image for a while) gets its ImagingStudy in Rebond. An ImagingStudy of the same Study Instance UID (the radiology
+    system's) is completed with the series and image counts; otherwise one is made for the patient whose IPP is the
+    study's PatientID. A study whose PatientID is no known IPP is counted, not guessed: IT sees it on the status page.
+
+    The cursor in Orthanc's feed is kept in this node's state, in the same transaction as what a page of changes made:
+    a restart resumes where it stopped, and a page applied twice changes nothing (the ImagingStudy is found by UID)."""
+
+    def __init__(self, store: Store, orthanc: Orthanc, *, interval: float = 5.0) -> None:
+        self.store = store
+        self.orthanc = orthanc
+        self.interval = interval
+        self.linked = 0
+        self.unmatched = 0
+        self.problem: str | None = None
+        self.last_at: float | None = None
+
+    def follow_once(self) -> bool:
+        """One page of Orthanc's changes; True when there was nothing more to read."""
+        since = int(self.store.get_state(IMAGING_STATE, "orthanc-changes") or 0)
+        page = self.orthanc.get(f"/changes?since={since}&limit={CHANGES_PAGE}")
+        studies = [self.orthanc.study(str(c["ID"])) for c in page.get("Changes") or ()
+                   if c.get("ChangeType") == "StableStudy" and c.get("ResourceType") == "Study"]
+
+        def keep(tx: Session) -> tuple[int, int]:
+            linked = sum(link_study(tx, study) for study in studies if study is not None)
+            tx.put_state(IMAGING_STATE, "orthanc-changes", int(page.get("Last") or since))
+            return linked, sum(1 for s in studies if s is not None) - linked
+
+        linked, unmatched = self.store.write(keep)
+        self.linked += linked
+        self.unmatched += unmatched
+        if unmatched:
+            log.warning("%d studies from the PACS name no known patient (PatientID is no IPP here): not linked", unmatched)
+        self.problem, self.last_at = None, time.time()
+        return bool(page.get("Done", True))
+
+    async def run(self) -> None:
+        while True:
+            try:
+                while not await run_in_threadpool(self.follow_once):
+                    pass
+            except (PacsUnavailable, StoreError) as err:
+                if self.problem is None:
+                    log.warning("the PACS's new studies are not followed now: %s", err)
+                self.problem = str(err)
+            except Exception:
+                log.exception("following the PACS's new studies failed")
+                self.problem = "internal error (see the server's log)"
+            await asyncio.sleep(self.interval)
+
+    def status(self) -> dict[str, Any]:
+        return {"up_to": self.store.get_state(IMAGING_STATE, "orthanc-changes"), "linked": self.linked,
+                "unmatched": self.unmatched, "last_at": utc_second(self.last_at), "problem": self.problem}
+
+
+def link_study(tx: Session, study: DicomStudy) -> bool:
+    """The ImagingStudy of a study in the PACS, completed or made; False when its PatientID is no known IPP."""
+    counts = {"numberOfSeries": len(study.series), "numberOfInstances": sum(n for _m, n in study.series)}
+    modalities = sorted({m for m, _n in study.series if m})
+    coded = [{"system": DCM_SYSTEM, "code": m} for m in modalities]
+    by_uid = f"identifier={DICOM_UID_SYSTEM}|urn:oid:{study.uid}"
+    tx.lock(f"ImagingStudy?{by_uid}")  # two followers (server processes) at once: the second finds the first's
+    found = tx.search_ids(parse_search("ImagingStudy", [("identifier", f"{DICOM_UID_SYSTEM}|urn:oid:{study.uid}")]))
+    if found:
+        current = tx.read("ImagingStudy", found[0])
+        assert current is not None and current.body is not None
+        kept = {k: v for k, v in orjson.loads(current.body).items() if k != "meta"}
+        completed = {**kept, **counts, **({"modality": coded} if coded else {})}
+        operations.update(tx, "ImagingStudy", found[0], completed)
+        return True
+    patients = tx.search_ids(parse_search("Patient", [("identifier", f"{GROUP_IPP_SYSTEM}|{study.patient_number}")]))
+    if not study.patient_number or not patients:
+        return False
+    resource: dict[str, Any] = {
+        "resourceType": "ImagingStudy", "status": "available", "subject": {"reference": f"Patient/{patients[0]}"},
+        "identifier": [{"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{study.uid}"}], **counts,
+        **({"modality": coded} if coded else {}), **({"started": study.started} if study.started else {}),
+        **({"description": study.description} if study.description else {})}
+    operations.create(tx, "ImagingStudy", resource)
+    return True

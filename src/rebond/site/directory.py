@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 from starlette.concurrency import run_in_threadpool
 
+from rebond.background import BackgroundLoop
 from rebond.security.accounts import AccountError, Accounts
-from rebond.site.follower import BackgroundLoop
 from rebond.store.base import Store
 
 log = logging.getLogger("rebond.site")

@@ -7,7 +7,6 @@ changes nothing (a version the site already has is skipped).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import time
@@ -18,6 +17,7 @@ import httpx
 import orjson
 from starlette.concurrency import run_in_threadpool
 
+from rebond.background import BackgroundLoop
 from rebond.store.base import Session, Store, Stored
 
 log = logging.getLogger("rebond.site")
@@ -65,24 +65,6 @@ class FeedState:
     def lag_seconds(self, now: float) -> float | None:
         as_of = self.data_as_of(now)
         return None if as_of is None else max(0.0, now - as_of)
-
-
-class BackgroundLoop:
-    """A loop a node runs beside its web server, started and stopped with it."""
-
-    _task: asyncio.Task[None] | None = None
-
-    async def run(self) -> None:
-        raise NotImplementedError
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self.run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
 
 class Follower(BackgroundLoop):

@@ -19,7 +19,7 @@ import httpx
 import orjson
 from starlette.concurrency import run_in_threadpool
 
-from rebond.site.follower import BackgroundLoop
+from rebond.background import BackgroundLoop
 from rebond.store.base import JournalEntry, Store
 from rebond.web.i18n import N_
 

@@ -18,9 +18,9 @@ import httpx
 import orjson
 from starlette.concurrency import run_in_threadpool
 
+from rebond.background import BackgroundLoop
 from rebond.moments import utc_second
 from rebond.security.audit import access_to_json
-from rebond.site.follower import BackgroundLoop
 from rebond.store.base import Access, Store
 
 log = logging.getLogger("rebond.site")
