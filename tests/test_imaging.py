@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import orjson
@@ -87,12 +88,7 @@ def test_orthanc_must_be_a_url(demo_db: str) -> None:
 def test_a_study_the_pacs_receives_is_linked_to_its_patient_before_any_report(demo_db: str, pacs: OrthancServer) -> None:
     """Images come before the report: Orthanc's stable studies become ImagingStudies of the patient whose IPP is their
     PatientID, shown in the chart with their images; a study of an unknown patient number is counted for IT, not guessed."""
-    store = open_store(demo_db)
-    try:
-        patient = find(store, "Patient", ("identifier", f"{GROUP_IPP_SYSTEM}|"), limit=1)[0]
-        ipp = next(i["value"] for i in patient["identifier"] if i["system"] == GROUP_IPP_SYSTEM)
-    finally:
-        store.close()
+    patient, ipp = _a_patient(demo_db)
     server = RebondServer(demo_db, "--orthanc", pacs.url_with_account).start()
     try:
         pacs.store_study(ipp, "1.2.250.1.999.3.1", "Radiographie thoracique", modality="CR")
@@ -129,3 +125,27 @@ def test_a_study_the_pacs_receives_is_linked_to_its_patient_before_any_report(de
         assert server.status()["imaging"]["new_studies"]["linked"] == 0  # type: ignore[index]
     finally:
         server.stop()
+
+
+def test_a_node_that_does_not_follow_the_pacs_opens_images_but_makes_no_imaging_study(demo_db: str, pacs: OrthancServer) -> None:
+    patient, ipp = _a_patient(demo_db)
+    server = RebondServer(demo_db, "--orthanc", pacs.url_with_account, "--no-follow-pacs").start()
+    try:
+        pacs.store_study(ipp, "1.2.250.1.999.3.9", "Échographie")
+        time.sleep(7)  # more than a round of following, and Orthanc's 1 s to call the study stable
+        with server.client() as api:
+            assert not api.get("/ImagingStudy", params={"identifier": "urn:dicom:uid|urn:oid:1.2.250.1.999.3.9"}).json().get("entry")
+        facts = server.status()["imaging"]
+        assert isinstance(facts, dict) and facts["reachable"] and facts["new_studies"] is None
+    finally:
+        server.stop()
+
+
+def _a_patient(db: str) -> tuple[dict[str, Any], str]:
+    """A patient of the demo group, and its IPP (the PatientID a modality would write)."""
+    store = open_store(db)
+    try:
+        patient = find(store, "Patient", ("identifier", f"{GROUP_IPP_SYSTEM}|"), limit=1)[0]
+    finally:
+        store.close()
+    return patient, next(i["value"] for i in patient["identifier"] if i["system"] == GROUP_IPP_SYSTEM)

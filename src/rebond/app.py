@@ -38,7 +38,8 @@ log = logging.getLogger("rebond")
 
 def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: bool = False,
                mllp: MllpServer | None = None, node: Node | None = None, downtime: PackSchedule | None = None,
-               disks: DiskWatch | None = None, trail: AuditTrail | None = None, pacs: Orthanc | None = None) -> Starlette:
+               disks: DiskWatch | None = None, trail: AuditTrail | None = None, pacs: Orthanc | None = None,
+               follow_pacs: bool = True) -> Starlette:
     node = node or Node(store)
     if disks is None:  # the disks of the store's file and of the downtime packs
         kept = store.local_file()
@@ -51,7 +52,8 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
     # the central site shows every site's updates; a site node the group's and its own
     situation = Situation(store, site=None if node.role == "central" else store.site_id)
     contacts = SiteContacts()
-    studies = StudyFollower(store, pacs) if pacs is not None else None  # the PACS's new studies, linked as they come
+    # the PACS's new studies, linked as they come (by one node per PACS: docs/imaging.md)
+    studies = StudyFollower(store, pacs) if pacs is not None and follow_pacs else None
 
     def feed_read(request: Request, behind: bool) -> None:
         """A site node's poll of the change feed (it says which site it is): that hospital is in contact."""
@@ -132,8 +134,9 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
             facts["mllp"] = await run_in_threadpool(mllp.status)
         facts["disk"] = disks.status()
         facts["database"] = await run_in_threadpool(store.database)
-        if pacs is not None and studies is not None:
-            facts["imaging"] = {**await run_in_threadpool(pacs.status), "new_studies": await run_in_threadpool(studies.status)}
+        if pacs is not None:
+            facts["imaging"] = {**await run_in_threadpool(pacs.status),
+                                "new_studies": await run_in_threadpool(studies.status) if studies is not None else None}
         facts["situation"] = await run_in_threadpool(situation.status)
         facts["audit"] = trail.status()
         if node.role == "central":
@@ -272,4 +275,5 @@ def app_from_environment() -> Starlette:
 
         packs = ScheduleView(PackLibrary(Path(os.environ["REBOND_DOWNTIME_DIR"]), int(os.environ.get("REBOND_DOWNTIME_KEEP", "6"))))
     pacs = Orthanc(os.environ["REBOND_ORTHANC"]) if os.environ.get("REBOND_ORTHANC") else None
-    return create_app(store, session_idle=float(os.environ.get("REBOND_SESSION_IDLE", 30 * 60)), downtime=packs, pacs=pacs)
+    return create_app(store, session_idle=float(os.environ.get("REBOND_SESSION_IDLE", 30 * 60)), downtime=packs, pacs=pacs,
+                      follow_pacs=bool(os.environ.get("REBOND_FOLLOW_PACS")))

@@ -54,6 +54,7 @@ def serve(
     downtime_keep: Annotated[int, typer.Option(help="downtime packs kept per ward")] = 6,
     orthanc: Annotated[str | None, typer.Option(help="the PACS's Orthanc REST API, e.g. http://pacs:8042: imaging reports "
                                                      "link to their images there")] = None,
+    follow_pacs: Annotated[bool, typer.Option(help="make the ImagingStudies of the PACS's new studies (one node per PACS)")] = True,
 ) -> None:
     """Serve the web app at http://HOST:PORT/ and the FHIR API at http://HOST:PORT/fhir."""
     import uvicorn
@@ -86,6 +87,7 @@ def serve(
         os.environ["REBOND_SESSION_IDLE"] = str(session_idle_minutes * 60)
         if orthanc:
             os.environ["REBOND_ORTHANC"] = orthanc
+            os.environ["REBOND_FOLLOW_PACS"] = "1" if follow_pacs else ""
         if packs is not None:
             os.environ["REBOND_DOWNTIME_DIR"] = str(packs.library.root)
             os.environ["REBOND_DOWNTIME_KEEP"] = str(packs.library.keep)
@@ -105,7 +107,7 @@ def serve(
     node = Node(store)
     downtime = _pack_scheduler(db, site_id, downtime_dir or "var/downtime", downtime_every, downtime_keep, node.status)
     uvicorn.run(create_app(store, session_idle=session_idle_minutes * 60, mllp=mllp, node=node, downtime=downtime,
-                           pacs=pacs), host=host, port=port, log_level=log_level, access_log=False)
+                           pacs=pacs, follow_pacs=follow_pacs), host=host, port=port, log_level=log_level, access_log=False)
 
 
 def _pacs(url: str | None) -> Orthanc | None:
@@ -133,6 +135,7 @@ def site(
     downtime_keep: Annotated[int, typer.Option(help="downtime packs kept per ward")] = 6,
     orthanc: Annotated[str | None, typer.Option(help="this hospital's PACS (Orthanc REST API, e.g. http://pacs-h1:8042): "
                                                      "imaging reports link to their images there")] = None,
+    follow_pacs: Annotated[bool, typer.Option(help="make the ImagingStudies of the PACS's new studies (one node per PACS)")] = True,
 ) -> None:
     """Run a site node: a live copy of the central data that keeps serving when the central site is gone."""
     import uvicorn
@@ -169,7 +172,7 @@ def site(
     downtime = _pack_scheduler(db, site_id, downtime_dir or f"var/downtime-{site_id}", downtime_every, downtime_keep, node.status)
     gc.freeze()
     uvicorn.run(create_app(store, session_idle=session_idle_minutes * 60, mllp=mllp, node=node, downtime=downtime,
-                           pacs=pacs), host=host, port=port, log_level=log_level, access_log=False)
+                           pacs=pacs, follow_pacs=follow_pacs), host=host, port=port, log_level=log_level, access_log=False)
 
 
 def _mllp_listener(store: Store, db: str, site_id: str, host: str, port: int | None, workers: int | None, *,
