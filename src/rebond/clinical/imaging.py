@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
 IMAGING_STATE = "imaging"
 #: changes read from Orthanc at a time
 CHANGES_PAGE = 100
+#: a DICOM UID: digits and dots, 64 characters at most
+_UID = re.compile(r"[0-9][0-9.]{0,63}")
 #: seconds: how long the PACS's answer to "are you there" is kept for the status page
 REACHABLE_KEPT_SECONDS = 10.0
 
@@ -84,7 +87,8 @@ class Orthanc:
                 return None
             raise
         tags, patient = found.get("MainDicomTags") or {}, found.get("PatientMainDicomTags") or {}
-        if not tags.get("StudyInstanceUID"):
+        if not _UID.fullmatch(str(tags.get("StudyInstanceUID", ""))):
+            log.warning("a study in the PACS has no valid Study Instance UID: not linked (Orthanc id %s)", orthanc_id)
             return None
         series = [(str((s.get("MainDicomTags") or {}).get("Modality", "")), len(s.get("Instances") or ()))
                   for s in self.get(f"/studies/{orthanc_id}/series")]
@@ -227,8 +231,11 @@ def link_study(tx: Session, study: DicomStudy) -> bool:
         completed = {**kept, **counts, **({"modality": coded} if coded else {})}
         operations.update(tx, "ImagingStudy", found[0], completed)
         return True
-    patients = tx.search_ids(parse_search("Patient", [("identifier", f"{GROUP_IPP_SYSTEM}|{study.patient_number}")]))
-    if not study.patient_number or not patients:
+    number = study.patient_number
+    if not number or any(c in number for c in ",|$\\"):  # a search's separators: never read as several numbers
+        return False
+    patients = tx.search_ids(parse_search("Patient", [("identifier", f"{GROUP_IPP_SYSTEM}|{number}")]))
+    if len(patients) != 1:  # none, or (a merge not done yet) two: not guessed
         return False
     resource: dict[str, Any] = {
         "resourceType": "ImagingStudy", "status": "available", "subject": {"reference": f"Patient/{patients[0]}"},
