@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from rebond.clinical.records import find, read
+from rebond.fhir.search import literal
 from rebond.hl7.intake import CHANNEL, prepare, receive, receive_many, replay
 from rebond.hl7.message import Message, MessageError
 from rebond.seed.demo import DemoSize, seed_demo
@@ -20,7 +21,7 @@ def hospital(store: Store) -> Store:
 
 
 def patient(store: Store, ipp: str) -> dict[str, object]:
-    found = find(store, "Patient", ("identifier", f"{IPP_SYSTEM}|{ipp}"))
+    found = find(store, "Patient", ("identifier", f"{IPP_SYSTEM}|{literal(ipp)}"))
     assert len(found) == 1
     return found[0]
 
@@ -138,6 +139,16 @@ def test_a_result_for_an_unknown_patient_is_kept_on_a_provisional_record_that_th
     admitted = patient(hospital, "900000005")
     assert admitted["id"] == provisional["id"] and "tag" not in admitted.get("meta", {})  # type: ignore[operator]
     assert find(hospital, "DiagnosticReport", ("subject", f"Patient/{admitted['id']}"))
+
+
+def test_an_identifier_with_a_search_separator_is_never_read_as_two(hospital: Store) -> None:
+    """A PID-3 typed « 900000006,900000007 » names no one known: its result goes to a provisional record of that very
+    number, never to patient 900000006 (a search would read the comma as "or")."""
+    receive(hospital, adt("A01", "S1", "900000006", "V6", bed="H1-CARDIO-03A"))
+    known = patient(hospital, "900000006")
+    assert receive(hospital, oru("S2", "900000006,900000007", "F301")).code == "AA"
+    assert not find(hospital, "DiagnosticReport", ("subject", f"Patient/{known['id']}")), "not given to 900000006"
+    assert patient(hospital, "900000006,900000007")["id"] != known["id"]
 
 
 def test_a_resent_message_is_acknowledged_again_and_applied_once(hospital: Store) -> None:

@@ -6,8 +6,11 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given as for_any
+from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
+from rebond.fhir.search import parse_search
 from rebond.fhir.searchparams import lookup
 from rebond.store.base import Store
 from rebond.store.indexing import index_resource
@@ -273,3 +276,12 @@ def test_indexing_skips_only_parameters_that_cannot_select_anything() -> None:
     assert choices > 100  # Observations with valueQuantity, valueCodeableConcept…: found through `value`
     # composites on the resource itself are evaluated only when each component has an element to read
     assert {"Observation.code-value-quantity", "Observation.code-value-concept", "Observation.component-code-value-quantity"} <= composites
+
+
+@for_any(st.text(min_size=1, max_size=30))
+def test_a_literal_value_is_searched_for_as_it_is(value: str) -> None:
+    """Whatever another system sent as an identifier (commas, bars, dollars, backslashes) is one code, not an "or"."""
+    from rebond.fhir.search import literal
+
+    (clause,) = parse_search("Patient", [("identifier", f"urn:oid:1.2.3|{literal(value)}")]).clauses
+    assert [(v.system, v.code) for v in clause.values] == [("urn:oid:1.2.3", value)]

@@ -23,7 +23,7 @@ from rebond.background import BackgroundLoop
 from rebond.clinical.conventions import GROUP_IPP_SYSTEM
 from rebond.clinical.records import HOSPITAL_TZ, read, ref_id
 from rebond.fhir import operations
-from rebond.fhir.search import parse_search
+from rebond.fhir.search import literal, parse_search
 from rebond.moments import utc_second
 from rebond.store.base import NotFound, Session, Store, StoreError
 
@@ -232,9 +232,9 @@ def link_study(tx: Session, study: DicomStudy) -> bool:
         operations.update(tx, "ImagingStudy", found[0], completed)
         return True
     number = study.patient_number
-    if not number or any(c in number for c in ",|$\\"):  # a search's separators: never read as several numbers
+    if not number:
         return False
-    patients = tx.search_ids(parse_search("Patient", [("identifier", f"{GROUP_IPP_SYSTEM}|{number}")]))
+    patients = tx.search_ids(parse_search("Patient", [("identifier", f"{GROUP_IPP_SYSTEM}|{literal(number)}")]))
     if len(patients) != 1:  # none, or (a merge not done yet) two: not guessed
         return False
     resource: dict[str, Any] = {

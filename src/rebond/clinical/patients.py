@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from rebond.clinical.census import Stay, stay
 from rebond.clinical.conventions import GROUP_IPP_SYSTEM, LOCATION_TYPE
 from rebond.clinical.records import PatientSummary, any_of, find, find_with_included, has_code, patient_summary
+from rebond.fhir.search import literal
 from rebond.store.base import Store
 
 MAX_HITS = 50
@@ -37,7 +38,7 @@ def parse_day(word: str) -> dt.date:
 def patient_by_ipp_or_id(store: Store, text: str) -> str | None:
     """The Patient id of an IPP (digits) or of an id; None when this node has no such patient."""
     if text.isdigit():
-        found = find(store, "Patient", ("identifier", f"{GROUP_IPP_SYSTEM}|{text}"), limit=1)
+        found = find(store, "Patient", ("identifier", f"{GROUP_IPP_SYSTEM}|{literal(text)}"), limit=1)
         return str(found[0]["id"]) if found else None
     return text if store.read("Patient", text) is not None else None
 
@@ -53,7 +54,7 @@ def search_terms(text: str) -> list[tuple[str, str]]:
                 raise UnclearSearch(word) from None
             params.append(("birthdate", born.isoformat()))
         elif word.isdigit():
-            params.append(("identifier", f"{GROUP_IPP_SYSTEM}|{word}"))
+            params.append(("identifier", f"{GROUP_IPP_SYSTEM}|{literal(word)}"))
         elif len(word.strip(",;")) >= 2:
             params.append(("name", word.strip(",;")))
     if not params:

@@ -93,6 +93,13 @@ class SearchQuery:
     ignored: list[str] = field(default_factory=list)  # unknown parameters dropped under lenient handling
 
 
+def literal(value: str) -> str:
+    """A value taken as it is in a search parameter: its `,` (or), `|` (system|code), `$` (composite) and `\\`
+    escaped. Every search built from what another system or a person typed (an HL7 PID-3, a DICOM PatientID) goes
+    through it: « 900000006,900000007 » is one identifier, never two."""
+    return value.replace("\\", "\\\\").replace(",", "\\,").replace("|", "\\|").replace("$", "\\$")
+
+
 def split_or(value: str) -> list[str]:
     """Split on commas not escaped with a backslash, and unescape."""
     parts = re.split(r"(?<!\\),", value)

@@ -30,7 +30,7 @@ from rebond.clinical.conventions import (
 from rebond.clinical.records import fhir_instant
 from rebond.fhir import operations
 from rebond.fhir.errors import FhirError
-from rebond.fhir.search import parse_search
+from rebond.fhir.search import literal, parse_search
 from rebond.hl7.message import Message, MessageError, Segment, hl7_time
 from rebond.store.base import Session
 
@@ -178,7 +178,7 @@ def _patient_fields(pid: Segment) -> Resource:
 
 
 def find_patient(w: Writer, system: str, value: str) -> Resource | None:
-    return w.find_one("Patient", ("identifier", f"{system}|{value}"))
+    return w.find_one("Patient", ("identifier", f"{system}|{literal(value)}"))
 
 
 def upsert_patient(w: Writer, pid: Segment, *, provisional: bool = False) -> Resource:
@@ -216,7 +216,7 @@ def upsert_patient(w: Writer, pid: Segment, *, provisional: bool = False) -> Res
 def _location_ref(w: Writer, code: str) -> Resource | None:
     if not code:
         return None
-    found = w.find_one("Location", ("identifier", f"{LOCATION_SYSTEM}|{code}"))
+    found = w.find_one("Location", ("identifier", f"{LOCATION_SYSTEM}|{literal(code)}"))
     if found is not None:
         return {"reference": f"Location/{found['id']}", "display": str(found.get("name", code))}
     return {"display": code}  # a place the group's directory does not know yet: kept by name
@@ -249,7 +249,7 @@ def _visit(pv1: Segment) -> tuple[str, str]:
 
 def find_encounter(w: Writer, pv1: Segment) -> Resource | None:
     system, value = _visit(pv1)
-    return w.find_one("Encounter", ("identifier", f"{system}|{value}"))
+    return w.find_one("Encounter", ("identifier", f"{system}|{literal(value)}"))
 
 
 def _new_encounter(pv1: Segment, patient: Resource) -> Resource:
