@@ -53,6 +53,7 @@ def test_what_is_typed_in_the_search_box_becomes_search_parameters() -> None:
     assert search_terms("Dupont 12/03/1950") == [("name", "Dupont"), ("birthdate", "1950-03-12")]
     assert search_terms("123456789") == [("identifier", "urn:oid:1.2.250.1.999.1.1|123456789")]
     assert search_terms("1950-03-12") == [("birthdate", "1950-03-12")]
+    assert search_terms("Dupont,Jean") == [("name", "Dupont\\,Jean")], "one word to match, not Dupont or Jean"
     with pytest.raises(UnclearSearch):
         search_terms("31/02/1950")
     with pytest.raises(UnclearSearch):

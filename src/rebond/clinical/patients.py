@@ -56,7 +56,7 @@ def search_terms(text: str) -> list[tuple[str, str]]:
         elif word.isdigit():
             params.append(("identifier", f"{GROUP_IPP_SYSTEM}|{literal(word)}"))
         elif len(word.strip(",;")) >= 2:
-            params.append(("name", word.strip(",;")))
+            params.append(("name", literal(word.strip(",;"))))  # « Dupont,Jean » is one word to match, not "or"
     if not params:
         raise UnclearSearch(text)
     return params
