@@ -151,6 +151,21 @@ def test_an_identifier_with_a_search_separator_is_never_read_as_two(hospital: St
     assert patient(hospital, "900000006,900000007")["id"] != known["id"]
 
 
+def test_a_result_for_an_identifier_two_patients_hold_waits_for_a_person(hospital: Store) -> None:
+    """Two records, not merged, with one IPP (a registration error elsewhere): the result is given to neither; it is
+    refused with the reason and waits in the dead letters until IT merges them and replays it."""
+    from rebond.fhir import operations
+
+    receive(hospital, adt("A28", "T1", "900000020", "V20"))
+    twin = {"resourceType": "Patient", "identifier": [{"system": IPP_SYSTEM, "value": "900000020"}], "name": [{"family": "AUTRE"}]}
+    hospital.write(lambda tx: operations.create(tx, "Patient", twin))
+    answer = receive(hospital, oru("T2", "900000020", "F900"))
+    assert answer.code == "AR" and b"2 patients hold the identifier" in answer.ack and b"|205" in answer.ack
+    assert not find(hospital, "DiagnosticReport", ("identifier", "F900"))
+    kept = hospital.message(answer.message_id or 0)
+    assert kept is not None and kept.status == "rejected" and "merge them" in kept.detail
+
+
 def test_a_resent_message_is_acknowledged_again_and_applied_once(hospital: Store) -> None:
     message = oru("D1", "900000006", "F400")
     assert receive(hospital, message).code == "AA"
@@ -198,6 +213,10 @@ def test_a_merge_moves_the_merged_records_to_the_surviving_patient(hospital: Sto
     assert old is not None and old["active"] is False and old["link"][0] == {"other": {"reference": f"Patient/{survivor['id']}"},
                                                                               "type": "replaced-by"}
     assert any(link["type"] == "replaces" for link in survivor["link"])  # type: ignore[union-attr,index]
+    # an analyzer that still has the merged IPP: its result goes to the surviving patient, not the record merged away
+    assert receive(hospital, oru("G5", "900000007", "F501", family="DOUBLON")).code == "AA"
+    late = find(hospital, "DiagnosticReport", ("identifier", "F501"))
+    assert [r["subject"]["reference"] for r in late] == [f"Patient/{survivor['id']}"]
 
 
 def test_a47_corrects_a_patient_identifier(hospital: Store) -> None:

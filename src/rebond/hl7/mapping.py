@@ -27,7 +27,7 @@ from rebond.clinical.conventions import (
     REPORT_SECTION,
     UCUM,
 )
-from rebond.clinical.records import fhir_instant
+from rebond.clinical.records import fhir_instant, ref_id
 from rebond.fhir import operations
 from rebond.fhir.errors import FhirError
 from rebond.fhir.search import literal, parse_search
@@ -177,8 +177,37 @@ def _patient_fields(pid: Segment) -> Resource:
     return out
 
 
+#: merges followed from a record to its survivor, and records found for one identifier, at most
+MERGED_AT_MOST = 10
+
+
 def find_patient(w: Writer, system: str, value: str) -> Resource | None:
-    return w.find_one("Patient", ("identifier", f"{system}|{literal(value)}"))
+    """The patient of an identifier. A record merged away (A40: inactive, `replaced-by`) leads to its survivor, which
+    also holds the old identifier: a result sent with a merged IPP goes where the merged data went. Two patients that
+    are not the same person holding one identifier: refused (AR), since a person must merge them first."""
+    ids = w.tx.search_ids(parse_search("Patient", [("identifier", f"{system}|{literal(value)}")]), limit=MERGED_AT_MOST)
+    found: dict[str, Resource] = {}
+    for rid in ids:
+        patient = _survivor(w, w.read("Patient", rid))
+        if patient is not None:
+            found[str(patient["id"])] = patient
+    if len(found) > 1:
+        raise MessageError(f"{len(found)} patients hold the identifier {value} of PID-3: merge them (A40), then send this "
+                           "message again", code=205, location="PID-3")
+    return next(iter(found.values()), None)
+
+
+def _survivor(w: Writer, patient: Resource | None) -> Resource | None:
+    """A patient, or the one its record was merged into (`replaced-by`, followed along a chain of merges)."""
+    for _ in range(MERGED_AT_MOST):
+        if patient is None or patient.get("active") is not False:
+            return patient
+        onward = next((ref_id(link.get("other"), "Patient") for link in patient.get("link") or ()
+                       if link.get("type") == "replaced-by"), None)
+        if onward is None:
+            return patient
+        patient = w.read("Patient", onward)
+    return patient
 
 
 def upsert_patient(w: Writer, pid: Segment, *, provisional: bool = False) -> Resource:
