@@ -34,6 +34,8 @@ DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
 IMAGING_STATE = "imaging"
 #: changes read from Orthanc at a time
 CHANGES_PAGE = 100
+#: days a study naming no known patient is tried again, each round, before it is left to IT
+WAITING_DAYS = 7
 #: a DICOM UID: digits and dots, 64 characters at most
 _UID = re.compile(r"[0-9][0-9.]{0,63}")
 #: seconds: how long the PACS's answer to "are you there" is kept for the status page
@@ -163,7 +165,8 @@ class StudyFollower(BackgroundLoop):
     """Follows Orthanc's change feed (`/changes`): each study that has become stable (Orthanc's StableStudy, no new
     image for a while) gets its ImagingStudy in Rebond. An ImagingStudy of the same Study Instance UID (the radiology
     system's) is completed with the series and image counts; otherwise one is made for the patient whose IPP is the
-    study's PatientID. A study whose PatientID is no known IPP is counted, not guessed: IT sees it on the status page.
+    study's PatientID. A study whose PatientID is no known IPP is not guessed: it waits, tried again each round for a
+    week (the patient may be registered after the images), and IT sees it on the status page meanwhile.
 
     The cursor in Orthanc's feed is kept in this node's state, in the same transaction as what a page of changes made:
     a restart resumes where it stopped, and a page applied twice changes nothing (the ImagingStudy is found by UID)."""
@@ -172,8 +175,8 @@ class StudyFollower(BackgroundLoop):
         self.store = store
         self.orthanc = orthanc
         self.interval = interval
-        self.linked = 0
-        self.unmatched = 0
+        self.linked = 0  # since the start
+        self.unmatched = 0  # studies waiting for a known patient, now (read at the first round)
         self.problem: str | None = None
         self.last_at: float | None = None
 
@@ -183,25 +186,59 @@ class StudyFollower(BackgroundLoop):
         page = self.orthanc.get(f"/changes?since={since}&limit={CHANGES_PAGE}")
         studies = [self.orthanc.study(str(c["ID"])) for c in page.get("Changes") or ()
                    if c.get("ChangeType") == "StableStudy" and c.get("ResourceType") == "Study"]
+        waiting = dict(self.store.get_state(IMAGING_STATE, "waiting") or {})
 
-        def keep(tx: Session) -> tuple[int, int]:
-            linked = sum(link_study(tx, study) for study in studies if study is not None)
+        def keep(tx: Session) -> int:
+            linked = 0
+            for study in studies:
+                if study is not None and link_study(tx, study):
+                    linked += 1
+                    waiting.pop(study.orthanc_id, None)
+                elif study is not None:
+                    waiting.setdefault(study.orthanc_id, time.time())
+            tx.put_state(IMAGING_STATE, "waiting", waiting)
             tx.put_state(IMAGING_STATE, "orthanc-changes", int(page.get("Last") or since))
-            return linked, sum(1 for s in studies if s is not None) - linked
+            return linked
 
-        linked, unmatched = self.store.write(keep)
-        self.linked += linked
-        self.unmatched += unmatched
-        if unmatched:
-            log.warning("%d studies from the PACS name no known patient (PatientID is no IPP here): not linked", unmatched)
-        self.problem, self.last_at = None, time.time()
+        self._linked(self.store.write(keep), waiting)
         return bool(page.get("Done", True))
+
+    def retry_waiting(self) -> None:
+        """The studies that named no known patient, tried again (the patient may have been registered since: a trauma
+        CT before the admission); after WAITING_DAYS they are left to IT, with a log line."""
+        waiting = dict(self.store.get_state(IMAGING_STATE, "waiting") or {})
+        if not waiting:
+            return
+        studies = {orthanc_id: self.orthanc.study(orthanc_id) for orthanc_id in waiting}
+
+        def keep(tx: Session) -> int:
+            linked = 0
+            for orthanc_id, study in studies.items():
+                if study is None or link_study(tx, study):  # gone from the PACS, or linked now
+                    linked += study is not None
+                    waiting.pop(orthanc_id)
+                elif time.time() - waiting[orthanc_id] > WAITING_DAYS * 86_400:
+                    log.warning("a study from the PACS named no known patient for %d days: left to IT (Orthanc id %s)",
+                                WAITING_DAYS, orthanc_id)
+                    waiting.pop(orthanc_id)
+            tx.put_state(IMAGING_STATE, "waiting", waiting)
+            return linked
+
+        self._linked(self.store.write(keep), waiting)
+
+    def _linked(self, linked: int, waiting: dict[str, float]) -> None:
+        self.linked += linked
+        if len(waiting) > self.unmatched:
+            log.warning("%d studies from the PACS name no known patient (PatientID is no IPP here): not linked yet", len(waiting))
+        self.unmatched = len(waiting)
+        self.problem, self.last_at = None, time.time()
 
     async def run(self) -> None:
         while True:
             try:
                 while not await run_in_threadpool(self.follow_once):
                     pass
+                await run_in_threadpool(self.retry_waiting)
             except (PacsUnavailable, StoreError) as err:
                 if self.problem is None:
                     log.warning("the PACS's new studies are not followed now: %s", err)
