@@ -29,7 +29,7 @@ $(BIN)/rebond: pyproject.toml setup.py src/rebond/store/_walvfs.c $(COMPILED)
 	touch $@
 
 # Debian packages the tests use; installed only when missing (needs root, as on CI):
-# PostgreSQL for the second engine, Patroni and etcd for the failover drill (tests/ha_harness.py), Orthanc as the PACS,
+# PostgreSQL for the second engine, Patroni, etcd and HAProxy for the failover drills (tests/ha_harness.py), Orthanc as the PACS,
 # Chromium for the browser tests (Playwright drives it; no browser download),
 # poppler-utils to read the downtime PDFs back (pdftotext, pdftoppm), DejaVu fonts for those PDFs
 system-deps:
@@ -37,6 +37,7 @@ system-deps:
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql-15"; \
 	command -v patroni >/dev/null || missing="$$missing patroni"; \
 	command -v etcd >/dev/null || missing="$$missing etcd-server"; \
+	test -x /usr/sbin/haproxy || missing="$$missing haproxy"; \
 	test -x /usr/sbin/Orthanc || missing="$$missing orthanc"; \
 	test -x /usr/bin/chromium || missing="$$missing chromium"; \
 	command -v pdftotext >/dev/null || missing="$$missing poppler-utils"; \

@@ -216,3 +216,55 @@ class PatroniCluster:
             node.lose()
         self.etcd.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class HAProxy:
+    """HAProxy in front of the cluster, as deploy/haproxy.cfg's `postgres_primary`: one address, led to the node whose
+    Patroni answers 200 on /primary, connections to a node that stops leading cut at once."""
+
+    def __init__(self, cluster: PatroniCluster) -> None:
+        self.cluster = cluster
+        self.port = free_port()
+        self.config = cluster.root / "haproxy.cfg"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> HAProxy:
+        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        if not Path(haproxy).exists():
+            raise RuntimeError("haproxy not found: `make test` installs Debian's haproxy")
+        servers = "\n".join(f"    server {n.name} {n.address} maxconn 100 check port {n.api_port}" for n in self.cluster.nodes)
+        self.config.write_text(f"""global
+    maxconn 400
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 30m
+    timeout server 30m
+listen postgres_primary
+    bind 127.0.0.1:{self.port}
+    option httpchk GET /primary
+    http-check expect status 200
+    default-server inter 500ms fall 2 rise 2 on-marked-down shutdown-sessions
+{servers}
+""")
+        with open(self.cluster.root / "haproxy.log", "wb") as log:
+            self.proc = subprocess.Popen([haproxy, "-db", "-f", str(self.config)], stdout=log, stderr=subprocess.STDOUT)
+        self.cluster.wait_for(self._leads, 30, "HAProxy did not lead to the primary")
+        return self
+
+    def _leads(self) -> bool:
+        import psycopg
+
+        try:
+            with psycopg.connect(self.url(), connect_timeout=2) as conn:
+                return not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]  # type: ignore[index]
+        except psycopg.Error:
+            return False
+
+    def url(self, dbname: str = "postgres") -> str:
+        return f"postgresql://rebond@127.0.0.1:{self.port}/{dbname}"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

@@ -23,7 +23,7 @@ from rebond.hl7.intake import CHANNEL
 from rebond.store import open_store
 from rebond.store.base import Store
 from rebond.store.postgres import PostgresStore, connection_string
-from tests.ha_harness import PatroniCluster
+from tests.ha_harness import HAProxy, PatroniCluster, PatroniNode
 from tests.hl7_messages import Sender
 from tests.infrastructure import started
 from tests.pg_harness import PostgresServer, free_port
@@ -122,6 +122,22 @@ class FhirReader(threading.Thread):
                 except httpx.HTTPError as err:
                     self.answers[type(err).__name__] += 1
                 time.sleep(0.1)
+
+
+def _switch_over(cluster: PatroniCluster, server: RebondServer, writers: list[FhirWriter], leader: PatroniNode,
+                 standby: PatroniNode, how: str) -> None:
+    """The writers and a reader under way, the primary moved to the standby as `patronictl switchover` does (Patroni's
+    REST API), and every writer acknowledged again after it; the pauses printed."""
+    reader = _under_way(server, writers)
+    asked_at = time.monotonic()
+    answer = httpx.post(f"http://127.0.0.1:{leader.api_port}/switchover", json={"leader": leader.name, "candidate": standby.name},
+                        timeout=60)
+    assert answer.status_code == 200, answer.text
+    cluster.wait_for(lambda: cluster.leader() is standby, 60, "the switchover did not happen")
+    back, pauses, unread, answers = _resumed(writers, reader, asked_at)
+    print(f"\n{how}switchover {leader.name} → {standby.name}: longest pause in acknowledgements per client "
+          f"{', '.join(f'{p:.1f}' for p in pauses)} s, in reads {unread:.1f} s; answers {dict(answers)}")
+    assert all(n >= 50 for n in back), f"writes resumed: {back}"
 
 
 def _under_way(server: RebondServer, writers: list[FhirWriter | Sender] | list[FhirWriter]) -> FhirReader:
@@ -242,16 +258,7 @@ def test_a_planned_switchover_pauses_writes_for_seconds_and_loses_nothing(cluste
     server = RebondServer(db).start()
     try:
         writers = [FhirWriter(server, n) for n in range(2)]
-        reader = _under_way(server, writers)
-        asked_at = time.monotonic()
-        answer = httpx.post(f"http://127.0.0.1:{leader.api_port}/switchover", json={"leader": leader.name, "candidate": standby.name},
-                            timeout=60)
-        assert answer.status_code == 200, answer.text
-        cluster.wait_for(lambda: cluster.leader() is standby, 60, "the switchover did not happen")
-        back, pauses, unread, answers = _resumed(writers, reader, asked_at)
-        print(f"\nswitchover {leader.name} → {standby.name}: longest pause in acknowledgements per client "
-              f"{', '.join(f'{p:.1f}' for p in pauses)} s, in reads {unread:.1f} s; answers {dict(answers)}")
-        assert all(n >= 50 for n in back), f"writes resumed: {back}"
+        _switch_over(cluster, server, writers, leader, standby, "")
         assert not [w.unclear for w in writers if w.unclear], "a 503 says: transient, retry after 5 s"
         database = server.status()["database"]
         assert isinstance(database, dict) and database["server"] == standby.address, database
@@ -265,6 +272,31 @@ def test_a_planned_switchover_pauses_writes_for_seconds_and_loses_nothing(cluste
         _every_acknowledged_write_once(store, list(writers))
     finally:
         store.close()
+
+
+@pytest.mark.slow
+def test_behind_haproxy_rebond_follows_a_switchover(cluster: PatroniCluster) -> None:
+    """deploy/haproxy.cfg's way: Rebond given one address, HAProxy asking each Patroni which one leads."""
+    proxy = HAProxy(cluster).start()
+    leader = cluster.wait_for(cluster.leader, 60, "no primary")
+    standby = cluster.wait_for(cluster.synchronous, 120, "no synchronous standby")
+    cluster.create_database("behind_haproxy")
+    server = RebondServer(proxy.url("behind_haproxy")).start()
+    try:
+        writers = [FhirWriter(server, n) for n in range(2)]
+        _switch_over(cluster, server, writers, leader, standby, "behind HAProxy, ")
+        database = server.status()["database"]
+        assert isinstance(database, dict) and database["role"] == "primary", database
+    finally:
+        server.stop()
+    try:
+        store = open_store(proxy.url("behind_haproxy"))
+        try:
+            _every_acknowledged_write_once(store, list(writers))
+        finally:
+            store.close()
+    finally:
+        proxy.stop()
 
 
 @pytest.mark.slow
