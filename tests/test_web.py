@@ -271,6 +271,8 @@ def test_every_account_reads_the_on_call_rota_the_staff_and_the_procedures_binde
         # the rota has a night shift (garde, 18:30-08:30) every day: it is now, or within the next 24 hours
         assert "Garde sur place" in directory.text and "Dr " in directory.text
         assert "Personnel de chaque service" in directory.text and "Infirmier(ère)" in directory.text
+        staff = directory.text[directory.text.index("Personnel de chaque service"):]
+        assert staff.index("Médecin") < staff.index("Infirmier(ère)"), "physicians first"
         binder = client.get("/procedures")
         assert binder.status_code == 200 and "Classeur des procédures" in binder.text
         assert "Prévenir la cellule de crise (poste 5555)." in binder.text and "hyperkaliémie" in binder.text

@@ -12,8 +12,10 @@ from typing import Any
 
 from rebond.clinical.chart import note
 from rebond.clinical.conventions import DOCUMENT_CATEGORY, ON_CALL_SYSTEM
-from rebond.clinical.records import concept_text, fhir_instant, find, instant, read, ref_id
+from rebond.clinical.records import concept_text, fhir_instant, find, has_code, instant, read, ref_id
 from rebond.store.base import Store
+
+PRACTITIONER_ROLE_SYSTEM = "http://terminology.hl7.org/CodeSystem/practitioner-role"
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class StaffMember:
     name: str
     role: str  # « Médecin », « Infirmier(ère) »
     specialty: str
+    physician: bool  # the role's code is `doctor` (practitioner-role): listed first
 
 
 @dataclass(frozen=True)
@@ -79,13 +82,14 @@ def staff_by_ward(store: Store) -> dict[str, list[StaffMember]]:
     out: dict[str, list[StaffMember]] = {}
     for role in find(store, "PractitionerRole", ("active", "true")):
         member = StaffMember(str((role.get("practitioner") or {}).get("display", "")) or "—",
-                             concept_text((role.get("code") or [{}])[0]) or "", concept_text((role.get("specialty") or [{}])[0]) or "")
+                             concept_text((role.get("code") or [{}])[0]) or "", concept_text((role.get("specialty") or [{}])[0]) or "",
+                             has_code((role.get("code") or [{}])[0], "doctor", PRACTITIONER_ROLE_SYSTEM))
         for place in role.get("location") or ():
             ward_id = ref_id(place, "Location")
             if ward_id:
                 out.setdefault(ward_id, []).append(member)
     for members in out.values():
-        members.sort(key=lambda m: (m.role != "Médecin", m.name))
+        members.sort(key=lambda m: (not m.physician, m.name))
     return out
 
 
