@@ -151,10 +151,14 @@ def test_an_identifier_with_a_search_separator_is_never_read_as_two(hospital: St
     assert patient(hospital, "900000006,900000007")["id"] != known["id"]
 
 
-def test_a_result_for_an_identifier_two_patients_hold_waits_for_a_person(hospital: Store) -> None:
+def test_a_result_for_an_identifier_two_patients_hold_waits_for_a_person(hospital: Store, caplog: pytest.LogCaptureFixture) -> None:
     """Two records, not merged, with one IPP (a registration error elsewhere): the result is given to neither; it is
-    refused with the reason and waits in the dead letters until IT merges them and replays it."""
+    refused with the reason and waits in the dead letters until IT merges them and replays it. The log names no IPP."""
+    import logging
+
     from rebond.fhir import operations
+
+    caplog.set_level(logging.INFO, logger="rebond.hl7")
 
     receive(hospital, adt("A28", "T1", "900000020", "V20"))
     twin = {"resourceType": "Patient", "identifier": [{"system": IPP_SYSTEM, "value": "900000020"}], "name": [{"family": "AUTRE"}]}
@@ -164,6 +168,7 @@ def test_a_result_for_an_identifier_two_patients_hold_waits_for_a_person(hospita
     assert not find(hospital, "DiagnosticReport", ("identifier", "F900"))
     kept = hospital.message(answer.message_id or 0)
     assert kept is not None and kept.status == "rejected" and "merge them" in kept.detail
+    assert "HL7 error 205 at PID-3" in caplog.text and "900000020" not in caplog.text, caplog.text
 
 
 def test_a_resent_message_is_acknowledged_again_and_applied_once(hospital: Store) -> None:

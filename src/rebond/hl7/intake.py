@@ -212,7 +212,9 @@ def _reject(store: Store, kept: InboxMessage, header: Header | None, problem: Me
         store.write(lambda tx: tx.settle_message(kept.id, "rejected", problem.text))
     except StoreError:
         return _answer(header, error, "the store is unavailable; send it again", kept.id, control_id=kept.control_id)
-    log.info("message %s rejected: %s", kept.id, problem.text)
+    # the reason is kept with the message and sent back; it may name a patient's identifier: the log says where only
+    log.info("message %s rejected: HL7 error %s at %s (the reason: rebond hl7 dead-letters)", kept.id, problem.code,
+             problem.location or "the message")
     return _answer(header, reject, problem.text, kept.id, error=problem, control_id=kept.control_id)
 
 
