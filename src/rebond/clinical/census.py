@@ -208,14 +208,15 @@ class HospitalWards:
     wards: list[tuple[Ward, int]]  # each ward with its number of inpatients
 
 
-def group_wards(store: Store) -> list[HospitalWards]:
-    """Every hospital site with its wards, for choosing a ward."""
+def group_wards(store: Store, *, count_inpatients: bool = True) -> list[HospitalWards]:
+    """Every hospital site with its wards, for choosing a ward; each with its inpatients counted unless told not to
+    (a page that only names the wards need not read every stay)."""
     sites = [s for s in find(store, "Location", ("partof:missing", "true")) if is_kind(s, "si")]
     if not sites:
         return []
     wards = [w for w in find(store, "Location", ("partof", any_of(f"Location/{s['id']}" for s in sites))) if is_kind(w, "wa")]
     occupancy: dict[str, int] = {}
-    if wards:
+    if wards and count_inpatients:
         query = any_of(f"Location/{w['id']}" for w in wards)
         for encounter in find(store, "Encounter", ("location", query), ("status", "in-progress")):
             for loc in encounter.get("location") or ():

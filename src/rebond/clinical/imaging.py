@@ -73,8 +73,11 @@ class Orthanc:
 
     def get(self, path: str) -> Any:
         """A GET of the REST API, as JSON; PacsUnavailable when Orthanc does not answer."""
+        return self._call("GET", path)
+
+    def _call(self, method: str, path: str, body: str | None = None) -> Any:
         try:
-            response = httpx.get(f"{self.base}{path}", timeout=self.timeout, auth=self.auth)
+            response = httpx.request(method, f"{self.base}{path}", content=body, timeout=self.timeout, auth=self.auth)
             response.raise_for_status()
             return response.json()
         except (httpx.HTTPError, ValueError) as err:
@@ -100,12 +103,7 @@ class Orthanc:
 
     def find_study(self, uid: str) -> str | None:
         """Orthanc's id of the study with this Study Instance UID; None when it does not hold it."""
-        try:
-            response = httpx.post(f"{self.base}/tools/lookup", content=uid, timeout=self.timeout, auth=self.auth)
-            response.raise_for_status()
-            found = response.json()
-        except (httpx.HTTPError, ValueError) as err:
-            raise PacsUnavailable(f"Orthanc at {self.base} did not answer: {type(err).__name__}") from err
+        found = self._call("POST", "/tools/lookup", uid)
         return next((str(item["ID"]) for item in found if isinstance(item, dict) and item.get("Type") == "Study"), None)
 
     def status(self) -> dict[str, Any]:
@@ -258,9 +256,9 @@ def link_study(tx: Session, study: DicomStudy) -> bool:
     counts = {"numberOfSeries": len(study.series), "numberOfInstances": sum(n for _m, n in study.series)}
     modalities = sorted({m for m, _n in study.series if m})
     coded = [{"system": DCM_SYSTEM, "code": m} for m in modalities]
-    by_uid = f"identifier={DICOM_UID_SYSTEM}|urn:oid:{study.uid}"
-    tx.lock(f"ImagingStudy?{by_uid}")  # two followers (server processes) at once: the second finds the first's
-    found = tx.search_ids(parse_search("ImagingStudy", [("identifier", f"{DICOM_UID_SYSTEM}|urn:oid:{study.uid}")]))
+    by_uid = f"{DICOM_UID_SYSTEM}|urn:oid:{study.uid}"
+    tx.lock(f"ImagingStudy?identifier={by_uid}")  # two followers (server processes) at once: the second finds the first's
+    found = tx.search_ids(parse_search("ImagingStudy", [("identifier", by_uid)]))
     if found:
         current = tx.read("ImagingStudy", found[0])
         assert current is not None and current.body is not None

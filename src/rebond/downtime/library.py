@@ -132,7 +132,7 @@ class PackLibrary:
 
 
 def ward_ids(store: Store) -> list[str]:
-    return [ward.id for hospital in group_wards(store) for ward, _count in hospital.wards]
+    return [ward.id for hospital in group_wards(store, count_inpatients=False) for ward, _count in hospital.wards]
 
 
 def regenerate(store: Store, library: PackLibrary, source: Source, t: Translator, now: dt.datetime | None = None) -> tuple[int, int]:

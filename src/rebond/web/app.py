@@ -11,7 +11,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -302,7 +302,7 @@ class WebApp:
         def load() -> tuple[list[HospitalWards], list[Shift], list[Shift], dict[str, list[StaffMember]]]:
             now = p.now
             upcoming = shifts(self.store, now, now + dt.timedelta(hours=ON_CALL_AHEAD_HOURS))
-            return (group_wards(self.store), [s for s in upcoming if s.start <= now], [s for s in upcoming if s.start > now],
+            return (group_wards(self.store, count_inpatients=False), [s for s in upcoming if s.start <= now], [s for s in upcoming if s.start > now],
                     staff_by_ward(self.store))
 
         hospitals, current, coming, staff = await run_in_threadpool(load)
@@ -328,9 +328,7 @@ class WebApp:
         values: dict[str, str] = {"gender": "", "entry": str(Entry.new())}
         problems: dict[str, str] = {}
         if p.request.method == "POST":
-            form = await p.request.form()
-            values = {k: str(form.get(k, "")) for k in ("family", "given", "birth_date", "gender", "bed", "entry")}
-            values["entry"] = str(Entry.of(values["entry"]))  # one filling of the form: sent twice, recorded once
+            values = await _filled(p.request, ("family", "given", "birth_date", "gender", "bed"))
             try:
                 patient_id = await run_in_threadpool(emergency_admission, self.store, ward_id, values, p.clinician, p.now)
             except InvalidForm as err:
@@ -385,9 +383,7 @@ class WebApp:
         values: dict[str, str] = {"entry": str(Entry.new())}
         problems: dict[str, str] = {}
         if p.request.method == "POST":
-            form = await p.request.form()
-            values = {field: str(form.get(field, "")) for field in (*(sign.field for sign in VITAL_SIGNS), "entry")}
-            values["entry"] = str(Entry.of(values["entry"]))  # one filling of the form: sent twice, recorded once
+            values = await _filled(p.request, (sign.field for sign in VITAL_SIGNS))
             try:
                 await run_in_threadpool(record_vitals, self.store, patient_id, values, p.clinician, p.now)
             except InvalidForm as err:
@@ -407,9 +403,7 @@ class WebApp:
         values: dict[str, str] = {"outcome": "given", "time": p.t.time(p.now), "entry": str(Entry.new())}
         problems: dict[str, str] = {}
         if p.request.method == "POST":
-            form = await p.request.form()
-            values = {k: str(form.get(k, "")) for k in ("outcome", "reason", "time", "entry")}
-            values["entry"] = str(Entry.of(values["entry"]))  # one filling of the form: sent twice, recorded once
+            values = await _filled(p.request, ("outcome", "reason", "time"))
             try:
                 await run_in_threadpool(record_administration, self.store, request_id, values, p.clinician, p.now)
             except InvalidForm as err:
@@ -516,9 +510,7 @@ class WebApp:
         values = {"text": "", "module": "", "state": "", "site": here or "", "next": "", "entry": str(Entry.new())}
         problems: dict[str, str] = {}
         if p.request.method == "POST":
-            form = await p.request.form()
-            values = {k: str(form.get(k, "")) for k in values}
-            values["entry"] = str(Entry.of(values["entry"]))  # one filling of the form: sent twice, published once
+            values = await _filled(p.request, values)
             try:
                 update = read_form(values, p.now)
             except InvalidForm as err:
@@ -615,3 +607,11 @@ class WebApp:
         accounts = await run_in_threadpool(self.accounts.all)
         return self._show(p, "accounts.html", accounts=accounts)
 
+
+async def _filled(request: Request, fields: Iterable[str]) -> dict[str, str]:
+    """A form's fields as sent, and its `entry`: this filling of the form, recorded once however often it is sent (a
+    form without one gets a new one)."""
+    form = await request.form()
+    values = {name: str(form.get(name, "")) for name in fields}
+    values["entry"] = str(Entry.of(str(form.get("entry", ""))))
+    return values
