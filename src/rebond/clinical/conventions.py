@@ -16,9 +16,12 @@ OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-catego
 REPORT_SECTION = "http://terminology.hl7.org/CodeSystem/v2-0074"  # LAB, RAD
 DOCUMENT_CATEGORY = "urn:rebond:document-category"
 ON_CALL_SYSTEM = "urn:rebond:on-call"
+#: the services a message may be sent to (HealthcareService.identifier): a ward's by its code (H1-CARD), a hospital's
+#: lab and pharmacy by the site's and their kind (H1-LAB, H1-PHARMA)
+SERVICE_SYSTEM = "urn:rebond:service"
 
-#: the crisis cell's situation updates (ops/situation.py): a Communication of this category, about a module, for a site
-SITUATION_CATEGORY = "urn:rebond:communication-category"
+#: Communications: the crisis cell's situation updates (ops/situation.py), the staff's messages (clinical/messaging.py)
+COMMUNICATION_CATEGORY = "urn:rebond:communication-category"
 MODULE_SYSTEM = "urn:rebond:module"
 MODULE_STATE_SYSTEM = "urn:rebond:module-state"
 SITE_SYSTEM = "urn:rebond:site"

@@ -27,6 +27,7 @@ class Shift:
     ward_id: str | None
     start: dt.datetime
     end: dt.datetime
+    practitioner_id: str | None = None  # who, to write to them (clinical/messaging.py)
 
 
 @dataclass(frozen=True)
@@ -65,16 +66,19 @@ def _shift(store: Store, schedule: dict[str, Any]) -> Shift | None:
     if start is None or end is None:
         return None
     actors = schedule.get("actor") or ()
-    who = next((str(a.get("display", "")) for a in actors if ref_id(a, "Practitioner") and a.get("display")), "")
+    person = next((a for a in actors if ref_id(a, "Practitioner")), None)
+    who = str(person.get("display", "")) if person is not None else ""
     if not who:  # named only through the PractitionerRole
         role_id = next((ref_id(a, "PractitionerRole") for a in actors if ref_id(a, "PractitionerRole")), None)
         role = read(store, "PractitionerRole", role_id) if role_id else None
-        who = str(((role or {}).get("practitioner") or {}).get("display", ""))
+        person = (role or {}).get("practitioner") or person
+        who = str((person or {}).get("display", ""))
     kind = next((str(c.get("code")) for s in schedule.get("serviceType") or () for c in s.get("coding") or ()
                  if c.get("system") == ON_CALL_SYSTEM), "")
     return Shift(who or "—", kind, concept_text((schedule.get("serviceType") or [{}])[0]) or kind,
                  concept_text((schedule.get("specialty") or [{}])[0]) or "",
-                 next((ref_id(a, "Location") for a in actors if ref_id(a, "Location")), None), start, end)
+                 next((ref_id(a, "Location") for a in actors if ref_id(a, "Location")), None), start, end,
+                 ref_id(person, "Practitioner") if person is not None else None)
 
 
 def staff_by_ward(store: Store) -> dict[str, list[StaffMember]]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rebond.clinical.census import is_kind
-from rebond.clinical.conventions import LOCATION_SYSTEM, MODULE_STATE_SYSTEM, MODULE_SYSTEM, SITE_SYSTEM, SITUATION_CATEGORY
+from rebond.clinical.conventions import COMMUNICATION_CATEGORY, LOCATION_SYSTEM, MODULE_STATE_SYSTEM, MODULE_SYSTEM, SITE_SYSTEM
 from rebond.clinical.recording import InvalidForm
 from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, fhir_instant, find, instant
 from rebond.fhir import operations
@@ -78,7 +78,7 @@ def _instant_ms(moment: dt.datetime) -> str:
 
 def communication(update: Update, author: Clinician) -> dict[str, Any]:
     """The update as the FHIR Communication it is kept as."""
-    category = [{"coding": [{"system": SITUATION_CATEGORY, "code": SITUATION_UPDATE, "display": "Situation update"}]}]
+    category = [{"coding": [{"system": COMMUNICATION_CATEGORY, "code": SITUATION_UPDATE, "display": "Situation update"}]}]
     if update.state is not None:
         category.append({"coding": [{"system": MODULE_STATE_SYSTEM, "code": update.state}]})
     resource: dict[str, Any] = {
@@ -103,7 +103,7 @@ def _code_in(concepts: list[Any], system: str) -> str | None:
 
 def is_situation_update(resource: dict[str, Any] | None) -> bool:
     """A Communication of the situation-update category (whatever else it holds)."""
-    return resource is not None and _code_in(resource.get("category") or [], SITUATION_CATEGORY) == SITUATION_UPDATE
+    return resource is not None and _code_in(resource.get("category") or [], COMMUNICATION_CATEGORY) == SITUATION_UPDATE
 
 
 def from_resource(resource: dict[str, Any]) -> Update | None:
@@ -186,7 +186,7 @@ def recent(store: Store, now: dt.datetime, *, site: str | None) -> list[Update]:
     """The updates of the last days, newest first: all of them on the central site (`site` None), else the
     group's and this site's."""
     since = fhir_instant(now - dt.timedelta(days=SHOWN_DAYS))
-    found = find(store, "Communication", ("category", f"{SITUATION_CATEGORY}|{SITUATION_UPDATE}"), ("sent", f"ge{since}"),
+    found = find(store, "Communication", ("category", f"{COMMUNICATION_CATEGORY}|{SITUATION_UPDATE}"), ("sent", f"ge{since}"),
                  ("_sort", "-sent"), limit=SHOWN_MAX * 4)
     updates = [u for u in map(from_resource, found) if u is not None and (site is None or u.site in (None, site))]
     return sorted(updates, key=lambda u: u.sent, reverse=True)[:SHOWN_MAX]

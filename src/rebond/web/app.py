@@ -31,6 +31,21 @@ from rebond.clinical.census import HospitalWards, group_wards, ward_census, ward
 from rebond.clinical.chart import patient_chart, patient_header
 from rebond.clinical.imaging import Orthanc, PacsUnavailable, images_of
 from rebond.clinical.medication import prescription
+from rebond.clinical.messaging import (
+    Box,
+    Conversation,
+    about_patient,
+    answer,
+    box,
+    conversation,
+    conversations,
+    own_boxes,
+    send,
+    services,
+    waiting,
+    waiting_in,
+    ward_box,
+)
 from rebond.clinical.patients import UnclearSearch, find_patients, parse_day, patient_by_ipp_or_id
 from rebond.clinical.recording import VITAL_SIGNS, InvalidForm, record_administration, record_vitals
 from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, any_of, fhir_instant, instant, read
@@ -143,6 +158,9 @@ class WebApp:
             Route("/patients/{patient_id}/vitals", page(self.vitals_form, "record-vitals"), methods=["GET", "POST"]),
             Route("/patients/{patient_id}/administrations/{request_id}", page(self.administration_form, "record-administrations"),
                   methods=["GET", "POST"]),
+            Route("/messages", page(self.messages, "messages"), methods=["GET"]),
+            Route("/messages/new", page(self.new_message, "messages"), methods=["GET", "POST"]),
+            Route("/messages/{message_id}", page(self.message, "messages"), methods=["GET", "POST"]),
             Route("/directory", page(self.directory, None), methods=["GET"]),
             Route("/procedures", page(self.procedures_binder, None), methods=["GET"]),
             Route("/results", page(self.results, "view-results"), methods=["GET"]),
@@ -310,14 +328,96 @@ class WebApp:
         return self._show(p, "directory.html", hospitals=hospitals, wards=wards, current=current, coming=coming, staff=staff,
                           ahead=ON_CALL_AHEAD_HOURS)
 
+    async def messages(self, p: Page) -> Response:
+        """A box's conversations (the person's own, their wards' teams', or any service's chosen), those waiting first."""
+        wanted = p.request.query_params.get("box", "")
+
+        def load() -> tuple[list[Box], list[Box], Box | None, list[Conversation], dict[str, tuple[int, int]]]:
+            mine, every = own_boxes(self.store, p.clinician), services(self.store)
+            chosen = next((b for b in [*mine, *every] if b.reference == wanted), None) if wanted else next(iter(mine), None)
+            if wanted and chosen is None:
+                raise NotFound(f"no box {wanted}")
+            talks = conversations(self.store, chosen.reference, p.now) if chosen is not None else []
+            counts = {b.reference: waiting(self.store, b.reference, p.now) for b in mine if b is not chosen}
+            return mine, every, chosen, talks, counts
+
+        mine, every, chosen, talks, counts = await run_in_threadpool(load)
+        waits = [c for c in talks if c.waiting and c.first.author_ref != chosen.reference] if chosen else []
+        if chosen is not None:
+            counts[chosen.reference] = (len(waits), sum(1 for c in waits if c.first.urgent))
+        return self._show(p, "messages.html", mine=mine, every=every, chosen=chosen, counts=counts, waiting=waits,
+                          others=[c for c in talks if c not in waits])
+
+    async def new_message(self, p: Page) -> Response:
+        """Write to a ward's team, a lab, a pharmacy, or a person on call; about a patient, or not."""
+        query = p.request.query_params
+        values = {"to": query.get("to", ""), "text": "", "urgent": "", "patient": query.get("patient", ""),
+                  "as": query.get("as", ""), "entry": str(Entry.new())}
+        problems: dict[str, str] = {}
+        if p.request.method == "POST":
+            values = await _filled(p.request, values)
+            try:
+                message_id = await run_in_threadpool(send, self.store, values, p.clinician, p.now)
+            except InvalidForm as err:
+                problems = {k: self._problem(p.t, v) for k, v in err.problems.items()}
+            else:
+                log.info("message %s sent by %s", message_id, p.account.username)
+                return RedirectResponse(f"/messages/{quote(message_id)}?sent=1", status_code=303)
+
+        def load() -> tuple[list[Box], list[Box], list[Shift], Any]:
+            on_call = [s for s in shifts(self.store, p.now, p.now + dt.timedelta(seconds=1)) if s.practitioner_id]
+            header = patient_header(self.store, values["patient"]) if values["patient"] else None
+            return own_boxes(self.store, p.clinician), services(self.store), on_call, header
+
+        mine, every, on_call, chart = await run_in_threadpool(load)
+        known = {b.reference for b in every} | {f"Practitioner/{s.practitioner_id}" for s in on_call}
+        extra = await run_in_threadpool(box, self.store, values["to"]) if values["to"] and values["to"] not in known else None
+        return self._show(p, "message_form.html", status=422 if problems else 200, values=values, problems=problems, mine=mine,
+                          every=every, on_call=on_call, extra=extra, chart=chart, cut_off=self.source().get("upstream_reachable") is False)
+
+    async def message(self, p: Page) -> Response:
+        """A conversation whole; an answer to it, or « I'll see to it »."""
+        message_id = p.request.path_params["message_id"]
+        speaking_for = p.request.query_params.get("box", "") if not p.account.practitioner_id else ""
+        values = {"text": "", "as": speaking_for, "entry": str(Entry.new())}
+        problems: dict[str, str] = {}
+        if p.request.method == "POST":
+            values = await _filled(p.request, ("text", "as", "action"))
+            taken = values.pop("action", "") == "take"
+            try:
+                await run_in_threadpool(answer, self.store, message_id, values, p.clinician, p.now, taken=taken)
+            except InvalidForm as err:
+                problems = {k: self._problem(p.t, v) for k, v in err.problems.items()}
+            else:
+                back = f"?box={quote(values['as'])}" if values["as"] else ""
+                return RedirectResponse(f"/messages/{quote(message_id)}{back}#last", status_code=303)
+
+        def load() -> tuple[Conversation, list[Box]]:
+            return conversation(self.store, message_id), [] if p.account.practitioner_id else services(self.store)
+
+        talk, every = await run_in_threadpool(load)
+        return self._show(p, "message.html", status=422 if problems else 200, talk=talk, values=values, problems=problems,
+                          every=every, sent=p.request.query_params.get("sent") == "1")
+
     async def procedures_binder(self, p: Page) -> Response:
         """Each hospital's procedures binder: what to do when the IT fails first, then the clinical procedures."""
         return self._show(p, "procedures.html", binders=await run_in_threadpool(binder, self.store))
 
     async def census(self, p: Page) -> Response:
-        census = await run_in_threadpool(ward_census, self.store, p.request.path_params["ward_id"], p.now)
+        ward_id = p.request.path_params["ward_id"]
+        census = await run_in_threadpool(ward_census, self.store, ward_id, p.now)
         can_admit = p.account.may("admit-patients") and await run_in_threadpool(ipp_range, self.store) is not None
-        return self._show(p, "census.html", census=census, can_admit=can_admit)
+
+        def team() -> tuple[Box | None, list[Conversation]]:  # the ward's messages waiting: the page's head, the patients'
+            found = ward_box(self.store, ward_id)
+            return found, waiting_in(self.store, found.reference, p.now) if found is not None else []
+
+        box_of_ward, waits = await run_in_threadpool(team) if p.account.may("messages") else (None, [])
+        about: dict[str, list[Conversation]] = {}
+        for talk in waits:
+            if talk.first.patient_id:
+                about.setdefault(talk.first.patient_id, []).append(talk)
+        return self._show(p, "census.html", census=census, can_admit=can_admit, team=box_of_ward, team_waiting=waits, waits_about=about)
 
     async def admit(self, p: Page) -> Response:
         ward_id = p.request.path_params["ward_id"]
@@ -352,13 +452,15 @@ class WebApp:
         return self._show(p, "patients.html", text=text, hits=hits, problem=problem, status=400 if problem else 200)
 
     async def chart(self, p: Page) -> Response:
-        chart = await run_in_threadpool(patient_chart, self.store, p.request.path_params["patient_id"], p.now)
+        patient_id = p.request.path_params["patient_id"]
+        chart = await run_in_threadpool(patient_chart, self.store, patient_id, p.now)
+        talks = await run_in_threadpool(about_patient, self.store, patient_id, p.now) if p.account.may("messages") else []
         selected = p.request.query_params.get("analyte")
         analyte = next((s for s in chart.labs if s.code == selected), None)
         if analyte is None:
             analyte = next((s for s in chart.labs if s.latest.abnormal), chart.labs[0] if chart.labs else None)
         return self._show(p, "chart.html", chart=chart, analyte=analyte, may=p.account.may, saved=p.request.query_params.get("saved"),
-                          pacs=self.pacs is not None)
+                          pacs=self.pacs is not None, talks=talks)
 
     async def images(self, p: Page) -> Response:
         """An imaging study's images, in the PACS's viewer (Orthanc), found there by their Study Instance UID."""

@@ -1,0 +1,321 @@
+"""Internal messaging: what the wards, the lab, the pharmacy and the physicians write to one another.
+
+When the phones go down with the rest of the IT, a ward still has to tell the lab that a sample
+is on its way, and the lab to tell a ward that a potassium is at 6.8. Messages are kept in the
+store like any record, so a hospital's site node takes them, shows them and answers them while
+it is cut off from the central site. A message is a FHIR Communication:
+
+    Communication.category      urn:rebond:communication-category|message (a reply too), or
+                                |message-taken: « pris en compte », someone has it in hand
+    Communication.priority      routine or urgent
+    Communication.sender        the Practitioner the account stands for; or a service the author writes for
+                                (an account that stands for no one, the lab's, always writes for a service)
+    Communication.recipient     a service (HealthcareService: a ward's team, a hospital's lab or pharmacy)
+                                or a person (Practitioner); a reply: everyone of the conversation but its author
+    Communication.subject       the patient it is about, if any
+    Communication.inResponseTo  a reply's or a « pris en compte »'s first message
+    Communication.payload       the text
+    Communication.sent          when it was written
+
+Nothing is ever changed once written — there is no "read" flag to update — so a site node cut off
+from the central site takes messages, replies and « pris en compte » like any other write and
+replays them later with nothing to reconcile. A message waits (« à traiter ») until someone other
+than its author answers it or takes it in hand.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from rebond.clinical.conventions import COMMUNICATION_CATEGORY, GROUP_IPP_SYSTEM, SERVICE_SYSTEM
+from rebond.clinical.recording import InvalidForm
+from rebond.clinical.records import Clinician, Entry, Resource, any_of, fhir_instant, find, instant, person_name, read
+from rebond.fhir import operations
+from rebond.store.base import NotFound, Session, Store
+
+MESSAGE = "message"
+TAKEN = "message-taken"
+CATEGORIES = f"{COMMUNICATION_CATEGORY}|{MESSAGE},{COMMUNICATION_CATEGORY}|{TAKEN}"
+#: the longest message (read on a ward PC, between two rounds)
+MAX_TEXT = 2000
+#: how far back a box lists its conversations (a conversation answered since is listed whatever its age)
+SHOWN_DAYS = 7
+_KINDS = ("HealthcareService", "Practitioner")
+
+
+@dataclass(frozen=True)
+class Box:
+    """Where messages arrive: a service (a ward's team, a lab, a pharmacy) or a person."""
+
+    reference: str  # "HealthcareService/…" or "Practitioner/…"
+    name: str
+    hospital: str = ""  # a service's hospital
+    code: str = ""  # a service's code (H1-CARD)
+
+    @property
+    def is_service(self) -> bool:
+        return self.reference.startswith("HealthcareService/")
+
+
+@dataclass(frozen=True)
+class Message:
+    id: str
+    sent: dt.datetime
+    author: str
+    author_ref: str | None
+    to: tuple[tuple[str | None, str], ...]  # (reference, name) of each recipient
+    text: str
+    urgent: bool
+    taken: bool  # a « pris en compte »: no text of its own
+    patient_id: str | None
+    patient: str  # as written when sent: name and IPP
+    answers: str | None  # the first message of its conversation, for a reply or a « pris en compte »
+
+
+@dataclass
+class Conversation:
+    first: Message
+    after: list[Message] = field(default_factory=list)  # replies and « pris en compte », in order
+
+    @property
+    def taken_by(self) -> Message | None:
+        """The first answer by someone other than the author: from then on, someone has it in hand."""
+        return next((m for m in self.after if m.author_ref != self.first.author_ref), None)
+
+    @property
+    def waiting(self) -> bool:
+        return self.taken_by is None
+
+    @property
+    def last(self) -> dt.datetime:
+        return max([self.first.sent, *(m.sent for m in self.after)])
+
+
+def _box(resource: Resource, hospitals: Mapping[str, str]) -> Box:
+    if resource["resourceType"] == "Practitioner":
+        return Box(f"Practitioner/{resource['id']}", person_name(resource))
+    hospital = (resource.get("providedBy") or {}).get("reference", "").rpartition("/")[2]
+    code = next((str(i.get("value")) for i in resource.get("identifier") or () if i.get("system") == SERVICE_SYSTEM), "")
+    return Box(f"HealthcareService/{resource['id']}", str(resource.get("name", "")), hospitals.get(hospital, ""), code)
+
+
+def _hospitals(store: Store) -> dict[str, str]:
+    return {str(o["id"]): str(o.get("name", "")) for o in find(store, "Organization", ("partof:missing", "false"))}
+
+
+def services(store: Store) -> list[Box]:
+    """Every active service messages may be sent to, by hospital, then name."""
+    hospitals = _hospitals(store)
+    found = [_box(s, hospitals) for s in find(store, "HealthcareService", ("active", "true"))]
+    return sorted(found, key=lambda b: (b.hospital, b.name))
+
+
+def box(store: Store, reference: str) -> Box | None:
+    """The box a reference names (an active service or practitioner), None if it names none."""
+    kind, _, rid = reference.partition("/")
+    if kind not in _KINDS or not rid:
+        return None
+    resource = read(store, kind, rid)
+    if resource is None or resource.get("active") is False:
+        return None
+    return _box(resource, _hospitals(store) if kind == "HealthcareService" else {})
+
+
+def own_boxes(store: Store, clinician: Clinician) -> list[Box]:
+    """A person's boxes: their own (if their account stands for a Practitioner), then the services of the wards they
+    work on (their active PractitionerRoles' locations)."""
+    if not clinician.practitioner_id:
+        return []
+    mine = Box(f"Practitioner/{clinician.practitioner_id}", clinician.display)
+    roles = find(store, "PractitionerRole", ("practitioner", f"Practitioner/{clinician.practitioner_id}"), ("active", "true"))
+    places = [loc["reference"] for r in roles for loc in r.get("location") or () if isinstance(loc.get("reference"), str)]
+    if not places:
+        return [mine]
+    hospitals = _hospitals(store)
+    wards = [_box(s, hospitals) for s in find(store, "HealthcareService", ("location", any_of(places)), ("active", "true"))]
+    return [mine, *sorted(wards, key=lambda b: (b.hospital, b.name))]
+
+
+def ward_box(store: Store, ward_id: str) -> Box | None:
+    """The service of a ward (its team), if it has one."""
+    found = find(store, "HealthcareService", ("location", f"Location/{ward_id}"), ("active", "true"), limit=1)
+    return _box(found[0], _hospitals(store)) if found else None
+
+
+def message(resource: Resource) -> Message:
+    sender = resource.get("sender") or {}
+    subject = resource.get("subject") or {}
+    categories = {c.get("code") for concept in resource.get("category") or () for c in concept.get("coding") or ()
+                  if c.get("system") == COMMUNICATION_CATEGORY}
+    answers = next((r["reference"].rpartition("/")[2] for r in resource.get("inResponseTo") or ()
+                    if isinstance(r.get("reference"), str)), None)
+    patient_ref = str(subject.get("reference") or "")
+    return Message(
+        str(resource["id"]), instant(resource.get("sent")) or dt.datetime.min.replace(tzinfo=dt.UTC),
+        str(sender.get("display", "")) or "—", sender.get("reference") if isinstance(sender.get("reference"), str) else None,
+        tuple((r.get("reference") if isinstance(r.get("reference"), str) else None, str(r.get("display", "")))
+              for r in resource.get("recipient") or ()),
+        "\n".join(str(p["contentString"]) for p in resource.get("payload") or () if isinstance(p.get("contentString"), str)),
+        resource.get("priority") in ("urgent", "asap", "stat"), TAKEN in categories,
+        patient_ref.rpartition("/")[2] if patient_ref.startswith("Patient/") else None, str(subject.get("display", "")), answers,
+    )
+
+
+def _conversations(store: Store, resources: Iterable[Resource]) -> list[Conversation]:
+    """The messages grouped by conversation (a reply's first message read if it is older than what was found), the
+    latest activity first."""
+    found = {m.id: m for m in (message(r) for r in resources)}
+    firsts = {i: Conversation(m) for i, m in found.items() if m.answers is None}
+    for key in {m.answers for m in found.values() if m.answers is not None and m.answers not in firsts}:
+        assert key is not None
+        older = read(store, "Communication", key)
+        if older is not None:
+            firsts[key] = Conversation(message(older))
+    for m in sorted(found.values(), key=lambda m: m.sent):
+        if m.answers is not None and m.answers in firsts:
+            firsts[m.answers].after.append(m)
+    return sorted(firsts.values(), key=lambda c: c.last, reverse=True)
+
+
+def conversations(store: Store, box_ref: str, now: dt.datetime, *, days: int = SHOWN_DAYS) -> list[Conversation]:
+    """The conversations of a box over the last days: what was sent to it or by it, and their answers."""
+    since = ("sent", f"ge{fhir_instant(now - dt.timedelta(days=days))}")
+    category = ("category", CATEGORIES)
+    resources = {r["id"]: r for r in find(store, "Communication", ("recipient", box_ref), category, since)}
+    resources.update((r["id"], r) for r in find(store, "Communication", ("sender", box_ref), category, since))
+    return _conversations(store, resources.values())
+
+
+def about_patient(store: Store, patient_id: str, now: dt.datetime, *, days: int = SHOWN_DAYS) -> list[Conversation]:
+    """The conversations about a patient over the last days, for their chart."""
+    return _conversations(store, find(store, "Communication", ("subject", f"Patient/{patient_id}"), ("category", CATEGORIES),
+                                      ("sent", f"ge{fhir_instant(now - dt.timedelta(days=days))}")))
+
+
+def waiting_in(store: Store, box_ref: str, now: dt.datetime) -> list[Conversation]:
+    """The conversations sent to a box over the last days that no one has seen to yet."""
+    return [c for c in conversations(store, box_ref, now) if c.waiting and c.first.author_ref != box_ref]
+
+
+def waiting(store: Store, box_ref: str, now: dt.datetime) -> tuple[int, int]:
+    """(conversations waiting, of which urgent) sent to a box, over the last days."""
+    waits = waiting_in(store, box_ref, now)
+    return len(waits), sum(1 for c in waits if c.first.urgent)
+
+
+def conversation(store: Store, message_id: str) -> Conversation:
+    """A conversation whole, from any of its messages."""
+    first = read(store, "Communication", message_id)
+    if first is None or not _is_message(first):
+        raise NotFound(f"no message {message_id}")
+    start = message(first)
+    if start.answers is not None:
+        return conversation(store, start.answers)
+    # every answer is sent to the first message's author, or, from its author, to its recipients
+    audience = [r for r in (start.author_ref, *(ref for ref, _name in start.to)) if r]
+    answers = find(store, "Communication", ("recipient", any_of(audience)), ("category", CATEGORIES),
+                   ("sent", f"ge{fhir_instant(start.sent - dt.timedelta(minutes=5))}")) if audience else []
+    return Conversation(start, sorted((m for m in map(message, answers) if m.answers == start.id), key=lambda m: m.sent))
+
+
+def _is_message(resource: Resource) -> bool:
+    return any(c.get("system") == COMMUNICATION_CATEGORY and c.get("code") in (MESSAGE, TAKEN)
+               for concept in resource.get("category") or () for c in concept.get("coding") or ())
+
+
+def _author(store: Store, clinician: Clinician, form: Mapping[str, str], problems: dict[str, str]) -> dict[str, str]:
+    """Who writes: the account's Practitioner; or, for a service (always, for an account that stands for no one), the
+    service, with the person's name. A problem is added to `problems`."""
+    speaking_for = (form.get("as") or "").strip()
+    if speaking_for:
+        service = box(store, speaking_for)
+        if service is not None and service.is_service:
+            return {"reference": service.reference, "display": f"{service.name} ({clinician.display})"}
+    elif clinician.practitioner_id:
+        return clinician.reference()
+    problems["as"] = "choose-one"
+    return {}
+
+
+def _text(form: Mapping[str, str], problems: dict[str, str]) -> str:
+    text = (form.get("text") or "").strip().replace("\r\n", "\n")
+    if not text:
+        problems["text"] = "required"
+    elif len(text) > MAX_TEXT:
+        problems["text"] = f"too-long:{MAX_TEXT}"
+    return text
+
+
+def send(store: Store, form: Mapping[str, str], clinician: Clinician, now: dt.datetime) -> str:
+    """Write a new message (fields: to, text, urgent, patient, as, entry); returns its id. Problems as message ids."""
+    problems: dict[str, str] = {}
+    to = box(store, (form.get("to") or "").strip())
+    if to is None:
+        problems["to"] = "choose-one"
+    text = _text(form, problems)
+    patient: Resource | None = None
+    if form.get("patient"):
+        patient = read(store, "Patient", str(form["patient"]))
+        if patient is None:
+            raise NotFound(f"no Patient/{form['patient']}")
+    author = _author(store, clinician, form, problems)
+    if problems:
+        raise InvalidForm(problems)
+    assert to is not None
+    entry = Entry.of(form.get("entry"))
+    resource = _communication(entry.id(), MESSAGE, author, [{"reference": to.reference, "display": to.name}], text, now,
+                              urgent=form.get("urgent") == "1", patient=patient)
+    return _record(store, entry, resource)
+
+
+def answer(store: Store, message_id: str, form: Mapping[str, str], clinician: Clinician, now: dt.datetime, *,
+           taken: bool = False) -> str:
+    """Reply to a conversation (or, `taken`, say it is in hand), for everyone in it but the author; returns the id."""
+    first = conversation(store, message_id).first
+    problems: dict[str, str] = {}
+    text = "" if taken else _text(form, problems)
+    author = _author(store, clinician, form, problems)
+    if problems:
+        raise InvalidForm(problems)
+    # a service that wrote is answered by its name, not its author's
+    author_box = box(store, first.author_ref) if first.author_ref and first.author_ref.startswith("HealthcareService/") else None
+    everyone = [(first.author_ref, author_box.name if author_box else first.author), *first.to]
+    recipients = [{"reference": ref, "display": name} for ref, name in dict(everyone).items() if ref and ref != author.get("reference")]
+    entry = Entry.of(form.get("entry"))
+    # the id names the conversation: an entry sent with another conversation's form records anew
+    resource = _communication(entry.id(first.id), TAKEN if taken else MESSAGE, author, recipients, text, now,
+                              urgent=first.urgent and not taken, answers=first.id,
+                              subject={"reference": f"Patient/{first.patient_id}", "display": first.patient} if first.patient_id else None)
+    return _record(store, entry, resource, first.id)
+
+
+def _communication(rid: str, kind: str, author: dict[str, str], recipients: list[dict[str, Any]], text: str, now: dt.datetime, *,
+                   urgent: bool, patient: Resource | None = None, subject: dict[str, str] | None = None,
+                   answers: str | None = None) -> Resource:
+    resource: Resource = {
+        "resourceType": "Communication", "id": rid, "status": "completed",
+        "category": [{"coding": [{"system": COMMUNICATION_CATEGORY, "code": kind}]}],
+        "priority": "urgent" if urgent else "routine", "sent": fhir_instant(now), "sender": author, "recipient": recipients,
+    }
+    if patient is not None:
+        ipp = next((str(i.get("value")) for i in patient.get("identifier") or () if i.get("system") == GROUP_IPP_SYSTEM), "")
+        subject = {"reference": f"Patient/{patient['id']}", "display": f"{person_name(patient)} ({ipp})" if ipp else person_name(patient)}
+    if subject is not None:
+        resource["subject"] = subject
+    if answers is not None:
+        resource["inResponseTo"] = [{"reference": f"Communication/{answers}"}]
+    if text:
+        resource["payload"] = [{"contentString": text}]
+    return resource
+
+
+def _record(store: Store, entry: Entry, resource: Resource, what: str = "") -> str:
+    def save(tx: Session) -> str:
+        already = entry.recorded(tx, "Communication", what)
+        if already:  # this form was sent before and recorded: not twice
+            return already[0]
+        return operations.create(tx, "Communication", resource, resource_id=resource["id"]).stored.id  # type: ignore[union-attr]
+
+    return store.write(save)
