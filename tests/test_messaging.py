@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from urllib.parse import quote
 
+import httpx
 import pytest
 
 from rebond.clinical.census import group_wards, ward_census
@@ -24,6 +26,7 @@ from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, find
 from rebond.seed.demo import DemoSize, SeedReport, seed_demo
 from rebond.store import open_store
 from rebond.store.base import NotFound, Store
+from tests import test_site as site_tests
 from tests.server import RebondServer
 from tests.web_client import csrf_of, entry_of, signed_in
 
@@ -215,3 +218,42 @@ def test_messages_are_for_the_care_staff_and_the_lab(web: RebondServer, username
     client = signed_in(web.base, username)
     assert client.get("/messages").status_code == 403
     assert 'href="/messages"' not in client.get("/status").text
+
+
+def test_a_cut_off_site_takes_messages_and_the_central_site_gets_them_back(demo_db: str, tmp_path: Path) -> None:
+    central = RebondServer(demo_db).start()
+    site = site_tests.start_site(central, tmp_path, ("nurse", "nurse", "LEROY Hélène"))  # an account that stands for no one
+    try:
+        store = open_store(central.db)
+        try:
+            ward = next(b for b in services(store) if b.code.startswith("H1-") and not b.code.endswith(("-LAB", "-PHARMA")))
+            lab = next(b for b in services(store) if b.code == "H1-LAB")
+        finally:
+            store.close()
+        central.kill()
+        site_tests.wait_for(lambda: site.status()["upstream_reachable"] is False, 10)
+
+        nurse = signed_in(site.base, "nurse")
+        form = nurse.get(f"/messages/new?as={quote(ward.reference)}")
+        assert "Ce site est coupé du site central" in form.text
+        sent = nurse.post("/messages/new", data={"csrf": csrf_of(form.text), "entry": entry_of(form.text), "to": lab.reference,
+                                                 "as": ward.reference, "text": "Tubes de gaz du sang partis par coursier."})
+        assert sent.status_code == 303, "the site takes a message while cut off"
+        message_id = sent.headers["location"].split("?")[0].rsplit("/", 1)[1]
+        assert "Tubes de gaz du sang" in nurse.get(f"/messages?box={quote(lab.reference)}").text, "shown at the site at once"
+        assert site.status()["journal_pending"] == 1
+
+        central.start()
+        site_tests.wait_for(lambda: site.status()["journal_pending"] == 0, 30)
+        copy = httpx.get(f"{central.fhir}/Communication/{message_id}", headers=central.headers, timeout=10).json()
+        assert copy["sender"]["reference"] == ward.reference and copy["recipient"][0]["reference"] == lab.reference
+
+        # the lab, on the central site, takes it in hand; the site sees it through the feed
+        lab_user = signed_in(central.base, "lab")
+        page = lab_user.get(f"/messages/{message_id}?box={quote(lab.reference)}")
+        assert lab_user.post(f"/messages/{message_id}", data={"csrf": csrf_of(page.text), "entry": entry_of(page.text), "action": "take",
+                                                               "as": lab.reference, "text": ""}).status_code == 303
+        site_tests.wait_for(lambda: "Pris en charge" in nurse.get(f"/messages?box={quote(ward.reference)}").text, 10)
+    finally:
+        site.stop()
+        central.stop()
