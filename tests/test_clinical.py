@@ -180,3 +180,28 @@ def test_a_form_sent_twice_records_once(seeded: Store) -> None:
     assert len(find(seeded, "Encounter", ("subject", f"Patient/{admitted}"))) == 1
     again = emergency_admission(seeded, ward, {**form, "bed": "", "entry": str(Entry.new())}, NURSE, NOW)
     assert again != admitted and len(find(seeded, "Patient", ("family", "Urgence"))) == 2
+
+
+def test_a_note_is_on_the_chart_first_signed_and_written_once(seeded: Store) -> None:
+    from rebond.clinical.recording import record_note
+
+    patient = find(seeded, "Patient")[0]["id"]
+    stay = find(seeded, "Encounter", ("subject", f"Patient/{patient}"))[0]["id"]
+    form = {"kind": "nursing", "text": "Patient algique à 6/10.\r\nAntalgique donné, réévaluation à 14 h.", "entry": str(Entry.new())}
+    written = record_note(seeded, patient, form, NURSE, NOW + dt.timedelta(minutes=5), stay)
+    assert record_note(seeded, patient, form, NURSE, NOW + dt.timedelta(minutes=6), stay) == written, "sent twice, recorded once"
+    document = find(seeded, "DocumentReference", ("_id", written))[0]
+    assert document["type"]["coding"][0]["code"] == "34746-8" and document["context"]["encounter"][0]["reference"] == f"Encounter/{stay}"
+    newest = patient_chart(seeded, patient, NOW + dt.timedelta(minutes=10)).notes[0]
+    assert (newest.title, newest.author) == ("Transmissions infirmières", "LEROY Hélène")
+    assert newest.text == "Patient algique à 6/10.\nAntalgique donné, réévaluation à 14 h."
+
+    for refused, problems in (({"kind": "gossip", "text": "x"}, {"kind": "choose-one"}),
+                              ({"kind": "progress", "text": "  "}, {"text": "required"}),
+                              ({"kind": "progress", "text": "x" * 5001}, {"text": "too-long:5000"})):
+        with pytest.raises(InvalidForm) as err:
+            record_note(seeded, patient, refused, NURSE, NOW)
+        assert err.value.problems == problems
+    with pytest.raises(NotFound):
+        record_note(seeded, "nobody", form, NURSE, NOW)
+    assert len(find(seeded, "DocumentReference", ("subject", f"Patient/{patient}"), ("date", f"ge{NOW.isoformat()}"))) == 1

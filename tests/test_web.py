@@ -277,3 +277,23 @@ def test_every_account_reads_the_on_call_rota_the_staff_and_the_procedures_binde
         assert binder.status_code == 200 and "Classeur des procédures" in binder.text
         assert "Prévenir la cellule de crise (poste 5555)." in binder.text and "hyperkaliémie" in binder.text
         assert binder.text.index("mode dégradé") < binder.text.index("hyperkaliémie"), "what to do when the IT fails first"
+
+
+def test_a_nurse_writes_a_note_read_at_once_in_the_chart(web: RebondServer, ward: dict[str, str]) -> None:
+    nurse = signed_in(web.base, "nurse")
+    chart = nurse.get(f"/patients/{ward['patient']}")
+    assert f'href="/patients/{ward["patient"]}/notes"' in chart.text
+    form = nurse.get(f"/patients/{ward['patient']}/notes")
+    assert form.status_code == 200 and 'value="nursing" checked' in form.text, "a nurse's note is the nurses' handover by default"
+    empty = nurse.post(f"/patients/{ward['patient']}/notes", data={"csrf": csrf_of(form.text), "entry": entry_of(form.text),
+                                                                   "kind": "nursing", "text": ""})
+    assert empty.status_code == 422 and 'id="text-problem"' in empty.text
+    sent = {"csrf": csrf_of(form.text), "entry": entry_of(form.text), "kind": "nursing", "text": "Nuit calme. Pansement refait à 5 h."}
+    saved = nurse.post(f"/patients/{ward['patient']}/notes", data=sent)
+    assert saved.status_code == 303 and saved.headers["location"].endswith("?saved=note#notes")
+    assert nurse.post(f"/patients/{ward['patient']}/notes", data=sent).headers["location"] == saved.headers["location"]
+    page = nurse.get(saved.headers["location"])
+    assert "Note enregistrée." in page.text and "Nuit calme. Pansement refait à 5 h." in page.text
+    assert fhir_count(web, f"DocumentReference?subject=Patient/{ward['patient']}&type=http://loinc.org|34746-8") == 1
+    lab = signed_in(web.base, "lab")
+    assert lab.get(f"/patients/{ward['patient']}/notes").status_code == 403, "the lab reads no notes and writes none"

@@ -31,9 +31,8 @@ from typing import Any
 
 from rebond.clinical.conventions import COMMUNICATION_CATEGORY, GROUP_IPP_SYSTEM, SERVICE_SYSTEM
 from rebond.clinical.recording import InvalidForm
-from rebond.clinical.records import Clinician, Entry, Resource, any_of, fhir_instant, find, instant, person_name, read
-from rebond.fhir import operations
-from rebond.store.base import NotFound, Session, Store
+from rebond.clinical.records import Clinician, Entry, Resource, any_of, create_once, fhir_instant, find, instant, person_name, read
+from rebond.store.base import NotFound, Store
 
 MESSAGE = "message"
 TAKEN = "message-taken"
@@ -267,7 +266,7 @@ def send(store: Store, form: Mapping[str, str], clinician: Clinician, now: dt.da
     entry = Entry.of(form.get("entry"))
     resource = _communication(entry.id(), MESSAGE, author, [{"reference": to.reference, "display": to.name}], text, now,
                               urgent=form.get("urgent") == "1", patient=patient)
-    return _record(store, entry, resource)
+    return create_once(store, entry, resource)
 
 
 def answer(store: Store, message_id: str, form: Mapping[str, str], clinician: Clinician, now: dt.datetime, *,
@@ -288,7 +287,7 @@ def answer(store: Store, message_id: str, form: Mapping[str, str], clinician: Cl
     resource = _communication(entry.id(first.id), TAKEN if taken else MESSAGE, author, recipients, text, now,
                               urgent=first.urgent and not taken, answers=first.id,
                               subject={"reference": f"Patient/{first.patient_id}", "display": first.patient} if first.patient_id else None)
-    return _record(store, entry, resource, first.id)
+    return create_once(store, entry, resource, first.id)
 
 
 def _communication(rid: str, kind: str, author: dict[str, str], recipients: list[dict[str, Any]], text: str, now: dt.datetime, *,
@@ -309,13 +308,3 @@ def _communication(rid: str, kind: str, author: dict[str, str], recipients: list
     if text:
         resource["payload"] = [{"contentString": text}]
     return resource
-
-
-def _record(store: Store, entry: Entry, resource: Resource, what: str = "") -> str:
-    def save(tx: Session) -> str:
-        already = entry.recorded(tx, "Communication", what)
-        if already:  # this form was sent before and recorded: not twice
-            return already[0]
-        return operations.create(tx, "Communication", resource, resource_id=resource["id"]).stored.id  # type: ignore[union-attr]
-
-    return store.write(save)

@@ -1,16 +1,18 @@
-"""What nurses and physicians record at the bedside: vital signs and administrations, checked before anything is written.
+"""What nurses and physicians record at the bedside: vital signs, administrations and notes, checked before anything is
+written.
 
 Each form is validated as a whole: a value out of its plausible range sends the form back
 with the reasons, and nothing is written; a valid form is one transaction.
 """
 from __future__ import annotations
 
+import base64
 import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from rebond.clinical.conventions import INTERPRETATION, LOINC, OBSERVATION_CATEGORY, UCUM
-from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, Resource, fhir_instant, read
+from rebond.clinical.conventions import DOCUMENT_CATEGORY, INTERPRETATION, LOINC, OBSERVATION_CATEGORY, UCUM
+from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, Resource, create_once, fhir_instant, read
 from rebond.fhir import operations
 from rebond.store.base import NotFound, Session, Store
 
@@ -37,6 +39,22 @@ VITAL_SIGNS = (
     VitalSign("spo2", "59408-5", "Oxygen saturation", "Saturation en oxygène", "%", 94, 100, 50, 100),
     VitalSign("respiratory_rate", "9279-1", "Respiratory rate", "Fréquence respiratoire", "/min", 12, 20, 4, 70),
 )
+
+
+@dataclass(frozen=True)
+class NoteKind:
+    code: str  # the form's value
+    loinc: str
+    label: str  # English; the web app translates it
+    display: str  # French, written in the record
+
+
+NOTE_KINDS = (
+    NoteKind("progress", "11506-3", "Progress note", "Note d'évolution"),
+    NoteKind("nursing", "34746-8", "Nursing note", "Transmissions infirmières"),
+)
+#: the longest note (a page and a half)
+MAX_NOTE = 5000
 
 
 class InvalidForm(ValueError):
@@ -146,11 +164,36 @@ def record_administration(store: Store, request_id: str, form: Mapping[str, str]
         given["dosage"] = {"text": dosage["text"]}
     if outcome == "not-given":
         given["statusReason"] = [{"text": reason}]
+    return create_once(store, entry, given, request_id)
 
-    def save(tx: Session) -> str:
-        if entry.recorded(tx, "MedicationAdministration", request_id):  # this form was sent before and recorded: not twice
-            return entry.id(request_id)
-        return operations.create(tx, "MedicationAdministration", given, resource_id=given["id"]).stored.id  # type: ignore[union-attr]
 
-    return store.write(save)
-
+def record_note(store: Store, patient_id: str, form: Mapping[str, str], clinician: Clinician, now: dt.datetime,
+                encounter_id: str | None = None) -> str:
+    """A clinical note (fields: kind, text, entry) on the patient's record, for their stay if given; returns the
+    DocumentReference id, read in the chart like the notes other systems send. Never changed: a correction is a new note."""
+    if read(store, "Patient", patient_id) is None:
+        raise NotFound(f"no Patient/{patient_id}")
+    problems: dict[str, str] = {}
+    kind = next((k for k in NOTE_KINDS if k.code == form.get("kind")), None)
+    if kind is None:
+        problems["kind"] = "choose-one"
+    text = (form.get("text") or "").strip().replace("\r\n", "\n")
+    if not text:
+        problems["text"] = "required"
+    elif len(text) > MAX_NOTE:
+        problems["text"] = f"too-long:{MAX_NOTE}"
+    if problems:
+        raise InvalidForm(problems)
+    assert kind is not None
+    entry = Entry.of(form.get("entry"))
+    document: Resource = {
+        "resourceType": "DocumentReference", "id": entry.id(patient_id), "status": "current", "docStatus": "final",
+        "type": {"coding": [{"system": LOINC, "code": kind.loinc}], "text": kind.display},
+        "category": [{"coding": [{"system": DOCUMENT_CATEGORY, "code": "clinical-note"}], "text": "Note clinique"}],
+        "subject": {"reference": f"Patient/{patient_id}"}, "date": fhir_instant(now), "author": [clinician.reference()],
+        "content": [{"attachment": {"contentType": "text/plain; charset=utf-8", "language": "fr", "title": kind.display,
+                                    "data": base64.b64encode(text.encode()).decode()}}],
+    }
+    if encounter_id:
+        document["context"] = {"encounter": [{"reference": f"Encounter/{encounter_id}"}]}
+    return create_once(store, entry, document, patient_id)

@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 import orjson
 
 from rebond.clinical.conventions import GROUP_IPP_SYSTEM
+from rebond.fhir import operations
 from rebond.fhir.search import parse_search
 from rebond.store.base import Session, Store, Stored
 
@@ -72,6 +73,19 @@ class Entry:
         keys = [(resource_type, self.id(what)) for what in (whats or ("",))]
         tx.read_ahead(keys)
         return [rid for _type, rid in keys if (stored := tx.read(resource_type, rid)) is not None and not stored.deleted]
+
+
+def create_once(store: Store, entry: Entry, resource: Resource, what: str = "") -> str:
+    """Create `resource`, whose id is `entry.id(what)`, unless this entry recorded it already (a form sent twice);
+    returns its id."""
+    rtype = resource["resourceType"]
+
+    def save(tx: Session) -> str:
+        if entry.recorded(tx, rtype, what):
+            return entry.id(what)
+        return operations.create(tx, rtype, resource, resource_id=resource["id"]).stored.id  # type: ignore[union-attr]
+
+    return store.write(save)
 
 
 def read(store: Store, resource_type: str, resource_id: str) -> Resource | None:

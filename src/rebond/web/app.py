@@ -47,7 +47,7 @@ from rebond.clinical.messaging import (
     ward_box,
 )
 from rebond.clinical.patients import UnclearSearch, find_patients, parse_day, patient_by_ipp_or_id
-from rebond.clinical.recording import VITAL_SIGNS, InvalidForm, record_administration, record_vitals
+from rebond.clinical.recording import NOTE_KINDS, VITAL_SIGNS, InvalidForm, record_administration, record_note, record_vitals
 from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, any_of, fhir_instant, instant, read
 from rebond.clinical.results import acknowledge_result, reports
 from rebond.clinical.staff import Shift, StaffMember, binder, shifts, staff_by_ward
@@ -156,6 +156,7 @@ class WebApp:
             Route("/patients/{patient_id}", page(self.chart, "view-patients"), methods=["GET"]),
             Route("/patients/{patient_id}/imaging/{study_id}", page(self.images, "view-patients"), methods=["GET"]),
             Route("/patients/{patient_id}/vitals", page(self.vitals_form, "record-vitals"), methods=["GET", "POST"]),
+            Route("/patients/{patient_id}/notes", page(self.note_form, "write-notes"), methods=["GET", "POST"]),
             Route("/patients/{patient_id}/administrations/{request_id}", page(self.administration_form, "record-administrations"),
                   methods=["GET", "POST"]),
             Route("/messages", page(self.messages, "messages"), methods=["GET"]),
@@ -493,6 +494,24 @@ class WebApp:
             else:
                 return RedirectResponse(f"/patients/{quote(patient_id)}?saved=vitals#vitals", status_code=303)
         return self._show(p, "vitals_form.html", status=422 if problems else 200, chart=chart, values=values, problems=problems)
+
+    async def note_form(self, p: Page) -> Response:
+        """A progress note or the nurses' handover, on the patient's current stay."""
+        patient_id = p.request.path_params["patient_id"]
+        chart = await run_in_threadpool(patient_header, self.store, patient_id)
+        values: dict[str, str] = {"kind": "progress" if p.account.role == "physician" else "nursing", "text": "", "entry": str(Entry.new())}
+        problems: dict[str, str] = {}
+        if p.request.method == "POST":
+            values = await _filled(p.request, ("kind", "text"))
+            try:
+                await run_in_threadpool(record_note, self.store, patient_id, values, p.clinician, p.now,
+                                        chart.stay.encounter_id if chart.stay else None)
+            except InvalidForm as err:
+                problems = {k: self._problem(p.t, v) for k, v in err.problems.items()}
+            else:
+                return RedirectResponse(f"/patients/{quote(patient_id)}?saved=note#notes", status_code=303)
+        return self._show(p, "note_form.html", status=422 if problems else 200, chart=chart, values=values, problems=problems,
+                          kinds=[(k.code, p.t.gettext(k.label)) for k in NOTE_KINDS])
 
     async def administration_form(self, p: Page) -> Response:
         patient_id, request_id = p.request.path_params["patient_id"], p.request.path_params["request_id"]

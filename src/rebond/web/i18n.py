@@ -111,6 +111,7 @@ def N_(message: str) -> str:
 RUNTIME_MESSAGES = (
     N_("nurse"), N_("physician"), N_("lab"), N_("admin"), N_("crisis"),
     N_("given"), N_("not-given"), N_("late"), N_("due"), N_("planned"),
+    N_("Progress note"), N_("Nursing note"),
     N_("Heart rate"), N_("Systolic blood pressure"), N_("Diastolic blood pressure"), N_("Temperature"),
     N_("Oxygen saturation"), N_("Respiratory rate"),
     # the disks of the status page: what they hold, their level (rebond/disk.py)
