@@ -137,3 +137,62 @@ def test_a_nurse_finds_the_allergy_and_the_potassium_and_acknowledges_it(browser
         page.close()
     finally:
         server.stop()
+
+
+def test_the_lab_writes_to_a_ward_and_a_nurse_takes_it_in_hand(browser: object, demo_db: str) -> None:
+    from playwright.sync_api import Browser, expect
+
+    assert isinstance(browser, Browser)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    server = RebondServer(demo_db).start()
+    try:
+        store = open_store(server.db)
+        try:
+            ward = group_wards(store)[0].wards[0][0]
+            patient = next(b.patient for b in ward_census(store, ward.id, dt.datetime.now(dt.UTC)).beds if b.patient is not None)
+        finally:
+            store.close()
+        ward_name = ward.name.split(" — ")[0]
+
+        def sign_in(page: object, username: str) -> None:
+            page.goto(f"{server.base}/login")  # type: ignore[attr-defined]
+            page.fill("#username", username)  # type: ignore[attr-defined]
+            page.fill("#password", "rebond-demo")  # type: ignore[attr-defined]
+            page.keyboard.press("Enter")  # type: ignore[attr-defined]
+            page.wait_for_url(lambda url: "/login" not in url)  # type: ignore[attr-defined]
+
+        lab = browser.new_page(viewport={"width": 1280, "height": 900}, locale="fr-FR")
+        sign_in(lab, "lab")
+        lab.get_by_role("link", name="Messages", exact=True).click()
+        expect(lab.locator("main")).to_contain_text("ouvrez ci-dessus les messages de votre service")
+        lab.get_by_role("link", name="Nouveau message").click()
+        lab.select_option("#to", label=ward_name)
+        lab.select_option("#as", label=f"Laboratoire de biologie médicale — {ward.hospital}")  # the bench account writes for the lab
+        lab.fill("#text", f"Kaliémie de {patient.name} à 6,8 mmol/L : contrôle et ECG.")
+        lab.check("input[name=urgent]")
+        lab.get_by_role("button", name="Envoyer").click()
+        expect(lab.locator(".notice")).to_have_text("Envoyé.")
+        lab.screenshot(path=ARTIFACTS / "10-message-sent.png", full_page=True)
+
+        nurse = browser.new_page(viewport={"width": 1280, "height": 900}, locale="fr-FR")
+        sign_in(nurse, "nurse")
+        nurse.goto(f"{server.base}/wards/{ward.id}")
+        waiting = nurse.get_by_role("link", name="1 message à traiter (1 urgent)")
+        expect(waiting).to_be_visible()
+        nurse.screenshot(path=ARTIFACTS / "11-census-message.png", full_page=True)
+        waiting.click()
+        expect(nurse.locator(".conversation.waiting")).to_contain_text("Kaliémie")
+        nurse.get_by_role("link", name="Ouvrir, répondre").click()
+        nurse.get_by_role("button", name="Je m'en occupe").click()
+        expect(nurse.locator("article.message.taken")).to_contain_text("S'en occupe.")
+        nurse.screenshot(path=ARTIFACTS / "12-message-taken.png", full_page=True)
+        nurse.goto(f"{server.base}/wards/{ward.id}")
+        expect(nurse.get_by_role("link", name="Messages du service")).to_be_visible()
+
+        lab.get_by_role("link", name="← Messages").click()  # back to the lab's box, which it wrote for
+        expect(lab.locator("main h2")).to_contain_text("Laboratoire de biologie médicale")
+        expect(lab.locator("main")).to_contain_text("Pris en charge : ")
+        lab.close()
+        nurse.close()
+    finally:
+        server.stop()

@@ -176,7 +176,7 @@ def test_the_lab_warns_a_ward_which_sees_it_and_takes_it_in_hand(web: RebondServ
     sent = lab.post("/messages/new", data={"csrf": csrf_of(form.text), "entry": entry_of(form.text), "to": places["team"],
                                            "as": places["lab"], "patient": places["patient"], "urgent": "1",
                                            "text": "Kaliémie à 6,8 mmol/L : contrôle et ECG."})
-    assert sent.status_code == 303 and sent.headers["location"].endswith("?sent=1")
+    assert sent.status_code == 303 and "?sent=1&box=" in sent.headers["location"]
     again = lab.post("/messages/new", data={"csrf": csrf_of(form.text), "entry": entry_of(form.text), "to": places["team"],
                                             "as": places["lab"], "patient": places["patient"], "urgent": "1",
                                             "text": "Kaliémie à 6,8 mmol/L : contrôle et ECG."})

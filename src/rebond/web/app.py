@@ -363,7 +363,8 @@ class WebApp:
                 problems = {k: self._problem(p.t, v) for k, v in err.problems.items()}
             else:
                 log.info("message %s sent by %s", message_id, p.account.username)
-                return RedirectResponse(f"/messages/{quote(message_id)}?sent=1", status_code=303)
+                back = f"&box={quote(values['as'])}" if values["as"] else ""
+                return RedirectResponse(f"/messages/{quote(message_id)}?sent=1{back}", status_code=303)
 
         def load() -> tuple[list[Box], list[Box], list[Shift], Any]:
             on_call = [s for s in shifts(self.store, p.now, p.now + dt.timedelta(seconds=1)) if s.practitioner_id]
@@ -379,8 +380,8 @@ class WebApp:
     async def message(self, p: Page) -> Response:
         """A conversation whole; an answer to it, or « I'll see to it »."""
         message_id = p.request.path_params["message_id"]
-        speaking_for = p.request.query_params.get("box", "") if not p.account.practitioner_id else ""
-        values = {"text": "", "as": speaking_for, "entry": str(Entry.new())}
+        shown_in = p.request.query_params.get("box", "")  # the box it was opened from: the way back, and for whom one answers
+        values = {"text": "", "as": "" if p.account.practitioner_id else shown_in, "entry": str(Entry.new())}
         problems: dict[str, str] = {}
         if p.request.method == "POST":
             values = await _filled(p.request, ("text", "as", "action"))
@@ -390,7 +391,7 @@ class WebApp:
             except InvalidForm as err:
                 problems = {k: self._problem(p.t, v) for k, v in err.problems.items()}
             else:
-                back = f"?box={quote(values['as'])}" if values["as"] else ""
+                back = f"?box={quote(shown_in)}" if shown_in else ""
                 return RedirectResponse(f"/messages/{quote(message_id)}{back}#last", status_code=303)
 
         def load() -> tuple[Conversation, list[Box]]:
@@ -398,7 +399,7 @@ class WebApp:
 
         talk, every = await run_in_threadpool(load)
         return self._show(p, "message.html", status=422 if problems else 200, talk=talk, values=values, problems=problems,
-                          every=every, sent=p.request.query_params.get("sent") == "1")
+                          every=every, sent=p.request.query_params.get("sent") == "1", shown_in=shown_in)
 
     async def procedures_binder(self, p: Page) -> Response:
         """Each hospital's procedures binder: what to do when the IT fails first, then the clinical procedures."""
