@@ -257,3 +257,24 @@ def test_a_cut_off_site_takes_messages_and_the_central_site_gets_them_back(demo_
     finally:
         site.stop()
         central.stop()
+
+
+def test_answers_written_by_another_system_are_followed_to_the_first_message_even_in_a_loop(group: tuple[Store, SeedReport]) -> None:
+    from rebond.fhir import operations
+
+    store, report = group
+    _doctor, nurse = _people(report)
+    ward = _service(store, "H1-CARDIO")
+    first = send(store, {"to": ward.reference, "text": "Premier"}, nurse, NOW)
+    base = find(store, "Communication", ("_id", first))[0]
+
+    def answered(rid: str, to: str) -> None:
+        answer_of = {**base, "id": rid, "inResponseTo": [{"reference": f"Communication/{to}"}]}
+        store.write(lambda tx: operations.update(tx, "Communication", rid, answer_of))
+
+    answered("answer-1", first)
+    answered("answer-2", "answer-1")  # an answer to an answer
+    assert conversation(store, "answer-2").first.id == first
+    answered("loop-a", "loop-b")
+    answered("loop-b", "loop-a")
+    assert conversation(store, "loop-a").first.id in ("loop-a", "loop-b"), "a loop ends instead of recursing forever"

@@ -206,12 +206,16 @@ def waiting(store: Store, box_ref: str, now: dt.datetime) -> tuple[int, int]:
 
 def conversation(store: Store, message_id: str) -> Conversation:
     """A conversation whole, from any of its messages."""
-    first = read(store, "Communication", message_id)
-    if first is None or not _is_message(first):
-        raise NotFound(f"no message {message_id}")
-    start = message(first)
-    if start.answers is not None:
-        return conversation(store, start.answers)
+    seen: set[str] = set()
+    while True:  # up to its first message (Rebond answers a first message; another system may answer an answer)
+        first = read(store, "Communication", message_id)
+        if first is None or not _is_message(first):
+            raise NotFound(f"no message {message_id}")
+        start = message(first)
+        seen.add(start.id)
+        if start.answers is None or start.answers in seen:  # a loop of answers, written through the API: stop there
+            break
+        message_id = start.answers
     # every answer is sent to the first message's author, or, from its author, to its recipients
     audience = [r for r in (start.author_ref, *(ref for ref, _name in start.to)) if r]
     answers = find(store, "Communication", ("recipient", any_of(audience)), ("category", CATEGORIES),
