@@ -56,6 +56,13 @@ def test_serve_refuses_a_bad_database_url_in_one_line() -> None:
     assert "unsupported database URL" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_command_against_an_unreachable_database_says_so_in_one_line() -> None:
+    """The PostgreSQL pool tries for 30 s (a failover may be under way) and its retries stay out of the terminal."""
+    result = rebond("accounts", "list", "--db", "postgresql://nobody@127.0.0.1:9/none")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "cannot reach PostgreSQL" in result.stderr
+
+
 def test_serve_refuses_a_negative_number_of_mllp_workers_before_starting(tmp_path: Path) -> None:
     result = rebond("serve", "--db", f"sqlite:///{tmp_path / 'r.db'}", "--mllp-port", "0", "--mllp-workers", "-1")
     assert result.returncode == 1

@@ -27,7 +27,7 @@ from rebond.seed.demo import DemoSize, SeedReport, seed_demo
 from rebond.store import open_store
 from rebond.store.base import NotFound, Store
 from tests import test_site as site_tests
-from tests.server import RebondServer
+from tests.server import RebondServer, rebond
 from tests.web_client import csrf_of, entry_of, signed_in
 
 NOW = dt.datetime(2026, 11, 23, 9, 30, tzinfo=HOSPITAL_TZ)
@@ -278,3 +278,18 @@ def test_answers_written_by_another_system_are_followed_to_the_first_message_eve
     answered("loop-a", "loop-b")
     answered("loop-b", "loop-a")
     assert conversation(store, "loop-a").first.id in ("loop-a", "loop-b"), "a loop ends instead of recursing forever"
+
+
+def test_services_lacking_are_made_once_with_the_ids_the_seed_gives(group: tuple[Store, SeedReport], engine_url: str) -> None:
+    from rebond.clinical.messaging import missing_services
+
+    store, _report = group
+    assert missing_services(store) == [], "the demo group has every service"
+    ward, lab = _service(store, "H1-CARDIO"), _service(store, "H1-LAB")
+    store.write(lambda tx: [tx.delete(*b.reference.split("/")) for b in (ward, lab)])
+    assert sorted(s["identifier"][0]["value"] for s in missing_services(store)) == ["H1-CARDIO", "H1-LAB"]
+    made = rebond("messaging", "services", "--db", engine_url)
+    assert made.returncode == 0 and made.stdout.strip() == "made 2 service(s)"
+    assert {b.reference for b in services(store)} >= {ward.reference, lab.reference}, "the same ids as the seed's"
+    again = rebond("messaging", "services", "--db", engine_url)
+    assert again.stdout.strip() == "every ward, lab and pharmacy has its service already"

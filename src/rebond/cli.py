@@ -30,6 +30,15 @@ app = typer.Typer(help="Rebond: the hospital information system that keeps care 
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 err_console = Console(stderr=True, soft_wrap=True)  # an error is one line, however long, in a terminal or a log
 out_console = Console()
+#: the commands that run a server and keep a log; the others are one-shot, and an error is one line
+SERVERS = ("serve", "site")
+
+
+@app.callback()
+def _one_line_errors(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand not in SERVERS:
+        # the PostgreSQL pool's own retries would be written to the terminal before the error line says it all
+        logging.getLogger("psycopg").setLevel(logging.CRITICAL)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -616,6 +625,24 @@ def audit_prune(
         _on_the_trail(store, PRUNE_TRAIL, f"rebond audit prune --older-than {older_than:g}", action="D")
     out_console.print(f"removed {count:,} access(es) recorded before {time.strftime('%Y-%m-%d %H:%M', time.localtime(before))}",
                       soft_wrap=True)
+
+
+messaging_app = typer.Typer(help="Internal messaging between the wards, the labs, the pharmacies and the staff.", no_args_is_help=True)
+app.add_typer(messaging_app, name="messaging")
+
+
+@messaging_app.command("services")
+def messaging_services(db: Annotated[str, typer.Option(help="database of the central site")] = DEFAULT_DB) -> None:
+    """Give every ward a service messages are sent to, and every hospital its lab and pharmacy, where the store lacks
+    them (run it on the central site after loading the hospital's structure; running it again makes nothing)."""
+    from rebond.clinical.messaging import add_services
+
+    with _store_of(db) as store:
+        try:
+            made = add_services(store)
+        except StoreError as err:
+            raise fail(f"the store failed: {err}") from None
+    out_console.print(f"made {made} service(s)" if made else "every ward, lab and pharmacy has its service already")
 
 
 hl7_app = typer.Typer(help="HL7 v2 messages: dead letters, replay, a traffic simulator.", no_args_is_help=True)

@@ -25,13 +25,28 @@ than its author answers it or takes it in hand.
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from rebond.clinical.conventions import COMMUNICATION_CATEGORY, GROUP_IPP_SYSTEM, SERVICE_SYSTEM
+from rebond.clinical.census import group_wards
+from rebond.clinical.conventions import COMMUNICATION_CATEGORY, GROUP_IPP_SYSTEM, LOCATION_SYSTEM, SERVICE_SYSTEM
 from rebond.clinical.recording import InvalidForm
-from rebond.clinical.records import Clinician, Entry, Resource, any_of, create_once, fhir_instant, find, instant, person_name, read
+from rebond.clinical.records import (
+    Clinician,
+    Entry,
+    Resource,
+    any_of,
+    create_once,
+    fhir_instant,
+    find,
+    instant,
+    person_name,
+    read,
+    ref_id,
+)
+from rebond.fhir import operations
 from rebond.store.base import NotFound, Store
 
 MESSAGE = "message"
@@ -42,6 +57,8 @@ MAX_TEXT = 2000
 #: how far back a box lists its conversations (a conversation answered since is listed whatever its age)
 SHOWN_DAYS = 7
 _KINDS = ("HealthcareService", "Practitioner")
+#: the services of each hospital that the wards write to, besides one another
+HOSPITAL_SERVICES = (("LAB", "Laboratoire de biologie médicale"), ("PHARMA", "Pharmacie"))
 
 
 @dataclass(frozen=True)
@@ -141,6 +158,48 @@ def ward_box(store: Store, ward_id: str) -> Box | None:
     """The service of a ward (its team), if it has one."""
     found = find(store, "HealthcareService", ("location", f"Location/{ward_id}"), ("active", "true"), limit=1)
     return _box(found[0], _hospitals(store)) if found else None
+
+
+def missing_services(store: Store) -> list[Resource]:
+    """The services messages are sent to that the store lacks: one per ward (at the ward, named as it is), and each
+    hospital's lab and pharmacy (at its site). Their ids derive from their place and code: made on two nodes, or twice,
+    they are the same resource."""
+    have_at: set[str] = set()
+    have_codes: set[str] = set()
+    for service in find(store, "HealthcareService"):
+        have_at |= {str(loc["reference"]) for loc in service.get("location") or () if isinstance(loc.get("reference"), str)}
+        have_codes |= {str(i.get("value")) for i in service.get("identifier") or () if i.get("system") == SERVICE_SYSTEM}
+    out: list[Resource] = []
+    for hospital in group_wards(store, count_inpatients=False):
+        for ward, _inpatients in hospital.wards:
+            if f"Location/{ward.id}" not in have_at:
+                out.append(_service(ward.name, ward.hospital_id, ward.id, ward.code))
+        site = read(store, "Location", hospital.site_id) or {}
+        site_code = next((str(i.get("value")) for i in site.get("identifier") or () if i.get("system") == LOCATION_SYSTEM), "")
+        for code, label in HOSPITAL_SERVICES if site_code else ():
+            if f"{site_code}-{code}" not in have_codes:
+                out.append(_service(f"{label} — {hospital.hospital}", ref_id(site.get("managingOrganization"), "Organization"),
+                                    hospital.site_id, f"{site_code}-{code}"))
+    return out
+
+
+def _service(name: str, hospital_id: str | None, location_id: str, code: str) -> Resource:
+    service: Resource = {
+        "resourceType": "HealthcareService", "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"urn:rebond:service:{location_id}:{code}")),
+        "active": True, "name": name, "location": [{"reference": f"Location/{location_id}"}],
+        "identifier": [{"system": SERVICE_SYSTEM, "value": code}],
+    }
+    if hospital_id:
+        service["providedBy"] = {"reference": f"Organization/{hospital_id}"}
+    return service
+
+
+def add_services(store: Store) -> int:
+    """Make the services the store lacks (`missing_services`), in one transaction; how many were made."""
+    missing = missing_services(store)
+    if missing:
+        store.write(lambda tx: [operations.update(tx, "HealthcareService", s["id"], s) for s in missing])
+    return len(missing)
 
 
 def message(resource: Resource) -> Message:

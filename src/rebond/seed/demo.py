@@ -33,10 +33,10 @@ from rebond.clinical.conventions import (
     ON_CALL_SYSTEM,
     REPORT_SECTION,
     RPPS_SYSTEM,
-    SERVICE_SYSTEM,
     SNOMED,
     UCUM,
 )
+from rebond.clinical.messaging import add_services
 from rebond.clinical.records import HOSPITAL_TZ, person_name
 from rebond.clinical.results import acknowledgement_task
 from rebond.fhir.bundles import process_transaction
@@ -152,9 +152,7 @@ def seed_demo(store: Store, *, seed: int = 1, size: DemoSize | None = None, now:
                     "address": [{"line": [street], "city": city, "postalCode": postcode, "country": "FR"}]}
         site = _location(new_id, name, "si", None, hospital, f"H{h + 1}")
         site["address"] = hospital["address"][0]
-        services = [_service(f"{label} — {name}", hospital, site, f"H{h + 1}-{code}") for code, label in HOSPITAL_SERVICES]
-        commit([_entry(hospital), _entry(site), *[_entry(d) for d in _procedures_binder(new_id, hospital, now)],
-                *[_entry(s) for s in services]])
+        commit([_entry(hospital), _entry(site), *[_entry(d) for d in _procedures_binder(new_id, hospital, now)]])
         for w in range(size.wards_per_hospital):
             code, service_name, service_snomed = SERVICES[w % len(SERVICES)]
             ward_code = f"H{h + 1}-{code}{'' if w < len(SERVICES) else w // len(SERVICES) + 1}"
@@ -163,25 +161,10 @@ def seed_demo(store: Store, *, seed: int = 1, size: DemoSize | None = None, now:
             done_wards += 1
             if progress is not None:
                 progress(done_wards, total_wards)
+    services = add_services(store)  # what the wards, labs and pharmacies write to one another (clinical/messaging.py)
+    report.counts["HealthcareService"] = services
+    report.resources += services
     return report
-
-
-#: the services of each hospital that the wards write to, besides one another
-HOSPITAL_SERVICES = (("LAB", "Laboratoire de biologie médicale"), ("PHARMA", "Pharmacie"))
-
-
-def _service(name: str, hospital: dict[str, Any], location: dict[str, Any], code: str,
-             specialty: tuple[str, str] | None = None) -> dict[str, Any]:
-    """A service messages are sent to (clinical/messaging.py): a ward's team, a hospital's lab or pharmacy. Its id
-    derives from its place and code, so that the seed's other ids stay as they were."""
-    service: dict[str, Any] = {
-        "resourceType": "HealthcareService", "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"urn:rebond:service:{location['id']}:{code}")),
-        "active": True, "name": name, "providedBy": _ref(hospital), "location": [_ref(location)],
-        "identifier": [{"system": SERVICE_SYSTEM, "value": code}],
-    }
-    if specialty is not None:
-        service["specialty"] = [{"coding": [{"system": SNOMED, "code": specialty[0]}], "text": specialty[1]}]
-    return service
 
 
 def _staff(new_id: Callable[[], str], rng: random.Random, hospital: dict[str, Any], ward: dict[str, Any], service_name: str,
@@ -211,7 +194,6 @@ def _ward(new_id: Callable[[], str], rng: random.Random, hospital: dict[str, Any
     ward = _location(new_id, f"{service_name} — {hospital['name']}", "wa", site, hospital, ward_code)
     ward["alias"] = [ward_code]
     entries.append(_entry(ward))
-    entries.append(_entry(_service(ward["name"], hospital, ward, ward_code, (service_snomed, service_name))))
     report.wards += 1
     doctors, doctor_roles = _staff(new_id, rng, hospital, ward, service_name, service_snomed, 4, ("doctor", "Médecin"))
     nurses, nurse_roles = _staff(new_id, rng, hospital, ward, service_name, service_snomed, 6, ("nurse", "Infirmier(ère)"))
