@@ -27,6 +27,7 @@ from rebond.hl7.mllp import MllpServer
 from rebond.ops.situation import Situation, is_situation_update
 from rebond.security.accounts import PEOPLE, Accounts
 from rebond.security.audit import AuditMiddleware, AuditQueryError, AuditTrail, access_from_json, audit_event, audit_query
+from rebond.security.smart import Scopes, SmartClients, SmartError
 from rebond.site.contacts import SiteContacts
 from rebond.site.node import Node
 from rebond.store.base import Guard, Store, StoreError
@@ -63,7 +64,8 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
             contacts.heard(said or account.username, account.username, request.client.host if request.client else "?",
                            behind=behind)
 
-    api = FhirApi(store, authorize=api_guard(accounts), guard_for=situation_guard, on_feed_read=feed_read)
+    clients = SmartClients(store, accounts)
+    api = FhirApi(store, authorize=api_guard(accounts, clients), guard_for=situation_guard, on_feed_read=feed_read)
 
     def banner(t: Translator) -> str | None:
         said = [node.banner(t), situation_banner(t, situation)]
@@ -93,6 +95,24 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
         if request.url.path.startswith("/fhir"):
             return error_response(FhirError(status, message, code="not-found" if status == 404 else "exception"))
         return web.error_page(request, status, web.language_of(request).gettext("This page does not exist."))
+
+    async def smart_configuration(request: Request) -> Response:
+        """`GET /fhir/.well-known/smart-configuration`: how a backend service gets a token here (SMART Backend Services)."""
+        return JSONResponse(clients.configuration(str(request.base_url).rstrip("/") + "/auth/token"))
+
+    async def token(request: Request) -> Response:
+        """`POST /auth/token`: a backend service's signed assertion for a short-lived access token (client_credentials)."""
+        form = await request.form()
+        no_cache = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+        try:
+            issued = await run_in_threadpool(clients.issue, {k: str(v) for k, v in form.items()}, str(request.url.replace(query="")))
+        except SmartError as err:
+            log.info("token refused: %s (%s)", err.error, err.description)
+            return JSONResponse({"error": err.error, "error_description": err.description}, status_code=400, headers=no_cache)
+        except StoreError as err:
+            return JSONResponse({"error": "temporarily_unavailable", "error_description": str(err)}, status_code=503,
+                                headers={**no_cache, "Retry-After": "5"})
+        return JSONResponse(issued, headers=no_cache)
 
     async def site_accounts(request: Request) -> Response:
         """`GET /fhir/$site-accounts`: the accounts of people, for the site nodes (role site), password hashes included."""
@@ -171,6 +191,9 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
         await node.stop()
 
     app = Starlette(routes=[Route("/healthz", healthz, methods=["GET"]), Route("/status", status, methods=["GET"]),
+                            Route("/fhir/.well-known/smart-configuration", smart_configuration, methods=["GET"]),
+                            Route("/.well-known/smart-configuration", smart_configuration, methods=["GET"]),
+                            Route("/auth/token", token, methods=["POST"]),
                             Route("/fhir/$site-accounts", api.guarded(site_accounts), methods=["GET"]),
                             Route("/fhir/$audit", api.guarded(audit_events, permission="read-audit"), methods=["GET"]),
                             Route("/fhir/$audit-import", api.guarded(audit_import, permission="send-audit"), methods=["POST"]),
@@ -237,13 +260,21 @@ _PERMITTED = {"fhir-read": "read clinical data", "fhir-write": "write clinical d
               "send-audit": "send a site's audit trail"}
 
 
-def api_guard(accounts: Accounts) -> Callable[[Request, str], Awaitable[None]]:
-    """Every FHIR request but the CapabilityStatement carries an API token (`Authorization: Bearer`) or a web session."""
+def api_guard(accounts: Accounts, clients: SmartClients | None = None) -> Callable[[Request, str], Awaitable[None]]:
+    """Every FHIR request but the CapabilityStatement carries an API token or a SMART access token (`Authorization:
+    Bearer`), or a web session."""
 
     async def authorize(request: Request, permission: str) -> None:
         header = request.headers.get("authorization", "")
         account = None
-        if header[:7].lower() == "bearer ":
+        if header[:7].lower() == "bearer " and clients is not None and header[7:].strip().startswith("rbs_"):
+            grant = await run_in_threadpool(clients.grant, header[7:].strip())
+            if grant is None:
+                raise FhirError(401, "the access token is unknown or expired: ask /auth/token for a new one", code="expired")
+            request.state.account = grant.account
+            _within_scopes(request, permission, grant.scopes)
+            account = grant.account
+        elif header[:7].lower() == "bearer ":
             account = accounts.token_account(header[7:].strip())  # cached: no database read on most requests
             if account is None:
                 raise FhirError(401, "the API token is unknown, revoked or its account disabled", code="login")
@@ -257,6 +288,27 @@ def api_guard(accounts: Accounts) -> Callable[[Request, str], Awaitable[None]]:
             raise FhirError(403, f"the role '{account.role}' may not {_PERMITTED.get(permission, permission)}", code="forbidden")
 
     return authorize
+
+
+#: what a permission other than reading and writing clinical data is, in scopes: the audit trail is AuditEvents
+_SCOPED_AS = {"read-audit": ("AuditEvent", False)}
+
+
+def _within_scopes(request: Request, permission: str, scopes: Scopes) -> None:
+    """A SMART token may do what its scopes say, on the resource type of the request; a request over every type (a
+    Bundle, the history of the system, a search that includes other types) needs the scope of every type."""
+    if permission in ("fhir-read", "fhir-write"):
+        resource_type, write = request.path_params.get("type"), permission == "fhir-write"
+    elif permission in _SCOPED_AS:
+        resource_type, write = _SCOPED_AS[permission]
+    else:
+        raise FhirError(403, f"a SMART token may not {_PERMITTED.get(permission, permission)}: use the account's API token",
+                        code="forbidden")
+    if not write and resource_type and any(k.startswith(("_include", "_revinclude")) for k in request.query_params):
+        resource_type = None  # what is included may be of any type
+    if not scopes.allows(resource_type, write=write):
+        what = f"system/{resource_type or '*'}.{'write' if write else 'read'}"
+        raise FhirError(403, f"the token's scopes do not allow this: it needs {what}", code="forbidden")
 
 
 def app_from_environment() -> Starlette:

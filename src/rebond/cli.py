@@ -530,6 +530,54 @@ def accounts_token(
     print(token)
 
 
+@accounts_app.command("client")
+def accounts_client(
+    username: Annotated[str, typer.Argument(help="the account (an interface's, role system) the client acts as")],
+    jwks: Annotated[Path, typer.Option(help="the client's public keys, a JWK Set (JSON), RSA or EC (for RS384 or ES384)")],
+    scope: Annotated[str, typer.Option(help="what it may ask for, e.g. 'system/Observation.cu system/Patient.rs'")],
+    label: Annotated[str, typer.Option(help="what the client is, e.g. 'lab middleware'")] = "",
+    client_id: Annotated[str, typer.Option("--client-id", help="its id (default: a new UUID)")] = "",
+    db: Annotated[str, typer.Option(help="database of the node")] = DEFAULT_DB,
+) -> None:
+    """Register a SMART backend client: it gets short-lived tokens at /auth/token with a JWT signed by its private key.
+    Prints its client id (the iss and sub of its assertions)."""
+    import orjson
+
+    from rebond.security.smart import SmartClients, SmartError
+
+    try:
+        keys = orjson.loads(jwks.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as err:
+        raise fail(f"cannot read the keys in {jwks}: {err}") from None
+    with _accounts_of(db) as accounts:
+        try:
+            client = SmartClients(accounts.store, accounts).register(username, keys, scope, label, client_id or None)
+        except (SmartError, ValueError) as err:
+            raise fail(str(err)) from None
+    print(client.client_id)
+
+
+@accounts_app.command("clients")
+def accounts_clients(
+    revoke: Annotated[str, typer.Option(help="remove this client and its tokens")] = "",
+    db: Annotated[str, typer.Option(help="database of the node")] = DEFAULT_DB,
+) -> None:
+    """The SMART backend clients of this node (or remove one)."""
+    from rebond.security.smart import SmartClients
+
+    with _accounts_of(db) as accounts:
+        clients = SmartClients(accounts.store, accounts)
+        if revoke:
+            if not clients.revoke(revoke):
+                raise fail(f"no client '{revoke}'")
+            out_console.print(f"client {revoke} removed, with its tokens")
+            return
+        table = Table("client id", "account", "scopes", "label", "keys")
+        for c in clients.all():
+            table.add_row(c.client_id, c.username, " ".join(c.scopes), c.label, str(len(c.jwks["keys"])))
+    out_console.print(table)
+
+
 @accounts_app.command("list")
 def accounts_list(db: Annotated[str, typer.Option(help="database of the node")] = DEFAULT_DB) -> None:
     """The accounts of this node."""

@@ -1,0 +1,291 @@
+"""SMART Backend Services: other systems (a lab's middleware, an integration engine) get short-lived tokens for the
+FHIR API by proving who they are with their own private key; no secret is shared.
+
+    rebond accounts client lab-engine --jwks keys.json --scope "system/Observation.cu system/Patient.rs"
+    client: POST /auth/token  grant_type=client_credentials, scope=…,
+            client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer,
+            client_assertion=<JWT signed RS384 or ES384: iss = sub = client id, aud = this URL, exp ≤ 5 min, jti once>
+    Rebond:  {"access_token": …, "token_type": "bearer", "expires_in": 300, "scope": <what was granted>}
+
+A client belongs to an account (an interface's, role `system`): what its tokens may do is what the account's role
+allows AND what its scopes allow, and the audit trail names the account. The tokens, like the API tokens, are kept
+as their SHA-256 only. Discovery: `GET /fhir/.well-known/smart-configuration`.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from rebond.security.accounts import Account, Accounts
+from rebond.store.base import Store
+
+log = logging.getLogger("rebond.smart")
+CLIENTS = "smart-client"
+TOKENS = "smart-token"
+SEEN_ASSERTIONS = "smart-jti"
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+ALGORITHMS = ("RS384", "ES384")  # what SMART asks servers to accept
+#: how long an access token lives (seconds); a client asks for a new one
+TOKEN_SECONDS = 300
+#: how far in the future a client's assertion may expire (SMART: five minutes at most)
+MAX_ASSERTION_SECONDS = 300
+_SCOPE = re.compile(r"system/(\*|[A-Z][A-Za-z]+)\.(read|write|\*|c?r?u?d?s?)")
+
+
+class SmartError(Exception):
+    """An OAuth 2.0 error (RFC 6749 §5.2): its code and what the client should know."""
+
+    def __init__(self, error: str, description: str) -> None:
+        super().__init__(description)
+        self.error = error
+        self.description = description
+
+
+@dataclass(frozen=True)
+class Scopes:
+    """What a token may read and write: resource types, "*" for every type."""
+
+    read: frozenset[str]
+    write: frozenset[str]
+
+    def allows(self, resource_type: str | None, *, write: bool) -> bool:
+        granted = self.write if write else self.read
+        return "*" in granted or (resource_type is not None and resource_type in granted)
+
+    def covers(self, other: Scopes) -> bool:
+        return all(self.allows(t, write=False) for t in other.read) and all(self.allows(t, write=True) for t in other.write)
+
+
+def parse_scopes(text: str | Iterable[str]) -> list[tuple[str, Scopes]]:
+    """Each `system/` scope (SMART v1 read/write/*, v2 letters c r u d s) and what it grants; SmartError for another."""
+    out = []
+    for scope in text.split() if isinstance(text, str) else text:
+        match = _SCOPE.fullmatch(scope)
+        if match is None or match.group(2) == "":
+            raise SmartError("invalid_scope", f"'{scope}' is not a scope of this server: ask for system/<Type or *>."
+                                              "<read|write|*> or the letters cruds (only system scopes: a backend service)")
+        kind, access = match.group(1), match.group(2)
+        if access in ("read", "write", "*"):  # SMART v1
+            reads, writes = access != "write", access != "read"
+        else:  # SMART v2: c create, r read, u update, d delete, s search
+            reads, writes = any(c in access for c in "rs"), any(c in access for c in "cud")
+        out.append((scope, Scopes(frozenset({kind}) if reads else frozenset(), frozenset({kind}) if writes else frozenset())))
+    return out
+
+
+def merged(scopes: Iterable[Scopes]) -> Scopes:
+    read: set[str] = set()
+    write: set[str] = set()
+    for s in scopes:
+        read |= s.read
+        write |= s.write
+    return Scopes(frozenset(read), frozenset(write))
+
+
+@dataclass(frozen=True)
+class Client:
+    client_id: str
+    username: str  # the account it belongs to
+    scopes: tuple[str, ...]  # what it may ask for
+    jwks: dict[str, Any]
+    label: str
+    created: float
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Who a token stands for, and what it may do."""
+
+    account: Account
+    client_id: str
+    scopes: Scopes
+    expires: float
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class SmartClients:
+    """The backend clients registered on this node, their assertions and their tokens."""
+
+    def __init__(self, store: Store, accounts: Accounts, *, clock: Any = time.time) -> None:
+        self.store = store
+        self.accounts = accounts
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._grants: dict[str, Grant | None] = {}  # token digest -> grant, read once
+
+    # -- registering
+
+    def register(self, username: str, jwks: dict[str, Any], scopes: str, label: str = "", client_id: str | None = None) -> Client:
+        account = self.accounts.get(username)
+        if account is None:
+            raise ValueError(f"no account '{username}': make it first (rebond accounts add {username} --role system)")
+        _key_set(jwks)
+        parse_scopes(scopes)
+        if not scopes.split():
+            raise ValueError("say which scopes the client may ask for: --scope 'system/Observation.cu system/Patient.rs'")
+        client = Client(client_id or str(uuid.uuid4()), account.username, tuple(scopes.split()), {"keys": list(jwks["keys"])},
+                        label, self.clock())
+        self.store.put_state(CLIENTS, client.client_id, {"username": client.username, "scopes": list(client.scopes),
+                                                          "jwks": client.jwks, "label": label, "created": client.created})
+        return client
+
+    def get(self, client_id: str) -> Client | None:
+        value = self.store.get_state(CLIENTS, client_id) if client_id else None
+        if not value:
+            return None
+        return Client(client_id, value["username"], tuple(value["scopes"]), value["jwks"], value.get("label", ""), value["created"])
+
+    def all(self) -> list[Client]:
+        return [c for key, _v in self.store.list_state(CLIENTS) if (c := self.get(key)) is not None]
+
+    def revoke(self, client_id: str) -> bool:
+        """Remove a client and every token it holds."""
+        if self.get(client_id) is None:
+            return False
+        self.store.put_state(CLIENTS, client_id, None)
+        for key, value in self.store.list_state(TOKENS):
+            if value.get("client_id") == client_id:
+                self.store.put_state(TOKENS, key, None)
+        with self._lock:
+            self._grants.clear()
+        return True
+
+    # -- the token endpoint
+
+    def issue(self, form: dict[str, str], audience: str) -> dict[str, Any]:
+        """The answer to a token request (RFC 6749 §5.1), or SmartError."""
+        if form.get("grant_type") != "client_credentials":
+            raise SmartError("unsupported_grant_type", "this server gives tokens to backend services: grant_type=client_credentials")
+        if form.get("client_assertion_type") != ASSERTION_TYPE or not form.get("client_assertion"):
+            raise SmartError("invalid_request", f"authenticate with a signed JWT: client_assertion_type={ASSERTION_TYPE} and client_assertion")
+        client, jti, expires = self._authenticated(form["client_assertion"], audience)
+        asked = parse_scopes(form.get("scope", ""))
+        allowed = merged(s for _text, s in parse_scopes(client.scopes))
+        granted = [(text, s) for text, s in asked if allowed.covers(s)]
+        if not granted:
+            raise SmartError("invalid_scope", "none of the scopes asked for was registered for this client"
+                                              f" (it may ask for: {' '.join(client.scopes)})")
+        account = self.accounts.get(client.username)
+        if account is None or not account.active:
+            raise SmartError("invalid_client", "the account of this client is disabled")
+        now = self.clock()
+        token = "rbs_" + secrets.token_urlsafe(32)
+        scope = " ".join(text for text, _s in granted)
+        self._forget_expired(now)
+        self.store.write(lambda tx: (
+            tx.put_state(SEEN_ASSERTIONS, f"{client.client_id} {jti}", {"expires": expires}),
+            tx.put_state(TOKENS, _digest(token), {"client_id": client.client_id, "username": account.username, "scope": scope,
+                                                  "expires": now + TOKEN_SECONDS}),
+        ))
+        log.info("token issued to client %s (account %s): %s", client.client_id, account.username, scope)
+        return {"access_token": token, "token_type": "bearer", "expires_in": TOKEN_SECONDS, "scope": scope}
+
+    def _authenticated(self, assertion: str, audience: str) -> tuple[Client, str, float]:
+        """The client that signed the assertion, the assertion's jti and expiry; SmartError (invalid_client) otherwise."""
+        try:
+            header = jwt.get_unverified_header(assertion)
+            unverified = jwt.decode(assertion, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            raise SmartError("invalid_client", "the client_assertion is not a JWT") from None
+        client = self.get(str(unverified.get("iss", "")))
+        if client is None:
+            raise SmartError("invalid_client", "no client is registered with this id (iss)")
+        if header.get("alg") not in ALGORITHMS:
+            raise SmartError("invalid_client", f"sign the assertion with {' or '.join(ALGORITHMS)}, not {header.get('alg')}")
+        candidates = [k for k in _key_set(client.jwks).keys if header.get("kid") in (None, k.key_id)]
+        claims: dict[str, Any] | None = None
+        for key in candidates:
+            try:
+                claims = jwt.decode(assertion, key.key, algorithms=[str(header["alg"])], audience=audience, leeway=10,
+                                    options={"require": ["iss", "sub", "aud", "exp", "jti"]})
+                break
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.InvalidAudienceError:
+                raise SmartError("invalid_client", f"the client_assertion's audience (aud) must be this token endpoint: {audience}") from None
+            except jwt.ExpiredSignatureError:
+                raise SmartError("invalid_client", "the client_assertion has expired (exp): sign a new one") from None
+            except jwt.PyJWTError as err:
+                raise SmartError("invalid_client", f"the client_assertion is refused: {err}") from None
+        if claims is None:
+            raise SmartError("invalid_client", "the client_assertion's signature matches none of the client's keys")
+        if claims["sub"] != claims["iss"]:
+            raise SmartError("invalid_client", "the client_assertion's sub must be its iss, the client id")
+        now = self.clock()
+        if float(claims["exp"]) > now + MAX_ASSERTION_SECONDS + 10:
+            raise SmartError("invalid_client", f"the client_assertion may expire {MAX_ASSERTION_SECONDS // 60} minutes ahead at most")
+        jti = str(claims["jti"])
+        if self.store.get_state(SEEN_ASSERTIONS, f"{client.client_id} {jti}"):
+            raise SmartError("invalid_client", "this client_assertion (its jti) was used already: sign a new one")
+        return client, jti, float(claims["exp"])
+
+    def _forget_expired(self, now: float) -> None:
+        """Tokens and used assertions past their expiry (and a minute) are of no more use: a token request clears them."""
+        old = [(namespace, key) for namespace in (SEEN_ASSERTIONS, TOKENS) for key, value in self.store.list_state(namespace)
+               if float(value.get("expires", 0)) + 60 < now]
+        if old:
+            self.store.write(lambda tx: [tx.put_state(namespace, key, None) for namespace, key in old])
+
+    # -- using a token
+
+    def grant(self, token: str) -> Grant | None:
+        """What a presented access token stands for; None if unknown, expired, or its account or client is gone."""
+        if not token.startswith("rbs_"):
+            return None
+        key = _digest(token)
+        with self._lock:
+            known = key in self._grants
+            grant = self._grants.get(key)
+        if not known:
+            value = self.store.get_state(TOKENS, key)
+            account = self.accounts.get(value["username"]) if value else None
+            grant = None
+            if value and account is not None and self.get(value["client_id"]) is not None:
+                grant = Grant(account, value["client_id"], merged(s for _t, s in parse_scopes(value["scope"])), float(value["expires"]))
+            with self._lock:
+                if len(self._grants) > 10_000:
+                    self._grants.clear()
+                self._grants[key] = grant
+        if grant is None or grant.expires < self.clock() or not grant.account.active:
+            return None
+        return grant
+
+    def configuration(self, token_url: str) -> dict[str, Any]:
+        """`.well-known/smart-configuration`: how a backend service gets a token here."""
+        return {
+            "token_endpoint": token_url,
+            "grant_types_supported": ["client_credentials"],
+            "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+            "token_endpoint_auth_signing_alg_values_supported": list(ALGORITHMS),
+            "scopes_supported": ["system/*.read", "system/*.write", "system/*.rs", "system/*.cud", "system/*.cruds"],
+            "capabilities": ["client-confidential-asymmetric", "permission-v1", "permission-v2"],
+        }
+
+
+def _key_set(jwks: dict[str, Any]) -> jwt.PyJWKSet:
+    """The client's public keys; ValueError if they are not a JWK Set of RSA or EC keys, or hold a private part."""
+    keys = jwks.get("keys") if isinstance(jwks, dict) else None
+    if not isinstance(keys, list) or not keys:
+        raise ValueError("the keys must be a JWK Set: {\"keys\": [ … ]}")
+    for key in keys:
+        if not isinstance(key, dict) or key.get("kty") not in ("RSA", "EC"):
+            raise ValueError("each key must be an RSA or EC public key (kty RSA or EC)")
+        if "d" in key:
+            raise ValueError("a key holds its private part ('d'): give the public keys only, the client keeps its private key")
+    try:
+        return jwt.PyJWKSet.from_dict({"keys": keys})
+    except jwt.PyJWTError as err:
+        raise ValueError(f"the keys cannot be read: {err}") from None
