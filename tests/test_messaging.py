@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 from urllib.parse import quote
 
@@ -200,6 +201,14 @@ def test_the_lab_warns_a_ward_which_sees_it_and_takes_it_in_hand(web: RebondServ
     # the lab sees who has it in hand, in its own box
     lab_box = lab.get(f"/messages?box={quote(places['lab'])}")
     assert "Pris en charge" in lab_box.text and "Kaliémie à 6,8" in lab_box.text
+
+    # who read and wrote messages about the patient is on the audit trail
+    def trail() -> list[dict[str, object]]:
+        listed = rebond("audit", "list", "--patient", places["patient"], "--json", "--db", web.db).stdout
+        return [json.loads(line) for line in listed.splitlines()]
+
+    site_tests.wait_for(lambda: {("lab", "message"), ("nurse", "messages"), ("nurse", "message")}
+                        <= {(line["agent"], line["what"]) for line in trail()}, 5)
 
 
 def test_a_message_form_with_problems_says_them_in_french_and_sends_nothing(web: RebondServer, places: dict[str, str]) -> None:
