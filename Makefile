@@ -29,7 +29,8 @@ $(BIN)/rebond: pyproject.toml setup.py src/rebond/store/_walvfs.c $(COMPILED)
 	touch $@
 
 # Debian packages the tests use; installed only when missing (needs root, as on CI):
-# PostgreSQL for the second engine, Patroni, etcd and HAProxy for the failover drills (tests/ha_harness.py), Orthanc as the PACS,
+# PostgreSQL for the second engine, Patroni, etcd and HAProxy for the failover drills (tests/ha_harness.py), Orthanc as the PACS
+# with its DICOMweb plugin,
 # Chromium for the browser tests (Playwright drives it; no browser download),
 # poppler-utils to read the downtime PDFs back (pdftotext, pdftoppm), DejaVu fonts for those PDFs
 system-deps:
@@ -39,6 +40,7 @@ system-deps:
 	command -v etcd >/dev/null || missing="$$missing etcd-server"; \
 	test -x /usr/sbin/haproxy || missing="$$missing haproxy"; \
 	test -x /usr/sbin/Orthanc || missing="$$missing orthanc"; \
+	test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
 	test -x /usr/bin/chromium || missing="$$missing chromium"; \
 	command -v pdftotext >/dev/null || missing="$$missing poppler-utils"; \
 	test -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf || missing="$$missing fonts-dejavu-core"; \

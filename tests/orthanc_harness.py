@@ -16,6 +16,9 @@ import httpx
 
 from tests.pg_harness import free_port
 
+#: Debian's orthanc-dicomweb: Orthanc speaks DICOMweb (QIDO-RS, WADO-RS, STOW-RS) under /dicom-web/
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
 
 class OrthancServer:
     USER, PASSWORD = "rebond", "pacs-secret"
@@ -43,7 +46,8 @@ class OrthancServer:
         config.write_text(json.dumps({
             "Name": "rebond-tests", "StorageDirectory": str(self.dir / "storage"), "IndexDirectory": str(self.dir / "index"),
             "HttpPort": self.port, "DicomServerEnabled": False, "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
-            "RegisteredUsers": {self.USER: self.PASSWORD}, "Plugins": [], "StableAge": 1}))  # a study is complete 1 s after
+            "RegisteredUsers": {self.USER: self.PASSWORD}, "StableAge": 1,  # a study is complete 1 s after its last instance
+            "Plugins": [DICOMWEB_PLUGIN] if Path(DICOMWEB_PLUGIN).exists() else [], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}))
         with open(self.dir / "log", "wb") as log:
             self.proc = subprocess.Popen([binary, str(config)], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 30

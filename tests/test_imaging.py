@@ -163,3 +163,43 @@ def _a_patient(db: str) -> tuple[dict[str, Any], str]:
     finally:
         store.close()
     return patient, next(i["value"] for i in patient["identifier"] if i["system"] == GROUP_IPP_SYSTEM)
+
+
+def test_a_study_s_images_are_read_over_dicomweb_through_rebond_by_whoever_may_read_it(demo_db: str, pacs: OrthancServer) -> None:
+    store = open_store(demo_db)
+    try:
+        studies = find(store, "ImagingStudy")
+        kept, missing = studies[0], studies[1]
+        patient_id = kept["subject"]["reference"].split("/")[1]
+        patient = orjson.loads(store.read("Patient", patient_id).body)  # type: ignore[union-attr]
+    finally:
+        store.close()
+    uid, absent_uid = study_uid(kept), study_uid(missing)
+    assert uid is not None and absent_uid is not None
+    ipp = next(i["value"] for i in patient["identifier"] if i["system"] == GROUP_IPP_SYSTEM)
+    pacs.store_study(ipp, uid, "Scanner thoracique")
+
+    server = RebondServer(demo_db, "--orthanc", pacs.url_with_account, "--no-follow-pacs").start()
+    try:
+        base = f"{server.base}/dicom-web/studies"
+        metadata = httpx.get(f"{base}/{uid}/metadata", headers={**server.headers, "Accept": "application/dicom+json"}, timeout=30)
+        assert metadata.status_code == 200 and metadata.headers["content-type"].startswith("application/dicom+json"), metadata.text
+        assert metadata.json()[0]["0020000D"]["Value"] == [uid], "the study's own instances, from the PACS"
+        whole = httpx.get(f"{base}/{uid}", headers={**server.headers, "Accept": 'multipart/related; type="application/dicom"'}, timeout=30)
+        assert whole.status_code == 200 and whole.headers["content-type"].startswith("multipart/related") and b"DICM" in whole.content
+
+        assert httpx.get(f"{base}/{uid}/metadata", timeout=10).status_code == 401, "no images without signing in"
+        unknown = httpx.get(f"{base}/1.2.250.1.999.9.9/metadata", headers=server.headers, timeout=10)
+        assert unknown.status_code == 404 and unknown.json()["resourceType"] == "OperationOutcome", "only the studies Rebond holds"
+        assert httpx.get(f"{base}/{absent_uid}/metadata", headers=server.headers, timeout=10).status_code == 404, "not in the PACS"
+        pacs.stop()
+        down = httpx.get(f"{base}/{uid}/metadata", headers=server.headers, timeout=30)
+        assert down.status_code == 503 and down.headers["retry-after"] == "5"
+    finally:
+        server.stop()
+    store = open_store(demo_db)
+    try:
+        reads = [a for a in store.accesses(patient=patient_id) if a.channel == "dicomweb"]
+        assert reads and {a.what for a in reads} == {"images"}, "reading the images is on the audit trail, with their patient"
+    finally:
+        store.close()

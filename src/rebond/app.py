@@ -9,15 +9,17 @@ from typing import Any
 
 import orjson
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rebond.clinical.imaging import Orthanc, StudyFollower
+from rebond.clinical.imaging import Orthanc, PacsUnavailable, StudyFollower, study_of_uid
+from rebond.clinical.records import ref_id
 from rebond.disk import DiskWatch
 from rebond.downtime.schedule import PackSchedule
 from rebond.fhir.api import FhirApi, error_response
@@ -114,6 +116,31 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
                                 headers={**no_cache, "Retry-After": "5"})
         return JSONResponse(issued, headers=no_cache)
 
+    async def dicomweb(request: Request) -> Response:
+        """`GET /dicom-web/studies/{uid}[/…]`: the images of a study this node holds (WADO-RS), from the PACS, for whoever
+        may read its ImagingStudy; Orthanc's account stays here, and the access is on the audit trail."""
+        if pacs is None:
+            raise FhirError(404, "no PACS is configured on this node (rebond serve --orthanc URL)", code="not-found")
+        uid = request.path_params["uid"]
+        study = await run_in_threadpool(study_of_uid, store, uid)
+        if study is None:
+            raise FhirError(404, f"no ImagingStudy here has the Study Instance UID {uid}", code="not-found")
+        request.state.audit_patient = ref_id(study.get("subject"), "Patient")
+        rest = request.path_params.get("rest", "")
+        try:
+            answer, client = await pacs.dicomweb(f"/studies/{uid}" + (f"/{rest}" if rest else ""), request.url.query,
+                                                 request.headers.get("accept"))
+        except PacsUnavailable as err:
+            log.warning("images not read: %s", err)
+            raise FhirError(503, "the PACS (Orthanc) does not answer: the images cannot be read now", code="transient") from None
+
+        async def close() -> None:
+            await answer.aclose()
+            await client.aclose()
+
+        kind = {"Content-Type": answer.headers["content-type"]} if "content-type" in answer.headers else {}
+        return StreamingResponse(answer.aiter_bytes(), status_code=answer.status_code, headers=kind, background=BackgroundTask(close))
+
     async def site_accounts(request: Request) -> Response:
         """`GET /fhir/$site-accounts`: the accounts of people, for the site nodes (role site), password hashes included."""
         account = request.state.account
@@ -194,6 +221,8 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
                             Route("/fhir/.well-known/smart-configuration", smart_configuration, methods=["GET"]),
                             Route("/.well-known/smart-configuration", smart_configuration, methods=["GET"]),
                             Route("/auth/token", token, methods=["POST"]),
+                            Route("/dicom-web/studies/{uid}", api.guarded(dicomweb), methods=["GET"]),
+                            Route("/dicom-web/studies/{uid}/{rest:path}", api.guarded(dicomweb), methods=["GET"]),
                             Route("/fhir/$site-accounts", api.guarded(site_accounts), methods=["GET"]),
                             Route("/fhir/$audit", api.guarded(audit_events, permission="read-audit"), methods=["GET"]),
                             Route("/fhir/$audit-import", api.guarded(audit_import, permission="send-audit"), methods=["POST"]),
@@ -298,7 +327,9 @@ def _within_scopes(request: Request, permission: str, scopes: Scopes) -> None:
     """A SMART token may do what its scopes say, on the resource type of the request; a request over every type (a
     Bundle, the history of the system, a search that includes other types) needs the scope of every type."""
     if permission in ("fhir-read", "fhir-write"):
-        resource_type, write = request.path_params.get("type"), permission == "fhir-write"
+        # the images of a study (DICOMweb) are read as its ImagingStudy is
+        resource_type = request.path_params.get("type") or ("ImagingStudy" if request.url.path.startswith("/dicom-web/") else None)
+        write = permission == "fhir-write"
     elif permission in _SCOPED_AS:
         resource_type, write = _SCOPED_AS[permission]
     else:

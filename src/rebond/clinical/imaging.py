@@ -42,8 +42,21 @@ _UID = re.compile(r"[0-9][0-9.]{0,63}")
 REACHABLE_KEPT_SECONDS = 10.0
 
 
+#: where Orthanc's DICOMweb plugin answers (Debian's orthanc-dicomweb)
+DICOMWEB_ROOT = "/dicom-web"
+
+
 class PacsUnavailable(Exception):
     """Orthanc did not answer: the images cannot be opened now (the report can still be read)."""
+
+
+def study_of_uid(store: Store, uid: str) -> dict[str, Any] | None:
+    """The ImagingStudy with this Study Instance UID (written with or without `urn:oid:`), if this node holds one."""
+    if not _UID.fullmatch(uid):
+        return None
+    query = parse_search("ImagingStudy", [("identifier", f"{DICOM_UID_SYSTEM}|{literal('urn:oid:' + uid)},{DICOM_UID_SYSTEM}|{literal(uid)}")])
+    found = store.search(query).matches
+    return orjson.loads(found[0].body) if found and found[0].body else None
 
 
 def study_uid(study: dict[str, Any]) -> str | None:
@@ -81,6 +94,18 @@ class Orthanc:
             response.raise_for_status()
             return response.json()
         except (httpx.HTTPError, ValueError) as err:
+            raise PacsUnavailable(f"Orthanc at {self.base} did not answer: {type(err).__name__}") from err
+
+    async def dicomweb(self, path: str, query: str, accept: str | None) -> tuple[httpx.Response, httpx.AsyncClient]:
+        """A DICOMweb GET on the PACS (`/studies/{uid}…`: WADO-RS), its answer streamed: (answer, client to close after
+        reading it); PacsUnavailable when Orthanc does not answer."""
+        client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout, read=60.0), auth=self.auth)
+        request = client.build_request("GET", f"{self.base}{DICOMWEB_ROOT}{path}" + (f"?{query}" if query else ""),
+                                       headers={"Accept": accept} if accept else {})
+        try:
+            return await client.send(request, stream=True), client
+        except httpx.HTTPError as err:
+            await client.aclose()
             raise PacsUnavailable(f"Orthanc at {self.base} did not answer: {type(err).__name__}") from err
 
     def study(self, orthanc_id: str) -> DicomStudy | None:

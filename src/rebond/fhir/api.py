@@ -41,14 +41,18 @@ def fhir_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 
 def error_response(err: Exception) -> Response:
     if isinstance(err, FhirError):
-        return fhir_response(err.outcome(), err.status)
+        return fhir_response(err.outcome(), err.status, _retry(err.status))
     if isinstance(err, SearchError):
         return fhir_response(operation_outcome("; ".join(err.problems), code="not-supported"), 400)
-    if isinstance(err, StoreError):  # unavailable for now (a failover, a full disk): the client is told when to retry
-        retry = {"Retry-After": str(RETRY_AFTER_SECONDS)} if err.status == 503 else None
-        return fhir_response(operation_outcome(str(err), code=err.code), err.status, retry)
+    if isinstance(err, StoreError):
+        return fhir_response(operation_outcome(str(err), code=err.code), err.status, _retry(err.status))
     log.exception("unexpected error")
     return fhir_response(operation_outcome("internal error; the request was not applied", code="exception"), 500)
+
+
+def _retry(status: int) -> dict[str, str] | None:
+    """Unavailable for now (a failover, a full disk, the PACS down): the client is told when to try again."""
+    return {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
 
 
 def _http_date(epoch: float) -> str:

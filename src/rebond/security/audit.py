@@ -292,10 +292,13 @@ class AuditMiddleware:
             channel, (what, action) = "fhir", known
         elif route in WEB_PAGES:
             channel, (what, action) = "web", WEB_PAGES[route]
+        elif route.startswith("/dicom-web/"):  # images from the PACS: their patient is the study's, found by the endpoint
+            channel, what, action = "dicomweb", N_("images"), "R"
         else:
             return None
         params = scope.get("path_params") or {}
-        named = params.get("patient_id") or (params.get("id") if params.get("type") == "Patient" else None)
+        named = params.get("patient_id") or (params.get("id") if params.get("type") == "Patient" else None) \
+            or (scope.get("state") or {}).get("audit_patient")
         query = scope.get("query_string", b"").decode("latin-1")
         kind = next((value for name, value in start.get("headers") or () if name == b"content-type"), b"")
         client = scope.get("client")
@@ -303,7 +306,8 @@ class AuditMiddleware:
         # site node, nor a PDF (a downtime pack: its ward's census, named by the path)
         return _Answered(self.clock(), account.username, account.role, client[0] if client else "", channel, action, what,
                          f"{method} {scope['path']}" + (f"?{query}" if query else ""), int(start["status"]),
-                         html=kind.startswith(b"text/html"), scan=what != "feed" and (b"json" in kind or kind.startswith(b"text/html")),
+                         html=kind.startswith(b"text/html"),
+                         scan=channel != "dicomweb" and what != "feed" and (b"json" in kind or kind.startswith(b"text/html")),
                          known=(str(named),) if named else ())
 
 
