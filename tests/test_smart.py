@@ -186,3 +186,14 @@ def test_scopes_read_as_smart_v1_and_v2() -> None:
     for wrong in ("patient/*.read", "system/Patient.sr", "system/Patient.", "openid", "system/patient.read"):
         with pytest.raises(SmartError):
             parse_scopes(wrong)
+
+
+def test_one_assertion_sent_twice_at_once_gets_one_token(smart: tuple[RebondServer, str, str], keys: dict[str, Any]) -> None:
+    """A stolen assertion replayed beside its first use: the assertion's jti is claimed in the token's own transaction."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, client, _ec = smart
+    assertion = _assertion(keys["rsa"], client, f"{server.base}/auth/token")
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _i: _token(server, assertion).status_code, range(8)))
+    assert sorted(answers) == [200] + [400] * 7

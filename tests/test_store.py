@@ -287,3 +287,9 @@ def test_sqlite_checkpoints_beside_the_writer(tmp_path: Path) -> None:
         assert store._writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0  # never inside a commit
     finally:
         store.close()
+
+
+def test_a_state_key_is_claimed_once(store: Store) -> None:
+    assert store.write(lambda tx: tx.claim_state("nonce", "a", {"n": 1})) is True
+    assert store.write(lambda tx: tx.claim_state("nonce", "a", {"n": 2})) is False, "taken: the first value stays"
+    assert store.get_state("nonce", "a") == {"n": 1}

@@ -27,7 +27,7 @@ from typing import Any
 import jwt
 
 from rebond.security.accounts import Account, Accounts
-from rebond.store.base import Store
+from rebond.store.base import Session, Store
 
 log = logging.getLogger("rebond.smart")
 CLIENTS = "smart-client"
@@ -185,16 +185,22 @@ class SmartClients:
         token = "rbs_" + secrets.token_urlsafe(32)
         scope = " ".join(text for text, _s in granted)
         self._forget_expired(now)
-        self.store.write(lambda tx: (
-            tx.put_state(SEEN_ASSERTIONS, f"{client.client_id} {jti}", {"expires": expires}),
+
+        def keep(tx: Session) -> bool:  # the assertion used once, even by two requests at the same instant
+            if not tx.claim_state(SEEN_ASSERTIONS, f"{client.client_id} {jti}", {"expires": expires}):
+                return False
             tx.put_state(TOKENS, _digest(token), {"client_id": client.client_id, "username": account.username, "scope": scope,
-                                                  "expires": now + TOKEN_SECONDS}),
-        ))
+                                                  "expires": now + TOKEN_SECONDS})
+            return True
+
+        if not self.store.write(keep):
+            raise SmartError("invalid_client", "this client_assertion (its jti) was used already: sign a new one")
         log.info("token issued to client %s (account %s): %s", client.client_id, account.username, scope)
         return {"access_token": token, "token_type": "bearer", "expires_in": TOKEN_SECONDS, "scope": scope}
 
     def _authenticated(self, assertion: str, audience: str) -> tuple[Client, str, float]:
-        """The client that signed the assertion, the assertion's jti and expiry; SmartError (invalid_client) otherwise."""
+        """The client that signed the assertion, the assertion's jti and expiry; SmartError (invalid_client) otherwise (a jti
+        used already is refused when the token is kept: in the same transaction)."""
         try:
             header = jwt.get_unverified_header(assertion)
             unverified = jwt.decode(assertion, options={"verify_signature": False})
@@ -227,10 +233,7 @@ class SmartClients:
         now = self.clock()
         if float(claims["exp"]) > now + MAX_ASSERTION_SECONDS + 10:
             raise SmartError("invalid_client", f"the client_assertion may expire {MAX_ASSERTION_SECONDS // 60} minutes ahead at most")
-        jti = str(claims["jti"])
-        if self.store.get_state(SEEN_ASSERTIONS, f"{client.client_id} {jti}"):
-            raise SmartError("invalid_client", "this client_assertion (its jti) was used already: sign a new one")
-        return client, jti, float(claims["exp"])
+        return client, str(claims["jti"]), float(claims["exp"])
 
     def _forget_expired(self, now: float) -> None:
         """Tokens and used assertions past their expiry (and a minute) are of no more use: a token request clears them."""

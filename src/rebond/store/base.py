@@ -230,6 +230,10 @@ class Session(abc.ABC):
         """Set (or with None, remove) a value of this node's own state: JSON-serialisable, outside the change feed."""
 
     @abc.abstractmethod
+    def claim_state(self, namespace: str, key: str, value: Any) -> bool:
+        """Set a value of this node's own state unless the key has one: True if it was free (a nonce used once)."""
+
+    @abc.abstractmethod
     def record_accesses(self, accesses: Sequence[Access]) -> int:
         """Add to the audit trail (outside the change feed); an access already there is kept once. Returns how many were new."""
 

@@ -192,6 +192,9 @@ class Draft(Session):
     def put_state(self, namespace: str, key: str, value: Any) -> None:
         raise NeedsTransaction("node state")
 
+    def claim_state(self, namespace: str, key: str, value: Any) -> bool:
+        raise NeedsTransaction("node state")
+
     def record_accesses(self, accesses: Sequence[Access]) -> int:
         raise NeedsTransaction("the audit trail")
 

@@ -238,6 +238,11 @@ class SQLSession(Session):
             (namespace, key, orjson.dumps(value).decode(), time.time()),
         )
 
+    def claim_state(self, namespace: str, key: str, value: Any) -> bool:
+        self.cur.execute("INSERT INTO node_state (ns, key, value, updated) VALUES (?, ?, ?, ?) ON CONFLICT (ns, key) DO NOTHING"
+                         " RETURNING key", (namespace, key, orjson.dumps(value).decode(), time.time()))
+        return self.cur.fetchone() is not None
+
     # -- writing
 
     def create(self, resource: dict[str, Any], *, resource_id: str | None = None) -> WriteResult:
