@@ -6,19 +6,19 @@ store like any record, so a hospital's site node takes them, shows them and answ
 it is cut off from the central site. A message is a FHIR Communication:
 
     Communication.category      urn:rebond:communication-category|message (a reply too), or
-                                |message-taken: « pris en compte », someone has it in hand
+                                |message-taken: « Je m'en occupe », someone has it in hand
     Communication.priority      routine or urgent
     Communication.sender        the Practitioner the account stands for; or a service the author writes for
                                 (an account that stands for no one, the lab's, always writes for a service)
     Communication.recipient     a service (HealthcareService: a ward's team, a hospital's lab or pharmacy)
                                 or a person (Practitioner); a reply: everyone of the conversation but its author
     Communication.subject       the patient it is about, if any
-    Communication.inResponseTo  a reply's or a « pris en compte »'s first message
+    Communication.inResponseTo  a reply's or a « Je m'en occupe »'s first message
     Communication.payload       the text
     Communication.sent          when it was written
 
 Nothing is ever changed once written — there is no "read" flag to update — so a site node cut off
-from the central site takes messages, replies and « pris en compte » like any other write and
+from the central site takes messages, replies and « Je m'en occupe » like any other write and
 replays them later with nothing to reconcile. A message waits (« à traiter ») until someone other
 than its author answers it or takes it in hand.
 """
@@ -84,16 +84,16 @@ class Message:
     to: tuple[tuple[str | None, str], ...]  # (reference, name) of each recipient
     text: str
     urgent: bool
-    taken: bool  # a « pris en compte »: no text of its own
+    taken: bool  # a « Je m'en occupe »: no text of its own
     patient_id: str | None
     patient: str  # as written when sent: name and IPP
-    answers: str | None  # the first message of its conversation, for a reply or a « pris en compte »
+    answers: str | None  # the first message of its conversation, for a reply or a « Je m'en occupe »
 
 
 @dataclass
 class Conversation:
     first: Message
-    after: list[Message] = field(default_factory=list)  # replies and « pris en compte », in order
+    after: list[Message] = field(default_factory=list)  # replies and « Je m'en occupe », in order
 
     @property
     def taken_by(self) -> Message | None:
