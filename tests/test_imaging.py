@@ -203,3 +203,33 @@ def test_a_study_s_images_are_read_over_dicomweb_through_rebond_by_whoever_may_r
         assert reads and {a.what for a in reads} == {"images"}, "reading the images is on the audit trail, with their patient"
     finally:
         store.close()
+
+
+@pytest.mark.slow
+def test_one_process_follows_the_pacs_and_another_takes_over_when_it_dies(demo_db: str, pacs: OrthancServer) -> None:
+    """Two servers over one store (as `--workers 2`, or two central servers behind HAProxy): one follows the PACS; killed,
+    the other follows within three rounds, and no study is lost or linked twice."""
+    patient, ipp = _a_patient(demo_db)
+    first = RebondServer(demo_db, "--orthanc", pacs.url_with_account).start()
+    second: RebondServer | None = None
+    try:
+        wait_for(lambda: first.status()["imaging"]["new_studies"]["this_process"] is True, 15)  # type: ignore[index]
+        second = RebondServer(demo_db, "--orthanc", pacs.url_with_account).start()
+        time.sleep(6)  # a round of each
+        assert second.status()["imaging"]["new_studies"]["this_process"] is False, "one follower at a time"  # type: ignore[index]
+        pacs.store_study(ipp, "1.2.250.1.999.4.1", "Échographie abdominale", modality="US")
+        wait_for(lambda: first.status()["imaging"]["new_studies"]["linked"] == 1, 30)  # type: ignore[index]
+
+        first.kill()
+        took = wait_for(lambda: second.status()["imaging"]["new_studies"]["this_process"] is True, 30)  # type: ignore[index]
+        print(f"\nthe second server followed the PACS {took:.1f} s after the first was killed")
+        pacs.store_study(ipp, "1.2.250.1.999.4.2", "Scanner abdominal", modality="CT")
+        wait_for(lambda: second.status()["imaging"]["new_studies"]["linked"] == 1, 30)  # type: ignore[index]
+        with second.client() as api:
+            mine = api.get("/ImagingStudy", params={"subject": f"Patient/{patient['id']}", "identifier":
+                           "urn:dicom:uid|urn:oid:1.2.250.1.999.4.1,urn:dicom:uid|urn:oid:1.2.250.1.999.4.2"}).json()
+            assert len(mine["entry"]) == 2 and all(e["resource"]["meta"]["versionId"] == "1" for e in mine["entry"])
+    finally:
+        if second is not None:
+            second.stop()
+        first.stop()

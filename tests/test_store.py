@@ -293,3 +293,14 @@ def test_a_state_key_is_claimed_once(store: Store) -> None:
     assert store.write(lambda tx: tx.claim_state("nonce", "a", {"n": 1})) is True
     assert store.write(lambda tx: tx.claim_state("nonce", "a", {"n": 2})) is False, "taken: the first value stays"
     assert store.get_state("nonce", "a") == {"n": 1}
+
+
+def test_a_lease_is_held_by_one_owner_until_it_lapses(store: Store) -> None:
+    assert store.write(lambda tx: tx.lease("jobs", "pacs", "a", 0.5))
+    assert not store.write(lambda tx: tx.lease("jobs", "pacs", "b", 0.5)), "held by a"
+    assert store.write(lambda tx: tx.lease("jobs", "pacs", "a", 0.5)), "a renews it"
+    time.sleep(0.6)
+    assert store.write(lambda tx: tx.lease("jobs", "pacs", "b", 0.5)), "lapsed: b takes it"
+    assert not store.write(lambda tx: tx.lease("jobs", "pacs", "a", 0.5))
+    assert store.write(lambda tx: tx.lease("jobs", "pacs", "b", 0)) and store.write(lambda tx: tx.lease("jobs", "pacs", "a", 1)), \
+        "given up (0 s): free at once"

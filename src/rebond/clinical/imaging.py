@@ -7,11 +7,15 @@ to Orthanc's viewer for it. Orthanc keeps the pixels; Rebond keeps the report an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
+import os
 import re
+import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,6 +202,10 @@ class StudyFollower(BackgroundLoop):
         self.store = store
         self.orthanc = orthanc
         self.interval = interval
+        # one process over this store follows (`rebond serve --workers N`, central servers behind HAProxy): it holds the
+        # lease and renews it each round; another takes over when it has not for three rounds
+        self.me = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.following = False
         self.linked = 0  # since the start
         self.unmatched = 0  # studies waiting for a known patient, now (read at the first round)
         self.problem: str | None = None
@@ -256,12 +264,28 @@ class StudyFollower(BackgroundLoop):
         self.unmatched = len(waiting)
         self.problem, self.last_at = None, time.time()
 
+    async def stop(self) -> None:
+        await super().stop()
+        if self.following:  # another process may take over at once
+            with contextlib.suppress(StoreError):
+                await run_in_threadpool(self.store.write, lambda tx: tx.lease(IMAGING_STATE, "follower", self.me, 0))
+            self.following = False
+
+    def hold(self) -> bool:
+        """Hold (or renew) the lease of following this PACS; False while another process follows it."""
+        held = self.store.write(lambda tx: tx.lease(IMAGING_STATE, "follower", self.me, self.interval * 3))
+        if held != self.following:
+            log.info("this process %s the PACS's new studies", "follows" if held else "no longer follows (another does)")
+        self.following = held
+        return held
+
     async def run(self) -> None:
         while True:
             try:
-                while not await run_in_threadpool(self.follow_once):
-                    pass
-                await run_in_threadpool(self.retry_waiting)
+                if await run_in_threadpool(self.hold):
+                    while not await run_in_threadpool(self.follow_once):
+                        pass
+                    await run_in_threadpool(self.retry_waiting)
             except (PacsUnavailable, StoreError) as err:
                 if self.problem is None:
                     log.warning("the PACS's new studies are not followed now: %s", err)
@@ -273,7 +297,8 @@ class StudyFollower(BackgroundLoop):
 
     def status(self) -> dict[str, Any]:
         return {"up_to": self.store.get_state(IMAGING_STATE, "orthanc-changes"), "linked": self.linked,
-                "unmatched": self.unmatched, "last_at": utc_second(self.last_at), "problem": self.problem}
+                "unmatched": len(self.store.get_state(IMAGING_STATE, "waiting") or {}),  # whichever process follows
+                "last_at": utc_second(self.last_at), "problem": self.problem, "this_process": self.following}
 
 
 def link_study(tx: Session, study: DicomStudy) -> bool:

@@ -234,6 +234,12 @@ class Session(abc.ABC):
         """Set a value of this node's own state unless the key has one: True if it was free (a nonce used once)."""
 
     @abc.abstractmethod
+    def lease(self, namespace: str, key: str, owner: str, seconds: float) -> bool:
+        """Hold the lease `key` for `seconds` more if it is free, lapsed, or `owner`'s already: True if `owner` holds it
+        now. One of several processes over one store (server processes, central servers) does a job, another takes
+        it over when the holder stops renewing."""
+
+    @abc.abstractmethod
     def record_accesses(self, accesses: Sequence[Access]) -> int:
         """Add to the audit trail (outside the change feed); an access already there is kept once. Returns how many were new."""
 

@@ -195,6 +195,9 @@ class Draft(Session):
     def claim_state(self, namespace: str, key: str, value: Any) -> bool:
         raise NeedsTransaction("node state")
 
+    def lease(self, namespace: str, key: str, owner: str, seconds: float) -> bool:
+        raise NeedsTransaction("node state")
+
     def record_accesses(self, accesses: Sequence[Access]) -> int:
         raise NeedsTransaction("the audit trail")
 

@@ -243,6 +243,14 @@ class SQLSession(Session):
                          " RETURNING key", (namespace, key, orjson.dumps(value).decode(), time.time()))
         return self.cur.fetchone() is not None
 
+    def lease(self, namespace: str, key: str, owner: str, seconds: float) -> bool:
+        now = time.time()
+        # the row's `updated` is when the lease lapses
+        self.cur.execute("INSERT INTO node_state (ns, key, value, updated) VALUES (?, ?, ?, ?) ON CONFLICT (ns, key) DO UPDATE"
+                         " SET value = excluded.value, updated = excluded.updated WHERE node_state.value = excluded.value"
+                         " OR node_state.updated < ? RETURNING key", (namespace, key, orjson.dumps(owner).decode(), now + seconds, now))
+        return self.cur.fetchone() is not None
+
     # -- writing
 
     def create(self, resource: dict[str, Any], *, resource_id: str | None = None) -> WriteResult:
