@@ -197,3 +197,91 @@ def test_one_assertion_sent_twice_at_once_gets_one_token(smart: tuple[RebondServ
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda _i: _token(server, assertion).status_code, range(8)))
     assert sorted(answers) == [200] + [400] * 7
+
+
+# -- an app a person uses (SMART App Launch, standalone)
+
+APP_URI = "https://bedside.example/callback"
+
+
+def _pkce() -> tuple[str, str]:
+    import base64
+    import hashlib
+    import secrets
+
+    verifier = secrets.token_urlsafe(48)
+    return verifier, base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+
+
+def test_a_nurse_lets_an_app_act_for_her_with_her_rights_and_its_scopes(demo_db: str) -> None:
+    from urllib.parse import parse_qs, urlencode, urlsplit
+
+    from tests.web_client import csrf_of, signed_in
+
+    made = rebond("accounts", "app", "bedside-app", "--redirect-uri", APP_URI, "--scope", "user/Patient.rs user/Observation.cruds",
+                  "--label", "Tablette de chevet", "--db", demo_db)
+    assert made.returncode == 0, made.stderr
+    server = RebondServer(demo_db).start()
+    try:
+        config = httpx.get(f"{server.fhir}/.well-known/smart-configuration", timeout=10).json()
+        assert config["authorization_endpoint"] == f"{server.base}/auth/authorize" and "S256" in config["code_challenge_methods_supported"]
+        verifier, challenge = _pkce()
+        asked = {"response_type": "code", "client_id": "bedside-app", "redirect_uri": APP_URI, "state": "s-42", "aud": server.fhir,
+                 "scope": "openid fhirUser user/Patient.rs user/Observation.rs user/Encounter.rs",
+                 "code_challenge": challenge, "code_challenge_method": "S256"}
+        url = f"/auth/authorize?{urlencode(asked)}"
+        assert httpx.get(f"{server.base}{url}", follow_redirects=False).headers["location"].startswith("/login?next="), "sign in first"
+
+        nurse = signed_in(server.base, "nurse")
+        consent = nurse.get(url)
+        assert consent.status_code == 200 and "Tablette de chevet" in consent.text and "<code>Observation</code>" in consent.text
+        assert "<code>Encounter</code>" not in consent.text, "what the app was not registered for is not asked"
+        assert "form-action 'self' https://bedside.example" in consent.headers["content-security-policy"]
+        given = nurse.post("/auth/authorize", data={**asked, "csrf": csrf_of(consent.text), "decision": "allow"})
+        assert given.status_code == 303 and given.headers["location"].startswith(APP_URI + "?")
+        answer = parse_qs(urlsplit(given.headers["location"]).query)
+        assert answer["state"] == ["s-42"]
+        code = answer["code"][0]
+
+        token_url = f"{server.base}/auth/token"
+        exchange = {"grant_type": "authorization_code", "code": code, "redirect_uri": APP_URI, "client_id": "bedside-app"}
+        wrong = httpx.post(token_url, data={**exchange, "code_verifier": _pkce()[0]}, timeout=10)
+        assert wrong.status_code == 400 and wrong.json()["error"] == "invalid_grant", "PKCE: only the app that asked"
+        issued = httpx.post(token_url, data={**exchange, "code_verifier": verifier}, timeout=10)
+        assert issued.status_code == 200, issued.text
+        assert issued.json()["scope"] == "user/Patient.rs user/Observation.rs" and issued.json()["expires_in"] == 1800
+        again = httpx.post(token_url, data={**exchange, "code_verifier": verifier}, timeout=10)
+        assert again.status_code == 400 and again.json()["error"] == "invalid_grant", "a code is exchanged once"
+
+        auth = {"Authorization": f"Bearer {issued.json()['access_token']}"}
+        assert httpx.get(f"{server.fhir}/Patient?_count=1", headers=auth, timeout=10).status_code == 200
+        assert httpx.get(f"{server.fhir}/Observation?_count=1", headers=auth, timeout=10).status_code == 200
+        refused = httpx.get(f"{server.fhir}/Encounter?_count=1", headers=auth, timeout=10)
+        assert refused.status_code == 403 and "user/Encounter.read" in refused.json()["issue"][0]["diagnostics"]
+        time.sleep(1)
+        listed = rebond("audit", "list", "--user", "nurse", "--json", "--db", demo_db).stdout
+        assert any(json.loads(line)["entity"].startswith("GET /fhir/Observation") for line in listed.splitlines()), \
+            "what the app read is on the trail in the nurse's name"
+
+        # refused, or asked wrongly: the app is told at its redirect URI; an unknown app or URI is not sent anywhere
+        page = nurse.get(url)
+        denied = nurse.post("/auth/authorize", data={**asked, "csrf": csrf_of(page.text), "decision": "deny"})
+        assert parse_qs(urlsplit(denied.headers["location"]).query) == {"error": ["access_denied"], "state": ["s-42"]}
+        no_pkce = nurse.get(f"/auth/authorize?{urlencode({**asked, 'code_challenge_method': 'plain'})}")
+        assert no_pkce.status_code == 303 and "error=invalid_request" in no_pkce.headers["location"]
+        elsewhere = nurse.get(f"/auth/authorize?{urlencode({**asked, 'redirect_uri': 'https://evil.example/'})}")
+        assert elsewhere.status_code == 400 and "evil.example" not in elsewhere.headers.get("location", "")
+        admin = signed_in(server.base, "admin")
+        assert admin.get(url).status_code == 403, "IT reads no records: it cannot let an app read them either"
+    finally:
+        server.stop()
+
+
+def test_the_command_line_lists_clients_and_apps_and_removes_one(demo_db: str) -> None:
+    assert rebond("accounts", "app", "viewer", "--redirect-uri", "https://viewer.example/cb", "--scope", "user/*.rs", "--db", demo_db).returncode == 0
+    listed = rebond("accounts", "clients", "--db", demo_db)
+    assert "viewer" in listed.stdout and "https://viewer.examp" in listed.stdout, "the redirect URI folded, never cut short"
+    assert rebond("accounts", "clients", "--revoke", "viewer", "--db", demo_db).returncode == 0
+    assert "viewer" not in rebond("accounts", "clients", "--db", demo_db).stdout
+    bad = rebond("accounts", "app", "x", "--redirect-uri", "http://elsewhere.example/cb", "--scope", "user/*.rs", "--db", demo_db)
+    assert bad.returncode == 1 and "https" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

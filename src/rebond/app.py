@@ -79,7 +79,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
         return " ".join(text for text in said if text) or None
 
     web = WebApp(store, accounts, secure_cookies=secure_cookies, status_banner=banner, upstream=node.upstream_access(),
-                 downtime=downtime, source=node.status, situation=situation, pacs=pacs)
+                 downtime=downtime, source=node.status, situation=situation, pacs=pacs, smart=clients)
 
     async def healthz(request: Request) -> Response:
         try:
@@ -100,7 +100,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
 
     async def smart_configuration(request: Request) -> Response:
         """`GET /fhir/.well-known/smart-configuration`: how a backend service gets a token here (SMART Backend Services)."""
-        return JSONResponse(clients.configuration(str(request.base_url).rstrip("/") + "/auth/token"))
+        return JSONResponse(clients.configuration(str(request.base_url).rstrip("/")))
 
     async def token(request: Request) -> Response:
         """`POST /auth/token`: a backend service's signed assertion for a short-lived access token (client_credentials)."""
@@ -301,7 +301,7 @@ def api_guard(accounts: Accounts, clients: SmartClients | None = None) -> Callab
             if grant is None:
                 raise FhirError(401, "the access token is unknown or expired: ask /auth/token for a new one", code="expired")
             request.state.account = grant.account
-            _within_scopes(request, permission, grant.scopes)
+            _within_scopes(request, permission, grant.scopes, grant.context)
             account = grant.account
         elif header[:7].lower() == "bearer ":
             account = accounts.token_account(header[7:].strip())  # cached: no database read on most requests
@@ -323,7 +323,7 @@ def api_guard(accounts: Accounts, clients: SmartClients | None = None) -> Callab
 _SCOPED_AS = {"read-audit": ("AuditEvent", False)}
 
 
-def _within_scopes(request: Request, permission: str, scopes: Scopes) -> None:
+def _within_scopes(request: Request, permission: str, scopes: Scopes, context: str) -> None:
     """A SMART token may do what its scopes say, on the resource type of the request; a request over every type (a
     Bundle, the history of the system, a search that includes other types) needs the scope of every type."""
     if permission in ("fhir-read", "fhir-write"):
@@ -338,7 +338,7 @@ def _within_scopes(request: Request, permission: str, scopes: Scopes) -> None:
     if not write and resource_type and any(k.startswith(("_include", "_revinclude")) for k in request.query_params):
         resource_type = None  # what is included may be of any type
     if not scopes.allows(resource_type, write=write):
-        what = f"system/{resource_type or '*'}.{'write' if write else 'read'}"
+        what = f"{context}/{resource_type or '*'}.{'write' if write else 'read'}"
         raise FhirError(403, f"the token's scopes do not allow this: it needs {what}", code="forbidden")
 
 

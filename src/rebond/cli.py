@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from rebond.store import DEFAULT_DB, open_store
 from rebond.store.base import StoreError
@@ -557,12 +557,32 @@ def accounts_client(
     print(client.client_id)
 
 
-@accounts_app.command("clients")
-def accounts_clients(
-    revoke: Annotated[str, typer.Option(help="remove this client and its tokens")] = "",
+@accounts_app.command("app")
+def accounts_app_add(
+    client_id: Annotated[str, typer.Argument(help="the app's client id, as it will ask for it")],
+    redirect_uri: Annotated[list[str], typer.Option("--redirect-uri", help="where the app is sent back (https; several allowed)")],
+    scope: Annotated[str, typer.Option(help="what it may ask for, e.g. 'user/Patient.rs user/Observation.cruds'")],
+    label: Annotated[str, typer.Option(help="the app's name, shown to the person asked")] = "",
     db: Annotated[str, typer.Option(help="database of the node")] = DEFAULT_DB,
 ) -> None:
-    """The SMART backend clients of this node (or remove one)."""
+    """Register an app people use (SMART App Launch, standalone, a public client with PKCE): signed in, a person lets it
+    act for them, with the rights of their own role."""
+    from rebond.security.smart import SmartClients, SmartError
+
+    with _accounts_of(db) as accounts:
+        try:
+            app_ = SmartClients(accounts.store, accounts).register_app(client_id, label, redirect_uri, scope)
+        except (SmartError, ValueError) as err:
+            raise fail(str(err)) from None
+    out_console.print(f"app {app_.client_id} registered ({app_.label})")
+
+
+@accounts_app.command("clients")
+def accounts_clients(
+    revoke: Annotated[str, typer.Option(help="remove this client or app, and its tokens")] = "",
+    db: Annotated[str, typer.Option(help="database of the node")] = DEFAULT_DB,
+) -> None:
+    """The SMART backend clients and apps of this node (or remove one, with its tokens)."""
     from rebond.security.smart import SmartClients
 
     with _accounts_of(db) as accounts:
@@ -572,9 +592,12 @@ def accounts_clients(
                 raise fail(f"no client '{revoke}'")
             out_console.print(f"client {revoke} removed, with its tokens")
             return
-        table = Table("client id", "account", "scopes", "label", "keys")
+        table = Table("client id", "acts as", Column("scopes", overflow="fold"), "label",
+                      Column("keys or redirect URIs", overflow="fold"))  # folded, never cut: IT copies them
         for c in clients.all():
-            table.add_row(c.client_id, c.username, " ".join(c.scopes), c.label, str(len(c.jwks["keys"])))
+            table.add_row(c.client_id, c.username, " ".join(c.scopes), c.label, f"{len(c.jwks['keys'])} key(s)")
+        for a in clients.apps():
+            table.add_row(a.client_id, "the person who lets it", " ".join(a.scopes), a.label, " ".join(a.redirect_uris))
     out_console.print(table)
 
 

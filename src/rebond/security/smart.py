@@ -13,6 +13,7 @@ as their SHA-256 only. Discovery: `GET /fhir/.well-known/smart-configuration`.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import re
@@ -39,16 +40,25 @@ ALGORITHMS = ("RS384", "ES384")  # what SMART asks servers to accept
 TOKEN_SECONDS = 300
 #: how far in the future a client's assertion may expire (SMART: five minutes at most)
 MAX_ASSERTION_SECONDS = 300
-_SCOPE = re.compile(r"system/(\*|[A-Z][A-Za-z]+)\.(read|write|\*|c?r?u?d?s?)")
+_SCOPE = re.compile(r"(system|user)/(\*|[A-Z][A-Za-z]+)\.(read|write|\*|c?r?u?d?s?)")
+APPS = "smart-app"
+CODES = "smart-code"
+USED_CODES = "smart-code-used"
+#: how long an app's code may wait for its exchange (seconds)
+CODE_SECONDS = 60
+#: how long an app's access token lives: as long as a web session without use (the user authorizes the app again after)
+APP_TOKEN_SECONDS = 1800
 
 
 class SmartError(Exception):
-    """An OAuth 2.0 error (RFC 6749 §5.2): its code and what the client should know."""
+    """An OAuth 2.0 error (RFC 6749 §5.2, §4.1.2.1): its code and what the client should know; `redirect` False when an
+    app's request cannot be answered at its redirect URI (unknown app or URI)."""
 
-    def __init__(self, error: str, description: str) -> None:
+    def __init__(self, error: str, description: str, *, redirect: bool = True) -> None:
         super().__init__(description)
         self.error = error
         self.description = description
+        self.redirect = redirect
 
 
 @dataclass(frozen=True)
@@ -66,15 +76,16 @@ class Scopes:
         return all(self.allows(t, write=False) for t in other.read) and all(self.allows(t, write=True) for t in other.write)
 
 
-def parse_scopes(text: str | Iterable[str]) -> list[tuple[str, Scopes]]:
-    """Each `system/` scope (SMART v1 read/write/*, v2 letters c r u d s) and what it grants; SmartError for another."""
+def parse_scopes(text: str | Iterable[str], context: str = "system") -> list[tuple[str, Scopes]]:
+    """Each scope of the context (`system/` for a backend service, `user/` for an app a person uses; SMART v1
+    read/write/*, v2 letters c r u d s) and what it grants; SmartError for another."""
     out = []
     for scope in text.split() if isinstance(text, str) else text:
         match = _SCOPE.fullmatch(scope)
-        if match is None or match.group(2) == "":
-            raise SmartError("invalid_scope", f"'{scope}' is not a scope of this server: ask for system/<Type or *>."
-                                              "<read|write|*> or the letters cruds (only system scopes: a backend service)")
-        kind, access = match.group(1), match.group(2)
+        if match is None or match.group(1) != context or match.group(3) == "":
+            raise SmartError("invalid_scope", f"'{scope}' is not a scope of this server: ask for {context}/<Type or *>."
+                                              "<read|write|*> or the letters cruds")
+        kind, access = match.group(2), match.group(3)
         if access in ("read", "write", "*"):  # SMART v1
             reads, writes = access != "write", access != "read"
         else:  # SMART v2: c create, r read, u update, d delete, s search
@@ -103,6 +114,27 @@ class Client:
 
 
 @dataclass(frozen=True)
+class App:
+    """An app a person uses (SMART App Launch, standalone): a public client, PKCE, its redirect URIs registered."""
+
+    client_id: str
+    label: str
+    redirect_uris: tuple[str, ...]
+    scopes: tuple[str, ...]  # user/ scopes it may ask for
+
+
+@dataclass(frozen=True)
+class Authorization:
+    """An app's request to act for the signed-in person, checked (`SmartClients.authorization`)."""
+
+    app: App
+    redirect_uri: str
+    scope: str  # what it asks that is registered
+    state: str
+    challenge: str
+
+
+@dataclass(frozen=True)
 class Grant:
     """Who a token stands for, and what it may do."""
 
@@ -110,6 +142,7 @@ class Grant:
     client_id: str
     scopes: Scopes
     expires: float
+    context: str = "system"  # system: a backend service's; user: an app's, for a person
 
 
 def _digest(token: str) -> str:
@@ -151,11 +184,15 @@ class SmartClients:
     def all(self) -> list[Client]:
         return [c for key, _v in self.store.list_state(CLIENTS) if (c := self.get(key)) is not None]
 
+    def apps(self) -> list[App]:
+        return [a for key, _v in self.store.list_state(APPS) if (a := self.app(key)) is not None]
+
     def revoke(self, client_id: str) -> bool:
-        """Remove a client and every token it holds."""
-        if self.get(client_id) is None:
+        """Remove a backend client or an app, and every token it holds."""
+        if self.get(client_id) is None and self.app(client_id) is None:
             return False
         self.store.put_state(CLIENTS, client_id, None)
+        self.store.put_state(APPS, client_id, None)
         for key, value in self.store.list_state(TOKENS):
             if value.get("client_id") == client_id:
                 self.store.put_state(TOKENS, key, None)
@@ -163,12 +200,64 @@ class SmartClients:
             self._grants.clear()
         return True
 
+    def register_app(self, client_id: str, label: str, redirect_uris: Iterable[str], scopes: str) -> App:
+        uris = tuple(redirect_uris)
+        if not uris or not all(u.startswith(("https://", "http://localhost", "http://127.0.0.1")) for u in uris):
+            raise ValueError("give the app's redirect URIs, https (or http on this machine, for a test)")
+        parse_scopes(scopes, "user")
+        if not scopes.split():
+            raise ValueError("say which scopes the app may ask for: --scope 'user/Patient.rs user/Observation.rs'")
+        app = App(client_id, label or client_id, uris, tuple(scopes.split()))
+        self.store.put_state(APPS, client_id, {"label": app.label, "redirect_uris": list(uris), "scopes": list(app.scopes),
+                                                "created": self.clock()})
+        return app
+
+    def app(self, client_id: str) -> App | None:
+        value = self.store.get_state(APPS, client_id) if client_id else None
+        if not value:
+            return None
+        return App(client_id, value["label"], tuple(value["redirect_uris"]), tuple(value["scopes"]))
+
+    def authorization(self, params: dict[str, str], fhir_base: str) -> Authorization:
+        """An app's authorization request checked; SmartError whose `redirect` is False when the app or its redirect URI
+        is not known (then the person is told, and not sent anywhere)."""
+        app = self.app(params.get("client_id", ""))
+        if app is None:
+            raise SmartError("invalid_request", "this app is not registered here", redirect=False)
+        if params.get("redirect_uri") not in app.redirect_uris:
+            raise SmartError("invalid_request", "this redirect URI is not the app's", redirect=False)
+        if params.get("response_type") != "code":
+            raise SmartError("unsupported_response_type", "ask for response_type=code")
+        if params.get("aud", "").rstrip("/") != fhir_base.rstrip("/"):
+            raise SmartError("invalid_request", f"aud must be this FHIR server: {fhir_base}")
+        if params.get("code_challenge_method") != "S256" or not params.get("code_challenge"):
+            raise SmartError("invalid_request", "PKCE is required: code_challenge with code_challenge_method=S256")
+        allowed = merged(s for _t, s in parse_scopes(app.scopes, "user"))
+        asked = [(t, sc) for t, sc in parse_scopes([x for x in params.get("scope", "").split() if x.startswith("user/")], "user")
+                 if allowed.covers(sc)]
+        if not asked:
+            raise SmartError("invalid_scope", "none of the scopes asked for was registered for this app")
+        return Authorization(app, str(params["redirect_uri"]), " ".join(t for t, _s in asked), params.get("state", ""),
+                             str(params["code_challenge"]))
+
+    def code(self, authorization: Authorization, account: Account) -> str:
+        """The code the app exchanges for its token, for the person who said yes; usable once, for a minute."""
+        code = secrets.token_urlsafe(32)
+        self.store.put_state(CODES, _digest(code), {"client_id": authorization.app.client_id, "username": account.username,
+                                                    "scope": authorization.scope, "redirect_uri": authorization.redirect_uri,
+                                                    "challenge": authorization.challenge, "expires": self.clock() + CODE_SECONDS})
+        log.info("app %s authorized by %s: %s", authorization.app.client_id, account.username, authorization.scope)
+        return code
+
     # -- the token endpoint
 
     def issue(self, form: dict[str, str], audience: str) -> dict[str, Any]:
         """The answer to a token request (RFC 6749 §5.1), or SmartError."""
+        if form.get("grant_type") == "authorization_code":
+            return self._exchange(form)
         if form.get("grant_type") != "client_credentials":
-            raise SmartError("unsupported_grant_type", "this server gives tokens to backend services: grant_type=client_credentials")
+            raise SmartError("unsupported_grant_type", "ask with grant_type=client_credentials (a backend service) or "
+                                                       "authorization_code (an app)")
         if form.get("client_assertion_type") != ASSERTION_TYPE or not form.get("client_assertion"):
             raise SmartError("invalid_request", f"authenticate with a signed JWT: client_assertion_type={ASSERTION_TYPE} and client_assertion")
         client, jti, expires = self._authenticated(form["client_assertion"], audience)
@@ -197,6 +286,36 @@ class SmartClients:
             raise SmartError("invalid_client", "this client_assertion (its jti) was used already: sign a new one")
         log.info("token issued to client %s (account %s): %s", client.client_id, account.username, scope)
         return {"access_token": token, "token_type": "bearer", "expires_in": TOKEN_SECONDS, "scope": scope}
+
+    def _exchange(self, form: dict[str, str]) -> dict[str, Any]:
+        """An app's code for its access token: once, within the minute, with the verifier of its PKCE challenge."""
+        key = _digest(form.get("code", ""))
+        value = self.store.get_state(CODES, key) if form.get("code") else None
+        if not value or float(value["expires"]) < self.clock():
+            raise SmartError("invalid_grant", "the code is unknown or expired: authorize the app again")
+        if form.get("client_id") != value["client_id"] or form.get("redirect_uri") != value["redirect_uri"]:
+            raise SmartError("invalid_grant", "the code was given to another app, or for another redirect URI")
+        verifier = form.get("code_verifier", "")
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+        if not verifier or not secrets.compare_digest(challenge, str(value["challenge"])):
+            raise SmartError("invalid_grant", "the code_verifier does not match the code_challenge")
+        account = self.accounts.get(value["username"])
+        if account is None or not account.active or self.app(value["client_id"]) is None:
+            raise SmartError("invalid_grant", "the person's account or the app is gone")
+        token = "rbs_" + secrets.token_urlsafe(32)
+
+        def keep(tx: Session) -> bool:  # a code is exchanged once, even twice at the same instant
+            if not tx.claim_state(USED_CODES, key, {"expires": value["expires"]}):
+                return False
+            tx.put_state(CODES, key, None)
+            tx.put_state(TOKENS, _digest(token), {"client_id": value["client_id"], "username": account.username,
+                                                  "scope": value["scope"], "expires": self.clock() + APP_TOKEN_SECONDS})
+            return True
+
+        if not self.store.write(keep):
+            raise SmartError("invalid_grant", "the code was used already")
+        log.info("token issued to app %s for %s: %s", value["client_id"], account.username, value["scope"])
+        return {"access_token": token, "token_type": "bearer", "expires_in": APP_TOKEN_SECONDS, "scope": value["scope"]}
 
     def _authenticated(self, assertion: str, audience: str) -> tuple[Client, str, float]:
         """The client that signed the assertion, the assertion's jti and expiry; SmartError (invalid_client) otherwise (a jti
@@ -256,8 +375,11 @@ class SmartClients:
             value = self.store.get_state(TOKENS, key)
             account = self.accounts.get(value["username"]) if value else None
             grant = None
-            if value and account is not None and self.get(value["client_id"]) is not None:
-                grant = Grant(account, value["client_id"], merged(s for _t, s in parse_scopes(value["scope"])), float(value["expires"]))
+            context = "user" if value and value["scope"].startswith("user/") else "system"
+            client_known = value and (self.get(value["client_id"]) if context == "system" else self.app(value["client_id"]))
+            if value and account is not None and client_known:
+                grant = Grant(account, value["client_id"], merged(s for _t, s in parse_scopes(value["scope"], context)),
+                              float(value["expires"]), context)
             with self._lock:
                 if len(self._grants) > 10_000:
                     self._grants.clear()
@@ -266,15 +388,20 @@ class SmartClients:
             return None
         return grant
 
-    def configuration(self, token_url: str) -> dict[str, Any]:
-        """`.well-known/smart-configuration`: how a backend service gets a token here."""
+    def configuration(self, base_url: str) -> dict[str, Any]:
+        """`.well-known/smart-configuration`: how a backend service, or an app a person uses, gets a token here."""
         return {
-            "token_endpoint": token_url,
-            "grant_types_supported": ["client_credentials"],
-            "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+            "authorization_endpoint": f"{base_url}/auth/authorize",
+            "token_endpoint": f"{base_url}/auth/token",
+            "grant_types_supported": ["client_credentials", "authorization_code"],
+            "token_endpoint_auth_methods_supported": ["private_key_jwt", "none"],
             "token_endpoint_auth_signing_alg_values_supported": list(ALGORITHMS),
-            "scopes_supported": ["system/*.read", "system/*.write", "system/*.rs", "system/*.cud", "system/*.cruds"],
-            "capabilities": ["client-confidential-asymmetric", "permission-v1", "permission-v2"],
+            "response_types_supported": ["code"],
+            "code_challenge_methods_supported": ["S256"],
+            "scopes_supported": ["system/*.read", "system/*.write", "system/*.rs", "system/*.cud", "system/*.cruds",
+                                 "user/*.read", "user/*.write", "user/*.rs", "user/*.cruds"],
+            "capabilities": ["client-confidential-asymmetric", "launch-standalone", "client-public", "permission-v1",
+                             "permission-v2", "permission-user"],
         }
 
 

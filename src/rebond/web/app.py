@@ -59,6 +59,7 @@ from rebond.hl7.intake import CHANNEL as HL7_CHANNEL
 from rebond.hl7.intake import describe, replay
 from rebond.ops.situation import MODULES, STATES, Situation, known_sites, module_states, read_form
 from rebond.security.accounts import Account, Accounts, WebSession
+from rebond.security.smart import APP_TOKEN_SECONDS, SmartClients, SmartError, merged, parse_scopes
 from rebond.site.reconcile import StillInConflict, open_conflicts, settle
 from rebond.store.base import NotFound, Store, Unavailable
 from rebond.web.i18n import DEFAULT_LANGUAGE, LANGUAGES, Translator, translator
@@ -123,8 +124,9 @@ class WebApp:
     def __init__(self, store: Store, accounts: Accounts, *, secure_cookies: bool = False,
                  status_banner: Callable[[Translator], str | None] | None = None, upstream: tuple[str, str] | None = None,
                  downtime: PackSchedule | None = None, source: Callable[[], dict[str, Any]] | None = None,
-                 situation: Situation | None = None, pacs: Orthanc | None = None) -> None:
+                 situation: Situation | None = None, pacs: Orthanc | None = None, smart: SmartClients | None = None) -> None:
         self.store = store
+        self.smart = smart  # the apps people authorize to act for them (SMART App Launch)
         self.pacs = pacs  # the images' PACS: imaging reports link to their images there
         self.situation = situation or Situation(store, site=None)
         self.downtime = downtime  # the scheduled packs, when this node makes them
@@ -159,6 +161,7 @@ class WebApp:
             Route("/patients/{patient_id}/notes", page(self.note_form, "write-notes"), methods=["GET", "POST"]),
             Route("/patients/{patient_id}/administrations/{request_id}", page(self.administration_form, "record-administrations"),
                   methods=["GET", "POST"]),
+            Route("/auth/authorize", page(self.authorize_app, "fhir-read"), methods=["GET", "POST"]),
             Route("/messages", page(self.messages, "messages"), methods=["GET"]),
             Route("/messages/new", page(self.new_message, "messages"), methods=["GET", "POST"]),
             Route("/messages/{message_id}", page(self.message, "messages"), methods=["GET", "POST"]),
@@ -400,6 +403,39 @@ class WebApp:
         talk, every = await run_in_threadpool(load)
         return self._show(p, "message.html", status=422 if problems else 200, talk=talk, values=values, problems=problems,
                           every=every, sent=p.request.query_params.get("sent") == "1", shown_in=shown_in)
+
+    async def authorize_app(self, p: Page) -> Response:
+        """SMART App Launch, standalone: an app asks to act for the signed-in person, who says yes or no. Yes: the app
+        gets a code for its token (`/auth/token`); either way it is told at its registered redirect URI."""
+        if self.smart is None:
+            raise NotFound("no apps on this node")
+        if p.request.method == "POST":
+            form = await p.request.form()
+            params = {name: str(form.get(name, "")) for name in _AUTHORIZATION_PARAMS}
+            decision = str(form.get("decision", ""))
+        else:
+            params, decision = {name: p.request.query_params.get(name, "") for name in _AUTHORIZATION_PARAMS}, ""
+        try:
+            asked = await run_in_threadpool(self.smart.authorization, params, str(p.request.base_url).rstrip("/") + "/fhir")
+        except SmartError as err:
+            if not err.redirect:
+                return self.error_page(p.request, 400, p.t.gettext("This app cannot be authorized here: %(why)s.", why=err.description),
+                                       p.account, p.session)
+            return RedirectResponse(_with_query(params["redirect_uri"], error=err.error, error_description=err.description,
+                                                state=params["state"]), status_code=303)
+        if decision == "allow":
+            code = await run_in_threadpool(self.smart.code, asked, p.account)
+            return RedirectResponse(_with_query(asked.redirect_uri, code=code, state=asked.state), status_code=303)
+        if decision:
+            return RedirectResponse(_with_query(asked.redirect_uri, error="access_denied", state=asked.state), status_code=303)
+        scopes = merged(sc for _t, sc in parse_scopes(asked.scope, "user"))
+        page = self._show(p, "authorize.html", asked=asked, params=params, reads=sorted(scopes.read), writes=sorted(scopes.write),
+                          minutes=APP_TOKEN_SECONDS // 60)
+        # the answer leads to the app: the form may end there (a browser applies form-action to the redirect too)
+        app_origin = str(httpx.URL(asked.redirect_uri).copy_with(path="/", query=None, fragment=None)).rstrip("/")
+        page.headers["Content-Security-Policy"] = page.headers["Content-Security-Policy"].replace(
+            "form-action 'self'", f"form-action 'self' {app_origin}")
+        return page
 
     async def procedures_binder(self, p: Page) -> Response:
         """Each hospital's procedures binder: what to do when the IT fails first, then the clinical procedures."""
@@ -728,6 +764,15 @@ class WebApp:
     async def account_list(self, p: Page) -> Response:
         accounts = await run_in_threadpool(self.accounts.all)
         return self._show(p, "accounts.html", accounts=accounts)
+
+
+#: what an app's authorization request says (RFC 6749 §4.1.1, PKCE, SMART's aud)
+_AUTHORIZATION_PARAMS = ("response_type", "client_id", "redirect_uri", "scope", "state", "aud", "code_challenge", "code_challenge_method")
+
+
+def _with_query(uri: str, **params: str) -> str:
+    """`uri` with `params` added to its query (those empty left out)."""
+    return uri + ("&" if "?" in uri else "?") + urlencode({k: v for k, v in params.items() if v})
 
 
 async def _filled(request: Request, fields: Iterable[str]) -> dict[str, str]:
