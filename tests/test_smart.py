@@ -234,8 +234,9 @@ def test_a_nurse_lets_an_app_act_for_her_with_her_rights_and_its_scopes(demo_db:
 
         nurse = signed_in(server.base, "nurse")
         consent = nurse.get(url)
-        assert consent.status_code == 200 and "Tablette de chevet" in consent.text and "<code>Observation</code>" in consent.text
-        assert "<code>Encounter</code>" not in consent.text, "what the app was not registered for is not asked"
+        assert consent.status_code == 200 and "Tablette de chevet" in consent.text
+        assert "lire : les résultats et les constantes, l&#39;identité des patients" in consent.text, "said in words a nurse reads"
+        assert "les séjours" not in consent.text, "what the app was not registered for is not asked"
         assert "form-action 'self' https://bedside.example" in consent.headers["content-security-policy"]
         given = nurse.post("/auth/authorize", data={**asked, "csrf": csrf_of(consent.text), "decision": "allow"})
         assert given.status_code == 303 and given.headers["location"].startswith(APP_URI + "?")

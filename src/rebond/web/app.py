@@ -62,7 +62,7 @@ from rebond.security.accounts import Account, Accounts, WebSession
 from rebond.security.smart import APP_TOKEN_SECONDS, SmartClients, SmartError, merged, parse_scopes
 from rebond.site.reconcile import StillInConflict, open_conflicts, settle
 from rebond.store.base import NotFound, Store, Unavailable
-from rebond.web.i18n import DEFAULT_LANGUAGE, LANGUAGES, Translator, translator
+from rebond.web.i18n import DEFAULT_LANGUAGE, LANGUAGES, N_, Translator, translator
 from rebond.web.plots import human_unit, trend_svg
 
 log = logging.getLogger("rebond.web")
@@ -430,7 +430,7 @@ class WebApp:
             return RedirectResponse(_with_query(asked.redirect_uri, error="access_denied", state=asked.state), status_code=303)
         scopes = merged(sc for _t, sc in parse_scopes(asked.scope, "user"))
         page = self._show(p, "authorize.html", asked=asked, params=params, reads=sorted(scopes.read), writes=sorted(scopes.write),
-                          minutes=APP_TOKEN_SECONDS // 60)
+                          minutes=APP_TOKEN_SECONDS // 60, kinds=RECORD_KINDS)
         # the answer leads to the app: the form may end there (a browser applies form-action to the redirect too)
         app_origin = str(httpx.URL(asked.redirect_uri).copy_with(path="/", query=None, fragment=None)).rstrip("/")
         page.headers["Content-Security-Policy"] = page.headers["Content-Security-Policy"].replace(
@@ -766,6 +766,13 @@ class WebApp:
         return self._show(p, "accounts.html", accounts=accounts)
 
 
+#: the records an app may ask for, in words a person signing in reads (others are named by their FHIR type)
+RECORD_KINDS = {
+    "Patient": N_("patients' identity"), "Encounter": N_("stays"), "Observation": N_("results and vital signs"),
+    "DiagnosticReport": N_("reports"), "MedicationRequest": N_("prescriptions"), "MedicationAdministration": N_("administrations"),
+    "AllergyIntolerance": N_("allergies"), "Condition": N_("problems"), "DocumentReference": N_("notes and documents"),
+    "Communication": N_("messages between the staff"), "ImagingStudy": N_("imaging examinations"),
+}
 #: what an app's authorization request says (RFC 6749 §4.1.1, PKCE, SMART's aud)
 _AUTHORIZATION_PARAMS = ("response_type", "client_id", "redirect_uri", "scope", "state", "aud", "code_challenge", "code_challenge_method")
 
