@@ -27,7 +27,7 @@ from typing import Any
 
 import jwt
 
-from rebond.security.accounts import Account, Accounts
+from rebond.security.accounts import TOKEN_CACHE_SECONDS, Account, Accounts
 from rebond.store.base import Session, Store
 
 log = logging.getLogger("rebond.smart")
@@ -157,7 +157,8 @@ class SmartClients:
         self.accounts = accounts
         self.clock = clock
         self._lock = threading.Lock()
-        self._grants: dict[str, Grant | None] = {}  # token digest -> grant, read once
+        # token digest -> (when read, grant): read again after TOKEN_CACHE_SECONDS, so a disabled account stops within it
+        self._grants: dict[str, tuple[float, Grant | None]] = {}
 
     # -- registering
 
@@ -368,10 +369,10 @@ class SmartClients:
         if not token.startswith("rbs_"):
             return None
         key = _digest(token)
+        now = time.monotonic()
         with self._lock:
-            known = key in self._grants
-            grant = self._grants.get(key)
-        if not known:
+            read_at, grant = self._grants.get(key, (None, None))
+        if read_at is None or now - read_at > TOKEN_CACHE_SECONDS:
             value = self.store.get_state(TOKENS, key)
             account = self.accounts.get(value["username"]) if value else None
             grant = None
@@ -383,7 +384,7 @@ class SmartClients:
             with self._lock:
                 if len(self._grants) > 10_000:
                     self._grants.clear()
-                self._grants[key] = grant
+                self._grants[key] = (now, grant)
         if grant is None or grant.expires < self.clock() or not grant.account.active:
             return None
         return grant
