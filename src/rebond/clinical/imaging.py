@@ -44,8 +44,6 @@ WAITING_DAYS = 7
 _UID = re.compile(r"[0-9][0-9.]{0,63}")
 #: seconds: how long the PACS's answer to "are you there" is kept for the status page
 REACHABLE_KEPT_SECONDS = 10.0
-
-
 #: where Orthanc's DICOMweb plugin answers (Debian's orthanc-dicomweb)
 DICOMWEB_ROOT = "/dicom-web"
 

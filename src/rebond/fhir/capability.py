@@ -66,15 +66,17 @@ def capability_statement(base_url: str) -> dict[str, Any]:
         "rest": [
             {
                 "mode": "server",
-                # SMART Backend Services (security/smart.py): where a backend service gets its tokens
+                # SMART (security/smart.py): where a backend service, or an app a person uses, gets its tokens
                 "security": {
                     "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
                                              "code": "SMART-on-FHIR"}]}],
-                    "extension": [{"url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
-                                   "extension": [{"url": "token", "valueUri": base_url.removesuffix("/fhir") + "/auth/token"}]}],
-                    "description": "Authorization: Bearer — an API token (rebond accounts token), or a SMART Backend Services "
-                                   "access token from /auth/token (client_credentials, private_key_jwt RS384/ES384, system scopes); "
-                                   "see .well-known/smart-configuration.",
+                    "extension": [{"url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris", "extension": [
+                        {"url": "token", "valueUri": base_url.removesuffix("/fhir") + "/auth/token"},
+                        {"url": "authorize", "valueUri": base_url.removesuffix("/fhir") + "/auth/authorize"}]}],
+                    "description": "Authorization: Bearer — an API token (rebond accounts token); a SMART Backend Services token "
+                                   "(client_credentials, private_key_jwt RS384/ES384, system scopes); or a SMART App Launch "
+                                   "token (standalone, authorization_code with PKCE S256, user scopes). "
+                                   "See .well-known/smart-configuration.",
                 },
                 "documentation": (
                     "Unknown search parameters are rejected with 400 unless the request says Prefer: handling=lenient. "
