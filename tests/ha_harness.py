@@ -150,6 +150,10 @@ class PatroniNode:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(os.getpgid(postmaster), signal.SIGKILL)
 
+    @property
+    def lost(self) -> bool:
+        return self.proc is None or self.proc.poll() is not None
+
     def log_tail(self) -> str:
         with contextlib.suppress(OSError):
             return (self.dir / "patroni.log").read_text()[-3000:]
@@ -200,6 +204,14 @@ class PatroniCluster:
             if state and state.get("sync_standby") and state.get("state") == "running":
                 return node
         return None
+
+    def healed(self) -> PatroniCluster:
+        """Every server lost by an earlier drill (one that failed before bringing it back) started again: each drill
+        begins with a primary and its synchronous standby."""
+        for node in self.nodes:
+            if node.lost:
+                node.start()
+        return self
 
     def wait_for(self, check: Any, timeout: float, failure: str) -> Any:
         deadline = time.time() + timeout
