@@ -18,6 +18,7 @@ import pytest
 from rebond.fhir import operations
 from rebond.store import open_store
 from rebond.store.base import PreconditionFailed, Session, Store
+from tests.pg_harness import PostgresServer
 
 
 def patient(family: str = "Martin", **extra: object) -> dict[str, object]:
@@ -304,3 +305,27 @@ def test_a_lease_is_held_by_one_owner_until_it_lapses(store: Store) -> None:
     assert not store.write(lambda tx: tx.lease("jobs", "pacs", "a", 0.5))
     assert store.write(lambda tx: tx.lease("jobs", "pacs", "b", 0)) and store.write(lambda tx: tx.lease("jobs", "pacs", "a", 1)), \
         "given up (0 s): free at once"
+
+
+def test_after_a_failover_a_feed_waiting_at_a_gap_goes_on(postgres: PostgresServer) -> None:
+    """A follower waits at a gap for a horizon xid; if that xid was taken on a primary lost since, the new primary may
+    never reach it (quiet hours): the gap is final, since whatever did not reach the new primary never will."""
+    from rebond.store.postgres import FeedPosition
+
+    store = open_store(postgres.create_database("feed_failover"))
+    try:
+        store.create(patient("Avant"))
+        before = store.changes(None).next_cursor
+        with pytest.raises(RuntimeError), store.transaction() as tx:  # a sequence number taken, never committed: a gap
+            tx.create(patient("Perdu"))
+            raise RuntimeError("rolled back")
+        after = store.create(patient("Après")).stored.id
+        waiting = FeedPosition.parse(store.changes(before).next_cursor)
+        assert waiting.horizon is not None, "the feed waits at the gap"
+        assert [c.stored.id for c in store.changes(str(waiting)).changes] == [after], "the horizon passed: the gap is final"
+
+        # the same wait, but for a horizon taken on the lost primary, above every xid this one has handed out
+        lost = FeedPosition(waiting.seq, waiting.horizon + 1_000_000, waiting.resume)
+        assert [c.stored.id for c in store.changes(str(lost)).changes] == [after], "not held at the gap until enough writes come"
+    finally:
+        store.close()

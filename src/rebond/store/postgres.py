@@ -336,6 +336,13 @@ class PostgresStore(SQLStore):
         absent it never will be (rolled back, or lost to sequence caching after a
         crash). The snapshot's own xmax cannot serve as horizon: PostgreSQL leaves
         running xids at or above it out of the in-progress list.
+
+        After a failover the horizon may come from the lost primary, above every
+        xid the new one has handed out (its last xids never reached the standby).
+        Waiting for the new primary to pass it would hold every follower at the gap
+        until enough writes came, forever on a quiet night; but g's holder was on
+        the lost primary, and had it committed, g would be here (synchronous
+        replication). So a horizon this server has not reached is passed too.
         """
         pos = FeedPosition.parse(after)
         with self._connection() as conn, conn.transaction():
@@ -343,13 +350,13 @@ class PostgresStore(SQLStore):
             with conn.cursor() as raw:
                 cur = _PgCursor(raw)
                 cur.execute("SELECT pg_current_snapshot()::text")
-                xmin, _xmax, _xip = _parse_snapshot(cur.fetchone()[0])
+                xmin, xmax, _xip = _parse_snapshot(cur.fetchone()[0])
                 rows = self._change_rows(cur, pos.seq, count)
-                accepted, next_pos = self._walk(cur, pos, rows, xmin)
+                accepted, next_pos = self._walk(cur, pos, rows, xmin, xmax)
         return ChangePage(accepted, str(next_pos))
 
     @staticmethod
-    def _walk(cur: Cursor, pos: FeedPosition, rows: list[Any], xmin: int) -> tuple[list[Change], FeedPosition]:
+    def _walk(cur: Cursor, pos: FeedPosition, rows: list[Any], xmin: int, xmax: int) -> tuple[list[Change], FeedPosition]:
         accepted: list[Change] = []
         expected = pos.seq + 1
         next_pos = FeedPosition(pos.seq)
@@ -358,7 +365,10 @@ class PostgresStore(SQLStore):
             if seq > expected:  # numbers expected .. seq-1 are not visible
                 waiting_here = expected == pos.seq + 1 and pos.horizon is not None
                 if waiting_here:
-                    settled = xmin >= (pos.horizon or 0) and seq <= (pos.resume or 0)
+                    # the horizon passed; or this server never handed it out (xmax <= horizon): it was taken on a primary
+                    # lost since, whose writes that did not reach this one never will, so the gap is final
+                    horizon = pos.horizon or 0
+                    settled = (xmin >= horizon or xmax <= horizon) and seq <= (pos.resume or 0)
                     if not settled:
                         return accepted, pos
                 else:
