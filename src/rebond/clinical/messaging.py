@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rebond.clinical.census import group_wards
-from rebond.clinical.conventions import COMMUNICATION_CATEGORY, GROUP_IPP_SYSTEM, LOCATION_SYSTEM, SERVICE_SYSTEM
-from rebond.clinical.recording import InvalidForm
+from rebond.clinical.conventions import COMMUNICATION_CATEGORY, LOCATION_SYSTEM, SERVICE_SYSTEM
+from rebond.clinical.recording import InvalidForm, typed_text
 from rebond.clinical.records import (
     Clinician,
     Entry,
@@ -41,7 +41,9 @@ from rebond.clinical.records import (
     create_once,
     fhir_instant,
     find,
+    identifier_value,
     instant,
+    patient_summary,
     person_name,
     read,
     ref_id,
@@ -104,6 +106,10 @@ class Conversation:
     def waiting(self) -> bool:
         return self.taken_by is None
 
+    def waits_for(self, box_ref: str) -> bool:
+        """Waiting in this box: no one has seen to it, and the box did not write it."""
+        return self.waiting and self.first.author_ref != box_ref
+
     @property
     def last(self) -> dt.datetime:
         return max([self.first.sent, *(m.sent for m in self.after)])
@@ -112,13 +118,21 @@ class Conversation:
 def _box(resource: Resource, hospitals: Mapping[str, str]) -> Box:
     if resource["resourceType"] == "Practitioner":
         return Box(f"Practitioner/{resource['id']}", person_name(resource))
-    hospital = (resource.get("providedBy") or {}).get("reference", "").rpartition("/")[2]
-    code = next((str(i.get("value")) for i in resource.get("identifier") or () if i.get("system") == SERVICE_SYSTEM), "")
-    return Box(f"HealthcareService/{resource['id']}", str(resource.get("name", "")), hospitals.get(hospital, ""), code)
+    hospital = ref_id(resource.get("providedBy"), "Organization") or ""
+    return Box(f"HealthcareService/{resource['id']}", str(resource.get("name", "")), hospitals.get(hospital, ""),
+               identifier_value(resource, SERVICE_SYSTEM) or "")
 
 
 def _hospitals(store: Store) -> dict[str, str]:
+    """Every hospital's name, by id: for listing many services."""
     return {str(o["id"]): str(o.get("name", "")) for o in find(store, "Organization", ("partof:missing", "false"))}
+
+
+def _its_hospital(store: Store, service: Resource) -> dict[str, str]:
+    """The name of one service's hospital, by id: one read, not every hospital's."""
+    hospital_id = ref_id(service.get("providedBy"), "Organization")
+    hospital = read(store, "Organization", hospital_id) if hospital_id else None
+    return {hospital_id: str(hospital.get("name", ""))} if hospital_id and hospital else {}
 
 
 def services(store: Store) -> list[Box]:
@@ -136,7 +150,7 @@ def box(store: Store, reference: str) -> Box | None:
     resource = read(store, kind, rid)
     if resource is None or resource.get("active") is False:
         return None
-    return _box(resource, _hospitals(store) if kind == "HealthcareService" else {})
+    return _box(resource, _its_hospital(store, resource) if kind == "HealthcareService" else {})
 
 
 def own_boxes(store: Store, clinician: Clinician) -> list[Box]:
@@ -157,7 +171,7 @@ def own_boxes(store: Store, clinician: Clinician) -> list[Box]:
 def ward_box(store: Store, ward_id: str) -> Box | None:
     """The service of a ward (its team), if it has one."""
     found = find(store, "HealthcareService", ("location", f"Location/{ward_id}"), ("active", "true"), limit=1)
-    return _box(found[0], _hospitals(store)) if found else None
+    return _box(found[0], _its_hospital(store, found[0])) if found else None
 
 
 def missing_services(store: Store) -> list[Resource]:
@@ -175,7 +189,7 @@ def missing_services(store: Store) -> list[Resource]:
             if f"Location/{ward.id}" not in have_at:
                 out.append(_service(ward.name, ward.hospital_id, ward.id, ward.code))
         site = read(store, "Location", hospital.site_id) or {}
-        site_code = next((str(i.get("value")) for i in site.get("identifier") or () if i.get("system") == LOCATION_SYSTEM), "")
+        site_code = identifier_value(site, LOCATION_SYSTEM)
         for code, label in HOSPITAL_SERVICES if site_code else ():
             if f"{site_code}-{code}" not in have_codes:
                 out.append(_service(f"{label} — {hospital.hospital}", ref_id(site.get("managingOrganization"), "Organization"),
@@ -207,9 +221,7 @@ def message(resource: Resource) -> Message:
     subject = resource.get("subject") or {}
     categories = {c.get("code") for concept in resource.get("category") or () for c in concept.get("coding") or ()
                   if c.get("system") == COMMUNICATION_CATEGORY}
-    answers = next((r["reference"].rpartition("/")[2] for r in resource.get("inResponseTo") or ()
-                    if isinstance(r.get("reference"), str)), None)
-    patient_ref = str(subject.get("reference") or "")
+    answers = next((rid for r in resource.get("inResponseTo") or () if (rid := ref_id(r, "Communication"))), None)
     return Message(
         str(resource["id"]), instant(resource.get("sent")) or dt.datetime.min.replace(tzinfo=dt.UTC),
         str(sender.get("display", "")) or "—", sender.get("reference") if isinstance(sender.get("reference"), str) else None,
@@ -217,7 +229,7 @@ def message(resource: Resource) -> Message:
               for r in resource.get("recipient") or ()),
         "\n".join(str(p["contentString"]) for p in resource.get("payload") or () if isinstance(p.get("contentString"), str)),
         resource.get("priority") in ("urgent", "asap", "stat"), TAKEN in categories,
-        patient_ref.rpartition("/")[2] if patient_ref.startswith("Patient/") else None, str(subject.get("display", "")), answers,
+        ref_id(subject, "Patient"), str(subject.get("display", "")), answers,
     )
 
 
@@ -254,13 +266,17 @@ def about_patient(store: Store, patient_id: str, now: dt.datetime, *, days: int 
 
 def waiting_in(store: Store, box_ref: str, now: dt.datetime) -> list[Conversation]:
     """The conversations sent to a box over the last days that no one has seen to yet."""
-    return [c for c in conversations(store, box_ref, now) if c.waiting and c.first.author_ref != box_ref]
+    return [c for c in conversations(store, box_ref, now) if c.waits_for(box_ref)]
+
+
+def tally(waits: list[Conversation]) -> tuple[int, int]:
+    """(conversations waiting, of which urgent)."""
+    return len(waits), sum(1 for c in waits if c.first.urgent)
 
 
 def waiting(store: Store, box_ref: str, now: dt.datetime) -> tuple[int, int]:
     """(conversations waiting, of which urgent) sent to a box, over the last days."""
-    waits = waiting_in(store, box_ref, now)
-    return len(waits), sum(1 for c in waits if c.first.urgent)
+    return tally(waiting_in(store, box_ref, now))
 
 
 def conversation(store: Store, message_id: str) -> Conversation:
@@ -301,22 +317,13 @@ def _author(store: Store, clinician: Clinician, form: Mapping[str, str], problem
     return {}
 
 
-def _text(form: Mapping[str, str], problems: dict[str, str]) -> str:
-    text = (form.get("text") or "").strip().replace("\r\n", "\n")
-    if not text:
-        problems["text"] = "required"
-    elif len(text) > MAX_TEXT:
-        problems["text"] = f"too-long:{MAX_TEXT}"
-    return text
-
-
 def send(store: Store, form: Mapping[str, str], clinician: Clinician, now: dt.datetime) -> str:
     """Write a new message (fields: to, text, urgent, patient, as, entry); returns its id. Problems as message ids."""
     problems: dict[str, str] = {}
     to = box(store, (form.get("to") or "").strip())
     if to is None:
         problems["to"] = "choose-one"
-    text = _text(form, problems)
+    text = typed_text(form, problems, MAX_TEXT)
     patient: Resource | None = None
     if form.get("patient"):
         patient = read(store, "Patient", str(form["patient"]))
@@ -337,7 +344,7 @@ def answer(store: Store, message_id: str, form: Mapping[str, str], clinician: Cl
     """Reply to a conversation (or, `taken`, say it is in hand), for everyone in it but the author; returns the id."""
     first = conversation(store, message_id).first
     problems: dict[str, str] = {}
-    text = "" if taken else _text(form, problems)
+    text = "" if taken else typed_text(form, problems, MAX_TEXT)
     author = _author(store, clinician, form, problems)
     if problems:
         raise InvalidForm(problems)
@@ -362,8 +369,8 @@ def _communication(rid: str, kind: str, author: dict[str, str], recipients: list
         "priority": "urgent" if urgent else "routine", "sent": fhir_instant(now), "sender": author, "recipient": recipients,
     }
     if patient is not None:
-        ipp = next((str(i.get("value")) for i in patient.get("identifier") or () if i.get("system") == GROUP_IPP_SYSTEM), "")
-        subject = {"reference": f"Patient/{patient['id']}", "display": f"{person_name(patient)} ({ipp})" if ipp else person_name(patient)}
+        shown = patient_summary(patient)
+        subject = {"reference": f"Patient/{shown.id}", "display": f"{shown.name} ({shown.ipp})" if shown.ipp else shown.name}
     if subject is not None:
         resource["subject"] = subject
     if answers is not None:

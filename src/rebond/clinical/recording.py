@@ -65,6 +65,16 @@ class InvalidForm(ValueError):
         self.problems = problems
 
 
+def typed_text(form: Mapping[str, str], problems: dict[str, str], limit: int, field: str = "text") -> str:
+    """A free text field, its line ends as \\n: required, `limit` characters at most; a problem is added to `problems`."""
+    text = (form.get(field) or "").strip().replace("\r\n", "\n")
+    if not text:
+        problems[field] = "required"
+    elif len(text) > limit:
+        problems[field] = f"too-long:{limit}"
+    return text
+
+
 def _number(raw: str) -> float:
     return float(raw.strip().replace(",", "."))  # French keyboards write 37,5
 
@@ -177,11 +187,7 @@ def record_note(store: Store, patient_id: str, form: Mapping[str, str], clinicia
     kind = next((k for k in NOTE_KINDS if k.code == form.get("kind")), None)
     if kind is None:
         problems["kind"] = "choose-one"
-    text = (form.get("text") or "").strip().replace("\r\n", "\n")
-    if not text:
-        problems["text"] = "required"
-    elif len(text) > MAX_NOTE:
-        problems["text"] = f"too-long:{MAX_NOTE}"
+    text = typed_text(form, problems, MAX_NOTE)
     if problems:
         raise InvalidForm(problems)
     assert kind is not None

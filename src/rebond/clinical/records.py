@@ -182,6 +182,12 @@ class PatientSummary:
         return today.year - self.birth_date.year - ((today.month, today.day) < (self.birth_date.month, self.birth_date.day))
 
 
+def identifier_value(resource: Resource, system: str) -> str | None:
+    """The value of a resource's first identifier of `system` (an IPP, a site's or a service's code), or None."""
+    return next((str(i["value"]) for i in resource.get("identifier") or ()
+                 if isinstance(i, dict) and i.get("system") == system and i.get("value") is not None), None)
+
+
 def patient_summary(patient: Resource) -> PatientSummary:
     birth = None
     if isinstance(patient.get("birthDate"), str):
@@ -189,8 +195,8 @@ def patient_summary(patient: Resource) -> PatientSummary:
             birth = dt.date.fromisoformat(patient["birthDate"][:10])
         except ValueError:
             birth = None
-    ipp = next((i.get("value") for i in patient.get("identifier") or () if i.get("system") == GROUP_IPP_SYSTEM), None)
-    return PatientSummary(patient["id"], person_name(patient), str(patient.get("gender", "unknown")), birth, ipp)
+    return PatientSummary(patient["id"], person_name(patient), str(patient.get("gender", "unknown")), birth,
+                          identifier_value(patient, GROUP_IPP_SYSTEM))
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import Any
 from rebond.clinical.census import is_kind
 from rebond.clinical.conventions import COMMUNICATION_CATEGORY, LOCATION_SYSTEM, MODULE_STATE_SYSTEM, MODULE_SYSTEM, SITE_SYSTEM
 from rebond.clinical.recording import InvalidForm
-from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, fhir_instant, find, instant
+from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, fhir_instant, find, identifier_value, instant
 from rebond.fhir import operations
 from rebond.store.base import Session, Store, StoreError
 from rebond.web.i18n import N_
@@ -176,7 +176,7 @@ def known_sites(store: Store) -> list[tuple[str, str]]:
     also the `--site-id` of their site nodes."""
     out = []
     for site in find(store, "Location", ("partof:missing", "true")):
-        code = next((i.get("value") for i in site.get("identifier", []) if isinstance(i, dict) and i.get("system") == LOCATION_SYSTEM), None)
+        code = identifier_value(site, LOCATION_SYSTEM)
         if is_kind(site, "si") and isinstance(code, str):
             out.append((code, str(site.get("name", code))))
     return sorted(out)

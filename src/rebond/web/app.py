@@ -42,6 +42,7 @@ from rebond.clinical.messaging import (
     own_boxes,
     send,
     services,
+    tally,
     waiting,
     waiting_in,
     ward_box,
@@ -346,9 +347,9 @@ class WebApp:
             return mine, every, chosen, talks, counts
 
         mine, every, chosen, talks, counts = await run_in_threadpool(load)
-        waits = [c for c in talks if c.waiting and c.first.author_ref != chosen.reference] if chosen else []
+        waits = [c for c in talks if c.waits_for(chosen.reference)] if chosen else []
         if chosen is not None:
-            counts[chosen.reference] = (len(waits), sum(1 for c in waits if c.first.urgent))
+            counts[chosen.reference] = tally(waits)
         return self._show(p, "messages.html", mine=mine, every=every, chosen=chosen, counts=counts, waiting=waits,
                           others=[c for c in talks if c not in waits])
 
