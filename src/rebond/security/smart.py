@@ -271,22 +271,30 @@ class SmartClients:
         account = self.accounts.get(client.username)
         if account is None or not account.active:
             raise SmartError("invalid_client", "the account of this client is disabled")
-        now = self.clock()
-        token = "rbs_" + secrets.token_urlsafe(32)
-        scope = " ".join(text for text, _s in granted)
-        self._forget_expired(now)
+        return self._token(client.client_id, account.username, " ".join(text for text, _s in granted), TOKEN_SECONDS,
+                           once=(SEEN_ASSERTIONS, f"{client.client_id} {jti}", expires),
+                           used=SmartError("invalid_client", "this client_assertion (its jti) was used already: sign a new one"))
 
-        def keep(tx: Session) -> bool:  # the assertion used once, even by two requests at the same instant
-            if not tx.claim_state(SEEN_ASSERTIONS, f"{client.client_id} {jti}", {"expires": expires}):
+    def _token(self, client_id: str, username: str, scope: str, seconds: int, *, once: tuple[str, str, float],
+               used: SmartError) -> dict[str, Any]:
+        """A new access token, kept as its SHA-256 in the same transaction that claims what bought it (an assertion's jti,
+        an app's code: `once`, namespace, key and expiry), so that it buys one token even sent twice at the same instant;
+        `used` is raised when it had bought one already."""
+        now = self.clock()
+        self._forget_expired(now)
+        token = "rbs_" + secrets.token_urlsafe(32)
+        namespace, key, expires = once
+
+        def keep(tx: Session) -> bool:
+            if not tx.claim_state(namespace, key, {"expires": expires}):
                 return False
-            tx.put_state(TOKENS, _digest(token), {"client_id": client.client_id, "username": account.username, "scope": scope,
-                                                  "expires": now + TOKEN_SECONDS})
+            tx.put_state(TOKENS, _digest(token), {"client_id": client_id, "username": username, "scope": scope, "expires": now + seconds})
             return True
 
         if not self.store.write(keep):
-            raise SmartError("invalid_client", "this client_assertion (its jti) was used already: sign a new one")
-        log.info("token issued to client %s (account %s): %s", client.client_id, account.username, scope)
-        return {"access_token": token, "token_type": "bearer", "expires_in": TOKEN_SECONDS, "scope": scope}
+            raise used
+        log.info("token issued to %s for %s: %s", client_id, username, scope)
+        return {"access_token": token, "token_type": "bearer", "expires_in": seconds, "scope": scope}
 
     def _exchange(self, form: dict[str, str]) -> dict[str, Any]:
         """An app's code for its access token: once, within the minute, with the verifier of its PKCE challenge."""
@@ -303,20 +311,9 @@ class SmartClients:
         account = self.accounts.get(value["username"])
         if account is None or not account.active or self.app(value["client_id"]) is None:
             raise SmartError("invalid_grant", "the person's account or the app is gone")
-        token = "rbs_" + secrets.token_urlsafe(32)
-
-        def keep(tx: Session) -> bool:  # a code is exchanged once, even twice at the same instant
-            if not tx.claim_state(USED_CODES, key, {"expires": value["expires"]}):
-                return False
-            tx.put_state(CODES, key, None)
-            tx.put_state(TOKENS, _digest(token), {"client_id": value["client_id"], "username": account.username,
-                                                  "scope": value["scope"], "expires": self.clock() + APP_TOKEN_SECONDS})
-            return True
-
-        if not self.store.write(keep):
-            raise SmartError("invalid_grant", "the code was used already")
-        log.info("token issued to app %s for %s: %s", value["client_id"], account.username, value["scope"])
-        return {"access_token": token, "token_type": "bearer", "expires_in": APP_TOKEN_SECONDS, "scope": value["scope"]}
+        # the code is kept until it expires (`_forget_expired`): claimed, it buys nothing more
+        return self._token(value["client_id"], account.username, value["scope"], APP_TOKEN_SECONDS,
+                           once=(USED_CODES, key, float(value["expires"])), used=SmartError("invalid_grant", "the code was used already"))
 
     def _authenticated(self, assertion: str, audience: str) -> tuple[Client, str, float]:
         """The client that signed the assertion, the assertion's jti and expiry; SmartError (invalid_client) otherwise (a jti
@@ -356,9 +353,10 @@ class SmartClients:
         return client, str(claims["jti"]), float(claims["exp"])
 
     def _forget_expired(self, now: float) -> None:
-        """Tokens and used assertions past their expiry (and a minute) are of no more use: a token request clears them."""
-        old = [(namespace, key) for namespace in (SEEN_ASSERTIONS, TOKENS) for key, value in self.store.list_state(namespace)
-               if float(value.get("expires", 0)) + 60 < now]
+        """Tokens, used assertions and apps' codes past their expiry (and a minute) are of no more use: a token request
+        clears them."""
+        old = [(namespace, key) for namespace in (SEEN_ASSERTIONS, TOKENS, CODES, USED_CODES)
+               for key, value in self.store.list_state(namespace) if float(value.get("expires", 0)) + 60 < now]
         if old:
             self.store.write(lambda tx: [tx.put_state(namespace, key, None) for namespace, key in old])
 
