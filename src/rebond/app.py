@@ -22,7 +22,7 @@ from rebond.clinical.imaging import Orthanc, PacsUnavailable, StudyFollower, stu
 from rebond.clinical.records import ref_id
 from rebond.disk import DiskWatch
 from rebond.downtime.schedule import PackSchedule
-from rebond.fhir.api import FhirApi, error_response
+from rebond.fhir.api import RETRY_AFTER_SECONDS, FhirApi, error_response
 from rebond.fhir.errors import FhirError
 from rebond.hl7.intake import recover
 from rebond.hl7.mllp import MllpServer
@@ -113,7 +113,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
             return JSONResponse({"error": err.error, "error_description": err.description}, status_code=400, headers=no_cache)
         except StoreError as err:
             return JSONResponse({"error": "temporarily_unavailable", "error_description": str(err)}, status_code=503,
-                                headers={**no_cache, "Retry-After": "5"})
+                                headers={**no_cache, "Retry-After": str(RETRY_AFTER_SECONDS)})
         return JSONResponse(issued, headers=no_cache)
 
     async def dicomweb(request: Request) -> Response:
@@ -221,10 +221,13 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
                             Route("/fhir/.well-known/smart-configuration", smart_configuration, methods=["GET"]),
                             Route("/.well-known/smart-configuration", smart_configuration, methods=["GET"]),
                             Route("/auth/token", token, methods=["POST"]),
-                            Route("/dicom-web/studies/{uid}", api.guarded(dicomweb), methods=["GET"]),
-                            Route("/dicom-web/studies/{uid}/{rest:path}", api.guarded(dicomweb), methods=["GET"]),
+                            # the images of a study are read as its ImagingStudy is
+                            Route("/dicom-web/studies/{uid}", api.guarded(dicomweb, resource_type="ImagingStudy"), methods=["GET"]),
+                            Route("/dicom-web/studies/{uid}/{rest:path}", api.guarded(dicomweb, resource_type="ImagingStudy"),
+                                  methods=["GET"]),
                             Route("/fhir/$site-accounts", api.guarded(site_accounts), methods=["GET"]),
-                            Route("/fhir/$audit", api.guarded(audit_events, permission="read-audit"), methods=["GET"]),
+                            Route("/fhir/$audit", api.guarded(audit_events, permission="read-audit", resource_type="AuditEvent"),
+                                  methods=["GET"]),
                             Route("/fhir/$audit-import", api.guarded(audit_import, permission="send-audit"), methods=["POST"]),
                             *api.routes(), *web.routes()],
                     exception_handlers={404: unrouted, 405: unrouted}, lifespan=lifespan)
@@ -295,16 +298,17 @@ def api_guard(accounts: Accounts, clients: SmartClients | None = None) -> Callab
 
     async def authorize(request: Request, permission: str) -> None:
         header = request.headers.get("authorization", "")
+        bearer = header[7:].strip() if header[:7].lower() == "bearer " else None
         account = None
-        if header[:7].lower() == "bearer " and clients is not None and header[7:].strip().startswith("rbs_"):
-            grant = await run_in_threadpool(clients.grant, header[7:].strip())
+        if bearer is not None and clients is not None and bearer.startswith("rbs_"):
+            grant = await run_in_threadpool(clients.grant, bearer)
             if grant is None:
                 raise FhirError(401, "the access token is unknown or expired: ask /auth/token for a new one", code="expired")
             request.state.account = grant.account
             _within_scopes(request, permission, grant.scopes, grant.context)
             account = grant.account
-        elif header[:7].lower() == "bearer ":
-            account = accounts.token_account(header[7:].strip())  # cached: no database read on most requests
+        elif bearer is not None:
+            account = accounts.token_account(bearer)  # cached: no database read on most requests
             if account is None:
                 raise FhirError(401, "the API token is unknown, revoked or its account disabled", code="login")
         elif request.cookies.get(SESSION_COOKIE):
@@ -319,22 +323,18 @@ def api_guard(accounts: Accounts, clients: SmartClients | None = None) -> Callab
     return authorize
 
 
-#: what a permission other than reading and writing clinical data is, in scopes: the audit trail is AuditEvents
-_SCOPED_AS = {"read-audit": ("AuditEvent", False)}
+#: what a SMART token may be allowed, by its scopes: reading (clinical data, the audit trail's AuditEvents) and writing
+_SCOPED = ("fhir-read", "fhir-write", "read-audit")
 
 
 def _within_scopes(request: Request, permission: str, scopes: Scopes, context: str) -> None:
-    """A SMART token may do what its scopes say, on the resource type of the request; a request over every type (a
-    Bundle, the history of the system, a search that includes other types) needs the scope of every type."""
-    if permission in ("fhir-read", "fhir-write"):
-        # the images of a study (DICOMweb) are read as its ImagingStudy is
-        resource_type = request.path_params.get("type") or ("ImagingStudy" if request.url.path.startswith("/dicom-web/") else None)
-        write = permission == "fhir-write"
-    elif permission in _SCOPED_AS:
-        resource_type, write = _SCOPED_AS[permission]
-    else:
+    """A SMART token may do what its scopes say, on the resource type of the request (its path's, or the endpoint's);
+    a request over every type (a Bundle, the history of the system, a search that includes other types) needs the
+    scope of every type."""
+    if permission not in _SCOPED:
         raise FhirError(403, f"a SMART token may not {_PERMITTED.get(permission, permission)}: use the account's API token",
                         code="forbidden")
+    resource_type, write = getattr(request.state, "resource_type", None), permission == "fhir-write"
     if not write and resource_type and any(k.startswith(("_include", "_revinclude")) for k in request.query_params):
         resource_type = None  # what is included may be of any type
     if not scopes.allows(resource_type, write=write):

@@ -103,11 +103,13 @@ class FhirApi:
         ]
 
     def guarded(self, fn: Callable[[Request], Awaitable[Response]], *, public: bool = False,
-                permission: str | None = None) -> Callable[[Request], Awaitable[Response]]:
+                permission: str | None = None, resource_type: str | None = None) -> Callable[[Request], Awaitable[Response]]:
         """`fn` as an endpoint under /fhir: the caller authorized (its account in `request.state.account`) for `permission`
-        (by default fhir-read, or fhir-write for a write), any failure an OperationOutcome."""
+        (by default fhir-read, or fhir-write for a write), any failure an OperationOutcome. `resource_type`: what an
+        endpoint without a `{type}` in its path serves, for a token limited to some types (SMART scopes)."""
         async def endpoint(request: Request) -> Response:
             try:
+                request.state.resource_type = request.path_params.get("type") or resource_type
                 if self.authorize is not None and not public:
                     writes = request.method not in ("GET", "HEAD") and not request.url.path.endswith("/_search")
                     await self.authorize(request, permission or ("fhir-write" if writes else "fhir-read"))
