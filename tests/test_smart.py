@@ -286,3 +286,14 @@ def test_the_command_line_lists_clients_and_apps_and_removes_one(demo_db: str) -
     assert "viewer" not in rebond("accounts", "clients", "--db", demo_db).stdout
     bad = rebond("accounts", "app", "x", "--redirect-uri", "http://elsewhere.example/cb", "--scope", "user/*.rs", "--db", demo_db)
     assert bad.returncode == 1 and "https" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_endpoints_without_a_type_in_their_path_are_scoped_by_the_type_they_serve(smart: tuple[RebondServer, str, str],
+                                                                                  keys: dict[str, Any]) -> None:
+    server, client, _ec = smart
+    token = _token(server, _assertion(keys["rsa"], client, f"{server.base}/auth/token")).json()["access_token"]
+    auth = {"Authorization": f"Bearer {token}"}
+    for path, needs in ((f"{server.fhir}/$audit", "system/AuditEvent.read"),
+                        (f"{server.base}/dicom-web/studies/1.2.250.1.999.9.9/metadata", "system/ImagingStudy.read")):
+        refused = httpx.get(path, headers=auth, timeout=10)
+        assert refused.status_code == 403 and needs in refused.json()["issue"][0]["diagnostics"], (path, refused.text)
