@@ -13,6 +13,7 @@ class CuttableLink:
         self.target_port = target_port
         self.port = free_port()
         self.cut_off = False
+        self.answers_lost = False  # requests still reach the far end; what it answers never comes back
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", self.port))
@@ -34,14 +35,14 @@ class CuttableLink:
                 continue
             with self._lock:
                 self._sockets += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, answers in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(a, b, answers), daemon=True).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, target: socket.socket) -> None:
+    def _pump(self, source: socket.socket, target: socket.socket, answers: bool) -> None:
         try:
             while data := source.recv(65536):
-                target.sendall(data)
+                if not (answers and self.answers_lost):
+                    target.sendall(data)
         except OSError:
             pass
         finally:
@@ -58,8 +59,14 @@ class CuttableLink:
                     s.shutdown(socket.SHUT_RDWR)
             self._sockets.clear()
 
+    def lose_answers(self) -> None:
+        """The link fails the worst way: what is sent still arrives and is acted on, but no answer comes back, and no
+        connection is closed (the sender learns nothing but a timeout)."""
+        self.answers_lost = True
+
     def restore(self) -> None:
         self.cut_off = False
+        self.answers_lost = False
 
     def close(self) -> None:
         self.cut()

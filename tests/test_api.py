@@ -102,6 +102,9 @@ def test_json_patch(client: TestClient) -> None:
         ("get", "/fhir/Patient?unknown-param=1", None, {}, 400),
         ("get", "/fhir/Patient?birthdate=yesterday", None, {}, 400),
         ("put", "/fhir/Patient/p1", b'{"resourceType": "Patient", "id": "p1"}', {**FHIR, "If-Match": "W/\"9\""}, 412),
+        ("put", "/fhir/Patient/p1", b'{"resourceType": "Patient", "id": "p1"}', {**FHIR, "If-None-Match": 'W/"1"'}, 400),
+        ("put", "/fhir/Patient/p1", b'{"resourceType": "Patient", "id": "p1"}',
+         {**FHIR, "If-None-Match": "*", "If-Match": 'W/"1"'}, 400),
     ],
 )
 def test_bad_requests_get_an_operation_outcome(
@@ -111,6 +114,25 @@ def test_bad_requests_get_an_operation_outcome(
     assert resp.status_code == status
     outcome = resp.json()
     assert outcome["resourceType"] == "OperationOutcome" and outcome["issue"][0]["severity"] == "error"
+
+
+def test_an_update_with_if_none_match_star_only_creates(client: TestClient) -> None:
+    """If-None-Match: * on a PUT (HTTP's "only if there is none"): how a site node replays a record it created."""
+    body = {"resourceType": "Patient", "id": "cree-au-site", "gender": "female"}
+    first = client.put("/fhir/Patient/cree-au-site", json=body, headers={**FHIR, "If-None-Match": "*"})
+    assert first.status_code == 201 and first.headers["etag"] == 'W/"1"'
+    again = client.put("/fhir/Patient/cree-au-site", json=body, headers={**FHIR, "If-None-Match": "*"})
+    assert again.status_code == 412 and "already exists" in again.json()["issue"][0]["diagnostics"]
+    assert client.get("/fhir/Patient/cree-au-site/_history").json()["total"] == 1, "not even an unchanged version"
+    batch = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": {**body, "gender": "male"}, "request": {"method": "PUT", "url": "Patient/cree-au-site", "ifNoneMatch": "*"}},
+        {"resource": {**body, "id": "autre"}, "request": {"method": "PUT", "url": "Patient/autre", "ifNoneMatch": "*"}}]}
+    answers = client.post("/fhir", json=batch, headers=FHIR).json()["entry"]
+    assert [a["response"]["status"][:3] for a in answers] == ["412", "201"]
+    assert client.get("/fhir/Patient/cree-au-site").json()["gender"] == "female"
+    assert client.delete("/fhir/Patient/autre").status_code == 204
+    recreated = client.put("/fhir/Patient/autre", json={**body, "id": "autre"}, headers={**FHIR, "If-None-Match": "*"})
+    assert recreated.status_code == 201 and recreated.headers["etag"] == 'W/"3"', "a deleted record may be made again"
 
 
 def test_invalid_resource_names_the_path_of_each_problem(client: TestClient) -> None:

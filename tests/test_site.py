@@ -277,3 +277,62 @@ def test_the_central_feed_says_which_site_a_replayed_write_came_from(group: tupl
                          headers={**FHIR, "Authorization": f"Bearer {nurse}", "X-Rebond-Site": "H9"})
     assert claimed.status_code == 201
     assert feed_site_of(central, claimed.json()["id"]) == {"central"}, "only an interface account may say where a write came from"
+
+
+def history_of(server: RebondServer, path: str) -> list[dict[str, object]]:
+    page = httpx.get(f"{server.fhir}/{path}/_history", headers=server.headers, timeout=10).json()
+    return [entry for entry in page.get("entry", [])]
+
+
+def test_writes_whose_answers_were_lost_are_settled_once_without_false_conflicts(demo_db: str, tmp_path: Path) -> None:
+    """The link dies after the central site has acted on a replay but before its answer comes back. When it returns,
+    the site sends the same writes again: each is found already applied. None becomes a conflict, none is applied
+    twice, and a central edit made meanwhile on a record the site created is not overwritten."""
+    from tests.proxy import CuttableLink
+
+    central = RebondServer(demo_db).start()
+    link = CuttableLink(central.port)
+    site_url = f"sqlite:///{tmp_path}/site-H1.db"
+    site = SiteServer(site_url, central, upstream=f"http://127.0.0.1:{link.port}/fhir").start()
+    try:
+        wait_for(lambda: site.status()["data_as_of"] is not None, 120)
+        edited, removed = create_at(central, "Modifiée"), create_at(central, "Supprimée")
+        for record in (edited, removed):
+            wait_for(lambda r=record: site_read(site, f"Patient/{r['id']}").status_code == 200)
+
+        link.lose_answers()
+        created_id = "3f0d5a55-2d0c-4d5e-9b1e-7f8a1d2c3b4a"
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": {**edited, "name": [{"family": "Modifiée", "given": ["au site"]}]},
+             "request": {"method": "PUT", "url": f"Patient/{edited['id']}"}},
+            {"resource": {"resourceType": "Patient", "id": created_id, "name": [{"family": "Créée"}]},
+             "request": {"method": "PUT", "url": f"Patient/{created_id}"}},
+            {"request": {"method": "DELETE", "url": f"Patient/{removed['id']}"}}]}
+        answer = httpx.post(site.fhir, json=bundle, headers={**FHIR, **site.headers}, timeout=30)
+        assert answer.status_code == 200, answer.text
+
+        def central_read(rid: str) -> httpx.Response:
+            return httpx.get(f"{central.fhir}/Patient/{rid}", headers=central.headers, timeout=10)
+
+        # the central site acted on all three; the site heard nothing back
+        wait_for(lambda: central_read(removed["id"]).status_code == 410 and central_read(created_id).status_code == 200, 15)
+        assert central_read(edited["id"]).json()["name"][0]["given"] == ["au site"]
+        wait_for(lambda: site.status()["upstream_reachable"] is False, 15)
+        assert site.status()["journal_pending"] == 3
+        # on the central site, someone corrects the record the site created, before the link returns
+        corrected = {**central_read(created_id).json(), "name": [{"family": "Créée", "given": ["corrigée au central"]}]}
+        assert httpx.put(f"{central.fhir}/Patient/{created_id}", json=corrected, headers={**FHIR, **central.headers}).status_code == 200
+
+        link.restore()
+        wait_for(lambda: site.status()["journal_pending"] == 0, 30)
+        status = site.status()
+        assert status["conflicts_open"] == 0, "a write the central site already has is not a conflict"
+        assert len(history_of(central, f"Patient/{edited['id']}")) == 2, "applied once"
+        assert len(history_of(central, f"Patient/{removed['id']}")) == 2, "deleted once"
+        assert central_read(created_id).json()["name"][0]["given"] == ["corrigée au central"], "the central correction stays"
+        assert len(history_of(central, f"Patient/{created_id}")) == 2
+        wait_for(lambda: site_read(site, f"Patient/{created_id}").json().get("name", [{}])[0].get("given") == ["corrigée au central"])
+    finally:
+        site.stop()
+        link.close()
+        central.stop()

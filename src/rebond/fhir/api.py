@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from rebond.fhir import operations
-from rebond.fhir.bundles import parse_if_match, process_batch, process_transaction
+from rebond.fhir.bundles import parse_if_match, parse_if_none_match, process_batch, process_transaction
 from rebond.fhir.capability import capability_statement
 from rebond.fhir.errors import FhirError, bad_request, operation_outcome
 from rebond.fhir.search import SearchError, SearchQuery, parse_search
@@ -211,7 +211,8 @@ class FhirApi:
         if_match = parse_if_match(request.headers.get("if-match"))
         if request.method == "PUT":
             body = await self._body(request)
-            outcome = await self._write(operations.update, rtype, rid, body, if_match=if_match, request=request)
+            outcome = await self._write(operations.update, rtype, rid, body, if_match=if_match, request=request,
+                                        create_only=parse_if_none_match(request.headers.get("if-none-match")))
         elif request.method == "PATCH":
             body = await self._body(request, patch=True)
             outcome = await self._write(operations.patch, rtype, rid, body, if_match=if_match, request=request)

@@ -37,6 +37,7 @@ class _Entry:
     full_url: str | None
     if_none_exist: str | None
     if_match: int | None
+    create_only: bool = False  # a PUT with If-None-Match: * (only if the resource does not exist yet)
     matched: bool = False  # a POST whose If-None-Exist found the resource: nothing to write
 
 
@@ -51,6 +52,16 @@ def parse_if_match(value: str | None) -> int | None:
     if not text.isdigit():
         raise bad_request(f"If-Match '{value}' is not a version ETag such as W/\"3\"")
     return int(text)
+
+
+def parse_if_none_match(value: str | None) -> bool:
+    """A write's `If-None-Match`: `*` → True (only if the resource does not exist yet); none → False; anything else is a
+    400 (an ETag list there would ask "only if it is not at these versions", which no FHIR client means)."""
+    if value is None or value == "":
+        return False
+    if value.strip() != "*":
+        raise bad_request(f"If-None-Match '{value}' on a write: only '*' is understood (create, never replace)")
+    return True
 
 
 def _parse_entry(index: int, entry: Any) -> _Entry:
@@ -83,6 +94,7 @@ def _parse_entry(index: int, entry: Any) -> _Entry:
         full_url=entry.get("fullUrl"),
         if_none_exist=request.get("ifNoneExist"),
         if_match=parse_if_match(request.get("ifMatch")),
+        create_only=method == "PUT" and parse_if_none_match(request.get("ifNoneMatch")),
     )
 
 
@@ -124,7 +136,8 @@ def _perform(tx: Session, entry: _Entry) -> operations.Outcome:
     if entry.method == "PUT":
         if entry.resource_id is None:
             return operations.conditional_update(tx, entry.resource_type, entry.query, entry.resource, if_match=entry.if_match)
-        return operations.update(tx, entry.resource_type, entry.resource_id, entry.resource, if_match=entry.if_match)
+        return operations.update(tx, entry.resource_type, entry.resource_id, entry.resource, if_match=entry.if_match,
+                                 create_only=entry.create_only)
     if entry.method == "DELETE":
         if entry.resource_id is None:
             return operations.conditional_delete(tx, entry.resource_type, entry.query)

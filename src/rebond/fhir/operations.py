@@ -88,9 +88,16 @@ def create(tx: Session, resource_type: str, resource: Any, *, if_none_exist: str
     return Outcome(201, result.stored)
 
 
-def update(tx: Session, resource_type: str, resource_id: str, resource: Any, *, if_match: int | None = None) -> Outcome:
+def update(tx: Session, resource_type: str, resource_id: str, resource: Any, *, if_match: int | None = None,
+           create_only: bool = False) -> Outcome:
+    """`create_only` (If-None-Match: *): a 412 if the resource exists, even with the same content: a site node's
+    replayed create is never applied over a version written since (site/replay.py)."""
     check_id(resource_id)
     res = check_resource(resource, resource_type, resource_id)
+    if create_only:
+        if if_match is not None:
+            raise bad_request("If-Match and If-None-Match: * contradict each other: a version to replace, and none")
+        return Outcome(201, tx.create(res, resource_id=resource_id).stored)
     result = tx.update(resource_type, resource_id, res, if_match=if_match)
     return Outcome(201 if result.created else 200, result.stored)
 

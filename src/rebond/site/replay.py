@@ -1,10 +1,16 @@
 """Replaying a site's journal on the central site, in journal order, through the central FHIR API (batch Bundles).
 
-Creates are sent with their client-assigned ids (PUT: idempotent); updates and deletions carry
-`If-Match` on the version the site saw. A 412 is a conflict: the site's version stays in its
-journal, the central one is fetched, and both wait in the reconciliation view for a person.
-Later writes of the same record wait behind an unresolved conflict (they were made on top of it).
-Nothing is overwritten silently; nothing is dropped.
+Creates are sent with their client-assigned ids and `If-None-Match: *` (PUT, only if the record does
+not exist); updates and deletions carry `If-Match` on the version the site saw. A 412 is a conflict:
+the site's version stays in its journal, the central one is fetched, and both wait in the
+reconciliation view for a person. Later writes of the same record wait behind an unresolved conflict
+(they were made on top of it). Nothing is overwritten silently; nothing is dropped.
+
+A write whose answer was lost (the link died after the central site committed it) is sent again
+when the link returns, and meets its own version: its precondition fails. Before calling it a
+conflict, the replayer reads the version that write would have made (the one after the version the
+site saw): if it holds the site's content (a deletion: is a deletion), the write is there once, and
+is settled as replayed.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from rebond.background import BackgroundLoop
 from rebond.store.base import JournalEntry, Store
+from rebond.store.draft import content_of
 from rebond.web.i18n import N_
 
 log = logging.getLogger("rebond.site")
@@ -88,6 +95,11 @@ class Replayer(BackgroundLoop):
                         version = str(answer["response"].get("etag", "")).removeprefix('W/"').rstrip('"')
                         outcomes.append((entry.seq, "replayed", {"central_version": int(version) if version.isdigit() else None}))
                         continue
+                    if status == 412 and await self._already_applied(client, entry):
+                        log.info("%s/%s was already on the central site (its answer had been lost)", entry.resource_type,
+                                 entry.resource_id)
+                        outcomes.append((entry.seq, "replayed", {"central_version": entry.base_version + 1}))
+                        continue
                     url = f"{self.upstream}/{entry.resource_type}/{entry.resource_id}"
                     reason = CHANGED_MEANWHILE if status == 412 else \
                         f"refused by the central site ({status}): {_outcome_text(answer.get('response', {}).get('outcome'))}"
@@ -106,6 +118,8 @@ class Replayer(BackgroundLoop):
                                        "url": f"{entry.resource_type}/{entry.resource_id}"}
             if entry.base_version:
                 request["ifMatch"] = f'W/"{entry.base_version}"'
+            elif entry.method != "delete":
+                request["ifNoneMatch"] = "*"  # a create: never applied over a version written since on the central site
             item: dict[str, Any] = {"request": request}
             if entry.method != "delete" and entry.body is not None:
                 item["resource"] = orjson.Fragment(entry.body)
@@ -124,6 +138,17 @@ class Replayer(BackgroundLoop):
         if len(answers) != len(entries):
             raise Unreachable("the central site's batch answer does not match the batch")
         return answers
+
+    async def _already_applied(self, client: httpx.AsyncClient, entry: JournalEntry) -> bool:
+        """Whether the version this write would have made on the central site is this write: its content, or a deletion."""
+        url = f"{self.upstream}/{entry.resource_type}/{entry.resource_id}/_history/{entry.base_version + 1}"
+        try:
+            response = await client.get(url, headers=self.headers, timeout=self.timeout)
+        except httpx.HTTPError as err:
+            raise Unreachable(str(err)) from err
+        if entry.method == "delete" or entry.body is None:
+            return response.status_code == 410
+        return response.status_code == 200 and content_of(response.json()) == content_of(orjson.loads(entry.body))
 
     async def _central_copy(self, client: httpx.AsyncClient, url: str) -> dict[str, Any] | None:
         try:
