@@ -14,6 +14,7 @@ class CuttableLink:
         self.port = free_port()
         self.cut_off = False
         self.answers_lost = False  # requests still reach the far end; what it answers never comes back
+        self.silent = False  # nothing gets through either way, and nothing is closed: a black hole
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", self.port))
@@ -33,6 +34,7 @@ class CuttableLink:
             except OSError:
                 client.close()
                 continue
+            upstream.settimeout(None)  # an idle connection stays open, as across a real link
             with self._lock:
                 self._sockets += [client, upstream]
             for a, b, answers in ((client, upstream, False), (upstream, client, True)):
@@ -41,7 +43,7 @@ class CuttableLink:
     def _pump(self, source: socket.socket, target: socket.socket, answers: bool) -> None:
         try:
             while data := source.recv(65536):
-                if not (answers and self.answers_lost):
+                if not self.silent and not (answers and self.answers_lost):
                     target.sendall(data)
         except OSError:
             pass
@@ -64,9 +66,15 @@ class CuttableLink:
         connection is closed (the sender learns nothing but a timeout)."""
         self.answers_lost = True
 
+    def black_hole(self) -> None:
+        """The link goes dark, as when the far end loses power or a WAN link fails: every byte is dropped, new connections
+        are taken and left hanging, and nothing is closed or reset (the sender learns nothing but its timeouts)."""
+        self.silent = True
+
     def restore(self) -> None:
         self.cut_off = False
         self.answers_lost = False
+        self.silent = False
 
     def close(self) -> None:
         self.cut()

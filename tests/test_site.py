@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from rebond.hl7.intake import receive
+from rebond.site.node import SiteNode
 from rebond.store import open_store
 from tests.hl7_messages import oru
 from tests.server import RebondServer, SiteServer, rebond
@@ -332,6 +333,60 @@ def test_writes_whose_answers_were_lost_are_settled_once_without_false_conflicts
         assert central_read(created_id).json()["name"][0]["given"] == ["corrigée au central"], "the central correction stays"
         assert len(history_of(central, f"Patient/{created_id}")) == 2
         wait_for(lambda: site_read(site, f"Patient/{created_id}").json().get("name", [{}])[0].get("given") == ["corrigée au central"])
+    finally:
+        site.stop()
+        link.close()
+        central.stop()
+
+
+def test_a_link_gone_dark_is_detected_and_holds_up_no_one(demo_db: str, tmp_path: Path) -> None:
+    """The central site's link goes dark without a reset (its provider loses power): no connection is refused or closed,
+    every request just hangs. The site must notice by its own timeouts, answer the writes made meanwhile within its
+    forwarding wait, keep its pages quick, and send everything once the link returns."""
+    from tests.proxy import CuttableLink
+
+    central = RebondServer(demo_db).start()
+    link = CuttableLink(central.port)
+    from rebond.security.accounts import Accounts
+
+    site_url = f"sqlite:///{tmp_path}/site-H1.db"
+    store = open_store(site_url)
+    Accounts(store).save("nurse", "rebond-demo", "nurse", "LEROY Hélène")
+    store.close()
+    site = SiteServer(site_url, central, upstream=f"http://127.0.0.1:{link.port}/fhir").start()
+    try:
+        wait_for(lambda: site.status()["data_as_of"] is not None, 120)
+        nurse = signed_in(site.base, "nurse")
+        assert nurse.get("/").status_code == 200
+        link.black_hole()
+        went_dark = time.monotonic()
+        started = time.monotonic()
+        written = httpx.post(f"{site.fhir}/Patient", json={"resourceType": "Patient", "name": [{"family": "Panne"}]},
+                             headers={**FHIR, **site.headers}, timeout=30)
+        answered = time.monotonic() - started
+        assert written.status_code == 201
+        wait_for(lambda: site.status()["upstream_reachable"] is False, 15)
+        detected = time.monotonic() - went_dark
+        print(f"\nlink gone dark: noticed within {detected:.1f} s; a write made at that moment answered in {answered:.1f} s")
+        assert detected < 10
+        assert answered < SiteNode.FORWARD_WAIT + 2, "answered after the forwarding wait at most: it is durable here"
+        later = []
+        for n in range(5):
+            started = time.monotonic()
+            assert nurse.get("/").status_code == 200
+            r = httpx.post(f"{site.fhir}/Patient", json={"resourceType": "Patient", "name": [{"family": f"Panne{n}"}]},
+                           headers={**FHIR, **site.headers}, timeout=30)
+            assert r.status_code == 201
+            later.append(r.json()["id"])
+            assert time.monotonic() - started < 2, "once the loss is known, nothing waits for the central site"
+        assert site.status()["journal_pending"] == 6
+
+        link.restore()
+        wait_for(lambda: site.status()["journal_pending"] == 0, 60)
+        for rid in [written.json()["id"], *later]:
+            copy = httpx.get(f"{central.fhir}/Patient/{rid}/_history", headers=central.headers, timeout=10).json()
+            assert copy["total"] == 1, "on the central site once"
+        assert site.status()["conflicts_open"] == 0
     finally:
         site.stop()
         link.close()

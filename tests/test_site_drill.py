@@ -155,6 +155,18 @@ def test_cut_link_and_killed_central_lose_nothing_and_overwrite_nothing(demo_db:
         wait_for(lambda: httpx.get(f"{h1.fhir}/Patient/{shared['id']}", headers=h1.headers).json() == central_patient, 10)
         wait_for(lambda: httpx.get(f"{h2.fhir}/Patient/{emergency}", headers=h2.headers).status_code == 200, 10)
 
+        # -- cut off again, keeping the site's version cannot be done: said at once, nothing decided
+        link_h1.cut()
+        wait_for(lambda: h1.status()["upstream_reachable"] is False, 10)
+        page = nurse.get("/reconciliation")
+        seq = page.text.split('action="/reconciliation/')[1].split('"')[0]
+        refused = nurse.post(f"/reconciliation/{seq}", data={"csrf": csrf_of(page.text), "keep": "site"})
+        assert refused.headers["location"] == "/reconciliation?outcome=unreachable"
+        assert "Le site central ne répond pas" in nurse.get(refused.headers["location"]).text
+        assert h1.status()["conflicts_open"] == 1
+        link_h1.restore()
+        wait_for(lambda: h1.status()["upstream_reachable"] is True, 15)
+
         # -- a person settles the conflict: the site's version becomes a new central version
         page = nurse.get("/reconciliation")
         seq = page.text.split('action="/reconciliation/')[1].split('"')[0]

@@ -78,6 +78,10 @@ class StillInConflict(Exception):
     """The central record changed again while the person was deciding: look again."""
 
 
+class CentralUnreachable(Exception):
+    """The central site did not answer: nothing was decided; try again when it does."""
+
+
 def settle(store: Store, upstream: str, token: str, seq: int, keep: Choice, clinician: Clinician) -> None:
     conflict = next((c for c in open_conflicts(store) if c.seq == seq), None)
     if conflict is None:
@@ -86,15 +90,22 @@ def settle(store: Store, upstream: str, token: str, seq: int, keep: Choice, clin
     detail: dict[str, Any] = {"kept": keep, "by": clinician.display, "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     if keep == "site":
         url = f"{upstream.rstrip('/')}/{conflict.resource_type}/{conflict.resource_id}"
-        with httpx.Client(timeout=10) as client:
-            current = client.get(url, headers=headers)
-            version = current.headers.get("etag", "") if current.status_code == 200 else ""
-            if conflict.site is None:
-                response = client.delete(url, headers={**headers, "If-Match": version} if version else headers)
-            else:
-                body = {**conflict.site, "id": conflict.resource_id}
-                body.pop("meta", None)
-                response = client.put(url, content=orjson.dumps(body), headers={**headers, "If-Match": version} if version else headers)
+        try:
+            with httpx.Client(timeout=5) as client:
+                current = client.get(url, headers=headers)
+                if current.status_code >= 500:
+                    raise CentralUnreachable(f"it answered {current.status_code}")
+                version = current.headers.get("etag", "") if current.status_code == 200 else ""
+                if conflict.site is None:
+                    response = client.delete(url, headers={**headers, "If-Match": version} if version else headers)
+                else:
+                    body = {**conflict.site, "id": conflict.resource_id}
+                    body.pop("meta", None)
+                    response = client.put(url, content=orjson.dumps(body), headers={**headers, "If-Match": version} if version else headers)
+        except httpx.HTTPError as err:
+            raise CentralUnreachable(type(err).__name__) from err
+        if response.status_code >= 500:
+            raise CentralUnreachable(f"it answered {response.status_code}")
         if response.status_code == 412:
             raise StillInConflict(f"{conflict.resource_type}/{conflict.resource_id} changed again on the central site")
         if response.status_code >= 300:

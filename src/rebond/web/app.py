@@ -61,7 +61,7 @@ from rebond.hl7.intake import describe, replay
 from rebond.ops.situation import MODULES, STATES, Situation, known_sites, module_states, read_form
 from rebond.security.accounts import Account, Accounts, WebSession
 from rebond.security.smart import APP_TOKEN_SECONDS, SmartClients, SmartError, merged, parse_scopes
-from rebond.site.reconcile import StillInConflict, open_conflicts, settle
+from rebond.site.reconcile import CentralUnreachable, StillInConflict, open_conflicts, settle
 from rebond.store.base import NotFound, Store, Unavailable
 from rebond.web.i18n import DEFAULT_LANGUAGE, LANGUAGES, N_, Translator, translator
 from rebond.web.plots import human_unit, trend_svg
@@ -647,12 +647,16 @@ class WebApp:
         keep = str(form.get("keep", ""))
         if keep not in ("site", "central"):
             return self.error_page(p.request, 400, p.t.gettext("Choose which version to keep."), p.account, p.session)
+        if keep == "site" and self.source().get("upstream_reachable") is False:  # known cut off: no one waits for timeouts
+            return RedirectResponse("/reconciliation?outcome=unreachable", status_code=303)
         upstream, token = self.upstream
         try:
             await run_in_threadpool(settle, self.store, upstream, token, int(p.request.path_params["seq"]), keep, p.clinician)  # type: ignore[arg-type]
         except LookupError:
             raise NotFound("conflict") from None
-        except (StillInConflict, httpx.HTTPError):
+        except CentralUnreachable:
+            return RedirectResponse("/reconciliation?outcome=unreachable", status_code=303)
+        except StillInConflict:
             return RedirectResponse("/reconciliation?outcome=changed", status_code=303)
         return RedirectResponse("/reconciliation?outcome=settled", status_code=303)
 
