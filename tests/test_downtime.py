@@ -74,7 +74,13 @@ def make_pack(db: str, ward_id: str, out: Path, *extra: str) -> None:
 def test_a_pack_holds_the_census_names_allergies_and_marked_abnormal_values(demo_db: str, tmp_path: Path) -> None:
     ward_id, lines = first_ward(demo_db)
     patient = lines[0].patient
-    write(demo_db, allergy(patient.id, "Pénicilline G"))
+    write(demo_db, {**allergy(patient.id, "Pénicilline G"), "code": {"coding": [{"system": "http://snomed.info/sct", "code": "764146007"}],
+                                                                      "text": "Pénicilline G"}})
+    write(demo_db, {"resourceType": "MedicationRequest", "status": "active", "intent": "order", "subject": {"reference": f"Patient/{patient.id}"},
+                    "medicationCodeableConcept": {"coding": [{"system": "http://www.whocc.no/atc", "code": "J01CA04"}],
+                                                  "text": "Amoxicilline 1 g comprimé"},
+                    "authoredOn": dt.datetime.now(dt.UTC).isoformat(),
+                    "dosageInstruction": [{"text": "1 comprimé", "timing": {"repeat": {"timeOfDay": ["08:00:00"]}}}]})
     write(demo_db, {"resourceType": "Observation", "status": "final", "subject": {"reference": f"Patient/{patient.id}"},
                     "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}],
                     "code": {"coding": [{"system": LOINC, "code": "2823-3"}], "text": "Potassium"},
@@ -92,7 +98,8 @@ def test_a_pack_holds_the_census_names_allergies_and_marked_abnormal_values(demo
     own = [p for p in pages[2:] if patient.name in p and "Allergies" in p]
     assert own, "the patient has their own page"
     assert "Pénicilline G" in own[0] and "Pénicilline G" in census
-    assert "6,9 mmol/L ▲" in own[0], "an abnormal value is marked"
+    assert "6,9 mmol/L ▲" in "".join(pages[2:]), "an abnormal value is marked (on the patient's page or the next)"
+    assert "⚠ Allergie connue" in own[0] and "Amoxicilline 1 g" in own[0], "a prescription that meets a known allergy (a penicillin)"
     every_page = [p for p in pages if p.strip()]
     assert all("Données à jour au" in p for p in every_page), "every page says how old it is"
     assert any("Procédures dégradées" in p for p in pages) and any("Feuille de constantes" in p for p in pages)

@@ -297,3 +297,70 @@ def test_a_nurse_writes_a_note_read_at_once_in_the_chart(web: RebondServer, ward
     assert fhir_count(web, f"DocumentReference?subject=Patient/{ward['patient']}&type=http://loinc.org|34746-8") == 1
     lab = signed_in(web.base, "lab")
     assert lab.get(f"/patients/{ward['patient']}/notes").status_code == 403, "the lab reads no notes and writes none"
+
+
+def test_a_physician_prescribes_and_stops_and_a_nurse_sees_the_doses(web: RebondServer, ward: dict[str, str]) -> None:
+    doctor = signed_in(web.base, "doctor")
+    url = f"/patients/{ward['patient']}/prescriptions/new"
+    assert f'href="{url}"' in doctor.get(f"/patients/{ward['patient']}").text
+    form = doctor.get(url)
+    assert form.status_code == 200 and "Tramadol 50 mg gélule" in form.text
+    line = re.search(r'<option value="([0-9a-f-]{36})">Tramadol 50 mg gélule</option>', form.text)
+    assert line is not None
+    keys = {"csrf": csrf_of(form.text), "entry": entry_of(form.text)}
+    refused = doctor.post(url, data={**keys, "medication": line.group(1), "dose": "1 gélule", "route": "Voie orale", "times": "matin"})
+    assert refused.status_code == 422 and "Écrivez les heures ainsi" in refused.text
+    assert fhir_count(web, f"MedicationRequest?subject=Patient/{ward['patient']}&code=http://www.whocc.no/atc|N02AX02") == 0
+    sent = {**keys, "medication": line.group(1), "dose": "1 gélule", "route": "Voie orale", "times": "8h, 14h, 20h", "days": "3"}
+    saved = doctor.post(url, data=sent)
+    assert saved.status_code == 303 and saved.headers["location"].endswith("?saved=prescription#prescriptions")
+    assert doctor.post(url, data=sent).headers["location"] == saved.headers["location"], "sent twice, recorded once"
+    found = httpx.get(f"{web.fhir}/MedicationRequest?subject=Patient/{ward['patient']}&code=http://www.whocc.no/atc|N02AX02",
+                      headers=web.headers).json()["entry"]
+    assert len(found) == 1 and found[0]["resource"]["dosageInstruction"][0]["text"] == "1 gélule à 08:00, 14:00, 20:00 pendant 3 jours"
+    request_id = found[0]["resource"]["id"]
+
+    nurse = signed_in(web.base, "nurse")
+    chart = nurse.get(f"/patients/{ward['patient']}").text
+    assert "Tramadol 50 mg gélule" in chart and "Prescrire" not in chart, "the nurse reads it and does not prescribe"
+    assert nurse.get(url).status_code == 403 and nurse.get(f"/patients/{ward['patient']}/prescriptions/{request_id}/stop").status_code == 403
+
+    stop_url = f"/patients/{ward['patient']}/prescriptions/{request_id}/stop"
+    form = doctor.get(stop_url)
+    assert form.status_code == 200 and 'name="version" value="1"' in form.text
+    empty = doctor.post(stop_url, data={"csrf": csrf_of(form.text), "version": "1", "reason": ""})
+    assert empty.status_code == 422 and 'id="reason-problem"' in empty.text
+    stopped = doctor.post(stop_url, data={"csrf": csrf_of(form.text), "version": "1", "reason": "Nausées"})
+    assert stopped.status_code == 303 and "Prescription arrêtée." in doctor.get(stopped.headers["location"]).text
+    assert "Tramadol 50 mg gélule" not in nurse.get(f"/patients/{ward['patient']}").text
+    assert httpx.get(f"{web.fhir}/MedicationRequest/{request_id}", headers=web.headers).json()["status"] == "stopped"
+
+
+def test_a_prescription_that_meets_a_known_allergy_needs_the_prescriber_to_maintain_it(web: RebondServer, ward: dict[str, str]) -> None:
+    allergy = {"resourceType": "AllergyIntolerance", "patient": {"reference": f"Patient/{ward['patient']}"}, "criticality": "high",
+               "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "code": "active"}]},
+               "code": {"coding": [{"system": "http://snomed.info/sct", "code": "387406002"}], "text": "Sulfamides"}}
+    made = httpx.post(f"{web.fhir}/AllergyIntolerance", json=allergy, headers={"Content-Type": "application/fhir+json", **web.headers})
+    assert made.status_code == 201
+    try:
+        doctor = signed_in(web.base, "doctor")
+        url = f"/patients/{ward['patient']}/prescriptions/new"
+        form = doctor.get(url)
+        line = re.search(r'<option value="([0-9a-f-]{36})">Cotrimoxazole[^<]*</option>', form.text)
+        assert line is not None
+        sent = {"csrf": csrf_of(form.text), "entry": entry_of(form.text), "medication": line.group(1), "dose": "1 comprimé",
+                "route": "Voie orale", "times": "8h 20h"}
+        warned = doctor.post(url, data=sent)
+        assert warned.status_code == 422 and "Allergie connue : Sulfamides" in warned.text and 'name="despite_allergy"' in warned.text
+        assert doctor.post(url, data={**sent, "despite_allergy": "yes"}).status_code == 303
+        chart = doctor.get(f"/patients/{ward['patient']}").text
+        assert "Allergie connue : Sulfamides" in chart
+        request = httpx.get(f"{web.fhir}/MedicationRequest?subject=Patient/{ward['patient']}&code=http://www.whocc.no/atc|J01EE01",
+                            headers=web.headers).json()["entry"][0]["resource"]
+        issues = httpx.get(f"{web.fhir}/DetectedIssue?implicated=MedicationRequest/{request['id']}", headers=web.headers).json()
+        assert len(issues["entry"]) == 1
+        nurse = signed_in(web.base, "nurse")
+        given = nurse.get(f"/patients/{ward['patient']}/administrations/{request['id']}")
+        assert "Allergie connue : Sulfamides" in given.text, "the nurse about to give it is warned too"
+    finally:
+        httpx.delete(f"{web.fhir}/AllergyIntolerance/{made.json()['id']}", headers=web.headers)

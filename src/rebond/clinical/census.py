@@ -34,6 +34,7 @@ LATE_DOSE_WINDOW = dt.timedelta(hours=12)
 class Allergy:
     substance: str
     criticality: str  # high, low, unable-to-assess
+    codes: tuple[tuple[str, str], ...] = ()  # (system, code) of its substance, to check prescriptions against
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,9 @@ def allergies_by_patient(store: Store, patient_ids: list[str]) -> dict[str, list
             continue
         pid = ref_id(allergy.get("patient"), "Patient")
         if pid is not None:
-            out.setdefault(pid, []).append(Allergy(concept_text(allergy.get("code")), str(allergy.get("criticality", ""))))
+            code = allergy.get("code") or {}
+            codes = tuple((str(c.get("system", "")), str(c["code"])) for c in code.get("coding") or () if c.get("code"))
+            out.setdefault(pid, []).append(Allergy(concept_text(code), str(allergy.get("criticality", "")), codes))
     for listed in out.values():
         listed.sort(key=lambda a: (a.criticality != "high", a.substance))
     return out

@@ -4,11 +4,12 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from rebond.clinical.census import Allergy, Stay, allergies_by_patient, stay
 from rebond.clinical.conventions import OBSERVATION_CATEGORY
 from rebond.clinical.medication import Administration, Dose, Prescription, administration, dose_schedule, prescription
+from rebond.clinical.prescribing import allergens_of, conflicts_of
 from rebond.clinical.records import (
     PatientSummary,
     Resource,
@@ -125,6 +126,12 @@ def note(document: Resource) -> Note:
                 str(authors[0].get("display", "")), text)
 
 
+def with_alerts(store: Store, requests: list[Resource], allergies: list[Allergy]) -> list[Prescription]:
+    """The prescriptions, each with the known allergies it meets."""
+    allergens = allergens_of(store, (r.get("medicationCodeableConcept") or {} for r in requests)) if allergies else {}
+    return [replace(prescription(r), alerts=tuple(a.substance for a in conflicts_of(r, allergies, allergens))) for r in requests]
+
+
 def patient_header(store: Store, patient_id: str) -> PatientHeader:
     """The patient, their current stay with its bed and ward, and their allergies: the banner, without the chart."""
     patient = read(store, "Patient", patient_id)
@@ -151,7 +158,7 @@ def patient_chart(store: Store, patient_id: str, now: dt.datetime) -> PatientCha
     me = f"Patient/{patient_id}"
     problems = [concept_text(c.get("code")) for c in find(store, "Condition", ("subject", me), ("clinical-status", "active"))]
     requests = find(store, "MedicationRequest", ("subject", me), ("status", "active"))
-    prescriptions = sorted((prescription(r) for r in requests), key=lambda p: p.medication)
+    prescriptions = sorted(with_alerts(store, requests, header.allergies), key=lambda p: p.medication)
     given = find(store, "MedicationAdministration", ("subject", me),
                  ("effective-time", f"ge{fhir_instant(now - RECORD_BEFORE - dt.timedelta(hours=3))}"), ("_sort", "-effective-time"))
     administrations = [a for a in (administration(r) for r in given) if a is not None]

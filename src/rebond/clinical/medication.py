@@ -25,6 +25,9 @@ class Prescription:
     times: tuple[dt.time, ...]  # times of day, hospital time
     authored: dt.datetime | None
     prescriber: str
+    until: dt.datetime | None = None  # no dose after this (the prescription's length, or a single dose)
+    as_needed: str = ""  # given when needed, not at set times: its indication (« si douleur »), or « si besoin »
+    alerts: tuple[str, ...] = ()  # the patient's known allergies it meets (clinical/prescribing.py), filled by the chart
 
 
 @dataclass(frozen=True)
@@ -49,19 +52,24 @@ class Dose:
 
 def prescription(request: Resource) -> Prescription:
     times: list[dt.time] = []
-    dose_text, route = "", ""
+    dose_text, route, as_needed = "", "", ""
+    until: dt.datetime | None = None
     for dosage in request.get("dosageInstruction") or ():
         dose_text = dose_text or str(dosage.get("text", ""))
         route = route or concept_text(dosage.get("route"))
-        for value in ((dosage.get("timing") or {}).get("repeat") or {}).get("timeOfDay") or ():
+        if dosage.get("asNeededBoolean") is True or dosage.get("asNeededCodeableConcept"):
+            as_needed = as_needed or concept_text(dosage.get("asNeededCodeableConcept")) or "si besoin"
+        repeat = (dosage.get("timing") or {}).get("repeat") or {}
+        for value in repeat.get("timeOfDay") or ():
             try:
                 times.append(dt.time.fromisoformat(value))
             except ValueError:
                 continue
+        until = until or instant((repeat.get("boundsPeriod") or {}).get("end"))
     return Prescription(
         id=request["id"], medication=concept_text(request.get("medicationCodeableConcept")) or "?", dose=dose_text, route=route,
         times=tuple(sorted(set(times))), authored=instant(request.get("authoredOn")),
-        prescriber=str((request.get("requester") or {}).get("display", "")),
+        prescriber=str((request.get("requester") or {}).get("display", "")), until=until, as_needed=as_needed,
     )
 
 
@@ -94,7 +102,8 @@ def dose_schedule(prescriptions: Iterable[Prescription], administrations: Iterab
         while dt.datetime.combine(day, dt.time(0), HOSPITAL_TZ) < end:
             for at in rx.times:
                 due = dt.datetime.combine(day, at, HOSPITAL_TZ)
-                if not start <= due < end or (rx.authored is not None and due < rx.authored - DUE_WINDOW):
+                if not start <= due < end or (rx.authored is not None and due < rx.authored - DUE_WINDOW) or \
+                        (rx.until is not None and due > rx.until):
                     continue
                 match = min((a for a in candidates if a.id not in used and abs(a.when - due) <= MATCH_WINDOW),
                             key=lambda a: abs(a.when - due), default=None)

@@ -87,9 +87,14 @@ def _labels(t: Translator) -> dict[str, str]:
 
 
 def _prescription(t: Translator, rx: Prescription) -> dict[str, Any]:
-    return {"id": rx.id, "medication": rx.medication, "dose": rx.dose, "route": rx.route,
-            "times": ", ".join(at.strftime("%H:%M") for at in rx.times) or t.gettext("if needed"),
-            "prescriber": rx.prescriber, "authored": t.date(rx.authored, "short")}
+    times = ", ".join(at.strftime("%H:%M") for at in rx.times) or t.gettext("if needed")
+    if rx.as_needed and rx.times:
+        times += f" · {rx.as_needed}"
+    if rx.until is not None:
+        times += " · " + t.gettext("until %(date)s", date=t.datetime(rx.until))
+    return {"id": rx.id, "medication": rx.medication, "dose": rx.dose, "route": rx.route, "times": times,
+            "prescriber": rx.prescriber, "authored": t.date(rx.authored, "short"),
+            "alerts": [t.gettext("Known allergy: %(substance)s", substance=a) for a in rx.alerts]}
 
 
 def _grid(chart: PatientChart, start: dt.datetime) -> list[dict[str, Any]]:

@@ -35,7 +35,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "nurse": frozenset({"view-patients", "view-notes", "view-results", "record-vitals", "record-administrations",
                         "acknowledge-results", "resolve-conflicts", "admit-patients", "messages", "write-notes"}) | _FHIR,
     "physician": frozenset({"view-patients", "view-notes", "view-results", "record-vitals", "acknowledge-results",
-                            "resolve-conflicts", "admit-patients", "messages", "write-notes"}) | _FHIR,
+                            "resolve-conflicts", "admit-patients", "messages", "write-notes", "prescribe"}) | _FHIR,
     "lab": frozenset({"view-patients", "view-results", "messages"}) | _FHIR,
     "admin": frozenset({"manage-accounts", "view-status", "manage-interfaces", "post-situation", "read-audit"}),
     # the crisis cell: publishes the situation updates of the status page; no patient data

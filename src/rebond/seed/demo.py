@@ -37,8 +37,10 @@ from rebond.clinical.conventions import (
     UCUM,
 )
 from rebond.clinical.messaging import add_services
+from rebond.clinical.prescribing import formulary_resource
 from rebond.clinical.records import HOSPITAL_TZ, person_name
 from rebond.clinical.results import acknowledgement_task
+from rebond.fhir import operations
 from rebond.fhir.bundles import process_transaction
 from rebond.fhir.search import parse_search
 from rebond.security.accounts import Account, Accounts
@@ -52,6 +54,7 @@ from rebond.seed.vocabulary import (
     HOSPITALS,
     IMAGING,
     LABS,
+    MORE_DRUGS,
     NOTES,
     PROBLEMS,
     SERVICES,
@@ -164,7 +167,19 @@ def seed_demo(store: Store, *, seed: int = 1, size: DemoSize | None = None, now:
     services = add_services(store)  # what the wards, labs and pharmacies write to one another (clinical/messaging.py)
     report.counts["HealthcareService"] = services
     report.resources += services
+    medicines = add_formulary(store)
+    report.counts["Medication"] = medicines
+    report.resources += medicines
     return report
+
+
+def add_formulary(store: Store) -> int:
+    """The demo hospital's formulary (clinical/prescribing.py): every drug of the vocabulary, made where missing."""
+    lines = {d.name: formulary_resource(d.name, d.atc, d.allergens) for d in (*DRUGS, *MORE_DRUGS)}
+    missing = [r for r in lines.values() if store.read("Medication", r["id"]) is None]
+    if missing:
+        store.write(lambda tx: [operations.update(tx, "Medication", r["id"], r) for r in missing])
+    return len(missing)
 
 
 def _staff(new_id: Callable[[], str], rng: random.Random, hospital: dict[str, Any], ward: dict[str, Any], service_name: str,

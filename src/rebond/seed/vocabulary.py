@@ -69,6 +69,9 @@ class Drug:
     dose: str
     times: tuple[str, ...]  # administration times of day
     route: str = "Voie orale"
+    #: SNOMED CT codes an allergy to it would be recorded under, as in ALLERGIES: its substance and the classes it
+    #: belongs to (amoxicillin is a penicillin). The formulary's Medication lists them (clinical/prescribing.py)
+    allergens: tuple[str, ...] = ()
 
 
 DRUGS = (
@@ -79,13 +82,25 @@ DRUGS = (
     Drug("Ramipril 5 mg gélule", "C09AA05", "1 gélule", ("08:00",)),
     Drug("Metformine 1000 mg comprimé", "A10BA02", "1 comprimé", ("08:00", "20:00")),
     Drug("Insuline asparte", "A10AB05", "selon protocole", ("07:30", "12:00", "19:00"), "Voie sous-cutanée"),
-    Drug("Amoxicilline 1 g comprimé", "J01CA04", "1 comprimé", ("08:00", "16:00", "00:00")),
+    Drug("Amoxicilline 1 g comprimé", "J01CA04", "1 comprimé", ("08:00", "16:00", "00:00"), allergens=("372687004", "764146007")),
     Drug("Ceftriaxone 1 g injectable", "J01DD04", "1 g en IV", ("10:00",), "Voie intraveineuse"),
     Drug("Oméprazole 20 mg gélule", "A02BC01", "1 gélule", ("08:00",)),
     Drug("Apixaban 5 mg comprimé", "B01AF02", "1 comprimé", ("08:00", "20:00")),
     Drug("Chlorure de potassium 600 mg gélule", "A12BA01", "1 gélule", ("08:00", "20:00")),
     Drug("Morphine 10 mg comprimé LP", "N02AA01", "1 comprimé", ("08:00", "20:00")),
     Drug("Lévothyroxine 75 µg comprimé", "H03AA01", "1 comprimé", ("07:00",)),
+)
+
+#: the rest of the demo formulary: prescribed in the web app, never drawn by the seed (DRUGS alone keeps the same demo)
+MORE_DRUGS = (
+    Drug("Acide acétylsalicylique 75 mg sachet", "B01AC06", "1 sachet", ("12:00",), allergens=("293586001",)),
+    Drug("Cotrimoxazole 800 mg/160 mg comprimé", "J01EE01", "1 comprimé", ("08:00", "20:00"), allergens=("387406002",)),
+    Drug("Codéine/paracétamol 30 mg/500 mg comprimé", "N02AJ06", "1 comprimé", ("08:00", "14:00", "20:00"), allergens=("261000",)),
+    Drug("Iohexol 300 mg I/mL injectable", "V08AB02", "selon l'examen", ("10:00",), "Voie intraveineuse", allergens=("293637006",)),
+    Drug("Kétoprofène 100 mg comprimé LP", "M01AE03", "1 comprimé", ("20:00",)),
+    Drug("Morphine 10 mg/mL injectable", "N02AA01", "selon protocole", ("08:00",), "Voie sous-cutanée"),
+    Drug("Ondansétron 4 mg comprimé orodispersible", "A04AA01", "1 comprimé", ("08:00",)),
+    Drug("Tramadol 50 mg gélule", "N02AX02", "1 gélule", ("08:00", "14:00", "20:00")),
 )
 
 

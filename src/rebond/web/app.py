@@ -28,7 +28,7 @@ from starlette.staticfiles import StaticFiles
 
 from rebond.clinical.admission import RangeExhausted, emergency_admission, ipp_range
 from rebond.clinical.census import HospitalWards, group_wards, ward_census, ward_occupancy, ward_of
-from rebond.clinical.chart import patient_chart, patient_header
+from rebond.clinical.chart import patient_chart, patient_header, with_alerts
 from rebond.clinical.imaging import Orthanc, PacsUnavailable, images_of
 from rebond.clinical.medication import prescription
 from rebond.clinical.messaging import (
@@ -48,6 +48,7 @@ from rebond.clinical.messaging import (
     ward_box,
 )
 from rebond.clinical.patients import UnclearSearch, find_patients, parse_day, patient_by_ipp_or_id
+from rebond.clinical.prescribing import ROUTES, formulary, prescribe, stop
 from rebond.clinical.recording import NOTE_KINDS, VITAL_SIGNS, InvalidForm, record_administration, record_note, record_vitals
 from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, any_of, fhir_instant, instant, read
 from rebond.clinical.results import acknowledge_result, reports
@@ -62,7 +63,7 @@ from rebond.ops.situation import MODULES, STATES, Situation, known_sites, module
 from rebond.security.accounts import Account, Accounts, WebSession
 from rebond.security.smart import APP_TOKEN_SECONDS, SmartClients, SmartError, merged, parse_scopes
 from rebond.site.reconcile import CentralUnreachable, StillInConflict, open_conflicts, settle
-from rebond.store.base import NotFound, Store, Unavailable
+from rebond.store.base import NotFound, PreconditionFailed, Store, Unavailable
 from rebond.web.i18n import DEFAULT_LANGUAGE, LANGUAGES, N_, Translator, translator
 from rebond.web.plots import human_unit, trend_svg
 
@@ -160,6 +161,8 @@ class WebApp:
             Route("/patients/{patient_id}/imaging/{study_id}", page(self.images, "view-patients"), methods=["GET"]),
             Route("/patients/{patient_id}/vitals", page(self.vitals_form, "record-vitals"), methods=["GET", "POST"]),
             Route("/patients/{patient_id}/notes", page(self.note_form, "write-notes"), methods=["GET", "POST"]),
+            Route("/patients/{patient_id}/prescriptions/new", page(self.prescription_form, "prescribe"), methods=["GET", "POST"]),
+            Route("/patients/{patient_id}/prescriptions/{request_id}/stop", page(self.stop_form, "prescribe"), methods=["GET", "POST"]),
             Route("/patients/{patient_id}/administrations/{request_id}", page(self.administration_form, "record-administrations"),
                   methods=["GET", "POST"]),
             Route("/auth/authorize", page(self.authorize_app, "fhir-read"), methods=["GET", "POST"]),
@@ -551,13 +554,62 @@ class WebApp:
         return self._show(p, "note_form.html", status=422 if problems else 200, chart=chart, values=values, problems=problems,
                           kinds=[(k.code, p.t.gettext(k.label)) for k in NOTE_KINDS])
 
+    async def prescription_form(self, p: Page) -> Response:
+        """A new prescription from the formulary, checked against the patient's known allergies."""
+        patient_id = p.request.path_params["patient_id"]
+        chart = await run_in_threadpool(patient_header, self.store, patient_id)
+        medicines = await run_in_threadpool(formulary, self.store)
+        values: dict[str, str] = {"route": ROUTES[0], "entry": str(Entry.new())}
+        problems: dict[str, str] = {}
+        allergy_met = False
+        if p.request.method == "POST":
+            values = await _filled(p.request, ("medication", "dose", "route", "times", "as_needed", "indication", "days", "note",
+                                               "despite_allergy"))
+            try:
+                await run_in_threadpool(prescribe, self.store, patient_id, values, p.clinician, p.now, chart.allergies,
+                                        chart.stay.encounter_id if chart.stay else None)
+            except InvalidForm as err:
+                problems = {k: self._problem(p.t, v) for k, v in err.problems.items()}
+                allergy_met = err.problems.get("medication", "").startswith("allergy:")
+            else:
+                return RedirectResponse(f"/patients/{quote(patient_id)}?saved=prescription#prescriptions", status_code=303)
+        return self._show(p, "prescription_form.html", status=422 if problems else 200, chart=chart, values=values,
+                          problems=problems, medicines=medicines, routes=ROUTES, allergy_met=allergy_met)
+
+    async def stop_form(self, p: Page) -> Response:
+        """Stop a prescription, saying why: its doses end, the chart and the packs no longer list it."""
+        patient_id, request_id = p.request.path_params["patient_id"], p.request.path_params["request_id"]
+        chart = await run_in_threadpool(patient_header, self.store, patient_id)
+        stored = await run_in_threadpool(self.store.read, "MedicationRequest", request_id)
+        request = orjson.loads(stored.body) if stored is not None and stored.body else None
+        if request is None or request.get("subject", {}).get("reference") != f"Patient/{patient_id}":
+            raise NotFound(request_id)
+        values: dict[str, str] = {"reason": "", "version": str(stored.version) if stored else "", "entry": str(Entry.new())}
+        problems: dict[str, str] = {}
+        changed = False
+        if p.request.method == "POST" and request.get("status") == "active":
+            values = {**await _filled(p.request, ("reason", "version"))}
+            try:
+                await run_in_threadpool(stop, self.store, patient_id, request_id, values, p.clinician, p.now)
+            except InvalidForm as err:
+                problems = {k: self._problem(p.t, v) for k, v in err.problems.items()}
+            except PreconditionFailed:
+                changed = True
+                stored = await run_in_threadpool(self.store.read, "MedicationRequest", request_id)
+                request = orjson.loads(stored.body) if stored is not None and stored.body else request
+                values["version"] = str(stored.version) if stored else ""
+            else:
+                return RedirectResponse(f"/patients/{quote(patient_id)}?saved=stopped#prescriptions", status_code=303)
+        return self._show(p, "stop_form.html", status=422 if problems or changed else 200, chart=chart, rx=prescription(request),
+                          active=request.get("status") == "active", values=values, problems=problems, changed=changed)
+
     async def administration_form(self, p: Page) -> Response:
         patient_id, request_id = p.request.path_params["patient_id"], p.request.path_params["request_id"]
         chart = await run_in_threadpool(patient_header, self.store, patient_id)
         request = await run_in_threadpool(read, self.store, "MedicationRequest", request_id)
         if request is None or request.get("status") != "active" or request.get("subject", {}).get("reference") != f"Patient/{patient_id}":
             raise NotFound(request_id)  # not an active prescription of this patient
-        rx = prescription(request)
+        rx = (await run_in_threadpool(with_alerts, self.store, [request], chart.allergies))[0]
         due = instant(p.request.query_params.get("due"))
         values: dict[str, str] = {"outcome": "given", "time": p.t.time(p.now), "entry": str(Entry.new())}
         problems: dict[str, str] = {}
@@ -593,6 +645,11 @@ class WebApp:
             "too-long": t.gettext("At most %(n)s characters.", n=rest),
             "state-needs-module": t.gettext("Choose the module whose state you declare."),
             "not-a-site": t.gettext("A site is written as its code, e.g. H1."),
+            "not-in-formulary": t.gettext("Choose a medication of the formulary."),
+            "not-times": t.gettext("Write the times as 8h, 20h30 or 08:00, 20:30."),
+            "times-or-as-needed": t.gettext("Give the times, or tick « when needed »."),
+            "too-many-times": t.gettext("At most %(n)s times a day.", n=rest),
+            "allergy": t.gettext("Known allergy: %(substances)s. To prescribe it all the same, tick the box below.", substances=rest),
         }.get(kind, kind)
 
     async def results(self, p: Page) -> Response:

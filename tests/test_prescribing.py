@@ -1,0 +1,155 @@
+"""Prescribing: the formulary, a new prescription and its doses, stopping one, and the allergy check (both engines)."""
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from rebond.clinical.census import Allergy, allergies_by_patient
+from rebond.clinical.chart import patient_chart
+from rebond.clinical.conventions import SNOMED
+from rebond.clinical.medication import dose_schedule
+from rebond.clinical.prescribing import allergy_conflicts, formulary, parse_times, prescribe, stop
+from rebond.clinical.recording import InvalidForm
+from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, find, read
+from rebond.fhir import operations
+from rebond.seed.demo import DemoSize, seed_demo
+from rebond.seed.vocabulary import DRUGS, MORE_DRUGS
+from rebond.store.base import NotFound, PreconditionFailed, Store
+
+NOW = dt.datetime(2026, 11, 23, 3, 10, tzinfo=HOSPITAL_TZ)  # the night: a physician on call prescribes
+DOCTOR = Clinician("doctor", "Dr MARTIN Paul", "p-martin")
+PENICILLIN = Allergy("Pénicillines", "high", ((SNOMED, "764146007"),))
+
+
+def test_times_are_read_as_wards_write_them() -> None:
+    assert parse_times("8h, 20h30") == ["08:00", "20:30"]
+    assert parse_times("08:00 ; 14:00 et 20:00") == ["08:00", "14:00", "20:00"]
+    assert parse_times("20h 8h 8h") == ["08:00", "20:00"], "in order, once each"
+    assert parse_times("") == []
+    for wrong in ("25h", "8h61", "matin", "8.30"):
+        with pytest.raises(ValueError):
+            parse_times(wrong)
+
+
+def test_an_allergy_is_met_by_code_class_or_name() -> None:
+    amoxicillin = {("http://www.whocc.no/atc", "J01CA04"), (SNOMED, "372687004"), (SNOMED, "764146007")}
+    assert allergy_conflicts([PENICILLIN], amoxicillin, "Amoxicilline 1 g comprimé") == [PENICILLIN], "a penicillin"
+    assert allergy_conflicts([PENICILLIN], {(SNOMED, "387406002")}, "Cotrimoxazole 800 mg") == []
+    codeine = Allergy("Codéine", "low")  # typed without a code
+    assert allergy_conflicts([codeine], set(), "Codéine/paracétamol 30 mg/500 mg comprimé") == [codeine], "named in the name"
+    assert allergy_conflicts([Allergy("Iode (produits de contraste)", "high")], set(), "Iohexol 300 mg I/mL") == []
+    assert allergy_conflicts([Allergy("Latex", "low")], set(), "Paracétamol 1 g") == []
+
+
+@pytest.fixture
+def seeded(store: Store) -> Store:
+    seed_demo(store, seed=2, size=DemoSize(1, 1, 6), now=NOW - dt.timedelta(hours=20))
+    return store
+
+
+def _inpatient(store: Store) -> tuple[str, str]:
+    stay = find(store, "Encounter", ("status", "in-progress"))[0]
+    return stay["subject"]["reference"].split("/")[1], stay["id"]
+
+
+def _line(store: Store, name: str) -> str:
+    return next(m.id for m in formulary(store) if m.name == name)
+
+
+def test_the_seed_makes_the_formulary_once(seeded: Store) -> None:
+    names = [m.name for m in formulary(seeded)]
+    assert sorted(names) == sorted({d.name for d in (*DRUGS, *MORE_DRUGS)})
+    from rebond.seed.demo import add_formulary
+
+    assert add_formulary(seeded) == 0, "made where missing only"
+
+
+def test_a_prescription_is_written_once_and_its_doses_are_scheduled(seeded: Store) -> None:
+    patient, stay = _inpatient(seeded)
+    form = {"medication": _line(seeded, "Furosémide 40 mg comprimé"), "dose": "1 comprimé", "route": "Voie orale",
+            "times": "8h, 3h", "days": "5", "note": "Contrôle de la kaliémie à J2", "entry": str(Entry.new())}
+    written = prescribe(seeded, patient, form, DOCTOR, NOW, [], stay)
+    assert prescribe(seeded, patient, form, DOCTOR, NOW, [], stay) == written, "the form sent twice: recorded once"
+    request = read(seeded, "MedicationRequest", written)
+    assert request is not None and request["status"] == "active" and request["encounter"]["reference"] == f"Encounter/{stay}"
+    assert request["requester"] == {"display": "Dr MARTIN Paul", "reference": "Practitioner/p-martin"}
+    assert request["dosageInstruction"][0]["text"] == "1 comprimé à 03:00, 08:00 pendant 5 jours"
+    assert request["note"][0]["text"] == "Contrôle de la kaliémie à J2"
+    chart = patient_chart(seeded, patient, NOW)
+    rx = next(r for r in chart.prescriptions if r.id == written)
+    assert rx.until is not None and rx.until - rx.authored == dt.timedelta(days=5)  # type: ignore[operator]
+    doses = {d.due.strftime("%H:%M"): d.state for d in chart.doses if d.prescription.id == written}
+    assert doses == {"03:00": "due", "08:00": "planned"}, "the dose of the hour is due at once"
+    later = dose_schedule([rx], [], NOW + dt.timedelta(days=4), NOW + dt.timedelta(days=7), NOW)
+    assert [d.due.strftime("%d %H:%M") for d in later] == ["27 08:00", "28 03:00"], "none after five days (28 at 03:10)"
+
+
+def test_a_prescription_when_needed_has_no_set_times(seeded: Store) -> None:
+    patient, stay = _inpatient(seeded)
+    form = {"medication": _line(seeded, "Tramadol 50 mg gélule"), "dose": "1 gélule", "route": "Voie orale",
+            "as_needed": "yes", "indication": "douleur EVA > 4", "entry": str(Entry.new())}
+    written = prescribe(seeded, patient, form, DOCTOR, NOW, [], stay)
+    rx = next(r for r in patient_chart(seeded, patient, NOW).prescriptions if r.id == written)
+    assert (rx.as_needed, rx.times, rx.dose) == ("douleur EVA > 4", (), "1 gélule si besoin (douleur EVA > 4)")
+
+
+def test_a_form_with_problems_writes_nothing(seeded: Store) -> None:
+    patient, stay = _inpatient(seeded)
+    before = len(find(seeded, "MedicationRequest"))
+    line = _line(seeded, "Paracétamol 1 g comprimé")
+    for form, problems in (
+        ({"medication": "not-a-line", "dose": "1", "route": "Voie orale", "times": "8h"}, {"medication": "not-in-formulary"}),
+        ({"medication": line, "dose": " ", "route": "Voie orale", "times": "8h"}, {"dose": "required"}),
+        ({"medication": line, "dose": "1 g", "route": "Par magie", "times": "8h"}, {"route": "choose-one"}),
+        ({"medication": line, "dose": "1 g", "route": "Voie orale", "times": ""}, {"times": "times-or-as-needed"}),
+        ({"medication": line, "dose": "1 g", "route": "Voie orale", "times": "le matin"}, {"times": "not-times"}),
+        ({"medication": line, "dose": "1 g", "route": "Voie orale", "times": "8h", "days": "0"}, {"days": "out-of-range:1:365"}),
+    ):
+        with pytest.raises(InvalidForm) as refused:
+            prescribe(seeded, patient, form, DOCTOR, NOW, [], stay)
+        assert refused.value.problems == problems
+    with pytest.raises(NotFound):
+        prescribe(seeded, "nobody", {"medication": line}, DOCTOR, NOW, [])
+    assert len(find(seeded, "MedicationRequest")) == before
+
+
+def test_a_known_allergy_stops_the_prescription_until_the_prescriber_maintains_it(seeded: Store) -> None:
+    patient, stay = _inpatient(seeded)
+    seeded.write(lambda tx: operations.create(tx, "AllergyIntolerance", {
+        "resourceType": "AllergyIntolerance", "patient": {"reference": f"Patient/{patient}"}, "criticality": "high",
+        "code": {"coding": [{"system": SNOMED, "code": "764146007"}], "text": "Pénicillines"}}))
+    allergies = allergies_by_patient(seeded, [patient])[patient]
+    form = {"medication": _line(seeded, "Amoxicilline 1 g comprimé"), "dose": "1 comprimé", "route": "Voie orale",
+            "times": "8h 16h 0h", "entry": str(Entry.new())}
+    with pytest.raises(InvalidForm) as refused:
+        prescribe(seeded, patient, form, DOCTOR, NOW, allergies, stay)
+    assert refused.value.problems == {"medication": "allergy:Pénicillines"}
+    assert not find(seeded, "DetectedIssue")
+    written = prescribe(seeded, patient, {**form, "despite_allergy": "yes"}, DOCTOR, NOW, allergies, stay)
+    issue = find(seeded, "DetectedIssue", ("implicated", f"MedicationRequest/{written}"))
+    assert len(issue) == 1 and issue[0]["code"]["coding"][0]["code"] == "ALGY" and issue[0]["severity"] == "high"
+    assert issue[0]["mitigation"][0]["author"]["display"] == "Dr MARTIN Paul"
+    rx = next(r for r in patient_chart(seeded, patient, NOW).prescriptions if r.id == written)
+    assert rx.alerts == ("Pénicillines",), "the chart says it too, as for any prescription that meets an allergy"
+
+
+def test_stopping_a_prescription_ends_its_doses_and_says_who_and_why(seeded: Store) -> None:
+    patient, stay = _inpatient(seeded)
+    form = {"medication": _line(seeded, "Kétoprofène 100 mg comprimé LP"), "dose": "1 comprimé", "route": "Voie orale",
+            "times": "20h", "entry": str(Entry.new())}
+    written = prescribe(seeded, patient, form, DOCTOR, NOW, [], stay)
+    with pytest.raises(InvalidForm):
+        stop(seeded, patient, written, {"reason": " ", "version": "1"}, DOCTOR, NOW)
+    with pytest.raises(PreconditionFailed):
+        stop(seeded, patient, written, {"reason": "Insuffisance rénale", "version": "7"}, DOCTOR, NOW)
+    with pytest.raises(NotFound):
+        stop(seeded, "someone-else", written, {"reason": "x", "version": "1"}, DOCTOR, NOW)
+    stop(seeded, patient, written, {"reason": "Insuffisance rénale", "version": "1"}, DOCTOR, NOW + dt.timedelta(minutes=3))
+    stop(seeded, patient, written, {"reason": "Insuffisance rénale", "version": "1"}, DOCTOR, NOW + dt.timedelta(minutes=4))
+    history = seeded.history("MedicationRequest", written)
+    assert len(history) == 2, "stopped once, however often sent"
+    request = read(seeded, "MedicationRequest", written)
+    assert request is not None and request["status"] == "stopped" and request["statusReason"]["text"] == "Insuffisance rénale"
+    assert request["note"][-1]["text"] == "Arrêtée : Insuffisance rénale" and request["note"][-1]["authorReference"]["display"] == "Dr MARTIN Paul"
+    assert written not in {r.id for r in patient_chart(seeded, patient, NOW).prescriptions}
