@@ -278,3 +278,19 @@ def test_a_site_nodes_accesses_reach_the_central_trail_also_those_made_while_cut
         if site is not None:
             site.stop()
         central.stop()
+
+
+#: the web app's pages that show or take no patient's data: every other page must be on the audit trail
+NO_PATIENT_DATA = {"/", "/login", "/logout", "/language/{lang}", "/auth/authorize", "/directory", "/procedures", "/admin/accounts",
+                   "/status/situation", "/static"}
+
+
+def test_every_page_with_patient_data_is_on_the_trail(store: Store) -> None:
+    """A page added without its line in WEB_PAGES would read or write patient data unrecorded: it fails here."""
+    from rebond.security.accounts import Accounts
+    from rebond.security.audit import WEB_PAGES
+    from rebond.web.app import WebApp
+
+    paths = {getattr(route, "path", "") for route in WebApp(store, Accounts(store)).routes()}
+    assert paths - NO_PATIENT_DATA - set(WEB_PAGES) == set(), "each must be in WEB_PAGES, or in NO_PATIENT_DATA if it shows none"
+    assert set(WEB_PAGES) <= paths, "no line for a page that does not exist"

@@ -68,6 +68,8 @@ WEB_PAGES: dict[str, tuple[str, str]] = {
     "/patients/{patient_id}/vitals": (N_("vital signs"), "C"),
     "/patients/{patient_id}/administrations/{request_id}": (N_("administration"), "C"),
     "/patients/{patient_id}/notes": (N_("note"), "C"),
+    "/patients/{patient_id}/prescriptions/new": (N_("prescription"), "C"),
+    "/patients/{patient_id}/prescriptions/{request_id}/stop": (N_("prescription stop"), "U"),
     "/messages": (N_("messages"), "R"),
     "/messages/new": (N_("message"), "C"),
     "/messages/{message_id}": (N_("message"), "R"),
