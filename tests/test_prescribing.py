@@ -5,7 +5,7 @@ import datetime as dt
 
 import pytest
 
-from rebond.clinical.census import Allergy, allergies_by_patient
+from rebond.clinical.census import Allergy, BedLine, allergies_by_patient, ward_census
 from rebond.clinical.chart import patient_chart
 from rebond.clinical.conventions import SNOMED
 from rebond.clinical.medication import dose_schedule
@@ -53,6 +53,11 @@ def _inpatient(store: Store) -> tuple[str, str]:
     return stay["subject"]["reference"].split("/")[1], stay["id"]
 
 
+def _census_line(store: Store, patient: str) -> BedLine:
+    ward = next(w for w in find(store, "Location") if w.get("alias"))
+    return next(b for b in ward_census(store, ward["id"], NOW).beds if b.patient is not None and b.patient.id == patient)
+
+
 def _line(store: Store, name: str) -> str:
     return next(m.id for m in formulary(store) if m.name == name)
 
@@ -81,6 +86,8 @@ def test_a_prescription_is_written_once_and_its_doses_are_scheduled(seeded: Stor
     assert rx.until is not None and rx.until - rx.authored == dt.timedelta(days=5)  # type: ignore[operator]
     doses = {d.due.strftime("%H:%M"): d.state for d in chart.doses if d.prescription.id == written}
     assert doses == {"03:00": "due", "08:00": "planned"}, "the dose of the hour is due at once"
+    line = _census_line(seeded, patient)
+    assert line.new_prescriptions == 1 and line.doses_due >= 1, "the census tells the nurses"
     later = dose_schedule([rx], [], NOW + dt.timedelta(days=4), NOW + dt.timedelta(days=7), NOW)
     assert [d.due.strftime("%d %H:%M") for d in later] == ["27 08:00", "28 03:00"], "none after five days (28 at 03:10)"
 
@@ -132,6 +139,7 @@ def test_a_known_allergy_stops_the_prescription_until_the_prescriber_maintains_i
     assert issue[0]["mitigation"][0]["author"]["display"] == "Dr MARTIN Paul"
     rx = next(r for r in patient_chart(seeded, patient, NOW).prescriptions if r.id == written)
     assert rx.alerts == ("Pénicillines",), "the chart says it too, as for any prescription that meets an allergy"
+    assert "Amoxicilline 1 g comprimé" in _census_line(seeded, patient).allergy_prescriptions, "and the census"
 
 
 def test_stopping_a_prescription_ends_its_doses_and_says_who_and_why(seeded: Store) -> None:

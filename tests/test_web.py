@@ -362,5 +362,7 @@ def test_a_prescription_that_meets_a_known_allergy_needs_the_prescriber_to_maint
         nurse = signed_in(web.base, "nurse")
         given = nurse.get(f"/patients/{ward['patient']}/administrations/{request['id']}")
         assert "Allergie connue : Sulfamides" in given.text, "the nurse about to give it is warned too"
+        census = nurse.get(f"/wards/{ward['ward']}").text
+        assert "⚠ Allergie : Cotrimoxazole" in census and "nouvelle prescription" in census, "the census shows both"
     finally:
         httpx.delete(f"{web.fhir}/AllergyIntolerance/{made.json()['id']}", headers=web.headers)

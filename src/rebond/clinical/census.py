@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from rebond.clinical.conventions import LOCATION_TYPE
 from rebond.clinical.medication import administration, dose_schedule, prescription
+from rebond.clinical.prescribing import allergens_of, conflicts_of
 from rebond.clinical.records import (
     PatientSummary,
     Resource,
@@ -28,6 +29,8 @@ from rebond.store.base import NotFound, Store
 ALERT_WINDOW = dt.timedelta(days=7)
 #: how far back the census looks for doses that were not recorded
 LATE_DOSE_WINDOW = dt.timedelta(hours=12)
+#: a prescription written this recently is new for the nurses (the census says how many each patient has)
+NEW_PRESCRIPTION_WINDOW = dt.timedelta(hours=12)
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ class BedLine:
     reports_to_acknowledge: int = 0
     doses_due: int = 0
     doses_late: int = 0
+    new_prescriptions: int = 0  # written in the last NEW_PRESCRIPTION_WINDOW: for the nurses to read
+    allergy_prescriptions: list[str] = field(default_factory=list)  # active prescriptions meeting a known allergy
 
 
 @dataclass
@@ -194,6 +199,17 @@ def _alerts(store: Store, occupied: list[BedLine], patient_ids: list[str], now: 
                  ("effective-time", f"ge{fhir_instant(now - LATE_DOSE_WINDOW - dt.timedelta(hours=3))}"))
     administrations = [a for a in (administration(r) for r in given) if a is not None]
     patient_of_request = {r["id"]: ref_id(r.get("subject"), "Patient") for r in requests}
+    allergic = [r for r in requests if (line := by_patient.get(patient_of_request[r["id"]] or "")) is not None and line.allergies]
+    allergens = allergens_of(store, (r.get("medicationCodeableConcept") or {} for r in allergic)) if allergic else {}
+    for request in requests:
+        line = by_patient.get(patient_of_request[request["id"]] or "")
+        if line is None:
+            continue
+        authored = instant(request.get("authoredOn"))
+        if authored is not None and authored >= now - NEW_PRESCRIPTION_WINDOW:
+            line.new_prescriptions += 1
+        if line.allergies and conflicts_of(request, line.allergies, allergens):
+            line.allergy_prescriptions.append(concept_text(request.get("medicationCodeableConcept")))
     for dose in dose_schedule([prescription(r) for r in requests], administrations, now - LATE_DOSE_WINDOW, now + dt.timedelta(hours=1), now):
         line = by_patient.get(patient_of_request.get(dose.prescription.id) or "")
         if line is None:

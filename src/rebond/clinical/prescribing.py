@@ -20,10 +20,10 @@ import unicodedata
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import orjson
 
-from rebond.clinical.census import Allergy
 from rebond.clinical.conventions import ATC, SNOMED
 from rebond.clinical.recording import InvalidForm, typed_text
 from rebond.clinical.records import (
@@ -38,6 +38,9 @@ from rebond.clinical.records import (
 )
 from rebond.fhir import operations
 from rebond.store.base import NotFound, PreconditionFailed, Session, Store
+
+if TYPE_CHECKING:  # the census imports this module
+    from rebond.clinical.census import Allergy
 
 FORMULARY_SYSTEM = "urn:rebond:formulary"  # Medication.identifier: the formulary's own code of each line
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
