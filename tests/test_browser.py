@@ -196,3 +196,53 @@ def test_the_lab_writes_to_a_ward_and_a_nurse_takes_it_in_hand(browser: object, 
         nurse.close()
     finally:
         server.stop()
+
+
+def test_a_physician_prescribes_is_stopped_by_an_allergy_maintains_it_then_stops_it(browser: object, demo_db: str) -> None:
+    from playwright.sync_api import Browser, expect
+
+    assert isinstance(browser, Browser)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    server = RebondServer(demo_db).start()
+    try:
+        store = open_store(server.db)
+        try:
+            ward = group_wards(store)[0].wards[0][0]
+            patient = next(b.patient for b in ward_census(store, ward.id, dt.datetime.now(dt.UTC)).beds if b.patient is not None)
+        finally:
+            store.close()
+        allergy = {"resourceType": "AllergyIntolerance", "patient": {"reference": f"Patient/{patient.id}"}, "criticality": "high",
+                   "code": {"coding": [{"system": "http://snomed.info/sct", "code": "764146007"}], "text": "Pénicillines"}}
+        assert httpx.post(f"{server.fhir}/AllergyIntolerance", json=allergy,
+                          headers={"Content-Type": "application/fhir+json", **server.headers}).status_code == 201
+
+        doctor = browser.new_page(viewport={"width": 1280, "height": 900}, locale="fr-FR")
+        doctor.goto(f"{server.base}/login")
+        doctor.fill("#username", "doctor")
+        doctor.fill("#password", "rebond-demo")
+        doctor.keyboard.press("Enter")
+        doctor.wait_for_url(lambda url: "/login" not in url)
+        doctor.goto(f"{server.base}/patients/{patient.id}")
+        doctor.get_by_role("link", name="Prescrire").click()
+        doctor.select_option("#medication", label="Amoxicilline 1 g comprimé")
+        doctor.fill("#dose", "1 comprimé")
+        doctor.fill("#times", "8h, 16h, 0h")
+        doctor.fill("#days", "7")
+        doctor.get_by_role("button", name="Prescrire").click()
+        expect(doctor.locator("#medication-problem")).to_contain_text("Allergie connue : Pénicillines")
+        doctor.screenshot(path=ARTIFACTS / "13-prescription-allergy.png", full_page=True)
+        doctor.check("input[name=despite_allergy]")
+        doctor.get_by_role("button", name="Prescrire").click()
+        expect(doctor.locator(".notice")).to_have_text("Prescription enregistrée.")
+        row = doctor.locator("#prescriptions tr", has_text="Amoxicilline 1 g comprimé").last
+        expect(row).to_contain_text("Allergie connue : Pénicillines")
+        doctor.screenshot(path=ARTIFACTS / "14-prescription-chart.png", full_page=True)
+        count = doctor.locator("#prescriptions tr", has_text="Amoxicilline 1 g comprimé").count()
+        row.get_by_role("link", name="Arrêter").click()
+        doctor.fill("#reason", "Allergie : remplacée par la ceftriaxone")
+        doctor.get_by_role("button", name="Arrêter la prescription").click()
+        expect(doctor.locator(".notice")).to_have_text("Prescription arrêtée.")
+        expect(doctor.locator("#prescriptions tr", has_text="Amoxicilline 1 g comprimé")).to_have_count(count - 1)
+        doctor.close()
+    finally:
+        server.stop()
