@@ -42,7 +42,7 @@ from rebond.store.base import NotFound, PreconditionFailed, Session, Store
 if TYPE_CHECKING:  # the census imports this module
     from rebond.clinical.census import Allergy
 
-FORMULARY_SYSTEM = "urn:rebond:formulary"  # Medication.identifier: the formulary's own code of each line
+FORMULARY_SYSTEM = "urn:rebond:formulary"  # the namespace of the ids of the demo formulary's lines
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 #: the routes a prescription is given by, as the wards write them
 ROUTES = ("Voie orale", "Voie sous-cutanée", "Voie intraveineuse", "Voie intramusculaire", "Voie inhalée", "Voie cutanée",
@@ -83,7 +83,6 @@ def formulary_resource(name: str, atc: str, allergens: Iterable[str]) -> Resourc
     """A formulary line as a `Medication`, its id derived from its name: made twice, or on two nodes, the same resource."""
     resource: Resource = {
         "resourceType": "Medication", "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{FORMULARY_SYSTEM}:{name}")), "status": "active",
-        "identifier": [{"system": FORMULARY_SYSTEM, "value": atc}],
         "code": {"coding": [{"system": ATC, "code": atc}], "text": name},
     }
     codes = [{"system": SNOMED, "code": code} for code in allergens]
