@@ -168,6 +168,33 @@ def _resumed(writers: list[FhirWriter | Sender] | list[FhirWriter], reader: Fhir
     return back, [_longest_pause(w.acked_at, since) for w in writers], _longest_pause(reader.read_at, since), answers
 
 
+def _feed_facts(central_db: str, site_db: str) -> str:
+    """Where the site's cursor stands against the central feed: the cursor, the central seqs around it, and the feed's
+    next page from it (how many changes, and the cursor it gives back)."""
+    import psycopg
+
+    from rebond.site.follower import STATE
+
+    site_store = open_store(site_db)
+    try:
+        cursor = site_store.get_state(STATE, "cursor")
+    finally:
+        site_store.close()
+    seq = int(str(cursor).split("~")[0]) if cursor else 0
+    with psycopg.connect(central_db.replace("target_session_attrs=read-write", "target_session_attrs=primary")) as conn:
+        low, high, total, above, snapshot = conn.execute(
+            "SELECT min(seq), max(seq), count(*), count(*) FILTER (WHERE seq > %s), pg_current_snapshot()::text FROM versions",
+            (seq,)).fetchone()
+        after = [row[0] for row in conn.execute("SELECT seq FROM versions WHERE seq > %s ORDER BY seq LIMIT 5", (seq,))]
+    central = open_store(central_db)
+    try:
+        page = central.changes(str(cursor) if cursor else None, 100)
+    finally:
+        central.close()
+    return (f"site cursor {cursor!r}; central versions seq {low}..{high} ({total}), {above} above the cursor, the first {after}; "
+            f"snapshot {snapshot}; the feed from the cursor: {len(page.changes)} changes, next cursor {page.next_cursor!r}")
+
+
 def _longest_pause(times: list[float], after: float) -> float:
     """The longest time without an acknowledgement, from `after` on."""
     later = sorted(t for t in times if t >= after)
@@ -227,9 +254,11 @@ def test_failover_loses_no_acknowledged_write(cluster: PatroniCluster, tmp_path:
             assert here[0] >= sum(len(w.acked) for w in writers if isinstance(w, FhirWriter)), here
             try:
                 cluster.wait_for(lambda: counts(copy) == here, 60, f"the site node's copy is not the central data ({here})")
-            except RuntimeError as err:  # what the site holds, and what it says of its feed, for whoever reads the failure
-                raise AssertionError(f"central (patients, reports) {here}, site {counts(copy)}; site status {site.status()}") from err
-        print(f"the site node held the central data {time.monotonic() - stopped:.1f} s after the writes stopped")
+            except RuntimeError as err:  # what the site holds, and where its feed stands, for whoever reads the failure
+                raise AssertionError(f"central (patients, reports) {here}, site {counts(copy)}; "
+                                     f"{_feed_facts(db, site.db)}; site status {site.status()}") from err
+        print(f"the site node held the central data {time.monotonic() - stopped:.1f} s after the writes stopped; "
+              f"{_feed_facts(db, site.db)}")
     finally:
         site.stop()
         server.stop()

@@ -327,5 +327,13 @@ def test_after_a_failover_a_feed_waiting_at_a_gap_goes_on(postgres: PostgresServ
         # the same wait, but for a horizon taken on the lost primary, above every xid this one has handed out
         lost = FeedPosition(waiting.seq, waiting.horizon + 1_000_000, waiting.resume)
         assert [c.stored.id for c in store.changes(str(lost)).changes] == [after], "not held at the gap until enough writes come"
+
+        # the row seen after the gap was on the lost primary too: the first row now is further on. The feed waits again
+        # there, from a horizon of this server's, and goes on once it has passed, instead of waiting for that row for ever
+        vanished = FeedPosition(waiting.seq, waiting.horizon, (waiting.resume or 0) - 1)
+        again = store.changes(str(vanished))
+        anchored = FeedPosition.parse(again.next_cursor)
+        assert again.changes == [] and anchored.resume == waiting.resume and anchored.horizon is not None
+        assert [c.stored.id for c in store.changes(again.next_cursor).changes] == [after]
     finally:
         store.close()

@@ -342,7 +342,9 @@ class PostgresStore(SQLStore):
         Waiting for the new primary to pass it would hold every follower at the gap
         until enough writes came, forever on a quiet night; but g's holder was on
         the lost primary, and had it committed, g would be here (synchronous
-        replication). So a horizon this server has not reached is passed too.
+        replication). So a horizon this server has not reached is passed too. For the same reason the row first seen
+        after the gap may be missing on the new primary: the gap then ends further on, and the feed waits there again
+        as at a new gap, with a horizon taken here (without this, it would wait for that row for ever).
         """
         pos = FeedPosition.parse(after)
         with self._connection() as conn, conn.transaction():
@@ -364,14 +366,15 @@ class PostgresStore(SQLStore):
             seq = int(row[6])
             if seq > expected:  # numbers expected .. seq-1 are not visible
                 waiting_here = expected == pos.seq + 1 and pos.horizon is not None
-                if waiting_here:
+                if waiting_here and seq <= (pos.resume or 0):
                     # the horizon passed; or this server never handed it out (xmax <= horizon): it was taken on a primary
                     # lost since, whose writes that did not reach this one never will, so the gap is final
                     horizon = pos.horizon or 0
-                    settled = (xmin >= horizon or xmax <= horizon) and seq <= (pos.resume or 0)
-                    if not settled:
+                    if not (xmin >= horizon or xmax <= horizon):
                         return accepted, pos
                 else:
+                    # a new gap; or the one waited at now ends past the row seen after it (that row was on a primary lost
+                    # since, before reaching this one): wait again, from what this server shows, for a horizon of its own
                     cur.execute("SELECT pg_current_xact_id()::text")
                     horizon = int(cur.fetchone()[0])
                     return accepted, FeedPosition(expected - 1, horizon, seq)
