@@ -186,13 +186,17 @@ def _feed_facts(central_db: str, site_db: str) -> str:
             "SELECT min(seq), max(seq), count(*), count(*) FILTER (WHERE seq > %s), pg_current_snapshot()::text FROM versions",
             (seq,)).fetchone()
         after = [row[0] for row in conn.execute("SELECT seq FROM versions WHERE seq > %s ORDER BY seq LIMIT 5", (seq,))]
+        holders = [tuple(str(v) for v in row) for row in conn.execute(  # what holds the oldest running xid, if anything
+            "SELECT backend_xid, state, wait_event, round(extract(epoch FROM now() - xact_start)), left(query, 60)"
+            " FROM pg_stat_activity WHERE backend_xid IS NOT NULL ORDER BY xact_start")]
     central = open_store(central_db)
     try:
         page = central.changes(str(cursor) if cursor else None, 100)
     finally:
         central.close()
     return (f"site cursor {cursor!r}; central versions seq {low}..{high} ({total}), {above} above the cursor, the first {after}; "
-            f"snapshot {snapshot}; the feed from the cursor: {len(page.changes)} changes, next cursor {page.next_cursor!r}")
+            f"snapshot {snapshot}, transactions holding an xid {holders}; "
+            f"the feed from the cursor: {len(page.changes)} changes, next cursor {page.next_cursor!r}")
 
 
 def _longest_pause(times: list[float], after: float) -> float:
