@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from pathlib import Path
 from urllib.parse import quote
 
@@ -186,6 +187,8 @@ def test_the_lab_warns_a_ward_which_sees_it_and_takes_it_in_hand(web: RebondServ
     nurse = signed_in(web.base, "nurse")
     census = nurse.get(f"/wards/{places['ward']}")
     assert "1 message à traiter (1 urgent)" in census.text
+    assert re.search(r'href="/messages" title="\d+ conversations? vous attend.*?<span class="chip late">1 urgent</span>', census.text,
+                     re.S), "the top bar of every page says it, whatever page the nurse is on"
     box = nurse.get(f"/messages?box={quote(places['team'])}")
     assert box.status_code == 200 and "1 message à traiter" in box.text and "Kaliémie à 6,8" in box.text
     assert 'class="flag">Urgent' in box.text
@@ -194,7 +197,8 @@ def test_the_lab_warns_a_ward_which_sees_it_and_takes_it_in_hand(web: RebondServ
     taken = nurse.post(sent.headers["location"].split("?")[0], data={"csrf": csrf_of(page.text), "entry": entry_of(page.text),
                                                                      "action": "take", "text": ""})
     assert taken.status_code == 303
-    assert "message à traiter" not in nurse.get(f"/wards/{places['ward']}").text
+    after = nurse.get(f"/wards/{places['ward']}").text
+    assert "message à traiter" not in after and '<span class="chip late">' not in after.split("</nav>")[0], "taken: no longer urgent"
     chart = nurse.get(f"/patients/{places['patient']}")
     assert "Messages concernant ce patient" in chart.text and "Kaliémie à 6,8" in chart.text and "Pris en charge" in chart.text
 

@@ -63,7 +63,7 @@ from rebond.ops.situation import MODULES, STATES, Situation, known_sites, module
 from rebond.security.accounts import Account, Accounts, WebSession
 from rebond.security.smart import APP_TOKEN_SECONDS, SmartClients, SmartError, merged, parse_scopes
 from rebond.site.reconcile import CentralUnreachable, StillInConflict, open_conflicts, settle
-from rebond.store.base import NotFound, PreconditionFailed, Store, Unavailable
+from rebond.store.base import NotFound, PreconditionFailed, Store, StoreError, Unavailable
 from rebond.web.i18n import DEFAULT_LANGUAGE, LANGUAGES, N_, Translator, translator
 from rebond.web.plots import human_unit, trend_svg
 
@@ -96,6 +96,7 @@ class Page:
     session: WebSession | None  # None for a program reading with an API token
     t: Translator
     now: dt.datetime
+    waiting: tuple[int, int] | None = None  # conversations waiting in the person's boxes (of which urgent), for the top bar
 
     @property
     def clinician(self) -> Clinician:
@@ -133,6 +134,7 @@ class WebApp:
         self.situation = situation or Situation(store, site=None)
         self.downtime = downtime  # the scheduled packs, when this node makes them
         self.source = source or (lambda: {"role": "central", "data_as_of": dt.datetime.now(dt.UTC).isoformat()})
+        self._waiting: dict[str, tuple[float, tuple[int, int]]] = {}  # username -> (until, its top bar's message count)
         self.upstream = upstream  # a site node's central site (FHIR base, API token), for settling conflicts
         self.accounts = accounts
         self.secure_cookies = secure_cookies
@@ -236,8 +238,12 @@ class WebApp:
                 if session is None or not secrets.compare_digest(str(form.get("csrf", "")), session.csrf):
                     return self.error_page(request, 403, t.gettext("This form has expired. Go back, reload the page and try again."),
                                            account, session)
+            now = dt.datetime.now(dt.UTC)
+            if request.method == "POST" and request.url.path.startswith("/messages"):
+                self._waiting.clear()  # a message sent, answered or taken here: everyone's count is counted again at once
+            waiting = await self._waiting_for(account, now) if request.method == "GET" else None
             try:
-                return await handler(Page(request, account, session, t, dt.datetime.now(dt.UTC)))
+                return await handler(Page(request, account, session, t, now, waiting))
             except NotFound:
                 return self.error_page(request, 404, t.gettext("This page does not exist, or the record is not in this hospital's file."),
                                        account, session)
@@ -256,7 +262,34 @@ class WebApp:
         return endpoint
 
     def _show(self, p: Page, template: str, status: int = 200, **context: Any) -> HTMLResponse:
-        return self.render(p.request, p.t, template, status=status, account=p.account, session=p.session, now=p.now, **context)
+        return self.render(p.request, p.t, template, status=status, account=p.account, session=p.session, now=p.now,
+                           inbox=p.waiting, **context)
+
+    #: how long the top bar's count of waiting messages is kept for a person before it is counted again (a message sent
+    #: through this process's pages clears every count at once; one from another process, the API or the feed shows
+    #: within this time)
+    WAITING_SECONDS = 15.0
+
+    async def _waiting_for(self, account: Account, now: dt.datetime) -> tuple[int, int] | None:
+        """(waiting, urgent) in the boxes of a person who reads messages (their own and their wards'), counted at most
+        every WAITING_SECONDS; None for an account that stands for no one, or when they cannot be counted now."""
+        if not account.may("messages") or not account.practitioner_id:
+            return None
+        kept = self._waiting.get(account.username)
+        if kept is not None and kept[0] > time.monotonic():
+            return kept[1]
+        clinician = Clinician(account.username, account.display, account.practitioner_id)
+
+        def count() -> tuple[int, int]:
+            counts = [waiting(self.store, b.reference, now) for b in own_boxes(self.store, clinician)]
+            return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+        try:
+            found = await run_in_threadpool(count)
+        except (Unavailable, StoreError):
+            return None  # the page is shown without the count rather than not at all
+        self._waiting[account.username] = (time.monotonic() + self.WAITING_SECONDS, found)
+        return found
 
     # -- signing in and out
 
