@@ -12,6 +12,7 @@ from rebond.hl7.intake import receive
 from rebond.site.node import SiteNode
 from rebond.store import open_store
 from tests.hl7_messages import oru
+from tests.pg_harness import PostgresServer
 from tests.server import RebondServer, SiteServer, rebond
 from tests.web_client import signed_in
 
@@ -391,3 +392,47 @@ def test_a_link_gone_dark_is_detected_and_holds_up_no_one(demo_db: str, tmp_path
         site.stop()
         link.close()
         central.stop()
+
+
+def test_a_transaction_held_open_on_the_central_site_shows_as_a_wait_not_as_fresh_data(postgres: PostgresServer,
+                                                                                      tmp_path: Path) -> None:
+    """On PostgreSQL a version can be numbered long before it commits (a slow transaction). The feed waits at that gap,
+    so as not to skip it, and the writes after it wait too. The site must then say so: its data is complete only up to
+    the gap, and it is not « à jour » once the wait lasts."""
+    import threading
+
+    from rebond.site.follower import FRESH_SECONDS
+
+    url = postgres.create_database("site_gap")
+    central = RebondServer(url).start()
+    site = SiteServer(f"sqlite:///{tmp_path}/site-H1.db", central).start()
+    store = open_store(url)
+    created, release = threading.Event(), threading.Event()
+
+    def slow_transaction() -> None:
+        with store.transaction() as tx:
+            tx.create({"resourceType": "Patient", "name": [{"family": "Lent"}]})
+            created.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=slow_transaction, daemon=True)
+    try:
+        wait_for(lambda: site.status()["data_as_of"] is not None, 60)
+        holder.start()
+        assert created.wait(10)
+        after = create_at(central, "Après")  # committed first, numbered after the slow one
+        wait_for(lambda: site.status()["feed_waiting_since"] is not None, 5)
+        assert site_read(site, f"Patient/{after['id']}").status_code == 404, "held behind the gap: nothing is skipped"
+        time.sleep(FRESH_SECONDS + 1.5)
+        status = site.status()
+        assert status["upstream_reachable"] is True and float(status["lag_seconds"]) > FRESH_SECONDS, status  # type: ignore[arg-type]
+        release.set()
+        holder.join(10)
+        wait_for(lambda: site_read(site, f"Patient/{after['id']}").status_code == 200, 10)
+        wait_for(lambda: site.status()["feed_waiting_since"] is None and float(site.status()["lag_seconds"]) < 2, 10)  # type: ignore[arg-type]
+        assert len(site_read(site, "Patient?name=Lent").json().get("entry", [])) == 1
+    finally:
+        release.set()
+        site.stop()
+        central.stop()
+        store.close()

@@ -24,6 +24,7 @@ log = logging.getLogger("rebond.site")
 CURSOR_URL = "https://rebond.health/fhir/StructureDefinition/change-cursor"
 SITE_URL = "https://rebond.health/fhir/StructureDefinition/change-site"
 STATE = "site"  # node_state namespace: cursor and follower facts
+FRESH_SECONDS = 5.0  # a copy complete as of this long ago or less is said to be up to date (« à jour ») at this instant
 METHODS = {"POST": "create", "PUT": "update", "DELETE": "delete"}
 
 
@@ -58,9 +59,14 @@ class FeedState:
     caught_up_at: float | None = None  # the last time the feed said "nothing more": data complete as of then
     last_change_applied_at: float | None = None
     changes_applied: int = 0
+    #: since when the feed has waited at one gap: a version numbered but not yet committed on the central site (a long
+    #: transaction there). Meanwhile the copy is complete only up to the gap, and `caught_up_at` does not move
+    waiting_since: float | None = None
+    waiting_at: str | None = None  # the feed position of that gap
 
     def data_as_of(self, now: float) -> float | None:
-        return now if self.upstream_reachable and self.caught_up_at is not None and now - self.caught_up_at < 5 else self.caught_up_at
+        return now if self.upstream_reachable and self.caught_up_at is not None and now - self.caught_up_at < FRESH_SECONDS \
+            else self.caught_up_at
 
     def lag_seconds(self, now: float) -> float | None:
         as_of = self.data_as_of(now)
@@ -121,6 +127,17 @@ class Follower(BackgroundLoop):
             await run_in_threadpool(self.apply_page, page)
             if len(page["entry"]) >= self.page_size:
                 return False  # more to read at once
+        cursor = _extension(page, CURSOR_URL)
+        if "~" in cursor:  # the feed stops at a gap: a transaction on the central site still holds the next number
+            position = cursor.split("~")[0]
+            if self.state.waiting_at != position:
+                # while writes go on, most reads end at such a gap, and the next read is past it: the copy is complete
+                # but for what commits this instant. A gap that stays means a transaction held open on the central site:
+                # the copy is complete as of when the wait began, and says so once that is FRESH_SECONDS old
+                self.state.waiting_at, self.state.waiting_since = position, now
+                self.state.caught_up_at = now
+            return True
+        self.state.waiting_at = self.state.waiting_since = None
         self.state.caught_up_at = now
         return True
 
