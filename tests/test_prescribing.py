@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,7 @@ from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, find, read
 from rebond.fhir import operations
 from rebond.seed.demo import DemoSize, seed_demo
 from rebond.seed.vocabulary import DRUGS, MORE_DRUGS
+from rebond.store import open_store
 from rebond.store.base import NotFound, PreconditionFailed, Store
 
 NOW = dt.datetime(2026, 11, 23, 3, 10, tzinfo=HOSPITAL_TZ)  # the night: a physician on call prescribes
@@ -161,3 +163,53 @@ def test_stopping_a_prescription_ends_its_doses_and_says_who_and_why(seeded: Sto
     assert request is not None and request["status"] == "stopped" and request["statusReason"]["text"] == "Insuffisance rénale"
     assert request["note"][-1]["text"] == "Arrêtée : Insuffisance rénale" and request["note"][-1]["authorReference"]["display"] == "Dr MARTIN Paul"
     assert written not in {r.id for r in patient_chart(seeded, patient, NOW).prescriptions}
+
+
+def test_a_cut_off_site_prescribes_and_stops_and_the_central_site_gets_both(demo_db: str, tmp_path: Path) -> None:
+    """The prescription module keeps working at a site node cut off from the central site (the design brief's bar)."""
+    import httpx
+
+    from tests import test_site as site_tests
+    from tests.server import RebondServer
+    from tests.web_client import csrf_of, entry_of, signed_in
+
+    central = RebondServer(demo_db).start()
+    site = site_tests.start_site(central, tmp_path, ("doctor", "physician", "Dr GARDE Anne"))
+    try:
+        store = open_store(central.db)
+        try:
+            stay = find(store, "Encounter", ("status", "in-progress"))[0]
+            patient = stay["subject"]["reference"].split("/")[1]
+            running = find(store, "MedicationRequest", ("subject", f"Patient/{patient}"), ("status", "active"))[0]["id"]
+            line = _line(store, "Ondansétron 4 mg comprimé orodispersible")
+        finally:
+            store.close()
+        central.kill()
+        site_tests.wait_for(lambda: site.status()["upstream_reachable"] is False, 10)
+
+        doctor = signed_in(site.base, "doctor")
+        form = doctor.get(f"/patients/{patient}/prescriptions/new")
+        written = doctor.post(f"/patients/{patient}/prescriptions/new", data={
+            "csrf": csrf_of(form.text), "entry": entry_of(form.text), "medication": line, "dose": "1 comprimé",
+            "route": "Voie orale", "as_needed": "yes", "indication": "nausées"})
+        assert written.status_code == 303, "prescribed at the site while cut off"
+        form = doctor.get(f"/patients/{patient}/prescriptions/{running}/stop")
+        stopped = doctor.post(f"/patients/{patient}/prescriptions/{running}/stop", data={
+            "csrf": csrf_of(form.text), "entry": entry_of(form.text), "version": "1", "reason": "Fin de traitement"})
+        assert stopped.status_code == 303
+        assert site.status()["journal_pending"] == 2
+
+        central.start()
+        site_tests.wait_for(lambda: site.status()["journal_pending"] == 0, 30)
+        assert site.status()["conflicts_open"] == 0
+
+        def central_search(query: str) -> list[dict[str, object]]:
+            bundle = httpx.get(f"{central.fhir}/MedicationRequest?{query}", headers=central.headers, timeout=10).json()
+            return [e["resource"] for e in bundle.get("entry", [])]
+
+        new = central_search(f"subject=Patient/{patient}&code=http://www.whocc.no/atc|A04AA01")
+        assert len(new) == 1 and new[0]["requester"]["display"] == "Dr GARDE Anne"
+        assert central_search(f"_id={running}")[0]["status"] == "stopped"
+    finally:
+        site.stop()
+        central.stop()
