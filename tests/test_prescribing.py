@@ -10,7 +10,7 @@ from rebond.clinical.census import Allergy, BedLine, allergies_by_patient, ward_
 from rebond.clinical.chart import patient_chart
 from rebond.clinical.conventions import SNOMED
 from rebond.clinical.medication import dose_schedule
-from rebond.clinical.prescribing import allergy_conflicts, formulary, parse_times, prescribe, stop
+from rebond.clinical.prescribing import acknowledge, allergy_conflicts, formulary, parse_times, prescribe, stop
 from rebond.clinical.recording import InvalidForm
 from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, find, read
 from rebond.fhir import operations
@@ -21,6 +21,7 @@ from rebond.store.base import NotFound, PreconditionFailed, Store
 
 NOW = dt.datetime(2026, 11, 23, 3, 10, tzinfo=HOSPITAL_TZ)  # the night: a physician on call prescribes
 DOCTOR = Clinician("doctor", "Dr MARTIN Paul", "p-martin")
+NURSE = Clinician("nurse", "LEROY Hélène")
 PENICILLIN = Allergy("Pénicillines", "high", ((SNOMED, "764146007"),))
 
 
@@ -90,6 +91,12 @@ def test_a_prescription_is_written_once_and_its_doses_are_scheduled(seeded: Stor
     assert doses == {"03:00": "due", "08:00": "planned"}, "the dose of the hour is due at once"
     line = _census_line(seeded, patient)
     assert line.new_prescriptions == 1 and line.doses_due >= 1, "the census tells the nurses"
+    first = acknowledge(seeded, written, NURSE, NOW + dt.timedelta(minutes=2))
+    assert acknowledge(seeded, written, Clinician("other", "MOREAU Inès"), NOW + dt.timedelta(minutes=3)) == first, "read once"
+    assert first.by == "LEROY Hélène" and len(find(seeded, "Task", ("focus", f"MedicationRequest/{written}"))) == 1
+    assert _census_line(seeded, patient).new_prescriptions == 0, "read: no longer new on the census"
+    seen_rx = next(r for r in patient_chart(seeded, patient, NOW).prescriptions if r.id == written)
+    assert seen_rx.seen is not None and seen_rx.seen.by == "LEROY Hélène"
     later = dose_schedule([rx], [], NOW + dt.timedelta(days=4), NOW + dt.timedelta(days=7), NOW)
     assert [d.due.strftime("%d %H:%M") for d in later] == ["27 08:00", "28 03:00"], "none after five days (28 at 03:10)"
 

@@ -323,6 +323,13 @@ def test_a_physician_prescribes_and_stops_and_a_nurse_sees_the_doses(web: Rebond
     nurse = signed_in(web.base, "nurse")
     chart = nurse.get(f"/patients/{ward['patient']}").text
     assert "Tramadol 50 mg gélule" in chart and "Prescrire" not in chart, "the nurse reads it and does not prescribe"
+    assert "nouvelle prescription à lire" in nurse.get(f"/wards/{ward['ward']}").text
+    assert doctor.post(f"/patients/{ward['patient']}/prescriptions/{request_id}/acknowledge",
+                       data={"csrf": csrf_of(form.text)}).status_code == 403, "a nurse's reading"
+    read_it = nurse.post(f"/patients/{ward['patient']}/prescriptions/{request_id}/acknowledge", data={"csrf": csrf_of(chart)})
+    assert read_it.status_code == 303
+    assert "prise en compte par LEROY Hélène" in nurse.get(f"/patients/{ward['patient']}").text
+    assert "nouvelle prescription à lire" not in nurse.get(f"/wards/{ward['ward']}").text
     assert nurse.get(url).status_code == 403 and nurse.get(f"/patients/{ward['patient']}/prescriptions/{request_id}/stop").status_code == 403
 
     stop_url = f"/patients/{ward['patient']}/prescriptions/{request_id}/stop"

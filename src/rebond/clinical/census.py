@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from rebond.clinical.conventions import LOCATION_TYPE
 from rebond.clinical.medication import administration, dose_schedule, prescription
-from rebond.clinical.prescribing import allergens_of, conflicts_of
+from rebond.clinical.prescribing import allergens_of, conflicts_of, is_new, seen
 from rebond.clinical.records import (
     PatientSummary,
     Resource,
@@ -29,8 +29,6 @@ from rebond.store.base import NotFound, Store
 ALERT_WINDOW = dt.timedelta(days=7)
 #: how far back the census looks for doses that were not recorded
 LATE_DOSE_WINDOW = dt.timedelta(hours=12)
-#: a prescription written this recently is new for the nurses (the census says how many each patient has)
-NEW_PRESCRIPTION_WINDOW = dt.timedelta(hours=12)
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,7 @@ class BedLine:
     reports_to_acknowledge: int = 0
     doses_due: int = 0
     doses_late: int = 0
-    new_prescriptions: int = 0  # written in the last NEW_PRESCRIPTION_WINDOW: for the nurses to read
+    new_prescriptions: int = 0  # written in the last NEW_PRESCRIPTION_WINDOW and not yet read by a nurse
     allergy_prescriptions: list[str] = field(default_factory=list)  # active prescriptions meeting a known allergy
 
 
@@ -201,12 +199,13 @@ def _alerts(store: Store, occupied: list[BedLine], patient_ids: list[str], now: 
     patient_of_request = {r["id"]: ref_id(r.get("subject"), "Patient") for r in requests}
     allergic = [r for r in requests if (line := by_patient.get(patient_of_request[r["id"]] or "")) is not None and line.allergies]
     allergens = allergens_of(store, (r.get("medicationCodeableConcept") or {} for r in allergic)) if allergic else {}
+    new = [r["id"] for r in requests if is_new(instant(r.get("authoredOn")), now)]
+    read_already = seen(store, new) if new else {}
     for request in requests:
         line = by_patient.get(patient_of_request[request["id"]] or "")
         if line is None:
             continue
-        authored = instant(request.get("authoredOn"))
-        if authored is not None and authored >= now - NEW_PRESCRIPTION_WINDOW:
+        if request["id"] in new and request["id"] not in read_already:
             line.new_prescriptions += 1
         if line.allergies and conflicts_of(request, line.allergies, allergens):
             line.allergy_prescriptions.append(concept_text(request.get("medicationCodeableConcept")))

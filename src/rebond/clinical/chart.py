@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 from rebond.clinical.census import Allergy, Stay, allergies_by_patient, stay
 from rebond.clinical.conventions import OBSERVATION_CATEGORY
 from rebond.clinical.medication import Administration, Dose, Prescription, administration, dose_schedule, prescription
-from rebond.clinical.prescribing import allergens_of, conflicts_of
+from rebond.clinical.prescribing import allergens_of, conflicts_of, seen
 from rebond.clinical.records import (
     PatientSummary,
     Resource,
@@ -127,9 +127,11 @@ def note(document: Resource) -> Note:
 
 
 def with_alerts(store: Store, requests: list[Resource], allergies: list[Allergy]) -> list[Prescription]:
-    """The prescriptions, each with the known allergies it meets."""
+    """The prescriptions, each with the known allergies it meets, and who read it first."""
     allergens = allergens_of(store, (r.get("medicationCodeableConcept") or {} for r in requests)) if allergies else {}
-    return [replace(prescription(r), alerts=tuple(a.substance for a in conflicts_of(r, allergies, allergens))) for r in requests]
+    read_by = seen(store, [r["id"] for r in requests]) if requests else {}
+    return [replace(prescription(r), alerts=tuple(a.substance for a in conflicts_of(r, allergies, allergens)), seen=read_by.get(r["id"]))
+            for r in requests]
 
 
 def patient_header(store: Store, patient_id: str) -> PatientHeader:

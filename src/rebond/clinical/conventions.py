@@ -29,6 +29,7 @@ SITE_SYSTEM = "urn:rebond:site"
 #: a clinician's acknowledgement that they have seen a result: a completed Task whose focus is the report
 TASK_CODE_SYSTEM = "urn:rebond:task"
 ACKNOWLEDGEMENT = "result-acknowledgement"
+PRESCRIPTION_ACKNOWLEDGEMENT = "prescription-acknowledgement"  # a nurse has read a new prescription
 
 #: interpretation codes that make a result stand out
 ABNORMAL_FLAGS = frozenset({"H", "L", "HH", "LL", "HU", "LU", "A", "AA", "<", ">"})

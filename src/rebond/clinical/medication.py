@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rebond.clinical.records import HOSPITAL_TZ, Resource, concept_text, instant, ref_id
+from rebond.clinical.results import Acknowledgement
 
 #: a dose is "due" from an hour before its time to an hour after; later than that with nothing recorded, it is late
 DUE_WINDOW = dt.timedelta(hours=1)
@@ -28,6 +29,7 @@ class Prescription:
     until: dt.datetime | None = None  # no dose after this (the prescription's length, or a single dose)
     as_needed: str = ""  # given when needed, not at set times: its indication (« si douleur »), or « si besoin »
     alerts: tuple[str, ...] = ()  # the patient's known allergies it meets (clinical/prescribing.py), filled by the chart
+    seen: Acknowledgement | None = None  # the nurse who read it first (clinical/prescribing.py), filled by the chart
 
 
 @dataclass(frozen=True)

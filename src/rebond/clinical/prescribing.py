@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from rebond.clinical.conventions import ATC, SNOMED
+from rebond.clinical.conventions import ATC, PRESCRIPTION_ACKNOWLEDGEMENT, SNOMED
 from rebond.clinical.recording import InvalidForm, typed_text
 from rebond.clinical.records import (
     Clinician,
@@ -36,6 +36,7 @@ from rebond.clinical.records import (
     find,
     read,
 )
+from rebond.clinical.results import Acknowledgement, acknowledge_result, acknowledgements
 from rebond.fhir import operations
 from rebond.store.base import NotFound, PreconditionFailed, Session, Store
 
@@ -51,6 +52,8 @@ MAX_DAYS = 365
 MAX_DOSE_TEXT = 200
 MAX_PRESCRIPTION_NOTE = 1000
 MAX_TIMES = 12  # doses a day at set times: more is a continuous infusion, written otherwise
+#: a prescription written this recently, and not yet read by a nurse, is new on the census and in the chart
+NEW_PRESCRIPTION_WINDOW = dt.timedelta(hours=12)
 _TIME = re.compile(r"^(\d{1,2})\s*(?:h|:)\s*(\d{2})?$")
 
 
@@ -288,3 +291,18 @@ def _normal(text: str) -> str:
     """Lower case, without accents or punctuation: 'Pénicillines' → 'penicillines'."""
     flat = "".join(ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch)).lower()
     return re.sub(r"[^a-z0-9]+", " ", flat).strip()
+
+
+def acknowledge(store: Store, request_id: str, clinician: Clinician, now: dt.datetime) -> Acknowledgement:
+    """A nurse has read a new prescription (« Prise en compte »): a completed Task, recorded once, as for results."""
+    return acknowledge_result(store, request_id, clinician, now, "MedicationRequest", PRESCRIPTION_ACKNOWLEDGEMENT,
+                              "Prescription prise en compte")
+
+
+def seen(store: Store, request_ids: Iterable[str]) -> dict[str, Acknowledgement]:
+    """Who first read each prescription, and when."""
+    return acknowledgements(store, request_ids, "MedicationRequest", PRESCRIPTION_ACKNOWLEDGEMENT)
+
+
+def is_new(authored: dt.datetime | None, now: dt.datetime) -> bool:
+    return authored is not None and authored >= now - NEW_PRESCRIPTION_WINDOW

@@ -33,8 +33,6 @@ from rebond.clinical.records import (
 from rebond.fhir import operations
 from rebond.store.base import NotFound, Store, Stored
 
-ACK_CODE = f"{TASK_CODE_SYSTEM}|{ACKNOWLEDGEMENT}"
-
 
 @dataclass(frozen=True)
 class LabResult:
@@ -167,24 +165,27 @@ def reports(store: Store, *params: tuple[str, str], observations: dict[str, LabR
     return out
 
 
-def acknowledgements(store: Store, report_ids: Iterable[str]) -> dict[str, Acknowledgement]:
+def acknowledgements(store: Store, report_ids: Iterable[str], resource_type: str = "DiagnosticReport",
+                     code: str = ACKNOWLEDGEMENT) -> dict[str, Acknowledgement]:
+    """Who first saw each of these records (reports by default; prescriptions: clinical/prescribing.py), and when."""
     ids = list(report_ids)
     out: dict[str, Acknowledgement] = {}
     for start in range(0, len(ids), 500):
-        focus = any_of(f"DiagnosticReport/{rid}" for rid in ids[start:start + 500])
-        for task in find(store, "Task", ("focus", focus), ("code", ACK_CODE), ("status", "completed")):
-            report_id = ref_id(task.get("focus"), "DiagnosticReport")
+        focus = any_of(f"{resource_type}/{rid}" for rid in ids[start:start + 500])
+        for task in find(store, "Task", ("focus", focus), ("code", f"{TASK_CODE_SYSTEM}|{code}"), ("status", "completed")):
+            report_id = ref_id(task.get("focus"), resource_type)
             if report_id is not None and report_id not in out:
                 out[report_id] = Acknowledgement(str((task.get("owner") or {}).get("display", "")), instant(task.get("authoredOn")))
     return out
 
 
-def acknowledgement_task(report: Resource, clinician: Resource, when: dt.datetime, task_id: str | None = None) -> Resource:
-    """The record that `clinician` (a reference with its display) saw `report` at `when`."""
+def acknowledgement_task(report: Resource, clinician: Resource, when: dt.datetime, task_id: str | None = None,
+                         code: str = ACKNOWLEDGEMENT, text: str = "Résultat pris en compte") -> Resource:
+    """The record that `clinician` (a reference with its display) saw `report` (or another record) at `when`."""
     task: Resource = {
         "resourceType": "Task", "status": "completed", "intent": "order",
-        "code": {"coding": [{"system": TASK_CODE_SYSTEM, "code": ACKNOWLEDGEMENT}], "text": "Résultat pris en compte"},
-        "focus": {"reference": f"DiagnosticReport/{report['id']}"},
+        "code": {"coding": [{"system": TASK_CODE_SYSTEM, "code": code}], "text": text},
+        "focus": {"reference": f"{report['resourceType']}/{report['id']}"},
         "authoredOn": fhir_instant(when), "lastModified": fhir_instant(when), "owner": clinician,
         "executionPeriod": {"end": fhir_instant(when)},
     }
@@ -197,12 +198,14 @@ def acknowledgement_task(report: Resource, clinician: Resource, when: dt.datetim
     return task
 
 
-def acknowledge_result(store: Store, report_id: str, clinician: Clinician, now: dt.datetime) -> Acknowledgement:
+def acknowledge_result(store: Store, report_id: str, clinician: Clinician, now: dt.datetime,
+                       resource_type: str = "DiagnosticReport", code: str = ACKNOWLEDGEMENT,
+                       text: str = "Résultat pris en compte") -> Acknowledgement:
     """Record the acknowledgement once: a second click (or a second clinician) finds the first one."""
-    report = read(store, "DiagnosticReport", report_id)
+    report = read(store, resource_type, report_id)
     if report is None:
-        raise NotFound(f"DiagnosticReport/{report_id} is not known")
-    task = acknowledgement_task(report, clinician.reference(), now, str(uuid.uuid4()))
-    criteria = f"focus=DiagnosticReport/{report_id}&code={ACK_CODE}&status=completed"
+        raise NotFound(f"{resource_type}/{report_id} is not known")
+    task = acknowledgement_task(report, clinician.reference(), now, str(uuid.uuid4()), code, text)
+    criteria = f"focus={resource_type}/{report_id}&code={TASK_CODE_SYSTEM}|{code}&status=completed"
     store.write(lambda tx: operations.create(tx, "Task", task, if_none_exist=criteria, resource_id=task["id"]))
-    return acknowledgements(store, [report_id])[report_id]
+    return acknowledgements(store, [report_id], resource_type, code)[report_id]

@@ -33,7 +33,8 @@ TOKEN_CACHE_SECONDS = 30.0
 _FHIR = frozenset({"fhir-read", "fhir-write"})
 PERMISSIONS: dict[str, frozenset[str]] = {
     "nurse": frozenset({"view-patients", "view-notes", "view-results", "record-vitals", "record-administrations",
-                        "acknowledge-results", "resolve-conflicts", "admit-patients", "messages", "write-notes"}) | _FHIR,
+                        "acknowledge-results", "resolve-conflicts", "admit-patients", "messages", "write-notes",
+                        "acknowledge-prescriptions"}) | _FHIR,
     "physician": frozenset({"view-patients", "view-notes", "view-results", "record-vitals", "acknowledge-results",
                             "resolve-conflicts", "admit-patients", "messages", "write-notes", "prescribe"}) | _FHIR,
     "lab": frozenset({"view-patients", "view-results", "messages"}) | _FHIR,

@@ -70,6 +70,7 @@ WEB_PAGES: dict[str, tuple[str, str]] = {
     "/patients/{patient_id}/notes": (N_("note"), "C"),
     "/patients/{patient_id}/prescriptions/new": (N_("prescription"), "C"),
     "/patients/{patient_id}/prescriptions/{request_id}/stop": (N_("prescription stop"), "U"),
+    "/patients/{patient_id}/prescriptions/{request_id}/acknowledge": (N_("prescription read"), "C"),
     "/messages": (N_("messages"), "R"),
     "/messages/new": (N_("message"), "C"),
     "/messages/{message_id}": (N_("message"), "R"),

@@ -48,7 +48,8 @@ from rebond.clinical.messaging import (
     ward_box,
 )
 from rebond.clinical.patients import UnclearSearch, find_patients, parse_day, patient_by_ipp_or_id
-from rebond.clinical.prescribing import ROUTES, formulary, prescribe, stop
+from rebond.clinical.prescribing import ROUTES, formulary, is_new, prescribe, stop
+from rebond.clinical.prescribing import acknowledge as acknowledge_prescription
 from rebond.clinical.recording import NOTE_KINDS, VITAL_SIGNS, InvalidForm, record_administration, record_note, record_vitals
 from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, any_of, fhir_instant, instant, read
 from rebond.clinical.results import acknowledge_result, reports
@@ -144,6 +145,7 @@ class WebApp:
         self.env.globals["trend_svg"] = trend_svg
         self.env.globals["VITAL_SIGNS"] = VITAL_SIGNS
         self.env.globals["MODULES"] = MODULES
+        self.env.globals["is_new"] = is_new  # a prescription a nurse should read
         self.env.globals["MODULE_STATES"] = STATES
         self.env.filters["unit"] = human_unit
         self.env.globals["epoch"] = lambda seconds: dt.datetime.fromtimestamp(seconds, dt.UTC)
@@ -165,6 +167,8 @@ class WebApp:
             Route("/patients/{patient_id}/notes", page(self.note_form, "write-notes"), methods=["GET", "POST"]),
             Route("/patients/{patient_id}/prescriptions/new", page(self.prescription_form, "prescribe"), methods=["GET", "POST"]),
             Route("/patients/{patient_id}/prescriptions/{request_id}/stop", page(self.stop_form, "prescribe"), methods=["GET", "POST"]),
+            Route("/patients/{patient_id}/prescriptions/{request_id}/acknowledge", page(self.acknowledge_prescription, "acknowledge-prescriptions"),
+                  methods=["POST"]),
             Route("/patients/{patient_id}/administrations/{request_id}", page(self.administration_form, "record-administrations"),
                   methods=["GET", "POST"]),
             Route("/auth/authorize", page(self.authorize_app, "fhir-read"), methods=["GET", "POST"]),
@@ -723,6 +727,15 @@ class WebApp:
         await run_in_threadpool(acknowledge_result, self.store, report_id, p.clinician, p.now)
         form = await p.request.form()
         return RedirectResponse(safe_target(str(form.get("next", "/results"))), status_code=303)
+
+    async def acknowledge_prescription(self, p: Page) -> Response:
+        """A nurse has read a new prescription: recorded once, whoever clicks first."""
+        patient_id, request_id = p.request.path_params["patient_id"], p.request.path_params["request_id"]
+        request = await run_in_threadpool(read, self.store, "MedicationRequest", request_id)
+        if request is None or request.get("subject", {}).get("reference") != f"Patient/{patient_id}":
+            raise NotFound(request_id)
+        await run_in_threadpool(acknowledge_prescription, self.store, request_id, p.clinician, p.now)
+        return RedirectResponse(f"/patients/{quote(patient_id)}#prescriptions", status_code=303)
 
     async def reconciliation(self, p: Page) -> Response:
         conflicts = await run_in_threadpool(open_conflicts, self.store)
