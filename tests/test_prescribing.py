@@ -169,7 +169,10 @@ def test_stopping_a_prescription_ends_its_doses_and_says_who_and_why(seeded: Sto
     request = read(seeded, "MedicationRequest", written)
     assert request is not None and request["status"] == "stopped" and request["statusReason"]["text"] == "Insuffisance rénale"
     assert request["note"][-1]["text"] == "Arrêtée : Insuffisance rénale" and request["note"][-1]["authorReference"]["display"] == "Dr MARTIN Paul"
-    assert written not in {r.id for r in patient_chart(seeded, patient, NOW).prescriptions}
+    chart = patient_chart(seeded, patient, NOW + dt.timedelta(minutes=5))
+    assert written not in {r.id for r in chart.prescriptions}
+    assert [(s.medication, s.reason, s.by) for s in chart.stopped] == [("Kétoprofène 100 mg comprimé LP", "Insuffisance rénale",
+                                                                        "Dr MARTIN Paul")], "listed as stopped for the nurses"
 
 
 def test_a_cut_off_site_prescribes_and_stops_and_the_central_site_gets_both(demo_db: str, tmp_path: Path) -> None:

@@ -339,7 +339,9 @@ def test_a_physician_prescribes_and_stops_and_a_nurse_sees_the_doses(web: Rebond
     assert empty.status_code == 422 and 'id="reason-problem"' in empty.text
     stopped = doctor.post(stop_url, data={"csrf": csrf_of(form.text), "version": "1", "reason": "Nausées"})
     assert stopped.status_code == 303 and "Prescription arrêtée." in doctor.get(stopped.headers["location"]).text
-    assert "Tramadol 50 mg gélule" not in nurse.get(f"/patients/{ward['patient']}").text
+    after = nurse.get(f"/patients/{ward['patient']}").text
+    assert "<s>Tramadol 50 mg gélule</s> — arrêtée le" in after and "Nausées" in after, "listed as stopped, not as active"
+    assert "Tramadol 50 mg gélule</strong>" not in after
     assert httpx.get(f"{web.fhir}/MedicationRequest/{request_id}", headers=web.headers).json()["status"] == "stopped"
 
 

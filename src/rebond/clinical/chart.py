@@ -87,7 +87,31 @@ class PatientChart(PatientHeader):
     imaging: list[ResultReport]
     notes: list[Note]
     as_of: dt.datetime
+    stopped: list[Stopped] = field(default_factory=list)  # prescriptions stopped in the last STOPPED_SHOWN, newest first
     unreported: list[Study] = field(default_factory=list)  # imaging studies with no report yet: their images only
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """A prescription stopped lately: the nurses must not give it from habit."""
+
+    medication: str
+    reason: str
+    by: str
+    at: dt.datetime | None
+
+
+#: how far back the chart lists stopped prescriptions
+STOPPED_SHOWN = dt.timedelta(hours=24)
+
+
+def stopped(request: Resource) -> Stopped:
+    """Who stopped it and when: the note written with the stop, else the version's time."""
+    notes = [n for n in request.get("note") or () if str(n.get("text", "")).startswith("Arrêtée")]
+    last = notes[-1] if notes else {}
+    by = str((last.get("authorReference") or {}).get("display") or last.get("authorString") or "")
+    at = instant(last.get("time")) or instant((request.get("meta") or {}).get("lastUpdated"))
+    return Stopped(concept_text(request.get("medicationCodeableConcept")) or "?", concept_text(request.get("statusReason")), by, at)
 
 
 @dataclass(frozen=True)
@@ -161,6 +185,8 @@ def patient_chart(store: Store, patient_id: str, now: dt.datetime) -> PatientCha
     problems = [concept_text(c.get("code")) for c in find(store, "Condition", ("subject", me), ("clinical-status", "active"))]
     requests = find(store, "MedicationRequest", ("subject", me), ("status", "active"))
     prescriptions = sorted(with_alerts(store, requests, header.allergies), key=lambda p: p.medication)
+    ended = [stopped(r) for r in find(store, "MedicationRequest", ("subject", me), ("status", "stopped"),
+                                      ("_lastUpdated", f"ge{fhir_instant(now - STOPPED_SHOWN)}"))]
     given = find(store, "MedicationAdministration", ("subject", me),
                  ("effective-time", f"ge{fhir_instant(now - RECORD_BEFORE - dt.timedelta(hours=3))}"), ("_sort", "-effective-time"))
     administrations = [a for a in (administration(r) for r in given) if a is not None]
@@ -182,5 +208,6 @@ def patient_chart(store: Store, patient_id: str, now: dt.datetime) -> PatientCha
         vitals=series_by_code([lab_result(o) for o in vitals]),
         labs=sorted(series_by_code(list(results_by_id.values())), key=lambda s: s.name),
         lab_reports=lab_reports, imaging=imaging, notes=notes, as_of=now, unreported=unreported,
+        stopped=sorted(ended, key=lambda s: s.at or now, reverse=True),
     )
 
