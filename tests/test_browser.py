@@ -6,13 +6,18 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 
-from rebond.clinical.census import group_wards, ward_census
+from rebond.clinical.census import Ward, group_wards, ward_census
+from rebond.clinical.records import PatientSummary
 from rebond.store import open_store
 from tests.server import RebondServer
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
 
 CHROMIUM = "/usr/bin/chromium"
 # as root, in a sandbox with no internet: no setuid sandbox, no calls home
@@ -78,6 +83,28 @@ def _potassium_for_a_patient_with_an_allergy(server: RebondServer) -> tuple[str,
     response = httpx.post(server.fhir, json=bundle, headers={"Content-Type": "application/fhir+json", **server.headers}, timeout=30)
     assert response.status_code == 200, response.text
     return ward_id, patient.id, patient.name
+
+
+def _first_inpatient(server: RebondServer) -> tuple[Ward, PatientSummary]:
+    """The demo's first ward and its first inpatient."""
+    store = open_store(server.db)
+    try:
+        ward = group_wards(store)[0].wards[0][0]
+        patient = next(b.patient for b in ward_census(store, ward.id, dt.datetime.now(dt.UTC)).beds if b.patient is not None)
+        return ward, patient
+    finally:
+        store.close()
+
+
+def _signed_in_page(browser: Browser, server: RebondServer, username: str) -> Page:
+    """A page of the browser, signed in as `username` with the keyboard, in French."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, locale="fr-FR")
+    page.goto(f"{server.base}/login")
+    page.fill("#username", username)
+    page.fill("#password", "rebond-demo")
+    page.keyboard.press("Enter")
+    page.wait_for_url(lambda url: "/login" not in url)
+    return page
 
 
 def test_a_nurse_finds_the_allergy_and_the_potassium_and_acknowledges_it(browser: object, demo_db: str) -> None:
@@ -146,23 +173,9 @@ def test_the_lab_writes_to_a_ward_and_a_nurse_takes_it_in_hand(browser: object, 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     server = RebondServer(demo_db).start()
     try:
-        store = open_store(server.db)
-        try:
-            ward = group_wards(store)[0].wards[0][0]
-            patient = next(b.patient for b in ward_census(store, ward.id, dt.datetime.now(dt.UTC)).beds if b.patient is not None)
-        finally:
-            store.close()
+        ward, patient = _first_inpatient(server)
         ward_name = ward.name.split(" — ")[0]
-
-        def sign_in(page: object, username: str) -> None:
-            page.goto(f"{server.base}/login")  # type: ignore[attr-defined]
-            page.fill("#username", username)  # type: ignore[attr-defined]
-            page.fill("#password", "rebond-demo")  # type: ignore[attr-defined]
-            page.keyboard.press("Enter")  # type: ignore[attr-defined]
-            page.wait_for_url(lambda url: "/login" not in url)  # type: ignore[attr-defined]
-
-        lab = browser.new_page(viewport={"width": 1280, "height": 900}, locale="fr-FR")
-        sign_in(lab, "lab")
+        lab = _signed_in_page(browser, server, "lab")
         lab.get_by_role("link", name="Messages", exact=True).click()
         expect(lab.locator("main")).to_contain_text("ouvrez ci-dessus les messages de votre service")
         lab.get_by_role("link", name="Nouveau message").click()
@@ -174,8 +187,7 @@ def test_the_lab_writes_to_a_ward_and_a_nurse_takes_it_in_hand(browser: object, 
         expect(lab.locator(".notice")).to_have_text("Envoyé.")
         lab.screenshot(path=ARTIFACTS / "10-message-sent.png", full_page=True)
 
-        nurse = browser.new_page(viewport={"width": 1280, "height": 900}, locale="fr-FR")
-        sign_in(nurse, "nurse")
+        nurse = _signed_in_page(browser, server, "nurse")
         nurse.goto(f"{server.base}/wards/{ward.id}")
         waiting = nurse.get_by_role("link", name="1 message à traiter (1 urgent)")
         expect(waiting).to_be_visible()
@@ -205,23 +217,13 @@ def test_a_physician_prescribes_is_stopped_by_an_allergy_maintains_it_then_stops
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     server = RebondServer(demo_db).start()
     try:
-        store = open_store(server.db)
-        try:
-            ward = group_wards(store)[0].wards[0][0]
-            patient = next(b.patient for b in ward_census(store, ward.id, dt.datetime.now(dt.UTC)).beds if b.patient is not None)
-        finally:
-            store.close()
+        _ward, patient = _first_inpatient(server)
         allergy = {"resourceType": "AllergyIntolerance", "patient": {"reference": f"Patient/{patient.id}"}, "criticality": "high",
                    "code": {"coding": [{"system": "http://snomed.info/sct", "code": "764146007"}], "text": "Pénicillines"}}
         assert httpx.post(f"{server.fhir}/AllergyIntolerance", json=allergy,
                           headers={"Content-Type": "application/fhir+json", **server.headers}).status_code == 201
 
-        doctor = browser.new_page(viewport={"width": 1280, "height": 900}, locale="fr-FR")
-        doctor.goto(f"{server.base}/login")
-        doctor.fill("#username", "doctor")
-        doctor.fill("#password", "rebond-demo")
-        doctor.keyboard.press("Enter")
-        doctor.wait_for_url(lambda url: "/login" not in url)
+        doctor = _signed_in_page(browser, server, "doctor")
         doctor.goto(f"{server.base}/patients/{patient.id}")
         doctor.get_by_role("link", name="Prescrire").click()
         doctor.select_option("#medication", label="Amoxicilline 1 g comprimé")
