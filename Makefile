@@ -52,6 +52,7 @@ system-deps:
 # the first time, the demo hospital group is generated into the default store
 demo: $(BIN)/rebond
 	@test -e var/rebond.db || $(BIN)/rebond seed --demo --db sqlite:///var/rebond.db
+	@$(BIN)/rebond seed --formulary --db sqlite:///var/rebond.db
 	@echo "Rebond web app: http://127.0.0.1:$(PORT)/   FHIR API: http://127.0.0.1:$(PORT)/fhir   (health: /healthz)"
 	@echo "demo accounts, password rebond-demo: nurse (nurse), doctor (physician), admin (IT), lab (lab staff), crisis (crisis cell)"
 	@echo "downtime packs (PDF per ward, remade every 10 min): http://127.0.0.1:$(PORT)/downtime"

@@ -223,3 +223,16 @@ def test_a_cut_off_site_prescribes_and_stops_and_the_central_site_gets_both(demo
     finally:
         site.stop()
         central.stop()
+
+
+def test_the_formulary_is_added_to_a_store_seeded_before_it_existed(tmp_path: Path) -> None:
+    from tests.server import rebond
+
+    db = f"sqlite:///{tmp_path}/old.db"
+    open_store(db).close()
+    first = rebond("seed", "--formulary", "--db", db)
+    assert first.returncode == 0 and f"formulary: {len({d.name for d in (*DRUGS, *MORE_DRUGS)})} medicines added" in first.stdout
+    again = rebond("seed", "--formulary", "--db", db)
+    assert again.returncode == 0 and "0 medicines added (all there already)" in again.stdout
+    refused = rebond("seed", "--db", db)
+    assert refused.returncode != 0 and "--formulary" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1

@@ -297,18 +297,31 @@ def import_(
 @app.command()
 def seed(
     demo: Annotated[bool, typer.Option("--demo", help="generate the demo hospital group")] = False,
+    formulary: Annotated[bool, typer.Option("--formulary", help="add the demo formulary's medicines where missing")] = False,
     db: Annotated[str, typer.Option(help="database to fill")] = DEFAULT_DB,
     seed_value: Annotated[int, typer.Option("--seed", help="same seed, same group")] = 1,
     hospitals: Annotated[int, typer.Option(help="hospitals in the group")] = 3,
     wards: Annotated[int, typer.Option("--wards-per-hospital", help="wards per hospital")] = 6,
     beds: Annotated[int, typer.Option("--beds-per-ward", help="beds per ward")] = 24,
 ) -> None:
-    """Fill a store with generated data (today: --demo, a French hospital group, and its demo accounts)."""
+    """Fill a store with generated data: --demo, a French hospital group and its demo accounts; --formulary, only the
+    demo formulary (for a store seeded before it existed, or a hospital's store to try prescribing on)."""
     from rebond.security.accounts import Accounts
-    from rebond.seed.demo import DEMO_PASSWORD, DemoSize, demo_accounts, seed_demo
+    from rebond.seed.demo import DEMO_PASSWORD, DemoSize, add_formulary, demo_accounts, seed_demo
 
+    if formulary and not demo:
+        try:
+            store = open_store(db, site_id="seed")
+            try:
+                added = add_formulary(store)
+            finally:
+                store.close()
+        except StoreError as err:
+            raise fail(f"the store failed: {err}") from None
+        out_console.print(f"formulary: {added} medicines added" + ("" if added else " (all there already)"))
+        return
     if not demo:
-        raise fail("say what to generate: --demo")
+        raise fail("say what to generate: --demo, or --formulary")
     if min(hospitals, wards, beds) < 1:
         raise fail("--hospitals, --wards-per-hospital and --beds-per-ward must be at least 1")
     try:
