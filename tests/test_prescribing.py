@@ -107,7 +107,7 @@ def test_a_prescription_when_needed_has_no_set_times(seeded: Store) -> None:
             "as_needed": "yes", "indication": "douleur EVA > 4", "entry": str(Entry.new())}
     written = prescribe(seeded, patient, form, DOCTOR, NOW, [], stay)
     rx = next(r for r in patient_chart(seeded, patient, NOW).prescriptions if r.id == written)
-    assert (rx.as_needed, rx.times, rx.dose) == ("douleur EVA > 4", (), "1 gélule si besoin (douleur EVA > 4)")
+    assert (rx.as_needed, rx.indication, rx.times, rx.dose) == (True, "douleur EVA > 4", (), "1 gélule si besoin (douleur EVA > 4)")
 
 
 def test_a_form_with_problems_writes_nothing(seeded: Store) -> None:

@@ -26,8 +26,9 @@ class Prescription:
     times: tuple[dt.time, ...]  # times of day, hospital time
     authored: dt.datetime | None
     prescriber: str
-    until: dt.datetime | None = None  # no dose after this (the prescription's length, or a single dose)
-    as_needed: str = ""  # given when needed, not at set times: its indication (« si douleur »), or « si besoin »
+    until: dt.datetime | None = None  # no dose after this: the end of the prescription's length
+    as_needed: bool = False  # given when needed (« si besoin »), with or without set times
+    indication: str = ""  # what it is given for, when needed (« douleur »)
     alerts: tuple[str, ...] = ()  # the patient's known allergies it meets (clinical/prescribing.py), filled by the chart
     seen: Acknowledgement | None = None  # the nurse who read it first (clinical/prescribing.py), filled by the chart
 
@@ -54,13 +55,14 @@ class Dose:
 
 def prescription(request: Resource) -> Prescription:
     times: list[dt.time] = []
-    dose_text, route, as_needed = "", "", ""
+    dose_text, route, indication = "", "", ""
+    as_needed = False
     until: dt.datetime | None = None
     for dosage in request.get("dosageInstruction") or ():
         dose_text = dose_text or str(dosage.get("text", ""))
         route = route or concept_text(dosage.get("route"))
         if dosage.get("asNeededBoolean") is True or dosage.get("asNeededCodeableConcept"):
-            as_needed = as_needed or concept_text(dosage.get("asNeededCodeableConcept")) or "si besoin"
+            as_needed, indication = True, indication or concept_text(dosage.get("asNeededCodeableConcept"))
         repeat = (dosage.get("timing") or {}).get("repeat") or {}
         for value in repeat.get("timeOfDay") or ():
             try:
@@ -72,6 +74,7 @@ def prescription(request: Resource) -> Prescription:
         id=request["id"], medication=concept_text(request.get("medicationCodeableConcept")) or "?", dose=dose_text, route=route,
         times=tuple(sorted(set(times))), authored=instant(request.get("authoredOn")),
         prescriber=str((request.get("requester") or {}).get("display", "")), until=until, as_needed=as_needed,
+        indication=indication,
     )
 
 

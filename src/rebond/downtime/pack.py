@@ -87,9 +87,9 @@ def _labels(t: Translator) -> dict[str, str]:
 
 
 def _prescription(t: Translator, rx: Prescription) -> dict[str, Any]:
-    times = ", ".join(at.strftime("%H:%M") for at in rx.times) or t.gettext("if needed")
-    if rx.as_needed and rx.times:
-        times += f" · {rx.as_needed}"
+    times = ", ".join(at.strftime("%H:%M") for at in rx.times)
+    if rx.as_needed or not times:
+        times = " · ".join(part for part in (times, t.gettext("if needed"), rx.indication) if part)
     if rx.until is not None:
         times += " · " + t.gettext("until %(date)s", date=t.datetime(rx.until))
     return {"id": rx.id, "medication": rx.medication, "dose": rx.dose, "route": rx.route, "times": times,
