@@ -123,11 +123,17 @@ class Follower(BackgroundLoop):
         page = response.json()
         now = time.time()
         self._reachable(now)
+        next_cursor = _extension(page, CURSOR_URL)
         if page.get("entry"):
             await run_in_threadpool(self.apply_page, page)
             if len(page["entry"]) >= self.page_size:
                 return False  # more to read at once
-        cursor = _extension(page, CURSOR_URL)
+        elif next_cursor and next_cursor != cursor:
+            # no change, yet the cursor moved: the feed met a gap at once and took a horizon to wait for. Kept, it lets
+            # the next read pass the gap once the horizon is passed; asked again from before the gap, the feed would
+            # take a new horizon each time and never pass it (a number rolled back, or lost in a failover)
+            await run_in_threadpool(self.store.put_state, STATE, "cursor", next_cursor)
+        cursor = next_cursor
         if "~" in cursor:  # the feed stops at a gap: a transaction on the central site still holds the next number
             position = cursor.split("~")[0]
             if self.state.waiting_at != position:
