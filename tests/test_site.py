@@ -298,9 +298,11 @@ def test_writes_whose_answers_were_lost_are_settled_once_without_false_conflicts
     site = SiteServer(site_url, central, upstream=f"http://127.0.0.1:{link.port}/fhir").start()
     try:
         wait_for(lambda: site.status()["data_as_of"] is not None, 120)
-        edited, removed = create_at(central, "Modifiée"), create_at(central, "Supprimée")
+        edited, removed, again = create_at(central, "Modifiée"), create_at(central, "Supprimée"), create_at(central, "Refaite")
         for record in (edited, removed):
             wait_for(lambda r=record: site_read(site, f"Patient/{r['id']}").status_code == 200)
+        assert httpx.delete(f"{central.fhir}/Patient/{again['id']}", headers=central.headers).status_code == 204
+        wait_for(lambda: site_read(site, f"Patient/{again['id']}").status_code == 410)
 
         link.lose_answers()
         created_id = "3f0d5a55-2d0c-4d5e-9b1e-7f8a1d2c3b4a"
@@ -309,7 +311,9 @@ def test_writes_whose_answers_were_lost_are_settled_once_without_false_conflicts
              "request": {"method": "PUT", "url": f"Patient/{edited['id']}"}},
             {"resource": {"resourceType": "Patient", "id": created_id, "name": [{"family": "Créée"}]},
              "request": {"method": "PUT", "url": f"Patient/{created_id}"}},
-            {"request": {"method": "DELETE", "url": f"Patient/{removed['id']}"}}]}
+            {"request": {"method": "DELETE", "url": f"Patient/{removed['id']}"}},
+            {"resource": {"resourceType": "Patient", "id": again["id"], "name": [{"family": "Refaite", "given": ["au site"]}]},
+             "request": {"method": "PUT", "url": f"Patient/{again['id']}"}}]}
         answer = httpx.post(site.fhir, json=bundle, headers={**FHIR, **site.headers}, timeout=30)
         assert answer.status_code == 200, answer.text
 
@@ -320,7 +324,7 @@ def test_writes_whose_answers_were_lost_are_settled_once_without_false_conflicts
         wait_for(lambda: central_read(removed["id"]).status_code == 410 and central_read(created_id).status_code == 200, 15)
         assert central_read(edited["id"]).json()["name"][0]["given"] == ["au site"]
         wait_for(lambda: site.status()["upstream_reachable"] is False, 15)
-        assert site.status()["journal_pending"] == 3
+        assert site.status()["journal_pending"] == 4
         # on the central site, someone corrects the record the site created, before the link returns
         corrected = {**central_read(created_id).json(), "name": [{"family": "Créée", "given": ["corrigée au central"]}]}
         assert httpx.put(f"{central.fhir}/Patient/{created_id}", json=corrected, headers={**FHIR, **central.headers}).status_code == 200
@@ -333,6 +337,7 @@ def test_writes_whose_answers_were_lost_are_settled_once_without_false_conflicts
         assert len(history_of(central, f"Patient/{removed['id']}")) == 2, "deleted once"
         assert central_read(created_id).json()["name"][0]["given"] == ["corrigée au central"], "the central correction stays"
         assert len(history_of(central, f"Patient/{created_id}")) == 2
+        assert len(history_of(central, f"Patient/{again['id']}")) == 3, "made again once, after its deletion"
         wait_for(lambda: site_read(site, f"Patient/{created_id}").json().get("name", [{}])[0].get("given") == ["corrigée au central"])
     finally:
         site.stop()
