@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 from rebond.clinical.census import Allergy, Stay, allergies_by_patient, stay
 from rebond.clinical.conventions import OBSERVATION_CATEGORY
 from rebond.clinical.medication import Administration, Dose, Prescription, administration, dose_schedule, prescription
-from rebond.clinical.prescribing import allergens_of, conflicts_of, seen
+from rebond.clinical.prescribing import allergens_of, conflicts_of, is_new, seen
 from rebond.clinical.records import (
     PatientSummary,
     Resource,
@@ -150,10 +150,12 @@ def note(document: Resource) -> Note:
                 str(authors[0].get("display", "")), text)
 
 
-def with_alerts(store: Store, requests: list[Resource], allergies: list[Allergy]) -> list[Prescription]:
-    """The prescriptions, each with the known allergies it meets, and who read it first."""
+def with_alerts(store: Store, requests: list[Resource], allergies: list[Allergy], now: dt.datetime | None = None) -> list[Prescription]:
+    """The prescriptions, each with the known allergies it meets; given `now`, those still new then (the only ones a
+    page says it of) with who read them first."""
     allergens = allergens_of(store, (r.get("medicationCodeableConcept") or {} for r in requests)) if allergies else {}
-    read_by = seen(store, [r["id"] for r in requests]) if requests else {}
+    new = [r["id"] for r in requests if now is not None and is_new(instant(r.get("authoredOn")), now)]
+    read_by = seen(store, new) if new else {}
     return [replace(prescription(r), alerts=tuple(a.substance for a in conflicts_of(r, allergies, allergens)), seen=read_by.get(r["id"]))
             for r in requests]
 
@@ -184,7 +186,7 @@ def patient_chart(store: Store, patient_id: str, now: dt.datetime) -> PatientCha
     me = f"Patient/{patient_id}"
     problems = [concept_text(c.get("code")) for c in find(store, "Condition", ("subject", me), ("clinical-status", "active"))]
     requests = find(store, "MedicationRequest", ("subject", me), ("status", "active"))
-    prescriptions = sorted(with_alerts(store, requests, header.allergies), key=lambda p: p.medication)
+    prescriptions = sorted(with_alerts(store, requests, header.allergies, now), key=lambda p: p.medication)
     ended = [stopped(r) for r in find(store, "MedicationRequest", ("subject", me), ("status", "stopped"),
                                       ("_lastUpdated", f"ge{fhir_instant(now - STOPPED_SHOWN)}"))]
     given = find(store, "MedicationAdministration", ("subject", me),
