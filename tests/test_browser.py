@@ -85,6 +85,15 @@ def _potassium_for_a_patient_with_an_allergy(server: RebondServer) -> tuple[str,
     return ward_id, patient.id, patient.name
 
 
+@pytest.fixture
+def server(demo_db: str) -> Iterator[RebondServer]:
+    """A Rebond server on a copy of the demo group, for one test; its screenshots go to ARTIFACTS."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    running = RebondServer(demo_db).start()
+    yield running
+    running.stop()
+
+
 def _first_inpatient(server: RebondServer) -> tuple[Ward, PatientSummary]:
     """The demo's first ward and its first inpatient."""
     store = open_store(server.db)
@@ -107,144 +116,129 @@ def _signed_in_page(browser: Browser, server: RebondServer, username: str) -> Pa
     return page
 
 
-def test_a_nurse_finds_the_allergy_and_the_potassium_and_acknowledges_it(browser: object, demo_db: str) -> None:
+def test_a_nurse_finds_the_allergy_and_the_potassium_and_acknowledges_it(browser: object, server: RebondServer) -> None:
     from playwright.sync_api import Browser, expect
 
     assert isinstance(browser, Browser)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    server = RebondServer(demo_db).start()
-    try:
-        ward_id, patient_id, name = _potassium_for_a_patient_with_an_allergy(server)
-        page = browser.new_page(viewport={"width": 1280, "height": 900}, locale="fr-FR")
-        page.goto(f"{server.base}/")
-        expect(page.locator("h1")).to_have_text("Connexion à Rebond")
-        page.screenshot(path=ARTIFACTS / "01-login.png")
-        page.fill("#username", "nurse")
-        page.fill("#password", "rebond-demo")
-        page.keyboard.press("Enter")  # keyboard only, as on a ward PC
+    ward_id, patient_id, name = _potassium_for_a_patient_with_an_allergy(server)
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, locale="fr-FR")
+    page.goto(f"{server.base}/")
+    expect(page.locator("h1")).to_have_text("Connexion à Rebond")
+    page.screenshot(path=ARTIFACTS / "01-login.png")
+    page.fill("#username", "nurse")
+    page.fill("#password", "rebond-demo")
+    page.keyboard.press("Enter")  # keyboard only, as on a ward PC
 
-        expect(page.locator("h1")).to_have_text("Services")
-        page.screenshot(path=ARTIFACTS / "02-wards.png", full_page=True)
-        page.click(f"a[href='/wards/{ward_id}']")
-        row = page.locator("tr", has=page.locator(f"a[href='/patients/{patient_id}']"))
-        expect(row.locator(".chip.allergy").first).to_be_visible()
-        expect(row.locator(".chip.result")).to_contain_text("Potassium")
-        page.screenshot(path=ARTIFACTS / "03-census.png", full_page=True)
+    expect(page.locator("h1")).to_have_text("Services")
+    page.screenshot(path=ARTIFACTS / "02-wards.png", full_page=True)
+    page.click(f"a[href='/wards/{ward_id}']")
+    row = page.locator("tr", has=page.locator(f"a[href='/patients/{patient_id}']"))
+    expect(row.locator(".chip.allergy").first).to_be_visible()
+    expect(row.locator(".chip.result")).to_contain_text("Potassium")
+    page.screenshot(path=ARTIFACTS / "03-census.png", full_page=True)
 
-        page.click(f"a.patient[href='/patients/{patient_id}']")
-        banner = page.locator(".patient-banner")
-        expect(banner).to_contain_text(name)
-        expect(banner.locator(".chip.allergy").first).to_be_visible()
-        potassium = page.locator("#labs tr", has=page.get_by_role("link", name="Potassium"))
-        expect(potassium.locator(".flag")).to_have_text("HH")
-        expect(potassium.locator("td.value")).to_contain_text("6,4")
-        page.screenshot(path=ARTIFACTS / "04-chart.png", full_page=True)
+    page.click(f"a.patient[href='/patients/{patient_id}']")
+    banner = page.locator(".patient-banner")
+    expect(banner).to_contain_text(name)
+    expect(banner.locator(".chip.allergy").first).to_be_visible()
+    potassium = page.locator("#labs tr", has=page.get_by_role("link", name="Potassium"))
+    expect(potassium.locator(".flag")).to_have_text("HH")
+    expect(potassium.locator("td.value")).to_contain_text("6,4")
+    page.screenshot(path=ARTIFACTS / "04-chart.png", full_page=True)
 
-        report = page.locator("ul.reports li", has_text="Ionogramme sanguin")
-        report.get_by_role("button", name="Prendre en compte").click()
-        expect(page.locator("ul.reports li", has_text="Ionogramme sanguin").locator(".ack")).to_contain_text("vu par")
-        page.screenshot(path=ARTIFACTS / "05-acknowledged.png", full_page=True)
+    report = page.locator("ul.reports li", has_text="Ionogramme sanguin")
+    report.get_by_role("button", name="Prendre en compte").click()
+    expect(page.locator("ul.reports li", has_text="Ionogramme sanguin").locator(".ack")).to_contain_text("vu par")
+    page.screenshot(path=ARTIFACTS / "05-acknowledged.png", full_page=True)
 
-        page.get_by_role("link", name="English").click()
-        expect(page.locator("#labs h2")).to_have_text("Lab results")
-        expect(page.locator("html")).to_have_attribute("lang", "en")
-        page.screenshot(path=ARTIFACTS / "06-english.png", full_page=True)
+    page.get_by_role("link", name="English").click()
+    expect(page.locator("#labs h2")).to_have_text("Lab results")
+    expect(page.locator("html")).to_have_attribute("lang", "en")
+    page.screenshot(path=ARTIFACTS / "06-english.png", full_page=True)
 
-        page.goto(f"{server.base}/patients/{patient_id}/vitals")
-        page.fill("#temperature", "45")
-        page.click("button.primary")
-        expect(page.locator(".field-error")).to_contain_text("between 30 and 44")
-        page.screenshot(path=ARTIFACTS / "07-invalid-form.png", full_page=True)
+    page.goto(f"{server.base}/patients/{patient_id}/vitals")
+    page.fill("#temperature", "45")
+    page.click("button.primary")
+    expect(page.locator(".field-error")).to_contain_text("between 30 and 44")
+    page.screenshot(path=ARTIFACTS / "07-invalid-form.png", full_page=True)
 
-        page.set_viewport_size({"width": 768, "height": 1024})  # a ward tablet, upright
-        page.goto(f"{server.base}/wards/{ward_id}")
-        expect(page.locator(f"a.patient[href='/patients/{patient_id}']")).to_be_visible()
-        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), "no sideways scrolling on a tablet"
-        page.screenshot(path=ARTIFACTS / "08-census-tablet.png", full_page=True)
-        page.close()
-    finally:
-        server.stop()
+    page.set_viewport_size({"width": 768, "height": 1024})  # a ward tablet, upright
+    page.goto(f"{server.base}/wards/{ward_id}")
+    expect(page.locator(f"a.patient[href='/patients/{patient_id}']")).to_be_visible()
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), "no sideways scrolling on a tablet"
+    page.screenshot(path=ARTIFACTS / "08-census-tablet.png", full_page=True)
+    page.close()
 
 
-def test_the_lab_writes_to_a_ward_and_a_nurse_takes_it_in_hand(browser: object, demo_db: str) -> None:
+def test_the_lab_writes_to_a_ward_and_a_nurse_takes_it_in_hand(browser: object, server: RebondServer) -> None:
     from playwright.sync_api import Browser, expect
 
     assert isinstance(browser, Browser)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    server = RebondServer(demo_db).start()
-    try:
-        ward, patient = _first_inpatient(server)
-        ward_name = ward.name.split(" — ")[0]
-        lab = _signed_in_page(browser, server, "lab")
-        lab.get_by_role("link", name="Messages", exact=True).click()
-        expect(lab.locator("main")).to_contain_text("ouvrez ci-dessus les messages de votre service")
-        lab.get_by_role("link", name="Nouveau message").click()
-        lab.select_option("#to", label=ward_name)
-        lab.select_option("#as", label=f"Laboratoire de biologie médicale — {ward.hospital}")  # the bench account writes for the lab
-        lab.fill("#text", f"Kaliémie de {patient.name} à 6,8 mmol/L : contrôle et ECG.")
-        lab.check("input[name=urgent]")
-        lab.get_by_role("button", name="Envoyer").click()
-        expect(lab.locator(".notice")).to_have_text("Envoyé.")
-        lab.screenshot(path=ARTIFACTS / "10-message-sent.png", full_page=True)
+    ward, patient = _first_inpatient(server)
+    ward_name = ward.name.split(" — ")[0]
+    lab = _signed_in_page(browser, server, "lab")
+    lab.get_by_role("link", name="Messages", exact=True).click()
+    expect(lab.locator("main")).to_contain_text("ouvrez ci-dessus les messages de votre service")
+    lab.get_by_role("link", name="Nouveau message").click()
+    lab.select_option("#to", label=ward_name)
+    lab.select_option("#as", label=f"Laboratoire de biologie médicale — {ward.hospital}")  # the bench account writes for the lab
+    lab.fill("#text", f"Kaliémie de {patient.name} à 6,8 mmol/L : contrôle et ECG.")
+    lab.check("input[name=urgent]")
+    lab.get_by_role("button", name="Envoyer").click()
+    expect(lab.locator(".notice")).to_have_text("Envoyé.")
+    lab.screenshot(path=ARTIFACTS / "10-message-sent.png", full_page=True)
 
-        nurse = _signed_in_page(browser, server, "nurse")
-        nurse.goto(f"{server.base}/wards/{ward.id}")
-        waiting = nurse.get_by_role("link", name="1 message à traiter (1 urgent)")
-        expect(waiting).to_be_visible()
-        nurse.screenshot(path=ARTIFACTS / "11-census-message.png", full_page=True)
-        waiting.click()
-        expect(nurse.locator(".conversation.waiting")).to_contain_text("Kaliémie")
-        nurse.get_by_role("link", name="Ouvrir, répondre").click()
-        nurse.get_by_role("button", name="Je m'en occupe").click()
-        expect(nurse.locator("article.message.taken")).to_contain_text("S'en occupe.")
-        nurse.screenshot(path=ARTIFACTS / "12-message-taken.png", full_page=True)
-        nurse.goto(f"{server.base}/wards/{ward.id}")
-        expect(nurse.get_by_role("link", name="Messages du service")).to_be_visible()
+    nurse = _signed_in_page(browser, server, "nurse")
+    nurse.goto(f"{server.base}/wards/{ward.id}")
+    waiting = nurse.get_by_role("link", name="1 message à traiter (1 urgent)")
+    expect(waiting).to_be_visible()
+    nurse.screenshot(path=ARTIFACTS / "11-census-message.png", full_page=True)
+    waiting.click()
+    expect(nurse.locator(".conversation.waiting")).to_contain_text("Kaliémie")
+    nurse.get_by_role("link", name="Ouvrir, répondre").click()
+    nurse.get_by_role("button", name="Je m'en occupe").click()
+    expect(nurse.locator("article.message.taken")).to_contain_text("S'en occupe.")
+    nurse.screenshot(path=ARTIFACTS / "12-message-taken.png", full_page=True)
+    nurse.goto(f"{server.base}/wards/{ward.id}")
+    expect(nurse.get_by_role("link", name="Messages du service")).to_be_visible()
 
-        lab.get_by_role("link", name="← Messages").click()  # back to the lab's box, which it wrote for
-        expect(lab.locator("main h2")).to_contain_text("Laboratoire de biologie médicale")
-        expect(lab.locator("main")).to_contain_text("Pris en charge : ")
-        lab.close()
-        nurse.close()
-    finally:
-        server.stop()
+    lab.get_by_role("link", name="← Messages").click()  # back to the lab's box, which it wrote for
+    expect(lab.locator("main h2")).to_contain_text("Laboratoire de biologie médicale")
+    expect(lab.locator("main")).to_contain_text("Pris en charge : ")
+    lab.close()
+    nurse.close()
 
 
-def test_a_physician_prescribes_is_stopped_by_an_allergy_maintains_it_then_stops_it(browser: object, demo_db: str) -> None:
+def test_a_physician_prescribes_is_stopped_by_an_allergy_maintains_it_then_stops_it(browser: object, server: RebondServer) -> None:
     from playwright.sync_api import Browser, expect
 
     assert isinstance(browser, Browser)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    server = RebondServer(demo_db).start()
-    try:
-        _ward, patient = _first_inpatient(server)
-        allergy = {"resourceType": "AllergyIntolerance", "patient": {"reference": f"Patient/{patient.id}"}, "criticality": "high",
-                   "code": {"coding": [{"system": "http://snomed.info/sct", "code": "764146007"}], "text": "Pénicillines"}}
-        assert httpx.post(f"{server.fhir}/AllergyIntolerance", json=allergy,
-                          headers={"Content-Type": "application/fhir+json", **server.headers}).status_code == 201
+    _ward, patient = _first_inpatient(server)
+    allergy = {"resourceType": "AllergyIntolerance", "patient": {"reference": f"Patient/{patient.id}"}, "criticality": "high",
+               "code": {"coding": [{"system": "http://snomed.info/sct", "code": "764146007"}], "text": "Pénicillines"}}
+    assert httpx.post(f"{server.fhir}/AllergyIntolerance", json=allergy,
+                      headers={"Content-Type": "application/fhir+json", **server.headers}).status_code == 201
 
-        doctor = _signed_in_page(browser, server, "doctor")
-        doctor.goto(f"{server.base}/patients/{patient.id}")
-        doctor.get_by_role("link", name="Prescrire").click()
-        doctor.select_option("#medication", label="Amoxicilline 1 g comprimé")
-        doctor.fill("#dose", "1 comprimé")
-        doctor.fill("#times", "8h, 16h, 0h")
-        doctor.fill("#days", "7")
-        doctor.get_by_role("button", name="Prescrire").click()
-        expect(doctor.locator("#medication-problem")).to_contain_text("Allergie connue : Pénicillines")
-        doctor.screenshot(path=ARTIFACTS / "13-prescription-allergy.png", full_page=True)
-        doctor.check("input[name=despite_allergy]")
-        doctor.get_by_role("button", name="Prescrire").click()
-        expect(doctor.locator(".notice")).to_have_text("Prescription enregistrée.")
-        row = doctor.locator("#prescriptions tr", has_text="Amoxicilline 1 g comprimé").last
-        expect(row).to_contain_text("Allergie connue : Pénicillines")
-        doctor.screenshot(path=ARTIFACTS / "14-prescription-chart.png", full_page=True)
-        count = doctor.locator("#prescriptions tr", has_text="Amoxicilline 1 g comprimé").count()
-        row.get_by_role("link", name="Arrêter").click()
-        doctor.fill("#reason", "Allergie : remplacée par la ceftriaxone")
-        doctor.get_by_role("button", name="Arrêter la prescription").click()
-        expect(doctor.locator(".notice")).to_have_text("Prescription arrêtée.")
-        expect(doctor.locator("#prescriptions tr", has_text="Amoxicilline 1 g comprimé")).to_have_count(count - 1)
-        doctor.close()
-    finally:
-        server.stop()
+    doctor = _signed_in_page(browser, server, "doctor")
+    doctor.goto(f"{server.base}/patients/{patient.id}")
+    doctor.get_by_role("link", name="Prescrire").click()
+    doctor.select_option("#medication", label="Amoxicilline 1 g comprimé")
+    doctor.fill("#dose", "1 comprimé")
+    doctor.fill("#times", "8h, 16h, 0h")
+    doctor.fill("#days", "7")
+    doctor.get_by_role("button", name="Prescrire").click()
+    expect(doctor.locator("#medication-problem")).to_contain_text("Allergie connue : Pénicillines")
+    doctor.screenshot(path=ARTIFACTS / "13-prescription-allergy.png", full_page=True)
+    doctor.check("input[name=despite_allergy]")
+    doctor.get_by_role("button", name="Prescrire").click()
+    expect(doctor.locator(".notice")).to_have_text("Prescription enregistrée.")
+    row = doctor.locator("#prescriptions tr", has_text="Amoxicilline 1 g comprimé").last
+    expect(row).to_contain_text("Allergie connue : Pénicillines")
+    doctor.screenshot(path=ARTIFACTS / "14-prescription-chart.png", full_page=True)
+    count = doctor.locator("#prescriptions tr", has_text="Amoxicilline 1 g comprimé").count()
+    row.get_by_role("link", name="Arrêter").click()
+    doctor.fill("#reason", "Allergie : remplacée par la ceftriaxone")
+    doctor.get_by_role("button", name="Arrêter la prescription").click()
+    expect(doctor.locator(".notice")).to_have_text("Prescription arrêtée.")
+    expect(doctor.locator("#prescriptions tr", has_text="Amoxicilline 1 g comprimé")).to_have_count(count - 1)
+    doctor.close()
