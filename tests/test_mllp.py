@@ -4,6 +4,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -278,3 +279,36 @@ def test_the_intake_writer_killed_twice_mid_stream_is_replaced_and_every_message
         assert len(fillers) == 300 and len(set(fillers)) == 300, "each result stored once"
     finally:
         server.stop()
+
+
+def test_a_critical_result_sent_over_mllp_waits_urgent_on_the_wards_census_and_in_its_box(listener: RebondServer) -> None:
+    """The lab's call for a potassium at 6.4 mmol/L (hl7/critical.py), written in the result's commit: the ward's nurse sees it
+    on the census and in every page's top bar, opens it from the box, and goes from it to the result in the chart."""
+    import datetime as dt
+    from urllib.parse import quote
+
+    from rebond.clinical.census import group_wards, ward_census
+    from rebond.clinical.messaging import ward_box
+    from tests.web_client import signed_in
+
+    store = open_store(listener.db)
+    try:
+        ward = group_wards(store)[0].wards[0][0]
+        team = ward_box(store, ward.id)
+        inpatient = next(b.patient for b in ward_census(store, ward.id, dt.datetime.now(dt.UTC)).beds if b.patient is not None)
+    finally:
+        store.close()
+    assert team is not None and inpatient.ipp
+    nurse = signed_in(listener.base, "nurse")
+    assert "message à traiter" not in nurse.get(f"/wards/{ward.id}").text, "nothing waits before the result"
+    with hl7.client.MLLPClient("127.0.0.1", mllp_port(listener)) as client:
+        assert ack_code(client.send_message(oru("K1", inpatient.ipp, "FK1"))) == "AA"  # no PV1: the stay in progress
+    census = nurse.get(f"/wards/{ward.id}").text
+    assert "1 message à traiter (1 urgent)" in census and '<span class="chip late">1 urgent</span>' in census.split("</nav>")[0]
+    box = nurse.get(f"/messages?box={quote(team.reference)}").text
+    assert 'class="flag">Résultat critique' in box and "Potassium 6,4 mmol/L (HH ; normales 3,5–5)" in box
+    assert f'href="/patients/{inpatient.id}#labs">Voir le résultat dans le dossier' in box
+    opened = nurse.get(re.findall(r'href="(/messages/[0-9a-f-]{36})[?"]', box)[0]).text
+    assert f'href="/patients/{inpatient.id}#labs">Voir le résultat dans le dossier' in opened and "Je m&#39;en occupe" in opened
+    chart = nurse.get(f"/patients/{inpatient.id}").text
+    assert 'class="chip result critical" title="Résultat critique">Potassium 6,4' in chart

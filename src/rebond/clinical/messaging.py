@@ -6,7 +6,8 @@ store like any record, so a hospital's site node takes them, shows them and answ
 it is cut off from the central site. A message is a FHIR Communication:
 
     Communication.category      urn:rebond:communication-category|message (a reply too), or
-                                |message-taken: « Je m'en occupe », someone has it in hand
+                                |message-taken: « Je m'en occupe », someone has it in hand;
+                                beside |message, |critical-result: the lab's call for a critical result
     Communication.priority      routine or urgent
     Communication.sender        the Practitioner the account stands for; or a service the author writes for
                                 (an account that stands for no one, the lab's, always writes for a service)
@@ -14,6 +15,7 @@ it is cut off from the central site. A message is a FHIR Communication:
                                 or a person (Practitioner); a reply: everyone of the conversation but its author
     Communication.subject       the patient it is about, if any
     Communication.inResponseTo  a reply's or a « Je m'en occupe »'s first message
+    Communication.about         the lab's call for a critical result: the DiagnosticReport (hl7/critical.py)
     Communication.payload       the text
     Communication.sent          when it was written
 
@@ -41,6 +43,7 @@ from rebond.clinical.records import (
     create_once,
     fhir_instant,
     find,
+    find_stored,
     identifier_value,
     instant,
     patient_summary,
@@ -53,6 +56,7 @@ from rebond.store.base import NotFound, Store
 
 MESSAGE = "message"
 TAKEN = "message-taken"
+CRITICAL_RESULT = "critical-result"  # a message's second category: the lab's call for a critical result (hl7/critical.py)
 CATEGORIES = f"{COMMUNICATION_CATEGORY}|{MESSAGE},{COMMUNICATION_CATEGORY}|{TAKEN}"
 #: the longest message (read on a ward PC, between two rounds)
 MAX_TEXT = 2000
@@ -90,6 +94,7 @@ class Message:
     patient_id: str | None
     patient: str  # as written when sent: name and IPP
     answers: str | None  # the first message of its conversation, for a reply or a « Je m'en occupe »
+    critical_report: str | None = None  # the lab's call for a critical result: the DiagnosticReport's id
 
 
 @dataclass
@@ -230,6 +235,8 @@ def message(resource: Resource) -> Message:
         "\n".join(str(p["contentString"]) for p in resource.get("payload") or () if isinstance(p.get("contentString"), str)),
         resource.get("priority") in ("urgent", "asap", "stat"), TAKEN in categories,
         ref_id(subject, "Patient"), str(subject.get("display", "")), answers,
+        next((rid for r in resource.get("about") or () if (rid := ref_id(r, "DiagnosticReport"))), None)
+        if CRITICAL_RESULT in categories else None,
     )
 
 
@@ -267,6 +274,13 @@ def about_patient(store: Store, patient_id: str, now: dt.datetime, *, days: int 
 def waiting_in(store: Store, box_ref: str, now: dt.datetime) -> list[Conversation]:
     """The conversations sent to a box over the last days that no one has seen to yet."""
     return [c for c in conversations(store, box_ref, now) if c.waits_for(box_ref)]
+
+
+def last_written(store: Store) -> str | None:
+    """The id and version of the Communication written last (a message, a reply, a « Je m'en occupe », a lab's call): while it is
+    the same, no box's count has changed but by the passing of days."""
+    found = find_stored(store, "Communication", ("_sort", "-_lastUpdated"), limit=1)
+    return f"{found[0].id}/{found[0].version}" if found else None
 
 
 def tally(waits: list[Conversation]) -> tuple[int, int]:

@@ -9,6 +9,7 @@ a result.
 """
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import re
 import uuid
@@ -27,10 +28,12 @@ from rebond.clinical.conventions import (
     REPORT_SECTION,
     UCUM,
 )
+from rebond.clinical.messaging import CRITICAL_RESULT
 from rebond.clinical.records import fhir_instant, ref_id
 from rebond.fhir import operations
 from rebond.fhir.errors import FhirError
 from rebond.fhir.search import literal, parse_search
+from rebond.hl7 import critical
 from rebond.hl7.message import Message, MessageError, Segment, hl7_time
 from rebond.store.base import Session
 
@@ -99,6 +102,10 @@ class Writer:
             return None
         stored = self.tx.read(resource_type, ids[0])
         return orjson.loads(stored.body) if stored is not None and stored.body else None
+
+    def find(self, resource_type: str, *params: tuple[str, str], limit: int = 50) -> list[Resource]:
+        found = (self.tx.read(resource_type, rid) for rid in self.tx.search_ids(parse_search(resource_type, list(params)), limit=limit))
+        return [orjson.loads(stored.body) for stored in found if stored is not None and stored.body]
 
     def read(self, resource_type: str, resource_id: str) -> Resource | None:
         stored = self.tx.read(resource_type, resource_id)
@@ -643,6 +650,21 @@ def apply_oru(w: Writer, msg: Message) -> None:
         if encounter is not None:
             report["encounter"] = {"reference": f"Encounter/{encounter['id']}"}
         w.save(report)
+        found = critical.critical(observations)  # the lab's call to the ward (hl7/critical.py)
+        if found:
+            _alert(w, msg, report, found, patient, encounter)
+
+
+def _alert(w: Writer, msg: Message, report: Resource, found: list[Resource], patient: Resource, encounter: Resource | None) -> None:
+    """The urgent message for a report's critical results, once for the same values (a message sent again, replayed)."""
+    alert_id = derived_id("Communication", CRITICAL_RESULT, report["id"], *(critical.describe(o) for o in found))
+    if w.read("Communication", alert_id) is not None:
+        return
+    alert = critical.alert(w, report, found, patient, encounter, msg.require("MSH").get(4), dt.datetime.now(dt.UTC), alert_id)
+    if alert is None:
+        w.applied.notes.append("critical result: no ward nor lab service to tell")
+    else:
+        w.save(alert)
 
 
 IMAGING_SECTIONS = {"RAD", "RX", "CT", "MR", "NMR", "US", "NMS", "VUS", "XRC", "CUS", "RUS"}

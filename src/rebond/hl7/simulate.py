@@ -1,8 +1,8 @@
 """`rebond hl7 simulate`: the traffic an admissions system and a lab analyzer chain send to the demo group.
 
 Admissions (A01) of new patients into the demo's wards and beds, transfers (A02), discharges
-(A03), and lab results (ORU^R01) for the admitted patients — some abnormal, some corrected
-later (OBR-25 C). Deterministic for a seed; IPPs start at 990000000 so they never meet the
+(A03), and lab results (ORU^R01) for the admitted patients — some abnormal, a few critical, some
+corrected later (OBR-25 C). Deterministic for a seed; IPPs start at 990000000 so they never meet the
 demo's own patients.
 """
 from __future__ import annotations
@@ -18,6 +18,8 @@ from rebond.seed.vocabulary import FAMILY_NAMES, GIVEN_FEMALE, GIVEN_MALE, LABS,
 
 IPP_AUTHORITY = "GHR&1.2.250.1.999.1.1&ISO"
 VISIT_AUTHORITY = "GHR&1.2.250.1.999.1.2&ISO"
+#: of the abnormal results, those critical (OBX-8 HH): about one lab panel in fifty has one
+CRITICAL_SHARE = 0.03
 
 
 @dataclass
@@ -111,12 +113,14 @@ class Traffic:
                 value = test.high + abs(self.rng.gauss(test.spread, test.spread / 2)) if abnormal else \
                     min(test.high, max(test.low, self.rng.gauss(test.typical, test.spread / 2)))
                 flag = "H" if value > test.high else "L" if value < test.low else "N"
+                if abnormal and self.rng.random() < CRITICAL_SHARE:  # far out: the lab calls the ward (hl7/critical.py)
+                    value, flag = test.high + 4 * test.spread, "HH"
                 lines.append(f"OBX|{n}|NM|{test.loinc}^{test.name}^LN||{round(value, test.decimals):g}|{test.unit}|"
                              f"{test.low:g}-{test.high:g}|{flag}|||F|||{at}")
             stay.orders.append((filler, lines))
             status = "F"
         return "\r".join([
-            f"MSH|^~\\&|SIL|LABO|REBOND|GHR|{at}||ORU^R01^ORU_R01|{control}|P|2.5|||||FRA|UNICODE UTF-8",
+            f"MSH|^~\\&|SIL|{stay.ward.split('-')[0]}|REBOND|GHR|{at}||ORU^R01^ORU_R01|{control}|P|2.5|||||FRA|UNICODE UTF-8",
             self._pid(stay), f"PV1|1|I|||||||||||||||||{stay.visit}^^^{VISIT_AUTHORITY}^VN",
             f"ORC|RE|P{filler}|{filler}", f"OBR|1|P{filler}|{filler}|24323-8^Bilan biologique^LN|||{at}|||||||||||||||{at}|||{status}",
             *lines]) + "\r"

@@ -39,6 +39,7 @@ from rebond.clinical.messaging import (
     box,
     conversation,
     conversations,
+    last_written,
     own_boxes,
     send,
     services,
@@ -135,7 +136,8 @@ class WebApp:
         self.situation = situation or Situation(store, site=None)
         self.downtime = downtime  # the scheduled packs, when this node makes them
         self.source = source or (lambda: {"role": "central", "data_as_of": dt.datetime.now(dt.UTC).isoformat()})
-        self._waiting: dict[str, tuple[float, tuple[int, int]]] = {}  # username -> (until, its top bar's message count)
+        # username -> (until, the Communication written last, its top bar's message count)
+        self._waiting: dict[str, tuple[float, str | None, tuple[int, int]]] = {}
         self.upstream = upstream  # a site node's central site (FHIR base, API token), for settling conflicts
         self.accounts = accounts
         self.secure_cookies = secure_cookies
@@ -243,8 +245,6 @@ class WebApp:
                     return self.error_page(request, 403, t.gettext("This form has expired. Go back, reload the page and try again."),
                                            account, session)
             now = dt.datetime.now(dt.UTC)
-            if request.method == "POST" and request.url.path.startswith("/messages"):
-                self._waiting.clear()  # a message sent, answered or taken here: everyone's count is counted again at once
             waiting = await self._waiting_for(account, now) if request.method == "GET" else None
             try:
                 return await handler(Page(request, account, session, t, now, waiting))
@@ -269,31 +269,32 @@ class WebApp:
         return self.render(p.request, p.t, template, status=status, account=p.account, session=p.session, now=p.now,
                            inbox=p.waiting, **context)
 
-    #: how long the top bar's count of waiting messages is kept for a person before it is counted again (a message sent
-    #: through this process's pages clears every count at once; one from another process, the API or the feed shows
-    #: within this time)
-    WAITING_SECONDS = 15.0
+    #: how long the top bar's count of waiting messages is kept for a person while no message is written anywhere (a
+    #: message written by anyone, here, on another node, by the lab's interface, counts it again at the next page)
+    WAITING_SECONDS = 60.0
 
     async def _waiting_for(self, account: Account, now: dt.datetime) -> tuple[int, int] | None:
-        """(waiting, urgent) in the boxes of a person who reads messages (their own and their wards'), counted at most
-        every WAITING_SECONDS; None for an account that stands for no one, or when they cannot be counted now."""
+        """(waiting, urgent) in the boxes of a person who reads messages (their own and their wards'), counted again when
+        a message has been written since or after WAITING_SECONDS; None for an account that stands for no one, or when
+        they cannot be counted now."""
         if not account.may("messages") or not account.practitioner_id:
             return None
-        kept = self._waiting.get(account.username)
-        if kept is not None and kept[0] > time.monotonic():
-            return kept[1]
         clinician = Clinician(account.username, account.display, account.practitioner_id)
+        kept = self._waiting.get(account.username)
 
         def count() -> tuple[int, int]:
+            newest = last_written(self.store)
+            if kept is not None and kept[0] > time.monotonic() and kept[1] == newest:
+                return kept[2]
             counts = [waiting(self.store, b.reference, now) for b in own_boxes(self.store, clinician)]
-            return sum(c[0] for c in counts), sum(c[1] for c in counts)
+            found = sum(c[0] for c in counts), sum(c[1] for c in counts)
+            self._waiting[account.username] = (time.monotonic() + self.WAITING_SECONDS, newest, found)
+            return found
 
         try:
-            found = await run_in_threadpool(count)
+            return await run_in_threadpool(count)
         except (Unavailable, StoreError):
             return None  # the page is shown without the count rather than not at all
-        self._waiting[account.username] = (time.monotonic() + self.WAITING_SECONDS, found)
-        return found
 
     # -- signing in and out
 

@@ -1,0 +1,151 @@
+"""Critical results: the lab's call to the ward, written in the same transaction as the result.
+
+A potassium at 6.8 mmol/L must reach someone who can act on it, and a lab calls the ward for it
+by telephone, the telephone that goes down with the rest of the IT. So when an ORU^R01 gives a
+result flagged critical (OBX-8 HH, LL or AA), the commit that stores the result also writes an
+urgent message (clinical/messaging.py) to the box of the patient's ward:
+
+    Communication.category   urn:rebond:communication-category|message, and …|critical-result
+    Communication.priority   urgent
+    Communication.sender     the lab's service (the one MSH-4 names, or the ward's hospital's)
+    Communication.recipient  the ward's service, where the patient's stay is now; without a ward
+                             (no stay in progress, an outpatient), the lab's own box: call the prescriber
+    Communication.subject    the patient
+    Communication.about      the DiagnosticReport
+    Communication.payload    « Résultat critique : Potassium 6,8 mmol/L (HH ; normales 3,5–5) … »
+
+The message waits in the ward's box, on its census, and as « 1 urgent » in the top bar of every
+page its nurses open, until someone answers it or says « Je m'en occupe ». Its id derives from the
+report and its critical values: the same message sent twice, or played again, writes it once; a
+correction that changes a critical value writes a new one.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING, Any
+
+from rebond.clinical.conventions import COMMUNICATION_CATEGORY, CRITICAL_FLAGS, INTERPRETATION, SERVICE_SYSTEM
+from rebond.clinical.messaging import CRITICAL_RESULT, MESSAGE
+from rebond.clinical.records import HOSPITAL_TZ, fhir_instant, patient_summary, ref_id
+from rebond.fhir.search import literal
+
+if TYPE_CHECKING:
+    from rebond.hl7.mapping import Writer
+
+Resource = dict[str, Any]
+LAB_CODE_SUFFIX = "-LAB"  # a hospital's lab service code: the site's code and this (clinical/messaging.py)
+_NOT_ALERTED = ("cancelled", "entered-in-error")
+
+
+def flags(observation: Resource) -> list[str]:
+    return [str(c.get("code")) for concept in observation.get("interpretation") or () for c in concept.get("coding") or ()
+            if c.get("system") == INTERPRETATION]
+
+
+def critical(observations: list[Resource]) -> list[Resource]:
+    """The results flagged critical, leaving out those withdrawn."""
+    return [o for o in observations if o.get("status") not in _NOT_ALERTED and CRITICAL_FLAGS.intersection(flags(o))]
+
+
+def _number(value: Any) -> str:
+    return f"{value:g}".replace(".", ",") if isinstance(value, int | float) else str(value)
+
+
+def _quantity(quantity: Resource) -> str:
+    unit = str(quantity.get("unit") or quantity.get("code") or "")
+    return f"{quantity.get('comparator', '')}{_number(quantity.get('value'))}{' ' + unit if unit else ''}"
+
+
+def describe(observation: Resource) -> str:
+    """« Potassium 6,8 mmol/L (HH ; normales 3,5–5) »: the analyte, its value, its flag and its normal range."""
+    code = observation.get("code") or {}
+    name = str(code.get("text") or next((c.get("display") for c in code.get("coding") or () if c.get("display")), "")
+               or next((c.get("code") for c in code.get("coding") or ()), "?"))
+    if "valueQuantity" in observation:
+        value = _quantity(observation["valueQuantity"])
+    elif "valueString" in observation:
+        value = str(observation["valueString"])
+    elif "valueCodeableConcept" in observation:
+        concept = observation["valueCodeableConcept"]
+        value = str(concept.get("text") or next((c.get("display") or c.get("code") for c in concept.get("coding") or ()), ""))
+    else:
+        value = "?"
+    marks = " ".join(f for f in flags(observation) if f in CRITICAL_FLAGS)
+    span: Resource = next(iter(observation.get("referenceRange") or ()), {})
+    if "low" in span and "high" in span:
+        marks += f" ; normales {_number(span['low'].get('value'))}–{_number(span['high'].get('value'))}"
+    elif "high" in span:
+        marks += f" ; normales < {_number(span['high'].get('value'))}"
+    elif "low" in span:
+        marks += f" ; normales > {_number(span['low'].get('value'))}"
+    return f"{name} {value} ({marks})"
+
+
+def _active_places(encounter: Resource) -> list[str]:
+    return [str(loc["location"]["reference"]) for loc in encounter.get("location") or ()
+            if loc.get("status", "active") == "active" and isinstance((loc.get("location") or {}).get("reference"), str)]
+
+
+def _ward_service(w: Writer, patient_id: str, encounter: Resource | None) -> Resource | None:
+    """The service of the ward the patient's stay is in now: the message's stay, or their stay in progress."""
+    if encounter is None or encounter.get("status") != "in-progress":
+        encounter = w.find_one("Encounter", ("subject", f"Patient/{patient_id}"), ("status", "in-progress"))
+    places = _active_places(encounter) if encounter is not None else []
+    if not places:
+        return None
+    return w.find_one("HealthcareService", ("location", ",".join(places)), ("active", "true"))
+
+
+def _lab_service(w: Writer, sending_facility: str, ward: Resource | None) -> Resource | None:
+    """The lab that calls: the service MSH-4 names (`H1-LAB`), or the lab of the site it names (`H1`), or the lab of the
+    ward's hospital."""
+    for code in (sending_facility, sending_facility + LAB_CODE_SUFFIX) if sending_facility else ():
+        named = w.find_one("HealthcareService", ("identifier", f"{SERVICE_SYSTEM}|{literal(code)}"), ("active", "true"))
+        if named is not None:
+            return named
+    hospital = ref_id((ward or {}).get("providedBy"), "Organization")
+    if hospital is None:
+        return None
+    for service in w.find("HealthcareService", ("organization", f"Organization/{hospital}"), ("active", "true")):
+        if any(i.get("system") == SERVICE_SYSTEM and str(i.get("value", "")).endswith(LAB_CODE_SUFFIX)
+               for i in service.get("identifier") or ()):
+            return service
+    return None
+
+
+def _as_box(service: Resource) -> dict[str, str]:
+    return {"reference": f"HealthcareService/{service['id']}", "display": str(service.get("name", ""))}
+
+
+def alert(w: Writer, report: Resource, found: list[Resource], patient: Resource, encounter: Resource | None,
+          sending_facility: str, now: dt.datetime, alert_id: str) -> Resource | None:
+    """The urgent message for a report's critical results (`found`); None if it has no one to tell."""
+    ward = _ward_service(w, str(patient["id"]), encounter)
+    lab = _lab_service(w, sending_facility, ward)
+    shown = patient_summary(patient)
+    corrected = "corrigé " if report.get("status") == "corrected" else ""
+    taken = min((str(o["effectiveDateTime"]) for o in found if o.get("effectiveDateTime")), default="")
+    when = ""
+    if taken:
+        moment = dt.datetime.fromisoformat(taken.replace("Z", "+00:00")).astimezone(HOSPITAL_TZ)
+        when = f", prélevé le {moment:%d/%m à %H:%M}"
+    text = f"Résultat critique {corrected}: {' ; '.join(describe(o) for o in found)}{when}."
+    if ward is not None:
+        recipient = _as_box(ward)
+        sender = _as_box(lab) if lab is not None else {"display": f"Laboratoire {sending_facility}".strip() + " (alerte automatique)"}
+        text += " Prévenez le médecin, puis répondez ici ou cliquez « Je m'en occupe »."
+    elif lab is not None:  # no ward to tell: the lab's own box, so that the lab calls whoever prescribed it
+        recipient = _as_box(lab)
+        sender = {"display": "Rebond (alerte automatique)"}
+        text += " Le patient n'a pas de séjour en cours dans un service : appelez le prescripteur."
+    else:
+        return None
+    return {
+        "resourceType": "Communication", "id": alert_id, "status": "completed",
+        "category": [{"coding": [{"system": COMMUNICATION_CATEGORY, "code": MESSAGE}]},
+                     {"coding": [{"system": COMMUNICATION_CATEGORY, "code": CRITICAL_RESULT}]}],
+        "priority": "urgent", "sent": fhir_instant(now), "sender": sender, "recipient": [recipient],
+        "subject": {"reference": f"Patient/{shown.id}", "display": f"{shown.name} ({shown.ipp})" if shown.ipp else shown.name},
+        "about": [{"reference": f"DiagnosticReport/{report['id']}"}],
+        "payload": [{"contentString": text}],
+    }
