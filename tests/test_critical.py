@@ -1,15 +1,20 @@
 """Critical results (OBX-8 HH, LL, AA): the lab's urgent message to the ward, written with the result, once."""
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
 from rebond.clinical import messaging
-from rebond.clinical.conventions import COMMUNICATION_CATEGORY, SERVICE_SYSTEM
-from rebond.clinical.records import find
+from rebond.clinical.census import group_wards, ward_census
+from rebond.clinical.conventions import COMMUNICATION_CATEGORY, ON_CALL_SYSTEM, SERVICE_SYSTEM
+from rebond.clinical.escalation import ESCALATE_AFTER, escalate, passed_on, physician_for
+from rebond.clinical.records import Clinician, Entry, PatientSummary, Resource, fhir_instant, find, person_name, read
 from rebond.fhir.search import literal
 from rebond.hl7.intake import prepare, receive, receive_many
 from rebond.seed.demo import DemoSize, seed_demo
 from rebond.store.base import Store
+from rebond.store.draft import content_of
 from tests.hl7_messages import adt, oru
 
 IPP_SYSTEM = "urn:oid:1.2.250.1.999.1.1"
@@ -32,8 +37,8 @@ def patient_id(store: Store, ipp: str) -> str:
     return str(find(store, "Patient", ("identifier", f"{IPP_SYSTEM}|{literal(ipp)}"))[0]["id"])
 
 
-def alerts(store: Store, ipp: str) -> list[dict[str, object]]:
-    return find(store, "Communication", ("subject", f"Patient/{patient_id(store, ipp)}"), ALERTS)
+def alerts(store: Store, ipp: str) -> list[Resource]:
+    return list(find(store, "Communication", ("subject", f"Patient/{patient_id(store, ipp)}"), ALERTS))
 
 
 def test_a_critical_result_reaches_the_wards_box_as_an_urgent_message_from_the_lab(hospital: Store) -> None:
@@ -42,9 +47,9 @@ def test_a_critical_result_reaches_the_wards_box_as_an_urgent_message_from_the_l
     [alert] = alerts(hospital, "900000101")
     report = find(hospital, "DiagnosticReport", ("identifier", "F101"))[0]
     ward, lab = service(hospital, "H1-CARDIO"), service(hospital, "H1-LAB")
-    assert alert["priority"] == "urgent" and alert["recipient"][0]["reference"] == ward  # type: ignore[index]
-    assert alert["sender"]["reference"] == lab and alert["about"] == [{"reference": f"DiagnosticReport/{report['id']}"}]  # type: ignore[index]
-    text = alert["payload"][0]["contentString"]  # type: ignore[index]
+    assert alert["priority"] == "urgent" and alert["recipient"][0]["reference"] == ward
+    assert alert["sender"]["reference"] == lab and alert["about"] == [{"reference": f"DiagnosticReport/{report['id']}"}]
+    text = alert["payload"][0]["contentString"]
     assert text.startswith("Résultat critique : Potassium 6,4 mmol/L (HH ; normales 3,5–5), prélevé le 23/11 à 11:00."), text
     assert "Créatinine" not in text, "only the critical results are in the message (the creatinine is L)"
     # the ward's nurses see it waiting, urgent, in their box (and so on the census and in every page's top bar)
@@ -59,7 +64,7 @@ def test_the_stay_is_found_without_pv1_19_and_a_result_without_critical_values_w
     assert alerts(hospital, "900000102") == [], "high is not critical"
     receive(hospital, oru("K5", "900000102", "F103"))  # no PV1: the stay in progress is the patient's
     [alert] = alerts(hospital, "900000102")
-    assert alert["recipient"][0]["reference"] == service(hospital, "H1-CARDIO")  # type: ignore[index]
+    assert alert["recipient"][0]["reference"] == service(hospital, "H1-CARDIO")
 
 
 def test_the_same_critical_values_are_told_once_and_a_correction_that_changes_them_again(hospital: Store) -> None:
@@ -71,7 +76,7 @@ def test_the_same_critical_values_are_told_once_and_a_correction_that_changes_th
     receive(hospital, oru("K9", "900000103", "F104", visit="V103", potassium="4,2", flag="N", status="C"))
     assert len(alerts(hospital, "900000103")) == 1, "a correction to a normal value calls no one"
     receive(hospital, oru("K10", "900000103", "F104", visit="V103", potassium="7,1", flag="HH", status="C"))
-    texts = sorted(a["payload"][0]["contentString"] for a in alerts(hospital, "900000103"))  # type: ignore[index]
+    texts = sorted(a["payload"][0]["contentString"] for a in alerts(hospital, "900000103"))
     assert len(texts) == 2 and texts[0].startswith("Résultat critique : Potassium 6,4")
     assert texts[1].startswith("Résultat critique corrigé : Potassium 7,1"), texts
 
@@ -80,8 +85,8 @@ def test_without_a_stay_in_a_ward_the_message_waits_in_the_labs_box_to_call_the_
     assert receive(hospital, oru("K11", "900000104", "F105")).code == "AA"  # an outpatient, not yet known: provisional
     [alert] = alerts(hospital, "900000104")
     lab = service(hospital, "H1-LAB")  # MSH-4 names the site, H1: its lab
-    assert alert["recipient"][0]["reference"] == lab and "reference" not in alert["sender"]  # type: ignore[index,operator]
-    assert "appelez le prescripteur" in alert["payload"][0]["contentString"]  # type: ignore[index]
+    assert alert["recipient"][0]["reference"] == lab and "reference" not in alert["sender"]
+    assert "appelez le prescripteur" in alert["payload"][0]["contentString"]
     assert messaging.waiting(hospital, lab, now=messaging.message(alert).sent) == (1, 1)
 
 
@@ -92,3 +97,80 @@ def test_a_drafted_message_writes_its_alert_in_the_same_commit(hospital: Store) 
     [answer] = receive_many(hospital, [(raw, prepare(hospital, raw))])
     assert answer.code == "AA" and not answer.redone
     assert len(alerts(hospital, "900000105")) == 1
+
+
+# -- a call no one takes in hand is passed on to a physician (clinical/escalation.py)
+
+
+def inpatient(store: Store) -> tuple[str, PatientSummary]:
+    """The first ward's service and one of its inpatients."""
+    ward = group_wards(store)[0].wards[0][0]
+    line = next(b for b in ward_census(store, ward.id, dt.datetime.now(dt.UTC)).beds if b.patient is not None)
+    team = messaging.ward_box(store, ward.id)
+    assert team is not None and line.patient is not None and line.patient.ipp
+    return team.reference, line.patient
+
+
+def rota(store: Store, ward_ref: str, practitioner: dict[str, object] | None, start: dt.datetime) -> None:
+    """The ward's rota emptied; with `practitioner`, one shift on call from `start`, for 12 hours."""
+    for schedule in find(store, "Schedule"):
+        store.delete("Schedule", str(schedule["id"]))
+    if practitioner is None:
+        return
+    service = read(store, "HealthcareService", ward_ref.split("/")[1])
+    assert service is not None
+    store.create({"resourceType": "Schedule", "active": True,
+                  "serviceType": [{"coding": [{"system": ON_CALL_SYSTEM, "code": "garde"}], "text": "Garde sur place"}],
+                  "actor": [{"reference": f"Practitioner/{practitioner['id']}", "display": person_name(practitioner)},
+                            service["location"][0]],
+                  "planningHorizon": {"start": fhir_instant(start), "end": fhir_instant(start + dt.timedelta(hours=12))}})
+
+
+def test_a_call_no_one_takes_goes_after_15_minutes_to_the_physician_on_call_once(hospital: Store) -> None:
+    ward, patient = inpatient(hospital)
+    doctor = find(hospital, "Practitioner")[-1]
+    rota(hospital, ward, doctor, dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
+    receive(hospital, oru("E1", str(patient.ipp), "FE1"))
+    [call] = alerts(hospital, str(patient.ipp))
+    sent = messaging.message(call).sent
+    assert escalate(hospital, sent + dt.timedelta(minutes=14)) == [], "not before 15 minutes"
+    [passed] = escalate(hospital, sent + dt.timedelta(minutes=16))
+    assert escalate(hospital, sent + dt.timedelta(minutes=17)) == [], "once"
+    reply = read(hospital, "Communication", passed)
+    assert reply is not None and reply["sender"] == call["sender"] and reply["priority"] == "urgent"
+    assert [r["reference"] for r in reply["recipient"]] == [f"Practitioner/{doctor['id']}", ward]
+    assert reply["sent"] == fhir_instant(sent + dt.timedelta(minutes=15)) and reply["about"] == call["about"]
+    assert reply["payload"][0]["contentString"].startswith(
+        f"Sans prise en charge par le service après 15 min, transmis à {person_name(doctor)} (garde sur place). Résultat critique : ")
+
+    later = sent + dt.timedelta(minutes=20)
+    doctors_box = f"Practitioner/{doctor['id']}"
+    assert messaging.waiting(hospital, doctors_box, later) == (1, 1), "in the physician's box, waiting, urgent"
+    assert messaging.waiting(hospital, ward, later) == (1, 1), "and still waiting in the ward's"
+    [shown] = messaging.conversations(hospital, doctors_box, later)
+    assert shown.first.critical_report and [m.id for m in shown.after] == [passed]
+    taker = Clinician("doctor", person_name(doctor), str(doctor["id"]))
+    messaging.answer(hospital, str(call["id"]), {"entry": str(Entry.new())}, taker, later, taken=True)
+    assert messaging.waiting(hospital, doctors_box, later) == (0, 0) and messaging.waiting(hospital, ward, later) == (0, 0)
+
+
+def test_a_call_taken_in_time_stays_and_without_a_rota_one_goes_to_the_stays_physician_the_same_on_every_node(hospital: Store) -> None:
+    ward, patient = inpatient(hospital)
+    rota(hospital, ward, None, dt.datetime.now(dt.UTC))
+    receive(hospital, oru("E2", str(patient.ipp), "FE2"))
+    receive(hospital, oru("E3", str(patient.ipp), "FE3", potassium="2,1", flag="LL"))
+    first, second = sorted(alerts(hospital, str(patient.ipp)), key=lambda c: str(c["payload"][0]["contentString"]))
+    nurse = find(hospital, "Practitioner")[0]
+    messaging.answer(hospital, str(second["id"]), {"entry": str(Entry.new())}, Clinician("nurse", "IDE", str(nurse["id"])),
+                     messaging.message(second).sent + dt.timedelta(minutes=3), taken=True)
+    when = messaging.message(first).sent + dt.timedelta(minutes=16)
+    [passed] = escalate(hospital, when)
+    reply = read(hospital, "Communication", passed)
+    stay = find(hospital, "Encounter", ("subject", f"Patient/{patient.id}"), ("status", "in-progress"))[0]
+    physician = stay["participant"][0]["individual"]["reference"]
+    assert reply is not None and reply["inResponseTo"] == [{"reference": f"Communication/{first['id']}"}]
+    assert reply["recipient"][0]["reference"] == physician and "(médecin du séjour)" in reply["payload"][0]["contentString"]
+    # another node passing it on later writes the very same resource: a site node's journal settles it as already there
+    talk = messaging.conversation(hospital, str(first["id"]))
+    later = passed_on(first, physician_for(hospital, talk, when + dt.timedelta(minutes=30)), ESCALATE_AFTER)
+    assert content_of(later) == content_of(reply)

@@ -1,6 +1,7 @@
 """The MLLP listener of a real `rebond serve` process, with the `hl7` package's MLLP client as the sender."""
 from __future__ import annotations
 
+import datetime as dt
 import html
 import json
 import os
@@ -284,7 +285,6 @@ def test_the_intake_writer_killed_twice_mid_stream_is_replaced_and_every_message
 def test_a_critical_result_sent_over_mllp_waits_urgent_on_the_wards_census_and_in_its_box(listener: RebondServer) -> None:
     """The lab's call for a potassium at 6.4 mmol/L (hl7/critical.py), written in the result's commit: the ward's nurse sees it
     on the census and in every page's top bar, opens it from the box, and goes from it to the result in the chart."""
-    import datetime as dt
     from urllib.parse import quote
 
     from rebond.clinical.census import group_wards, ward_census
@@ -312,3 +312,41 @@ def test_a_critical_result_sent_over_mllp_waits_urgent_on_the_wards_census_and_i
     assert f'href="/patients/{inpatient.id}#labs">Voir le résultat dans le dossier' in opened and "Je m&#39;en occupe" in opened
     chart = nurse.get(f"/patients/{inpatient.id}").text
     assert 'class="chip result critical" title="Résultat critique">Potassium 6,4' in chart
+
+
+def test_a_critical_result_no_one_takes_in_hand_is_passed_on_to_a_physician_by_the_server(demo_db: str) -> None:
+    """`rebond serve --escalate-after` (here 3 s for 15 min): the server's own round passes the call on, once."""
+    port = free_port()
+    server = RebondServer(demo_db, "--mllp-port", str(port), "--escalate-after", "0.05").start()
+    try:
+        from rebond.clinical.census import group_wards, ward_census
+
+        store = open_store(server.db)
+        try:
+            ward = group_wards(store)[0].wards[0][0]
+            inpatient = next(b.patient for b in ward_census(store, ward.id, dt.datetime.now(dt.UTC)).beds
+                             if b.patient is not None)
+        finally:
+            store.close()
+        assert inpatient.ipp
+        with hl7.client.MLLPClient("127.0.0.1", port) as client:
+            assert ack_code(client.send_message(oru("K2", inpatient.ipp, "FK2"))) == "AA"
+        category = "urn:rebond:communication-category|critical-result"
+
+        def calls() -> list[dict[str, object]]:
+            found = httpx.get(f"{server.fhir}/Communication", params={"category": category, "subject": f"Patient/{inpatient.id}"},
+                              headers=server.headers).json()
+            return [e["resource"] for e in found.get("entry", [])]
+
+        deadline = time.monotonic() + 20
+        while len(calls()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        first, passed = sorted(calls(), key=lambda c: "inResponseTo" in c)
+        assert passed["inResponseTo"] == [{"reference": f"Communication/{first['id']}"}]
+        assert str(passed["recipient"][0]["reference"]).startswith("Practitioner/")  # type: ignore[index]
+        time.sleep(2.5)  # two more rounds: still once
+        assert len(calls()) == 2
+        status = httpx.get(f"{server.base}/status", headers={"Accept": "application/json"}).json()["critical_results"]
+        assert status["passed_on"] == 1 and status["this_process"] and status["after_minutes"] == 0.05
+    finally:
+        server.stop()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,6 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from rebond.clinical.escalation import ESCALATE_AFTER, Escalation, escalate_delay
 from rebond.clinical.imaging import Orthanc, PacsUnavailable, StudyFollower, study_of_uid
 from rebond.clinical.records import ref_id
 from rebond.disk import DiskWatch
@@ -42,7 +44,7 @@ log = logging.getLogger("rebond")
 def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: bool = False,
                mllp: MllpServer | None = None, node: Node | None = None, downtime: PackSchedule | None = None,
                disks: DiskWatch | None = None, trail: AuditTrail | None = None, pacs: Orthanc | None = None,
-               follow_pacs: bool = True) -> Starlette:
+               follow_pacs: bool = True, escalate_after: dt.timedelta | None = ESCALATE_AFTER) -> Starlette:
     node = node or Node(store)
     if disks is None:  # the disks of the store's file and of the downtime packs
         kept = store.local_file()
@@ -57,6 +59,8 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
     contacts = SiteContacts()
     # the PACS's new studies, linked as they come (by one node per PACS: docs/imaging.md)
     studies = StudyFollower(store, pacs) if pacs is not None and follow_pacs else None
+    # the lab's calls for critical results no one has taken in hand, passed on to a physician (docs/hl7.md)
+    escalation = Escalation(store, escalate_after) if escalate_after else None
 
     def feed_read(request: Request, behind: bool) -> None:
         """A site node's poll of the change feed (it says which site it is): that hospital is in contact."""
@@ -186,6 +190,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
                                 "new_studies": await run_in_threadpool(studies.status) if studies is not None else None}
         facts["situation"] = await run_in_threadpool(situation.status)
         facts["audit"] = trail.status()
+        facts["critical_results"] = escalation.status() if escalation is not None else None
         if node.role == "central":
             facts["sites"] = contacts.status(await run_in_threadpool(situation.sites))
         if "json" in request.headers.get("accept", ""):
@@ -199,6 +204,8 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
         trail.start()
         if studies is not None:
             studies.start()
+        if escalation is not None:
+            escalation.start()
         if mllp is not None:
             recovered = await run_in_threadpool(recover, store)  # kept before a crash, never applied: applied now
             if recovered:
@@ -212,6 +219,8 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
         if mllp is not None:
             await mllp.stop()
         await disks.stop()
+        if escalation is not None:
+            await escalation.stop()
         if studies is not None:
             await studies.stop()
         await run_in_threadpool(trail.stop)  # what is left of the trail is written before the store closes
@@ -359,4 +368,4 @@ def app_from_environment() -> Starlette:
         packs = ScheduleView(PackLibrary(Path(os.environ["REBOND_DOWNTIME_DIR"]), int(os.environ.get("REBOND_DOWNTIME_KEEP", "6"))))
     pacs = Orthanc(os.environ["REBOND_ORTHANC"]) if os.environ.get("REBOND_ORTHANC") else None
     return create_app(store, session_idle=float(os.environ.get("REBOND_SESSION_IDLE", 30 * 60)), downtime=packs, pacs=pacs,
-                      follow_pacs=bool(os.environ.get("REBOND_FOLLOW_PACS")))
+                      follow_pacs=bool(os.environ.get("REBOND_FOLLOW_PACS")), escalate_after=escalate_delay(os.environ.get("REBOND_ESCALATE_AFTER")))

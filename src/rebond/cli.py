@@ -1,6 +1,7 @@
 """The `rebond` command."""
 from __future__ import annotations
 
+import datetime as dt
 import gc
 import logging
 import os
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
+from rebond.clinical.conventions import ESCALATE_MINUTES
 from rebond.store import DEFAULT_DB, open_store
 from rebond.store.base import StoreError
 
@@ -46,6 +48,10 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+ESCALATE_HELP = ("minutes after which the lab's call for a critical result that no one on the ward has taken in hand is passed "
+                 "on to the physician on call (0: never)")
+
+
 @app.command()
 def serve(
     db: Annotated[str, typer.Option(help="sqlite:///path/file.db or postgresql://user@host:port/dbname")] = DEFAULT_DB,
@@ -64,6 +70,7 @@ def serve(
     orthanc: Annotated[str | None, typer.Option(help="the PACS's Orthanc REST API, e.g. http://pacs:8042: imaging reports "
                                                      "link to their images there")] = None,
     follow_pacs: Annotated[bool, typer.Option(help="make the ImagingStudies of the PACS's new studies (one node per PACS)")] = True,
+    escalate_after: Annotated[float, typer.Option(help=ESCALATE_HELP)] = ESCALATE_MINUTES,
 ) -> None:
     """Serve the web app at http://HOST:PORT/ and the FHIR API at http://HOST:PORT/fhir."""
     import uvicorn
@@ -76,6 +83,7 @@ def serve(
         raise fail("--mllp-port runs in a single server process: leave out --workers, or run the listener on its own")
     if mllp_workers is not None and mllp_workers < 0:
         raise fail(f"--mllp-workers must be 0 or more, not {mllp_workers}")
+    escalation = _escalate_after(escalate_after)
     try:
         store = open_store(db, site_id=site_id)
     except StoreError as err:
@@ -94,6 +102,7 @@ def serve(
         os.environ["REBOND_DB"] = db
         os.environ["REBOND_SITE_ID"] = site_id
         os.environ["REBOND_SESSION_IDLE"] = str(session_idle_minutes * 60)
+        os.environ["REBOND_ESCALATE_AFTER"] = str(escalate_after)
         if orthanc:
             os.environ["REBOND_ORTHANC"] = orthanc
             os.environ["REBOND_FOLLOW_PACS"] = "1" if follow_pacs else ""
@@ -116,7 +125,17 @@ def serve(
     node = Node(store)
     downtime = _pack_scheduler(db, site_id, downtime_dir or "var/downtime", downtime_every, downtime_keep, node.status)
     uvicorn.run(create_app(store, session_idle=session_idle_minutes * 60, mllp=mllp, node=node, downtime=downtime,
-                           pacs=pacs, follow_pacs=follow_pacs), host=host, port=port, log_level=log_level, access_log=False)
+                           pacs=pacs, follow_pacs=follow_pacs, escalate_after=escalation),
+                host=host, port=port, log_level=log_level, access_log=False)
+
+
+def _escalate_after(minutes: float) -> dt.timedelta | None:
+    from rebond.clinical.escalation import escalate_delay
+
+    try:
+        return escalate_delay(minutes)
+    except ValueError as err:
+        raise fail(str(err)) from None
 
 
 def _pacs(url: str | None) -> Orthanc | None:
@@ -145,6 +164,7 @@ def site(
     orthanc: Annotated[str | None, typer.Option(help="this hospital's PACS (Orthanc REST API, e.g. http://pacs-h1:8042): "
                                                      "imaging reports link to their images there")] = None,
     follow_pacs: Annotated[bool, typer.Option(help="make the ImagingStudies of the PACS's new studies (one node per PACS)")] = True,
+    escalate_after: Annotated[float, typer.Option(help=ESCALATE_HELP)] = ESCALATE_MINUTES,
 ) -> None:
     """Run a site node: a live copy of the central data that keeps serving when the central site is gone."""
     import uvicorn
@@ -158,6 +178,7 @@ def site(
     if not upstream.startswith(("http://", "https://")):
         raise fail(f"--upstream must be the central FHIR base URL (http://host:port/fhir), not '{upstream}'")
     db = db or f"sqlite:///var/site-{site_id}.db"
+    escalation = _escalate_after(escalate_after)
     try:
         store = open_store(db, site_id=site_id)
     except StoreError as err:
@@ -181,7 +202,8 @@ def site(
     downtime = _pack_scheduler(db, site_id, downtime_dir or f"var/downtime-{site_id}", downtime_every, downtime_keep, node.status)
     gc.freeze()
     uvicorn.run(create_app(store, session_idle=session_idle_minutes * 60, mllp=mllp, node=node, downtime=downtime,
-                           pacs=pacs, follow_pacs=follow_pacs), host=host, port=port, log_level=log_level, access_log=False)
+                           pacs=pacs, follow_pacs=follow_pacs, escalate_after=escalation),
+                host=host, port=port, log_level=log_level, access_log=False)
 
 
 def _mllp_listener(store: Store, db: str, site_id: str, host: str, port: int | None, workers: int | None, *,

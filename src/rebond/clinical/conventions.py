@@ -34,3 +34,5 @@ PRESCRIPTION_ACKNOWLEDGEMENT = "prescription-acknowledgement"  # a nurse has rea
 #: interpretation codes that make a result stand out
 ABNORMAL_FLAGS = frozenset({"H", "L", "HH", "LL", "HU", "LU", "A", "AA", "<", ">"})
 CRITICAL_FLAGS = frozenset({"HH", "LL", "AA"})
+#: the lab's call for a critical result that no one on the ward has taken in hand after this long goes to a physician
+ESCALATE_MINUTES = 15.0
