@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
+from pathlib import Path
 
+import httpx
 import pytest
 
 from rebond.clinical import messaging
@@ -13,6 +16,7 @@ from rebond.clinical.records import Clinician, Entry, PatientSummary, Resource, 
 from rebond.fhir.search import literal
 from rebond.hl7.intake import prepare, receive, receive_many
 from rebond.seed.demo import DemoSize, seed_demo
+from rebond.store import open_store
 from rebond.store.base import Store
 from rebond.store.draft import content_of
 from tests.hl7_messages import adt, oru
@@ -174,3 +178,54 @@ def test_a_call_taken_in_time_stays_and_without_a_rota_one_goes_to_the_stays_phy
     talk = messaging.conversation(hospital, str(first["id"]))
     later = passed_on(first, physician_for(hospital, talk, when + dt.timedelta(minutes=30)), ESCALATE_AFTER)
     assert content_of(later) == content_of(reply)
+
+
+def test_a_site_node_passes_calls_on_only_while_cut_off_and_the_central_site_gets_them_back(demo_db: str, tmp_path: Path) -> None:
+    """Connected, a site node leaves the rounds to the central site (here told never to make them); cut off, it makes
+    them itself, for the calls its own lab interface wrote, and journals what it writes for the central site."""
+    import hl7.client
+
+    from rebond.hl7.mllp import ack_code
+    from rebond.security.accounts import Accounts
+    from tests import test_site as site_tests
+    from tests.pg_harness import free_port
+    from tests.server import RebondServer, SiteServer
+
+    central = RebondServer(demo_db, "--escalate-after", "0").start()
+    site_db = f"sqlite:///{tmp_path}/site-H1.db"
+    store = open_store(site_db)
+    Accounts(store).save("nurse", "rebond-demo", "nurse", "LEROY Hélène")
+    store.close()
+    port = free_port()
+    site = SiteServer(site_db, central, "H1", "--mllp-port", str(port), "--escalate-after", "0.05").start()
+    try:
+        site_tests.wait_for(lambda: site.status()["data_as_of"] is not None, 120)
+        store = open_store(central.db)
+        try:
+            _ward, patient = inpatient(store)
+        finally:
+            store.close()
+        category = f"{COMMUNICATION_CATEGORY}|critical-result"
+
+        def calls(server: RebondServer) -> list[Resource]:
+            found = httpx.get(f"{server.fhir}/Communication", params={"category": category, "subject": f"Patient/{patient.id}"},
+                              headers=server.headers, timeout=10).json()
+            return [e["resource"] for e in found.get("entry", [])]
+
+        with hl7.client.MLLPClient("127.0.0.1", port) as client:
+            assert ack_code(client.send_message(oru("S1", str(patient.ipp), "FS1"))) == "AA"
+        time.sleep(5)  # past the delay, several rounds: connected, the site leaves them to the central site
+        assert len(calls(site)) == 1 and site.status()["critical_results"]["this_process"] is False  # type: ignore[index]
+
+        central.kill()
+        site_tests.wait_for(lambda: site.status()["upstream_reachable"] is False, 10)
+        site_tests.wait_for(lambda: len(calls(site)) == 2, 15)
+        assert site.status()["critical_results"]["passed_on"] == 1  # type: ignore[index]
+
+        central.start()
+        site_tests.wait_for(lambda: site.status()["journal_pending"] == 0, 30)
+        assert sorted(c["id"] for c in calls(central)) == sorted(c["id"] for c in calls(site)), "both on the central site"
+        assert site.status()["conflicts_open"] == 0
+    finally:
+        site.stop()
+        central.stop()

@@ -60,7 +60,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
     # the PACS's new studies, linked as they come (by one node per PACS: docs/imaging.md)
     studies = StudyFollower(store, pacs) if pacs is not None and follow_pacs else None
     # the lab's calls for critical results no one has taken in hand, passed on to a physician (docs/hl7.md)
-    escalation = Escalation(store, escalate_after) if escalate_after else None
+    escalation = Escalation(store, escalate_after, active=node.makes_rounds) if escalate_after else None
 
     def feed_read(request: Request, behind: bool) -> None:
         """A site node's poll of the change feed (it says which site it is): that hospital is in contact."""

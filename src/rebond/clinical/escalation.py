@@ -11,11 +11,12 @@ The passing on is a reply from the same sender as the call, so that it does not 
 taken in hand; its recipients are the physician and the call's own, so the ward's thread shows it
 and the physician's box lists the conversation, waiting, marked « Résultat critique ». It is
 written once: its id derives from the call's, and its time is the call's plus the delay. So two
-nodes that both pass it on (a site node cut off and the central site) write the same resource, and
-the site's journal settles it as already there when the link returns.
+nodes that both pass it on (a site node cut off, and the central site for a call it had) write the
+same resource, and the site's journal settles it as already there when the link returns.
 
-One process per store does it (a lease, as for the PACS's studies); it looks every CHECK_EVERY (or a fifth of
-the delay, for a shorter one).
+The central site does it, in one process per store (a lease, as for the PACS's studies); a site node only while it
+cannot reach the central site, standing in for it. It looks every CHECK_EVERY (or a fifth of the delay, for a
+shorter one).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,9 +172,10 @@ def escalate(store: Store, now: dt.datetime, after: dt.timedelta = ESCALATE_AFTE
 class Escalation(BackgroundLoop):
     """The node's round of overdue calls, every CHECK_EVERY, in one process per store (a lease)."""
 
-    def __init__(self, store: Store, after: dt.timedelta = ESCALATE_AFTER) -> None:
+    def __init__(self, store: Store, after: dt.timedelta = ESCALATE_AFTER, *, active: Callable[[], bool] = lambda: True) -> None:
         self.store = store
         self.after = after
+        self.active = active  # a site node makes the rounds only while it cannot reach the central site
         self.every = min(CHECK_EVERY, max(1.0, after.total_seconds() / 5))  # a short delay (a drill) is kept to
         self.me = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.holding = False
@@ -182,6 +185,9 @@ class Escalation(BackgroundLoop):
         self.stranded: set[str] = set()  # calls overdue with no physician to go to, at the last round
 
     def round(self) -> None:
+        if not self.active():
+            self.holding = False
+            return
         self.holding = self.store.write(lambda tx: tx.lease(STATE, "round", self.me, self.every * 3))
         if self.holding:
             self.passed_on += len(escalate(self.store, dt.datetime.now(dt.UTC), self.after, stranded=self.stranded))

@@ -44,6 +44,11 @@ class Node:
         """The central site's FHIR base and API token, for a site node; None on the central site."""
         return None
 
+    def makes_rounds(self) -> bool:
+        """Whether this node makes the group's rounds now (the critical results' calls passed on to a physician): the
+        central site always; a site node while it cannot reach the central site, standing in for it."""
+        return True
+
     async def start(self) -> None:
         return None
 
@@ -91,6 +96,9 @@ class SiteNode(Node):
 
     def upstream_access(self) -> tuple[str, str] | None:
         return self.upstream, self.token
+
+    def makes_rounds(self) -> bool:
+        return not self.follower.state.upstream_reachable
 
     def status(self, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now
