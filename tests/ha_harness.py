@@ -1,10 +1,11 @@
 """A real highly available PostgreSQL for the failover drills: etcd, and PostgreSQL nodes run by Patroni.
 
 Debian's packages (`etcd-server`, `patroni`, `postgresql-15`; `make test` installs them). Each node is a
-Patroni process with its own PostgreSQL on 127.0.0.1, as two database servers in two data centres would be;
-synchronous mode is on, so a commit is on the standby's disk before it returns. PostgreSQL refuses to run as
-root: when the tests run as root, Patroni runs as the `postgres` system user. The timings are short (the
-leader key lives 10 s) so that a drill lasts seconds; deploy/patroni.yml has the production ones.
+Patroni process with its own PostgreSQL on 127.0.0.1, as two database servers in two data centres would be, each
+reached through links (tests/proxy.py) that a drill cuts to take a server off the network; synchronous mode is on,
+so a commit is on the standby's disk before it returns. PostgreSQL refuses to run as root: when the tests run as
+root, Patroni runs as the `postgres` system user. The timings are short (the leader key lives 10 s) so that a drill
+lasts seconds; deploy/patroni.yml has the production ones.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Any
 import httpx
 
 from tests.pg_harness import find_bin, free_port
+from tests.proxy import CuttableLink
 
 SCOPE = "rebond-drill"
 TTL = 10  # seconds the leader key lives without renewal: the failover begins after it
@@ -83,6 +85,10 @@ class PatroniNode:
         _owned_by_postgres(self.dir)
         self.pg_port, self.api_port = free_port(), free_port()
         self.etcd = etcd
+        # the server's network, which a drill can cut (`isolate`): what the others reach its PostgreSQL and its Patroni
+        # by, and its own way to etcd. Only the drill's console (`state`, `local_url`) reaches it directly.
+        self.pg_link, self.api_link, self.etcd_link = CuttableLink(self.pg_port), CuttableLink(self.api_port), \
+            CuttableLink(etcd.client_port)
         self.proc: subprocess.Popen[bytes] | None = None
         self.config = self.dir / "patroni.yml"
         self.config.write_text(json.dumps(self._config(), indent=1))  # JSON is YAML
@@ -92,8 +98,9 @@ class PatroniNode:
         bin_dir = str(Path(find_bin("postgres") or "/usr/lib/postgresql/15/bin/postgres").parent)
         return {
             "scope": SCOPE, "name": self.name,
-            "restapi": {"listen": f"127.0.0.1:{self.api_port}", "connect_address": f"127.0.0.1:{self.api_port}"},
-            "etcd3": {"hosts": self.etcd.endpoint},
+            "restapi": {"listen": f"127.0.0.1:{self.api_port}", "connect_address": f"127.0.0.1:{self.api_link.port}"},
+            # through its link only: no discovery of etcd's own addresses, which would go round it
+            "etcd3": {"hosts": f"127.0.0.1:{self.etcd_link.port}", "use_proxies": True},
             "bootstrap": {
                 "dcs": {"ttl": TTL, "loop_wait": 1, "retry_timeout": 4, "maximum_lag_on_failover": 0,
                         "synchronous_mode": True,
@@ -105,7 +112,7 @@ class PatroniNode:
                            "host all all 127.0.0.1/32 trust"],
             },
             "postgresql": {
-                "listen": f"127.0.0.1:{self.pg_port}", "connect_address": f"127.0.0.1:{self.pg_port}",
+                "listen": f"127.0.0.1:{self.pg_port}", "connect_address": self.address,
                 "data_dir": str(self.dir / "data"), "bin_dir": bin_dir, "pgpass": str(self.dir / "pgpass"),
                 "authentication": {"superuser": {"username": "rebond", "password": "drill"},
                                    "replication": {"username": "replicator", "password": "drill"},
@@ -116,7 +123,27 @@ class PatroniNode:
 
     @property
     def address(self) -> str:
+        """Where the others (Rebond, the standby) reach its PostgreSQL: through its network."""
+        return f"127.0.0.1:{self.pg_link.port}"
+
+    @property
+    def listening(self) -> str:
+        """The address its PostgreSQL listens on, as it says itself (a Rebond node's status shows it)."""
         return f"127.0.0.1:{self.pg_port}"
+
+    def local_url(self, dbname: str) -> str:
+        """Its PostgreSQL reached on the server itself, not through its network: a console's, during a partition."""
+        return f"postgresql://rebond@127.0.0.1:{self.pg_port}/{dbname}"
+
+    def isolate(self) -> None:
+        """The server loses its network and keeps running (a switch, a cable, a data centre's uplink): no one reaches its
+        PostgreSQL or its Patroni, and its Patroni no longer reaches etcd; connections open through it die."""
+        for link in (self.pg_link, self.api_link, self.etcd_link):
+            link.cut()
+
+    def reconnect(self) -> None:
+        for link in (self.pg_link, self.api_link, self.etcd_link):
+            link.restore()
 
     def start(self) -> PatroniNode:
         patroni = shutil.which("patroni")
@@ -226,6 +253,8 @@ class PatroniCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.lose()
+            for link in (node.pg_link, node.api_link, node.etcd_link):
+                link.close()
         self.etcd.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -244,7 +273,7 @@ class HAProxy:
         haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
         if not Path(haproxy).exists():
             raise RuntimeError("haproxy not found: `make test` installs Debian's haproxy")
-        servers = "\n".join(f"    server {n.name} {n.address} maxconn 100 check port {n.api_port}" for n in self.cluster.nodes)
+        servers = "\n".join(f"    server {n.name} {n.address} maxconn 100 check port {n.api_link.port}" for n in self.cluster.nodes)
         self.config.write_text(f"""global
     maxconn 400
 defaults

@@ -3,7 +3,8 @@
 The drill runs etcd and two PostgreSQL servers under Patroni (tests/ha_harness.py), Rebond on both (one URL, libpq
 keeps the primary), FHIR clients and an analyzer chain writing all along; then the primary's server is lost at once
 (Patroni and PostgreSQL killed -9). Patroni promotes the synchronous standby; Rebond carries on there by itself, and
-every write it had acknowledged is on the new primary, once.
+every write it had acknowledged is on the new primary, once. Other drills: a planned switchover (also behind HAProxy),
+and a primary cut off the network that must stop taking writes before the standby is promoted (no split brain).
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import pytest
 from rebond.fhir.search import parse_search
 from rebond.hl7.intake import CHANNEL
 from rebond.store import open_store
-from rebond.store.base import Store
 from rebond.store.postgres import PostgresStore, connection_string
 from tests.ha_harness import HAProxy, PatroniCluster, PatroniNode
 from tests.hl7_messages import Sender
@@ -217,7 +217,7 @@ def test_failover_loses_no_acknowledged_write(cluster: PatroniCluster, tmp_path:
     try:
         database = server.status()["database"]
         assert isinstance(database, dict)
-        assert database["role"] == "primary" and database["server"] == first.address and database["synchronous"], database
+        assert database["role"] == "primary" and database["server"] == first.listening and database["synchronous"], database
         writers: list[FhirWriter | Sender] = [FhirWriter(server, n) for n in range(2)]
         writers += [Sender(n, port, 5000, seconds=300) for n in range(2)]
         reader = _under_way(server, writers)
@@ -241,7 +241,7 @@ def test_failover_loses_no_acknowledged_write(cluster: PatroniCluster, tmp_path:
 
         database = server.status()["database"]
         assert isinstance(database, dict)
-        assert database["server"] == second.address and database["role"] == "primary", database
+        assert database["server"] == second.listening and database["role"] == "primary", database
         assert not database["synchronous"], "the lost server is no standby any more"
         page = httpx.get(f"{server.base}/status", headers={"Accept-Language": "fr"}).text
         assert "aucune réplique synchrone" in page
@@ -267,11 +267,7 @@ def test_failover_loses_no_acknowledged_write(cluster: PatroniCluster, tmp_path:
         site.stop()
         server.stop()
 
-    store = open_store(db)
-    try:
-        _every_acknowledged_write_once(store, writers)
-    finally:
-        store.close()
+    _every_acknowledged_write_once_in(db, writers)
 
     # the lost server comes back: Patroni makes it the new primary's synchronous standby (pg_rewind if needed)
     first.start()
@@ -297,17 +293,13 @@ def test_a_planned_switchover_pauses_writes_for_seconds_and_loses_nothing(cluste
         _switch_over(cluster, server, writers, leader, standby, "")
         assert not [w.unclear for w in writers if w.unclear], "a 503 says: transient, retry after 5 s"
         database = server.status()["database"]
-        assert isinstance(database, dict) and database["server"] == standby.address, database
+        assert isinstance(database, dict) and database["server"] == standby.listening, database
         # the old primary follows the new one: a commit waits for it again
         cluster.wait_for(lambda: cluster.synchronous() is leader, 120, "the old primary did not become the standby")
         cluster.wait_for(lambda: server.status()["database"]["synchronous"], 30, "the status did not see the standby")  # type: ignore[index]
     finally:
         server.stop()
-    store = open_store(db)
-    try:
-        _every_acknowledged_write_once(store, list(writers))
-    finally:
-        store.close()
+    _every_acknowledged_write_once_in(db, list(writers))
 
 
 @pytest.mark.slow
@@ -326,13 +318,57 @@ def test_behind_haproxy_rebond_follows_a_switchover(cluster: PatroniCluster) -> 
     finally:
         server.stop()
     try:
-        store = open_store(proxy.url("behind_haproxy"))
-        try:
-            _every_acknowledged_write_once(store, list(writers))
-        finally:
-            store.close()
+        _every_acknowledged_write_once_in(proxy.url("behind_haproxy"), list(writers))
     finally:
         proxy.stop()
+
+
+@pytest.mark.slow
+def test_a_primary_cut_off_from_the_network_steps_down_before_another_is_promoted_and_nothing_acknowledged_is_lost(
+        cluster: PatroniCluster) -> None:
+    """The split-brain drill: the primary's server loses its network and keeps running (a switch, the uplink of its data
+    centre), with Rebond's writers under way. Its Patroni, cut from etcd, cannot renew its leader key: it must make its
+    PostgreSQL stop taking writes by itself, before the leader key lapses and the standby is promoted, so that never two
+    servers take writes. Rebond carries on on the new primary; when the network returns, the old primary follows it
+    (pg_rewind), and every acknowledged write is there, once."""
+    leader = cluster.wait_for(cluster.leader, 60, "no primary")
+    standby = cluster.wait_for(cluster.healed().synchronous, 120, "no synchronous standby")
+    db = cluster.create_database("partition")
+    server = RebondServer(db).start()
+    writers = [FhirWriter(server, n) for n in range(2)]
+    try:
+        reader = _under_way(server, writers)
+        cut_at = time.monotonic()
+        leader.isolate()
+        # seen from the isolated server's own console, not through its network
+        cluster.wait_for(lambda: not _takes_writes(leader, "partition"), 30, "the isolated primary still takes writes")
+        stepped_down_after = time.monotonic() - cut_at
+        cluster.wait_for(lambda: _takes_writes(standby, "partition"), 60, "the standby was not promoted")
+        promoted_after = time.monotonic() - cut_at
+        back, pauses, unread, answers = _resumed(writers, reader, cut_at)
+        print(f"\n{leader.name} cut off the network: it stopped taking writes after {stepped_down_after:.1f} s, {standby.name} "
+              f"was promoted after {promoted_after:.1f} s; longest pause in acknowledgements per client "
+              f"{', '.join(f'{p:.1f}' for p in pauses)} s, in reads {unread:.1f} s; answers {dict(answers)}")
+        assert stepped_down_after < promoted_after, "never two servers taking writes"
+        assert all(n >= 50 for n in back), f"every client's writes are acknowledged again on the new primary: {back}"
+        assert not [w.unclear for w in writers if w.unclear], "a 503 says: transient, retry after 5 s"
+        assert _takes_writes(standby, "partition") and not _takes_writes(leader, "partition"), "still one server taking writes"
+    finally:
+        server.stop()
+        leader.reconnect()
+    _every_acknowledged_write_once_in(db, list(writers))
+    cluster.wait_for(lambda: cluster.synchronous() is leader, 120, "the isolated server did not come back as the standby")
+
+
+def _takes_writes(node: PatroniNode, dbname: str) -> bool:
+    """Whether a server's PostgreSQL takes writes, asked on the server itself (False when it does not answer)."""
+    import psycopg
+
+    try:
+        with psycopg.connect(node.local_url(dbname), connect_timeout=2) as conn:
+            return not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]  # type: ignore[index]
+    except psycopg.Error:
+        return False
 
 
 @pytest.mark.slow
@@ -369,21 +405,25 @@ def _reading_from_the_standby(server: RebondServer) -> bool:
     return "La base de données centrale change de serveur" in page and "pas de serveur principal" in page
 
 
-def _every_acknowledged_write_once(store: Store, writers: list[FhirWriter | Sender]) -> None:
-    fhir = [v for w in writers if isinstance(w, FhirWriter) for v in w.acked]
-    query = parse_search("Patient", [("identifier", f"{DRILL}|")])
-    query.count = 100_000
-    found = Counter(i["value"] for p in store.search(query).matches
-                    for i in orjson.loads(p.body or b"{}")["identifier"] if i["system"] == DRILL)
-    assert not [v for v in fhir if found[v] != 1], "every acknowledged patient is there, once"
-    assert all(n == 1 for n in found.values()), "no patient twice"
+def _every_acknowledged_write_once_in(db: str, writers: list[FhirWriter | Sender]) -> None:
+    store = open_store(db)
+    try:
+        fhir = [v for w in writers if isinstance(w, FhirWriter) for v in w.acked]
+        query = parse_search("Patient", [("identifier", f"{DRILL}|")])
+        query.count = 100_000
+        found = Counter(i["value"] for p in store.search(query).matches
+                        for i in orjson.loads(p.body or b"{}")["identifier"] if i["system"] == DRILL)
+        assert not [v for v in fhir if found[v] != 1], "every acknowledged patient is there, once"
+        assert all(n == 1 for n in found.values()), "no patient twice"
 
-    hl7 = [c for w in writers if isinstance(w, Sender) for c in w.acked]
-    if not hl7:
-        return
-    kept = {m.control_id: m for m in store.messages(CHANNEL, limit=100_000)}
-    assert all(kept[c].status == "applied" for c in hl7), "every acknowledged result was applied"
-    reports = parse_search("DiagnosticReport", [("identifier", ",".join(f"F{c}" for c in hl7))])
-    reports.count = 100_000
-    matches = store.search(reports).matches
-    assert len(matches) == len(hl7) and all(r.version == 1 for r in matches), "each acknowledged result once, applied once"
+        hl7 = [c for w in writers if isinstance(w, Sender) for c in w.acked]
+        if not hl7:
+            return
+        kept = {m.control_id: m for m in store.messages(CHANNEL, limit=100_000)}
+        assert all(kept[c].status == "applied" for c in hl7), "every acknowledged result was applied"
+        reports = parse_search("DiagnosticReport", [("identifier", ",".join(f"F{c}" for c in hl7))])
+        reports.count = 100_000
+        matches = store.search(reports).matches
+        assert len(matches) == len(hl7) and all(r.version == 1 for r in matches), "each acknowledged result once, applied once"
+    finally:
+        store.close()
