@@ -306,6 +306,7 @@ def test_a_critical_result_sent_over_mllp_waits_urgent_on_the_wards_census_and_i
     census = nurse.get(f"/wards/{ward.id}").text
     assert "1 message à traiter (1 urgent)" in census and '<span class="chip late">1 urgent</span>' in census.split("</nav>")[0]
     box = nurse.get(f"/messages?box={quote(team.reference)}").text
+    assert nurse.get("/messages").text.count("Potassium 6,4 mmol/L") == 1, "the top bar's link opens the box where it waits"
     assert 'class="flag">Résultat critique' in box and "Potassium 6,4 mmol/L (HH ; normales 3,5–5)" in box
     assert f'href="/patients/{inpatient.id}#labs">Voir le résultat dans le dossier' in box
     opened = nurse.get(re.findall(r'href="(/messages/[0-9a-f-]{36})[?"]', box)[0]).text

@@ -68,6 +68,12 @@ def escalate_delay(minutes: float | str | None) -> dt.timedelta | None:
     return dt.timedelta(minutes=value) if value else None
 
 
+def _delay(after: dt.timedelta) -> str:
+    """« 15 min »; « 6 s » for a delay under a minute (a drill's)."""
+    seconds = after.total_seconds()
+    return f"{round(seconds / 60)} min" if seconds >= 60 else f"{round(seconds)} s"
+
+
 def escalation_id(call_id: str) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"critical-result-escalation|{call_id}"))
 
@@ -117,9 +123,8 @@ def physician_for(store: Store, call: Conversation, now: dt.datetime) -> Physici
 
 def passed_on(call: Resource, physician: Physician, after: dt.timedelta) -> Resource:
     """The reply that passes a call on: from the call's sender, to the physician and the call's recipients."""
-    minutes = round(after.total_seconds() / 60)
     first = message(call)
-    text = (f"Sans prise en charge par le service après {minutes} min, transmis à {physician.name} ({physician.why}). "
+    text = (f"Sans prise en charge par le service après {_delay(after)}, transmis à {physician.name} ({physician.why}). "
             + first.text)
     sent = dt.datetime.fromisoformat(str(call["sent"]).replace("Z", "+00:00")) + after
     resource: Resource = {
@@ -149,8 +154,8 @@ def escalate(store: Store, now: dt.datetime, after: dt.timedelta = ESCALATE_AFTE
         physician = physician_for(store, talk, now)
         if call is None or physician is None:
             if talk.first.id not in known:
-                log.warning("a critical result's call has waited %d min and has no physician to go to: no one on call for "
-                            "the ward, no physician on the stay (Communication/%s)", round(after.total_seconds() / 60), talk.first.id)
+                log.warning("a critical result's call has waited %s and has no physician to go to: no one on call for "
+                            "the ward, no physician on the stay (Communication/%s)", _delay(after), talk.first.id)
             if stranded is not None:
                 stranded.add(talk.first.id)
             continue
@@ -164,8 +169,7 @@ def escalate(store: Store, now: dt.datetime, after: dt.timedelta = ESCALATE_AFTE
 
         if store.write(save):
             written.append(str(reply["id"]))
-            log.info("a critical result's call waited %d min: passed on to a physician (Communication/%s)",
-                     round(after.total_seconds() / 60), reply["id"])
+            log.info("a critical result's call waited %s: passed on to a physician (Communication/%s)", _delay(after), reply["id"])
     return written
 
 

@@ -380,11 +380,14 @@ class WebApp:
 
         def load() -> tuple[list[Box], list[Box], Box | None, list[Conversation], dict[str, tuple[int, int]]]:
             mine, every = own_boxes(self.store, p.clinician), services(self.store)
-            chosen = next((b for b in [*mine, *every] if b.reference == wanted), None) if wanted else next(iter(mine), None)
-            if wanted and chosen is None:
-                raise NotFound(f"no box {wanted}")
+            counts = {b.reference: waiting(self.store, b.reference, p.now) for b in mine}
+            if wanted:
+                chosen = next((b for b in [*mine, *every] if b.reference == wanted), None)
+                if chosen is None:
+                    raise NotFound(f"no box {wanted}")
+            else:  # the box the top bar's count sent the person to: an urgent message's, else one waiting, else their own
+                chosen = max(mine, key=lambda b: (counts[b.reference][1] > 0, counts[b.reference][0] > 0, b is mine[0]), default=None)
             talks = conversations(self.store, chosen.reference, p.now) if chosen is not None else []
-            counts = {b.reference: waiting(self.store, b.reference, p.now) for b in mine if b is not chosen}
             return mine, every, chosen, talks, counts
 
         mine, every, chosen, talks, counts = await run_in_threadpool(load)
