@@ -12,7 +12,7 @@ from rebond.clinical import messaging
 from rebond.clinical.census import group_wards, ward_census
 from rebond.clinical.conventions import COMMUNICATION_CATEGORY, ON_CALL_SYSTEM, SERVICE_SYSTEM
 from rebond.clinical.escalation import ESCALATE_AFTER, escalate, passed_on, physician_for
-from rebond.clinical.records import Clinician, Entry, PatientSummary, Resource, fhir_instant, find, person_name, read
+from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, PatientSummary, Resource, fhir_instant, find, person_name, read
 from rebond.fhir.search import literal
 from rebond.hl7.intake import prepare, receive, receive_many
 from rebond.seed.demo import DemoSize, seed_demo
@@ -229,3 +229,13 @@ def test_a_site_node_passes_calls_on_only_while_cut_off_and_the_central_site_get
     finally:
         site.stop()
         central.stop()
+
+
+def test_the_census_marks_a_patient_with_a_critical_result_not_yet_acknowledged(hospital: Store) -> None:
+    ward, patient = inpatient(hospital)
+    today = dt.datetime.now(HOSPITAL_TZ).strftime("%Y%m%d").encode()
+    receive(hospital, oru("C1", str(patient.ipp), "FC1").replace(b"20261123", today))
+    receive(hospital, oru("C2", str(patient.ipp), "FC2", potassium="5,4", flag="H").replace(b"20261123", today))
+    ward_id = str(read(hospital, "HealthcareService", ward.split("/")[1])["location"][0]["reference"]).split("/")[1]  # type: ignore[index]
+    line = next(b for b in ward_census(hospital, ward_id, dt.datetime.now(dt.UTC)).beds if b.patient and b.patient.id == patient.id)
+    assert line.critical_results and "Potassium" in line.abnormal_results and line.reports_to_acknowledge >= 2

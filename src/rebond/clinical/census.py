@@ -66,6 +66,7 @@ class BedLine:
     allergies: list[Allergy] = field(default_factory=list)
     abnormal_results: list[str] = field(default_factory=list)  # analytes of reports not yet acknowledged
     reports_to_acknowledge: int = 0
+    critical_results: bool = False  # among them, a result flagged critical (HH, LL, AA)
     doses_due: int = 0
     doses_late: int = 0
     new_prescriptions: int = 0  # written in the last NEW_PRESCRIPTION_WINDOW and not yet read by a nurse
@@ -192,6 +193,7 @@ def _alerts(store: Store, occupied: list[BedLine], patient_ids: list[str], now: 
         for result in report.abnormal:
             if result.name not in line.abnormal_results:
                 line.abnormal_results.append(result.name)
+            line.critical_results = line.critical_results or result.critical
     requests = find(store, "MedicationRequest", ("patient", patients), ("status", "active"))
     given = find(store, "MedicationAdministration", ("patient", patients),
                  ("effective-time", f"ge{fhir_instant(now - LATE_DOSE_WINDOW - dt.timedelta(hours=3))}"))
