@@ -30,6 +30,7 @@ SITE_SYSTEM = "urn:rebond:site"
 TASK_CODE_SYSTEM = "urn:rebond:task"
 ACKNOWLEDGEMENT = "result-acknowledgement"
 PRESCRIPTION_ACKNOWLEDGEMENT = "prescription-acknowledgement"  # a nurse has read a new prescription
+PRESCRIPTION_VALIDATION = "prescription-validation"  # a pharmacist has validated a prescription (clinical/pharmacy.py)
 
 #: interpretation codes that make a result stand out
 ABNORMAL_FLAGS = frozenset({"H", "L", "HH", "LL", "HU", "LU", "A", "AA", "<", ">"})

@@ -31,6 +31,8 @@ class Prescription:
     indication: str = ""  # what it is given for, when needed (« douleur »)
     alerts: tuple[str, ...] = ()  # the patient's known allergies it meets (clinical/prescribing.py), filled by the chart
     seen: Acknowledgement | None = None  # the nurse who read it first (clinical/prescribing.py), filled by the chart
+    version: int = 0  # the version of the MedicationRequest it shows
+    validated: Acknowledgement | None = None  # the pharmacist who validated that version (clinical/pharmacy.py), filled by the chart
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ def prescription(request: Resource) -> Prescription:
         id=request["id"], medication=concept_text(request.get("medicationCodeableConcept")) or "?", dose=dose_text, route=route,
         times=tuple(sorted(set(times))), authored=instant(request.get("authoredOn")),
         prescriber=str((request.get("requester") or {}).get("display", "")), until=until, as_needed=as_needed,
-        indication=indication,
+        indication=indication, version=int((request.get("meta") or {}).get("versionId") or 0),
     )
 
 

@@ -38,6 +38,8 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "physician": frozenset({"view-patients", "view-notes", "view-results", "record-vitals", "acknowledge-results",
                             "resolve-conflicts", "admit-patients", "messages", "write-notes", "prescribe"}) | _FHIR,
     "lab": frozenset({"view-patients", "view-results", "messages"}) | _FHIR,
+    # the hospital pharmacy: reads the charts, validates prescriptions (clinical/pharmacy.py), writes to prescribers
+    "pharmacist": frozenset({"view-patients", "view-notes", "view-results", "messages", "validate-prescriptions"}) | _FHIR,
     "admin": frozenset({"manage-accounts", "view-status", "manage-interfaces", "post-situation", "read-audit"}),
     # the crisis cell: publishes the situation updates of the status page; no patient data
     "crisis": frozenset({"view-status", "post-situation"}),
@@ -49,7 +51,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
 }
 ROLES = tuple(PERMISSIONS)
 #: the roles of people: their accounts are copied to the site nodes
-PEOPLE = ("nurse", "physician", "lab", "admin", "crisis")
+PEOPLE = ("nurse", "physician", "lab", "pharmacist", "admin", "crisis")
 #: `Account.origin` of a site node's copy of a central account
 CENTRAL = "central"
 

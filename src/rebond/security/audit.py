@@ -71,6 +71,8 @@ WEB_PAGES: dict[str, tuple[str, str]] = {
     "/patients/{patient_id}/prescriptions/new": (N_("prescription"), "C"),
     "/patients/{patient_id}/prescriptions/{request_id}/stop": (N_("prescription stop"), "U"),
     "/patients/{patient_id}/prescriptions/{request_id}/acknowledge": (N_("prescription read"), "C"),
+    "/pharmacy": (N_("prescriptions to validate"), "R"),
+    "/pharmacy/validate": (N_("prescription validation"), "C"),
     "/messages": (N_("messages"), "R"),
     "/messages/new": (N_("message"), "C"),
     "/messages/{message_id}": (N_("message"), "R"),

@@ -49,6 +49,7 @@ from rebond.clinical.messaging import (
     ward_box,
 )
 from rebond.clinical.patients import UnclearSearch, find_patients, parse_day, patient_by_ipp_or_id
+from rebond.clinical.pharmacy import validate, worklist
 from rebond.clinical.prescribing import ROUTES, formulary, is_new, prescribe, stop
 from rebond.clinical.prescribing import acknowledge as acknowledge_prescription
 from rebond.clinical.recording import NOTE_KINDS, VITAL_SIGNS, InvalidForm, record_administration, record_note, record_vitals
@@ -174,6 +175,8 @@ class WebApp:
             Route("/patients/{patient_id}/administrations/{request_id}", page(self.administration_form, "record-administrations"),
                   methods=["GET", "POST"]),
             Route("/auth/authorize", page(self.authorize_app, "fhir-read"), methods=["GET", "POST"]),
+            Route("/pharmacy", page(self.pharmacy, "validate-prescriptions"), methods=["GET"]),
+            Route("/pharmacy/validate", page(self.validate_prescription, "validate-prescriptions"), methods=["POST"]),
             Route("/messages", page(self.messages, "messages"), methods=["GET"]),
             Route("/messages/new", page(self.new_message, "messages"), methods=["GET", "POST"]),
             Route("/messages/{message_id}", page(self.message, "messages"), methods=["GET", "POST"]),
@@ -740,6 +743,32 @@ class WebApp:
             raise NotFound(request_id)
         await run_in_threadpool(acknowledge_prescription, self.store, request_id, p.clinician, p.now)
         return RedirectResponse(f"/patients/{quote(patient_id)}#prescriptions", status_code=303)
+
+    async def pharmacy(self, p: Page) -> Response:
+        """The prescriptions waiting for the pharmacy's validation, ward by ward: of one hospital, or of all."""
+        hospital = p.request.query_params.get("hospital") or None
+        hospitals = await run_in_threadpool(lambda: group_wards(self.store, count_inpatients=False))
+        if hospital is not None and hospital not in {h.site_id for h in hospitals}:
+            raise NotFound(f"no hospital site {hospital}")
+        lists = await run_in_threadpool(worklist, self.store, hospital)
+        return self._show(p, "pharmacy.html", hospitals=hospitals, hospital=hospital, lists=lists,
+                          saved=p.request.query_params.get("saved"))
+
+    async def validate_prescription(self, p: Page) -> Response:
+        """« Valider »: the prescription as the pharmacist saw it (its version), recorded once; changed since: shown again."""
+        form = await p.request.form()
+        request_id, version = str(form.get("request", "")), str(form.get("version", ""))
+        back = safe_target(str(form.get("next", "/pharmacy")))
+        if not request_id or not version.isdigit():
+            return self.error_page(p.request, 400, p.t.gettext("This form has expired. Go back, reload the page and try again."),
+                                   p.account, p.session)
+        try:
+            await run_in_threadpool(validate, self.store, request_id, int(version), p.clinician, p.now)
+        except PreconditionFailed:
+            path = back.split("#")[0]
+            return RedirectResponse(f"{path}{'&' if '?' in path else '?'}saved=changed", status_code=303)
+        log.info("prescription %s validated by %s", request_id, p.account.username)
+        return RedirectResponse(back, status_code=303)
 
     async def reconciliation(self, p: Page) -> Response:
         conflicts = await run_in_threadpool(open_conflicts, self.store)

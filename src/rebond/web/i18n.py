@@ -109,7 +109,7 @@ def N_(message: str) -> str:
 
 #: messages the templates translate from a value: roles, dose states, the vital signs of the bedside form
 RUNTIME_MESSAGES = (
-    N_("nurse"), N_("physician"), N_("lab"), N_("admin"), N_("crisis"),
+    N_("nurse"), N_("physician"), N_("lab"), N_("pharmacist"), N_("admin"), N_("crisis"),
     N_("given"), N_("not-given"), N_("late"), N_("due"), N_("planned"),
     N_("Progress note"), N_("Nursing note"),
     N_("Heart rate"), N_("Systolic blood pressure"), N_("Diastolic blood pressure"), N_("Temperature"),
