@@ -43,6 +43,8 @@ def test_the_pharmacy_validates_each_prescription_as_it_stands_once(seeded: Stor
     assert written in waiting_ids(seeded) and waiting_ids(seeded) <= active, "the inpatients' active prescriptions, none validated yet"
     item = next(i for _w, items in listed for i in items if i.prescription.id == written)
     assert item.version == 1 and item.prescriber_ref == "Practitioner/p-martin" and item.ward.name
+    pharmacy = read(seeded, "HealthcareService", str(item.pharmacy_ref).split("/")[1])
+    assert pharmacy is not None and pharmacy["identifier"][0]["value"].endswith("-PHARMA"), "the message is written for the pharmacy"
     assert not next(r for r in patient_chart(seeded, patient, NOW).prescriptions if r.id == written).validated
 
     first = validate(seeded, written, 1, PHARMACIST, NOW + dt.timedelta(minutes=5))

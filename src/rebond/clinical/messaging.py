@@ -202,6 +202,12 @@ def missing_services(store: Store) -> list[Resource]:
     return out
 
 
+def is_hospital_service(service: Resource, kind: str) -> bool:
+    """Whether a HealthcareService is a hospital's service of this kind (LAB, PHARMA of HOSPITAL_SERVICES): its code is
+    the site's and the kind's, `H1-LAB`."""
+    return any(i.get("system") == SERVICE_SYSTEM and str(i.get("value", "")).endswith(f"-{kind}") for i in service.get("identifier") or ())
+
+
 def _service(name: str, hospital_id: str | None, location_id: str, code: str) -> Resource:
     service: Resource = {
         "resourceType": "HealthcareService", "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"urn:rebond:service:{location_id}:{code}")),

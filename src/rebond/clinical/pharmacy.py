@@ -28,6 +28,7 @@ import orjson
 from rebond.clinical.census import Allergy, Ward, allergies_by_patient, group_wards
 from rebond.clinical.conventions import PRESCRIPTION_VALIDATION, TASK_CODE_SYSTEM
 from rebond.clinical.medication import Prescription, prescription
+from rebond.clinical.messaging import is_hospital_service
 from rebond.clinical.prescribing import allergens_of, conflicts_of
 from rebond.clinical.records import (
     Clinician,
@@ -58,6 +59,7 @@ class ToValidate:
     ward: Ward
     alerts: tuple[str, ...]  # the patient's known allergies it meets
     prescriber_ref: str | None  # the Practitioner, to write to
+    pharmacy_ref: str | None = None  # the pharmacy of the ward's hospital, to write for
 
 
 def _validated_version(task: Resource) -> int | None:
@@ -111,9 +113,12 @@ def validate(store: Store, request_id: str, version: int, clinician: Clinician, 
 def worklist(store: Store, hospital_id: str | None = None) -> list[tuple[Ward, list[ToValidate]]]:
     """The active prescriptions of the inpatients that wait for the pharmacy's validation, ward by ward (of one hospital
     site, or all), the oldest first in each."""
-    wards = {w.id: w for h in group_wards(store, count_inpatients=False) if hospital_id in (None, h.site_id) for w, _n in h.wards}
+    hospitals = [h for h in group_wards(store, count_inpatients=False) if hospital_id in (None, h.site_id)]
+    wards = {w.id: w for h in hospitals for w, _n in h.wards}
     if not wards:
         return []
+    site_of = {w.id: h.site_id for h in hospitals for w, _n in h.wards}
+    pharmacies = _pharmacies(store, [h.site_id for h in hospitals])
     stays = find(store, "Encounter", ("location", any_of(f"Location/{w}" for w in wards)), ("status", "in-progress"),
                  ("_include", "Encounter:subject"))
     ward_of: dict[str, Ward] = {}
@@ -143,7 +148,20 @@ def worklist(store: Store, hospital_id: str | None = None) -> list[tuple[Ward, l
         requester = ref_id(request.get("requester"), "Practitioner")
         by_ward.setdefault(ward.id, []).append(ToValidate(
             prescription(request), version, patient_summary(patients[patient_id]), ward, tuple(a.substance for a in met),
-            f"Practitioner/{requester}" if requester else None))
+            f"Practitioner/{requester}" if requester else None, pharmacies.get(site_of[ward.id])))
     oldest = dt.datetime.min.replace(tzinfo=dt.UTC)
     return [(wards[w], sorted(items, key=lambda i: (i.prescription.authored or oldest, i.patient.name)))
             for w, items in sorted(by_ward.items(), key=lambda kv: (wards[kv[0]].hospital, wards[kv[0]].name))]
+
+
+def _pharmacies(store: Store, site_ids: list[str]) -> dict[str, str]:
+    """The pharmacy service of each hospital site (clinical/messaging.py: code `{site}-PHARMA`), by site id."""
+    out: dict[str, str] = {}
+    if not site_ids:
+        return out
+    for service in find(store, "HealthcareService", ("location", any_of(f"Location/{s}" for s in site_ids)), ("active", "true")):
+        if is_hospital_service(service, "PHARMA"):
+            site = next((ref_id(loc, "Location") for loc in service.get("location") or () if ref_id(loc, "Location") in site_ids), None)
+            if site is not None:
+                out.setdefault(site, f"HealthcareService/{service['id']}")
+    return out

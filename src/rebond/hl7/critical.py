@@ -25,7 +25,7 @@ import datetime as dt
 from typing import TYPE_CHECKING, Any
 
 from rebond.clinical.conventions import COMMUNICATION_CATEGORY, CRITICAL_FLAGS, INTERPRETATION, SERVICE_SYSTEM
-from rebond.clinical.messaging import CRITICAL_RESULT, MESSAGE
+from rebond.clinical.messaging import CRITICAL_RESULT, MESSAGE, is_hospital_service
 from rebond.clinical.records import HOSPITAL_TZ, fhir_instant, patient_summary, ref_id
 from rebond.fhir.search import literal
 
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from rebond.hl7.mapping import Writer
 
 Resource = dict[str, Any]
-LAB_CODE_SUFFIX = "-LAB"  # a hospital's lab service code: the site's code and this (clinical/messaging.py)
 _NOT_ALERTED = ("cancelled", "entered-in-error")
 
 
@@ -99,7 +98,7 @@ def _ward_service(w: Writer, patient_id: str, encounter: Resource | None) -> Res
 def _lab_service(w: Writer, sending_facility: str, ward: Resource | None) -> Resource | None:
     """The lab that calls: the service MSH-4 names (`H1-LAB`), or the lab of the site it names (`H1`), or the lab of the
     ward's hospital."""
-    for code in (sending_facility, sending_facility + LAB_CODE_SUFFIX) if sending_facility else ():
+    for code in (sending_facility, f"{sending_facility}-LAB") if sending_facility else ():
         named = w.find_one("HealthcareService", ("identifier", f"{SERVICE_SYSTEM}|{literal(code)}"), ("active", "true"))
         if named is not None:
             return named
@@ -107,8 +106,7 @@ def _lab_service(w: Writer, sending_facility: str, ward: Resource | None) -> Res
     if hospital is None:
         return None
     for service in w.find("HealthcareService", ("organization", f"Organization/{hospital}"), ("active", "true")):
-        if any(i.get("system") == SERVICE_SYSTEM and str(i.get("value", "")).endswith(LAB_CODE_SUFFIX)
-               for i in service.get("identifier") or ()):
+        if is_hospital_service(service, "LAB"):
             return service
     return None
 
