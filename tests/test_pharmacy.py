@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -13,6 +14,7 @@ from rebond.clinical.prescribing import formulary, prescribe, stop
 from rebond.clinical.records import Clinician, Entry, find, read
 from rebond.fhir import operations
 from rebond.seed.demo import DemoSize, seed_demo
+from rebond.store import open_store
 from rebond.store.base import PreconditionFailed, Store
 from tests.server import RebondServer
 from tests.web_client import csrf_of, signed_in
@@ -29,7 +31,7 @@ def seeded(store: Store) -> Store:
 
 
 def waiting_ids(store: Store) -> set[str]:
-    return {i.prescription.id for _ward, items in worklist(store) for i in items}
+    return {i.prescription.id for _ward, patients in worklist(store) for items in patients for i in items}
 
 
 def test_the_pharmacy_validates_each_prescription_as_it_stands_once(seeded: Store) -> None:
@@ -41,7 +43,8 @@ def test_the_pharmacy_validates_each_prescription_as_it_stands_once(seeded: Stor
     listed = worklist(seeded)
     active = {r["id"] for r in find(seeded, "MedicationRequest", ("status", "active"))}
     assert written in waiting_ids(seeded) and waiting_ids(seeded) <= active, "the inpatients' active prescriptions, none validated yet"
-    item = next(i for _w, items in listed for i in items if i.prescription.id == written)
+    item = next(i for _w, patients in listed for items in patients for i in items if i.prescription.id == written)
+    assert all(len({i.patient.id for i in items}) == 1 for _w, patients in listed for items in patients), "patient by patient"
     assert item.version == 1 and item.prescriber_ref == "Practitioner/p-martin" and item.ward.name
     pharmacy = read(seeded, "HealthcareService", str(item.pharmacy_ref).split("/")[1])
     assert pharmacy is not None and pharmacy["identifier"][0]["value"].endswith("-PHARMA"), "the message is written for the pharmacy"
@@ -70,7 +73,7 @@ def test_the_pharmacy_validates_each_prescription_as_it_stands_once(seeded: Stor
 
 
 def test_the_list_marks_a_prescription_that_meets_a_known_allergy(seeded: Store) -> None:
-    marked = [i for _w, items in worklist(seeded) for i in items if i.alerts]
+    marked = [i for _w, patients in worklist(seeded) for items in patients for i in items if i.alerts]
     assert marked, "the small demo holds a patient allergic to a medicine they are prescribed"
     assert all(i.prescription.medication for i in marked)
 
@@ -102,3 +105,23 @@ def test_a_pharmacist_validates_from_the_list_and_the_chart_says_so(web: RebondS
     assert nurse.get("/pharmacy").status_code == 403 and 'href="/pharmacy"' not in nurse.get("/").text
     assert nurse.post("/pharmacy/validate", data={"csrf": csrf_of(chart), "request": request_id, "version": version}).status_code == 403
     assert pharma.get(f"/patients/{patient}/prescriptions/new").status_code == 403, "the pharmacy does not prescribe"
+
+
+def test_a_pharmacist_validates_a_patients_prescriptions_at_once_and_a_changed_one_is_shown_again(web: RebondServer) -> None:
+    store = open_store(web.db)
+    try:
+        several = next(items for _w, patients in worklist(store) for items in patients if len(items) >= 3)
+    finally:
+        store.close()
+    pharma = signed_in(web.base, "pharma")
+    page = pharma.get("/pharmacy")
+    assert "Valider les " in page.text
+    first, *others = several
+    data: list[tuple[str, str]] = [("csrf", csrf_of(page.text)), ("next", "/pharmacy")]
+    data += [("request", first.prescription.id), ("version", str(first.version + 1))]  # changed since the page was shown
+    data += [pair for i in others for pair in (("request", i.prescription.id), ("version", str(i.version)))]
+    done = pharma.post("/pharmacy/validate", content=urlencode(data), headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert done.status_code == 303 and done.headers["location"] == "/pharmacy?saved=changed"
+    after = pharma.get("/pharmacy").text
+    assert all(f'name="request" value="{i.prescription.id}"' not in after for i in others), "the others are validated"
+    assert f'name="request" value="{first.prescription.id}"' in after, "the changed one waits, shown as it stands"

@@ -110,9 +110,9 @@ def validate(store: Store, request_id: str, version: int, clinician: Clinician, 
     return validations(store, [(request_id, version)])[request_id]
 
 
-def worklist(store: Store, hospital_id: str | None = None) -> list[tuple[Ward, list[ToValidate]]]:
+def worklist(store: Store, hospital_id: str | None = None) -> list[tuple[Ward, list[list[ToValidate]]]]:
     """The active prescriptions of the inpatients that wait for the pharmacy's validation, ward by ward (of one hospital
-    site, or all), the oldest first in each."""
+    site, or all), patient by patient, the oldest first."""
     hospitals = [h for h in group_wards(store, count_inpatients=False) if hospital_id in (None, h.site_id)]
     wards = {w.id: w for h in hospitals for w, _n in h.wards}
     if not wards:
@@ -149,9 +149,17 @@ def worklist(store: Store, hospital_id: str | None = None) -> list[tuple[Ward, l
         by_ward.setdefault(ward.id, []).append(ToValidate(
             prescription(request), version, patient_summary(patients[patient_id]), ward, tuple(a.substance for a in met),
             f"Practitioner/{requester}" if requester else None, pharmacies.get(site_of[ward.id])))
+    return [(wards[w], _by_patient(items)) for w, items in sorted(by_ward.items(), key=lambda kv: (wards[kv[0]].hospital, wards[kv[0]].name))]
+
+
+def _by_patient(items: list[ToValidate]) -> list[list[ToValidate]]:
+    """A ward's prescriptions to validate, patient by patient (a pharmacist reads a patient's treatment whole): the
+    patient with the oldest first, and each patient's oldest first."""
     oldest = dt.datetime.min.replace(tzinfo=dt.UTC)
-    return [(wards[w], sorted(items, key=lambda i: (i.prescription.authored or oldest, i.patient.name)))
-            for w, items in sorted(by_ward.items(), key=lambda kv: (wards[kv[0]].hospital, wards[kv[0]].name))]
+    patients: dict[str, list[ToValidate]] = {}
+    for item in sorted(items, key=lambda i: (i.prescription.authored or oldest, i.prescription.medication)):
+        patients.setdefault(item.patient.id, []).append(item)
+    return list(patients.values())
 
 
 def _pharmacies(store: Store, site_ids: list[str]) -> dict[str, str]:

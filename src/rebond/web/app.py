@@ -757,17 +757,23 @@ class WebApp:
     async def validate_prescription(self, p: Page) -> Response:
         """« Valider »: the prescription as the pharmacist saw it (its version), recorded once; changed since: shown again."""
         form = await p.request.form()
-        request_id, version = str(form.get("request", "")), str(form.get("version", ""))
+        # one prescription, or a patient's all at once: each `request` with its `version`, in order
+        pairs = list(zip([str(r) for r in form.getlist("request")], [str(v) for v in form.getlist("version")], strict=False))
         back = safe_target(str(form.get("next", "/pharmacy")))
-        if not request_id or not version.isdigit():
+        if not pairs or len(pairs) != len(form.getlist("request")) or not all(r and v.isdigit() for r, v in pairs):
             return self.error_page(p.request, 400, p.t.gettext("This form has expired. Go back, reload the page and try again."),
                                    p.account, p.session)
-        try:
-            await run_in_threadpool(validate, self.store, request_id, int(version), p.clinician, p.now)
-        except PreconditionFailed:
+        changed = False
+        for request_id, version in pairs:
+            try:
+                await run_in_threadpool(validate, self.store, request_id, int(version), p.clinician, p.now)
+            except PreconditionFailed:  # the others are validated; this one is shown again as it stands
+                changed = True
+                continue
+            log.info("prescription %s validated by %s", request_id, p.account.username)
+        if changed:
             path = back.split("#")[0]
             return RedirectResponse(f"{path}{'&' if '?' in path else '?'}saved=changed", status_code=303)
-        log.info("prescription %s validated by %s", request_id, p.account.username)
         return RedirectResponse(back, status_code=303)
 
     async def reconciliation(self, p: Page) -> Response:
