@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from rebond.hl7.intake import receive
+from rebond.security.accounts import PEOPLE
 from rebond.site.node import SiteNode
 from rebond.store import open_store
 from tests.hl7_messages import oru
@@ -159,7 +160,8 @@ def test_the_staff_sign_in_at_a_cut_off_site_with_their_central_password(demo_db
         refused = httpx.get(directory, headers=central.headers, timeout=10)  # an interface's token (role system)
         assert refused.status_code == 403 and "role 'site'" in refused.json()["issue"][0]["diagnostics"]
         shared = httpx.get(directory, headers={"Authorization": f"Bearer {token}"}, timeout=10).json()["accounts"]
-        assert "urgentiste" in {a["username"] for a in shared} and {a["role"] for a in shared} <= {"nurse", "physician", "lab", "admin", "crisis"}
+        assert "urgentiste" in {a["username"] for a in shared} and {a["role"] for a in shared} <= set(PEOPLE)
+        assert not {a["role"] for a in shared} & {"system", "site"}, "interfaces' and site nodes' accounts stay on the central site"
 
         site = SiteServer(f"sqlite:///{tmp_path}/site-H1.db", central, upstream_token=token).start()
         wait_for(lambda: site.status()["accounts"]["copied_at"] is not None, 30)
