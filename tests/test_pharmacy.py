@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from pathlib import Path
 from urllib.parse import urlencode
 
 import httpx
@@ -125,3 +126,46 @@ def test_a_pharmacist_validates_a_patients_prescriptions_at_once_and_a_changed_o
     after = pharma.get("/pharmacy").text
     assert all(f'name="request" value="{i.prescription.id}"' not in after for i in others), "the others are validated"
     assert f'name="request" value="{first.prescription.id}"' in after, "the changed one waits, shown as it stands"
+
+
+def test_a_cut_off_site_validates_and_the_same_validation_on_the_central_site_is_no_conflict(demo_db: str, tmp_path: Path) -> None:
+    """A pharmacist validates at a site node cut off; meanwhile one on the central site validates the same prescription.
+    When the link returns, both validations are there and nothing waits for a person to settle."""
+    from tests import test_site as site_tests
+
+    central = RebondServer(demo_db).start()
+    site = site_tests.start_site(central, tmp_path, ("pharma-h1", "pharmacist", "Pharmacie H1"))
+    try:
+        store = open_store(central.db)
+        try:
+            both, alone = next(items for _w, patients in worklist(store) for items in patients if len(items) >= 2)[:2]
+        finally:
+            store.close()
+        central.kill()
+        site_tests.wait_for(lambda: site.status()["upstream_reachable"] is False, 10)
+        at_site = signed_in(site.base, "pharma-h1")
+        page = at_site.get("/pharmacy")
+        for item in (both, alone):
+            answer = at_site.post("/pharmacy/validate", data={"csrf": csrf_of(page.text), "request": item.prescription.id,
+                                                               "version": str(item.version), "next": "/pharmacy"})
+            assert answer.status_code == 303 and answer.headers["location"] == "/pharmacy"
+        assert site.status()["journal_pending"] == 2
+
+        central.start()
+        store = open_store(central.db)
+        try:
+            validate(store, both.prescription.id, both.version, PHARMACIST, dt.datetime.now(dt.UTC))  # before the link returns
+        finally:
+            store.close()
+        site_tests.wait_for(lambda: site.status()["journal_pending"] == 0, 30)
+        assert site.status()["conflicts_open"] == 0
+        store = open_store(central.db)
+        try:
+            done = validations(store, [(both.prescription.id, both.version), (alone.prescription.id, alone.version)])
+            assert set(done) == {both.prescription.id, alone.prescription.id}
+            assert done[alone.prescription.id].by == "Pharmacie H1", "the site's validation reached the central site"
+        finally:
+            store.close()
+    finally:
+        site.stop()
+        central.stop()
