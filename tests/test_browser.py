@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from rebond.clinical.census import Ward, group_wards, ward_census
-from rebond.clinical.records import PatientSummary
+from rebond.clinical.records import HOSPITAL_TZ, PatientSummary
 from rebond.store import open_store
 from tests.server import RebondServer
 
@@ -242,3 +242,62 @@ def test_a_physician_prescribes_is_stopped_by_an_allergy_maintains_it_then_stops
     expect(doctor.locator(".notice")).to_have_text("Prescription arrêtée.")
     expect(doctor.locator("#prescriptions tr", has_text="Amoxicilline 1 g comprimé")).to_have_count(count - 1)
     doctor.close()
+
+
+def test_a_critical_potassium_reaches_the_nurse_from_every_page_and_the_pharmacy_validates_a_treatment(browser: object,
+                                                                                                        demo_db: str) -> None:
+    """The lab's analyzer sends a potassium at 6.4 mmol/L (HH) over MLLP: the nurse, on whatever page, sees « 1 urgent »,
+    is led to the lab's call, to the result, and takes it in hand. Then the pharmacist validates a patient's treatment."""
+    import hl7.client
+    from playwright.sync_api import Browser, expect
+
+    from rebond.hl7.mllp import ack_code
+    from tests.hl7_messages import oru
+    from tests.pg_harness import free_port
+
+    assert isinstance(browser, Browser)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    server = RebondServer(demo_db, "--mllp-port", str(port)).start()
+    try:
+        ward, patient = _first_inpatient(server)
+        nurse = _signed_in_page(browser, server, "nurse")
+        nurse.goto(f"{server.base}/procedures")  # reading the binder, far from the ward's census
+        expect(nurse.locator("header.top .chip.late")).to_have_count(0)
+        today = dt.datetime.now(HOSPITAL_TZ).strftime("%Y%m%d").encode()  # the test message's day made today's
+        with hl7.client.MLLPClient("127.0.0.1", port) as client:
+            assert ack_code(client.send_message(oru("B1", str(patient.ipp), "FB1").replace(b"20261123", today))) == "AA"
+        nurse.reload()
+        urgent = nurse.locator("header.top .chip.late")
+        expect(urgent).to_have_text("1 urgent")
+        nurse.screenshot(path=ARTIFACTS / "30-top-bar-urgent.png")
+        nurse.get_by_role("link", name="Messages").first.click()
+        call = nurse.locator(".conversation.waiting", has_text="Résultat critique")
+        expect(call).to_contain_text("Potassium 6,4 mmol/L (HH ; normales 3,5–5)")
+        nurse.screenshot(path=ARTIFACTS / "31-critical-call.png", full_page=True)
+        call.get_by_role("link", name="Voir le résultat dans le dossier").click()
+        expect(nurse.locator("#labs .chip.result.critical").first).to_contain_text("Potassium 6,4")
+        expect(nurse.locator(".patient-banner")).to_contain_text(patient.name)
+        nurse.screenshot(path=ARTIFACTS / "32-critical-in-chart.png")
+        nurse.go_back()
+        nurse.locator(".conversation.waiting", has_text="Résultat critique").get_by_role("link", name="Ouvrir, répondre").click()
+        nurse.get_by_role("button", name="Je m'en occupe").click()
+        expect(nurse.locator("article.message.taken")).to_be_visible()
+        expect(nurse.locator("header.top .chip.late")).to_have_count(0)
+        nurse.close()
+
+        pharma = _signed_in_page(browser, server, "pharma")
+        pharma.get_by_role("link", name="Pharmacie").click()
+        expect(pharma.locator("h1")).to_have_text("Prescriptions à valider")
+        several = pharma.locator("main td", has=pharma.get_by_role("button", name="Valider les")).first  # a patient's treatment
+        href = several.locator("a.patient").get_attribute("href")
+        pharma.screenshot(path=ARTIFACTS / "33-pharmacy.png")
+        several.get_by_role("button", name="Valider les").click()
+        expect(pharma.locator(f"main a.patient[href='{href}']")).to_have_count(0)
+        pharma.goto(f"{server.base}{str(href).split('#')[0]}")
+        expect(pharma.locator("#prescriptions")).to_contain_text("validée par la pharmacie : Pharmacie (démo)")
+        expect(pharma.locator("#prescriptions")).not_to_contain_text("en attente de validation pharmaceutique")
+        pharma.screenshot(path=ARTIFACTS / "34-validated-chart.png", full_page=True)
+        pharma.close()
+    finally:
+        server.stop()
