@@ -42,9 +42,26 @@ def _range_condition(prefix: str, lo_col: str, hi_col: str, value: Value, is_dat
 
 
 def _or(fragments: list[Fragment]) -> Fragment:
+    """The fragments OR'ed, nested in halves: SQLite parses `a OR b OR c …` into a tree as deep as the list is long, and
+    refuses one deeper than 1,000 (500 references); in halves, 10,000 values are 14 deep."""
     if len(fragments) == 1:
         return fragments[0]
-    return Fragment("(" + " OR ".join(f.sql for f in fragments) + ")", [p for f in fragments for p in f.params])
+    if len(fragments) <= 8:
+        return Fragment("(" + " OR ".join(f.sql for f in fragments) + ")", [p for f in fragments for p in f.params])
+    half = len(fragments) // 2
+    return _or([_or(fragments[:half]), _or(fragments[half:])])
+
+
+def _values_condition(clause: Clause) -> Fragment:
+    """What the clause's values ask of an index row: references to resources of one type as one IN list (the usual
+    « these patients », « these prescriptions »: one probe of the index each), anything else each value OR'ed."""
+    targets = clause.param.targets if clause.param else ()
+    if clause.type == "reference" and len(clause.values) > 1 and clause.modifier is None:
+        types = {v.ref_type or (targets[0] if len(targets) == 1 else None) for v in clause.values}
+        if len(types) == 1 and None not in types and all(v.ref_id is not None for v in clause.values):
+            ids = list(dict.fromkeys(str(v.ref_id) for v in clause.values))
+            return Fragment(f"(target_type = ? AND target_id IN ({', '.join('?' for _ in ids)}))", [types.pop(), *ids])
+    return _or([_value_condition(clause, v) for v in clause.values])
 
 
 def _value_condition(clause: Clause, value: Value) -> Fragment:
@@ -144,7 +161,7 @@ def clause_fragment(clause: Clause, resource_type: str, alias: str, *, drive: bo
     if clause.missing is not None:
         neg = "NOT " if clause.missing else ""
         return Fragment(f"{neg}EXISTS (SELECT 1 FROM {table} p WHERE p.rid = {rid} AND {probe.sql})", probe.params)
-    cond = _or([_value_condition(clause, v) for v in clause.values])
+    cond = _values_condition(clause)
     if clause.modifier == "not":
         return Fragment(f"NOT EXISTS (SELECT 1 FROM {table} p WHERE p.rid = {rid} AND {probe.sql} AND {cond.sql})",
                         [*probe.params, *cond.params])
