@@ -177,6 +177,14 @@ class PatroniNode:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(os.getpgid(postmaster), signal.SIGKILL)
 
+    def lose_patroni(self) -> None:
+        """Patroni alone dies (killed -9: a crash, the OOM killer); its PostgreSQL, in a session of its own, runs on as it
+        was. Without a watchdog to reset the machine, a primary's goes on taking connections as a primary."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
     @property
     def lost(self) -> bool:
         return self.proc is None or self.proc.poll() is not None

@@ -343,21 +343,28 @@ def test_a_primary_cut_off_from_the_network_steps_down_before_another_is_promote
         # seen from the isolated server's own console, not through its network
         cluster.wait_for(lambda: not _takes_writes(leader, "partition"), 30, "the isolated primary still takes writes")
         stepped_down_after = time.monotonic() - cut_at
-        cluster.wait_for(lambda: _takes_writes(standby, "partition"), 60, "the standby was not promoted")
-        promoted_after = time.monotonic() - cut_at
-        back, pauses, unread, answers = _resumed(writers, reader, cut_at)
-        print(f"\n{leader.name} cut off the network: it stopped taking writes after {stepped_down_after:.1f} s, {standby.name} "
-              f"was promoted after {promoted_after:.1f} s; longest pause in acknowledgements per client "
-              f"{', '.join(f'{p:.1f}' for p in pauses)} s, in reads {unread:.1f} s; answers {dict(answers)}")
+        promoted_after, how = _carried_on_by(cluster, standby, "partition", writers, reader, cut_at)
+        print(f"\n{leader.name} cut off the network: it stopped taking writes after {stepped_down_after:.1f} s, {how}")
         assert stepped_down_after < promoted_after, "never two servers taking writes"
-        assert all(n >= 50 for n in back), f"every client's writes are acknowledged again on the new primary: {back}"
-        assert not [w.unclear for w in writers if w.unclear], "a 503 says: transient, retry after 5 s"
         assert _takes_writes(standby, "partition") and not _takes_writes(leader, "partition"), "still one server taking writes"
     finally:
         server.stop()
         leader.reconnect()
     _every_acknowledged_write_once_in(db, list(writers))
     cluster.wait_for(lambda: cluster.synchronous() is leader, 120, "the isolated server did not come back as the standby")
+
+
+def _carried_on_by(cluster: PatroniCluster, standby: PatroniNode, dbname: str, writers: list[FhirWriter], reader: FhirReader,
+                   since: float) -> tuple[float, str]:
+    """The standby promoted, and every writer acknowledged again on it (each 503 said transient): when it was promoted
+    (seconds after `since`), and the pauses and answers, said."""
+    cluster.wait_for(lambda: _takes_writes(standby, dbname), 60, "the standby was not promoted")
+    promoted_after = time.monotonic() - since
+    back, pauses, unread, answers = _resumed(list(writers), reader, since)
+    assert all(n >= 50 for n in back), f"every client's writes are acknowledged again on the new primary: {back}"
+    assert not [w.unclear for w in writers if w.unclear], "a 503 says: transient, retry after 5 s"
+    return promoted_after, (f"{standby.name} was promoted after {promoted_after:.1f} s; longest pause in acknowledgements per "
+                            f"client {', '.join(f'{p:.1f}' for p in pauses)} s, in reads {unread:.1f} s; answers {dict(answers)}")
 
 
 def _takes_writes(node: PatroniNode, dbname: str) -> bool:
@@ -398,6 +405,37 @@ def test_a_busy_pool_is_no_failover(cluster: PatroniCluster) -> None:
         for t in holders:
             t.join(30)
         store.close()
+
+
+@pytest.mark.slow
+def test_behind_haproxy_a_primary_whose_patroni_died_is_left_for_the_promoted_standby(cluster: PatroniCluster) -> None:
+    """Patroni alone dies on the primary's server; its PostgreSQL runs on, still a primary, with no watchdog here to reset
+    the machine. The standby is promoted when the leader key lapses. HAProxy asks each Patroni which one leads: the dead one
+    answers nothing, so HAProxy cuts the connections to the old primary and leads Rebond to the new one. (With both servers
+    in Rebond's URL instead, libpq keeps the old primary, which takes connections as a primary, and every commit waits
+    there for a standby that has left: docs/high-availability.md.)"""
+    proxy = HAProxy(cluster).start()
+    leader = cluster.wait_for(cluster.leader, 60, "no primary")
+    standby = cluster.wait_for(cluster.healed().synchronous, 120, "no synchronous standby")
+    cluster.create_database("patroni_dies")
+    server = RebondServer(proxy.url("patroni_dies")).start()
+    writers = [FhirWriter(server, n) for n in range(2)]
+    try:
+        reader = _under_way(server, writers)
+        died_at = time.monotonic()
+        leader.lose_patroni()
+        assert _takes_writes(leader, "patroni_dies"), "its PostgreSQL runs on as a primary"
+        _promoted_after, how = _carried_on_by(cluster, standby, "patroni_dies", writers, reader, died_at)
+        print(f"\nbehind HAProxy, {leader.name}'s Patroni killed: {how}")
+    finally:
+        server.stop()
+    try:
+        _every_acknowledged_write_once_in(proxy.url("patroni_dies"), list(writers))
+    finally:
+        proxy.stop()
+    # Patroni started again finds its PostgreSQL a primary on an old timeline: it demotes it and makes it follow (pg_rewind)
+    leader.start()
+    cluster.wait_for(lambda: cluster.synchronous() is leader, 120, "the old primary did not come back as the standby")
 
 
 def _reading_from_the_standby(server: RebondServer) -> bool:
