@@ -354,6 +354,33 @@ def test_a_primary_cut_off_from_the_network_steps_down_before_another_is_promote
     cluster.wait_for(lambda: cluster.synchronous() is leader, 120, "the isolated server did not come back as the standby")
 
 
+@pytest.mark.slow
+def test_with_both_servers_in_the_url_a_primary_whose_patroni_died_is_left_for_the_newer(cluster: PatroniCluster) -> None:
+    """The same without HAProxy: libpq keeps the old primary, which takes connections as a primary, and every commit
+    waits there for a standby that has left. Rebond watches the servers of its URL: when two take writes, it follows the
+    newest timeline (the promoted standby) and ends its own sessions on the old one, whose requests get 503 and are sent
+    again. Nothing acknowledged is lost, nothing is there twice."""
+    leader = cluster.wait_for(cluster.leader, 60, "no primary")
+    standby = cluster.wait_for(cluster.healed().synchronous, 120, "no synchronous standby")
+    db = cluster.create_database("patroni_dies_url")
+    server = RebondServer(db).start()
+    writers = [FhirWriter(server, n) for n in range(2)]
+    try:
+        reader = _under_way(server, writers)
+        died_at = time.monotonic()
+        leader.lose_patroni()
+        _promoted_after, how = _carried_on_by(cluster, standby, "patroni_dies_url", writers, reader, died_at)
+        print(f"\nboth servers in the URL, {leader.name}'s Patroni killed: {how}")
+        assert _takes_writes(leader, "patroni_dies_url"), "the old primary still takes writes: Rebond left it, no one stopped it"
+        database = server.status()["database"]
+        assert isinstance(database, dict) and database["server"] == standby.listening, database
+    finally:
+        server.stop()
+    _every_acknowledged_write_once_in(db, list(writers))
+    leader.start()
+    cluster.wait_for(lambda: cluster.synchronous() is leader, 120, "the old primary did not come back as the standby")
+
+
 def _carried_on_by(cluster: PatroniCluster, standby: PatroniNode, dbname: str, writers: list[FhirWriter], reader: FhirReader,
                    since: float) -> tuple[float, str]:
     """The standby promoted, and every writer acknowledged again on it (each 503 said transient): when it was promoted
@@ -412,8 +439,7 @@ def test_behind_haproxy_a_primary_whose_patroni_died_is_left_for_the_promoted_st
     """Patroni alone dies on the primary's server; its PostgreSQL runs on, still a primary, with no watchdog here to reset
     the machine. The standby is promoted when the leader key lapses. HAProxy asks each Patroni which one leads: the dead one
     answers nothing, so HAProxy cuts the connections to the old primary and leads Rebond to the new one. (With both servers
-    in Rebond's URL instead, libpq keeps the old primary, which takes connections as a primary, and every commit waits
-    there for a standby that has left: docs/high-availability.md.)"""
+    in Rebond's URL instead, Rebond itself leaves it: the next drill.)"""
     proxy = HAProxy(cluster).start()
     leader = cluster.wait_for(cluster.leader, 60, "no primary")
     standby = cluster.wait_for(cluster.healed().synchronous, 120, "no synchronous standby")

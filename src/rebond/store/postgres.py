@@ -116,12 +116,45 @@ def standby_connection_string(url: str) -> str | None:
     return connection_string(make_conninfo(url, target_session_attrs="prefer-standby"))
 
 
+def _servers(conninfo: str) -> list[tuple[str, str]]:
+    """The (host, port) of each server a connection string names, in order."""
+    given = conninfo_to_dict(conninfo)
+    hosts = str(given.get("host", "")).split(",")
+    ports = str(given.get("port", "") or "5432").split(",")
+    return [(host, ports[n] if n < len(ports) else ports[-1]) for n, host in enumerate(hosts)]
+
+
+def _primary_timeline(watchers: dict[tuple[str, str], psycopg.Connection[Any]], conninfo: str, server: tuple[str, str]) -> int | None:
+    """The timeline of a server that takes writes; None for a standby, or a server that does not answer. The watch's own
+    connection to each server is kept between rounds."""
+    conn = watchers.get(server)
+    try:
+        if conn is None or conn.closed:
+            conn = watchers[server] = psycopg.connect(make_conninfo(conninfo, host=server[0], port=server[1],
+                                                                    target_session_attrs="any", connect_timeout=2),
+                                                      autocommit=True, application_name=f"{APPLICATION_NAME}-watch")
+        row = conn.execute("SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN 0"
+                           " ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END").fetchone()
+    except psycopg.Error:
+        if conn is not None:
+            conn.close()
+        watchers.pop(server, None)
+        return None
+    return None if row is None or row[0] else int(row[1])
+
+
 #: while no primary answers, reads go to a standby this long before the primary is tried again
 PRIMARY_RETRY_SECONDS = 2.0
 #: a read waits this long for a primary's connection before a standby serves it (writes wait the pool's 10 s)
 READ_WAIT_SECONDS = 2.0
 #: a lost connection of the pool is tried again for this long, then another request's wait tries afresh
 RECONNECT_SECONDS = 2.0
+
+#: with several servers in the URL, how often Rebond looks for a second primary: a server whose Patroni died while its
+#: PostgreSQL ran on (no watchdog), still taking connections as a primary after the standby was promoted
+TIMELINE_CHECK_SECONDS = 2.0
+#: Rebond's sessions say so (pg_stat_activity), so that it ends its own on a primary left behind, and no one else's
+APPLICATION_NAME = "rebond"
 
 #: errors after which a pooled connection may be to a server gone or no longer the primary
 _LOST = (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction)
@@ -142,19 +175,16 @@ class PostgresStore(SQLStore):
         self._standby_lock = threading.Lock()
         self.primary_lost_at: float | None = None  # time.monotonic() when reads last found no primary; None: it answers
         self._conninfo = connection_string(url)
+        self._pool_size = pool_size
+        self._servers = _servers(self._conninfo)  # each server of the URL, in the order libpq tries them
+        self._closed = threading.Event()
+        if len(self._servers) > 1:  # started while a primary left behind still runs: connect to the newer at once
+            first_look: dict[tuple[str, str], psycopg.Connection[Any]] = {}
+            self._newer_first(first_look)
+            for conn in first_look.values():
+                conn.close()
         try:
-            self._pool = ConnectionPool(
-                self._conninfo,
-                min_size=2,
-                max_size=pool_size,
-                kwargs={"autocommit": True, "options": "-c synchronous_commit=on"},
-                open=True,
-                timeout=10,  # a request waits that long for a connection (while a failover elects a new primary)
-                # a lost connection is tried again 3 times in 2 s, then its place is freed: the next request that waits
-                # tries at once. The pool's own way, tries after 1, 2, 4, 8, 16… s, would leave a new primary unused
-                # for as long again as the failover took
-                reconnect_timeout=RECONNECT_SECONDS,
-            )
+            self._pool = self._new_pool(self._conninfo)
             self._pool.wait(timeout=30)
             with self._pool.connection() as conn:
                 conn.execute("SELECT pg_advisory_lock(4242)")  # two servers starting at once create the schema once
@@ -174,6 +204,70 @@ class PostgresStore(SQLStore):
             if isinstance(err, Unavailable):
                 raise
             raise Unavailable(f"cannot reach PostgreSQL: {err}") from err
+        if len(self._servers) > 1:
+            threading.Thread(target=self._watch_timelines, name="rebond-timelines", daemon=True).start()
+
+    def _new_pool(self, conninfo: str) -> ConnectionPool:
+        return ConnectionPool(
+            conninfo,
+            min_size=2,
+            max_size=self._pool_size,
+            kwargs={"autocommit": True, "options": "-c synchronous_commit=on", "application_name": APPLICATION_NAME},
+            open=True,
+            timeout=10,  # a request waits that long for a connection (while a failover elects a new primary)
+            # a lost connection is tried again 3 times in 2 s, then its place is freed: the next request that waits
+            # tries at once. The pool's own way, tries after 1, 2, 4, 8, 16… s, would leave a new primary unused
+            # for as long again as the failover took
+            reconnect_timeout=RECONNECT_SECONDS,
+        )
+
+    # -- a primary left behind: the newest timeline wins
+
+    def _watch_timelines(self) -> None:
+        """With several servers in the URL, every TIMELINE_CHECK_SECONDS: if two take writes, follow the newest."""
+        watchers: dict[tuple[str, str], psycopg.Connection[Any]] = {}
+        while not self._closed.wait(TIMELINE_CHECK_SECONDS):
+            try:
+                self._follow_newest_timeline(watchers)
+            except Exception:  # the watch itself must never stop; a request's own errors say what is wrong
+                log.exception("looking for a primary left behind failed")
+        for conn in watchers.values():
+            conn.close()
+
+    def _newer_first(self, watchers: dict[tuple[str, str], psycopg.Connection[Any]]) -> tuple[str, str] | None:
+        """When two servers of the URL take writes and libpq would keep the one on the older timeline: the servers put in
+        an order that leads libpq to the newer, and the one left behind returned; None otherwise."""
+        primaries: dict[tuple[str, str], int] = {}
+        for server in self._servers:
+            timeline = _primary_timeline(watchers, self._conninfo, server)
+            if timeline is not None:
+                primaries[server] = timeline
+        if len(primaries) < 2:
+            return None
+        newest = max(primaries, key=lambda s: primaries[s])
+        chosen = next(s for s in self._servers if s in primaries)  # libpq keeps the first that takes writes
+        if chosen == newest:
+            return None
+        log.error("two PostgreSQL servers take writes: %s:%s (timeline %d) was left behind by %s:%s (timeline %d, promoted): "
+                  "following the newer; stop the other (its Patroni is gone?)", *chosen, primaries[chosen], *newest, primaries[newest])
+        self._servers = [newest, *(s for s in self._servers if s != newest)]
+        self._conninfo = make_conninfo(self._conninfo, host=",".join(h for h, _p in self._servers),
+                                       port=",".join(p for _h, p in self._servers))
+        return chosen
+
+    def _follow_newest_timeline(self, watchers: dict[tuple[str, str], psycopg.Connection[Any]]) -> None:
+        chosen = self._newer_first(watchers)
+        if chosen is None:
+            return
+        old, self._pool = self._pool, self._new_pool(self._conninfo)
+        # Rebond's sessions on the primary left behind: their commits wait there for a standby that has left, and can
+        # never be acknowledged. Ended, each request gets its error (503, transient) and is sent again to the newer.
+        try:
+            watchers[chosen].execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = current_user"
+                                     " AND application_name = %s AND pid <> pg_backend_pid()", (APPLICATION_NAME,))
+        except psycopg.Error as err:
+            log.error("Rebond's sessions on the primary left behind could not be ended: %s", err)
+        threading.Thread(target=old.close, kwargs={"timeout": 30}, daemon=True).start()
 
     def blob(self, body: bytes | None) -> Any:
         return body
@@ -419,6 +513,7 @@ class PostgresStore(SQLStore):
         return self.primary_lost_at is not None
 
     def close(self) -> None:
+        self._closed.set()
         self._pool.close()
         if self._standby_pool is not None:
             self._standby_pool.close()
