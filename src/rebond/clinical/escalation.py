@@ -180,7 +180,7 @@ class Escalation(BackgroundLoop):
         self.store = store
         self.after = after
         self.active = active  # a site node makes the rounds only while it cannot reach the central site
-        self.every = min(CHECK_EVERY, max(1.0, after.total_seconds() / 5))  # a short delay (a drill) is kept to
+        self.every = min(CHECK_EVERY, max(1.0, after.total_seconds() / 5))  # a short delay (a drill's): looked at 5 times over
         self.me = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.holding = False
         self.passed_on = 0  # since the start, by this process

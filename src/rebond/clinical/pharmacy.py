@@ -3,8 +3,8 @@
 A hospital pharmacist reads every new prescription against the patient (allergies, the rest of
 the treatment) and validates it, or writes to the prescriber. Here:
 
-- the pharmacy's list (`worklist`) holds the active prescriptions of the inpatients, ward by
-  ward, whose current version no pharmacist has validated, the oldest first;
+- the pharmacy's list (`worklist`) holds the active prescriptions of the inpatients whose
+  current version no pharmacist has validated: ward by ward, patient by patient, the oldest first;
 - « Valider » records a completed Task (code `urn:rebond:task|prescription-validation`) whose
   `focus` is the prescription and whose `input` names the version validated: once per version
   on a node (a double click, two pharmacists). A site node cut off and the central site may each
