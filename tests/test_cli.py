@@ -70,6 +70,14 @@ def test_serve_refuses_a_negative_number_of_mllp_workers_before_starting(tmp_pat
     assert "serving" not in result.stdout
 
 
+@pytest.mark.parametrize("command", ["serve", "site"])
+def test_a_negative_delay_before_critical_results_go_to_a_physician_is_refused_in_one_line(command: str, tmp_path: Path) -> None:
+    site_args = ["--upstream", "http://127.0.0.1:9/fhir", "--site-id", "H1"] if command == "site" else []
+    result = rebond(command, *site_args, "--db", f"sqlite:///{tmp_path / 'r.db'}", "--escalate-after", "-3")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["rebond: --escalate-after takes minutes, 0 or more, not -3.0"]
+
+
 def test_import_reports_bad_files_and_exits_non_zero(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path}/x.db"
     good = tmp_path / "good.ndjson"
