@@ -98,7 +98,8 @@ class SiteNode(Node):
         return self.upstream, self.token
 
     def makes_rounds(self) -> bool:
-        return not self.follower.state.upstream_reachable
+        feed = self.follower.state
+        return not feed.upstream_reachable and feed.unreachable_since is not None  # known cut off, not merely starting
 
     def status(self, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now
