@@ -331,11 +331,7 @@ def test_a_primary_cut_off_from_the_network_steps_down_before_another_is_promote
     PostgreSQL stop taking writes by itself, before the leader key lapses and the standby is promoted, so that never two
     servers take writes. Rebond carries on on the new primary; when the network returns, the old primary follows it
     (pg_rewind), and every acknowledged write is there, once."""
-    leader = cluster.wait_for(cluster.leader, 60, "no primary")
-    standby = cluster.wait_for(cluster.healed().synchronous, 120, "no synchronous standby")
-    db = cluster.create_database("partition")
-    server = RebondServer(db).start()
-    writers = [FhirWriter(server, n) for n in range(2)]
+    leader, standby, db, server, writers = _primary_and_standby_with_rebond(cluster, "partition")
     try:
         reader = _under_way(server, writers)
         cut_at = time.monotonic()
@@ -359,26 +355,37 @@ def test_with_both_servers_in_the_url_a_primary_whose_patroni_died_is_left_for_t
     """The same without HAProxy: libpq keeps the old primary, which takes connections as a primary, and every commit
     waits there for a standby that has left. Rebond watches the servers of its URL: when two take writes, it follows the
     newest timeline (the promoted standby) and ends its own sessions on the old one, whose requests get 503 and are sent
-    again. Nothing acknowledged is lost, nothing is there twice."""
+    again. Nothing acknowledged is lost, nothing is there twice. Twice, so that the old primary is once first in the URL
+    (libpq would choose it for new connections) and once second (Rebond's connections were opened there before)."""
+    for round_ in (1, 2):
+        dbname = f"patroni_dies_url_{round_}"
+        leader, standby, db, server, writers = _primary_and_standby_with_rebond(cluster, dbname)
+        try:
+            reader = _under_way(server, writers)
+            died_at = time.monotonic()
+            leader.lose_patroni()
+            _promoted_after, how = _carried_on_by(cluster, standby, dbname, writers, reader, died_at)
+            print(f"\nboth servers in the URL, {leader.name}'s Patroni killed: {how}")
+            assert not sum((w.answers for w in writers), Counter())["ReadTimeout"], "no request left waiting on the old primary"
+            assert _takes_writes(leader, dbname), "the old primary still takes writes: Rebond left it, no one stopped it"
+            database = server.status()["database"]
+            assert isinstance(database, dict) and database["server"] == standby.listening, database
+        finally:
+            server.stop()
+        _every_acknowledged_write_once_in(db, list(writers))
+        leader.start()
+        cluster.wait_for(lambda node=leader: cluster.synchronous() is node, 120, "the old primary did not come back as the standby")
+
+
+def _primary_and_standby_with_rebond(cluster: PatroniCluster, dbname: str) -> tuple[PatroniNode, PatroniNode, str, RebondServer,
+                                                                                     list[FhirWriter]]:
+    """A drill's start: the primary, its synchronous standby, a database on them, Rebond serving it with both servers in
+    its URL, and two FHIR writers (not started)."""
     leader = cluster.wait_for(cluster.leader, 60, "no primary")
     standby = cluster.wait_for(cluster.healed().synchronous, 120, "no synchronous standby")
-    db = cluster.create_database("patroni_dies_url")
+    db = cluster.create_database(dbname)
     server = RebondServer(db).start()
-    writers = [FhirWriter(server, n) for n in range(2)]
-    try:
-        reader = _under_way(server, writers)
-        died_at = time.monotonic()
-        leader.lose_patroni()
-        _promoted_after, how = _carried_on_by(cluster, standby, "patroni_dies_url", writers, reader, died_at)
-        print(f"\nboth servers in the URL, {leader.name}'s Patroni killed: {how}")
-        assert _takes_writes(leader, "patroni_dies_url"), "the old primary still takes writes: Rebond left it, no one stopped it"
-        database = server.status()["database"]
-        assert isinstance(database, dict) and database["server"] == standby.listening, database
-    finally:
-        server.stop()
-    _every_acknowledged_write_once_in(db, list(writers))
-    leader.start()
-    cluster.wait_for(lambda: cluster.synchronous() is leader, 120, "the old primary did not come back as the standby")
+    return leader, standby, db, server, [FhirWriter(server, n) for n in range(2)]
 
 
 def _carried_on_by(cluster: PatroniCluster, standby: PatroniNode, dbname: str, writers: list[FhirWriter], reader: FhirReader,

@@ -180,7 +180,9 @@ class PostgresStore(SQLStore):
         self._closed = threading.Event()
         if len(self._servers) > 1:  # started while a primary left behind still runs: connect to the newer at once
             first_look: dict[tuple[str, str], psycopg.Connection[Any]] = {}
-            self._newer_first(first_look)
+            primaries = self._primaries(first_look)
+            if len(primaries) > 1 and self._newer_first(primaries):
+                log.error("two PostgreSQL servers take writes: connecting to the one on the newest timeline")
             for conn in first_look.values():
                 conn.close()
         try:
@@ -234,40 +236,54 @@ class PostgresStore(SQLStore):
         for conn in watchers.values():
             conn.close()
 
-    def _newer_first(self, watchers: dict[tuple[str, str], psycopg.Connection[Any]]) -> tuple[str, str] | None:
-        """When two servers of the URL take writes and libpq would keep the one on the older timeline: the servers put in
-        an order that leads libpq to the newer, and the one left behind returned; None otherwise."""
-        primaries: dict[tuple[str, str], int] = {}
+    def _primaries(self, watchers: dict[tuple[str, str], psycopg.Connection[Any]]) -> dict[tuple[str, str], int]:
+        """The servers of the URL that take writes, with their timelines."""
+        found: dict[tuple[str, str], int] = {}
         for server in self._servers:
             timeline = _primary_timeline(watchers, self._conninfo, server)
             if timeline is not None:
-                primaries[server] = timeline
-        if len(primaries) < 2:
-            return None
+                found[server] = timeline
+        return found
+
+    def _newer_first(self, primaries: dict[tuple[str, str], int]) -> bool:
+        """When two servers take writes and libpq would take the one on the older timeline first: the servers put in an
+        order that leads libpq to the newer; whether the order changed."""
         newest = max(primaries, key=lambda s: primaries[s])
-        chosen = next(s for s in self._servers if s in primaries)  # libpq keeps the first that takes writes
-        if chosen == newest:
-            return None
-        log.error("two PostgreSQL servers take writes: %s:%s (timeline %d) was left behind by %s:%s (timeline %d, promoted): "
-                  "following the newer; stop the other (its Patroni is gone?)", *chosen, primaries[chosen], *newest, primaries[newest])
+        if next(s for s in self._servers if s in primaries) == newest:  # libpq keeps the first that takes writes
+            return False
         self._servers = [newest, *(s for s in self._servers if s != newest)]
         self._conninfo = make_conninfo(self._conninfo, host=",".join(h for h, _p in self._servers),
                                        port=",".join(p for _h, p in self._servers))
-        return chosen
+        return True
 
     def _follow_newest_timeline(self, watchers: dict[tuple[str, str], psycopg.Connection[Any]]) -> None:
-        chosen = self._newer_first(watchers)
-        if chosen is None:
+        primaries = self._primaries(watchers)
+        if len(primaries) < 2:
             return
-        old, self._pool = self._pool, self._new_pool(self._conninfo)
-        # Rebond's sessions on the primary left behind: their commits wait there for a standby that has left, and can
-        # never be acknowledged. Ended, each request gets its error (503, transient) and is sent again to the newer.
-        try:
-            watchers[chosen].execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = current_user"
-                                     " AND application_name = %s AND pid <> pg_backend_pid()", (APPLICATION_NAME,))
-        except psycopg.Error as err:
-            log.error("Rebond's sessions on the primary left behind could not be ended: %s", err)
-        threading.Thread(target=old.close, kwargs={"timeout": 30}, daemon=True).start()
+        reordered = self._newer_first(primaries)
+        if reordered:
+            old, self._pool = self._pool, self._new_pool(self._conninfo)
+            threading.Thread(target=old.close, kwargs={"timeout": 30}, daemon=True).start()
+        # Rebond's sessions on a primary left behind, whichever order they were opened in: their commits wait there for a
+        # standby that has left, and can never be acknowledged. Ended, each request gets its error (503, transient) and is
+        # sent again; the pool's new connections go to the newer, first in the order now.
+        newest = self._servers[0]
+        ended = 0
+        for server in primaries:
+            if server == newest:
+                continue
+            try:
+                ended += len(watchers[server].execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = current_user"
+                    " AND application_name = %s AND pid <> pg_backend_pid()", (APPLICATION_NAME,)).fetchall())
+            except psycopg.Error as err:
+                log.error("Rebond's sessions on the primary left behind could not be ended: %s", err)
+            if reordered or ended:
+                log.error("two PostgreSQL servers take writes: %s:%s (timeline %d) was left behind by %s:%s (timeline %d, "
+                          "promoted); following the newer, %d Rebond session(s) ended on the other: stop it (its Patroni is "
+                          "gone?)", *server, primaries[server], *newest, primaries[newest], ended)
+        if ended:
+            self._pool.check()  # the ended connections replaced at once, on the newer
 
     def blob(self, body: bytes | None) -> Any:
         return body
