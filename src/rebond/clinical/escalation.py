@@ -78,9 +78,9 @@ def escalation_id(call_id: str) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"critical-result-escalation|{call_id}"))
 
 
-def overdue(store: Store, now: dt.datetime, after: dt.timedelta) -> list[Conversation]:
+def overdue(store: Store, now: dt.datetime, after: dt.timedelta) -> list[tuple[Resource, Conversation]]:
     """The lab's calls for critical results sent between LOOK_BACK and `after` ago that no one has taken in hand and
-    that were not passed on yet."""
+    that were not passed on yet: each call, and its conversation."""
     calls = find(store, "Communication", ("category", f"{COMMUNICATION_CATEGORY}|{CRITICAL_RESULT}"),
                  ("sent", f"ge{fhir_instant(now - LOOK_BACK)}"), ("sent", f"le{fhir_instant(now - after)}"))
     out = []
@@ -89,7 +89,7 @@ def overdue(store: Store, now: dt.datetime, after: dt.timedelta) -> list[Convers
             continue  # a reply; or passed on already (once: even if that was deleted since)
         talk = conversation(store, str(call["id"]))
         if talk.waiting:
-            out.append(talk)
+            out.append((call, talk))
     return out
 
 
@@ -126,7 +126,7 @@ def passed_on(call: Resource, physician: Physician, after: dt.timedelta) -> Reso
     first = message(call)
     text = (f"Sans prise en charge par le service après {_delay(after)}, transmis à {physician.name} ({physician.why}). "
             + first.text)
-    sent = dt.datetime.fromisoformat(str(call["sent"]).replace("Z", "+00:00")) + after
+    sent = first.sent + after
     resource: Resource = {
         "resourceType": "Communication", "id": escalation_id(str(call["id"])), "status": "completed",
         "category": call["category"], "priority": "urgent", "sent": fhir_instant(sent), "sender": call["sender"],
@@ -149,10 +149,9 @@ def escalate(store: Store, now: dt.datetime, after: dt.timedelta = ESCALATE_AFTE
     known = set(stranded or ())
     if stranded is not None:
         stranded.clear()
-    for talk in overdue(store, now, after):
-        call = read(store, "Communication", talk.first.id)
+    for call, talk in overdue(store, now, after):
         physician = physician_for(store, talk, now)
-        if call is None or physician is None:
+        if physician is None:
             if talk.first.id not in known:
                 log.warning("a critical result's call has waited %s and has no physician to go to: no one on call for "
                             "the ward, no physician on the stay (Communication/%s)", _delay(after), talk.first.id)

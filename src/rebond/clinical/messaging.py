@@ -318,6 +318,12 @@ def conversation(store: Store, message_id: str) -> Conversation:
     return Conversation(start, sorted((m for m in map(message, answers) if m.answers == start.id), key=lambda m: m.sent))
 
 
+def patient_subject(patient: Resource) -> Resource:
+    """A message's `subject`: the patient, with their name and IPP as shown when it was sent."""
+    shown = patient_summary(patient)
+    return {"reference": f"Patient/{shown.id}", "display": f"{shown.name} ({shown.ipp})" if shown.ipp else shown.name}
+
+
 def _is_message(resource: Resource) -> bool:
     return any(c.get("system") == COMMUNICATION_CATEGORY and c.get("code") in (MESSAGE, TAKEN)
                for concept in resource.get("category") or () for c in concept.get("coding") or ())
@@ -389,8 +395,7 @@ def _communication(rid: str, kind: str, author: dict[str, str], recipients: list
         "priority": "urgent" if urgent else "routine", "sent": fhir_instant(now), "sender": author, "recipient": recipients,
     }
     if patient is not None:
-        shown = patient_summary(patient)
-        subject = {"reference": f"Patient/{shown.id}", "display": f"{shown.name} ({shown.ipp})" if shown.ipp else shown.name}
+        subject = patient_subject(patient)
     if subject is not None:
         resource["subject"] = subject
     if answers is not None:

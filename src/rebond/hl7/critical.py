@@ -25,8 +25,8 @@ import datetime as dt
 from typing import TYPE_CHECKING, Any
 
 from rebond.clinical.conventions import COMMUNICATION_CATEGORY, CRITICAL_FLAGS, INTERPRETATION, SERVICE_SYSTEM
-from rebond.clinical.messaging import CRITICAL_RESULT, MESSAGE, is_hospital_service
-from rebond.clinical.records import HOSPITAL_TZ, fhir_instant, patient_summary, ref_id
+from rebond.clinical.messaging import CRITICAL_RESULT, MESSAGE, is_hospital_service, patient_subject
+from rebond.clinical.records import HOSPITAL_TZ, concept_text, fhir_instant, instant, ref_id
 from rebond.fhir.search import literal
 
 if TYPE_CHECKING:
@@ -57,16 +57,13 @@ def _quantity(quantity: Resource) -> str:
 
 def describe(observation: Resource) -> str:
     """« Potassium 6,8 mmol/L (HH ; normales 3,5–5) »: the analyte, its value, its flag and its normal range."""
-    code = observation.get("code") or {}
-    name = str(code.get("text") or next((c.get("display") for c in code.get("coding") or () if c.get("display")), "")
-               or next((c.get("code") for c in code.get("coding") or ()), "?"))
+    name = concept_text(observation.get("code")) or "?"
     if "valueQuantity" in observation:
         value = _quantity(observation["valueQuantity"])
     elif "valueString" in observation:
         value = str(observation["valueString"])
     elif "valueCodeableConcept" in observation:
-        concept = observation["valueCodeableConcept"]
-        value = str(concept.get("text") or next((c.get("display") or c.get("code") for c in concept.get("coding") or ()), ""))
+        value = concept_text(observation["valueCodeableConcept"])
     else:
         value = "?"
     marks = " ".join(f for f in flags(observation) if f in CRITICAL_FLAGS)
@@ -120,13 +117,9 @@ def alert(w: Writer, report: Resource, found: list[Resource], patient: Resource,
     """The urgent message for a report's critical results (`found`); None if it has no one to tell."""
     ward = _ward_service(w, str(patient["id"]), encounter)
     lab = _lab_service(w, sending_facility, ward)
-    shown = patient_summary(patient)
     corrected = "corrigé " if report.get("status") == "corrected" else ""
-    taken = min((str(o["effectiveDateTime"]) for o in found if o.get("effectiveDateTime")), default="")
-    when = ""
-    if taken:
-        moment = dt.datetime.fromisoformat(taken.replace("Z", "+00:00")).astimezone(HOSPITAL_TZ)
-        when = f", prélevé le {moment:%d/%m à %H:%M}"
+    taken = min((t for o in found if (t := instant(o.get("effectiveDateTime"))) is not None), default=None)
+    when = f", prélevé le {taken.astimezone(HOSPITAL_TZ):%d/%m à %H:%M}" if taken is not None else ""
     text = f"Résultat critique {corrected}: {' ; '.join(describe(o) for o in found)}{when}."
     if ward is not None:
         recipient = _as_box(ward)
@@ -143,7 +136,7 @@ def alert(w: Writer, report: Resource, found: list[Resource], patient: Resource,
         "category": [{"coding": [{"system": COMMUNICATION_CATEGORY, "code": MESSAGE}]},
                      {"coding": [{"system": COMMUNICATION_CATEGORY, "code": CRITICAL_RESULT}]}],
         "priority": "urgent", "sent": fhir_instant(now), "sender": sender, "recipient": [recipient],
-        "subject": {"reference": f"Patient/{shown.id}", "display": f"{shown.name} ({shown.ipp})" if shown.ipp else shown.name},
+        "subject": patient_subject(patient),
         "about": [{"reference": f"DiagnosticReport/{report['id']}"}],
         "payload": [{"contentString": text}],
     }

@@ -383,15 +383,18 @@ class WebApp:
 
         def load() -> tuple[list[Box], list[Box], Box | None, list[Conversation], dict[str, tuple[int, int]]]:
             mine, every = own_boxes(self.store, p.clinician), services(self.store)
-            counts = {b.reference: waiting(self.store, b.reference, p.now) for b in mine}
+            talks_of = {b.reference: conversations(self.store, b.reference, p.now) for b in mine}  # each box read once
+            counts = {ref: tally([c for c in talks if c.waits_for(ref)]) for ref, talks in talks_of.items()}
             if wanted:
                 chosen = next((b for b in [*mine, *every] if b.reference == wanted), None)
                 if chosen is None:
                     raise NotFound(f"no box {wanted}")
             else:  # the box the top bar's count sent the person to: an urgent message's, else one waiting, else their own
                 chosen = max(mine, key=lambda b: (counts[b.reference][1] > 0, counts[b.reference][0] > 0, b is mine[0]), default=None)
-            talks = conversations(self.store, chosen.reference, p.now) if chosen is not None else []
-            return mine, every, chosen, talks, counts
+            if chosen is None:
+                return mine, every, None, [], counts
+            talks = talks_of.get(chosen.reference)
+            return mine, every, chosen, talks if talks is not None else conversations(self.store, chosen.reference, p.now), counts
 
         mine, every, chosen, talks, counts = await run_in_threadpool(load)
         waits = [c for c in talks if c.waits_for(chosen.reference)] if chosen else []
