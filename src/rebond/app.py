@@ -83,7 +83,8 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
         return " ".join(text for text in said if text) or None
 
     web = WebApp(store, accounts, secure_cookies=secure_cookies, status_banner=banner, upstream=node.upstream_access(),
-                 downtime=downtime, source=node.status, situation=situation, pacs=pacs, smart=clients)
+                 downtime=downtime, source=node.status, situation=situation, pacs=pacs, smart=clients,
+                 escalate_after=escalate_after)
 
     async def healthz(request: Request) -> Response:
         try:

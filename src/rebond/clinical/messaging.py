@@ -60,6 +60,8 @@ CRITICAL_RESULT = "critical-result"  # a message's second category: the lab's ca
 CATEGORIES = f"{COMMUNICATION_CATEGORY}|{MESSAGE},{COMMUNICATION_CATEGORY}|{TAKEN}"
 #: the longest message (read on a ward PC, between two rounds)
 MAX_TEXT = 2000
+#: how much earlier than its first message an answer may be stamped (another node's clock)
+ANSWER_SKEW = dt.timedelta(minutes=5)
 #: how far back a box lists its conversations (a conversation answered since is listed whatever its age)
 SHOWN_DAYS = 7
 _KINDS = ("HealthcareService", "Practitioner")
@@ -128,7 +130,7 @@ def _box(resource: Resource, hospitals: Mapping[str, str]) -> Box:
                identifier_value(resource, SERVICE_SYSTEM) or "")
 
 
-def _hospitals(store: Store) -> dict[str, str]:
+def hospitals(store: Store) -> dict[str, str]:
     """Every hospital's name, by id: for listing many services."""
     return {str(o["id"]): str(o.get("name", "")) for o in find(store, "Organization", ("partof:missing", "false"))}
 
@@ -142,8 +144,8 @@ def _its_hospital(store: Store, service: Resource) -> dict[str, str]:
 
 def services(store: Store) -> list[Box]:
     """Every active service messages may be sent to, by hospital, then name."""
-    hospitals = _hospitals(store)
-    found = [_box(s, hospitals) for s in find(store, "HealthcareService", ("active", "true"))]
+    names = hospitals(store)
+    found = [_box(s, names) for s in find(store, "HealthcareService", ("active", "true"))]
     return sorted(found, key=lambda b: (b.hospital, b.name))
 
 
@@ -168,8 +170,8 @@ def own_boxes(store: Store, clinician: Clinician) -> list[Box]:
     places = [loc["reference"] for r in roles for loc in r.get("location") or () if isinstance(loc.get("reference"), str)]
     if not places:
         return [mine]
-    hospitals = _hospitals(store)
-    wards = [_box(s, hospitals) for s in find(store, "HealthcareService", ("location", any_of(places)), ("active", "true"))]
+    names = hospitals(store)
+    wards = [_box(s, names) for s in find(store, "HealthcareService", ("location", any_of(places)), ("active", "true"))]
     return [mine, *sorted(wards, key=lambda b: (b.hospital, b.name))]
 
 
@@ -314,7 +316,7 @@ def conversation(store: Store, message_id: str) -> Conversation:
     # every answer is sent to the first message's author, or, from its author, to its recipients
     audience = [r for r in (start.author_ref, *(ref for ref, _name in start.to)) if r]
     answers = find(store, "Communication", ("recipient", any_of(audience)), ("category", CATEGORIES),
-                   ("sent", f"ge{fhir_instant(start.sent - dt.timedelta(minutes=5))}")) if audience else []
+                   ("sent", f"ge{fhir_instant(start.sent - ANSWER_SKEW)}")) if audience else []
     return Conversation(start, sorted((m for m in map(message, answers) if m.answers == start.id), key=lambda m: m.sent))
 
 
@@ -378,6 +380,11 @@ def answer(store: Store, message_id: str, form: Mapping[str, str], clinician: Cl
     author_box = box(store, first.author_ref) if first.author_ref and first.author_ref.startswith("HealthcareService/") else None
     everyone = [(first.author_ref, author_box.name if author_box else first.author), *first.to]
     recipients = [{"reference": ref, "display": name} for ref, name in dict(everyone).items() if ref and ref != author.get("reference")]
+    if not recipients and author.get("reference"):
+        # no one else is in it (the lab's own call to ring a prescriber, from Rebond): it goes to the box that answers,
+        # where its conversation is read
+        own = box(store, author["reference"])
+        recipients = [{"reference": author["reference"], "display": own.name if own else author["display"]}]
     entry = Entry.of(form.get("entry"))
     # the id names the conversation: an entry sent with another conversation's form records anew
     resource = _communication(entry.id(first.id), TAKEN if taken else MESSAGE, author, recipients, text, now,

@@ -34,6 +34,12 @@ if TYPE_CHECKING:
 
 Resource = dict[str, Any]
 _NOT_ALERTED = ("cancelled", "entered-in-error")
+#: how the call begins: a result; a correction of one that changes a critical value
+CALL_HEAD = "Résultat critique : "
+CORRECTED_HEAD = "Résultat critique corrigé : "
+#: what the call asks, after the result: of the ward; of the lab, for a patient in no ward
+WARD_ASKED = " Prévenez le médecin, puis répondez ici ou cliquez « Je m'en occupe »."
+LAB_ASKED = " Le patient n'a pas de séjour en cours dans un service : appelez le prescripteur."
 
 
 def flags(observation: Resource) -> list[str]:
@@ -117,18 +123,18 @@ def alert(w: Writer, report: Resource, found: list[Resource], patient: Resource,
     """The urgent message for a report's critical results (`found`); None if it has no one to tell."""
     ward = _ward_service(w, str(patient["id"]), encounter)
     lab = _lab_service(w, sending_facility, ward)
-    corrected = "corrigé " if report.get("status") == "corrected" else ""
+    head = CORRECTED_HEAD if report.get("status") == "corrected" else CALL_HEAD
     taken = min((t for o in found if (t := instant(o.get("effectiveDateTime"))) is not None), default=None)
     when = f", prélevé le {taken.astimezone(HOSPITAL_TZ):%d/%m à %H:%M}" if taken is not None else ""
-    text = f"Résultat critique {corrected}: {' ; '.join(describe(o) for o in found)}{when}."
+    text = f"{head}{' ; '.join(describe(o) for o in found)}{when}."
     if ward is not None:
         recipient = _as_box(ward)
         sender = _as_box(lab) if lab is not None else {"display": f"Laboratoire {sending_facility}".strip() + " (alerte automatique)"}
-        text += " Prévenez le médecin, puis répondez ici ou cliquez « Je m'en occupe »."
+        text += WARD_ASKED
     elif lab is not None:  # no ward to tell: the lab's own box, so that the lab calls whoever prescribed it
         recipient = _as_box(lab)
         sender = {"display": "Rebond (alerte automatique)"}
-        text += " Le patient n'a pas de séjour en cours dans un service : appelez le prescripteur."
+        text += LAB_ASKED
     else:
         return None
     return {

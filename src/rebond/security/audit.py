@@ -78,6 +78,8 @@ WEB_PAGES: dict[str, tuple[str, str]] = {
     "/messages/{message_id}": (N_("message"), "R"),
     "/results": (N_("results"), "R"),
     "/results/{report_id}/acknowledge": (N_("result acknowledgement"), "C"),
+    "/critical-results": (N_("critical results register"), "R"),
+    "/critical-results.csv": (N_("critical results register"), "R"),
     "/reconciliation": (N_("reconciliation"), "R"),
     "/reconciliation/{seq:int}": (N_("reconciliation"), "U"),
     "/downtime": (N_("downtime packs"), "R"),
@@ -302,8 +304,11 @@ class AuditMiddleware:
         else:
             return None
         params = scope.get("path_params") or {}
+        state = scope.get("state") or {}
         named = params.get("patient_id") or (params.get("id") if params.get("type") == "Patient" else None) \
-            or (scope.get("state") or {}).get("audit_patient")
+            or state.get("audit_patient")
+        # an answer that is neither a page nor FHIR JSON (a CSV) names its patients itself
+        known = (str(named),) if named else tuple(sorted(state.get("audit_patients") or ()))
         query = scope.get("query_string", b"").decode("latin-1")
         kind = next((value for name, value in start.get("headers") or () if name == b"content-type"), b"")
         client = scope.get("client")
@@ -313,7 +318,7 @@ class AuditMiddleware:
                          f"{method} {scope['path']}" + (f"?{query}" if query else ""), int(start["status"]),
                          html=kind.startswith(b"text/html"),
                          scan=channel != "dicomweb" and what != "feed" and (b"json" in kind or kind.startswith(b"text/html")),
-                         known=(str(named),) if named else ())
+                         known=known)
 
 
 _REST = {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest", "display": "RESTful Operation"}

@@ -29,6 +29,8 @@ from starlette.staticfiles import StaticFiles
 from rebond.clinical.admission import RangeExhausted, emergency_admission, ipp_range
 from rebond.clinical.census import HospitalWards, group_wards, ward_census, ward_occupancy, ward_of
 from rebond.clinical.chart import patient_chart, patient_header, with_alerts
+from rebond.clinical.critical_register import MAX_DAYS, as_csv, register
+from rebond.clinical.escalation import ESCALATE_AFTER
 from rebond.clinical.imaging import Orthanc, PacsUnavailable, images_of
 from rebond.clinical.medication import prescription
 from rebond.clinical.messaging import (
@@ -39,6 +41,7 @@ from rebond.clinical.messaging import (
     box,
     conversation,
     conversations,
+    hospitals,
     last_written,
     own_boxes,
     send,
@@ -130,8 +133,10 @@ class WebApp:
     def __init__(self, store: Store, accounts: Accounts, *, secure_cookies: bool = False,
                  status_banner: Callable[[Translator], str | None] | None = None, upstream: tuple[str, str] | None = None,
                  downtime: PackSchedule | None = None, source: Callable[[], dict[str, Any]] | None = None,
-                 situation: Situation | None = None, pacs: Orthanc | None = None, smart: SmartClients | None = None) -> None:
+                 situation: Situation | None = None, pacs: Orthanc | None = None, smart: SmartClients | None = None,
+                 escalate_after: dt.timedelta | None = ESCALATE_AFTER) -> None:
         self.store = store
+        self.escalate_after = escalate_after  # after how long the lab's unanswered calls are passed on (None: never)
         self.smart = smart  # the apps people authorize to act for them (SMART App Launch)
         self.pacs = pacs  # the images' PACS: imaging reports link to their images there
         self.situation = situation or Situation(store, site=None)
@@ -183,6 +188,8 @@ class WebApp:
             Route("/directory", page(self.directory, None), methods=["GET"]),
             Route("/procedures", page(self.procedures_binder, None), methods=["GET"]),
             Route("/results", page(self.results, "view-results"), methods=["GET"]),
+            Route("/critical-results", page(self.critical_results, "view-results"), methods=["GET"]),
+            Route("/critical-results.csv", page(self.critical_results_csv, "view-results"), methods=["GET"]),
             Route("/results/{report_id}/acknowledge", page(self.acknowledge, "acknowledge-results"), methods=["POST"]),
             Route("/admin/accounts", page(self.account_list, "manage-accounts"), methods=["GET"]),
             Route("/reconciliation", page(self.reconciliation, "resolve-conflicts"), methods=["GET"]),
@@ -746,6 +753,41 @@ class WebApp:
             raise NotFound(request_id)
         await run_in_threadpool(acknowledge_prescription, self.store, request_id, p.clinician, p.now)
         return RedirectResponse(f"/patients/{quote(patient_id)}#prescriptions", status_code=303)
+
+    def _register_asked(self, p: Page) -> tuple[int, str | None, dict[str, str], dict[str, str]]:
+        """The register's period (days back from now), hospital (an Organization id), the problems with what was asked,
+        and the hospitals to choose from."""
+        q = p.request.query_params
+        names = hospitals(self.store)
+        problems: dict[str, str] = {}
+        days = q.get("days", "1")
+        if not days.isdigit() or not 1 <= int(days) <= MAX_DAYS:
+            problems["days"] = p.t.gettext("Give a number of days from 1 to %(most)s.", most=MAX_DAYS)
+            days = "1"
+        hospital = q.get("hospital") or None
+        if hospital is not None and hospital not in names:
+            raise NotFound(f"no hospital {hospital}")
+        return int(days), hospital, problems, names
+
+    async def critical_results(self, p: Page) -> Response:
+        """The register of the lab's calls for critical results: whom each was told to, who took it in hand, when."""
+        days, hospital, problems, names = self._register_asked(p)
+        found = await run_in_threadpool(register, self.store, p.now - dt.timedelta(days=days), p.now, hospital=hospital,
+                                        after=self.escalate_after)
+        return self._show(p, "critical_results.html", status=400 if problems else 200, register=found, days=days,
+                          hospital=hospital, hospitals=sorted(names.items(), key=lambda kv: kv[1]), problems=problems)
+
+    async def critical_results_csv(self, p: Page) -> Response:
+        """The same register as CSV, for a quality review; its patients are named on the audit trail."""
+        days, hospital, problems, _names = self._register_asked(p)
+        if problems:
+            return PlainTextResponse(" ".join(problems.values()), status_code=400)
+        found = await run_in_threadpool(register, self.store, p.now - dt.timedelta(days=days), p.now, hospital=hospital,
+                                        after=self.escalate_after)
+        p.request.state.audit_patients = {c.first.patient_id for c in found.calls if c.first.patient_id}
+        name = f"resultats-critiques-{p.now.astimezone(HOSPITAL_TZ):%Y%m%d-%H%M}.csv"
+        return Response(as_csv(found), media_type="text/csv; charset=utf-8",
+                        headers={"Content-Disposition": f'attachment; filename="{name}"', "Cache-Control": "no-store"})
 
     async def pharmacy(self, p: Page) -> Response:
         """The prescriptions waiting for the pharmacy's validation, ward by ward: of one hospital, or of all."""

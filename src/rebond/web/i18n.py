@@ -85,6 +85,17 @@ class Translator:
             return self.gettext("%(n)s GB", n=self.number(count / (1 << 30), 1))
         return self.gettext("%(n)s MB", n=self.number(count / (1 << 20), 0))
 
+    def duration(self, value: dt.timedelta | None) -> str:
+        """A delay in words: "40 s", "12 min", "2 h 05"."""
+        if value is None:
+            return "—"
+        seconds = max(int(value.total_seconds()), 0)
+        if seconds < 60:
+            return self.gettext("%(n)s s", n=seconds)
+        if seconds < 3600:
+            return self.gettext("%(n)s min", n=seconds // 60)
+        return self.gettext("%(h)s h %(m)s", h=seconds // 3600, m=f"{seconds % 3600 // 60:02d}")
+
     def since(self, value: dt.datetime | None, now: dt.datetime) -> str:
         """How long ago, in words ("3 h", "2 d")."""
         if value is None:
