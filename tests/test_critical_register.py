@@ -21,7 +21,7 @@ from tests.server import RebondServer, rebond
 from tests.test_audit import patients_of, trail_of
 from tests.test_critical import alerts, inpatient, rota, service
 from tests.test_site import wait_for
-from tests.web_client import signed_in
+from tests.web_client import csrf_of, entry_of, signed_in
 
 
 @pytest.fixture
@@ -104,14 +104,23 @@ def test_the_register_in_the_web_app_and_its_csv_whose_patients_are_on_the_audit
     try:
         _ward, patient = inpatient(store)
         assert receive(store, oru("W1", str(patient.ipp), "FW1")).code == "AA"
+        assert receive(store, oru("W2", "900000299", "FW2")).code == "AA"  # a patient in no ward: the lab's own box
+        [own] = alerts(store, "900000299")
+        lab_box = service(store, "H1-LAB")
     finally:
         store.close()
     lab = signed_in(web.base, "lab")
+    # the lab rings the prescriber, and says so with « Je m'en occupe », written for the lab
+    talk = lab.get(f"/messages/{own['id']}")
+    taken = lab.post(f"/messages/{own['id']}", data={"csrf": csrf_of(talk.text), "entry": entry_of(talk.text), "as": lab_box,
+                                                     "action": "take"})
+    assert taken.status_code == 303, taken.text[-500:]
     assert 'href="/critical-results"' in lab.get("/results").text
     page = lab.get("/critical-results")
     assert page.status_code == 200 and "Résultats critiques : les appels du laboratoire" in page.text
     assert f'href="/patients/{patient.id}#labs"' in page.text and "Potassium 6,4 mmol/L" in page.text
-    assert "en attente depuis" in page.text, "no one has taken it in hand"
+    assert page.text.count("en attente depuis") == 1, "no one has taken the ward's in hand; the lab has its own"
+    assert "dans aucun service : le laboratoire appelle le prescripteur" in page.text and "« Je m&#39;en occupe »" in page.text
     assert lab.get("/critical-results", params={"days": "abc"}).status_code == 400
     assert lab.get("/critical-results", params={"hospital": "nowhere"}).status_code == 404
     sheet = lab.get("/critical-results.csv", params={"days": "7"})
