@@ -13,6 +13,8 @@ import pytest
 
 from rebond.clinical.census import ward_occupancy
 from rebond.clinical.conventions import INTERPRETATION, LOINC, UCUM
+from rebond.clinical.pharmacy import validate
+from rebond.clinical.records import Clinician, find
 from rebond.downtime.library import ward_ids
 from rebond.fhir import operations
 from rebond.store import open_store
@@ -81,6 +83,13 @@ def test_a_pack_holds_the_census_names_allergies_and_marked_abnormal_values(demo
                                                   "text": "Amoxicilline 1 g comprimé"},
                     "authoredOn": dt.datetime.now(dt.UTC).isoformat(),
                     "dosageInstruction": [{"text": "1 comprimé", "timing": {"repeat": {"timeOfDay": ["08:00:00"]}}}]})
+    store = open_store(demo_db)
+    try:  # the pharmacy validates the amoxicillin as it stands (and only it, of the patient's prescriptions)
+        [amoxicillin] = [r for r in find(store, "MedicationRequest", ("subject", f"Patient/{patient.id}"), ("status", "active"))
+                         if r["medicationCodeableConcept"].get("text") == "Amoxicilline 1 g comprimé"]
+        validate(store, amoxicillin["id"], 1, Clinician("pharma", "Pharmacie (démo)"), dt.datetime.now(dt.UTC))
+    finally:
+        store.close()
     write(demo_db, {"resourceType": "Observation", "status": "final", "subject": {"reference": f"Patient/{patient.id}"},
                     "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}],
                     "code": {"coding": [{"system": LOINC, "code": "2823-3"}], "text": "Potassium"},
@@ -100,6 +109,8 @@ def test_a_pack_holds_the_census_names_allergies_and_marked_abnormal_values(demo
     assert "Pénicilline G" in own[0] and "Pénicilline G" in census
     assert "6,9 mmol/L ▲" in "".join(pages[2:]), "an abnormal value is marked (on the patient's page or the next)"
     assert "⚠ Allergie connue" in own[0] and "Amoxicilline 1 g" in own[0], "a prescription that meets a known allergy (a penicillin)"
+    assert "✓ validée" in own[0], "the pharmacy's validation is on paper too"
+    assert "non validée" in own[0], "and the prescriptions it has not validated yet"
     every_page = [p for p in pages if p.strip()]
     assert all("Données à jour au" in p for p in every_page), "every page says how old it is"
     assert any("Procédures dégradées" in p for p in pages) and any("Feuille de constantes" in p for p in pages)

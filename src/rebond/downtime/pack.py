@@ -71,7 +71,7 @@ def _labels(t: Translator) -> dict[str, str]:
         "census": _("Census"), "bed": _("Bed"), "patient": _("Patient"), "born": _("Born"), "ipp": _("IPP"),
         "admitted": _("Admitted"), "attending": _("Attending"), "allergies": _("Allergies"), "no_allergy": _("No known allergy"),
         "empty_bed": _("empty"), "problems": _("Active problems"), "prescriptions": _("Active prescriptions"),
-        "medication": _("Medication"), "dose": _("Dose"), "route": _("Route"), "times": _("Times"), "prescriber": _("Prescriber"),
+        "medication": _("Medication"), "dose": _("Dose"), "route": _("Route"), "times": _("Times"), "prescriber": _("Prescriber, validation"),
         "grid": _("Administrations, next 24 hours: tick, initial, time"), "last_given": _("Last administrations"),
         "given": _("given"), "not_given": _("not given"), "vitals": _("Latest vital signs"), "labs": _("Latest lab results"),
         "abnormal_mark": _("abnormal values in bold and marked ▲ ▼"), "range": _("Range"), "pending": _("Pending orders"),
@@ -94,6 +94,9 @@ def _prescription(t: Translator, rx: Prescription) -> dict[str, Any]:
         times += " · " + t.gettext("until %(date)s", date=t.datetime(rx.until))
     return {"id": rx.id, "medication": rx.medication, "dose": rx.dose, "route": rx.route, "times": times,
             "prescriber": rx.prescriber, "authored": t.date(rx.authored, "short"),
+            # the pharmacy's validation, short: the column is narrow
+            "validation": t.gettext("✓ validated %(when)s", when=t.datetime(rx.validated.at)) if rx.validated is not None
+            else t.gettext("not validated"), "validated": rx.validated is not None,
             "alerts": [t.gettext("Known allergy: %(substance)s", substance=a) for a in rx.alerts]}
 
 
