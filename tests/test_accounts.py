@@ -70,19 +70,21 @@ def test_a_site_copies_the_central_accounts_of_people_and_keeps_its_own(store: S
         central.save("martin", "rebond-demo", "physician", "Dr MARTIN")
         central.save("garde", "rebond-demo", "physician", "Dr GARDE (central)")
         central.save("lab-engine", "rebond-demo", "system", "Lab interface")
+        central.save("paillasse", "rebond-demo", "lab", "Paillasse H1", service="h1-lab")
         central.save("site-h1", "rebond-demo", "site", "Site H1")
         site.save("garde", "site-password", "physician", "Dr GARDE (site)")  # made at the site before: stays the site's
 
         directory = central.directory()
-        assert sorted(a["username"] for a in directory) == ["garde", "leroy", "martin"], "interfaces and nodes stay central"
+        assert sorted(a["username"] for a in directory) == ["garde", "leroy", "martin", "paillasse"], "interfaces and nodes stay central"
         adopted = site.adopt(directory)
-        assert (adopted.added, adopted.updated, adopted.removed, adopted.copies, adopted.kept_here) == (2, 0, 0, 2, ("garde",))
+        assert (adopted.added, adopted.updated, adopted.removed, adopted.copies, adopted.kept_here) == (3, 0, 0, 3, ("garde",))
+        assert site.get("paillasse").service == "H1-LAB", "the service it works for comes with it (its code, as written)"
         assert site.authenticate("leroy", "rebond-demo") is not None, "the central password signs in at the site"
         assert site.authenticate("garde", "site-password") is not None and site.get("garde").origin == ""
         assert site.get("lab-engine") is None and site.get("site-h1") is None
         assert [a["username"] for a in site.directory()] == ["garde"], "a site shares only the accounts made there"
 
-        assert site.adopt(central.directory()) == type(adopted)(0, 0, 0, 2, ("garde",)), "nothing changed: nothing written"
+        assert site.adopt(central.directory()) == type(adopted)(0, 0, 0, 3, ("garde",)), "nothing changed: nothing written"
 
         central.save("leroy", "new-password", "nurse", "LEROY Hélène")  # a new password on the central site
         central_store.put_state("account", "martin", {**central_store.get_state("account", "martin"), "active": False})
@@ -104,7 +106,8 @@ def test_a_malformed_central_directory_changes_nothing(store: Store) -> None:
     site = Accounts(store)
     good = {"username": "leroy", "display": "L", "role": "nurse", "password_hash": site.save("x", "rebond-demo", "nurse", "X").password_hash}
     for bad, why in [({**good, "role": "system"}, "not an account of a person"), ({**good, "password_hash": "plain"}, "not an account"),
-                     ({**good, "username": "Leroy "}, "not an account"), ({"username": "leroy"}, "KeyError"), ("leroy", "TypeError")]:
+                     ({**good, "username": "Leroy "}, "not an account"), ({**good, "service": 12}, "not an account"),
+                     ({"username": "leroy"}, "KeyError"), ("leroy", "TypeError")]:
         with pytest.raises(AccountError, match=why):
             site.adopt([good, bad])
         assert site.get("leroy") is None

@@ -109,12 +109,17 @@ def test_the_register_in_the_web_app_and_its_csv_whose_patients_are_on_the_audit
         lab_box = service(store, "H1-LAB")
     finally:
         store.close()
-    lab = signed_in(web.base, "lab")
-    # the lab rings the prescriber, and says so with « Je m'en occupe », written for the lab
+    lab = signed_in(web.base, "lab")  # the lab's bench account: it works for the lab (H1-LAB), whose box is its own
+    home = lab.get("/").text
+    assert "1 urgent" in home, "the call to ring the prescriber shows in the lab's top bar"
+    box = lab.get("/messages").text
+    assert f'value="{lab_box}" selected' in box and "chip selected" in box, "the messages open on the lab's box, the account's"
+    assert f'href="/messages/{own["id"]}' in box
+    # the lab rings the prescriber, and says so with « Je m'en occupe »: for the lab, without choosing it
     talk = lab.get(f"/messages/{own['id']}")
-    taken = lab.post(f"/messages/{own['id']}", data={"csrf": csrf_of(talk.text), "entry": entry_of(talk.text), "as": lab_box,
-                                                     "action": "take"})
+    taken = lab.post(f"/messages/{own['id']}", data={"csrf": csrf_of(talk.text), "entry": entry_of(talk.text), "action": "take"})
     assert taken.status_code == 303, taken.text[-500:]
+    assert "urgent" not in lab.get("/").text.split("</nav>")[0], "nothing waits for the lab any more"
     assert 'href="/critical-results"' in lab.get("/results").text
     page = lab.get("/critical-results")
     assert page.status_code == 200 and "Résultats critiques : les appels du laboratoire" in page.text
@@ -130,6 +135,11 @@ def test_the_register_in_the_web_app_and_its_csv_whose_patients_are_on_the_audit
 
     monkeypatch.setenv("REBOND_PASSWORD", "protection-2026")
     assert rebond("accounts", "add", "dpo2", "--role", "admin", "--name", "DPO", "--db", web.db).returncode == 0
+    unknown = rebond("accounts", "add", "paillasse", "--role", "lab", "--service", "H9-LAB", "--db", web.db)
+    assert unknown.returncode == 1 and "no active service with the code 'H9-LAB'" in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1
+    made = rebond("accounts", "add", "paillasse", "--role", "lab", "--service", "h1-lab", "--db", web.db)
+    assert made.returncode == 0 and "(lab, H1-LAB)" in made.stdout
     auditor = rebond("accounts", "token", "dpo2", "--label", "audit", "--db", web.db).stdout.strip()
 
     def registers() -> list[set[str]]:

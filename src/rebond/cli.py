@@ -540,17 +540,25 @@ def _accounts_of(db: str) -> Iterator[Accounts]:
 @accounts_app.command("add")
 def accounts_add(
     username: Annotated[str, typer.Argument(help="the sign-in name")],
-    role: Annotated[str, typer.Option(help="nurse, physician, lab, admin, crisis (the crisis cell); system (an interface); site (a site node)")],
+    role: Annotated[str, typer.Option(help="nurse, physician, lab, pharmacist, admin, crisis (the crisis cell); system (an interface); "
+                                           "site (a site node)")],
     name: Annotated[str, typer.Option(help="the name shown on records, e.g. 'Dr Marie DUPONT'")] = "",
     practitioner: Annotated[str, typer.Option(help="id of the Practitioner this account stands for")] = "",
+    service: Annotated[str, typer.Option(help="code of the service it works for, e.g. H1-LAB (the lab's bench): its "
+                                              "messages' box is the account's (rebond messaging services)")] = "",
     db: Annotated[str, typer.Option(help="database of the node")] = DEFAULT_DB,
     password: Annotated[str, typer.Option(prompt=True, hide_input=True, confirmation_prompt=True,
                                           envvar="REBOND_PASSWORD", help="asked for when not given")] = "",
 ) -> None:
     """Create an account (or replace it: a new password, a new role)."""
+    from rebond.clinical.messaging import service_box
+
     with _accounts_of(db) as accounts:
-        account = accounts.save(username, password, role, name or username, practitioner or None)
-    out_console.print(f"account {account.username} ({account.role}) saved")
+        if service and service_box(accounts.store, service.strip().upper()) is None:
+            raise fail(f"no active service with the code '{service}' in this store (a hospital's lab is H1-LAB, its pharmacy "
+                       "H1-PHARMA, a ward's team the ward's code; rebond messaging services makes those missing)")
+        account = accounts.save(username, password, role, name or username, practitioner or None, service or None)
+    out_console.print(f"account {account.username} ({account.role}{', ' + account.service if account.service else ''}) saved")
 
 
 @accounts_app.command("token")
@@ -639,10 +647,10 @@ def accounts_clients(
 @accounts_app.command("list")
 def accounts_list(db: Annotated[str, typer.Option(help="database of the node")] = DEFAULT_DB) -> None:
     """The accounts of this node."""
-    table = Table("user", "name", "role", "active", "made")
+    table = Table("user", "name", "role", "works for", "active", "made")
     with _accounts_of(db) as accounts:
         for a in accounts.all():
-            table.add_row(a.username, a.display, a.role, "yes" if a.active else "no",
+            table.add_row(a.username, a.display, a.role, a.service or "", "yes" if a.active else "no",
                           "on the central site (copy)" if a.origin else "here")
     out_console.print(table)
 

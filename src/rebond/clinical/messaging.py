@@ -52,6 +52,7 @@ from rebond.clinical.records import (
     ref_id,
 )
 from rebond.fhir import operations
+from rebond.fhir.search import literal
 from rebond.store.base import NotFound, Store
 
 MESSAGE = "message"
@@ -160,12 +161,22 @@ def box(store: Store, reference: str) -> Box | None:
     return _box(resource, _its_hospital(store, resource) if kind == "HealthcareService" else {})
 
 
+def service_box(store: Store, code: str) -> Box | None:
+    """The box of the active service with this code (`H1-LAB`), if there is one."""
+    found = find(store, "HealthcareService", ("identifier", f"{SERVICE_SYSTEM}|{literal(code)}"), ("active", "true"), limit=1)
+    return _box(found[0], _its_hospital(store, found[0])) if found else None
+
+
 def own_boxes(store: Store, clinician: Clinician) -> list[Box]:
-    """A person's boxes: their own (if their account stands for a Practitioner), then the services of the wards they
-    work on (their active PractitionerRoles' locations)."""
+    """A person's boxes: the service their account works for (the lab's bench account: the lab's), their own (if their
+    account stands for a Practitioner), then the services of the wards they work on (their active PractitionerRoles'
+    locations)."""
+    works_for = service_box(store, clinician.service) if clinician.service else None
     if not clinician.practitioner_id:
-        return []
+        return [works_for] if works_for is not None else []
     mine = Box(f"Practitioner/{clinician.practitioner_id}", clinician.display)
+    if works_for is not None:
+        return [works_for, mine]
     roles = find(store, "PractitionerRole", ("practitioner", f"Practitioner/{clinician.practitioner_id}"), ("active", "true"))
     places = [loc["reference"] for r in roles for loc in r.get("location") or () if isinstance(loc.get("reference"), str)]
     if not places:
@@ -335,6 +346,9 @@ def _author(store: Store, clinician: Clinician, form: Mapping[str, str], problem
     """Who writes: the account's Practitioner; or, for a service (always, for an account that stands for no one), the
     service, with the person's name. A problem is added to `problems`."""
     speaking_for = (form.get("as") or "").strip()
+    if not speaking_for and not clinician.practitioner_id and clinician.service:
+        works_for = service_box(store, clinician.service)  # the lab's bench account writes for the lab
+        speaking_for = works_for.reference if works_for is not None else ""
     if speaking_for:
         service = box(store, speaking_for)
         if service is not None and service.is_service:

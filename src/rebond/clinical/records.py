@@ -201,11 +201,13 @@ def patient_summary(patient: Resource) -> PatientSummary:
 
 @dataclass(frozen=True)
 class Clinician:
-    """Who records something: the signed-in user, and the Practitioner their account stands for."""
+    """Who records something: the signed-in user, the Practitioner their account stands for, and the service it works
+    for (the code of a lab's or pharmacy's HealthcareService: the lab's bench account)."""
 
     username: str
     display: str
     practitioner_id: str | None = None
+    service: str | None = None
 
     def reference(self) -> Resource:
         reference: Resource = {"display": self.display}

@@ -69,6 +69,7 @@ class Account:
     practitioner_id: str | None = None
     active: bool = True
     origin: str = ""  # "": made on this node; CENTRAL: a site node's copy of the central site's account
+    service: str | None = None  # the code of the service it works for (`H1-LAB`): its messages' box is the account's
 
     def may(self, permission: str) -> bool:
         return self.active and permission in PERMISSIONS.get(self.role, frozenset())
@@ -107,13 +108,13 @@ def _central_copy(entry: Any) -> Account:
     try:
         copy = Account(username=entry["username"], display=entry["display"], role=entry["role"],
                        password_hash=entry["password_hash"], practitioner_id=entry.get("practitioner_id"),
-                       active=entry.get("active", True), origin=CENTRAL)
+                       active=entry.get("active", True), origin=CENTRAL, service=entry.get("service"))
     except (TypeError, KeyError) as err:
         raise AccountError(f"the central directory has an entry that is not an account ({type(err).__name__}: {err})") from None
     if (not isinstance(copy.username, str) or copy.username != copy.username.strip().lower() or not copy.username
             or copy.role not in PEOPLE or not isinstance(copy.password_hash, str) or not copy.password_hash.startswith("$argon2")
             or not isinstance(copy.display, str) or not isinstance(copy.active, bool)
-            or not isinstance(copy.practitioner_id, str | None)):
+            or not isinstance(copy.practitioner_id, str | None) or not isinstance(copy.service, str | None)):
         raise AccountError(f"the central directory's entry '{entry.get('username')}' is not an account of a person")
     return copy
 
@@ -148,8 +149,9 @@ class Accounts:
     def all(self) -> list[Account]:
         return [Account(**value) for _key, value in self.store.list_state(ACCOUNTS)]
 
-    def save(self, username: str, password: str, role: str, display: str, practitioner_id: str | None = None) -> Account:
-        """Create or replace an account."""
+    def save(self, username: str, password: str, role: str, display: str, practitioner_id: str | None = None,
+             service: str | None = None) -> Account:
+        """Create or replace an account; `service`: the code of the service it works for (its box, in the messaging)."""
         username = username.strip().lower()
         if not username or not username.replace("-", "").replace(".", "").replace("_", "").isalnum():
             raise AccountError(f"'{username}' is not a valid user name (letters, digits, '.', '-', '_')")
@@ -157,7 +159,8 @@ class Accounts:
             raise AccountError(f"unknown role '{role}': choose one of {', '.join(ROLES)}")
         if len(password) < 8:
             raise AccountError("the password must have at least 8 characters")
-        account = Account(username, display.strip() or username, role, _hasher.hash(password), practitioner_id)
+        account = Account(username, display.strip() or username, role, _hasher.hash(password), practitioner_id,
+                          service=service.strip().upper() or None if service else None)
         self.store.put_state(ACCOUNTS, username, asdict(account))
         return account
 

@@ -495,15 +495,15 @@ DEMO_PASSWORD = "rebond-demo"
 
 
 def demo_accounts(accounts: Accounts, report: SeedReport) -> list[Account]:
-    """The demo's sign-ins, all with password `rebond-demo`: a nurse and a doctor of the first ward, a lab technician, a
-    pharmacist, IT, the crisis cell."""
+    """The demo's sign-ins, all with password `rebond-demo`: a nurse and a doctor of the first ward, a lab technician and a
+    pharmacist of the first hospital (its lab's and pharmacy's boxes are theirs), IT, the crisis cell."""
     doctor_id, doctor_name = report.staff.get("doctor", (None, "Dr Démo"))
     nurse_id, nurse_name = report.staff.get("nurse", (None, "Infirmière Démo"))
     return [
         accounts.save("nurse", DEMO_PASSWORD, "nurse", nurse_name, nurse_id),
         accounts.save("doctor", DEMO_PASSWORD, "physician", doctor_name, doctor_id),
-        accounts.save("lab", DEMO_PASSWORD, "lab", "Laboratoire (démo)"),
-        accounts.save("pharma", DEMO_PASSWORD, "pharmacist", "Pharmacie (démo)"),
+        accounts.save("lab", DEMO_PASSWORD, "lab", "Laboratoire (démo)", service="H1-LAB"),
+        accounts.save("pharma", DEMO_PASSWORD, "pharmacist", "Pharmacie (démo)", service="H1-PHARMA"),
         accounts.save("admin", DEMO_PASSWORD, "admin", "Informatique (démo)"),
         accounts.save("crisis", DEMO_PASSWORD, "crisis", "Cellule de crise (démo)"),
     ]

@@ -106,7 +106,7 @@ class Page:
 
     @property
     def clinician(self) -> Clinician:
-        return Clinician(self.account.username, self.account.display, self.account.practitioner_id)
+        return Clinician(self.account.username, self.account.display, self.account.practitioner_id, self.account.service)
 
 
 def _pretty(resource: dict[str, Any] | None) -> str:
@@ -284,12 +284,12 @@ class WebApp:
     WAITING_SECONDS = 60.0
 
     async def _waiting_for(self, account: Account, now: dt.datetime) -> tuple[int, int] | None:
-        """(waiting, urgent) in the boxes of a person who reads messages (their own and their wards'), counted again when
-        a message has been written since or after WAITING_SECONDS; None for an account that stands for no one, or when
-        they cannot be counted now."""
-        if not account.may("messages") or not account.practitioner_id:
+        """(waiting, urgent) in the boxes of a person who reads messages (their own, their service's, their wards'),
+        counted again when a message has been written since or after WAITING_SECONDS; None for an account that stands
+        for no one and works for no service, or when they cannot be counted now."""
+        if not account.may("messages") or not (account.practitioner_id or account.service):
             return None
-        clinician = Clinician(account.username, account.display, account.practitioner_id)
+        clinician = Clinician(account.username, account.display, account.practitioner_id, account.service)
         kept = self._waiting.get(account.username)
 
         def count() -> tuple[int, int]:
