@@ -21,8 +21,9 @@ def pid(ipp: str, family: str = "LÉGER", given: str = "Hélène", born: str = "
 
 
 def pv1(visit: str, bed: str = "", ward: str = "H1-CARDIO", admitted: str = "20261123101500") -> str:
-    fields = ["PV1", "1", "I", f"{ward}^{bed[:-1]}^{bed}^H1" if bed else ward, "", "", "", "", "10001^ROBIN^Jeanne^^^Dr"]
-    fields += [""] * 10 + [f"{visit}^^^{VISIT}^VN"]
+    # PV1-7 the attending physician, PV1-19 the visit number, PV1-44 the admission
+    fields = ["PV1", "1", "I", f"{ward}^{bed[:-1]}^{bed}^H1" if bed else ward, "", "", "", "10001^ROBIN^Jeanne^^^Dr"]
+    fields += [""] * 11 + [f"{visit}^^^{VISIT}^VN"]
     fields += [""] * (44 - len(fields)) + [admitted]
     return "|".join(fields)
 
@@ -37,11 +38,12 @@ def adt(trigger: str, control: str, ipp: str, visit: str, *, bed: str = "", at: 
 
 
 def oru(control: str, ipp: str, filler: str, *, potassium: str = "6,4", flag: str = "HH", status: str = "F", visit: str = "",
-        charset: str = "UNICODE UTF-8", family: str = "LÉGER", enhanced: bool = False) -> bytes:
+        charset: str = "UNICODE UTF-8", family: str = "LÉGER", enhanced: bool = False, orderer: str = "") -> bytes:
+    """A potassium, a creatinine and an aspect; `orderer`: ORC-12, the physician who ordered it (XCN)."""
     segments = [msh("ORU^R01^ORU_R01", control, charset=charset, sender="SIL", enhanced=enhanced), pid(ipp, family=family)]
     if visit:
         segments.append(f"PV1|1|I|||||||||||||||||{visit}^^^{VISIT}^VN")
-    segments += [f"ORC|RE|P{filler}|{filler}",
+    segments += [f"ORC|RE|P{filler}|{filler}" + ("|" * 9 + orderer if orderer else ""),
                  f"OBR|1|P{filler}|{filler}|24326-1^Ionogramme^LN|||20261123100000|||||||||||||||20261123111000|||{status}",
                  f"OBX|1|NM|2823-3^Potassium^LN||{potassium}|mmol/L|3.5-5.0|{flag}|||{status}|||20261123110000",
                  "NTE|1||Contrôle sur nouveau prélèvement",

@@ -10,7 +10,7 @@ import pytest
 
 from rebond.clinical import messaging
 from rebond.clinical.census import group_wards, ward_census
-from rebond.clinical.conventions import COMMUNICATION_CATEGORY, ON_CALL_SYSTEM, SERVICE_SYSTEM
+from rebond.clinical.conventions import COMMUNICATION_CATEGORY, ON_CALL_SYSTEM, RPPS_SYSTEM, SERVICE_SYSTEM
 from rebond.clinical.escalation import ESCALATE_AFTER, escalate, passed_on, physician_for
 from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, PatientSummary, Resource, fhir_instant, find, person_name, read
 from rebond.fhir.search import literal
@@ -229,6 +229,43 @@ def test_a_site_node_passes_calls_on_only_while_cut_off_and_the_central_site_get
     finally:
         site.stop()
         central.stop()
+
+
+def test_the_order_names_its_prescriber_whom_the_call_names_and_who_gets_it_when_no_one_takes_it(hospital: Store) -> None:
+    """An outpatient's critical result: the lab's own box, « Prescripteur : … », and after 15 minutes the prescriber's box
+    when the store knows them (ORC-12's RPPS number)."""
+    doctor = find(hospital, "Practitioner")[-1]
+    rpps = next(i["value"] for i in doctor["identifier"] if i["system"] == RPPS_SYSTEM)
+    receive(hospital, oru("P1", "900000301", "FP1", orderer=f"{rpps}^{doctor['name'][0]['family']}^{doctor['name'][0]['given'][0]}^^^Dr"))
+    order = find(hospital, "ServiceRequest", ("identifier", "FP1"))[0]
+    assert order["requester"]["reference"] == f"Practitioner/{doctor['id']}"
+    [call] = alerts(hospital, "900000301")
+    text = call["payload"][0]["contentString"]
+    assert call["recipient"][0]["reference"] == service(hospital, "H1-LAB") and f"Prescripteur : {order['requester']['display']}." in text
+    [passed] = escalate(hospital, messaging.message(call).sent + dt.timedelta(minutes=16))
+    reply = read(hospital, "Communication", passed)
+    assert reply is not None and reply["recipient"][0]["reference"] == f"Practitioner/{doctor['id']}"
+    assert "(prescripteur)" in reply["payload"][0]["contentString"]
+
+    # a prescriber the store does not know: named with their number, for the lab to ring; no one to pass it on to
+    receive(hospital, oru("P2", "900000302", "FP2", orderer="10099887766^DURAND^Paul^^^Dr"))
+    assert find(hospital, "ServiceRequest", ("identifier", "FP2"))[0]["requester"] == {
+        "identifier": {"system": RPPS_SYSTEM, "value": "10099887766"}, "display": "Dr Paul DURAND"}
+    [unknown] = alerts(hospital, "900000302")
+    assert "Prescripteur : Dr Paul DURAND (RPPS 10099887766)." in unknown["payload"][0]["contentString"]
+    assert escalate(hospital, messaging.message(unknown).sent + dt.timedelta(minutes=16)) == []
+
+
+def test_an_admission_names_its_attending_physician_whom_the_store_knows_by_rpps(hospital: Store) -> None:
+    doctor = find(hospital, "Practitioner")[0]
+    rpps = next(i["value"] for i in doctor["identifier"] if i["system"] == RPPS_SYSTEM)
+    raw = adt("A01", "P3", "900000303", "V303", bed="H1-CARDIO-01A").replace(b"10001^ROBIN^Jeanne^^^Dr", f"{rpps}^ROBIN^Jeanne^^^Dr".encode())
+    receive(hospital, raw)
+    stay = find(hospital, "Encounter", ("identifier", "V303"))[0]
+    assert stay["participant"][0]["individual"] == {"reference": f"Practitioner/{doctor['id']}", "display": "Dr Jeanne ROBIN"}
+    receive(hospital, adt("A01", "P4", "900000304", "V304", bed="H1-CARDIO-01B"))  # 10001: no one the store knows
+    other = find(hospital, "Encounter", ("identifier", "V304"))[0]
+    assert other["participant"][0]["individual"] == {"identifier": {"system": RPPS_SYSTEM, "value": "10001"}, "display": "Dr Jeanne ROBIN"}
 
 
 def test_the_census_marks_a_patient_with_a_critical_result_not_yet_acknowledged(hospital: Store) -> None:

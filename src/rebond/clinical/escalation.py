@@ -5,6 +5,7 @@ answers it or says « Je m'en occupe » within ESCALATE_AFTER (15 minutes by def
 passes it on, in the same conversation, to a physician:
 
 - the one on call for the ward now (the rota's Schedules, clinical/staff.py);
+- else the one who ordered the result (the lab's order names them: ORC-12, OBR-16), if the store knows them;
 - else the physician of the patient's stay (Encounter.participant).
 
 The passing on is a reply from the same sender as the call, so that it does not count as the call
@@ -104,13 +105,30 @@ def _ward_of(store: Store, call: Conversation) -> str | None:
     return None
 
 
+def _prescriber(store: Store, call: Conversation) -> Physician | None:
+    """The physician who ordered the result, when the lab's order names one the store knows (ORC-12, OBR-16)."""
+    report = read(store, "DiagnosticReport", call.first.critical_report) if call.first.critical_report else None
+    for based in (report or {}).get("basedOn") or ():
+        order_id = ref_id(based, "ServiceRequest")
+        requester = (read(store, "ServiceRequest", order_id) or {}).get("requester") if order_id else None
+        who = ref_id(requester, "Practitioner")
+        if who:
+            name = person_name(read(store, "Practitioner", who)) or str((requester or {}).get("display", ""))
+            return Physician(f"Practitioner/{who}", name, "prescripteur")
+    return None
+
+
 def physician_for(store: Store, call: Conversation, now: dt.datetime) -> Physician | None:
-    """Who the call goes to now: the ward's physician on call, else the physician of the patient's stay."""
+    """Who the call goes to now: the ward's physician on call, else the physician who ordered it, else the physician
+    of the patient's stay."""
     ward = _ward_of(store, call)
     if ward is not None:
         for shift in shifts(store, now, now + dt.timedelta(minutes=1), ward_id=ward):
             if shift.practitioner_id:
                 return Physician(f"Practitioner/{shift.practitioner_id}", shift.who, f"{shift.label.lower() or 'garde'}")
+    prescriber = _prescriber(store, call)
+    if prescriber is not None:
+        return prescriber
     if call.first.patient_id:
         for stay in find(store, "Encounter", ("subject", f"Patient/{call.first.patient_id}"), ("status", "in-progress")):
             for participant in stay.get("participant") or ():
@@ -154,7 +172,7 @@ def escalate(store: Store, now: dt.datetime, after: dt.timedelta = ESCALATE_AFTE
         if physician is None:
             if talk.first.id not in known:
                 log.warning("a critical result's call has waited %s and has no physician to go to: no one on call for "
-                            "the ward, no physician on the stay (Communication/%s)", _delay(after), talk.first.id)
+                            "the ward, no prescriber known, no physician on the stay (Communication/%s)", _delay(after), talk.first.id)
             if stranded is not None:
                 stranded.add(talk.first.id)
             continue

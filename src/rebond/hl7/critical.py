@@ -118,15 +118,25 @@ def _as_box(service: Resource) -> dict[str, str]:
     return {"reference": f"HealthcareService/{service['id']}", "display": str(service.get("name", ""))}
 
 
+def _prescriber(requester: Resource | None) -> str:
+    """« Prescripteur : Dr Jeanne ROBIN (RPPS 10001). », or nothing for an order that does not say who."""
+    if not requester:
+        return ""
+    number = (requester.get("identifier") or {}).get("value")
+    who = " ".join(p for p in (str(requester.get("display") or ""), f"(RPPS {number})" if number else "") if p)
+    return f" Prescripteur : {who}." if who else ""
+
+
 def alert(w: Writer, report: Resource, found: list[Resource], patient: Resource, encounter: Resource | None,
-          sending_facility: str, now: dt.datetime, alert_id: str) -> Resource | None:
-    """The urgent message for a report's critical results (`found`); None if it has no one to tell."""
+          sending_facility: str, now: dt.datetime, alert_id: str, *, prescriber: Resource | None = None) -> Resource | None:
+    """The urgent message for a report's critical results (`found`); None if it has no one to tell. `prescriber`: the
+    order's requester, named in it (the one the lab rings for a patient in no ward)."""
     ward = _ward_service(w, str(patient["id"]), encounter)
     lab = _lab_service(w, sending_facility, ward)
     head = CORRECTED_HEAD if report.get("status") == "corrected" else CALL_HEAD
     taken = min((t for o in found if (t := instant(o.get("effectiveDateTime"))) is not None), default=None)
     when = f", prélevé le {taken.astimezone(HOSPITAL_TZ):%d/%m à %H:%M}" if taken is not None else ""
-    text = f"{head}{' ; '.join(describe(o) for o in found)}{when}."
+    text = f"{head}{' ; '.join(describe(o) for o in found)}{when}.{_prescriber(prescriber)}"
     if ward is not None:
         recipient = _as_box(ward)
         sender = _as_box(lab) if lab is not None else {"display": f"Laboratoire {sending_facility}".strip() + " (alerte automatique)"}

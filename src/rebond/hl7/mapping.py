@@ -26,10 +26,11 @@ from rebond.clinical.conventions import (
     LOINC,
     OBSERVATION_CATEGORY,
     REPORT_SECTION,
+    RPPS_SYSTEM,
     UCUM,
 )
 from rebond.clinical.messaging import CRITICAL_RESULT
-from rebond.clinical.records import fhir_instant, ref_id
+from rebond.clinical.records import fhir_instant, person_name, ref_id
 from rebond.fhir import operations
 from rebond.fhir.errors import FhirError
 from rebond.fhir.search import literal, parse_search
@@ -305,16 +306,38 @@ def _set_class(encounter: Resource, pv1: Segment) -> None:
     encounter["class"] = {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": act, "display": display}
 
 
-def _set_attending(encounter: Resource, pv1: Segment) -> None:
-    family, given = pv1.get(7, 2), pv1.get(7, 3)
-    if not family:
+def practitioner(w: Writer, segment: Segment, field_no: int) -> Resource | None:
+    """A physician of an XCN field (PV1-7 attending, ORC-12 or OBR-16 ordering) as a reference: to the Practitioner of
+    its number (XCN-1, RPPS unless XCN-9 names another authority's OID) when the store knows them, so that their box is
+    reached (clinical/escalation.py); else their name and number as written. None for an empty field."""
+    number, family, given = segment.get(field_no, 1), segment.get(field_no, 2), segment.get(field_no, 3)
+    if not number and not family:
+        return None
+    name = " ".join(p for p in (segment.get(field_no, 6) or "Dr", given, family.upper()) if p) if family else ""
+    out: Resource = {}
+    if number:
+        authority = segment.get(field_no, 9, 2)
+        system = f"urn:oid:{authority}" if authority else RPPS_SYSTEM
+        known = w.find_one("Practitioner", ("identifier", f"{system}|{literal(number)}"))
+        if known is not None:
+            out["reference"] = f"Practitioner/{known['id']}"
+            name = name or person_name(known)
+        else:
+            out["identifier"] = {"system": system, "value": number}
+    if name:
+        out["display"] = name
+    return out
+
+
+def _set_attending(w: Writer, encounter: Resource, pv1: Segment) -> None:
+    attending = practitioner(w, pv1, 7)
+    if attending is None:
         return
-    name = " ".join(p for p in (pv1.get(7, 6) or "Dr", given, family.upper()) if p)
     others = [p for p in encounter.get("participant", []) if not any(
         c.get("code") == "ATND" for t in p.get("type", []) for c in t.get("coding", []))]
     encounter["participant"] = [{"type": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
                                                         "code": "ATND"}], "text": "Médecin référent"}],
-                                 "individual": {"display": name}}, *others]
+                                 "individual": attending}, *others]
 
 
 def _close_active(encounter: Resource, at: str) -> list[Resource]:
@@ -372,7 +395,7 @@ def apply_adt(w: Writer, msg: Message, trigger: str) -> None:
         encounter = _new_encounter(pv1, patient)
     encounter["subject"] = {"reference": f"Patient/{patient['id']}"}
     _set_class(encounter, pv1)
-    _set_attending(encounter, pv1)
+    _set_attending(w, encounter, pv1)
     places = _places(w, pv1)
     if trigger in ("A01", "A04", "A05"):
         encounter["status"] = "planned" if trigger == "A05" else "in-progress"
@@ -633,6 +656,9 @@ def apply_oru(w: Writer, msg: Message) -> None:
                                 "code": _code(request, 4), "subject": subject})
         if encounter is not None:
             service_request["encounter"] = {"reference": f"Encounter/{encounter['id']}"}
+        requester = (practitioner(w, order, 12) if order is not None else None) or practitioner(w, request, 16)
+        if requester is not None:
+            service_request["requester"] = requester
         w.save(service_request)
         for observation in observations:
             w.save(observation)
@@ -652,15 +678,17 @@ def apply_oru(w: Writer, msg: Message) -> None:
         w.save(report)
         found = critical.critical(observations)  # the lab's call to the ward (hl7/critical.py)
         if found:
-            _alert(w, msg, report, found, patient, encounter)
+            _alert(w, msg, report, found, patient, encounter, service_request.get("requester"))
 
 
-def _alert(w: Writer, msg: Message, report: Resource, found: list[Resource], patient: Resource, encounter: Resource | None) -> None:
+def _alert(w: Writer, msg: Message, report: Resource, found: list[Resource], patient: Resource, encounter: Resource | None,
+           requester: Resource | None) -> None:
     """The urgent message for a report's critical results, once for the same values (a message sent again, replayed)."""
     alert_id = derived_id("Communication", CRITICAL_RESULT, report["id"], *(critical.describe(o) for o in found))
     if w.read("Communication", alert_id) is not None:
         return
-    alert = critical.alert(w, report, found, patient, encounter, msg.require("MSH").get(4), dt.datetime.now(dt.UTC), alert_id)
+    alert = critical.alert(w, report, found, patient, encounter, msg.require("MSH").get(4), dt.datetime.now(dt.UTC), alert_id,
+                           prescriber=requester)
     if alert is None:
         w.applied.notes.append("critical result: no ward nor lab service to tell")
     else:

@@ -59,8 +59,9 @@ class Traffic:
 
     def _pv1(self, stay: _Stay, at: str, *, admit: bool = False) -> str:
         room = stay.bed[:-1]
-        fields = ["PV1", "1", "I", f"{stay.ward}^{room}^{stay.bed}^{stay.ward.split('-')[0]}", "", "", "", "",
-                  "10001^BERNARD^Claire^^^Dr"] + [""] * 10 + [f"{stay.visit}^^^{VISIT_AUTHORITY}^VN"]
+        # PV1-7 the attending physician, PV1-19 the visit number
+        fields = ["PV1", "1", "I", f"{stay.ward}^{room}^{stay.bed}^{stay.ward.split('-')[0]}", "", "", "",
+                  "10001^BERNARD^Claire^^^Dr"] + [""] * 11 + [f"{stay.visit}^^^{VISIT_AUTHORITY}^VN"]
         fields += [""] * (44 - len(fields))
         fields.append(at if admit else "")
         return "|".join(fields)
