@@ -12,6 +12,7 @@ from rebond.hl7.intake import receive
 from rebond.security.accounts import PEOPLE
 from rebond.site.node import SiteNode
 from rebond.store import open_store
+from rebond.store.base import Store
 from tests.hl7_messages import oru
 from tests.pg_harness import PostgresServer
 from tests.server import RebondServer, SiteServer, rebond
@@ -114,7 +115,7 @@ def test_the_site_keeps_serving_and_says_since_when_it_is_cut_off(group: tuple[R
 
 
 def test_site_contacts_list_every_known_site_heard_or_not() -> None:
-    from rebond.site.contacts import IN_CONTACT_SECONDS, SiteContacts
+    from rebond.site.contacts import FORGET_AFTER, IN_CONTACT_SECONDS, SiteContacts
 
     now = [1_000.0]
     contacts = SiteContacts(clock=lambda: now[0])
@@ -126,6 +127,45 @@ def test_site_contacts_list_every_known_site_heard_or_not() -> None:
     assert listed["H2"]["name"] == "Hôpital Sud" and listed["H2"]["last_contact"] is None and not listed["H2"]["in_contact"]
     now[0] += IN_CONTACT_SECONDS
     assert [s["in_contact"] for s in contacts.status([])] == [False], "a site heard from, but not for a while"
+    now[0] += FORGET_AFTER
+    assert contacts.status([]) == [], "no longer a site of the group, and not heard from for a week"
+
+
+def test_a_site_heard_by_one_server_process_is_in_contact_for_all(store: Store) -> None:
+    """A site node polls over one kept connection: the process that holds it shares what it hears through the store."""
+    from rebond.site.contacts import SiteContacts
+
+    now = [1_000.0]
+    hearing, other = SiteContacts(store, clock=lambda: now[0]), SiteContacts(store, clock=lambda: now[0])
+    hearing.heard("H1", "site-h1", "10.0.1.5", behind=False)
+    assert not other.status([("H1", "Hôpital Nord")])[0]["in_contact"], "not shared yet"
+    assert hearing.share() == 1 and hearing.share() == 0, "what was heard since, once"
+    now[0] += 2
+    [shown] = other.status([("H1", "Hôpital Nord")])
+    assert shown["in_contact"] and shown["address"] == "10.0.1.5" and shown["seconds_since"] == 2.0
+    other.heard("H1", "site-h1", "10.0.1.6", behind=True)  # the site reconnected, to the other process: its news wins
+    now[0] += 1
+    assert hearing.status([])[0]["address"] == "10.0.1.5", "not shared yet"
+    other.share()
+    assert hearing.status([])[0]["address"] == "10.0.1.6" and hearing.status([])[0]["behind"]
+
+
+def test_with_two_server_processes_every_status_answer_says_the_site_is_in_contact(demo_db: str, tmp_path: Path) -> None:
+    """`rebond serve --workers 2`: the site node's polls reach one process; the status, asked anew each time (a new
+    connection, so either process answers), says it is in contact every time."""
+    central = RebondServer(demo_db, "--workers", "2").start()
+    site = start_site(central, tmp_path, ("nurse", "nurse", "LEROY Hélène"))
+    try:
+        time.sleep(3)  # past a share
+        answers = []
+        for _ in range(12):
+            with httpx.Client() as fresh:  # a connection of its own: the kernel hands it to either process
+                facts = fresh.get(f"{central.base}/status", headers={"Accept": "application/json"}, timeout=10).json()
+            answers.append(next(s for s in facts["sites"] if s["site"] == "H1")["in_contact"])
+        assert all(answers), answers
+    finally:
+        site.stop()
+        central.stop()
 
 
 def test_the_central_status_page_says_which_site_nodes_are_in_contact(group: tuple[RebondServer, SiteServer]) -> None:

@@ -56,7 +56,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
     trail = trail or AuditTrail(store)
     # the central site shows every site's updates; a site node the group's and its own
     situation = Situation(store, site=None if node.role == "central" else store.site_id)
-    contacts = SiteContacts()
+    contacts = SiteContacts(store if node.role == "central" else None)
     # the PACS's new studies, linked as they come (by one node per PACS: docs/imaging.md)
     studies = StudyFollower(store, pacs) if pacs is not None and follow_pacs else None
     # the lab's calls for critical results no one has taken in hand, passed on to a physician (docs/hl7.md)
@@ -193,7 +193,8 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
         facts["audit"] = trail.status()
         facts["critical_results"] = escalation.status() if escalation is not None else None
         if node.role == "central":
-            facts["sites"] = contacts.status(await run_in_threadpool(situation.sites))
+            known = await run_in_threadpool(situation.sites)
+            facts["sites"] = await run_in_threadpool(contacts.status, known)
         if "json" in request.headers.get("accept", ""):
             return JSONResponse(facts)
         return web.status_page(request, facts)
@@ -203,6 +204,8 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
         await node.start()
         await disks.start()
         trail.start()
+        if node.role == "central":
+            contacts.start()
         if studies is not None:
             studies.start()
         if escalation is not None:
@@ -220,6 +223,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
         if mllp is not None:
             await mllp.stop()
         await disks.stop()
+        await contacts.stop()
         if escalation is not None:
             await escalation.stop()
         if studies is not None:
