@@ -11,14 +11,17 @@ from typing import Any
 import httpx
 import pytest
 
+from rebond.clinical import messaging
 from rebond.clinical.census import ward_occupancy
-from rebond.clinical.conventions import INTERPRETATION, LOINC, UCUM
+from rebond.clinical.conventions import COMMUNICATION_CATEGORY, INTERPRETATION, LOINC, UCUM
 from rebond.clinical.pharmacy import validate
-from rebond.clinical.records import Clinician, find
+from rebond.clinical.records import Clinician, Entry, find
 from rebond.downtime.library import ward_ids
 from rebond.fhir import operations
+from rebond.hl7.intake import receive
 from rebond.store import open_store
 from tests.auth import api_token
+from tests.hl7_messages import oru
 from tests.server import RebondServer, rebond
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "downtime"
@@ -151,6 +154,39 @@ def test_a_page_break_never_splits_a_patients_allergy_block(demo_db: str, tmp_pa
     for line in lines[:3]:
         start = next(n for n, p in enumerate(pages) if line.patient.name in p and "Allergène numéro 00" in p and n > 1)
         assert all(s in pages[start] for s in substances), f"{line.patient.name}'s allergies run over a page break"
+
+
+def test_a_critical_results_call_no_one_has_taken_is_on_paper_until_someone_does(demo_db: str, tmp_path: Path) -> None:
+    """The IT goes down just after the lab's call for a potassium at 6.4: the ward's paper says no one has taken it."""
+    ward_id, lines = first_ward(demo_db)
+    patient = lines[0].patient
+    store = open_store(demo_db)
+    try:
+        assert receive(store, oru("DT1", patient.ipp, "FDT1")).code == "AA"
+        [call] = find(store, "Communication", ("subject", f"Patient/{patient.id}"),
+                      ("category", f"{COMMUNICATION_CATEGORY}|critical-result"))
+    finally:
+        store.close()
+    out = tmp_path / "ward.pdf"
+    make_pack(demo_db, ward_id, out)
+    pages = pages_of(out)
+    assert "☎ résultat critique : appel non pris en charge" in " ".join(pages[1].split()), "on the census, beside the patient"
+    own = " ".join(next(p for p in pages[2:] if patient.name in p and "Allergies" in p).split())
+    assert "Résultats critiques appelés par le laboratoire" in own and "Potassium 6,4 mmol/L (HH ; normales 3,5–5)" in own
+    assert "PERSONNE NE L'A PRIS EN CHARGE : prévenez le médecin" in own
+    picture(out, 3, "critical-call")
+
+    store = open_store(demo_db)
+    try:
+        nurse = find(store, "Practitioner")[0]
+        messaging.answer(store, str(call["id"]), {"entry": str(Entry.new())}, Clinician("nurse", "IDE", str(nurse["id"])),
+                         dt.datetime.now(dt.UTC), taken=True)
+    finally:
+        store.close()
+    make_pack(demo_db, ward_id, out)
+    pages = pages_of(out)
+    own = " ".join(next(p for p in pages[2:] if patient.name in p and "Allergies" in p).split())
+    assert "pris en charge par" in own and "PERSONNE" not in own and "appel non pris en charge" not in " ".join(pages[1].split())
 
 
 def test_english_on_request_and_every_ward_in_one_go(demo_db: str, tmp_path: Path) -> None:

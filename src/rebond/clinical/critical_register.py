@@ -32,7 +32,7 @@ from rebond.clinical.conventions import COMMUNICATION_CATEGORY
 from rebond.clinical.escalation import ESCALATE_AFTER, escalation_id
 from rebond.clinical.messaging import ANSWER_SKEW, CATEGORIES, CRITICAL_RESULT, Conversation, Message, is_hospital_service, message
 from rebond.clinical.records import HOSPITAL_TZ, Resource, any_of, fhir_instant, find, ref_id
-from rebond.hl7.critical import CALL_HEAD, CORRECTED_HEAD, LAB_ASKED, WARD_ASKED
+from rebond.hl7.critical import called, is_correction
 from rebond.store.base import Store
 
 #: the longest period one register reads (a quarter: a quality review's)
@@ -57,12 +57,12 @@ class Call:
     @property
     def corrected(self) -> bool:
         """The call for a correction that changed a critical value."""
-        return self.first.text.startswith(CORRECTED_HEAD)
+        return is_correction(self.first.text)
 
     @property
     def result(self) -> str:
         """What was called: « Potassium 6,8 mmol/L (HH ; normales 3,5–5), prélevé le 23/11 à 11:00. »"""
-        return self.first.text.removeprefix(CORRECTED_HEAD).removeprefix(CALL_HEAD).removesuffix(WARD_ASKED).removesuffix(LAB_ASKED)
+        return called(self.first.text)
 
     @property
     def taken(self) -> Message | None:

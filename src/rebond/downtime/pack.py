@@ -18,9 +18,11 @@ import orjson
 from rebond.clinical.census import Ward, ward_occupancy
 from rebond.clinical.chart import PatientChart, patient_chart
 from rebond.clinical.medication import Prescription
+from rebond.clinical.messaging import about_patient
 from rebond.clinical.records import HOSPITAL_TZ, concept_text, find, instant
 from rebond.clinical.results import LabResult
 from rebond.clinical.staff import procedures, shifts
+from rebond.hl7.critical import called
 from rebond.store.base import Store
 from rebond.web.i18n import Translator
 
@@ -82,7 +84,8 @@ def _labels(t: Translator) -> dict[str, str]:
         "requested_by": _("Requested by"), "enter_later": _("To be entered into Rebond when it is back, checked by a second person."),
         "sex": _("Sex"), "age": _("age"), "hr": _("HR"), "bp": _("BP"), "temp": _("Temp."), "spo2": _("SpO2"),
         "rr": _("RR"), "pain": _("Pain"), "by": _("By"), "when": _("When"), "value": _("Value"),
-        "unplaced": _("not in a bed"),
+        "unplaced": _("not in a bed"), "critical_calls": _("Critical results called by the lab (last 24 hours)"),
+        "call_waiting": _("critical result: call not taken in hand"),
     }
 
 
@@ -126,6 +129,20 @@ def _result(t: Translator, result: LabResult) -> dict[str, Any]:
             "critical": result.critical, "arrow": arrow, "range": span, "when": t.datetime(result.when)}
 
 
+def _critical_calls(store: Store, t: Translator, patient_id: str, now: dt.datetime) -> list[dict[str, Any]]:
+    """The lab's calls for the patient's critical results over the last day, and who took each in hand: on paper, a call
+    no one has answered when the IT went down is still seen (hl7/critical.py)."""
+    out = []
+    for talk in about_patient(store, patient_id, now, days=1):
+        if talk.first.critical_report is None:
+            continue
+        taken = talk.taken_by
+        out.append({"sent": t.datetime(talk.first.sent), "what": called(talk.first.text), "waiting": taken is None,
+                    "state": t.gettext("taken in hand by %(who)s, %(when)s", who=taken.author, when=t.datetime(taken.sent))
+                    if taken is not None else t.gettext("NO ONE HAS TAKEN IT IN HAND: tell the physician")})
+    return sorted(out, key=lambda c: not c["waiting"])
+
+
 def _patient(store: Store, t: Translator, chart: PatientChart, bed: str, now: dt.datetime, grid_start: dt.datetime) -> dict[str, Any]:
     me = f"Patient/{chart.patient.id}"
     pending = find(store, "ServiceRequest", ("subject", me), ("status", "active"))
@@ -138,6 +155,7 @@ def _patient(store: Store, t: Translator, chart: PatientChart, bed: str, now: dt
         "age": "—" if age is None else str(age), "bed": bed,
         "admitted": t.date(stay.admitted if stay else None, "short"), "attending": stay.attending if stay else "—",
         "allergies": [{"substance": a.substance, "critical": a.criticality == "high"} for a in chart.allergies],
+        "critical_calls": _critical_calls(store, t, summary.id, now),
         "problems": chart.problems,
         "prescriptions": [_prescription(t, rx) for rx in chart.prescriptions],
         "grid": _grid(chart, grid_start),
@@ -218,7 +236,7 @@ def ward_pack(store: Store, ward_id: str, now: dt.datetime, t: Translator, sourc
         patients.append(patient)
         beds.append({"bed": bed, "empty": False, "name": patient["name"], "birth_date": patient["birth_date"],
                      "ipp": patient["ipp"], "admitted": patient["admitted"], "attending": patient["attending"],
-                     "allergies": patient["allergies"]})
+                     "allergies": patient["allergies"], "call_waiting": any(c["waiting"] for c in patient["critical_calls"])})
     content = {"ward": census.ward.name, "hospital": census.ward.hospital, "census": beds, "patients": patients,
                "on_call": _on_call(store, t, ward_id, now), "procedures": _procedures(store, census.ward.hospital_id)}
     # the grid follows the clock, not the record: it stays out of the hash, so the same record gives the same hash

@@ -42,6 +42,17 @@ WARD_ASKED = " Prévenez le médecin, puis répondez ici ou cliquez « Je m'en o
 LAB_ASKED = " Le patient n'a pas de séjour en cours dans un service : appelez le prescripteur."
 
 
+def called(text: str) -> str:
+    """What a call says of the result, from its text: « Potassium 6,8 mmol/L (HH ; normales 3,5–5), prélevé le … ».
+    Without « Résultat critique : » and what it asks."""
+    return text.removeprefix(CORRECTED_HEAD).removeprefix(CALL_HEAD).removesuffix(WARD_ASKED).removesuffix(LAB_ASKED)
+
+
+def is_correction(text: str) -> bool:
+    """A call for a correction that changed a critical value."""
+    return text.startswith(CORRECTED_HEAD)
+
+
 def flags(observation: Resource) -> list[str]:
     return [str(c.get("code")) for concept in observation.get("interpretation") or () for c in concept.get("coding") or ()
             if c.get("system") == INTERPRETATION]
