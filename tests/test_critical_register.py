@@ -132,6 +132,11 @@ def test_the_register_in_the_web_app_and_its_csv_whose_patients_are_on_the_audit
     assert sheet.status_code == 200 and sheet.headers["content-type"].startswith("text/csv")
     assert "attachment" in sheet.headers["content-disposition"] and patient.id in sheet.text
     assert signed_in(web.base, "crisis").get("/critical-results").status_code == 403, "no patient data for the crisis cell"
+    # the status page's figures of the last 24 hours, the same whichever process answers (read from the store)
+    day = web.status()["critical_calls"]
+    assert day == {"calls": 2, "taken": 1, "taken_in_time": 1, "waiting": 1, "passed_on": 0, "median_minutes": day["median_minutes"]}
+    shown = signed_in(web.base, "crisis").get("/status").text
+    assert "1 appel en attente" in shown and "2 appels du laboratoire en 24 h" in shown and "/critical-results" not in shown
 
     monkeypatch.setenv("REBOND_PASSWORD", "protection-2026")
     assert rebond("accounts", "add", "dpo2", "--role", "admin", "--name", "DPO", "--db", web.db).returncode == 0

@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from rebond.clinical.critical_register import LastDay
 from rebond.clinical.escalation import ESCALATE_AFTER, Escalation, escalate_delay
 from rebond.clinical.imaging import Orthanc, PacsUnavailable, StudyFollower, study_of_uid
 from rebond.clinical.records import ref_id
@@ -61,6 +62,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
     studies = StudyFollower(store, pacs) if pacs is not None and follow_pacs else None
     # the lab's calls for critical results no one has taken in hand, passed on to a physician (docs/hl7.md)
     escalation = Escalation(store, escalate_after, active=node.makes_rounds) if escalate_after else None
+    last_day_calls = LastDay(store, escalate_after)  # the register's figures, the same whichever process answers
 
     def feed_read(request: Request, behind: bool) -> None:
         """A site node's poll of the change feed (it says which site it is): that hospital is in contact."""
@@ -192,6 +194,7 @@ def create_app(store: Store, *, session_idle: float = 30 * 60, secure_cookies: b
         facts["situation"] = await run_in_threadpool(situation.status)
         facts["audit"] = trail.status()
         facts["critical_results"] = escalation.status() if escalation is not None else None
+        facts["critical_calls"] = await run_in_threadpool(last_day_calls.figures)
         if node.role == "central":
             known = await run_in_threadpool(situation.sites)
             facts["sites"] = await run_in_threadpool(contacts.status, known)

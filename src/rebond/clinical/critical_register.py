@@ -25,15 +25,17 @@ import csv
 import datetime as dt
 import io
 import statistics
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from rebond.clinical.conventions import COMMUNICATION_CATEGORY
 from rebond.clinical.escalation import ESCALATE_AFTER, escalation_id
 from rebond.clinical.messaging import ANSWER_SKEW, CATEGORIES, CRITICAL_RESULT, Conversation, Message, is_hospital_service, message
 from rebond.clinical.records import HOSPITAL_TZ, Resource, any_of, fhir_instant, find, ref_id
 from rebond.hl7.critical import called, is_correction
-from rebond.store.base import Store
+from rebond.store.base import Store, StoreError
 
 #: the longest period one register reads (a quarter: a quality review's)
 MAX_DAYS = 92
@@ -119,6 +121,12 @@ class Register:
         seconds = [c.delay.total_seconds() for c in self.taken if c.delay is not None]
         return dt.timedelta(seconds=statistics.median(seconds)) if seconds else None
 
+    def figures(self) -> dict[str, Any]:
+        """The counts, without who or whom (for the status page, which the crisis cell reads)."""
+        median = self.median_delay
+        return {"calls": len(self.calls), "taken": len(self.taken), "taken_in_time": self.in_time, "waiting": self.waiting,
+                "passed_on": self.passed_on, "median_minutes": round(median.total_seconds() / 60, 1) if median is not None else None}
+
 
 def _is_call(resource: Resource) -> bool:
     return not resource.get("inResponseTo") and any(
@@ -169,6 +177,27 @@ def register(store: Store, since: dt.datetime, until: dt.datetime, *, hospital: 
         calls.append(Call(Conversation(first, after_it), to_ward, passed, delay))
     calls.sort(key=lambda c: c.first.sent, reverse=True)
     return Register(since, until, delay, calls)
+
+
+class LastDay:
+    """The register's figures over the last 24 hours, for the status page: counted again at most every `every` seconds,
+    since the status is asked often (monitoring, the crisis cell's screen)."""
+
+    def __init__(self, store: Store, after: dt.timedelta | None, every: float = 15.0) -> None:
+        self.store, self.after, self.every = store, after, every
+        self._kept: tuple[float, dict[str, Any]] | None = None
+
+    def figures(self) -> dict[str, Any] | None:
+        """None when the store cannot be read now."""
+        if self._kept is not None and self._kept[0] > time.monotonic():
+            return self._kept[1]
+        now = dt.datetime.now(dt.UTC)
+        try:
+            figures = register(self.store, now - dt.timedelta(days=1), now, after=self.after).figures()
+        except StoreError:
+            return None
+        self._kept = (time.monotonic() + self.every, figures)
+        return figures
 
 
 def _local(moment: dt.datetime | None) -> str:
