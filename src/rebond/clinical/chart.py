@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from rebond.clinical.census import Allergy, Stay, allergies_by_patient, stay
 from rebond.clinical.conventions import OBSERVATION_CATEGORY
+from rebond.clinical.interventions import of_prescriptions
 from rebond.clinical.medication import Administration, Dose, Prescription, administration, dose_schedule, prescription
 from rebond.clinical.pharmacy import validations
 from rebond.clinical.prescribing import allergens_of, conflicts_of, is_new, seen
@@ -153,7 +154,8 @@ def note(document: Resource) -> Note:
 
 def with_alerts(store: Store, requests: list[Resource], allergies: list[Allergy], now: dt.datetime | None = None) -> list[Prescription]:
     """The prescriptions, each with the known allergies it meets; given `now` (a chart), those still new then (the only
-    ones a page says it of) with who read them first, and each with the pharmacist who validated it as it stands."""
+    ones a page says it of) with who read them first, each with the pharmacist who validated it as it stands, and the
+    pharmacy's interventions on it."""
     allergens = allergens_of(store, (r.get("medicationCodeableConcept") or {} for r in requests)) if allergies else {}
     new = [r["id"] for r in requests if now is not None and is_new(instant(r.get("authoredOn")), now)]
     read_by = seen(store, new) if new else {}
@@ -162,7 +164,8 @@ def with_alerts(store: Store, requests: list[Resource], allergies: list[Allergy]
     if now is None:
         return shown
     validated = validations(store, [(p.id, p.version) for p in shown])
-    return [replace(p, validated=validated.get(p.id)) for p in shown]
+    raised = of_prescriptions(store, [p.id for p in shown])
+    return [replace(p, validated=validated.get(p.id), interventions=tuple(raised.get(p.id, ()))) for p in shown]
 
 
 def patient_header(store: Store, patient_id: str) -> PatientHeader:

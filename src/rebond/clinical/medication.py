@@ -4,10 +4,13 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from rebond.clinical.records import HOSPITAL_TZ, Resource, concept_text, instant, ref_id
 from rebond.clinical.results import Acknowledgement
+
+if TYPE_CHECKING:
+    from rebond.clinical.interventions import Intervention
 
 #: a dose is "due" from an hour before its time to an hour after; later than that with nothing recorded, it is late
 DUE_WINDOW = dt.timedelta(hours=1)
@@ -33,6 +36,7 @@ class Prescription:
     seen: Acknowledgement | None = None  # the nurse who read it first (clinical/prescribing.py), filled by the chart
     version: int = 0  # the version of the MedicationRequest it shows
     validated: Acknowledgement | None = None  # the pharmacist who validated that version (clinical/pharmacy.py), filled by the chart
+    interventions: tuple[Intervention, ...] = ()  # the pharmacy's, the latest first (clinical/interventions.py), filled by the chart
 
 
 @dataclass(frozen=True)

@@ -342,7 +342,7 @@ def _is_message(resource: Resource) -> bool:
                for concept in resource.get("category") or () for c in concept.get("coding") or ())
 
 
-def _author(store: Store, clinician: Clinician, form: Mapping[str, str], problems: dict[str, str]) -> dict[str, str]:
+def author_of(store: Store, clinician: Clinician, form: Mapping[str, str], problems: dict[str, str]) -> dict[str, str]:
     """Who writes: the account's Practitioner; or, for a service (always, for an account that stands for no one), the
     service, with the person's name. A problem is added to `problems`."""
     speaking_for = (form.get("as") or "").strip()
@@ -371,12 +371,12 @@ def send(store: Store, form: Mapping[str, str], clinician: Clinician, now: dt.da
         patient = read(store, "Patient", str(form["patient"]))
         if patient is None:
             raise NotFound(f"no Patient/{form['patient']}")
-    author = _author(store, clinician, form, problems)
+    author = author_of(store, clinician, form, problems)
     if problems:
         raise InvalidForm(problems)
     assert to is not None
     entry = Entry.of(form.get("entry"))
-    resource = _communication(entry.id(), MESSAGE, author, [{"reference": to.reference, "display": to.name}], text, now,
+    resource = communication(entry.id(), MESSAGE, author, [{"reference": to.reference, "display": to.name}], text, now,
                               urgent=form.get("urgent") == "1", patient=patient)
     return create_once(store, entry, resource)
 
@@ -387,7 +387,7 @@ def answer(store: Store, message_id: str, form: Mapping[str, str], clinician: Cl
     first = conversation(store, message_id).first
     problems: dict[str, str] = {}
     text = "" if taken else typed_text(form, problems, MAX_TEXT)
-    author = _author(store, clinician, form, problems)
+    author = author_of(store, clinician, form, problems)
     if problems:
         raise InvalidForm(problems)
     # a service that wrote is answered by its name, not its author's
@@ -401,13 +401,13 @@ def answer(store: Store, message_id: str, form: Mapping[str, str], clinician: Cl
         recipients = [{"reference": author["reference"], "display": own.name if own else author["display"]}]
     entry = Entry.of(form.get("entry"))
     # the id names the conversation: an entry sent with another conversation's form records anew
-    resource = _communication(entry.id(first.id), TAKEN if taken else MESSAGE, author, recipients, text, now,
+    resource = communication(entry.id(first.id), TAKEN if taken else MESSAGE, author, recipients, text, now,
                               urgent=first.urgent and not taken, answers=first.id,
                               subject={"reference": f"Patient/{first.patient_id}", "display": first.patient} if first.patient_id else None)
     return create_once(store, entry, resource, first.id)
 
 
-def _communication(rid: str, kind: str, author: dict[str, str], recipients: list[dict[str, Any]], text: str, now: dt.datetime, *,
+def communication(rid: str, kind: str, author: dict[str, str], recipients: list[dict[str, Any]], text: str, now: dt.datetime, *,
                    urgent: bool, patient: Resource | None = None, subject: dict[str, str] | None = None,
                    answers: str | None = None) -> Resource:
     resource: Resource = {

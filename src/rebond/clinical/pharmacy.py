@@ -10,6 +10,8 @@ the treatment) and validates it, or writes to the prescriber. Here:
   on a node (a double click, two pharmacists). A site node cut off and the central site may each
   record one; the first counts, and neither is a conflict to settle. A prescription changed
   since (stopped, or corrected through the API) is a new version, to be validated again;
+- « Intervention » records a pharmaceutical intervention, coded (clinical/interventions.py), and
+  tells the prescriber, who accepts or refuses it on the chart;
 - « Écrire au prescripteur » is a message of the messaging (clinical/messaging.py), from the
   pharmacy, about the patient.
 
@@ -27,6 +29,7 @@ import orjson
 
 from rebond.clinical.census import Allergy, Ward, allergies_by_patient, group_wards
 from rebond.clinical.conventions import PRESCRIPTION_VALIDATION, TASK_CODE_SYSTEM
+from rebond.clinical.interventions import Intervention, of_prescriptions
 from rebond.clinical.medication import Prescription, prescription
 from rebond.clinical.messaging import is_hospital_service
 from rebond.clinical.prescribing import allergens_of, conflicts_of
@@ -60,6 +63,7 @@ class ToValidate:
     alerts: tuple[str, ...]  # the patient's known allergies it meets
     prescriber_ref: str | None  # the Practitioner, to write to
     pharmacy_ref: str | None = None  # the pharmacy of the ward's hospital, to write for
+    interventions: tuple[Intervention, ...] = ()  # the pharmacy's on it, the latest first (clinical/interventions.py)
 
 
 def _validated_version(task: Resource) -> int | None:
@@ -138,6 +142,7 @@ def worklist(store: Store, hospital_id: str | None = None) -> list[tuple[Ward, l
     waiting = [(r.version, orjson.loads(r.body)) for r in requests if r.id not in done and r.body]
     allergies: dict[str, list[Allergy]] = allergies_by_patient(store, list({ref_id(q.get("subject"), "Patient") or "" for _v, q in waiting}))
     allergens = allergens_of(store, [q.get("medicationCodeableConcept") or {} for _v, q in waiting])
+    raised = of_prescriptions(store, [str(q["id"]) for _v, q in waiting])
     by_ward: dict[str, list[ToValidate]] = {}
     for version, request in waiting:
         patient_id = ref_id(request.get("subject"), "Patient") or ""
@@ -148,7 +153,7 @@ def worklist(store: Store, hospital_id: str | None = None) -> list[tuple[Ward, l
         requester = ref_id(request.get("requester"), "Practitioner")
         by_ward.setdefault(ward.id, []).append(ToValidate(
             prescription(request), version, patient_summary(patients[patient_id]), ward, tuple(a.substance for a in met),
-            f"Practitioner/{requester}" if requester else None, pharmacies.get(site_of[ward.id])))
+            f"Practitioner/{requester}" if requester else None, pharmacies.get(site_of[ward.id]), tuple(raised.get(str(request["id"]), ()))))
     return [(wards[w], _by_patient(items)) for w, items in sorted(by_ward.items(), key=lambda kv: (wards[kv[0]].hospital, wards[kv[0]].name))]
 
 

@@ -73,6 +73,8 @@ WEB_PAGES: dict[str, tuple[str, str]] = {
     "/patients/{patient_id}/prescriptions/{request_id}/acknowledge": (N_("prescription read"), "C"),
     "/pharmacy": (N_("prescriptions to validate"), "R"),
     "/pharmacy/validate": (N_("prescription validation"), "C"),
+    "/pharmacy/interventions/new": (N_("pharmaceutical intervention"), "C"),
+    "/patients/{patient_id}/interventions/{issue_id}": (N_("intervention answer"), "U"),
     "/messages": (N_("messages"), "R"),
     "/messages/new": (N_("message"), "C"),
     "/messages/{message_id}": (N_("message"), "R"),

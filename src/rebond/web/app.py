@@ -32,6 +32,8 @@ from rebond.clinical.chart import patient_chart, patient_header, with_alerts
 from rebond.clinical.critical_register import MAX_DAYS, as_csv, register
 from rebond.clinical.escalation import ESCALATE_AFTER
 from rebond.clinical.imaging import Orthanc, PacsUnavailable, images_of
+from rebond.clinical.interventions import PROBLEMS, PROPOSALS, figures, propose
+from rebond.clinical.interventions import answer as answer_intervention
 from rebond.clinical.medication import prescription
 from rebond.clinical.messaging import (
     Box,
@@ -182,6 +184,8 @@ class WebApp:
             Route("/auth/authorize", page(self.authorize_app, "fhir-read"), methods=["GET", "POST"]),
             Route("/pharmacy", page(self.pharmacy, "validate-prescriptions"), methods=["GET"]),
             Route("/pharmacy/validate", page(self.validate_prescription, "validate-prescriptions"), methods=["POST"]),
+            Route("/pharmacy/interventions/new", page(self.intervention_form, "validate-prescriptions"), methods=["GET", "POST"]),
+            Route("/patients/{patient_id}/interventions/{issue_id}", page(self.answer_intervention, "prescribe"), methods=["POST"]),
             Route("/messages", page(self.messages, "messages"), methods=["GET"]),
             Route("/messages/new", page(self.new_message, "messages"), methods=["GET", "POST"]),
             Route("/messages/{message_id}", page(self.message, "messages"), methods=["GET", "POST"]),
@@ -695,6 +699,7 @@ class WebApp:
             "not-a-date": t.gettext("Write the date as dd/mm/yyyy or yyyy-mm-dd."),
             "in-the-future": t.gettext("This date is in the future."),
             "choose-one": t.gettext("Choose one."),
+            "no-one-to-tell": t.gettext("The prescription names no prescriber known here, and the patient is in no ward: telephone the prescriber."),
             "bed-taken": t.gettext("This bed is not free any more: choose another."),
             "too-long": t.gettext("At most %(n)s characters.", n=rest),
             "state-needs-module": t.gettext("Choose the module whose state you declare."),
@@ -796,8 +801,50 @@ class WebApp:
         if hospital is not None and hospital not in {h.site_id for h in hospitals}:
             raise NotFound(f"no hospital site {hospital}")
         lists = await run_in_threadpool(worklist, self.store, hospital)
-        return self._show(p, "pharmacy.html", hospitals=hospitals, hospital=hospital, lists=lists,
+        month = await run_in_threadpool(figures, self.store, p.now - dt.timedelta(days=30))
+        return self._show(p, "pharmacy.html", hospitals=hospitals, hospital=hospital, lists=lists, month=month,
                           saved=p.request.query_params.get("saved"))
+
+    async def intervention_form(self, p: Page) -> Response:
+        """A pharmaceutical intervention on a prescription: the problem, the proposal, for the prescriber to answer."""
+        request_id = p.request.query_params.get("request", "")
+        request = await run_in_threadpool(read, self.store, "MedicationRequest", request_id) if request_id else None
+        if request is None or request.get("status") != "active":
+            raise NotFound(request_id)
+        patient_id = str(request.get("subject", {}).get("reference", "")).removeprefix("Patient/")
+        chart = await run_in_threadpool(patient_header, self.store, patient_id)
+        values = {"problem": "", "proposal": "", "text": "", "urgent": "", "as": p.request.query_params.get("as", ""),
+                  "next": safe_target(p.request.query_params.get("next", "/pharmacy")), "entry": str(Entry.new())}
+        problems: dict[str, str] = {}
+        if p.request.method == "POST":
+            values = await _filled(p.request, ("problem", "proposal", "text", "urgent", "as", "next"))
+            values["next"] = safe_target(values["next"] or "/pharmacy")
+            try:
+                issue_id = await run_in_threadpool(propose, self.store, request_id, values, p.clinician, p.now)
+            except InvalidForm as err:
+                problems = {k: self._problem(p.t, v) for k, v in err.problems.items()}
+            else:
+                log.info("pharmaceutical intervention %s on prescription %s by %s", issue_id, request_id, p.account.username)
+                back = values["next"].split("#")[0]
+                return RedirectResponse(f"{back}{'&' if '?' in back else '?'}saved=intervention", status_code=303)
+        every = await run_in_threadpool(services, self.store) if not p.account.practitioner_id and not p.account.service else []
+        return self._show(p, "intervention_form.html", status=422 if problems else 200, chart=chart, rx=prescription(request),
+                          values=values, problems=problems, problem_codes=PROBLEMS, proposal_codes=PROPOSALS, every=every)
+
+    async def answer_intervention(self, p: Page) -> Response:
+        """The prescriber accepts or refuses a pharmaceutical intervention, once; then corrects or stops the prescription."""
+        patient_id, issue_id = p.request.path_params["patient_id"], p.request.path_params["issue_id"]
+        form = await p.request.form()
+        action = str(form.get("action", ""))
+        issue = await run_in_threadpool(read, self.store, "DetectedIssue", issue_id)
+        if issue is None or issue.get("patient", {}).get("reference") != f"Patient/{patient_id}" or action not in ("accept", "refuse"):
+            raise NotFound(issue_id)
+        try:
+            await run_in_threadpool(answer_intervention, self.store, issue_id, action == "accept", p.clinician, p.now)
+        except PreconditionFailed:  # answered already, by someone else: the chart shows their answer
+            return RedirectResponse(f"/patients/{quote(patient_id)}?saved=answered#prescriptions", status_code=303)
+        log.info("pharmaceutical intervention %s answered (%s) by %s", issue_id, action, p.account.username)
+        return RedirectResponse(f"/patients/{quote(patient_id)}#prescriptions", status_code=303)
 
     async def validate_prescription(self, p: Page) -> Response:
         """« Valider »: the prescription as the pharmacist saw it (its version), recorded once; changed since: shown again."""
