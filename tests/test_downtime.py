@@ -14,6 +14,7 @@ import pytest
 from rebond.clinical import messaging
 from rebond.clinical.census import ward_occupancy
 from rebond.clinical.conventions import COMMUNICATION_CATEGORY, INTERPRETATION, LOINC, UCUM
+from rebond.clinical.interventions import propose
 from rebond.clinical.pharmacy import validate
 from rebond.clinical.records import Clinician, Entry, find
 from rebond.downtime.library import ward_ids
@@ -91,6 +92,10 @@ def test_a_pack_holds_the_census_names_allergies_and_marked_abnormal_values(demo
         [amoxicillin] = [r for r in find(store, "MedicationRequest", ("subject", f"Patient/{patient.id}"), ("status", "active"))
                          if r["medicationCodeableConcept"].get("text") == "Amoxicilline 1 g comprimé"]
         validate(store, amoxicillin["id"], 1, Clinician("pharma", "Pharmacie (démo)"), dt.datetime.now(dt.UTC))
+        other = next(r for r in find(store, "MedicationRequest", ("subject", f"Patient/{patient.id}"), ("status", "active"))
+                     if r["id"] != amoxicillin["id"])
+        propose(store, other["id"], {"problem": "1.4", "proposal": "2.7", "entry": str(Entry.new())},
+                Clinician("pharma", "Pharmacie (démo)", None, "H1-PHARMA"), dt.datetime.now(dt.UTC))
     finally:
         store.close()
     write(demo_db, {"resourceType": "Observation", "status": "final", "subject": {"reference": f"Patient/{patient.id}"},
@@ -113,6 +118,7 @@ def test_a_pack_holds_the_census_names_allergies_and_marked_abnormal_values(demo
     assert "6,9 mmol/L ▲" in "".join(pages[2:]), "an abnormal value is marked (on the patient's page or the next)"
     assert "⚠ Allergie connue" in own[0] and "Amoxicilline 1 g" in own[0], "a prescription that meets a known allergy (a penicillin)"
     assert "✓ validée" in own[0], "the pharmacy's validation is on paper too"
+    assert "⚠ Pharmacie : Surdosage," in own[0] and "en attente du prescripteur" in own[0], "and its open intervention"
     assert "non validée" in own[0], "and the prescriptions it has not validated yet"
     every_page = [p for p in pages if p.strip()]
     assert all("Données à jour au" in p for p in every_page), "every page says how old it is"

@@ -100,7 +100,9 @@ def _prescription(t: Translator, rx: Prescription) -> dict[str, Any]:
             # the pharmacy's validation, short: the column is narrow
             "validation": t.gettext("✓ validated %(when)s", when=t.datetime(rx.validated.at)) if rx.validated is not None
             else t.gettext("not validated"), "validated": rx.validated is not None,
-            "alerts": [t.gettext("Known allergy: %(substance)s", substance=a) for a in rx.alerts]}
+            "alerts": [t.gettext("Known allergy: %(substance)s", substance=a) for a in rx.alerts]
+            + [t.gettext("Pharmacy: %(problem)s, awaiting the prescriber", problem=t.gettext(iv.problem_name))
+               for iv in rx.interventions if iv.outcome is None]}
 
 
 def _grid(chart: PatientChart, start: dt.datetime) -> list[dict[str, Any]]:
