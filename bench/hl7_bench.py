@@ -110,6 +110,7 @@ def main() -> None:
         traffic = Traffic(seed=7)
         rows = []
         cpu: dict[tuple[int, int], dict[str, float]] = {}
+        senders: dict[tuple[int, int], float] = {}  # this process's CPU: the load's senders, on the same two cores
         for workers in args.mllp_workers:
             port = free_port()
             server = RebondServer(url, "--mllp-port", str(port), "--mllp-workers", str(workers)).start()
@@ -119,10 +120,12 @@ def main() -> None:
                     send_messages("127.0.0.1", port, admissions)
                 for connections in (4, 32):
                     batches = results_for(traffic, connections, int(args.seconds * 1200 / connections) + 50)
-                    before = process_cpu(server)
+                    before, sent_before = process_cpu(server), os.times()
                     rate, latencies, refused = load(port, batches, args.seconds)
-                    after = process_cpu(server)
+                    after, sent_after = process_cpu(server), os.times()
                     cpu[(workers, connections)] = {k: (after[k] - before[k]) * 1000 / max(1, len(latencies)) for k in after}
+                    senders[(workers, connections)] = ((sent_after.user - sent_before.user + sent_after.system - sent_before.system)
+                                                       * 1000 / max(1, len(latencies)))
                     rows.append((f"rebond/{workers}", connections, rate, latencies, refused))
             finally:
                 server.stop()
@@ -150,10 +153,10 @@ def main() -> None:
         print(f"{who:<10} {connections:>5} {rate:>8.0f} {percentile(latencies, 50):>8.1f} {percentile(latencies, 99):>8.1f}"
               f" {refused:>8} {rate / base[connections]:>6.2f}")
     print("(target: >= 500 messages/s with 4 connections, p99 < 50 ms; SQLite, acknowledged after the commit)")
-    print("\nCPU per message, ms (user + system, from /proc):")
+    print("\nCPU per message, ms (user + system, from /proc; `senders`: this script's connections, on the same cores):")
     for (workers, connections), spent in cpu.items():
         print(f"rebond/{workers:<3} {connections:>5}   " + "   ".join(f"{k} {v:.2f}" for k, v in spent.items())
-              + f"   total {sum(spent.values()):.2f}")
+              + f"   total {sum(spent.values()):.2f}   (senders {senders[(workers, connections)]:.2f})")
 
 
 if __name__ == "__main__":
