@@ -77,7 +77,7 @@ class Call:
 
     @property
     def late(self) -> bool:
-        """Taken in hand after the delay, or not at all and the delay is past."""
+        """Taken in hand after the delay."""
         return self.delay is not None and self.delay > self.after
 
     @property

@@ -66,6 +66,8 @@ PROPOSALS = (
     ("2.7", N_("Adjust the dose"), "Adaptation posologique"),
 )
 OUTCOMES = {"accepted": "Acceptée par le prescripteur", "refused": "Refusée par le prescripteur"}
+#: the extension that names the message which told the prescriber (its id)
+_MESSAGE_URL = "urn:rebond:intervention-message"
 #: the longest text a pharmacist writes with an intervention
 MAX_TEXT = 1000
 _NAMES = {code: name for code, name, _fr in (*PROBLEMS, *PROPOSALS)}
@@ -127,9 +129,6 @@ def intervention(issue: Resource) -> Intervention:
         str((answer.get("author") or {}).get("display", "")) if answer else "", instant(answer.get("date")) if answer else None,
         next((str(e.get("valueString")) for e in issue.get("extension") or () if e.get("url") == _MESSAGE_URL), None),
     )
-
-
-_MESSAGE_URL = "urn:rebond:intervention-message"  # the id of the message that told the prescriber
 
 
 def _recipient(store: Store, request: Resource) -> messaging.Box | None:
