@@ -54,7 +54,7 @@ demo: $(BIN)/rebond
 	@test -e var/rebond.db || $(BIN)/rebond seed --demo --db sqlite:///var/rebond.db
 	@$(BIN)/rebond seed --formulary --db sqlite:///var/rebond.db
 	@echo "Rebond web app: http://127.0.0.1:$(PORT)/   FHIR API: http://127.0.0.1:$(PORT)/fhir   (health: /healthz)"
-	@echo "demo accounts, password rebond-demo: nurse (nurse), doctor (physician), admin (IT), lab (lab staff), pharma (pharmacist), crisis (crisis cell)"
+	@echo "demo accounts, password rebond-demo: nurse (nurse), doctor (physician), admin (IT), lab (the first hospital's lab), pharma (its pharmacy), crisis (crisis cell)"
 	@echo "downtime packs (PDF per ward, remade every 10 min): http://127.0.0.1:$(PORT)/downtime"
 	@echo "HL7 v2 over MLLP on 127.0.0.1:$(MLLP_PORT); try: $(BIN)/rebond hl7 simulate --target 127.0.0.1:$(MLLP_PORT)"
 	$(BIN)/rebond serve --port $(PORT) --mllp-port $(MLLP_PORT)
