@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import re
 
 import httpx
 import pytest
@@ -123,6 +124,10 @@ def test_the_register_in_the_web_app_and_its_csv_whose_patients_are_on_the_audit
     assert 'href="/critical-results"' in lab.get("/results").text
     page = lab.get("/critical-results")
     assert page.status_code == 200 and "Résultats critiques : les appels du laboratoire" in page.text
+    h1 = re.search(r'<option value="([0-9a-f-]{36})" selected>', page.text)
+    assert h1 is not None, "the lab's bench account sees its own hospital's calls first"
+    every = lab.get("/critical-results", params={"hospital": ""}).text
+    assert re.search(r'<option value="[0-9a-f-]{36}" selected>', every) is None, "« Tous les hôpitaux » chosen: all of them"
     assert f'href="/patients/{patient.id}#labs"' in page.text and "Potassium 6,4 mmol/L" in page.text
     assert page.text.count("en attente depuis") == 1, "no one has taken the ward's in hand; the lab has its own"
     assert "dans aucun service : le laboratoire appelle le prescripteur" in page.text and "« Je m&#39;en occupe »" in page.text

@@ -86,6 +86,7 @@ def test_a_pharmacist_validates_from_the_list_and_the_chart_says_so(web: RebondS
     pharma = signed_in(web.base, "pharma")
     page = pharma.get("/pharmacy")
     assert page.status_code == 200 and "Prescriptions à valider" in page.text and 'href="/pharmacy"' in page.text
+    assert re.search(r'<option value="[0-9a-f-]{36}" selected>', page.text), "the first hospital's pharmacy sees its hospital first"
     forms = re.findall(r'name="request" value="([0-9a-f-]{36})">\s*<input type="hidden" name="version" value="(\d+)">', page.text)
     assert forms, "the demo's prescriptions wait for the pharmacy"
     request_id, version = forms[0]

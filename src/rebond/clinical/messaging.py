@@ -161,10 +161,16 @@ def box(store: Store, reference: str) -> Box | None:
     return _box(resource, _its_hospital(store, resource) if kind == "HealthcareService" else {})
 
 
+def service_of(store: Store, code: str) -> Resource | None:
+    """The active service with this code (`H1-LAB`), if there is one."""
+    found = find(store, "HealthcareService", ("identifier", f"{SERVICE_SYSTEM}|{literal(code)}"), ("active", "true"), limit=1)
+    return found[0] if found else None
+
+
 def service_box(store: Store, code: str) -> Box | None:
     """The box of the active service with this code (`H1-LAB`), if there is one."""
-    found = find(store, "HealthcareService", ("identifier", f"{SERVICE_SYSTEM}|{literal(code)}"), ("active", "true"), limit=1)
-    return _box(found[0], _its_hospital(store, found[0])) if found else None
+    found = service_of(store, code)
+    return _box(found, _its_hospital(store, found)) if found is not None else None
 
 
 def own_boxes(store: Store, clinician: Clinician) -> list[Box]:

@@ -47,6 +47,7 @@ from rebond.clinical.messaging import (
     last_written,
     own_boxes,
     send,
+    service_of,
     services,
     tally,
     waiting,
@@ -58,7 +59,7 @@ from rebond.clinical.pharmacy import validate, worklist
 from rebond.clinical.prescribing import ROUTES, formulary, is_new, prescribe, stop
 from rebond.clinical.prescribing import acknowledge as acknowledge_prescription
 from rebond.clinical.recording import NOTE_KINDS, VITAL_SIGNS, InvalidForm, record_administration, record_note, record_vitals
-from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, any_of, fhir_instant, instant, read
+from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, any_of, fhir_instant, instant, read, ref_id
 from rebond.clinical.results import acknowledge_result, reports
 from rebond.clinical.staff import Shift, StaffMember, binder, shifts, staff_by_ward
 from rebond.downtime.library import KeptPack, PackLibrary
@@ -760,8 +761,8 @@ class WebApp:
         return RedirectResponse(f"/patients/{quote(patient_id)}#prescriptions", status_code=303)
 
     def _register_asked(self, p: Page) -> tuple[int, str | None, dict[str, str], dict[str, str]]:
-        """The register's period (days back from now), hospital (an Organization id), the problems with what was asked,
-        and the hospitals to choose from."""
+        """The register's period (days back from now), hospital (an Organization id; by default the hospital of the
+        service the account works for), the problems with what was asked, and the hospitals to choose from."""
         q = p.request.query_params
         names = hospitals(self.store)
         problems: dict[str, str] = {}
@@ -769,14 +770,18 @@ class WebApp:
         if not days.isdigit() or not 1 <= int(days) <= MAX_DAYS:
             problems["days"] = p.t.gettext("Give a number of days from 1 to %(most)s.", most=MAX_DAYS)
             days = "1"
-        hospital = q.get("hospital") or None
+        if "hospital" in q:
+            hospital = q.get("hospital") or None  # chosen: "" for every hospital
+        else:  # the hospital of the service the account works for (the lab's bench: its lab's), else all
+            home = service_of(self.store, p.account.service) if p.account.service else None
+            hospital = ref_id((home or {}).get("providedBy"), "Organization")
         if hospital is not None and hospital not in names:
             raise NotFound(f"no hospital {hospital}")
         return int(days), hospital, problems, names
 
     async def critical_results(self, p: Page) -> Response:
         """The register of the lab's calls for critical results: whom each was told to, who took it in hand, when."""
-        days, hospital, problems, names = self._register_asked(p)
+        days, hospital, problems, names = await run_in_threadpool(self._register_asked, p)
         found = await run_in_threadpool(register, self.store, p.now - dt.timedelta(days=days), p.now, hospital=hospital,
                                         after=self.escalate_after)
         return self._show(p, "critical_results.html", status=400 if problems else 200, register=found, days=days,
@@ -784,7 +789,7 @@ class WebApp:
 
     async def critical_results_csv(self, p: Page) -> Response:
         """The same register as CSV, for a quality review; its patients are named on the audit trail."""
-        days, hospital, problems, _names = self._register_asked(p)
+        days, hospital, problems, _names = await run_in_threadpool(self._register_asked, p)
         if problems:
             return PlainTextResponse(" ".join(problems.values()), status_code=400)
         found = await run_in_threadpool(register, self.store, p.now - dt.timedelta(days=days), p.now, hospital=hospital,
@@ -796,8 +801,13 @@ class WebApp:
 
     async def pharmacy(self, p: Page) -> Response:
         """The prescriptions waiting for the pharmacy's validation, ward by ward: of one hospital, or of all."""
-        hospital = p.request.query_params.get("hospital") or None
         hospitals = await run_in_threadpool(lambda: group_wards(self.store, count_inpatients=False))
+        if "hospital" in p.request.query_params:
+            hospital = p.request.query_params.get("hospital") or None  # chosen: "" for every hospital
+        else:  # the site of the pharmacy the account works for, else all
+            home = await run_in_threadpool(service_of, self.store, p.account.service) if p.account.service else None
+            hospital = next((site for place in (home or {}).get("location") or ()
+                             if (site := ref_id(place, "Location")) in {h.site_id for h in hospitals}), None)
         if hospital is not None and hospital not in {h.site_id for h in hospitals}:
             raise NotFound(f"no hospital site {hospital}")
         lists = await run_in_threadpool(worklist, self.store, hospital)
