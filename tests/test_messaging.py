@@ -306,3 +306,5 @@ def test_services_lacking_are_made_once_with_the_ids_the_seed_gives(group: tuple
     assert {b.reference for b in services(store)} >= {ward.reference, lab.reference}, "the same ids as the seed's"
     again = rebond("messaging", "services", "--db", engine_url)
     assert again.stdout.strip() == "every ward, lab and pharmacy has its service already"
+    listed = rebond("messaging", "services", "--list", "--db", engine_url)  # the codes an account's --service takes
+    assert listed.returncode == 0 and all(code in listed.stdout for code in ("H1-CARDIO", "H1-LAB", "H1-PHARMA"))

@@ -556,7 +556,7 @@ def accounts_add(
     with _accounts_of(db) as accounts:
         if service and service_box(accounts.store, service.strip().upper()) is None:
             raise fail(f"no active service with the code '{service}' in this store (a hospital's lab is H1-LAB, its pharmacy "
-                       "H1-PHARMA, a ward's team the ward's code; rebond messaging services makes those missing)")
+                       "H1-PHARMA, a ward's team the ward's code: rebond messaging services --list)")
         account = accounts.save(username, password, role, name or username, practitioner or None, service or None)
     out_console.print(f"account {account.username} ({account.role}{', ' + account.service if account.service else ''}) saved")
 
@@ -746,17 +746,27 @@ app.add_typer(messaging_app, name="messaging")
 
 
 @messaging_app.command("services")
-def messaging_services(db: Annotated[str, typer.Option(help="database of the central site")] = DEFAULT_DB) -> None:
+def messaging_services(
+    db: Annotated[str, typer.Option(help="database of the central site")] = DEFAULT_DB,
+    show: Annotated[bool, typer.Option("--list", help="then list every service: its code (for accounts add --service), "
+                                                      "name and hospital")] = False,
+) -> None:
     """Give every ward a service messages are sent to, and every hospital its lab and pharmacy, where the store lacks
     them (run it on the central site after loading the hospital's structure; running it again makes nothing)."""
-    from rebond.clinical.messaging import add_services
+    from rebond.clinical.messaging import add_services, services
 
     with _store_of(db) as store:
         try:
             made = add_services(store)
+            listed = services(store) if show else []
         except StoreError as err:
             raise fail(f"the store failed: {err}") from None
     out_console.print(f"made {made} service(s)" if made else "every ward, lab and pharmacy has its service already")
+    if show:
+        table = Table("code", "service", "hospital")
+        for service in listed:
+            table.add_row(service.code or "—", service.name, service.hospital)
+        out_console.print(table)
 
 
 hl7_app = typer.Typer(help="HL7 v2 messages: dead letters, replay, a traffic simulator.", no_args_is_help=True)
