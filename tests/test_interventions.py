@@ -124,6 +124,7 @@ def test_the_pharmacist_intervenes_from_the_list_and_the_physician_accepts_on_th
     assert "Intervention pharmaceutique" in chart and "Interaction" in chart and "en attente de la réponse du prescripteur" in chart
     issue = re.search(rf'action="/patients/{patient}/interventions/([0-9a-f-]{{36}})"', chart)
     assert issue is not None
+    assert doctor.post(f"/patients/{patient}/interventions/{issue.group(1)}", data={"csrf": csrf_of(chart), "action": "maybe"}).status_code == 400
     nurse = signed_in(web.base, "nurse")
     assert nurse.post(f"/patients/{patient}/interventions/{issue.group(1)}", data={"csrf": csrf_of(chart), "action": "accept"}).status_code == 403
     accepted = doctor.post(f"/patients/{patient}/interventions/{issue.group(1)}", data={"csrf": csrf_of(chart), "action": "accept"})

@@ -802,13 +802,13 @@ class WebApp:
     async def pharmacy(self, p: Page) -> Response:
         """The prescriptions waiting for the pharmacy's validation, ward by ward: of one hospital, or of all."""
         hospitals = await run_in_threadpool(lambda: group_wards(self.store, count_inpatients=False))
+        sites = {h.site_id for h in hospitals}
         if "hospital" in p.request.query_params:
             hospital = p.request.query_params.get("hospital") or None  # chosen: "" for every hospital
         else:  # the site of the pharmacy the account works for, else all
             home = await run_in_threadpool(service_of, self.store, p.account.service) if p.account.service else None
-            hospital = next((site for place in (home or {}).get("location") or ()
-                             if (site := ref_id(place, "Location")) in {h.site_id for h in hospitals}), None)
-        if hospital is not None and hospital not in {h.site_id for h in hospitals}:
+            hospital = next((site for place in (home or {}).get("location") or () if (site := ref_id(place, "Location")) in sites), None)
+        if hospital is not None and hospital not in sites:
             raise NotFound(f"no hospital site {hospital}")
         lists = await run_in_threadpool(worklist, self.store, hospital)
         month = await run_in_threadpool(figures, self.store, p.now - dt.timedelta(days=30))
@@ -846,8 +846,11 @@ class WebApp:
         patient_id, issue_id = p.request.path_params["patient_id"], p.request.path_params["issue_id"]
         form = await p.request.form()
         action = str(form.get("action", ""))
+        if action not in ("accept", "refuse"):
+            return self.error_page(p.request, 400, p.t.gettext("This form has expired. Go back, reload the page and try again."),
+                                   p.account, p.session)
         issue = await run_in_threadpool(read, self.store, "DetectedIssue", issue_id)
-        if issue is None or issue.get("patient", {}).get("reference") != f"Patient/{patient_id}" or action not in ("accept", "refuse"):
+        if issue is None or issue.get("patient", {}).get("reference") != f"Patient/{patient_id}":
             raise NotFound(issue_id)
         try:
             await run_in_threadpool(answer_intervention, self.store, issue_id, action == "accept", p.clinician, p.now)
