@@ -126,11 +126,14 @@ def test_the_pharmacist_intervenes_from_the_list_and_the_physician_accepts_on_th
     assert issue is not None
     assert doctor.post(f"/patients/{patient}/interventions/{issue.group(1)}", data={"csrf": csrf_of(chart), "action": "maybe"}).status_code == 400
     nurse = signed_in(web.base, "nurse")
+    dose = nurse.get(f"/patients/{patient}/administrations/{written}").text  # about to give a dose: told first
+    assert "La pharmacie a signalé un problème auquel le prescripteur n&#39;a pas encore répondu : Interaction" in dose
     assert nurse.post(f"/patients/{patient}/interventions/{issue.group(1)}", data={"csrf": csrf_of(chart), "action": "accept"}).status_code == 403
     accepted = doctor.post(f"/patients/{patient}/interventions/{issue.group(1)}", data={"csrf": csrf_of(chart), "action": "accept"})
     assert accepted.status_code == 303
     after = doctor.get(f"/patients/{patient}").text
     assert "acceptée par le prescripteur" in after and 'value="accept"' not in after
+    assert "La pharmacie a signalé" not in nurse.get(f"/patients/{patient}/administrations/{written}").text, "answered: no warning"
     again = doctor.post(f"/patients/{patient}/interventions/{issue.group(1)}", data={"csrf": csrf_of(chart), "action": "refuse"})
     assert again.status_code == 303 and "saved=answered" in again.headers["location"]
     assert nurse.get(f"/patients/{patient}").status_code == 200 and "acceptée par le prescripteur" in nurse.get(f"/patients/{patient}").text

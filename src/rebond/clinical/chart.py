@@ -153,19 +153,19 @@ def note(document: Resource) -> Note:
 
 
 def with_alerts(store: Store, requests: list[Resource], allergies: list[Allergy], now: dt.datetime | None = None) -> list[Prescription]:
-    """The prescriptions, each with the known allergies it meets; given `now` (a chart), those still new then (the only
-    ones a page says it of) with who read them first, each with the pharmacist who validated it as it stands, and the
-    pharmacy's interventions on it."""
+    """The prescriptions, each with the known allergies it meets and the pharmacy's interventions on it; given `now` (a
+    chart), those still new then (the only ones a page says it of) with who read them first, and each with the
+    pharmacist who validated it as it stands."""
     allergens = allergens_of(store, (r.get("medicationCodeableConcept") or {} for r in requests)) if allergies else {}
     new = [r["id"] for r in requests if now is not None and is_new(instant(r.get("authoredOn")), now)]
     read_by = seen(store, new) if new else {}
-    shown = [replace(prescription(r), alerts=tuple(a.substance for a in conflicts_of(r, allergies, allergens)), seen=read_by.get(r["id"]))
-             for r in requests]
+    raised = of_prescriptions(store, [r["id"] for r in requests])  # a nurse about to give a dose sees them too
+    shown = [replace(prescription(r), alerts=tuple(a.substance for a in conflicts_of(r, allergies, allergens)), seen=read_by.get(r["id"]),
+                     interventions=tuple(raised.get(r["id"], ()))) for r in requests]
     if now is None:
         return shown
     validated = validations(store, [(p.id, p.version) for p in shown])
-    raised = of_prescriptions(store, [p.id for p in shown])
-    return [replace(p, validated=validated.get(p.id), interventions=tuple(raised.get(p.id, ()))) for p in shown]
+    return [replace(p, validated=validated.get(p.id)) for p in shown]
 
 
 def patient_header(store: Store, patient_id: str) -> PatientHeader:
