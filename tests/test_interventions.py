@@ -8,12 +8,13 @@ from urllib.parse import urlencode
 import pytest
 
 from rebond.clinical import messaging
+from rebond.clinical.census import group_wards
 from rebond.clinical.chart import patient_chart
 from rebond.clinical.interventions import answer, figures, propose
 from rebond.clinical.pharmacy import worklist
 from rebond.clinical.prescribing import formulary, prescribe
 from rebond.clinical.recording import InvalidForm
-from rebond.clinical.records import Clinician, Entry, find, person_name, read
+from rebond.clinical.records import Clinician, Entry, find, person_name, read, ref_id
 from rebond.seed.demo import DemoSize, seed_demo
 from rebond.store import open_store
 from rebond.store.base import NotFound, PreconditionFailed, Store
@@ -101,6 +102,9 @@ def test_the_pharmacist_intervenes_from_the_list_and_the_physician_accepts_on_th
     store = open_store(web.db)
     try:
         patient, written, prescriber = a_prescription(store)
+        stay = find(store, "Encounter", ("subject", f"Patient/{patient}"), ("status", "in-progress"))[0]
+        wards = {w.id for h in group_wards(store, count_inpatients=False) for w, _n in h.wards}
+        ward = next(lid for place in stay["location"] if (lid := ref_id(place["location"], "Location")) in wards)
     finally:
         store.close()
     pharma = signed_in(web.base, "pharma")
@@ -126,6 +130,7 @@ def test_the_pharmacist_intervenes_from_the_list_and_the_physician_accepts_on_th
     assert issue is not None
     assert doctor.post(f"/patients/{patient}/interventions/{issue.group(1)}", data={"csrf": csrf_of(chart), "action": "maybe"}).status_code == 400
     nurse = signed_in(web.base, "nurse")
+    assert "⚠ Pharmacie : Kétoprofène 100 mg comprimé LP" in nurse.get(f"/wards/{ward}").text, "on the census"
     dose = nurse.get(f"/patients/{patient}/administrations/{written}").text  # about to give a dose: told first
     assert "La pharmacie a signalé un problème auquel le prescripteur n&#39;a pas encore répondu : Interaction" in dose
     assert nurse.post(f"/patients/{patient}/interventions/{issue.group(1)}", data={"csrf": csrf_of(chart), "action": "accept"}).status_code == 403
@@ -134,6 +139,7 @@ def test_the_pharmacist_intervenes_from_the_list_and_the_physician_accepts_on_th
     after = doctor.get(f"/patients/{patient}").text
     assert "acceptée par le prescripteur" in after and 'value="accept"' not in after
     assert "La pharmacie a signalé" not in nurse.get(f"/patients/{patient}/administrations/{written}").text, "answered: no warning"
+    assert "⚠ Pharmacie :" not in nurse.get(f"/wards/{ward}").text
     again = doctor.post(f"/patients/{patient}/interventions/{issue.group(1)}", data={"csrf": csrf_of(chart), "action": "refuse"})
     assert again.status_code == 303 and "saved=answered" in again.headers["location"]
     assert nurse.get(f"/patients/{patient}").status_code == 200 and "acceptée par le prescripteur" in nurse.get(f"/patients/{patient}").text

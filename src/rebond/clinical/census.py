@@ -71,6 +71,7 @@ class BedLine:
     doses_late: int = 0
     new_prescriptions: int = 0  # written in the last NEW_PRESCRIPTION_WINDOW and not yet read by a nurse
     allergy_prescriptions: list[str] = field(default_factory=list)  # active prescriptions meeting a known allergy
+    pharmacy_problems: list[str] = field(default_factory=list)  # active prescriptions with an intervention not answered yet
 
 
 @dataclass
@@ -203,6 +204,9 @@ def _alerts(store: Store, occupied: list[BedLine], patient_ids: list[str], now: 
     allergens = allergens_of(store, (r.get("medicationCodeableConcept") or {} for r in allergic)) if allergic else {}
     new = [r["id"] for r in requests if is_new(instant(r.get("authoredOn")), now)]
     read_already = seen(store, new) if new else {}
+    from rebond.clinical.interventions import of_prescriptions  # here: it reads the messaging, which reads the census
+
+    raised = {rid for rid, found in of_prescriptions(store, [r["id"] for r in requests]).items() if any(i.outcome is None for i in found)}
     for request in requests:
         line = by_patient.get(patient_of_request[request["id"]] or "")
         if line is None:
@@ -211,6 +215,8 @@ def _alerts(store: Store, occupied: list[BedLine], patient_ids: list[str], now: 
             line.new_prescriptions += 1
         if line.allergies and conflicts_of(request, line.allergies, allergens):
             line.allergy_prescriptions.append(concept_text(request.get("medicationCodeableConcept")))
+        if request["id"] in raised:
+            line.pharmacy_problems.append(concept_text(request.get("medicationCodeableConcept")))
     for dose in dose_schedule([prescription(r) for r in requests], administrations, now - LATE_DOSE_WINDOW, now + dt.timedelta(hours=1), now):
         line = by_patient.get(patient_of_request.get(dose.prescription.id) or "")
         if line is None:
