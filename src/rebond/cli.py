@@ -551,10 +551,10 @@ def accounts_add(
                                           envvar="REBOND_PASSWORD", help="asked for when not given")] = "",
 ) -> None:
     """Create an account (or replace it: a new password, a new role)."""
-    from rebond.clinical.messaging import service_box
+    from rebond.clinical.messaging import service_of
 
     with _accounts_of(db) as accounts:
-        if service and service_box(accounts.store, service.strip().upper()) is None:
+        if service and service_of(accounts.store, service.strip().upper()) is None:
             raise fail(f"no active service with the code '{service}' in this store (a hospital's lab is H1-LAB, its pharmacy "
                        "H1-PHARMA, a ward's team the ward's code: rebond messaging services --list)")
         account = accounts.save(username, password, role, name or username, practitioner or None, service or None)

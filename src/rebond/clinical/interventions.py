@@ -152,8 +152,7 @@ def _recipient(store: Store, request: Resource) -> messaging.Box | None:
 def propose(store: Store, request_id: str, form: Mapping[str, str], clinician: Clinician, now: dt.datetime) -> str:
     """Record an intervention on a prescription (fields: problem, proposal, text, urgent, as, entry) and tell the
     prescriber; its id. Problems as message ids (InvalidForm); NotFound for no active prescription."""
-    stored = store.read("MedicationRequest", request_id)
-    request = orjson.loads(stored.body) if stored is not None and stored.body and not stored.deleted else None
+    request = read(store, "MedicationRequest", request_id)
     if request is None or request.get("status") != "active":
         raise NotFound(f"no active MedicationRequest/{request_id}")
     problems: dict[str, str] = {}

@@ -353,8 +353,8 @@ def author_of(store: Store, clinician: Clinician, form: Mapping[str, str], probl
     service, with the person's name. A problem is added to `problems`."""
     speaking_for = (form.get("as") or "").strip()
     if not speaking_for and not clinician.practitioner_id and clinician.service:
-        works_for = service_box(store, clinician.service)  # the lab's bench account writes for the lab
-        speaking_for = works_for.reference if works_for is not None else ""
+        works_for = service_of(store, clinician.service)  # the lab's bench account writes for the lab
+        speaking_for = f"HealthcareService/{works_for['id']}" if works_for is not None else ""
     if speaking_for:
         service = box(store, speaking_for)
         if service is not None and service.is_service:
