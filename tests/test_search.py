@@ -305,3 +305,42 @@ def test_a_literal_value_is_searched_for_as_it_is(value: str) -> None:
 
     (clause,) = parse_search("Patient", [("identifier", f"urn:oid:1.2.3|{literal(value)}")]).clauses
     assert [(v.system, v.code) for v in clause.values] == [("urn:oid:1.2.3", value)]
+
+
+def test_a_composites_token_part_with_or_without_its_system(store: Store, ward: tuple[TestClient, dict[str, str]]) -> None:
+    """A token part is kept in one form (code, then its system): searched with its system, without (any system), or
+    with an empty one (none); a longer code that begins with the code asked for is not it."""
+    client, ids = ward
+    local = store.create(obs(ids["marc"], "2823-30", 6.2, "2026-11-23T08:00:00Z")).stored.id  # same value, another code
+    nosystem = store.create({**obs(ids["zoe"], "2823-3", 6.2, "2026-11-24T08:00:00Z"), "code": {"coding": [{"code": "2823-3"}]}}).stored.id
+    blood_group = store.create({
+        "resourceType": "Observation", "status": "final", "subject": {"reference": f"Patient/{ids['zoe']}"},
+        "code": {"coding": [{"system": LOINC, "code": "883-9"}]},
+        "valueCodeableConcept": {"coding": [{"system": LOINC, "code": "LA19710-5", "display": "Groupe A"}]},
+    }).stored.id
+    assert ids_of(search(client, "Observation?code-value-quantity=2823-3$6.2")) == {ids["k_high"], nosystem}
+    assert ids_of(search(client, f"Observation?code-value-quantity={LOINC}|2823-3$6.2")) == {ids["k_high"]}
+    assert ids_of(search(client, "Observation?code-value-quantity=|2823-3$6.2")) == {nosystem}
+    assert ids_of(search(client, "Observation?code-value-quantity=2823-30$6.2")) == {local}
+    assert ids_of(search(client, "Observation?code-value-quantity=2823$6.2")) == set()
+    assert ids_of(search(client, "Observation?code-value-concept=883-9$LA19710-5")) == {blood_group}
+    assert ids_of(search(client, f"Observation?code-value-concept={LOINC}|883-9${LOINC}|LA19710-5")) == {blood_group}
+    assert ids_of(search(client, "Observation?code-value-concept=883-9$la19710-5")) == set()  # codes keep their case
+    assert ids_of(search(client, "Observation?code-value-concept=883-9$http://snomed.info/sct|LA19710-5")) == set()
+    rows = index_resource(obs(ids["marc"], "2823-3", 4.1, "2026-11-21T08:00:00Z")).composite
+    assert rows == [("Observation.code-value-quantity", f"2823-3\x1f{LOINC}", "4.1")]
+
+
+def test_text_finds_codes_by_their_text_and_checks_each_rows_own(store: Store, ward: tuple[TestClient, dict[str, str]]) -> None:
+    """`:text` goes from a text to the codes written with it (sp_token_texts), then keeps the rows whose own text
+    matches: a code written once with « Kaliémie » does not bring every potassium; a text without a code is found too."""
+    client, ids = ward
+    renamed = store.create({**obs(ids["zoe"], "2823-3", 5.0, "2026-11-24T08:00:00Z"),
+                            "code": {"coding": [{"system": LOINC, "code": "2823-3", "display": "Kaliémie"}]}}).stored.id
+    text_only = store.create({**obs(ids["zoe"], "x", 1.0, "2026-11-24T09:00:00Z"), "code": {"text": "Kaliémie au lit"}}).stored.id
+    assert ids_of(search(client, "Observation?code:text=kaliemie")) == {renamed, text_only}
+    assert ids_of(search(client, "Observation?code:text=potass")) == {ids["k_high"], ids["k_norm"]}
+    assert ids_of(search(client, "Observation?code:text=kaliemie&subject=Patient/" + ids["zoe"])) == {renamed, text_only}
+    assert ids_of(search(client, "Observation?code:text=kaliemie,sodium")) == {renamed, text_only, ids["na"]}
+    assert ids_of(search(client, f"Observation?subject=Patient/{ids['zoe']}&code:text=kaliemie au")) == {text_only}
+    assert ids_of(search(client, "Observation?code:text=chlore")) == set()

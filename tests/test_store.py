@@ -7,15 +7,17 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from rebond.fhir import operations
+from rebond.fhir.search import parse_search
 from rebond.store import open_store
 from rebond.store.base import PreconditionFailed, Session, Store
 from tests.pg_harness import PostgresServer
@@ -337,3 +339,98 @@ def test_after_a_failover_a_feed_waiting_at_a_gap_goes_on(postgres: PostgresServ
         assert [c.stored.id for c in store.changes(again.next_cursor).changes] == [after]
     finally:
         store.close()
+
+
+def _index_rows(engine_url: str) -> dict[str, Counter[tuple[object, ...]]]:
+    """Every index table's rows (without their numbers), read straight from the database."""
+    from rebond.store.schema import INDEX_TABLES
+
+    rows: dict[str, Counter[tuple[object, ...]]] = {}
+    with _raw(engine_url) as (conn, _mark):
+        for table, columns in INDEX_TABLES.items():
+            found = conn.execute(f"SELECT rid, key, {', '.join(columns)} FROM {table}").fetchall()
+            rows[table] = Counter(tuple(row) for row in found)
+    return rows
+
+
+@contextmanager
+def _raw(engine_url: str) -> Iterator[tuple[Any, str]]:
+    """A plain connection to the store's database, and its placeholder."""
+    if engine_url.startswith("sqlite:///"):
+        with closing(sqlite3.connect(engine_url.removeprefix("sqlite:///"), isolation_level=None)) as conn:
+            yield conn, "?"
+    else:
+        import psycopg
+
+        with psycopg.connect(engine_url, autocommit=True) as pg:
+            yield pg, "%s"
+
+
+def _as_schema_3(engine_url: str) -> None:
+    """The search index put back as Rebond kept it before schema 4: rows in a plain table with an index by rid, a
+    composite's token part in two forms (`code`, `system|code`), an index of the tokens' texts, no sp_token_texts."""
+    from rebond.store.schema import INDEX_TABLES
+
+    with _raw(engine_url) as (conn, mark):
+        for table, columns in INDEX_TABLES.items():
+            values = ", ".join(("rid", "key", *columns))
+            conn.execute(f"CREATE TABLE {table}_old AS SELECT {values} FROM {table}")
+            conn.execute(f"DROP TABLE {table}")
+            conn.execute(f"ALTER TABLE {table}_old RENAME TO {table}")
+            conn.execute(f"CREATE INDEX {table}_rid ON {table} (rid, key)")
+            first = {"sp_token": "code", "sp_quantity": "code", "sp_reference": "target_id"}.get(table, columns[0])
+            conn.execute(f"CREATE INDEX {table}_lookup ON {table} (key, {first}, rid)")
+        conn.execute("CREATE INDEX sp_token_text ON sp_token (key, text_norm, rid) WHERE text_norm IS NOT NULL")
+        conn.execute("DROP TABLE sp_token_texts")
+        parts = conn.execute("SELECT rid, key, part1, part2 FROM sp_composite").fetchall()
+        conn.execute("DELETE FROM sp_composite")
+        for rid, key, *both in parts:
+            forms = [[p.split("\x1f")[0]] + ([f"{p.split(chr(31))[1]}|{p.split(chr(31))[0]}"] if "\x1f" in p else []) for p in both]
+            for one in forms[0]:
+                for two in forms[1]:
+                    conn.execute(f"INSERT INTO sp_composite (rid, key, part1, part2) VALUES ({mark}, {mark}, {mark}, {mark})",
+                                 (rid, key, one, two))
+        conn.execute("UPDATE rebond_meta SET value = '3' WHERE name = 'schema'")
+
+
+def test_a_store_of_schema_3_gets_its_index_made_again_when_it_opens(engine_url: str) -> None:
+    """The index tables of an earlier Rebond are made again in the layout of schema 4 (store/upgrade.py): the same rows,
+    numbered; a composite's token part in one form; the texts gathered; searches answer as on a new store."""
+    from rebond.store.schema import SCHEMA_VERSION
+
+    loinc = "http://loinc.org"
+    store = open_store(engine_url)
+    try:
+        pid = store.create(patient()).stored.id
+        for code, value in (("2823-3", 6.2), ("2951-2", 139.0), ("2823-3", 4.1)):
+            store.create({"resourceType": "Observation", "status": "final", "subject": {"reference": f"Patient/{pid}"},
+                          "code": {"coding": [{"system": loinc, "code": code, "display": "Kaliémie" if code == "2823-3" else "Natrémie"}]},
+                          "valueQuantity": {"value": value, "unit": "mmol/L"}})
+        gone = store.create({"resourceType": "Observation", "status": "final", "code": {"coding": [{"system": loinc, "code": "718-7"}]},
+                             "valueQuantity": {"value": 12.0}}).stored.id
+        store.delete("Observation", gone)
+    finally:
+        store.close()
+    made = _index_rows(engine_url)
+    _as_schema_3(engine_url)
+    assert _index_rows(engine_url)["sp_composite"] != made["sp_composite"]  # two forms of each token part
+    store = open_store(engine_url)
+    try:
+        assert _index_rows(engine_url) == made
+        with _raw(engine_url) as (conn, _mark):
+            assert conn.execute("SELECT value FROM rebond_meta WHERE name = 'schema'").fetchone()[0] == str(SCHEMA_VERSION)
+            texts = {tuple(row) for row in conn.execute("SELECT key, text_norm, code FROM sp_token_texts").fetchall()}
+        assert texts == {("Observation.code", "kaliemie", "2823-3"), ("Observation.code", "natremie", "2951-2")}
+
+        def found(query: str) -> int:
+            return len(store.search(parse_search("Observation", [tuple(query.split("=", 1))])).matches)  # type: ignore[list-item]
+
+        assert found(f"code-value-quantity={loinc}|2823-3$6.2") == 1 and found("code-value-quantity=2823-3$4.1") == 1
+        assert found("code:text=kali") == 2 and found("code=2951-2") == 1
+        store.create({"resourceType": "Observation", "status": "final", "code": {"coding": [{"system": loinc, "code": "2823-3"}]},
+                      "valueQuantity": {"value": 6.2}})
+        assert found("code-value-quantity=2823-3$6.2") == 2
+    finally:
+        store.close()
+    open_store(engine_url).close()  # opened again: nothing left to do, nothing lost
+    assert sum(_index_rows(engine_url)["sp_composite"].values()) == sum(made["sp_composite"].values()) + 1

@@ -317,17 +317,12 @@ def _index_values(rows: IndexRows, param: SearchParam, values: Any) -> None:
 def component_keys(ptype: str, value: Any) -> list[str]:
     """The comparable forms of one component value of a composite parameter.
 
-    Tokens give `system|code` and `|code`-less `code`; quantities and numbers their
-    value as text; dates their lower bound. Composite search matches these exactly.
+    A token gives one form, `code` then its system after a unit separator (`token_part`), which
+    serves a search with its system and one without (a prefix); quantities and numbers their
+    value as text; dates their lower bound. Composite search matches these (store/query.py).
     """
     if ptype == "token":
-        out = []
-        for system, code, _text in _tokens(value):
-            if code:
-                out.append(code)
-                if system:
-                    out.append(f"{system}|{code}")
-        return out
+        return [token_part(system, code) for system, code, _text in _tokens(value) if code]
     if ptype in ("quantity", "number"):
         return [format_number(q[4]) for q in _quantities(value)]
     if ptype == "date":
@@ -337,6 +332,16 @@ def component_keys(ptype: str, value: Any) -> list[str]:
     if ptype == "reference":
         return [f"{t}/{i}" for t, i, _u in _references(value) if t and i]
     return []
+
+
+#: between a token's code and its system in a composite's part: below every character a code may hold (FHIR strings
+#: hold no control character), so the rows of one code with any system follow it in the lookup index
+TOKEN_PART_SEPARATOR = "\x1f"
+
+
+def token_part(system: str | None, code: str) -> str:
+    """A token as a composite's part stores it: `code`, or `code` + TOKEN_PART_SEPARATOR + `system`."""
+    return f"{code}{TOKEN_PART_SEPARATOR}{system}" if system else code
 
 
 def format_number(value: float) -> str:
@@ -357,6 +362,11 @@ def composite_values(param: SearchParam, node: Any) -> list[tuple[str, str]]:
         found.append(values)
     pairs = [[k for v in values for k in component_keys(ptype, v)] for (ptype, _e), values in zip(components, found, strict=True)]
     return [(a, b) for a in pairs[0] for b in pairs[1]] if len(pairs) == 2 else []
+
+
+def component_types(param: SearchParam) -> tuple[str, ...]:
+    """The parameter type of each component of a composite parameter."""
+    return tuple(ptype for ptype, _extractor in _components(param))
 
 
 _COMPONENTS: dict[str, tuple[tuple[str, Any], ...]] = {}

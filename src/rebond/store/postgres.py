@@ -22,8 +22,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool
 
 from rebond.store.base import Change, ChangePage, Session, Unavailable
-from rebond.store.schema import INDEX_TABLES, SCHEMA_VERSION, Types, added_columns, ddl
-from rebond.store.sql import Cursor, SQLSession, SQLStore, stored_from_row
+from rebond.store.schema import SCHEMA_VERSION, Types, added_columns, ddl, index_columns
+from rebond.store.sql import INSERT_TOKEN_TEXT, Cursor, SQLSession, SQLStore, stored_from_row, token_texts
+from rebond.store.upgrade import has_numbered_rows, upgrade_index
 
 _TYPES = Types(serial_pk="BIGSERIAL PRIMARY KEY", bigint="BIGINT", real="DOUBLE PRECISION", blob="BYTEA", text='TEXT COLLATE "C"')
 _PLACEHOLDER = re.compile(r"\?")
@@ -195,6 +196,11 @@ class PostgresStore(SQLStore):
                         conn.execute(statement)
                     for table, column, kind in added_columns(_TYPES):  # a database made by an earlier Rebond
                         conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
+                    columns = conn.execute("SELECT column_name FROM information_schema.columns"
+                                           " WHERE table_schema = current_schema() AND table_name = 'sp_token'").fetchall()
+                    if not has_numbered_rows([row[0] for row in columns]):  # made before schema 4 (store/upgrade.py)
+                        with conn.transaction(), conn.cursor() as cur:
+                            upgrade_index(_PgCursor(cur), _TYPES)
                     conn.execute(
                         "INSERT INTO rebond_meta (name, value) VALUES ('schema', %s)"
                         " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
@@ -315,22 +321,27 @@ class PostgresStore(SQLStore):
         """Few rows (one resource): one statement for every table, one round trip. Many (a Bundle): COPY."""
         assert isinstance(cur, _PgCursor)
         total = sum(len(rows) for rows in by_table.values())
+        texts = token_texts(by_table.get("sp_token", ()))
         if total <= SMALL_INDEX_WRITE:
             parts: list[str] = []
             params: list[Any] = []
             for n, (table, rows) in enumerate(by_table.items()):
-                columns = ("rid", "key", *INDEX_TABLES[table])
+                columns = index_columns(table)
                 row_sql = "(" + ", ".join("%s" for _ in columns) + ")"
                 parts.append(f"t{n} AS (INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join(row_sql for _ in rows)})")
                 params.extend(v for row in rows for v in row)
+            if texts:
+                parts.append(f"texts AS ({INSERT_TOKEN_TEXT.replace('VALUES (?, ?, ?)', 'VALUES ' + ', '.join('(%s, %s, %s)' for _ in texts))})")
+                params.extend(v for text in texts for v in text)
             if parts:
                 cur.raw.execute("WITH " + ", ".join(parts) + " SELECT 1", params)
             return
         for table, rows in by_table.items():
-            column_list = ", ".join(("rid", "key", *INDEX_TABLES[table]))
-            with cur.raw.copy(f"COPY {table} ({column_list}) FROM STDIN") as copy:
+            with cur.raw.copy(f"COPY {table} ({', '.join(index_columns(table))}) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
+        if texts:
+            cur.executemany(INSERT_TOKEN_TEXT, texts)
 
     def lock_key(self, cur: Cursor, key: str) -> None:
         digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)

@@ -6,7 +6,7 @@ from typing import Any
 
 from rebond.fhir.search import Clause, SearchQuery, Value
 from rebond.fhir.searchparams import SearchParam, lookup
-from rebond.store.indexing import format_number, normalize_text, number_range
+from rebond.store.indexing import TOKEN_PART_SEPARATOR, component_types, format_number, normalize_text, number_range, token_part
 from rebond.store.schema import ROW_TABLES
 
 PREFIX_END = "\U0010ffff"  # sorts after every character: `x >= p AND x < p || END` is a prefix match
@@ -108,14 +108,26 @@ def _value_condition(clause: Clause, value: Value) -> Fragment:
             return Fragment("uri = substr(?, 1, length(uri))", [value.raw])
         return Fragment("uri = ?", [value.raw])
     if t == "composite":
-        second = value.text
-        num = number_range(second)
-        candidates = [normalize_text(second)]
-        if num is not None:
-            candidates.append(format_number(num[2]))
-        placeholders = ", ".join("?" for _ in candidates)
-        return Fragment(f"(part1 = ? AND part2 IN ({placeholders}))", [value.code, *candidates])
+        assert clause.param is not None
+        first, second = component_types(clause.param)
+        one, two = _composite_part("part1", first, value.code or ""), _composite_part("part2", second, value.text)
+        return Fragment(f"({one.sql} AND {two.sql})", [*one.params, *two.params])
     raise ValueError(t)
+
+
+def _composite_part(column: str, ptype: str, text: str) -> Fragment:
+    """What one part of a composite value (`code$value`) asks of its column, by the type of its component, as
+    indexing.component_keys stored it."""
+    if ptype == "token":
+        system, bar, code = text.partition("|")
+        if not bar:  # a code of any system: the code alone, or followed by the separator and its system
+            return Fragment(f"({column} >= ? AND {column} < ?)", [text, text + chr(ord(TOKEN_PART_SEPARATOR) + 1)])
+        return Fragment(f"{column} = ?", [token_part(system or None, code)])
+    candidates = [normalize_text(text)]
+    num = number_range(text)
+    if num is not None:
+        candidates.append(format_number(num[2]))
+    return Fragment(f"{column} IN ({', '.join('?' for _ in candidates)})", candidates)
 
 
 def _like_escape(text: str) -> str:
@@ -165,10 +177,31 @@ def clause_fragment(clause: Clause, resource_type: str, alias: str, *, drive: bo
     if clause.modifier == "not":
         return Fragment(f"NOT EXISTS (SELECT 1 FROM {table} p WHERE p.rid = {rid} AND {probe.sql} AND {cond.sql})",
                         [*probe.params, *cond.params])
+    if drive and clause.type == "token" and clause.modifier == "text":
+        return _token_text_driver(clause, rid)
     if drive:
         keys = key_condition(clause.param, table)
         return Fragment(f"{rid} IN (SELECT rid FROM {table} WHERE {keys.sql} AND {cond.sql})", [*keys.params, *cond.params])
     return Fragment(f"EXISTS (SELECT 1 FROM {table} p WHERE p.rid = {rid} AND {probe.sql} AND {cond.sql})", [*probe.params, *cond.params])
+
+
+def _token_text_driver(clause: Clause, rid: str) -> Fragment:
+    """`:text` driving a search: the codes found with such a text (sp_token_texts), then their rows, each checked against
+    its own text; and the rows with a text and no code, by `code IS NULL`."""
+    assert clause.param is not None
+    keys, texts_keys = key_condition(clause.param, "t"), key_condition(clause.param, "d")
+
+    def texts(alias: str) -> Fragment:
+        return _or([Fragment(f"({alias}.text_norm >= ? AND {alias}.text_norm < ?)", [v.text, v.text + PREFIX_END])
+                    for v in clause.values])
+
+    found, own = texts("d"), texts("t")
+    return Fragment(
+        f"{rid} IN (SELECT t.rid FROM sp_token_texts d JOIN sp_token t ON t.key = d.key AND t.code = d.code"
+        f" WHERE {texts_keys.sql} AND {found.sql} AND {own.sql}"
+        f" UNION ALL SELECT t.rid FROM sp_token t WHERE {keys.sql} AND t.code IS NULL AND {own.sql})",
+        [*texts_keys.params, *found.params, *own.params, *keys.params, *own.params],
+    )
 
 
 def key_condition(param: SearchParam, alias: str) -> Fragment:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 3  # 2: inbox.digest; 3: the audit trail (new tables: a store made earlier gets them when it opens)
+# 2: inbox.digest; 3: the audit trail (new tables: a store made earlier gets them when it opens); 4: index rows kept
+# in the order of their resource, a composite's token part in one form, the texts of tokens apart (store/upgrade.py)
+SCHEMA_VERSION = 4
 
 #: index table -> its value columns (after rid and key), in insert order
 INDEX_TABLES: dict[str, tuple[str, ...]] = {
@@ -16,6 +18,11 @@ INDEX_TABLES: dict[str, tuple[str, ...]] = {
     "sp_uri": ("uri",),
     "sp_composite": ("part1", "part2"),
 }
+
+def index_columns(table: str) -> tuple[str, ...]:
+    """The columns of an index table in the order its rows are written: rid, key, its values, n (see `index_table_ddl`)."""
+    return ("rid", "key", *INDEX_TABLES[table], "n")
+
 
 #: IndexRows attribute -> index table
 ROW_TABLES = {
@@ -143,14 +150,38 @@ def ddl(types: Types) -> list[str]:
         "CREATE INDEX IF NOT EXISTS versions_lu ON versions (lu)",
         "CREATE INDEX IF NOT EXISTS resources_type_lu ON resources (res_type, lu)",
     ]
-    for table, columns in INDEX_TABLES.items():
-        cols = ", ".join(f"{c} {types.real if c in _REAL_COLUMNS else types.text}" for c in columns)
-        statements.append(f"CREATE TABLE IF NOT EXISTS {table} (rid {types.bigint} NOT NULL, key {types.text} NOT NULL, {cols})")
-        statements.append(f"CREATE INDEX IF NOT EXISTS {table}_rid ON {table} (rid, key)")
-        first = {"sp_token": "code", "sp_quantity": "code", "sp_reference": "target_id"}.get(table, columns[0])
-        statements.append(f"CREATE INDEX IF NOT EXISTS {table}_lookup ON {table} (key, {first}, rid)")
-    statements.append("CREATE INDEX IF NOT EXISTS sp_date_hi ON sp_date (key, hi, rid)")
-    # only rows with a text (a coding's display, a concept's text) serve :text; a status or a category has none
-    statements.append("CREATE INDEX IF NOT EXISTS sp_token_text ON sp_token (key, text_norm, rid) WHERE text_norm IS NOT NULL")
-    statements.append("CREATE INDEX IF NOT EXISTS sp_string_exact ON sp_string (key, value_exact, rid)")
+    for table in INDEX_TABLES:
+        statements.extend(index_table_ddl(types, table))
+    statements.append(TOKEN_TEXTS_DDL.format(text=types.text, clustered=types.clustered))
     return statements
+
+
+def index_table_ddl(types: Types, table: str) -> list[str]:
+    """One index table and its indexes.
+
+    Its rows are kept in the order of (rid, key, n), n numbering a resource's rows of one key: SQLite
+    keeps them in that order itself (WITHOUT ROWID), so that a write adds to one B-tree and its lookup
+    index instead of a table, an index by rid and the lookup index. The lookup index finds rows by value.
+    """
+    columns = INDEX_TABLES[table]
+    cols = ", ".join(f"{c} {types.real if c in _REAL_COLUMNS else types.text}" for c in columns)
+    first = {"sp_token": "code", "sp_quantity": "code", "sp_reference": "target_id"}.get(table, columns[0])
+    statements = [
+        f"CREATE TABLE IF NOT EXISTS {table} (rid {types.bigint} NOT NULL, key {types.text} NOT NULL, {cols},"
+        f" n INTEGER NOT NULL, PRIMARY KEY (rid, key, n)){types.clustered}",
+        f"CREATE INDEX IF NOT EXISTS {table}_lookup ON {table} (key, {first}, rid)",
+    ]
+    if table == "sp_date":
+        statements.append("CREATE INDEX IF NOT EXISTS sp_date_hi ON sp_date (key, hi, rid)")
+    if table == "sp_string":
+        statements.append("CREATE INDEX IF NOT EXISTS sp_string_exact ON sp_string (key, value_exact, rid)")
+    return statements
+
+
+#: the texts of the token rows (a coding's display, a concept's text) with the codes they were found with, each once:
+#: `:text` finds its codes here, then their rows (checked against their own text). An index of the rows' texts took a
+#: page of every commit for each coding written; this table is written only when a code comes with a text not seen
+#: before. Rows with a text and no code are found by `code IS NULL` on the lookup index. Nothing is taken out of it:
+#: a text no longer used costs one probe that finds no row
+TOKEN_TEXTS_DDL = ("CREATE TABLE IF NOT EXISTS sp_token_texts (key {text} NOT NULL, text_norm {text} NOT NULL,"
+                   " code {text} NOT NULL, PRIMARY KEY (key, text_norm, code)){clustered}")

@@ -31,13 +31,14 @@ from rebond.store.base import (
 from rebond.store.draft import Draft, SentWrite, content_of
 from rebond.store.indexing import IndexRows, index_resource
 from rebond.store.query import order_fragment, where_fragment
-from rebond.store.schema import INDEX_TABLES, ROW_TABLES
+from rebond.store.schema import INDEX_TABLES, ROW_TABLES, index_columns
 
 MAX_INCLUDED = 1000
 _INSERTS = {
-    table: f"INSERT INTO {table} (rid, key, {', '.join(cols)}) VALUES (?, ?, {', '.join('?' for _ in cols)})"
-    for table, cols in INDEX_TABLES.items()
+    table: f"INSERT INTO {table} ({', '.join(index_columns(table))}) VALUES ({', '.join('?' for _ in index_columns(table))})"
+    for table in INDEX_TABLES
 }
+INSERT_TOKEN_TEXT = "INSERT INTO sp_token_texts (key, text_norm, code) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
 _STORED_COLUMNS = "v.res_type, v.res_id, v.version, v.lu, v.method = 'delete', v.body, v.seq, v.method, v.site_id"
 
 
@@ -424,9 +425,14 @@ class SQLSession(Session):
             for attr, table in ROW_TABLES.items():
                 values = getattr(rows, attr)
                 if values:
-                    by_table.setdefault(table, []).extend((internal, *v) for v in values)
+                    by_table.setdefault(table, []).extend((internal, *v, n) for n, v in enumerate(values))
         self._pending.clear()
         self.store.insert_index_rows(self.cur, by_table)
+
+
+def token_texts(rows: Sequence[tuple[Any, ...]]) -> list[tuple[str, str, str]]:
+    """(key, text, code) of the token rows (rid, key, system, code, text, n) that have both a code and a text, each once."""
+    return list(dict.fromkeys((row[1], row[4], row[3]) for row in rows if row[4] is not None and row[3] is not None))
 
 
 _CURRENT_COLUMNS = "r.rid, r.version, r.deleted, r.seq, r.lu, v.body, v.method, v.site_id"
@@ -545,6 +551,9 @@ class SQLStore(Store):
     def insert_index_rows(self, cur: Cursor, by_table: dict[str, list[tuple[Any, ...]]]) -> None:
         for table, rows in by_table.items():
             cur.executemany(_INSERTS[table], rows)
+        texts = token_texts(by_table.get("sp_token", ()))
+        if texts:
+            cur.executemany(INSERT_TOKEN_TEXT, texts)
 
     @abc.abstractmethod
     def lock_key(self, cur: Cursor, key: str) -> None: ...

@@ -18,6 +18,7 @@ from rebond.durable import replace_durably
 from rebond.store.base import Session, StoreError, Unavailable
 from rebond.store.schema import SCHEMA_VERSION, Types, added_columns, ddl
 from rebond.store.sql import Cursor, SQLSession, SQLStore
+from rebond.store.upgrade import has_numbered_rows, upgrade_index
 
 log = logging.getLogger("rebond.store")
 _TYPES = Types(serial_pk="INTEGER PRIMARY KEY AUTOINCREMENT", bigint="INTEGER", real="REAL", blob="BLOB", clustered=" WITHOUT ROWID")
@@ -102,6 +103,7 @@ class SQLiteStore(SQLStore):
         for statement in ddl(_TYPES):
             self._writer.execute(statement)
         self._add_columns()
+        self._upgrade_index()
         # a store made by an earlier Rebond has had its new tables made above, and its new columns added: it is of this schema
         self._writer.execute(
             "INSERT INTO rebond_meta (name, value) VALUES ('schema', ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value"
@@ -133,6 +135,23 @@ class SQLiteStore(SQLStore):
             for table, column, kind in self._missing_columns():  # again, under the lock: another process may have added them
                 self._writer.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             self._writer.execute("UPDATE rebond_meta SET value = ? WHERE name = 'schema'", (str(SCHEMA_VERSION),))
+            self._writer.execute("COMMIT")
+        except BaseException:
+            self._writer.execute("ROLLBACK")
+            raise
+
+    def _index_is_current(self) -> bool:
+        return has_numbered_rows([row[1] for row in self._writer.execute("PRAGMA table_info(sp_token)")])
+
+    def _upgrade_index(self) -> None:
+        """A store made before schema 4: its index tables made again (store/upgrade.py), in one transaction."""
+        if self._index_is_current():
+            return
+        self._writer.execute("BEGIN IMMEDIATE")
+        try:
+            if not self._index_is_current():  # again, under the lock: another process may have done it
+                upgrade_index(self._writer.cursor(), _TYPES)
+                self._writer.execute("UPDATE rebond_meta SET value = ? WHERE name = 'schema'", (str(SCHEMA_VERSION),))
             self._writer.execute("COMMIT")
         except BaseException:
             self._writer.execute("ROLLBACK")
