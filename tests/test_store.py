@@ -434,3 +434,25 @@ def test_a_store_of_schema_3_gets_its_index_made_again_when_it_opens(engine_url:
         store.close()
     open_store(engine_url).close()  # opened again: nothing left to do, nothing lost
     assert sum(_index_rows(engine_url)["sp_composite"].values()) == sum(made["sp_composite"].values()) + 1
+
+
+def test_a_new_sqlite_store_has_small_pages_and_an_older_one_keeps_its_own(tmp_path: Path) -> None:
+    """A commit writes every page it changed whole: a new store's pages are 2 KiB; a store made with pages of 4 KiB
+    keeps them (SQLite changes a page size only by rewriting the file) and works as before."""
+    from rebond.store.sqlite import PAGE_SIZE
+
+    open_store(f"sqlite:///{tmp_path}/new.db").close()
+    with closing(sqlite3.connect(tmp_path / "new.db")) as conn:
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE == 2048
+    with closing(sqlite3.connect(tmp_path / "old.db")) as conn:
+        conn.execute("PRAGMA page_size=4096")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE earlier (x)")
+    store = open_store(f"sqlite:///{tmp_path}/old.db")
+    try:
+        pid = store.create(patient()).stored.id
+        assert [m.id for m in store.search(parse_search("Patient", [("family", "martin")])).matches] == [pid]
+    finally:
+        store.close()
+    with closing(sqlite3.connect(tmp_path / "old.db")) as conn:
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == 4096
