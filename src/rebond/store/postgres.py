@@ -331,7 +331,8 @@ class PostgresStore(SQLStore):
                 parts.append(f"t{n} AS (INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join(row_sql for _ in rows)})")
                 params.extend(v for row in rows for v in row)
             if texts:
-                parts.append(f"texts AS ({INSERT_TOKEN_TEXT.replace('VALUES (?, ?, ?)', 'VALUES ' + ', '.join('(%s, %s, %s)' for _ in texts))})")
+                parts.append(f"texts AS (INSERT INTO sp_token_texts (key, text_norm, code) VALUES {', '.join('(%s, %s, %s)' for _ in texts)}"
+                             " ON CONFLICT DO NOTHING)")
                 params.extend(v for text in texts for v in text)
             if parts:
                 cur.raw.execute("WITH " + ", ".join(parts) + " SELECT 1", params)

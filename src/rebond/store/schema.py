@@ -19,6 +19,7 @@ INDEX_TABLES: dict[str, tuple[str, ...]] = {
     "sp_composite": ("part1", "part2"),
 }
 
+
 def index_columns(table: str) -> tuple[str, ...]:
     """The columns of an index table in the order its rows are written: rid, key, its values, n (see `index_table_ddl`)."""
     return ("rid", "key", *INDEX_TABLES[table], "n")
@@ -159,7 +160,7 @@ def ddl(types: Types) -> list[str]:
 def index_table_ddl(types: Types, table: str) -> list[str]:
     """One index table and its indexes.
 
-    Its rows are kept in the order of (rid, key, n), n numbering a resource's rows of one key: SQLite
+    Its rows are kept in the order of (rid, key, n), n numbering a resource's rows in the table: SQLite
     keeps them in that order itself (WITHOUT ROWID), so that a write adds to one B-tree and its lookup
     index instead of a table, an index by rid and the lookup index. The lookup index finds rows by value.
     """
