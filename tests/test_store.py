@@ -456,3 +456,25 @@ def test_a_new_sqlite_store_has_small_pages_and_an_older_one_keeps_its_own(tmp_p
         store.close()
     with closing(sqlite3.connect(tmp_path / "old.db")) as conn:
         assert conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+
+
+def test_processes_opening_a_store_of_schema_3_together_upgrade_it_once(tmp_path: Path) -> None:
+    """`rebond serve --workers 2` and its MLLP writer open the store at the same moment: one makes the index again
+    under the writers' file lock, the others wait for it and find it done."""
+    url = f"sqlite:///{tmp_path}/old.db"
+    store = open_store(url)
+    try:
+        pid = store.create(patient()).stored.id
+        store.write(lambda tx: [tx.create({"resourceType": "Observation", "status": "final", "subject": {"reference": f"Patient/{pid}"},
+                                           "code": {"coding": [{"system": "http://loinc.org", "code": f"{n}-1", "display": f"Test {n}"}]},
+                                           "valueQuantity": {"value": n}}) for n in range(400)])
+    finally:
+        store.close()
+    made = _index_rows(url)
+    _as_schema_3(url)
+    opening = [subprocess.Popen([sys.executable, "-c", f"from rebond.store import open_store; open_store({url!r}).close()"],
+                                stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outcomes = [(p.wait(timeout=120), p.stderr.read() if p.stderr else "") for p in opening]
+    assert [code for code, _err in outcomes] == [0, 0, 0], outcomes
+    assert sum("the search index is of schema 4" in err for _code, err in outcomes) == 1
+    assert _index_rows(url) == made

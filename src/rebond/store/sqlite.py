@@ -149,18 +149,21 @@ class SQLiteStore(SQLStore):
         return has_numbered_rows([row[1] for row in self._writer.execute("PRAGMA table_info(sp_token)")])
 
     def _upgrade_index(self) -> None:
-        """A store made before schema 4: its index tables made again (store/upgrade.py), in one transaction."""
+        """A store made before schema 4: its index tables made again (store/upgrade.py), in one transaction. Under the
+        writers' file lock: the other processes starting with it (`--workers`, the MLLP writer) wait for as long as it
+        takes, where SQLite's own lock would give up after its busy timeout."""
         if self._index_is_current():
             return
-        self._writer.execute("BEGIN IMMEDIATE")
-        try:
-            if not self._index_is_current():  # again, under the lock: another process may have done it
-                upgrade_index(self._writer.cursor(), _TYPES)
-                self._writer.execute("UPDATE rebond_meta SET value = ? WHERE name = 'schema'", (str(SCHEMA_VERSION),))
-            self._writer.execute("COMMIT")
-        except BaseException:
-            self._writer.execute("ROLLBACK")
-            raise
+        with self._across_processes():
+            self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                if not self._index_is_current():  # again, under the lock: another process may have done it
+                    upgrade_index(self._writer.cursor(), _TYPES)
+                    self._writer.execute("UPDATE rebond_meta SET value = ? WHERE name = 'schema'", (str(SCHEMA_VERSION),))
+                self._writer.execute("COMMIT")
+            except BaseException:
+                self._writer.execute("ROLLBACK")
+                raise
 
     def _connect(self) -> sqlite3.Connection:
         try:
