@@ -1,8 +1,10 @@
 """Accounts and sign-in sessions: argon2 hashes, lock-out, idle expiry, roles."""
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -123,6 +125,8 @@ def test_a_session_stands_while_the_store_refuses_writes(small_disk: Callable[[s
         token, session = accounts.open_session(accounts.save("nurse", "rebond-demo", "nurse", "N"))
         key = next(k for k, _ in store.list_state("web-session"))
         store.put_state("web-session", key, {**store.get_state("web-session", key), "last_seen": time.time() - 120})
+        with closing(sqlite3.connect(disk / "store.db")) as raw:  # the WAL emptied: the refresh must grow it, not reuse it
+            assert raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
         with (disk / "filler").open("wb") as filler, pytest.raises(OSError, match="No space left"):
             while True:
                 filler.write(b"\0" * 65536)
