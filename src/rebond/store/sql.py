@@ -34,7 +34,8 @@ from rebond.store.query import order_fragment, where_fragment
 from rebond.store.schema import INDEX_TABLES, ROW_TABLES, index_columns
 
 MAX_INCLUDED = 1000
-_INSERTS = {
+#: the INSERT of one row of each index table, its parameters in the order of `index_columns`
+INDEX_INSERTS = {
     table: f"INSERT INTO {table} ({', '.join(index_columns(table))}) VALUES ({', '.join('?' for _ in index_columns(table))})"
     for table in INDEX_TABLES
 }
@@ -550,7 +551,7 @@ class SQLStore(Store):
 
     def insert_index_rows(self, cur: Cursor, by_table: dict[str, list[tuple[Any, ...]]]) -> None:
         for table, rows in by_table.items():
-            cur.executemany(_INSERTS[table], rows)
+            cur.executemany(INDEX_INSERTS[table], rows)
         texts = token_texts(by_table.get("sp_token", ()))
         if texts:
             cur.executemany(INSERT_TOKEN_TEXT, texts)

@@ -1,8 +1,8 @@
 """A store made by an earlier Rebond, brought to this one's index tables once, when it opens.
 
 Schema 4 changed how the search index is kept (store/schema.py), to write fewer pages a commit:
-- the rows of each index table are numbered within their resource and key (`n`) and kept in the
-  order of (rid, key, n): on SQLite the table is that order (WITHOUT ROWID) instead of a table and
+- the rows of each index table are numbered (`n`, unique for their resource and key) and kept in
+  the order of (rid, key, n): on SQLite the table is that order (WITHOUT ROWID) instead of a table and
   an index by rid; on PostgreSQL (rid, key, n) is the primary key, in place of the index by rid;
 - a composite's token part is one row, `code` then its system after a separator, where there were
   two (`code` and `system|code`);
@@ -26,6 +26,7 @@ import orjson
 
 from rebond.store.indexing import index_resource
 from rebond.store.schema import INDEX_TABLES, Types, index_columns, index_table_ddl
+from rebond.store.sql import INDEX_INSERTS
 
 log = logging.getLogger("rebond.store")
 _PAGE = 500  # resources read and re-indexed at a time
@@ -66,8 +67,6 @@ def rebuild_composites(cur: Any) -> int:
     rids = [int(row[0]) for row in cur.fetchall()]
     if rids:
         log.warning("upgrading the search index (schema 4): the composite rows of %d resources", len(rids))
-    insert = (f"INSERT INTO sp_composite ({', '.join(index_columns('sp_composite'))})"
-              f" VALUES ({', '.join('?' for _ in index_columns('sp_composite'))})")
     for start in range(0, len(rids), _PAGE):
         page = rids[start:start + _PAGE]
         marks = ", ".join("?" for _ in page)
@@ -78,7 +77,7 @@ def rebuild_composites(cur: Any) -> int:
         rows = [(int(rid), *row, n) for rid, body in bodies if body is not None
                 for n, row in enumerate(index_resource(orjson.loads(bytes(body))).composite)]
         if rows:
-            cur.executemany(insert, rows)
+            cur.executemany(INDEX_INSERTS["sp_composite"], rows)
     return len(rids)
 
 
