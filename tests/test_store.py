@@ -384,10 +384,13 @@ def _as_schema_3(engine_url: str) -> None:
         conn.execute("DROP TABLE sp_token_texts")
         parts = conn.execute("SELECT rid, key, part1, part2 FROM sp_composite").fetchall()
         conn.execute("DELETE FROM sp_composite")
-        for rid, key, *both in parts:
-            forms = [[p.split("\x1f")[0]] + ([f"{p.split(chr(31))[1]}|{p.split(chr(31))[0]}"] if "\x1f" in p else []) for p in both]
-            for one in forms[0]:
-                for two in forms[1]:
+        def earlier_forms(part: str) -> list[str]:  # a token part was kept as its code, and as system|code
+            code, separator, system = part.partition("\x1f")
+            return [code, f"{system}|{code}"] if separator else [code]
+
+        for rid, key, part1, part2 in parts:
+            for one in earlier_forms(part1):
+                for two in earlier_forms(part2):
                     conn.execute(f"INSERT INTO sp_composite (rid, key, part1, part2) VALUES ({mark}, {mark}, {mark}, {mark})",
                                  (rid, key, one, two))
         conn.execute("UPDATE rebond_meta SET value = '3' WHERE name = 'schema'")

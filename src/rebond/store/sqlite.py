@@ -132,33 +132,32 @@ class SQLiteStore(SQLStore):
         return [(table, column, kind) for table, column, kind in added if (table, column) not in present]
 
     def _add_columns(self) -> None:
-        """A store made by an earlier Rebond gets the columns added since (schema.ADDED_COLUMNS), in one transaction."""
-        if not self._missing_columns():
-            return
-        self._writer.execute("BEGIN IMMEDIATE")
-        try:
-            for table, column, kind in self._missing_columns():  # again, under the lock: another process may have added them
+        """A store made by an earlier Rebond gets the columns added since (schema.ADDED_COLUMNS)."""
+        def add() -> None:
+            for table, column, kind in self._missing_columns():
                 self._writer.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-            self._writer.execute("UPDATE rebond_meta SET value = ? WHERE name = 'schema'", (str(SCHEMA_VERSION),))
-            self._writer.execute("COMMIT")
-        except BaseException:
-            self._writer.execute("ROLLBACK")
-            raise
 
-    def _index_is_current(self) -> bool:
-        return has_numbered_rows([row[1] for row in self._writer.execute("PRAGMA table_info(sp_token)")])
+        self._upgrade(lambda: not self._missing_columns(), add)
 
     def _upgrade_index(self) -> None:
-        """A store made before schema 4: its index tables made again (store/upgrade.py), in one transaction. Under the
-        writers' file lock: the other processes starting with it (`--workers`, the MLLP writer) wait for as long as it
-        takes, where SQLite's own lock would give up after its busy timeout."""
-        if self._index_is_current():
+        """A store made before schema 4: its index tables made again (store/upgrade.py)."""
+        def current() -> bool:
+            return has_numbered_rows([row[1] for row in self._writer.execute("PRAGMA table_info(sp_token)")])
+
+        self._upgrade(current, lambda: upgrade_index(self._writer.cursor(), _TYPES))
+
+    def _upgrade(self, done: Callable[[], bool], work: Callable[[], None]) -> None:
+        """Bring a store made by an earlier Rebond to this schema, unless `done` says it is: `work` and the schema's
+        number in one transaction, under the writers' file lock, so that the other processes starting with this one
+        (`--workers`, the MLLP writer) wait for as long as it takes, where SQLite's own lock would give up after its
+        busy timeout; `done` is asked again under the lock, since another process may have done it meanwhile."""
+        if done():
             return
         with self._across_processes():
             self._writer.execute("BEGIN IMMEDIATE")
             try:
-                if not self._index_is_current():  # again, under the lock: another process may have done it
-                    upgrade_index(self._writer.cursor(), _TYPES)
+                if not done():
+                    work()
                     self._writer.execute("UPDATE rebond_meta SET value = ? WHERE name = 'schema'", (str(SCHEMA_VERSION),))
                 self._writer.execute("COMMIT")
             except BaseException:
