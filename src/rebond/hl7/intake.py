@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import marshal
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -19,7 +20,7 @@ from rebond.hl7.mapping import Applied, apply_message
 from rebond.hl7.message import CHARSETS, Header, Message, MessageError, acknowledgement, charset_of, decode
 from rebond.pickled import by_fields
 from rebond.store.base import InboxMessage, Session, Store, StoreError, Unavailable, message_digest
-from rebond.store.draft import Draft
+from rebond.store.draft import Draft, sent_draft
 
 log = logging.getLogger("rebond.hl7")
 CHANNEL = "hl7v2"
@@ -71,6 +72,30 @@ class Prepared:
     draft: Draft
     applied: Applied
     header: Header  # the message's, read where the draft was made
+
+    def packed(self) -> bytes:
+        """As it goes to the intake writer (`unpack` there): plain values through `marshal`, which the two processes,
+        one interpreter, read alike."""
+        return marshal.dumps((_PACKED_FORM, self.draft.plain(), self.applied.written, self.applied.notes,
+                              by_fields(self.header)[1]))
+
+
+_PACKED_FORM = 1
+
+
+def unpack(blob: bytes | None) -> Prepared | None:
+    """A draft packed by this server's drafting process; None, for the writer to work the message out itself, if
+    there is none or it is not one this version reads."""
+    if blob is None:
+        return None
+    try:
+        form, draft, written, notes, header = marshal.loads(blob)
+        if form != _PACKED_FORM:
+            return None
+        return Prepared(sent_draft(draft), Applied(written, notes), Header(*header))
+    except Exception:  # a draft is an optimisation: without it the writer works the message out under the lock
+        log.warning("a packed draft could not be read: the message is worked out by the writer", exc_info=True)
+        return None
 
 
 def prepare(store: Store, raw: bytes) -> Prepared | None:

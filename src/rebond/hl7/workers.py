@@ -57,7 +57,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from rebond.hl7.intake import Answer, Prepared, prepare, receive_many
+from rebond.hl7.intake import Answer, prepare, receive_many, unpack
 from rebond.store import open_store
 from rebond.store.base import Store
 
@@ -134,7 +134,7 @@ class _Frames:
 
 
 def _worker_main(sock: socket.socket, db_url: str, site_id: str) -> None:
-    """A draft worker: messages in (ticket, bytes), drafts out (ticket, pickled draft or None, error)."""
+    """A draft worker: messages in (ticket, bytes), drafts out (ticket, packed draft or None, error)."""
     _child_process()
     store = open_store(db_url, site_id=site_id)
     frames = _Frames(sock)
@@ -153,19 +153,9 @@ def _worker_main(sock: socket.socket, db_url: str, site_id: str) -> None:
 
 
 def _draft_blob(store: Store, raw: bytes) -> bytes | None:
-    """The message's draft, pickled here so that the server passes it on without reading it."""
+    """The message's draft, packed here so that the server passes it on without reading it."""
     prepared = prepare(store, raw)
-    return pickle.dumps(prepared, protocol=pickle.HIGHEST_PROTOCOL) if prepared is not None else None
-
-
-def _unpickled(blob: bytes | None) -> Prepared | None:
-    if blob is None:
-        return None
-    try:
-        prepared = pickle.loads(blob)  # made by this server's own worker processes
-    except Exception:
-        return None
-    return prepared if isinstance(prepared, Prepared) else None
+    return prepared.packed() if prepared is not None else None
 
 
 def _writer_main(sock: socket.socket, db_url: str, site_id: str) -> None:
@@ -178,7 +168,7 @@ def _writer_main(sock: socket.socket, db_url: str, site_id: str) -> None:
         while (items := frames.take(WRITER_BATCH)) is not None:
             batch = [item for item in items if item is not None]
             if batch:
-                answers = receive_many(store, [(raw, _unpickled(blob)) for _ticket, raw, blob in batch])
+                answers = receive_many(store, [(raw, unpack(blob)) for _ticket, raw, blob in batch])
                 frames.send([(ticket, answer) for (ticket, _raw, _blob), answer in zip(batch, answers, strict=True)])
             if len(batch) < len(items):  # None: the server is stopping
                 return
@@ -431,7 +421,7 @@ class DraftWorkers:
         link.listen(lambda item: _drafted(worker, item), lambda dead: self._died(slot, worker))
 
     async def draft(self, raw: bytes) -> bytes | None:
-        """The message's draft from a worker, pickled; None (the writer works it out itself) if the workers cannot."""
+        """The message's draft from a worker, packed; None (the writer works it out itself) if the workers cannot."""
         if self.here is not None and self.count == 0:
             return self._draft_here(raw)
         live = [w for w in self._workers if w is not None]

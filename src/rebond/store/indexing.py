@@ -12,6 +12,7 @@ import datetime as dt
 import functools
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -104,6 +105,15 @@ class IndexRows:
     reference: list[tuple[str, str | None, str | None, str | None]] = field(default_factory=list)  # key, type, id, url
     uri: list[tuple[str, str]] = field(default_factory=list)
     composite: list[tuple[str, str, str]] = field(default_factory=list)  # key, first part, second part
+
+    def plain(self) -> tuple[list[Any], ...]:
+        """The rows as lists of tuples, in the order of the fields (`from_plain` takes them back)."""
+        return self.string, self.token, self.date, self.number, self.quantity, self.reference, self.uri, self.composite
+
+    @staticmethod
+    def from_plain(plain: Sequence[list[Any]]) -> IndexRows:
+        string, token, date, number, quantity, reference, uri, composite = plain
+        return IndexRows(string, token, date, number, quantity, reference, uri, composite)
 
     def dedupe(self) -> None:
         for name in ("string", "token", "date", "number", "quantity", "reference", "uri", "composite"):
