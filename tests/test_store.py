@@ -439,6 +439,64 @@ def test_a_store_of_schema_3_gets_its_index_made_again_when_it_opens(engine_url:
     assert sum(_index_rows(engine_url)["sp_composite"].values()) == sum(made["sp_composite"].values()) + 1
 
 
+def test_rebond_db_upgrades_a_store_ahead_of_a_start(engine_url: str) -> None:
+    """The IT team upgrades a store in a quiet moment, not at the next start: `rebond db status` says what it is,
+    writing nothing; `rebond db upgrade` brings it to this schema once."""
+    from rebond.store.schema import SCHEMA_VERSION
+    from tests.server import rebond
+
+    store = open_store(engine_url)
+    try:
+        pid = store.create(patient()).stored.id
+        store.create({"resourceType": "Observation", "status": "final", "subject": {"reference": f"Patient/{pid}"},
+                      "code": {"coding": [{"system": "http://loinc.org", "code": "2823-3", "display": "Kaliémie"}]},
+                      "valueQuantity": {"value": 6.2, "unit": "mmol/L"}})
+    finally:
+        store.close()
+    made = _index_rows(engine_url)
+    _as_schema_3(engine_url)
+    status = rebond("db", "status", "--db", engine_url)
+    assert status.returncode == 0 and "schema 3" in status.stdout and "rebond db upgrade" in status.stdout, status
+    assert _index_rows(engine_url) != made  # status wrote nothing
+    upgrade = rebond("db", "upgrade", "--db", engine_url)
+    assert upgrade.returncode == 0 and f"schema 3 → {SCHEMA_VERSION} in" in upgrade.stdout, upgrade
+    assert _index_rows(engine_url) == made
+    status = rebond("db", "status", "--db", engine_url)
+    assert status.returncode == 0 and "up to date" in status.stdout, status
+    again = rebond("db", "upgrade", "--db", engine_url)
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again
+
+
+def test_a_store_of_a_later_schema_is_refused_and_left_as_it_is(engine_url: str, tmp_path: Path) -> None:
+    """A Rebond older than the store's schema would write rows that store no longer reads: it refuses to open it,
+    with one line saying why, and touches nothing. No store at all: said, and no file made."""
+    from rebond.store.schema import SCHEMA_VERSION
+    from rebond.store.upgrade import LaterSchema
+    from tests.server import rebond
+
+    store = open_store(engine_url)
+    try:
+        store.create(patient())
+    finally:
+        store.close()
+    later = str(SCHEMA_VERSION + 1)
+    with _raw(engine_url) as (conn, mark):
+        conn.execute(f"UPDATE rebond_meta SET value = {mark} WHERE name = 'schema'", (later,))
+    with pytest.raises(LaterSchema, match=f"schema {later}, made by a later Rebond"):
+        open_store(engine_url)
+    for command in (("db", "status"), ("db", "upgrade"), ("accounts", "list")):
+        done = rebond(*command, "--db", engine_url)
+        assert done.returncode == 1 and "made by a later Rebond" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done
+    with _raw(engine_url) as (conn, _mark):
+        assert conn.execute("SELECT value FROM rebond_meta WHERE name = 'schema'").fetchone()[0] == later
+        assert conn.execute("SELECT count(*) FROM resources").fetchone()[0] == 1
+    missing = tmp_path / "nowhere" / "rebond.db"
+    for command in ("status", "upgrade"):
+        done = rebond("db", command, "--db", f"sqlite:///{missing}")
+        assert done.returncode == 1 and "no Rebond store at" in done.stderr, done
+    assert not missing.parent.exists()
+
+
 def test_a_new_sqlite_store_has_small_pages_and_an_older_one_keeps_its_own(tmp_path: Path) -> None:
     """A commit writes every page it changed whole: a new store's pages are 2 KiB; a store made with pages of 4 KiB
     keeps them (SQLite changes a page size only by rewriting the file) and works as before."""

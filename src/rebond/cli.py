@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from rebond.downtime.schedule import PackScheduler
     from rebond.hl7.mllp import MllpServer
     from rebond.security.accounts import Accounts
+    from rebond.store import StoreFacts
     from rebond.store.base import Store
 
 app = typer.Typer(help="Rebond: the hospital information system that keeps care going when the IT fails.",
@@ -506,6 +507,63 @@ def backup(
         f"backup {out}: {counts['resources']:,} resources, {counts['versions']:,} versions, {counts['messages']:,} HL7 messages, "
         f"{counts['journal_pending']:,} site writes not yet on the central site; {counts['bytes'] / 1e6:.1f} MB, "
         f"checked, in {time.monotonic() - started:.1f} s", highlight=False, soft_wrap=True)
+
+
+db_app = typer.Typer(help="The store itself: its schema, and bringing it to this Rebond's ahead of a start.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+def _facts(db: str) -> StoreFacts:
+    from rebond.store import inspect_store
+
+    try:
+        facts = inspect_store(db)
+    except StoreError as err:
+        raise fail(str(err)) from None
+    if facts.schema is None:
+        raise fail(f"no Rebond store at {facts.where}")
+    return facts
+
+
+@db_app.command("status")
+def db_status(db: Annotated[str, typer.Option(help="the store: sqlite:///file.db or postgresql://…")] = DEFAULT_DB) -> None:
+    """The store's engine, size and schema, and whether this Rebond must upgrade it; nothing is written.
+    Exit 1 if there is no store, or one this Rebond cannot open (made by a later one)."""
+    from rebond.store.schema import SCHEMA_VERSION
+    from rebond.store.upgrade import LaterSchema, check_schema
+
+    facts = _facts(db)
+    pages = f", pages of {facts.page_size // 1024} KiB" if facts.page_size else ""
+    out_console.print(f"{facts.engine} {facts.where}: {facts.size / 1e6:.1f} MB{pages}; schema {facts.schema}", highlight=False, soft_wrap=True)
+    try:
+        check_schema(facts.schema)
+    except LaterSchema as err:
+        raise fail(str(err)) from None
+    if facts.schema == SCHEMA_VERSION:
+        out_console.print(f"up to date: this Rebond's schema is {SCHEMA_VERSION}", highlight=False, soft_wrap=True)
+    else:
+        out_console.print(f"this Rebond (schema {SCHEMA_VERSION}) upgrades it when it opens it; to do it ahead, in a quiet moment: "
+                          f"rebond db upgrade --db {db}", highlight=False, soft_wrap=True)
+
+
+@db_app.command("upgrade")
+def db_upgrade(db: Annotated[str, typer.Option(help="the store: sqlite:///file.db or postgresql://…")] = DEFAULT_DB) -> None:
+    """Bring the store to this Rebond's schema now, rather than when a server next opens it: in one transaction, all or
+    nothing; processes opening it meanwhile wait. Run it before starting this version, in a quiet moment."""
+    from rebond.store.schema import SCHEMA_VERSION
+
+    facts = _facts(db)
+    if facts.schema == SCHEMA_VERSION:
+        out_console.print(f"{facts.where}: already of schema {SCHEMA_VERSION}, nothing to do", highlight=False, soft_wrap=True)
+        return
+    started = time.monotonic()
+    upgrading = out_console.status(f"upgrading {facts.where} from schema {facts.schema} to {SCHEMA_VERSION} (one transaction)…")
+    with upgrading, _store_of(db) as store:
+        found = store.schema_found
+    if found == SCHEMA_VERSION:  # another process did it between the two looks
+        out_console.print(f"{facts.where}: upgraded meanwhile by another Rebond process, of schema {SCHEMA_VERSION}", highlight=False, soft_wrap=True)
+        return
+    out_console.print(f"{facts.where}: schema {found} → {SCHEMA_VERSION} in {time.monotonic() - started:.1f} s", highlight=False, soft_wrap=True)
 
 
 accounts_app = typer.Typer(help="Sign-in accounts of this node: nurses, physicians, lab staff, IT.", no_args_is_help=True)

@@ -261,6 +261,8 @@ class Store(abc.ABC):
     """A versioned FHIR resource store with search and a change feed."""
 
     site_id: str
+    #: the schema the store was of when this opened it (store/upgrade.py), before any upgrade; None: made by this opening
+    schema_found: int | None = None
     #: reads by id answer from local disk in microseconds, never waiting on a network (embedded engines)
     local_reads: bool = False
     #: set on a site node: every clinical write is also journaled, in its transaction, for replay on the central site

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -24,7 +24,10 @@ from psycopg_pool import ConnectionPool
 from rebond.store.base import Change, ChangePage, Session, Unavailable
 from rebond.store.schema import SCHEMA_VERSION, Types, added_columns, ddl, index_columns
 from rebond.store.sql import INSERT_TOKEN_TEXT, Cursor, SQLSession, SQLStore, stored_from_row, token_texts
-from rebond.store.upgrade import has_numbered_rows, upgrade_index
+from rebond.store.upgrade import LaterSchema, check_schema, has_numbered_rows, schema_of, upgrade_index
+
+if TYPE_CHECKING:
+    from rebond.store import StoreFacts
 
 _TYPES = Types(serial_pk="BIGSERIAL PRIMARY KEY", bigint="BIGINT", real="DOUBLE PRECISION", blob="BYTEA", text='TEXT COLLATE "C"')
 _PLACEHOLDER = re.compile(r"\?")
@@ -117,6 +120,28 @@ def standby_connection_string(url: str) -> str | None:
     return connection_string(make_conninfo(url, target_session_attrs="prefer-standby"))
 
 
+def inspect(url: str) -> StoreFacts:
+    """The store in this database, read-only: its schema and its size."""
+    from rebond.store import StoreFacts
+
+    try:
+        with psycopg.connect(connection_string(url), autocommit=True) as conn:
+            where = f"{conn.info.host}:{conn.info.port}/{conn.info.dbname}"
+            schema = stored_schema(conn)
+            row = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+    except psycopg.Error as err:
+        raise Unavailable(f"cannot reach PostgreSQL: {err}") from None
+    return StoreFacts("postgresql", where, schema, int(row[0]) if row else 0)
+
+
+def stored_schema(conn: psycopg.Connection[Any]) -> int | None:
+    """The schema of the store in this connection's database (None: no store there yet)."""
+    tables = {row[0] for row in conn.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+                                              " AND table_name IN ('resources', 'rebond_meta')")}
+    stamped = conn.execute("SELECT value FROM rebond_meta WHERE name = 'schema'").fetchone() if "rebond_meta" in tables else None
+    return schema_of(tables, stamped[0] if stamped else None)
+
+
 def _servers(conninfo: str) -> list[tuple[str, str]]:
     """The (host, port) of each server a connection string names, in order."""
     given = conninfo_to_dict(conninfo)
@@ -192,6 +217,8 @@ class PostgresStore(SQLStore):
             with self._pool.connection() as conn:
                 conn.execute("SELECT pg_advisory_lock(4242)")  # two servers starting at once create the schema once
                 try:
+                    self.schema_found = stored_schema(conn)
+                    check_schema(self.schema_found)
                     for statement in ddl(_TYPES):
                         conn.execute(statement)
                     for table, column, kind in added_columns(_TYPES):  # a database made by an earlier Rebond
@@ -209,6 +236,9 @@ class PostgresStore(SQLStore):
                 finally:
                     conn.execute("SELECT pg_advisory_unlock(4242)")
         except (psycopg.Error, Exception) as err:
+            if isinstance(err, LaterSchema):
+                self._pool.close()
+                raise
             if isinstance(err, Unavailable):
                 raise
             raise Unavailable(f"cannot reach PostgreSQL: {err}") from err

@@ -9,16 +9,19 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import quote
 
 from rebond.durable import replace_durably
 from rebond.store.base import Session, StoreError, Unavailable
 from rebond.store.schema import SCHEMA_VERSION, Types, added_columns, ddl
 from rebond.store.sql import Cursor, SQLSession, SQLStore
-from rebond.store.upgrade import has_numbered_rows, upgrade_index
+from rebond.store.upgrade import check_schema, has_numbered_rows, schema_of, upgrade_index
+
+if TYPE_CHECKING:
+    from rebond.store import StoreFacts
 
 log = logging.getLogger("rebond.store")
 PAGE_SIZE = 2048
@@ -104,7 +107,14 @@ class SQLiteStore(SQLStore):
         self._queue: list[_Work] = []
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
+        self._checkpointer: _Checkpointer | None = None
         self._writer = self._connect()
+        try:
+            self.schema_found = stored_schema(self._writer)
+            check_schema(self.schema_found)
+        except StoreError:
+            self.close()
+            raise
         for statement in ddl(_TYPES):
             self._writer.execute(statement)
         self._add_columns()
@@ -118,7 +128,6 @@ class SQLiteStore(SQLStore):
         self._rows_at_analyze = self._row_estimate()
         if self._rows_at_analyze and self._writer.execute("SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'").fetchone()[0] == 0:
             self._analyze()
-        self._checkpointer: _Checkpointer | None = None
         if path != ":memory:":
             # a commit only appends to the WAL and fsyncs it; copying pages back into the database (a
             # checkpoint) happens beside, on another connection, off the path of acknowledged writes
@@ -431,6 +440,29 @@ class SQLiteStore(SQLStore):
         if self._file_lock is not None:
             os.close(self._file_lock)
             self._file_lock = None
+
+
+def inspect(path: str) -> StoreFacts:
+    """The store in this file, read-only: its schema, its size, its page size; no file is made where there is none."""
+    from rebond.store import StoreFacts
+
+    if path == ":memory:" or not os.path.exists(path):
+        return StoreFacts("sqlite", path, None, 0)
+    try:
+        with closing(sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True, timeout=30)) as conn:
+            schema = stored_schema(conn)
+            page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    except sqlite3.DatabaseError as err:
+        raise StoreError(f"{path} cannot be read as a SQLite store: {err}") from None
+    size = sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p))
+    return StoreFacts("sqlite", path, schema, size, page_size)
+
+
+def stored_schema(conn: sqlite3.Connection) -> int | None:
+    """The schema of the store on this connection (None: no store in the file yet)."""
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    stamped = conn.execute("SELECT value FROM rebond_meta WHERE name = 'schema'").fetchone() if "rebond_meta" in tables else None
+    return schema_of(tables, stamped[0] if stamped else None)
 
 
 def _remove_aside(partial: str) -> None:

@@ -24,8 +24,9 @@ from typing import Any
 
 import orjson
 
+from rebond.store.base import StoreError
 from rebond.store.indexing import index_resource
-from rebond.store.schema import INDEX_TABLES, Types, index_columns, index_table_ddl
+from rebond.store.schema import INDEX_TABLES, SCHEMA_VERSION, Types, index_columns, index_table_ddl
 from rebond.store.sql import INDEX_INSERTS
 
 log = logging.getLogger("rebond.store")
@@ -85,3 +86,23 @@ def gather_token_texts(cur: Any) -> None:
     """sp_token_texts from the token rows already written."""
     cur.execute("INSERT INTO sp_token_texts (key, text_norm, code) SELECT DISTINCT key, text_norm, code FROM sp_token"
                 " WHERE text_norm IS NOT NULL AND code IS NOT NULL ON CONFLICT DO NOTHING")
+
+
+class LaterSchema(StoreError):
+    """A store that a later Rebond has brought to its own schema."""
+
+
+def check_schema(found: int | None) -> None:
+    """Refuse a store of a later schema than this Rebond's: it would write index rows and versions in a layout that
+    store no longer reads, and nothing would say so before searches went wrong. `found`: None for no store yet."""
+    if found is not None and found > SCHEMA_VERSION:
+        raise LaterSchema(f"this store is of schema {found}, made by a later Rebond; this one knows schema {SCHEMA_VERSION}"
+                          " and earlier: run the later Rebond here too (docs/operations.md, « Upgrading »)")
+
+
+def schema_of(tables: set[str], stamped: str | None) -> int | None:
+    """A store's schema from its tables and the number stamped in `rebond_meta`: None where there is no store yet, 1
+    for one made before the number was kept."""
+    if "resources" not in tables:
+        return None
+    return int(stamped) if stamped is not None and stamped.isdigit() else 1
