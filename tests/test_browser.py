@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from rebond.clinical.census import Ward, group_wards, ward_census
-from rebond.clinical.records import HOSPITAL_TZ, PatientSummary
+from rebond.clinical.conventions import HOSPITAL_TZ
+from rebond.clinical.records import PatientSummary
 from rebond.store import open_store
 from tests.server import RebondServer
 

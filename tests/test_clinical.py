@@ -8,10 +8,11 @@ import pytest
 from rebond.clinical.admission import NoNumberRange
 from rebond.clinical.census import ward_census
 from rebond.clinical.chart import patient_chart
+from rebond.clinical.conventions import HOSPITAL_TZ
 from rebond.clinical.medication import Administration, Prescription, dose_schedule
 from rebond.clinical.patients import UnclearSearch, search_terms
 from rebond.clinical.recording import InvalidForm, record_vitals
-from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, find
+from rebond.clinical.records import Clinician, Entry, find
 from rebond.clinical.results import acknowledge_result, reports
 from rebond.fhir import operations
 from rebond.seed.demo import DemoSize, seed_demo

@@ -302,5 +302,8 @@ def test_fields_are_read_with_the_messages_own_delimiters_and_escapes_undone() -
     assert (pid.get(3), pid.get(3, 4, 2), pid.get(3, repetition=2), pid.repetitions(3)) == ("123", "1.2.250", "456", 2)
     assert (pid.get(5), pid.get(5, 2)) == ("DUPONT*FILS", "Jean"), "an escaped component separator is text"
     assert (obx.get(8, repetition=2), obx.repetitions(8), obx.get(40), obx.repetitions(40)) == ("HH", 2, "", 0)
+    # a value without repetitions, components or subcomponents: itself as the first of each, nothing as any other
+    assert (obx.get(5, 1, 1, 1), obx.get(5, 2), obx.get(5, 1, 2), obx.get(5, repetition=2), obx.get(5, 0)) == ("6.1", "", "", "", "")
+    assert (msh.get(10, 2), pid.get(3, 1, 2), pid.get(5, 3), pid.get(3, 4, 4)) == ("", "", "", "")
     with pytest.raises(MessageError, match="is not a segment name"):
         Message("MSH|^~\\&|A|B\rpid|x")

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from rebond.clinical.census import group_wards, ward_census
+from rebond.clinical.conventions import HOSPITAL_TZ
 from rebond.clinical.messaging import (
     Box,
     about_patient,
@@ -24,7 +25,7 @@ from rebond.clinical.messaging import (
     ward_box,
 )
 from rebond.clinical.recording import InvalidForm
-from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, find
+from rebond.clinical.records import Clinician, Entry, find
 from rebond.seed.demo import DemoSize, SeedReport, seed_demo
 from rebond.store import open_store
 from rebond.store.base import NotFound, Store

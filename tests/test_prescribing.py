@@ -8,11 +8,11 @@ import pytest
 
 from rebond.clinical.census import Allergy, BedLine, allergies_by_patient, ward_census
 from rebond.clinical.chart import patient_chart
-from rebond.clinical.conventions import SNOMED
+from rebond.clinical.conventions import HOSPITAL_TZ, SNOMED
 from rebond.clinical.medication import dose_schedule
 from rebond.clinical.prescribing import acknowledge, allergy_conflicts, formulary, parse_times, prescribe, stop
 from rebond.clinical.recording import InvalidForm
-from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, find, read
+from rebond.clinical.records import Clinician, Entry, find, read
 from rebond.fhir import operations
 from rebond.seed.demo import DemoSize, seed_demo
 from rebond.seed.vocabulary import DRUGS, MORE_DRUGS

@@ -745,8 +745,8 @@ def audit_list(
     import datetime as dt
     import json
 
+    from rebond.clinical.conventions import HOSPITAL_TZ
     from rebond.clinical.patients import parse_day, patient_by_ipp_or_id
-    from rebond.clinical.records import HOSPITAL_TZ
     from rebond.security.audit import READ_TRAIL
 
     query: dict[str, Any] = {"limit": limit, "agent": user}

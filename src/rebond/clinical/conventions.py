@@ -1,6 +1,10 @@
 """How the hospital is written in FHIR: the identifier systems and codes every part of Rebond agrees on."""
 from __future__ import annotations
 
+from zoneinfo import ZoneInfo
+
+#: the hospital's time: what a person reads and writes, and what an HL7 time without a zone means
+HOSPITAL_TZ = ZoneInfo("Europe/Paris")
 GROUP_IPP_SYSTEM = "urn:oid:1.2.250.1.999.1.1"  # the group's patient identifier (IPP) namespace
 GROUP_VISIT_SYSTEM = "urn:oid:1.2.250.1.999.1.2"  # stay numbers (NDA)
 FINESS_SYSTEM = "urn:oid:1.2.250.1.71.4.2.2"

@@ -30,10 +30,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from rebond.clinical.conventions import COMMUNICATION_CATEGORY
+from rebond.clinical.conventions import COMMUNICATION_CATEGORY, HOSPITAL_TZ
 from rebond.clinical.escalation import ESCALATE_AFTER, escalation_id
 from rebond.clinical.messaging import ANSWER_SKEW, CATEGORIES, CRITICAL_RESULT, Conversation, Message, is_hospital_service, message
-from rebond.clinical.records import HOSPITAL_TZ, Resource, any_of, fhir_instant, find, ref_id
+from rebond.clinical.records import Resource, any_of, fhir_instant, find, ref_id
 from rebond.hl7.critical import called, is_correction
 from rebond.store.base import Store, StoreError
 

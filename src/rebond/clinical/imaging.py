@@ -24,8 +24,8 @@ import orjson
 from starlette.concurrency import run_in_threadpool
 
 from rebond.background import BackgroundLoop
-from rebond.clinical.conventions import GROUP_IPP_SYSTEM
-from rebond.clinical.records import HOSPITAL_TZ, read, ref_id
+from rebond.clinical.conventions import GROUP_IPP_SYSTEM, HOSPITAL_TZ
+from rebond.clinical.records import read, ref_id
 from rebond.fhir import operations
 from rebond.fhir.search import literal, parse_search
 from rebond.moments import utc_second

@@ -6,7 +6,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from rebond.clinical.records import HOSPITAL_TZ, Resource, concept_text, instant, ref_id
+from rebond.clinical.conventions import HOSPITAL_TZ
+from rebond.clinical.records import Resource, concept_text, instant, ref_id
 from rebond.clinical.results import Acknowledgement
 
 if TYPE_CHECKING:

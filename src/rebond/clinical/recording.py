@@ -11,8 +11,8 @@ import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from rebond.clinical.conventions import DOCUMENT_CATEGORY, INTERPRETATION, LOINC, OBSERVATION_CATEGORY, UCUM
-from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, Resource, create_once, fhir_instant, read
+from rebond.clinical.conventions import DOCUMENT_CATEGORY, HOSPITAL_TZ, INTERPRETATION, LOINC, OBSERVATION_CATEGORY, UCUM
+from rebond.clinical.records import Clinician, Entry, Resource, create_once, fhir_instant, read
 from rebond.fhir import operations
 from rebond.store.base import NotFound, Session, Store
 

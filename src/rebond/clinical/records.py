@@ -6,17 +6,15 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import orjson
 
-from rebond.clinical.conventions import GROUP_IPP_SYSTEM
+from rebond.clinical.conventions import GROUP_IPP_SYSTEM, HOSPITAL_TZ
 from rebond.fhir import operations
 from rebond.fhir.search import parse_search
 from rebond.store.base import Session, Store, Stored
 
 Resource = dict[str, Any]
-HOSPITAL_TZ = ZoneInfo("Europe/Paris")
 #: the most resources one clinical search returns (a year of daily labs for one patient is ~3,000)
 SEARCH_LIMIT = 20_000
 

@@ -17,9 +17,10 @@ import orjson
 
 from rebond.clinical.census import Ward, ward_occupancy
 from rebond.clinical.chart import PatientChart, patient_chart
+from rebond.clinical.conventions import HOSPITAL_TZ
 from rebond.clinical.medication import Prescription
 from rebond.clinical.messaging import about_patient
-from rebond.clinical.records import HOSPITAL_TZ, concept_text, find, instant
+from rebond.clinical.records import concept_text, find, instant
 from rebond.clinical.results import LabResult
 from rebond.clinical.staff import procedures, shifts
 from rebond.hl7.critical import called

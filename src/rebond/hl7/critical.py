@@ -24,9 +24,9 @@ from __future__ import annotations
 import datetime as dt
 from typing import TYPE_CHECKING, Any
 
-from rebond.clinical.conventions import COMMUNICATION_CATEGORY, CRITICAL_FLAGS, INTERPRETATION, SERVICE_SYSTEM
+from rebond.clinical.conventions import COMMUNICATION_CATEGORY, CRITICAL_FLAGS, HOSPITAL_TZ, INTERPRETATION, SERVICE_SYSTEM
 from rebond.clinical.messaging import CRITICAL_RESULT, MESSAGE, is_hospital_service, patient_subject
-from rebond.clinical.records import HOSPITAL_TZ, concept_text, fhir_instant, instant, ref_id
+from rebond.clinical.records import concept_text, fhir_instant, instant, ref_id
 from rebond.fhir.search import literal
 
 if TYPE_CHECKING:

@@ -10,6 +10,7 @@ from typing import Any
 
 from hl7.util import unescape
 
+from rebond.clinical.conventions import HOSPITAL_TZ
 from rebond.pickled import by_fields
 
 #: MSH-18 values and the Python codec each names; no MSH-18 means ASCII by the standard, read as UTF-8 here
@@ -185,8 +186,11 @@ class Segment:
         if value:
             separators = self.message.delimiters.separators
             for separator, index in ((separators[2], repetition), (separators[3], component), (separators[4], subcomponent)):
-                parts = value.split(separator)
-                value = parts[index - 1] if 0 < index <= len(parts) else ""
+                if separator in value:
+                    parts = value.split(separator)
+                    value = parts[index - 1] if 0 < index <= len(parts) else ""
+                elif index != 1:  # most values have no repetitions, components or subcomponents: split nothing
+                    return ""
             if self.message.delimiters.esc in value:
                 value = str(unescape(self.message.delimiters, value))
         return value.strip()
@@ -201,14 +205,15 @@ class Segment:
         return f"{self.name}-{field}"
 
 
+_HL7_TIME = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.\d+)?([+-]\d{4})?")
+
+
 def hl7_time(value: str) -> dt.datetime | None:
     """YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]; without a zone, the hospital's time (Europe/Paris)."""
-    from rebond.clinical.records import HOSPITAL_TZ
-
     value = value.strip()
     if not value:
         return None
-    match = re.fullmatch(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.\d+)?([+-]\d{4})?", value)
+    match = _HL7_TIME.fullmatch(value)
     if not match:
         raise MessageError(f"'{value}' is not an HL7 date/time", code=102)
     year, month, day, hour, minute, second, zone = match.groups()
@@ -223,8 +228,6 @@ def hl7_time(value: str) -> dt.datetime | None:
 
 
 def hl7_now() -> str:
-    from rebond.clinical.records import HOSPITAL_TZ
-
     return dt.datetime.now(HOSPITAL_TZ).strftime("%Y%m%d%H%M%S%z")
 
 

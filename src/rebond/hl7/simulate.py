@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from rebond.clinical.records import HOSPITAL_TZ
+from rebond.clinical.conventions import HOSPITAL_TZ
 from rebond.seed.vocabulary import FAMILY_NAMES, GIVEN_FEMALE, GIVEN_MALE, LABS, SERVICES
 
 IPP_AUTHORITY = "GHR&1.2.250.1.999.1.1&ISO"

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from rebond.clinical.census import is_kind
-from rebond.clinical.conventions import COMMUNICATION_CATEGORY, LOCATION_SYSTEM, MODULE_STATE_SYSTEM, MODULE_SYSTEM, SITE_SYSTEM
+from rebond.clinical.conventions import COMMUNICATION_CATEGORY, HOSPITAL_TZ, LOCATION_SYSTEM, MODULE_STATE_SYSTEM, MODULE_SYSTEM, SITE_SYSTEM
 from rebond.clinical.recording import InvalidForm
-from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, fhir_instant, find, identifier_value, instant
+from rebond.clinical.records import Clinician, Entry, fhir_instant, find, identifier_value, instant
 from rebond.fhir import operations
 from rebond.store.base import Session, Store, StoreError
 from rebond.web.i18n import N_

@@ -25,6 +25,7 @@ from rebond.clinical.conventions import (
     FINESS_SYSTEM,
     GROUP_IPP_SYSTEM,
     GROUP_VISIT_SYSTEM,
+    HOSPITAL_TZ,
     INTERPRETATION,
     LOCATION_SYSTEM,
     LOCATION_TYPE,
@@ -38,7 +39,7 @@ from rebond.clinical.conventions import (
 )
 from rebond.clinical.messaging import add_services
 from rebond.clinical.prescribing import formulary_resource
-from rebond.clinical.records import HOSPITAL_TZ, person_name
+from rebond.clinical.records import person_name
 from rebond.clinical.results import acknowledgement_task
 from rebond.fhir import operations
 from rebond.fhir.bundles import process_transaction

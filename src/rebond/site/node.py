@@ -6,7 +6,7 @@ import datetime as dt
 import time
 from typing import Any
 
-from rebond.clinical.records import HOSPITAL_TZ
+from rebond.clinical.conventions import HOSPITAL_TZ
 from rebond.moments import utc_second
 from rebond.site.directory import DirectoryCopier
 from rebond.site.follower import Follower

@@ -29,6 +29,7 @@ from starlette.staticfiles import StaticFiles
 from rebond.clinical.admission import RangeExhausted, emergency_admission, ipp_range
 from rebond.clinical.census import HospitalWards, group_wards, ward_census, ward_occupancy, ward_of
 from rebond.clinical.chart import patient_chart, patient_header, with_alerts
+from rebond.clinical.conventions import HOSPITAL_TZ
 from rebond.clinical.critical_register import MAX_DAYS, as_csv, register
 from rebond.clinical.escalation import ESCALATE_AFTER
 from rebond.clinical.imaging import Orthanc, PacsUnavailable, images_of
@@ -59,7 +60,7 @@ from rebond.clinical.pharmacy import validate, worklist
 from rebond.clinical.prescribing import ROUTES, formulary, is_new, prescribe, stop
 from rebond.clinical.prescribing import acknowledge as acknowledge_prescription
 from rebond.clinical.recording import NOTE_KINDS, VITAL_SIGNS, InvalidForm, record_administration, record_note, record_vitals
-from rebond.clinical.records import HOSPITAL_TZ, Clinician, Entry, any_of, fhir_instant, instant, read, ref_id
+from rebond.clinical.records import Clinician, Entry, any_of, fhir_instant, instant, read, ref_id
 from rebond.clinical.results import acknowledge_result, reports
 from rebond.clinical.staff import Shift, StaffMember, binder, shifts, staff_by_ward
 from rebond.downtime.library import KeptPack, PackLibrary

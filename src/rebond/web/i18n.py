@@ -19,7 +19,7 @@ from babel.messages.mofile import write_mo
 from babel.messages.pofile import read_po
 from babel.numbers import format_decimal
 
-from rebond.clinical.records import HOSPITAL_TZ
+from rebond.clinical.conventions import HOSPITAL_TZ
 
 LANGUAGES = ("fr", "en")
 DEFAULT_LANGUAGE = "fr"
