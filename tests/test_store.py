@@ -439,6 +439,17 @@ def test_a_store_of_schema_3_gets_its_index_made_again_when_it_opens(engine_url:
     assert sum(_index_rows(engine_url)["sp_composite"].values()) == sum(made["sp_composite"].values()) + 1
 
 
+def test_none_and_bytes_are_bound_as_they_were_through_the_adapters_rebond_registers() -> None:
+    """store/sqlite.py registers adapters for None and bytes (a shortcut past sqlite3's adaptation protocol): they
+    must still bind as NULL and as the same BLOB, and the other types as before."""
+    import rebond.store.sqlite  # noqa: F401  (registers them)
+
+    with closing(sqlite3.connect(":memory:")) as conn:
+        row = conn.execute("SELECT typeof(?), typeof(?), ?, typeof(?), typeof(?), typeof(?)",
+                           (None, b"\x00\xff", b"\x00\xff", "t", 1, bytearray(b"b"))).fetchone()
+    assert row == ("null", "blob", b"\x00\xff", "text", "integer", "blob")
+
+
 def test_rebond_db_upgrades_a_store_ahead_of_a_start(engine_url: str) -> None:
     """The IT team upgrades a store in a quiet moment, not at the next start: `rebond db status` says what it is,
     writing nothing; `rebond db upgrade` brings it to this schema once."""
