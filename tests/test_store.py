@@ -396,7 +396,8 @@ def _as_schema_3(engine_url: str) -> None:
         conn.execute("UPDATE rebond_meta SET value = '3' WHERE name = 'schema'")
 
 
-def test_a_store_of_schema_3_gets_its_index_made_again_when_it_opens(engine_url: str) -> None:
+def test_a_store_of_schema_3_gets_its_index_made_again_when_it_opens(engine_url: str, monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
     """The index tables of an earlier Rebond are made again in the layout of schema 4 (store/upgrade.py): the same rows,
     numbered; a composite's token part in one form; the texts gathered; searches answer as on a new store."""
     from rebond.store.schema import SCHEMA_VERSION
@@ -417,7 +418,12 @@ def test_a_store_of_schema_3_gets_its_index_made_again_when_it_opens(engine_url:
     made = _index_rows(engine_url)
     _as_schema_3(engine_url)
     assert _index_rows(engine_url)["sp_composite"] != made["sp_composite"]  # two forms of each token part
-    store = open_store(engine_url)
+    monkeypatch.setattr("rebond.store.upgrade.PROGRESS_EVERY", 0.0)  # how far it has gone, said at every step
+    with caplog.at_level("WARNING", logger="rebond.store"):
+        store = open_store(engine_url)
+    said = [r.getMessage() for r in caplog.records]
+    assert f"upgrading the search index (schema 4): sp_token made again, {sum(made['sp_token'].values())} rows" in "\n".join(said)
+    assert any("composite rows, 0 of 3 resources" in line for line in said), said
     try:
         assert _index_rows(engine_url) == made
         with _raw(engine_url) as (conn, _mark):

@@ -66,6 +66,10 @@ class _PgCursor(Cursor):
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         self._cur.executemany(self._sql(sql), [list(r) for r in rows])
 
+    @property
+    def rowcount(self) -> int:
+        return self._cur.rowcount
+
     def fetchone(self) -> Any:
         return self._cur.fetchone()
 

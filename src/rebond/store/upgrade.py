@@ -31,6 +31,8 @@ from rebond.store.sql import INDEX_INSERTS
 
 log = logging.getLogger("rebond.store")
 _PAGE = 500  # resources read and re-indexed at a time
+#: a long upgrade says how far it has gone this often (seconds), for whoever watches it at 3 a.m.
+PROGRESS_EVERY = 10.0
 
 
 def has_numbered_rows(columns: Sequence[str]) -> bool:
@@ -52,9 +54,12 @@ def upgrade_index(cur: Any, types: Types) -> None:
         cur.execute(f"INSERT INTO {table} ({', '.join(index_columns(table))})"
                     f" SELECT {values}, row_number() OVER (PARTITION BY rid, key) - 1 FROM {table}_v3"
                     " ORDER BY rid, key")
+        copied = cur.rowcount
         cur.execute(f"DROP TABLE {table}_v3")
         for statement in indexes:  # made once the rows are in: faster than kept up row by row
             cur.execute(statement)
+        log.warning("upgrading the search index (schema 4): %s made again, %d rows, at %.1f s", table, copied,
+                    time.monotonic() - started)
     resources = rebuild_composites(cur)
     gather_token_texts(cur)
     log.warning("the search index is of schema 4 (%d resources with composite rows indexed again) in %.1f s",
@@ -68,7 +73,11 @@ def rebuild_composites(cur: Any) -> int:
     rids = [int(row[0]) for row in cur.fetchall()]
     if rids:
         log.warning("upgrading the search index (schema 4): the composite rows of %d resources", len(rids))
+    said = time.monotonic()
     for start in range(0, len(rids), _PAGE):
+        if time.monotonic() - said >= PROGRESS_EVERY:
+            log.warning("upgrading the search index (schema 4): composite rows, %d of %d resources", start, len(rids))
+            said = time.monotonic()
         page = rids[start:start + _PAGE]
         marks = ", ".join("?" for _ in page)
         cur.execute(f"SELECT r.rid, v.body FROM resources r JOIN versions v ON v.seq = r.seq WHERE r.rid IN ({marks})"
