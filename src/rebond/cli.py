@@ -543,7 +543,7 @@ def db_status(db: Annotated[str, typer.Option(help="the store: sqlite:///file.db
         out_console.print(f"up to date: this Rebond's schema is {SCHEMA_VERSION}", highlight=False, soft_wrap=True)
     else:
         out_console.print(f"this Rebond (schema {SCHEMA_VERSION}) upgrades it when it opens it; to do it ahead, in a quiet moment: "
-                          f"rebond db upgrade --db {db}", highlight=False, soft_wrap=True)
+                          "rebond db upgrade, with the same --db", highlight=False, soft_wrap=True)  # a URL may hold a password
 
 
 @db_app.command("upgrade")
