@@ -62,8 +62,11 @@ def test_a_draft_whose_reads_changed_writes_nothing(store: Store) -> None:
     draft = Draft(store)
     assert draft.search_ids(parse_search("Patient", [("identifier", "urn:test|2")])) == []
     draft.update("Observation", "o2", {"resourceType": "Observation", "status": "final", "code": {"text": "K"}})
+    carried = sent_draft(marshal.loads(marshal.dumps(draft.plain())))  # as the intake writer receives it
+    assert carried.searches == draft.searches
     store.update("Patient", "p2", patient("Petit", "2"))  # the search would now find a patient
     assert store.write(lambda tx: tx.apply_draft(draft)) is False
+    assert store.write(lambda tx: tx.apply_draft(carried)) is False
     assert store.read("Observation", "o2") is None
 
 

@@ -80,7 +80,7 @@ class Prepared:
                               by_fields(self.header)[1]))
 
 
-_PACKED_FORM = 1
+_PACKED_FORM = 2  # 2: a draft's searches as their SQL (1: pickled queries)
 
 
 def unpack(blob: bytes | None) -> Prepared | None:

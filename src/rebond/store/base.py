@@ -201,6 +201,11 @@ class Session(abc.ABC):
         """Ids matching a search, inside this transaction: two tell a conditional operation all it needs."""
 
     @abc.abstractmethod
+    def ids_where(self, where: str, params: list[Any], limit: int) -> list[str]:
+        """Ids of the live resources that a condition over `resources r` selects (store/query.py where_fragment:
+        what `search_ids` runs), inside this transaction: a draft's search, run again as it ran."""
+
+    @abc.abstractmethod
     def lock(self, key: str) -> None:
         """Serialise with every other transaction that locks the same key (conditional create)."""
 
@@ -303,6 +308,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def search_ids(self, query: SearchQuery, limit: int = 2) -> list[str]:
         """Ids matching a search, as last committed (outside any transaction)."""
+
+    @abc.abstractmethod
+    def ids_where(self, where: str, params: list[Any], limit: int) -> list[str]:
+        """`Session.ids_where` as last committed: a draft's search, kept as the SQL it ran."""
 
     @abc.abstractmethod
     def changes(self, after: str | None, count: int = 100) -> ChangePage:

@@ -11,15 +11,14 @@ what it read and what it would write:
     store.write(lambda tx: tx.apply_draft(draft))  # under the lock: every read checked, then the inserts
 
 Under the lock, each resource read must still be at the version seen, and each search must still
-find the same ids; then the outcome of the work is the one it would have had under the lock,
-and its writes go in as prepared. Otherwise `apply_draft` returns False and the caller runs the
+find the same ids (a search is kept as the SQL it ran, and run again as it is); then the outcome of
+the work is the one it would have had under the lock, and its writes go in as prepared. Otherwise `apply_draft` returns False and the caller runs the
 work again inside the transaction, as if there had been no draft (two results for the same
 patient at the same instant, say). What a draft cannot do outside the lock (a delete, a search
 over a type it has itself written, a named lock) raises `NeedsTransaction`, which means the same.
 """
 from __future__ import annotations
 
-import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +28,7 @@ import orjson
 from rebond.fhir.search import SearchQuery
 from rebond.store.base import Access, InboxMessage, PreconditionFailed, Session, Store, Stored, StoreError, WriteResult
 from rebond.store.indexing import IndexRows, index_resource
+from rebond.store.query import where_fragment
 
 
 class NeedsTransaction(StoreError):
@@ -104,18 +104,16 @@ class Draft(Session):
     def __init__(self, store: Store | None) -> None:
         self.store: Store | None = store
         self.seen: dict[tuple[str, str], int] = {}  # version read (0: absent or deleted)
-        self.searches: list[tuple[SearchQuery, int, list[str]]] = []
+        self.searches: list[tuple[str, list[Any], int, list[str]]] = []  # (WHERE over `resources r`, its values, limit, ids)
         self.writes: dict[tuple[str, str], PlannedWrite | SentWrite] = {}  # SentWrite once sent
         self._read: dict[tuple[str, str], Stored | None] = {}  # what was read, read once: the draft sees one state
 
     def plain(self) -> tuple[Any, ...]:
         """What another process needs to apply it (`sent_draft` there), as values `marshal` carries: the versions
-        read, the searches made, the writes; not the store it read from. Marshal takes a lab panel's draft in a
-        fraction of what pickling its objects took (the writes, index rows included, as tuples and lists); the
-        searches' queries go pickled, being few and of many classes."""
-        searches = pickle.dumps(self.searches, protocol=pickle.HIGHEST_PROTOCOL) if self.searches else b""
+        read, the searches made (their SQL), the writes (index rows included, as tuples and lists); not the store it
+        read from. Marshal takes a lab panel's draft in a fraction of what pickling its objects took."""
         writes = [(w if isinstance(w, SentWrite) else w.sent()).plain() for w in self.writes.values()]
-        return self.seen, searches, writes
+        return self.seen, self.searches, writes
 
     def _source(self) -> Store:
         if self.store is None:
@@ -150,9 +148,13 @@ class Draft(Session):
     def search_ids(self, query: SearchQuery, limit: int = 2) -> list[str]:
         if any(t == query.resource_type for t, _i in self.writes):
             raise NeedsTransaction(f"a search over {query.resource_type} after writing one")
-        ids = self._source().search_ids(query, limit)
-        self.searches.append((query, limit, ids))
+        where = where_fragment(query)
+        ids = self._source().ids_where(where.sql, where.params, limit)
+        self.searches.append((where.sql, where.params, limit, ids))
         return ids
+
+    def ids_where(self, where: str, params: list[Any], limit: int) -> list[str]:
+        raise NeedsTransaction("a search given as SQL, its resource type unknown")
 
     # -- writes, planned
 
@@ -217,7 +219,7 @@ def sent_draft(plain: tuple[Any, ...]) -> Draft:
     seen, searches, writes = plain
     draft = Draft(None)
     draft.seen = seen
-    draft.searches = pickle.loads(searches) if searches else []
+    draft.searches = searches
     for resource_type, resource_id, content, meta, base_version, rows in writes:
         draft.writes[(resource_type, resource_id)] = SentWrite(resource_type, resource_id, content, meta, base_version,
                                                                IndexRows.from_plain(rows))

@@ -141,9 +141,12 @@ class SQLSession(Session):
         return stored_from_row(row) if row else None
 
     def search_ids(self, query: SearchQuery, limit: int = 2) -> list[str]:
-        self.flush()
         where = where_fragment(query)
-        self.cur.execute(f"SELECT r.res_id FROM resources r WHERE {where.sql} LIMIT ?", [*where.params, limit])
+        return self.ids_where(where.sql, where.params, limit)
+
+    def ids_where(self, where: str, params: list[Any], limit: int) -> list[str]:
+        self.flush()
+        self.cur.execute(f"SELECT r.res_id FROM resources r WHERE {where} LIMIT ?", [*params, limit])
         return [row[0] for row in self.cur.fetchall()]
 
     def lock(self, key: str) -> None:
@@ -156,8 +159,8 @@ class SQLSession(Session):
             current = currents[key]
             if (0 if current is None or current.deleted else current.version) != seen:
                 return False
-        for query, limit, ids in draft.searches:
-            if self.search_ids(query, limit) != ids:
+        for where, params, limit, ids in draft.searches:
+            if self.ids_where(where, params, limit) != ids:
                 return False
         for (rtype, rid), planned in draft.writes.items():
             current = currents[(rtype, rid)]
@@ -619,8 +622,11 @@ class SQLStore(Store):
 
     def search_ids(self, query: SearchQuery, limit: int = 2) -> list[str]:
         where = where_fragment(query)
+        return self.ids_where(where.sql, where.params, limit)
+
+    def ids_where(self, where: str, params: list[Any], limit: int) -> list[str]:
         with self.reader() as cur:
-            cur.execute(f"SELECT r.res_id FROM resources r WHERE {where.sql} LIMIT ?", [*where.params, limit])
+            cur.execute(f"SELECT r.res_id FROM resources r WHERE {where} LIMIT ?", [*params, limit])
             return [row[0] for row in cur.fetchall()]
 
     def search(self, query: SearchQuery) -> SearchResult:
