@@ -90,6 +90,12 @@ def process_cpu(server: RebondServer) -> dict[str, float]:
             "workers": sum(_cpu_seconds(c) for c in children if c != writer)}
 
 
+def writer_counts(server: RebondServer) -> tuple[int, int]:
+    """(messages written, commits) of the intake writer so far (/status)."""
+    writer = (server.status().get("mllp") or {}).get("workers", {}).get("writer", {})  # type: ignore[union-attr]
+    return int(writer.get("written") or 0), int(writer.get("batches") or 0)
+
+
 def results_for(traffic: Traffic, connections: int, per_connection: int) -> list[list[bytes]]:
     return [[traffic.result(dt.datetime.now(dt.UTC)).encode() for _ in range(per_connection)]
             for _ in range(connections)]
@@ -111,6 +117,7 @@ def main() -> None:
         rows = []
         cpu: dict[tuple[int, int], dict[str, float]] = {}
         senders: dict[tuple[int, int], float] = {}  # this process's CPU: the load's senders, on the same two cores
+        per_commit: dict[tuple[int, int], float] = {}  # messages the intake writer took into each commit
         for workers in args.mllp_workers:
             port = free_port()
             server = RebondServer(url, "--mllp-port", str(port), "--mllp-workers", str(workers)).start()
@@ -120,9 +127,11 @@ def main() -> None:
                     send_messages("127.0.0.1", port, admissions)
                 for connections in (4, 32):
                     batches = results_for(traffic, connections, int(args.seconds * 1200 / connections) + 50)
-                    before, sent_before = process_cpu(server), os.times()
+                    before, sent_before, counts_before = process_cpu(server), os.times(), writer_counts(server)
                     rate, latencies, refused = load(port, batches, args.seconds)
-                    after, sent_after = process_cpu(server), os.times()
+                    after, sent_after, counts_after = process_cpu(server), os.times(), writer_counts(server)
+                    written, commits = (a - b for a, b in zip(counts_after, counts_before, strict=True))
+                    per_commit[(workers, connections)] = written / max(1, commits)
                     cpu[(workers, connections)] = {k: (after[k] - before[k]) * 1000 / max(1, len(latencies)) for k in after}
                     senders[(workers, connections)] = ((sent_after.user - sent_before.user + sent_after.system - sent_before.system)
                                                        * 1000 / max(1, len(latencies)))
@@ -156,7 +165,8 @@ def main() -> None:
     print("\nCPU per message, ms (user + system, from /proc; `senders`: this script's connections, on the same cores):")
     for (workers, connections), spent in cpu.items():
         print(f"rebond/{workers:<3} {connections:>5}   " + "   ".join(f"{k} {v:.2f}" for k, v in spent.items())
-              + f"   total {sum(spent.values()):.2f}   (senders {senders[(workers, connections)]:.2f})")
+              + f"   total {sum(spent.values()):.2f}   (senders {senders[(workers, connections)]:.2f})"
+              + f"   {per_commit[(workers, connections)]:.2f} messages a commit")
 
 
 if __name__ == "__main__":
