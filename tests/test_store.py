@@ -445,6 +445,31 @@ def test_a_store_of_schema_3_gets_its_index_made_again_when_it_opens(engine_url:
     assert sum(_index_rows(engine_url)["sp_composite"].values()) == sum(made["sp_composite"].values()) + 1
 
 
+def test_a_thread_reading_between_commits_reads_past_the_map_and_sees_every_commit(tmp_path: Path) -> None:
+    """`for_reads_between_commits` (the MLLP drafts) takes this thread's reads off the file's map, no other thread's;
+    its reads still see each commit of the writer at once."""
+    store = open_store(f"sqlite:///{tmp_path}/drafts.db")
+    try:
+        def mapped() -> int:
+            with store.reader() as cur:
+                return int(cur.execute("PRAGMA mmap_size").fetchone()[0])
+
+        assert mapped() > 0
+        store.for_reads_between_commits()
+        assert mapped() == 0
+        elsewhere: list[int] = []
+        thread = threading.Thread(target=lambda: elsewhere.append(mapped()))
+        thread.start()
+        thread.join()
+        assert elsewhere[0] > 0
+        for n in range(1, 30):
+            store.update("Patient", "p", {"resourceType": "Patient", "name": [{"family": f"F{n}"}]})
+            now = store.read("Patient", "p")
+            assert now is not None and now.version == n and f"F{n}".encode() in (now.body or b"")
+    finally:
+        store.close()
+
+
 def test_none_and_bytes_are_bound_as_they_were_through_the_adapters_rebond_registers() -> None:
     """store/sqlite.py registers adapters for None and bytes (a shortcut past sqlite3's adaptation protocol): they
     must still bind as NULL and as the same BLOB, and the other types as before."""

@@ -137,6 +137,7 @@ def _worker_main(sock: socket.socket, db_url: str, site_id: str) -> None:
     """A draft worker: messages in (ticket, bytes), drafts out (ticket, packed draft or None, error)."""
     _child_process()
     store = open_store(db_url, site_id=site_id)
+    store.for_reads_between_commits()
     frames = _Frames(sock)
     try:
         while (items := frames.take(16)) is not None:
@@ -394,6 +395,7 @@ class DraftWorkers:
         self.site_id = site_id
         self.count = count
         self.here = here
+        self._reading_here = False
         self._workers: list[_Worker | None] = [None] * count
         self._tickets = itertools.count(1)
         self._stopping = False
@@ -452,6 +454,9 @@ class DraftWorkers:
         """The draft made in this process, in the event loop: about a millisecond of Python, as a worker would spend."""
         assert self.here is not None
         try:
+            if not self._reading_here:  # the event loop's own connection, once
+                self.here.for_reads_between_commits()
+                self._reading_here = True
             blob = _draft_blob(self.here, raw)
         except Exception as err:  # whatever went wrong, the writer decides
             self.failed += 1

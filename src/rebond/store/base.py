@@ -371,6 +371,11 @@ class Store(abc.ABC):
         """This store's writes will be many small commits (an interface's intake writer): tune the writer for them."""
         return None
 
+    def for_reads_between_commits(self) -> None:
+        """This thread will read between the frequent commits of another connection (an interface's drafts, while its
+        intake writer commits every few milliseconds): tune this thread's reads for it."""
+        return None
+
     @abc.abstractmethod
     def close(self) -> None: ...
 
