@@ -67,6 +67,7 @@ def _part(part: str, store_path: Path, messages: list[bytes], panels: int, count
     url = f"sqlite:///{work}"
     server, writer = open_store(url, site_id="bench"), open_store(url, site_id="bench")
     writer.for_small_commits()
+    server.for_reads_between_commits()  # as the server's drafting connection reads
     for store in (server, writer):  # checkpoints from this thread, at fixed points, not by a timed thread
         timed = getattr(store, "_checkpointer", None)
         if timed is not None:
