@@ -11,11 +11,12 @@ what it read and what it would write:
     store.write(lambda tx: tx.apply_draft(draft))  # under the lock: every read checked, then the inserts
 
 Under the lock, each resource read must still be at the version seen, and each search must still
-find the same ids (a search is kept as the SQL it ran, and run again as it is); then the outcome of
-the work is the one it would have had under the lock, and its writes go in as prepared. Otherwise `apply_draft` returns False and the caller runs the
-work again inside the transaction, as if there had been no draft (two results for the same
-patient at the same instant, say). What a draft cannot do outside the lock (a delete, a search
-over a type it has itself written, a named lock) raises `NeedsTransaction`, which means the same.
+find the same ids (a search is kept as the SQL it ran, and run again as it is); then the outcome
+of the work is the one it would have had under the lock, and its writes go in as prepared.
+Otherwise `apply_draft` returns False and the caller runs the work again inside the transaction,
+as if there had been no draft (two results for the same patient at the same instant, say). What a
+draft cannot do outside the lock (a delete, a search over a type it has itself written, a named
+lock) raises `NeedsTransaction`, which means the same.
 """
 from __future__ import annotations
 
