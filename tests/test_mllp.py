@@ -1,6 +1,7 @@
 """The MLLP listener of a real `rebond serve` process, with the `hl7` package's MLLP client as the sender."""
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import html
 import json
@@ -99,6 +100,37 @@ def test_a_sender_changing_its_name_at_every_message_does_not_grow_the_status_wi
         assert (server.senders["APP0|H1"].messages, server.senders["APP0|H1"].refused) == (2, 1), "a known sender keeps its own"
     finally:
         store.close()
+
+
+def test_a_connection_silent_past_the_idle_limit_is_closed_and_one_that_talks_is_kept(tmp_path: Path) -> None:
+    """A sender that went away without closing (a half-open connection) holds nothing for ever: the listener closes a
+    connection silent for `idle_timeout`, and only then; one that keeps sending under the limit stays open."""
+    store = open_store(f"sqlite:///{tmp_path / 'idle.db'}")
+
+    async def scenario() -> tuple[list[str], float]:
+        server = MllpServer(store, "127.0.0.1", 0, idle_timeout=0.8)
+        await server.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            codes = []
+            for n in range(4):  # 1.6 s in all, never 0.8 s silent
+                writer.write(frame_of(oru(f"IDLE{n}", "910000020", f"FI{n}")))
+                await writer.drain()
+                codes.append(ack_code(await asyncio.wait_for(reader.readuntil(END), 30)))
+                acked_at = time.monotonic()
+                await asyncio.sleep(0.4)
+            assert await asyncio.wait_for(reader.read(), 10) == b"", "closed by the listener"
+            writer.close()
+            return codes, time.monotonic() - acked_at
+        finally:
+            await server.stop()
+
+    try:
+        codes, closed_after = asyncio.run(scenario())
+    finally:
+        store.close()
+    assert codes == ["AA"] * 4
+    assert 0.6 <= closed_after <= 5.0  # silent 0.8 s since its last acknowledgement, not before
 
 
 def test_a_message_far_over_the_size_limit_is_refused_and_kept_truncated(listener: RebondServer) -> None:
