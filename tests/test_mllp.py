@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import fcntl
 import html
 import json
 import os
@@ -11,8 +12,9 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import hl7.client
 import httpx
@@ -276,6 +278,9 @@ def test_a_worker_that_hangs_costs_time_not_messages(demo_db: str) -> None:
 
 
 def test_the_intake_writer_killed_twice_mid_stream_is_replaced_and_every_message_is_stored_once(demo_db: str) -> None:
+    """Two writers killed in a row with the same messages in flight: those go the server process's way, every message is
+    answered AA and stored once. The test holds the writers' file lock meanwhile, so that no writer can commit (and
+    answer) the messages in flight before it is killed: without it, a quick second writer won the race now and then."""
     port = free_port()
     server = RebondServer(demo_db, "--mllp-port", str(port), "--mllp-workers", "2").start()
     codes: list[str] = []
@@ -288,29 +293,44 @@ def test_the_intake_writer_killed_twice_mid_stream_is_replaced_and_every_message
                 if len(codes) >= 40:
                     acked.set()
 
+    def writer_facts() -> dict[str, Any]:
+        return dict(server.status()["mllp"]["workers"]["writer"])
+
+    def wait_for(check: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        deadline = time.monotonic() + 30
+        while not check(facts := writer_facts()):
+            assert time.monotonic() < deadline, facts
+            time.sleep(0.01)
+        return facts
+
+    lock = os.open(demo_db.removeprefix("sqlite:///") + "-writer.lock", os.O_RDWR)
     try:
-        writer = server.status()["mllp"]["workers"]["writer"]["pid"]
+        first = writer_facts()["pid"]
         senders = [threading.Thread(target=send, args=(prefix,)) for prefix in ("KA", "KB")]
         for sender in senders:
             sender.start()
         assert acked.wait(60)
-        os.kill(writer, signal.SIGKILL)  # messages are in flight to it, some of them committed, not yet answered
-        deadline = time.monotonic() + 30
-        while (second := server.status()["mllp"]["workers"]["writer"]["pid"]) in (writer, None):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        os.kill(second, signal.SIGKILL)  # its replacement too, at once: what was in flight through both goes to the server
+        fcntl.flock(lock, fcntl.LOCK_EX)  # from here no writer commits: what is sent to one stays in flight
+        wait_for(lambda facts: facts["in_flight"] == 2)  # each sender's next message
+        os.kill(first, signal.SIGKILL)
+        second = wait_for(lambda facts: facts["pid"] not in (first, None))["pid"]
+        time.sleep(0.5)  # the messages in flight are sent again to the second writer, which cannot commit them
+        os.kill(second, signal.SIGKILL)  # in flight through both: they go to the server process, which waits for the lock too
+        wait_for(lambda facts: facts["restarts"] == 2 and facts["pid"] not in (first, second, None))
+        fcntl.flock(lock, fcntl.LOCK_UN)
         for sender in senders:
             sender.join(120)
         assert codes == ["AA"] * 300, "every message answered AA, by a new writer or by the server itself"
-        facts = server.status()["mllp"]["workers"]["writer"]
-        assert facts["restarts"] == 2 and facts["pid"] not in (writer, second) and facts["in_flight"] == 0
-        assert "taken in by the server process" in server.log.read_text(), "messages in flight through both went the server's way"
+        facts = writer_facts()
+        assert facts["restarts"] == 2 and facts["pid"] not in (first, second) and facts["in_flight"] == 0
+        assert server.log.read_text().count("MLLP message taken in by the server process") == 2, \
+            "the two messages in flight through both writers went the server's way"
         found = httpx.get(f"{server.fhir}/DiagnosticReport?patient.identifier=910000021&_count=1000&_elements=identifier",
                           headers=server.headers).json()
         fillers = [i["value"] for e in found["entry"] for i in e["resource"]["identifier"] if i["value"].startswith("K")]
         assert len(fillers) == 300 and len(set(fillers)) == 300, "each result stored once"
     finally:
+        os.close(lock)
         server.stop()
 
 
