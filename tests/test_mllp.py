@@ -277,10 +277,11 @@ def test_a_worker_that_hangs_costs_time_not_messages(demo_db: str) -> None:
         server.stop()
 
 
-def test_the_intake_writer_killed_twice_mid_stream_is_replaced_and_every_message_is_stored_once(demo_db: str) -> None:
-    """Two writers killed in a row with the same messages in flight: those go the server process's way, every message is
-    answered AA and stored once. The test holds the writers' file lock meanwhile, so that no writer can commit (and
-    answer) the messages in flight before it is killed: without it, a quick second writer won the race now and then."""
+def test_the_intake_writer_killed_mid_stream_and_twice_in_a_row_is_replaced_and_every_message_is_stored_once(demo_db: str) -> None:
+    """A writer killed mid-stream (messages in flight, some perhaps committed and not yet answered), then two in a row with
+    the same messages in flight: those go the server process's way; every message is answered AA and stored once. For
+    the two, the test holds the writers' file lock, so that no writer can commit (and answer) the messages in flight
+    before it is killed: without it, a quick second writer won the race now and then."""
     port = free_port()
     server = RebondServer(demo_db, "--mllp-port", str(port), "--mllp-workers", "2").start()
     codes: list[str] = []
@@ -310,19 +311,23 @@ def test_the_intake_writer_killed_twice_mid_stream_is_replaced_and_every_message
         for sender in senders:
             sender.start()
         assert acked.wait(60)
+        os.kill(first, signal.SIGKILL)  # mid-stream, whatever it was doing
+        second = wait_for(lambda facts: facts["pid"] not in (first, None))["pid"]
+        written = writer_facts()["written"]
+        wait_for(lambda facts: facts["written"] >= written + 20)  # the second writer takes the stream on
         fcntl.flock(lock, fcntl.LOCK_EX)  # from here no writer commits: what is sent to one stays in flight
         wait_for(lambda facts: facts["in_flight"] == 2)  # each sender's next message
-        os.kill(first, signal.SIGKILL)
-        second = wait_for(lambda facts: facts["pid"] not in (first, None))["pid"]
-        time.sleep(0.5)  # the messages in flight are sent again to the second writer, which cannot commit them
-        os.kill(second, signal.SIGKILL)  # in flight through both: they go to the server process, which waits for the lock too
-        wait_for(lambda facts: facts["restarts"] == 2 and facts["pid"] not in (first, second, None))
+        os.kill(second, signal.SIGKILL)
+        third = wait_for(lambda facts: facts["pid"] not in (first, second, None))["pid"]
+        time.sleep(0.5)  # the messages in flight are sent again to the third writer, which cannot commit them
+        os.kill(third, signal.SIGKILL)  # in flight through both: they go to the server process, which waits for the lock too
+        wait_for(lambda facts: facts["restarts"] == 3 and facts["pid"] not in (first, second, third, None))
         fcntl.flock(lock, fcntl.LOCK_UN)
         for sender in senders:
             sender.join(120)
         assert codes == ["AA"] * 300, "every message answered AA, by a new writer or by the server itself"
         facts = writer_facts()
-        assert facts["restarts"] == 2 and facts["pid"] not in (first, second) and facts["in_flight"] == 0
+        assert facts["restarts"] == 3 and facts["pid"] not in (first, second, third) and facts["in_flight"] == 0
         assert server.log.read_text().count("MLLP message taken in by the server process") == 2, \
             "the two messages in flight through both writers went the server's way"
         found = httpx.get(f"{server.fhir}/DiagnosticReport?patient.identifier=910000021&_count=1000&_elements=identifier",
