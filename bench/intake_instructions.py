@@ -114,7 +114,7 @@ def _count(part: str, store_path: Path, messages_path: Path, panels: int, counti
     return int(total.group(1).replace(",", ""))
 
 
-def _prepared_store() -> tuple[Path, Path]:
+def prepared_store() -> tuple[Path, Path]:
     """The demo group with 300 admitted patients, and lab panels for them (not timed)."""
     from rebond.hl7.intake import receive
     from rebond.hl7.simulate import Traffic
@@ -154,7 +154,7 @@ def main() -> None:
     if shutil.which("valgrind") is None:
         raise SystemExit("bench/intake_instructions.py needs valgrind: apt-get install valgrind")
     print(f"machine: {machine()}")
-    store_path, messages_path = _prepared_store()
+    store_path, messages_path = prepared_store()
     per_panel = {}
     for part in ("draft", "write", "baseline"):
         counted = _count(part, store_path, messages_path, args.panels, True)

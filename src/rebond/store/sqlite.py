@@ -367,10 +367,11 @@ class SQLiteStore(SQLStore):
         """This thread's reads go through SQLite's page cache instead of the file's map. After another connection
         has committed, SQLite unmaps the whole file at the next read transaction, and every page read is mapped
         again, a page fault each: with the intake writer committing every few milliseconds, unmapping and faulting
-        took 8 % of the server's CPU (perf). Read with pread instead, a draft took 3–11 % less CPU, alternated in
-        one process, and the server 8–21 % less a message in three alternated bench rounds (docs/benchmarks.md,
-        stop 25). Other threads keep the map: over a store that does not change, it costs nothing more, and the
-        pages it reads stay in the kernel's cache instead of each connection's."""
+        took 8 % of the server's CPU (perf). Read with pread instead, a draft takes 10–25 % less CPU
+        (bench/draft_reads.py), and the server took 8–21 % less a message in three alternated rounds of
+        bench/hl7_bench.py (docs/benchmarks.md, stop 25). Other threads keep the map: over a store that does not
+        change, it costs nothing more, and the pages it reads stay in the kernel's cache instead of each
+        connection's."""
         with self.reader() as cur:
             cur.execute("PRAGMA mmap_size=0").fetchall()
 
