@@ -159,11 +159,13 @@ def _draft_blob(store: Store, raw: bytes) -> bytes | None:
     return prepared.packed() if prepared is not None else None
 
 
-def _writer_main(sock: socket.socket, db_url: str, site_id: str) -> None:
+def _writer_main(sock: socket.socket, db_url: str, site_id: str, checkpoint_elsewhere: bool) -> None:
     """The intake writer: messages in (ticket, bytes, draft), acknowledgements out, one commit per batch."""
     _child_process()
     store = open_store(db_url, site_id=site_id)
     store.for_small_commits()
+    if checkpoint_elsewhere:  # by the server process, less busy, woken after each batch (IntakeWriter.on_commit)
+        store.checkpoint_elsewhere()
     frames = _Frames(sock)
     try:
         while (items := frames.take(WRITER_BATCH)) is not None:
@@ -268,9 +270,11 @@ class _InFlight:
 class IntakeWriter:
     """The server's side of the intake writer process: sends messages, hands acknowledgements back, restarts it."""
 
-    def __init__(self, db_url: str, site_id: str) -> None:
+    def __init__(self, db_url: str, site_id: str, on_commit: Callable[[], None] | None = None) -> None:
         self.db_url = db_url
         self.site_id = site_id
+        #: called in the event loop after each of the writer's commits; given, the writer leaves its checkpoints to it
+        self.on_commit = on_commit
         self._tickets = itertools.count(1)
         self._in_flight: dict[int, _InFlight] = {}
         self._link: _Link | None = None
@@ -287,7 +291,7 @@ class IntakeWriter:
     async def _launch(self) -> None:
         self._launching = True
         try:
-            link = await _Link.open("rebond-mllp-writer", _writer_main, self.db_url, self.site_id)
+            link = await _Link.open("rebond-mllp-writer", _writer_main, self.db_url, self.site_id, self.on_commit is not None)
         except Exception as err:  # no writer process can be started: the server takes the messages in itself
             log.error("the MLLP intake writer cannot be started (%s): messages are taken in by the server", err)
             self._link = None
@@ -328,6 +332,8 @@ class IntakeWriter:
     def _answered(self, answers: list[tuple[int, Answer]]) -> None:
         self.batches += 1
         self.written += len(answers)
+        if self.on_commit is not None:
+            self.on_commit()
         for ticket, answer in answers:
             flight = self._in_flight.pop(ticket, None)
             if flight is not None:
@@ -399,7 +405,8 @@ class DraftWorkers:
         self._workers: list[_Worker | None] = [None] * count
         self._tickets = itertools.count(1)
         self._stopping = False
-        self.writer = IntakeWriter(db_url, site_id)
+        # the server process checkpoints the store the writer commits to: the writer is the busier of the two
+        self.writer = IntakeWriter(db_url, site_id, here.committed_elsewhere if here is not None else None)
         self.drafted = 0
         self.failed = 0
         self.redone = 0  # drafts found stale under the lock (another write changed what they read): worked out again

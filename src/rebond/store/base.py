@@ -371,6 +371,14 @@ class Store(abc.ABC):
         """This store's writes will be many small commits (an interface's intake writer): tune the writer for them."""
         return None
 
+    def checkpoint_elsewhere(self) -> None:
+        """Another process copies this store's log into its file (the server, for its intake writer): not this one."""
+        return None
+
+    def committed_elsewhere(self) -> None:
+        """Another process has committed to this store (the intake writer): copy its log into the file soon."""
+        return None
+
     def for_reads_between_commits(self) -> None:
         """This thread will read between the frequent commits of another connection (an interface's drafts, while its
         intake writer commits every few milliseconds): tune this thread's reads for it."""
