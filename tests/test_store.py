@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -283,13 +283,45 @@ def test_sqlite_checkpoints_beside_the_writer(tmp_path: Path) -> None:
         in_file = 0
         while time.monotonic() < deadline and in_file < 200:
             time.sleep(0.2)
-            # the database file alone, WAL ignored: what the checkpointer has copied so far
-            with closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) as raw:
-                in_file = raw.execute("SELECT count(*) FROM resources WHERE res_type = 'Patient'").fetchone()[0]
+            with suppress(sqlite3.DatabaseError):  # read while the checkpoint writes the file: the next look
+                in_file = _patients_in_file(path)
         assert in_file == 200
         assert store._writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0  # never inside a commit
     finally:
         store.close()
+
+
+def _patients_in_file(path: Path) -> int:
+    """Patients in the database file alone, the WAL ignored: what checkpoints have copied so far."""
+    with closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) as raw:
+        return int(raw.execute("SELECT count(*) FROM resources WHERE res_type = 'Patient'").fetchone()[0])
+
+
+def test_a_store_that_checkpoints_elsewhere_leaves_its_commits_to_the_process_told_of_them(tmp_path: Path) -> None:
+    """The intake writer's store leaves its checkpoints to the server's (hl7/workers.py): its commits stay in the WAL
+    until the other store is told of them (`committed_elsewhere`), which then copies them into the file."""
+    path = tmp_path / "elsewhere.db"
+    writer, server = open_store(f"sqlite:///{path}"), open_store(f"sqlite:///{path}")
+    try:
+        writer.checkpoint_elsewhere()
+        before = _patients_in_file(path)
+        for n in range(100):
+            writer.update("Patient", f"w{n}", {"resourceType": "Patient", "id": f"w{n}"})
+        time.sleep(1.0)  # a checkpointer of its own would have copied them by now (every 0.25 s)
+        assert _patients_in_file(path) == before, "the writer did not checkpoint"
+        server.committed_elsewhere()
+        deadline = time.monotonic() + 10
+        while True:
+            with suppress(sqlite3.DatabaseError):  # read while the checkpoint writes the file: the next look
+                if _patients_in_file(path) == before + 100:
+                    break
+            assert time.monotonic() < deadline, "the server's checkpointer copied the writer's commits"
+            time.sleep(0.1)
+        found = server.read("Patient", "w99")
+        assert found is not None and found.version == 1
+    finally:
+        writer.close()
+        server.close()
 
 
 def test_a_state_key_is_claimed_once(store: Store) -> None:
