@@ -486,7 +486,7 @@ def inspect(path: str) -> StoreFacts:
             page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
     except sqlite3.DatabaseError as err:
         raise StoreError(f"{path} cannot be read as a SQLite store: {err}") from None
-    size = sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p))
+    size = _size(path) + _size(path + "-wal")
     return StoreFacts("sqlite", path, schema, size, page_size)
 
 
