@@ -47,7 +47,10 @@ def _part(part: str, store_path: Path, messages: list[bytes], panels: int, count
     """In the child, under callgrind: the warm-up, then `panels` panels of `part` if `counting`."""
     from rebond.hl7.intake import prepare, receive_many, unpack
     from rebond.store import open_store
+    from rebond.store.sqlite import stop_counting_memory
 
+    if part == "write":  # as the intake writer's process does, before its first connection
+        assert stop_counting_memory()
     work = SCRATCH / f"instructions-{part}.db"
     _fresh_copy(store_path, work)
     checkpoints = sqlite3.connect(work)

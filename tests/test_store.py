@@ -613,3 +613,35 @@ def test_processes_opening_a_store_of_schema_3_together_upgrade_it_once(tmp_path
     assert [code for code, _err in outcomes] == [0, 0, 0], outcomes
     assert sum("the search index is of schema 4" in err for _code, err in outcomes) == 1
     assert _index_rows(url) == made
+
+
+COUNTING = """
+import ctypes, sqlite3, sys
+from rebond.store import open_store
+from rebond.store.sqlite import stop_counting_memory
+used = ctypes.CDLL("libsqlite3.so.0").sqlite3_memory_used
+used.restype = ctypes.c_int64
+held = sqlite3.connect(":memory:") if sys.argv[2] == "open-first" else None
+first = stop_counting_memory()
+store = open_store(sys.argv[1], site_id="t")
+created = store.create({"resourceType": "Patient", "name": [{"family": "Martin"}]}).stored
+again = stop_counting_memory()  # with a connection open: never a second shutdown under it
+read = store.read("Patient", created.id)
+print(first, again, used(), read is not None and read.version == 1, store.create({"resourceType": "Patient"}).stored.version)
+store.close()
+"""
+
+
+@pytest.mark.parametrize("order", ["fresh", "open-first"])
+def test_sqlite_stops_counting_its_memory_only_in_a_process_with_no_connection_open(tmp_path: Path, order: str) -> None:
+    """The intake writer's process turns SQLite's memory count off (a global mutex on every allocation). SQLite
+    must be shut down for that: done only when no connection is open, and never again under open ones."""
+    done = subprocess.run([sys.executable, "-c", COUNTING, f"sqlite:///{tmp_path / 'c.db'}", order],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    first, again, used, read, second = done.stdout.split()
+    assert read == "True" and second == "1"  # the store works either way
+    if order == "fresh":
+        assert (first, again, used) == ("True", "True", "0")  # stopped: nothing is counted, though a store is open
+    else:
+        assert (first, again) == ("False", "False") and int(used) > 0  # left as it was: still counting

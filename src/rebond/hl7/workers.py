@@ -60,6 +60,7 @@ from typing import Any
 from rebond.hl7.intake import Answer, prepare, receive_many, unpack
 from rebond.store import open_store
 from rebond.store.base import Store
+from rebond.store.sqlite import stop_counting_memory
 
 log = logging.getLogger("rebond.hl7")
 _PR_SET_PDEATHSIG = 1
@@ -162,6 +163,8 @@ def _draft_blob(store: Store, raw: bytes) -> bytes | None:
 def _writer_main(sock: socket.socket, db_url: str, site_id: str, checkpoint_elsewhere: bool) -> None:
     """The intake writer: messages in (ticket, bytes, draft), acknowledgements out, one commit per batch."""
     _child_process()
+    if not stop_counting_memory():  # before the process's first connection
+        log.debug("the intake writer: SQLite still counts its memory")
     store = open_store(db_url, site_id=site_id)
     store.for_small_commits()
     if checkpoint_elsewhere:  # by the server process, less busy, woken after each batch (IntakeWriter.on_commit)
