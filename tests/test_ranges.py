@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from decimal import Decimal, localcontext
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -39,6 +40,29 @@ def test_a_number_lies_inside_its_precision(value: object) -> None:
     assert rng is not None
     lo, hi, v = rng
     assert lo < v < hi
+
+
+@given(st.integers(min_value=-10**26 + 1, max_value=10**26 - 1), st.integers(min_value=0, max_value=12),
+       st.sampled_from(["plain", "float", "exponent"]))
+def test_a_number_s_range_is_its_exact_half_unit_either_side_rounded_once(digits: int, places: int, form: str) -> None:
+    """Plain numbers take a quicker way than the decimal arithmetic: the same floats, to the last bit."""
+    exact = Decimal(digits).scaleb(-places)
+    text = {"plain": f"{exact:f}", "float": repr(float(exact)), "exponent": f"{exact:e}"}[form]
+    value: object = float(exact) if form == "float" else text
+    written = Decimal(text)
+    assert isinstance(written.as_tuple().exponent, int)
+    with localcontext() as ctx:
+        ctx.prec = 60  # every digit kept: the range's ends exact before their one rounding
+        half = Decimal(5).scaleb(written.as_tuple().exponent - 1)
+        expected = (float(written - half), float(written + half), float(written))
+    rng = number_range(value)
+    assert rng is not None and [x.hex() for x in rng] == [x.hex() for x in expected], (text, rng, expected)
+
+
+def test_what_is_not_a_number_has_no_range() -> None:
+    for value in ("", "-", "abc", "1.2.3", "²", "NaN", "inf", True):
+        assert number_range(value) is None, value
+    assert number_range("1.") == (0.5, 1.5, 1.0) and number_range(".5") == (0.45, 0.55, 0.5)  # decimal's own reading
 
 
 @given(st.text(min_size=1, max_size=30))

@@ -82,8 +82,19 @@ def number_range(value: Any) -> tuple[float, float, float] | None:
     """(lo, hi, value): a number's implied precision range, `100` → [99.5, 100.5)."""
     if isinstance(value, bool):
         return None
+    text = str(value)
+    whole, dot, fraction = text[1:].partition(".") if text[:1] == "-" else text.partition(".")
+    if (whole.isdigit() and whole.isascii() and len(whole) <= 18
+            and (not dot or (fraction.isdigit() and fraction.isascii() and len(fraction) <= 8))):
+        # written plainly (`-12.50`, m × 10^-k): m × 10^-k ± 5 × 10^-(k+1) divided out of integers, which Python
+        # rounds once, exactly: the same floats as the decimal arithmetic below (its 28 digits hold these whole)
+        tens = int(whole + fraction) * 10
+        if text[:1] == "-":
+            tens = -tens
+        scale = 10 ** (len(fraction) + 1)
+        return (tens - 5) / scale, (tens + 5) / scale, float(text)
     try:
-        d = Decimal(str(value))
+        d = Decimal(text)
     except InvalidOperation:
         return None
     if not d.is_finite():
