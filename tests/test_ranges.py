@@ -7,7 +7,7 @@ from decimal import Decimal, localcontext
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rebond.store.indexing import date_range, normalize_text, number_range
+from rebond.store.indexing import date_range, format_number, normalize_text, number_range
 
 moments = st.datetimes(min_value=dt.datetime(1900, 1, 1), max_value=dt.datetime(2100, 12, 31), timezones=st.just(dt.UTC))
 
@@ -57,6 +57,15 @@ def test_a_number_s_range_is_its_exact_half_unit_either_side_rounded_once(digits
         expected = (float(written - half), float(written + half), float(written))
     rng = number_range(value)
     assert rng is not None and [x.hex() for x in rng] == [x.hex() for x in expected], (text, rng, expected)
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_a_composite_number_part_is_the_number_s_digits_without_exponent_or_trailing_zero(value: float) -> None:
+    part = format_number(value)
+    assert Decimal(part) == Decimal(str(value))  # the same number, exactly
+    assert "e" not in part.lower() and not part.startswith("+")
+    assert "." not in part or not part.endswith("0")
+    assert ("." in part) == (Decimal(str(value)) != Decimal(str(value)).to_integral_value())
 
 
 def test_what_is_not_a_number_has_no_range() -> None:

@@ -366,7 +366,11 @@ def token_part(system: str | None, code: str) -> str:
 
 
 def format_number(value: float) -> str:
-    return format(Decimal(str(value)).normalize(), "f")
+    """The number as a composite's part stores it: its shortest digits, no exponent, no trailing zero (`100`, `4.2`)."""
+    text = str(value)
+    if "e" in text or "n" in text:  # 1e-05, 1e+16; inf, nan
+        return format(Decimal(text).normalize(), "f")
+    return text[:-2] if text.endswith(".0") else text  # a float's shortest digits: only `.0` can trail
 
 
 def composite_values(param: SearchParam, node: Any) -> list[tuple[str, str]]:
