@@ -143,6 +143,24 @@ def test_invalid_resource_names_the_path_of_each_problem(client: TestClient) -> 
     assert paths == {"Patient.birthDate", "Patient.name"}
 
 
+def test_each_problem_is_named_by_its_path_down_to_the_array_item() -> None:
+    from rebond.fhir.model import validate
+
+    issues = validate({"resourceType": "Patient", "name": [{"family": "X"}, {"given": "Lucie"}], "telecom": [{"system": 5}],
+                       "contact": [{"name": {"family": " "}}], "identifier": [{"value": None}], "birthDate": "1961-13-01",
+                       "active": "yes", "photo": {}, "contained": [{"resourceType": "Nothing"}]})
+    assert {(issue.path, issue.message) for issue in issues} == {
+        ("Patient.name[1].given", "must be an array"),
+        ("Patient.telecom[0].system", "must be a string"),
+        ("Patient.contact[0].name.family", "a string may not be empty"),
+        ("Patient.identifier[0].value", "null is not allowed"),
+        ("Patient.birthDate", "'1961-13-01' is not a valid date"),
+        ("Patient.active", "must be true or false"),
+        ("Patient.photo", "must be an array"),
+        ("Patient.contained[0].resourceType", "unknown resource type 'Nothing'"),
+    }
+
+
 def test_body_over_the_limit_is_413(store: Store) -> None:
     from rebond.fhir.api import FhirApi
 

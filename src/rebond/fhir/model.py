@@ -91,20 +91,19 @@ def _validate_object(obj: dict[str, Any], type_name: str, path: str, issues: lis
             if choice in choices_seen:
                 issues.append(Issue(f"{path}.{key}", f"only one of {choice}[x] may be given (also {choices_seen[choice]})"))
             choices_seen[choice] = key
-        where = f"{path}.{key}"
         if is_list:
             if not isinstance(value, list):
-                issues.append(Issue(where, "must be an array"))
+                issues.append(Issue(f"{path}.{key}", "must be an array"))
                 continue
             if not value:
-                issues.append(Issue(where, "an array may not be empty"))
+                issues.append(Issue(f"{path}.{key}", "an array may not be empty"))
             for i, item in enumerate(value):
-                _validate_value(item, kind, f"{where}[{i}]", issues)
+                _validate_value(item, kind, path, key, i, issues)
         else:
             if isinstance(value, list):
-                issues.append(Issue(where, "must not be an array"))
+                issues.append(Issue(f"{path}.{key}", "must not be an array"))
                 continue
-            _validate_value(value, kind, where, issues)
+            _validate_value(value, kind, path, key, -1, issues)
     for key in _required_elements(type_name):
         if key not in obj and f"_{key}" not in obj:
             issues.append(Issue(f"{path}.{key}", "required element missing"))
@@ -116,35 +115,41 @@ def _required_elements(type_name: str) -> tuple[str, ...]:
     return tuple(key for key, (_kind, _is_list, required, choice) in _TYPES[type_name].items() if required and not choice)
 
 
-def _validate_value(value: Any, kind: str, path: str, issues: list[Issue]) -> None:
+def _where(parent: str, key: str, index: int) -> str:
+    return f"{parent}.{key}" if index < 0 else f"{parent}.{key}[{index}]"
+
+
+def _validate_value(value: Any, kind: str, parent: str, key: str, index: int, issues: list[Issue]) -> None:
+    """One value of `parent`'s element `key` (item `index` of its array, or -1): its path is written out only for an
+    issue or an object to look into, not for each of a resource's many valid primitives."""
     if value is None:
-        issues.append(Issue(path, "null is not allowed"))
+        issues.append(Issue(_where(parent, key, index), "null is not allowed"))
     elif kind in ("string", "date", "dateTime", "instant", "time"):
         if not isinstance(value, str):
-            issues.append(Issue(path, f"must be a {kind} string"))
+            issues.append(Issue(_where(parent, key, index), "must be a string" if kind == "string" else f"must be a {kind} string"))
         elif value.strip() == "" and kind == "string":
-            issues.append(Issue(path, "a string may not be empty"))
+            issues.append(Issue(_where(parent, key, index), "a string may not be empty"))
         elif kind in _PRIMITIVE_FORMATS and not _PRIMITIVE_FORMATS[kind].match(value):
-            issues.append(Issue(path, f"{value!r} is not a valid {kind}"))
+            issues.append(Issue(_where(parent, key, index), f"{value!r} is not a valid {kind}"))
     elif kind == "boolean":
         if not isinstance(value, bool):
-            issues.append(Issue(path, "must be true or false"))
+            issues.append(Issue(_where(parent, key, index), "must be true or false"))
     elif kind == "integer":
         if isinstance(value, bool) or not isinstance(value, int):
-            issues.append(Issue(path, "must be an integer"))
+            issues.append(Issue(_where(parent, key, index), "must be an integer"))
     elif kind == "decimal":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            issues.append(Issue(path, "must be a number"))
+            issues.append(Issue(_where(parent, key, index), "must be a number"))
     elif kind in ("Resource", "DomainResource") or kind in _RESOURCE_SET:
         if not isinstance(value, dict):
-            issues.append(Issue(path, "must be a resource object"))
+            issues.append(Issue(_where(parent, key, index), "must be a resource object"))
             return
         inner = value.get("resourceType")
         if not isinstance(inner, str) or inner not in _RESOURCE_SET:
-            issues.append(Issue(f"{path}.resourceType", f"unknown resource type {inner!r}"))
+            issues.append(Issue(f"{_where(parent, key, index)}.resourceType", f"unknown resource type {inner!r}"))
             return
-        _validate_object(value, inner, path, issues, is_resource=True)
+        _validate_object(value, inner, _where(parent, key, index), issues, is_resource=True)
     elif not isinstance(value, dict):
-        issues.append(Issue(path, f"must be an object ({kind})"))
+        issues.append(Issue(_where(parent, key, index), f"must be an object ({kind})"))
     else:
-        _validate_object(value, kind, path, issues)
+        _validate_object(value, kind, _where(parent, key, index), issues)
