@@ -513,6 +513,37 @@ def test_none_and_bytes_are_bound_as_they_were_through_the_adapters_rebond_regis
     assert row == ("null", "blob", b"\x00\xff", "text", "integer", "blob")
 
 
+def _indexes(engine_url: str) -> set[str]:
+    with _raw(engine_url) as (conn, _mark):
+        if engine_url.startswith("sqlite:///"):
+            return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()}
+        return {row[0] for row in conn.execute("SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()").fetchall()}
+
+
+def test_an_index_no_longer_kept_up_is_dropped_when_the_store_opens_and_type_history_since_still_answers(engine_url: str) -> None:
+    """versions_type_lu (schema.DROPPED_INDEXES) is gone from a store an earlier Rebond made; the history of a type since
+    a moment reads the versions by their time instead, and answers the same."""
+    store = open_store(engine_url)
+    try:
+        first = store.create(patient("Avant")).stored
+        store.create({"resourceType": "Observation", "status": "final", "code": {"text": "K"}})
+        later = store.create(patient("Après")).stored
+        store.update("Patient", first.id, {**patient("Avant"), "id": first.id, "active": True})
+    finally:
+        store.close()
+    with _raw(engine_url) as (conn, _mark):
+        conn.execute("CREATE INDEX versions_type_lu ON versions (res_type, lu)")  # as an earlier Rebond made it
+    assert "versions_type_lu" in _indexes(engine_url)
+    store = open_store(engine_url)
+    try:
+        assert "versions_type_lu" not in _indexes(engine_url) and "versions_lu" in _indexes(engine_url)
+        since, total = store.history("Patient", since=later.last_updated)
+        assert total == 2 and [(v.id, v.version) for v in since] == [(first.id, 2), (later.id, 1)]
+        assert store.history("Patient")[1] == 3 and store.history(since=first.last_updated)[1] == 4
+    finally:
+        store.close()
+
+
 def test_rebond_db_upgrades_a_store_ahead_of_a_start(engine_url: str) -> None:
     """The IT team upgrades a store in a quiet moment, not at the next start: `rebond db status` says what it is,
     writing nothing; `rebond db upgrade` brings it to this schema once."""

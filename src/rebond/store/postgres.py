@@ -22,7 +22,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool
 
 from rebond.store.base import Change, ChangePage, Session, Unavailable
-from rebond.store.schema import SCHEMA_VERSION, Types, added_columns, ddl, index_columns
+from rebond.store.schema import DROPPED_INDEXES, SCHEMA_VERSION, Types, added_columns, ddl, index_columns
 from rebond.store.sql import INSERT_TOKEN_TEXT, Cursor, SQLSession, SQLStore, stored_from_row, token_texts
 from rebond.store.upgrade import LaterSchema, check_schema, has_numbered_rows, schema_of, upgrade_index
 
@@ -227,6 +227,8 @@ class PostgresStore(SQLStore):
                         conn.execute(statement)
                     for table, column, kind in added_columns(_TYPES):  # a database made by an earlier Rebond
                         conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
+                    for index in DROPPED_INDEXES:
+                        conn.execute(f"DROP INDEX IF EXISTS {index}")
                     columns = conn.execute("SELECT column_name FROM information_schema.columns"
                                            " WHERE table_schema = current_schema() AND table_name = 'sp_token'").fetchall()
                     if not has_numbered_rows([row[0] for row in columns]):  # made before schema 4 (store/upgrade.py)

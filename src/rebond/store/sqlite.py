@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 from rebond.durable import replace_durably
 from rebond.store.base import Session, StoreError, Unavailable
-from rebond.store.schema import SCHEMA_VERSION, Types, added_columns, ddl
+from rebond.store.schema import DROPPED_INDEXES, SCHEMA_VERSION, Types, added_columns, ddl
 from rebond.store.sql import Cursor, SQLSession, SQLStore
 from rebond.store.upgrade import check_schema, has_numbered_rows, schema_of, upgrade_index
 
@@ -137,6 +137,7 @@ class SQLiteStore(SQLStore):
             self._writer.execute(statement)
         self._add_columns()
         self._upgrade_index()
+        self._drop_indexes()
         # a store made by an earlier Rebond has had its new tables made above, and its new columns added: it is of this schema
         self._writer.execute(
             "INSERT INTO rebond_meta (name, value) VALUES ('schema', ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value"
@@ -165,6 +166,20 @@ class SQLiteStore(SQLStore):
                 self._writer.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
         self._upgrade(lambda: not self._missing_columns(), add)
+
+    def _present_dropped_indexes(self) -> list[str]:
+        return [row[0] for row in self._writer.execute(
+            f"SELECT name FROM sqlite_master WHERE type = 'index' AND name IN ({', '.join('?' * len(DROPPED_INDEXES))})",
+            DROPPED_INDEXES)]
+
+    def _drop_indexes(self) -> None:
+        """A store made by an earlier Rebond loses the indexes no longer kept up (schema.DROPPED_INDEXES)."""
+        def drop() -> None:
+            for index in self._present_dropped_indexes():
+                log.info("dropping the index %s, no longer kept up", index)
+                self._writer.execute(f"DROP INDEX IF EXISTS {index}")
+
+        self._upgrade(lambda: not self._present_dropped_indexes(), drop)
 
     def _upgrade_index(self) -> None:
         """A store made before schema 4: its index tables made again (store/upgrade.py)."""
