@@ -186,12 +186,7 @@ class Segment:
             return value
         if value:
             separators = self.message.delimiters.separators
-            for separator, index in ((separators[2], repetition), (separators[3], component), (separators[4], subcomponent)):
-                if separator in value:
-                    parts = value.split(separator)
-                    value = parts[index - 1] if 0 < index <= len(parts) else ""
-                elif index != 1:  # most values have no repetitions, components or subcomponents: split nothing
-                    return ""
+            value = _part(_part(_part(value, separators[2], repetition), separators[3], component), separators[4], subcomponent)
             if self.message.delimiters.esc in value:
                 value = str(unescape(self.message.delimiters, value))
         return value.strip()
@@ -204,6 +199,14 @@ class Segment:
 
     def where(self, field: int) -> str:
         return f"{self.name}-{field}"
+
+
+def _part(value: str, separator: str, index: int) -> str:
+    """Part `index` (from 1) of a value split by one separator; a value without it is its own first part."""
+    if separator in value:
+        parts = value.split(separator)
+        return parts[index - 1] if 0 < index <= len(parts) else ""
+    return value if index == 1 else ""  # most values have no repetitions, components or subcomponents: split nothing
 
 
 _HL7_TIME = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.\d+)?([+-]\d{4})?")
