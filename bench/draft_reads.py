@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import shutil
 import statistics
 import time
 
 from common import SCRATCH, machine
-from intake_instructions import prepared_store
+from intake_instructions import fresh_copy, prepared_store
 
 
 def main() -> None:
@@ -34,9 +33,7 @@ def main() -> None:
     source, messages_path = prepared_store()
     messages = pickle.loads(messages_path.read_bytes())
     work = SCRATCH / "draft-reads.db"
-    for suffix in ("", "-wal", "-shm"):
-        SCRATCH.joinpath(f"draft-reads.db{suffix}").unlink(missing_ok=True)
-    shutil.copy(source, work)
+    fresh_copy(source, work)
     url = f"sqlite:///{work}"
     drafting, writing = open_store(url, site_id="bench"), open_store(url, site_id="bench")
     writing.for_small_commits()

@@ -26,6 +26,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from common import ROOT, SCRATCH, machine
 
@@ -38,21 +39,39 @@ def _remove(path: Path) -> None:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
-def _fresh_copy(source: Path, target: Path) -> None:
+def fresh_copy(source: Path, target: Path) -> None:
+    """`target` made again as a copy of the store `source` (its WAL and shared memory left behind removed)."""
     _remove(target)
     shutil.copy(source, target)
+
+
+def intake_stores(path: Path) -> tuple[Any, Any]:
+    """Two stores on the SQLite file `path`, the server's drafting one and the intake writer's, tuned as they are in
+    `rebond serve`; their timed checkpointers stopped, so that the caller checkpoints at fixed points from its own
+    thread and nothing the machine's speed moves changes what is executed or written."""
+    from rebond.store import open_store
+
+    url = f"sqlite:///{path}"
+    server, writer = open_store(url, site_id="bench"), open_store(url, site_id="bench")
+    writer.for_small_commits()
+    server.for_reads_between_commits()  # as the server's drafting connection reads
+    for store in (server, writer):
+        timed = getattr(store, "_checkpointer", None)
+        if timed is not None:
+            store._checkpointer = None
+            timed.stop()
+    return server, writer
 
 
 def _part(part: str, store_path: Path, messages: list[bytes], panels: int, counting: bool) -> None:
     """In the child, under callgrind: the warm-up, then `panels` panels of `part` if `counting`."""
     from rebond.hl7.intake import prepare, receive_many, unpack
-    from rebond.store import open_store
     from rebond.store.sqlite import stop_counting_memory
 
     if part == "write":  # as the intake writer's process does, before its first connection
         assert stop_counting_memory()
     work = SCRATCH / f"instructions-{part}.db"
-    _fresh_copy(store_path, work)
+    fresh_copy(store_path, work)
     checkpoints = sqlite3.connect(work)
     if part == "baseline":
         table = sqlite3.connect(work, isolation_level=None)
@@ -67,15 +86,7 @@ def _part(part: str, store_path: Path, messages: list[bytes], panels: int, count
             if (i + 2) % CHECKPOINT_EVERY == 0:
                 checkpoints.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         return
-    url = f"sqlite:///{work}"
-    server, writer = open_store(url, site_id="bench"), open_store(url, site_id="bench")
-    writer.for_small_commits()
-    server.for_reads_between_commits()  # as the server's drafting connection reads
-    for store in (server, writer):  # checkpoints from this thread, at fixed points, not by a timed thread
-        timed = getattr(store, "_checkpointer", None)
-        if timed is not None:
-            store._checkpointer = None  # type: ignore[attr-defined]
-            timed.stop()
+    server, writer = intake_stores(work)
 
     def drafted(raws: list[bytes]) -> list[tuple[bytes, bytes]]:
         out = []

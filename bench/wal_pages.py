@@ -14,29 +14,31 @@ from __future__ import annotations
 import argparse
 import collections
 import pickle
-import shutil
 import sqlite3
 import struct
 from collections.abc import Callable
 from pathlib import Path
 
 from common import SCRATCH, machine
-from intake_instructions import prepared_store
+from intake_instructions import fresh_copy, intake_stores, prepared_store
 
 WARM_UP = 50  # commits
 CHECKPOINT_EVERY = 10  # commits
 _WAL_HEADER, _FRAME_HEADER = 32, 24
 
 
-def _frames(wal: Path, page_size: int, since: int) -> tuple[list[int], int]:
-    """The page numbers of the frames after the first `since`, and the frame count now."""
-    count = max(0, (wal.stat().st_size - _WAL_HEADER) // (_FRAME_HEADER + page_size)) if wal.exists() else 0
+def _frame_count(wal: Path, page_size: int) -> int:
+    return max(0, (wal.stat().st_size - _WAL_HEADER) // (_FRAME_HEADER + page_size)) if wal.exists() else 0
+
+
+def _pages(wal: Path, page_size: int, since: int) -> list[int]:
+    """The page numbers of the WAL's frames after the first `since`."""
     pages = []
     with wal.open("rb") as f:
-        for frame in range(since, count):
+        for frame in range(since, _frame_count(wal, page_size)):
             f.seek(_WAL_HEADER + frame * (_FRAME_HEADER + page_size))
             pages.append(struct.unpack(">I", f.read(4))[0])
-    return pages, count
+    return pages
 
 
 def main() -> None:
@@ -45,7 +47,6 @@ def main() -> None:
     parser.add_argument("--per-commit", type=int, default=2)
     args = parser.parse_args()
     from rebond.hl7.intake import prepare, receive_many, unpack
-    from rebond.store import open_store
 
     print(f"machine: {machine()}")
     source, messages_path = prepared_store()
@@ -54,19 +55,9 @@ def main() -> None:
     if needed > len(messages):
         raise SystemExit(f"--commits × --per-commit: at most {len(messages) // args.per_commit - WARM_UP} commits")
     work = SCRATCH / "wal-pages.db"
-    for suffix in ("", "-wal", "-shm"):
-        SCRATCH.joinpath(f"wal-pages.db{suffix}").unlink(missing_ok=True)
-    shutil.copy(source, work)
+    fresh_copy(source, work)
     wal = Path(f"{work}-wal")
-    url = f"sqlite:///{work}"
-    server, writer = open_store(url, site_id="bench"), open_store(url, site_id="bench")
-    writer.for_small_commits()
-    server.for_reads_between_commits()
-    for store in (server, writer):  # checkpoints from this thread, at fixed points
-        timed = getattr(store, "_checkpointer", None)
-        if timed is not None:
-            store._checkpointer = None  # type: ignore[attr-defined]
-            timed.stop()
+    server, writer = intake_stores(work)
     look = sqlite3.connect(work, isolation_level=None)
     page_size = int(look.execute("PRAGMA page_size").fetchone()[0])
     look.execute("CREATE TABLE IF NOT EXISTS bench_raw_messages (id INTEGER PRIMARY KEY, raw BLOB NOT NULL)")
@@ -81,11 +72,11 @@ def main() -> None:
         for commit in range(WARM_UP + args.commits):
             if commit % CHECKPOINT_EVERY == 0:
                 look.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-            before = _frames(wal, page_size, 0)[1] if commit >= WARM_UP else 0
+            before = _frame_count(wal, page_size)
             write(panels(commit))
             if commit < WARM_UP:
                 continue
-            pages = _frames(wal, page_size, before)[0]
+            pages = _pages(wal, page_size, before)
             frames += len(pages)
             marks = ",".join(str(p) for p in set(pages))
             owner = dict(look.execute(f"SELECT pageno, name FROM dbstat WHERE pageno IN ({marks})").fetchall())
