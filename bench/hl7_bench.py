@@ -75,19 +75,22 @@ def _stat(pid: int | str) -> list[str]:
         return []
 
 
-def _cpu_seconds(pid: int) -> float:
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far."""
     fields = _stat(pid)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) / tick, int(fields[12]) / tick) if fields else (0.0, 0.0)
 
 
-def process_cpu(server: RebondServer) -> dict[str, float]:
-    """CPU seconds so far of the server process, its intake writer and its draft workers (Linux /proc)."""
+def process_cpu(server: RebondServer) -> dict[str, tuple[float, float]]:
+    """(user, system) CPU seconds so far of the server process, its intake writer and its draft workers (Linux /proc)."""
     assert server.proc is not None
     writer = (server.status().get("mllp") or {}).get("workers", {}).get("writer", {}).get("pid")  # type: ignore[union-attr]
     children = [int(entry.name) for entry in Path("/proc").iterdir()
                 if entry.name.isdigit() and (fields := _stat(entry.name)) and int(fields[1]) == server.proc.pid]
-    return {"server": _cpu_seconds(server.proc.pid), "writer": _cpu_seconds(writer) if writer else 0.0,
-            "workers": sum(_cpu_seconds(c) for c in children if c != writer)}
+    workers = [_cpu_seconds(c) for c in children if c != writer]
+    return {"server": _cpu_seconds(server.proc.pid), "writer": _cpu_seconds(writer) if writer else (0.0, 0.0),
+            "workers": (sum(u for u, _s in workers), sum(s for _u, s in workers))}
 
 
 def writer_counts(server: RebondServer) -> tuple[int, int]:
@@ -115,7 +118,7 @@ def main() -> None:
         store.close()
         traffic = Traffic(seed=7)
         rows = []
-        cpu: dict[tuple[int, int], dict[str, float]] = {}
+        cpu: dict[tuple[int, int], dict[str, tuple[float, float]]] = {}  # ms a message, (user, system)
         senders: dict[tuple[int, int], float] = {}  # this process's CPU: the load's senders, on the same two cores
         per_commit: dict[tuple[int, int], float] = {}  # messages the intake writer took into each commit
         for workers in args.mllp_workers:
@@ -132,7 +135,8 @@ def main() -> None:
                     after, sent_after, counts_after = process_cpu(server), os.times(), writer_counts(server)
                     written, commits = (a - b for a, b in zip(counts_after, counts_before, strict=True))
                     per_commit[(workers, connections)] = written / max(1, commits)
-                    cpu[(workers, connections)] = {k: (after[k] - before[k]) * 1000 / max(1, len(latencies)) for k in after}
+                    cpu[(workers, connections)] = {k: tuple((a - b) * 1000 / max(1, len(latencies))  # type: ignore[misc]
+                                                            for a, b in zip(after[k], before[k], strict=True)) for k in after}
                     senders[(workers, connections)] = ((sent_after.user - sent_before.user + sent_after.system - sent_before.system)
                                                        * 1000 / max(1, len(latencies)))
                     rows.append((f"rebond/{workers}", connections, rate, latencies, refused))
@@ -162,10 +166,11 @@ def main() -> None:
         print(f"{who:<10} {connections:>5} {rate:>8.0f} {percentile(latencies, 50):>8.1f} {percentile(latencies, 99):>8.1f}"
               f" {refused:>8} {rate / base[connections]:>6.2f}")
     print("(target: >= 500 messages/s with 4 connections, p99 < 50 ms; SQLite, acknowledged after the commit)")
-    print("\nCPU per message, ms (user + system, from /proc; `senders`: this script's connections, on the same cores):")
+    print("\nCPU per message, ms (user + system, the system part in brackets, from /proc;"
+          " `senders`: this script's connections, on the same cores):")
     for (workers, connections), spent in cpu.items():
-        print(f"rebond/{workers:<3} {connections:>5}   " + "   ".join(f"{k} {v:.2f}" for k, v in spent.items())
-              + f"   total {sum(spent.values()):.2f}   (senders {senders[(workers, connections)]:.2f})"
+        print(f"rebond/{workers:<3} {connections:>5}   " + "   ".join(f"{k} {u + s:.2f} [{s:.2f}]" for k, (u, s) in spent.items())
+              + f"   total {sum(u + s for u, s in spent.values()):.2f}   (senders {senders[(workers, connections)]:.2f})"
               + f"   {per_commit[(workers, connections)]:.2f} messages a commit")
 
 
