@@ -1,6 +1,7 @@
 """The store on both engines: versions, history, optimistic concurrency, conditional create, the change feed."""
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -322,6 +323,43 @@ def test_a_store_that_checkpoints_elsewhere_leaves_its_commits_to_the_process_to
     finally:
         writer.close()
         server.close()
+
+
+def test_the_wal_hard_limit_counts_the_log_not_the_file_kept_for_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A WAL started over keeps its file (WAL_KEPT), so the file's size no longer tells how long the log is: the hard
+    limit counts the log's frames in the wal-index. A long file holding a short log is left alone; the commit that
+    finds the log over the limit copies it whole into the database, and the next commit starts it over."""
+    from rebond.store import sqlite as engine
+
+    monkeypatch.setattr(engine, "WAL_HARD_LIMIT", 1 << 20)
+    path = tmp_path / "kept.db"
+    wal = Path(f"{path}-wal")
+    store = open_store(f"sqlite:///{path}")
+    try:
+        store.checkpoint_elsewhere()  # no timed checkpoints: only the hard limit copies the log here
+        assert store._writer.execute("PRAGMA journal_size_limit").fetchone()[0] == engine.WAL_KEPT
+        store.update("Patient", "k0", {"resourceType": "Patient", "id": "k0"})
+        frames = engine._log_frames(str(path))
+        with closing(sqlite3.connect(path)) as look:
+            _busy, logged, _copied = look.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert frames == logged, "the frames SQLite counts"
+        os.truncate(wal, 8 << 20)  # longer than the limit, as a WAL started over leaves its file; no frame past the log
+        store.update("Patient", "k1", {"resourceType": "Patient", "id": "k1"})
+        frames = engine._log_frames(str(path)) or 0
+        store.update("Patient", "k2", {"resourceType": "Patient", "id": "k2"})
+        assert (engine._log_frames(str(path)) or 0) > frames, "the log goes on: the file's size is not the log's"
+        assert _patients_in_file(path) == 1, "nothing checkpointed since k0"
+        written = 3
+        while (engine._log_frames(str(path)) or 0) * store._frame_bytes <= engine.WAL_HARD_LIMIT:
+            store.update("Patient", f"k{written}", {"resourceType": "Patient", "id": f"k{written}", "active": True})
+            written += 1
+            assert written < 2000, "the log never reached the limit"
+        assert _patients_in_file(path) == written, "the commit that found the log over the limit copied it whole"
+        store.update("Patient", "last", {"resourceType": "Patient", "id": "last"})
+        assert (engine._log_frames(str(path)) or 0) < frames + 20, "and the next commit started the log over"
+        assert wal.stat().st_size == 8 << 20, "in the same file, not cut back"
+    finally:
+        store.close()
 
 
 def test_a_state_key_is_claimed_once(store: Store) -> None:

@@ -13,6 +13,8 @@ import sys
 from contextlib import closing
 from pathlib import Path
 
+import pytest
+
 from rebond.store import open_store
 from rebond.store.sqlite import SQLiteStore
 
@@ -106,3 +108,51 @@ def test_a_transaction_far_over_the_gathering_limit_with_pages_rewritten_reads_b
     with closing(_plain(path)) as again:
         assert again.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert again.execute("SELECT count(*) FROM t").fetchone()[0] == 6040
+
+
+def test_the_log_length_is_read_from_the_wal_index_a_connection_maps(tmp_path: Path) -> None:
+    """`log_frames` counts the WAL's frames as SQLite does, whoever committed them, from memory this process has
+    mapped: never by opening the -shm file, whose closing would drop SQLite's POSIX locks on it."""
+    from rebond.store import _walvfs
+
+    path = tmp_path / "frames.db"
+    assert _walvfs.log_frames(str(path)) is None, "no connection: nothing to read"
+    with closing(sqlite3.connect(f"file:{path}?vfs=rebond", uri=True, isolation_level=None)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute("CREATE TABLE t (n INTEGER PRIMARY KEY, body BLOB)")
+        conn.execute("INSERT INTO t VALUES (1, zeroblob(10000))")
+        with closing(_plain(path)) as other:  # another connection, on SQLite's own VFS, commits too
+            other.execute("INSERT INTO t VALUES (2, zeroblob(50000))")
+            conn.execute("SELECT count(*) FROM t").fetchone()
+            frames = _walvfs.log_frames(str(path))
+            assert frames is not None and frames > 10
+            assert _walvfs.log_frames(os.path.relpath(path)) == frames, "the same file, however it is named"
+            _busy, logged, _copied = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            assert frames == logged
+    assert _walvfs.log_frames(str(path)) is None, "closed: forgotten"
+
+
+def test_without_the_vfs_a_wal_started_over_is_cut_back_as_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the wal-index to read the log's length from, the file's size is the log's: a file kept long would
+    look like a log over the hard limit at every commit."""
+    from rebond.store import sqlite as engine
+
+    monkeypatch.setenv("REBOND_SQLITE_VFS", "default")
+    engine._wal_vfs.cache_clear()  # read once a process
+    try:
+        store = open_store(f"sqlite:///{tmp_path / 'plain.db'}")
+        try:
+            assert isinstance(store, SQLiteStore) and store.vfs is None
+            assert store._writer.execute("PRAGMA journal_size_limit").fetchone()[0] == engine.WAL_CUT_BACK
+            store.create({"resourceType": "Patient"})
+        finally:
+            store.close()
+    finally:
+        monkeypatch.delenv("REBOND_SQLITE_VFS")
+        engine._wal_vfs.cache_clear()
+    store = open_store(f"sqlite:///{tmp_path / 'plain.db'}")
+    try:
+        assert store._writer.execute("PRAGMA journal_size_limit").fetchone()[0] == engine.WAL_KEPT
+    finally:
+        store.close()

@@ -17,11 +17,15 @@
  *   - a write that does not follow the gathered ones (a frame rewritten in place) writes them first.
  * A crash loses only frames that no commit had synced: exactly what SQLite itself would lose.
  * Every other file (the database, journals, temporary files) is passed through unchanged.
+ *
+ * It also keeps a list of the databases open through it, with their wal-index while mapped, so that Rebond can
+ * read how long a WAL's log is (log_frames): a WAL started over keeps its file, whose size then says nothing.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <sqlite3.h>
 #include <stdlib.h>
+#include <pthread.h>
 #include <string.h>
 
 #define VFS_NAME "rebond"
@@ -40,10 +44,16 @@ struct RbFile {
     size_t len, cap;
     int deferred;         /* an error of a write made from xShmBarrier (which cannot report it) */
     sqlite3_int64 gathered, flushes;
+    const char *name;     /* on a database: its full path (SQLite keeps it valid until xClose) */
+    RbFile *next_db;      /* on a database: the next one open in this process (open_dbs) */
+    volatile void *index; /* on a database: its wal-index's first region while mapped (log_frames) */
 };
 
 static sqlite3_vfs *base_vfs;
 static sqlite3_int64 stat_frames_writes, stat_flushes;
+/* the databases open through this VFS in this process, for log_frames(); connections open and close in any thread */
+static RbFile *open_dbs;
+static pthread_mutex_t open_dbs_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static sqlite3_file *R(sqlite3_file *f) { return ((RbFile *)f)->real; }
 
@@ -71,6 +81,16 @@ static int flush(RbFile *p) {
 static int pClose(sqlite3_file *f) {
     RbFile *p = (RbFile *)f;
     if (p->wal) p->wal->db = NULL;
+    if (p->name) {
+        pthread_mutex_lock(&open_dbs_lock);
+        for (RbFile **at = &open_dbs; *at; at = &(*at)->next_db)
+            if (*at == p) {
+                *at = p->next_db;
+                break;
+            }
+        p->index = NULL;
+        pthread_mutex_unlock(&open_dbs_lock);
+    }
     return p->real->pMethods->xClose(p->real);
 }
 static int pRead(sqlite3_file *f, void *b, int n, sqlite3_int64 o) { return R(f)->pMethods->xRead(R(f), b, n, o); }
@@ -87,7 +107,16 @@ static int pDeviceChar(sqlite3_file *f) { return R(f)->pMethods->xDeviceCharacte
 /* shared memory (version 2) and memory-mapped reads (version 3): passed on when the wrapped file has them */
 static int has(sqlite3_file *f, int version) { return R(f)->pMethods->iVersion >= version; }
 static int pShmMap(sqlite3_file *f, int i, int sz, int ext, void volatile **pp) {
-    return has(f, 2) ? R(f)->pMethods->xShmMap(R(f), i, sz, ext, pp) : SQLITE_IOERR_SHMMAP;
+    if (!has(f, 2))
+        return SQLITE_IOERR_SHMMAP;
+    int rc = R(f)->pMethods->xShmMap(R(f), i, sz, ext, pp);
+    RbFile *p = (RbFile *)f;
+    if (rc == SQLITE_OK && i == 0 && *pp && p->name) {
+        pthread_mutex_lock(&open_dbs_lock);
+        p->index = *pp;
+        pthread_mutex_unlock(&open_dbs_lock);
+    }
+    return rc;
 }
 static int pShmLock(sqlite3_file *f, int o, int n, int fl) {
     return has(f, 2) ? R(f)->pMethods->xShmLock(R(f), o, n, fl) : SQLITE_IOERR_SHMLOCK;
@@ -100,7 +129,15 @@ static void pShmBarrier(sqlite3_file *f) {
     }
     if (has(f, 2)) p->real->pMethods->xShmBarrier(p->real);
 }
-static int pShmUnmap(sqlite3_file *f, int del) { return has(f, 2) ? R(f)->pMethods->xShmUnmap(R(f), del) : SQLITE_OK; }
+static int pShmUnmap(sqlite3_file *f, int del) {
+    RbFile *p = (RbFile *)f;
+    if (p->name) {  /* forgotten before it is unmapped: log_frames reads it under the same lock */
+        pthread_mutex_lock(&open_dbs_lock);
+        p->index = NULL;
+        pthread_mutex_unlock(&open_dbs_lock);
+    }
+    return has(f, 2) ? R(f)->pMethods->xShmUnmap(R(f), del) : SQLITE_OK;
+}
 static int pFetch(sqlite3_file *f, sqlite3_int64 o, int n, void **pp) {
     if (has(f, 3)) return R(f)->pMethods->xFetch(R(f), o, n, pp);
     *pp = NULL;  /* no mapping: SQLite reads the page instead */
@@ -203,6 +240,13 @@ static int vOpen(sqlite3_vfs *vfs, const char *name, sqlite3_file *f, int flags,
         }
     } else {
         p->base.pMethods = &plain_methods;
+        if ((flags & SQLITE_OPEN_MAIN_DB) && name) {
+            p->name = name;
+            pthread_mutex_lock(&open_dbs_lock);
+            p->next_db = open_dbs;
+            open_dbs = p;
+            pthread_mutex_unlock(&open_dbs_lock);
+        }
     }
     return SQLITE_OK;
 }
@@ -271,7 +315,55 @@ static PyObject *py_stop_counting_memory(PyObject *self, PyObject *unused) {
     return PyBool_FromLong(configured);
 }
 
+/* The frames in the WAL of the database at `path`, from the wal-index header that every connection to it maps
+ * (sqlite.org/walformat.html: 48 bytes, kept twice, the frame count at offset 16; a format every SQLite version
+ * sharing a database must read alike). Read from memory a connection of this process has mapped: opening the -shm
+ * file to read it and closing it again would drop every POSIX lock this process holds on it, SQLite's among them.
+ * None when no connection of this process has it mapped, or while a commit is rewriting it (the copies differ). */
+#define INDEX_HEADER 48
+#define INDEX_FRAMES 16
+#define INDEX_IS_INIT 12
+
+static PyObject *py_log_frames(PyObject *self, PyObject *arg) {
+    (void)self;
+    PyObject *encoded;
+    if (!PyUnicode_FSConverter(arg, &encoded))
+        return NULL;
+    char *full = PyMem_Malloc((size_t)base_vfs->mxPathname + 1);
+    if (full == NULL) {
+        Py_DECREF(encoded);
+        return PyErr_NoMemory();
+    }
+    int rc = base_vfs->xFullPathname(base_vfs, PyBytes_AS_STRING(encoded), base_vfs->mxPathname + 1, full);
+    Py_DECREF(encoded);
+    long long frames = -1;
+    if (rc == SQLITE_OK || rc == SQLITE_OK_SYMLINK) {
+        unsigned char first[INDEX_HEADER], second[INDEX_HEADER];
+        pthread_mutex_lock(&open_dbs_lock);
+        for (RbFile *db = open_dbs; db && frames < 0; db = db->next_db) {
+            if (db->index == NULL || strcmp(db->name, full) != 0)
+                continue;
+            const volatile unsigned char *index = db->index;
+            for (int i = 0; i < INDEX_HEADER; i++) first[i] = index[i];
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            for (int i = 0; i < INDEX_HEADER; i++) second[i] = index[INDEX_HEADER + i];
+            if (first[INDEX_IS_INIT] && memcmp(first, second, INDEX_HEADER) == 0) {
+                unsigned int count;
+                memcpy(&count, first + INDEX_FRAMES, sizeof count);  /* native byte order */
+                frames = count;
+            }
+        }
+        pthread_mutex_unlock(&open_dbs_lock);
+    }
+    PyMem_Free(full);
+    if (frames < 0)
+        Py_RETURN_NONE;
+    return PyLong_FromLongLong(frames);
+}
+
 static PyMethodDef methods[] = {
+    {"log_frames", py_log_frames, METH_O,
+     "The frames in the WAL of the database at this path, from the wal-index a connection of this process maps; None if none does."},
     {"counts", py_counts, METH_NOARGS, "Writes gathered and written out since the module was loaded."},
     {"stop_counting_memory", py_stop_counting_memory, METH_NOARGS,
      "SQLite stops counting the memory it holds (a global mutex on every allocation), if no connection is open yet."},

@@ -44,8 +44,17 @@ _PRAGMAS = (
     "PRAGMA cache_size=-65536",
     "PRAGMA temp_store=MEMORY",
     "PRAGMA mmap_size=268435456",
-    "PRAGMA journal_size_limit=67108864",  # a WAL started over is cut back to 64 MiB
 )
+#: past this size the writer itself waits for a full checkpoint (a checkpointer starved by long readers)
+WAL_HARD_LIMIT = 512 * 1024 * 1024
+#: a WAL started over keeps its file up to this size (the hard limit, and what a checkpoint may lag behind it):
+#: the commits after write over blocks the file has, instead of appending blocks that each commit's fdatasync must
+#: also record in the file system's journal (the intake writer's commit 9 % faster: bench/wal_reuse.py). Only where
+#: the log's length can be read from the wal-index (`_log_frames`): elsewhere the file's size is all there is to go
+#: by, and a file kept long would look like a long log at every commit
+WAL_KEPT = WAL_HARD_LIMIT + 64 * 1024 * 1024
+#: where the log's length is known from the file's size alone, the file is cut back to this when the log starts over
+WAL_CUT_BACK = 64 * 1024 * 1024
 
 
 GROUP_COMMIT_MAX = 64
@@ -54,8 +63,6 @@ SMALL_COMMITS_CACHE_KIB = 8192
 ANALYZE_MIN_WRITES = 2000
 #: the checkpointer copies the WAL into the database this often while writes come in (seconds)
 CHECKPOINT_EVERY = 0.25
-#: past this size the writer itself waits for a full checkpoint (a checkpointer starved by long readers)
-WAL_HARD_LIMIT = 512 * 1024 * 1024
 T = TypeVar("T")
 
 
@@ -127,6 +134,7 @@ class SQLiteStore(SQLStore):
         self._all: list[sqlite3.Connection] = []
         self._checkpointer: _Checkpointer | None = None
         self._writer = self._connect()
+        self._frame_bytes = int(self._writer.execute("PRAGMA page_size").fetchone()[0]) + 24  # a page and its header
         try:
             self.schema_found = stored_schema(self._writer)
             check_schema(self.schema_found)
@@ -215,6 +223,7 @@ class SQLiteStore(SQLStore):
                 conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=30, uri=True)
             for pragma in _PRAGMAS:
                 conn.execute(pragma)
+            conn.execute(f"PRAGMA journal_size_limit={WAL_CUT_BACK if self.vfs is None else WAL_KEPT}")
         except sqlite3.Error as err:
             raise Unavailable(f"cannot open the SQLite database {self.path}: {err}") from err
         self._all.append(conn)
@@ -434,7 +443,8 @@ class SQLiteStore(SQLStore):
         if count and self.path != ":memory:":
             if self._checkpointer is not None:
                 self._checkpointer.wake()
-            if _size(self.path + "-wal") > WAL_HARD_LIMIT:
+            frames = _log_frames(self.path) if self.vfs is not None else None
+            if (frames * self._frame_bytes if frames is not None else _size(self.path + "-wal")) > WAL_HARD_LIMIT:
                 self._writer.execute("PRAGMA wal_checkpoint(RESTART)")
         self._writes_since_analyze += count
         if self._writes_since_analyze > max(ANALYZE_MIN_WRITES, self._rows_at_analyze // 5):
@@ -528,6 +538,14 @@ def _remove_aside(partial: str) -> None:
     for leftover in (partial, partial + "-wal", partial + "-shm", partial + "-journal"):
         with suppress(FileNotFoundError):
             os.remove(leftover)
+
+
+def _log_frames(path: str) -> int | None:
+    """The frames in the WAL of the store at `path`, from the wal-index a connection of this process maps (through
+    the 'rebond' VFS: store/_walvfs.c); None when it cannot be read."""
+    from rebond.store import _walvfs
+
+    return _walvfs.log_frames(path)
 
 
 def _size(path: str) -> int:
