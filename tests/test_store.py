@@ -362,6 +362,29 @@ def test_the_wal_hard_limit_counts_the_log_not_the_file_kept_for_it(tmp_path: Pa
         store.close()
 
 
+def test_a_snapshot_reads_one_state_of_the_store_until_it_ends(tmp_path: Path) -> None:
+    """A draft's reads (hl7/intake.py) see one state of the store: a commit by another connection meanwhile shows after."""
+    url = f"sqlite:///{tmp_path / 'snap.db'}"
+    store, other = open_store(url), open_store(url)
+    try:
+        store.update("Patient", "first", {"resourceType": "Patient", "id": "first"})
+        with store.snapshot():
+            assert store.read("Patient", "first") is not None
+            other.update("Patient", "second", {"resourceType": "Patient", "id": "second"})
+            with store.snapshot():  # within one: the same
+                assert store.read("Patient", "second") is None
+            assert store.read("Patient", "second") is None, "the state the snapshot began with"
+        assert store.read("Patient", "second") is not None
+        with pytest.raises(ValueError), store.snapshot():
+            store.read("Patient", "first")
+            raise ValueError("a draft that fails")
+        other.update("Patient", "third", {"resourceType": "Patient", "id": "third"})
+        assert store.read("Patient", "third") is not None, "a failed draft's snapshot ended with it"
+    finally:
+        store.close()
+        other.close()
+
+
 def test_a_state_key_is_claimed_once(store: Store) -> None:
     assert store.write(lambda tx: tx.claim_state("nonce", "a", {"n": 1})) is True
     assert store.write(lambda tx: tx.claim_state("nonce", "a", {"n": 2})) is False, "taken: the first value stays"

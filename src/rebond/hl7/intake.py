@@ -226,7 +226,8 @@ def _draft(store: Store, message: Message, header: Header) -> Prepared | None:
     """
     draft = Draft(store)
     try:
-        return Prepared(draft, apply_message(draft, message), header)
+        with store.snapshot():
+            return Prepared(draft, apply_message(draft, message), header)
     except Exception:
         return None
 

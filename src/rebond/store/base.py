@@ -384,6 +384,11 @@ class Store(abc.ABC):
         intake writer commits every few milliseconds): tune this thread's reads for it."""
         return None
 
+    def snapshot(self) -> contextlib.AbstractContextManager[None]:
+        """This thread's reads meanwhile see one state of the store (a draft's): where the engine can, in one read
+        transaction."""
+        return contextlib.nullcontext()
+
     @abc.abstractmethod
     def close(self) -> None: ...
 

@@ -253,17 +253,36 @@ class SQLiteStore(SQLStore):
     def lock_key(self, cur: Cursor, key: str) -> None:
         """Nothing to do: SQLite write transactions already run one at a time."""
 
-    @contextmanager
-    def reader(self) -> Iterator[Cursor]:
-        conn = getattr(self._local, "conn", None)
+    def _thread_connection(self) -> sqlite3.Connection:
+        """This thread's connection for reads, opened at its first."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._connect()
             self._local.conn = conn
-        cur = conn.cursor()
+        return conn
+
+    @contextmanager
+    def reader(self) -> Iterator[Cursor]:
+        cur = self._thread_connection().cursor()
         try:
             yield cur  # type: ignore[misc]
         finally:
             cur.close()
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """One read transaction on this thread's connection: one state throughout, and SQLite takes a read lock on the
+        WAL and looks whether the log has moved once, not at every statement; after another connection's commit, that
+        look empties the connection's page cache, and a draft's six statements could see it more than once."""
+        conn = self._thread_connection()
+        if conn.in_transaction:
+            yield
+            return
+        conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            conn.execute("COMMIT")
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
