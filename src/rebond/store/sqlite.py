@@ -282,7 +282,10 @@ class SQLiteStore(SQLStore):
         try:
             yield
         finally:
-            conn.execute("COMMIT")
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error:  # never left in it: this thread's later reads would all see this state
+                conn.execute("ROLLBACK")
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
