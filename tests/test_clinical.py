@@ -4,6 +4,8 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from rebond.clinical.admission import NoNumberRange
 from rebond.clinical.census import ward_census
@@ -12,7 +14,7 @@ from rebond.clinical.conventions import HOSPITAL_TZ
 from rebond.clinical.medication import Administration, Prescription, dose_schedule
 from rebond.clinical.patients import UnclearSearch, search_terms
 from rebond.clinical.recording import InvalidForm, record_vitals
-from rebond.clinical.records import Clinician, Entry, find
+from rebond.clinical.records import Clinician, Entry, fhir_instant, find
 from rebond.clinical.results import acknowledge_result, reports
 from rebond.fhir import operations
 from rebond.seed.demo import DemoSize, seed_demo
@@ -206,3 +208,13 @@ def test_a_note_is_on_the_chart_first_signed_and_written_once(seeded: Store) -> 
     with pytest.raises(NotFound):
         record_note(seeded, "nobody", form, NURSE, NOW)
     assert len(find(seeded, "DocumentReference", ("subject", f"Patient/{patient}"), ("date", f"ge{NOW.isoformat()}"))) == 1
+
+
+@given(st.datetimes(min_value=dt.datetime(1900, 1, 2), max_value=dt.datetime(2199, 12, 30), timezones=st.just(HOSPITAL_TZ)))
+def test_an_instant_is_written_in_utc_whatever_zone_it_came_in(moment: dt.datetime) -> None:
+    """`fhir_instant` keeps its last answers; the same moment written in another zone is the same text."""
+    in_utc = moment.astimezone(dt.UTC)
+    expected = in_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert fhir_instant(moment) == expected
+    assert fhir_instant(in_utc) == expected
+    assert fhir_instant(moment.astimezone(dt.timezone(dt.timedelta(hours=-5)))) == expected
