@@ -324,38 +324,52 @@ static PyObject *py_stop_counting_memory(PyObject *self, PyObject *unused) {
 #define INDEX_FRAMES 16
 #define INDEX_IS_INIT 12
 
+#define NO_SUCH_DATABASE (-2)
+
+/* the frame count of the first database open under exactly this name whose header reads whole; -1 if none reads
+ * whole, NO_SUCH_DATABASE if none is open under it */
+static long long frames_of(const char *name) {
+    long long frames = NO_SUCH_DATABASE;
+    unsigned char first[INDEX_HEADER], second[INDEX_HEADER];
+    pthread_mutex_lock(&open_dbs_lock);
+    for (RbFile *db = open_dbs; db && frames < 0; db = db->next_db) {
+        if (db->index == NULL || strcmp(db->name, name) != 0)
+            continue;
+        frames = -1;
+        const volatile unsigned char *index = db->index;
+        for (int i = 0; i < INDEX_HEADER; i++) first[i] = index[i];
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        for (int i = 0; i < INDEX_HEADER; i++) second[i] = index[INDEX_HEADER + i];
+        if (first[INDEX_IS_INIT] && memcmp(first, second, INDEX_HEADER) == 0) {
+            unsigned int count;
+            memcpy(&count, first + INDEX_FRAMES, sizeof count);  /* native byte order */
+            frames = count;
+        }
+    }
+    pthread_mutex_unlock(&open_dbs_lock);
+    return frames;
+}
+
 static PyObject *py_log_frames(PyObject *self, PyObject *arg) {
     (void)self;
     PyObject *encoded;
     if (!PyUnicode_FSConverter(arg, &encoded))
         return NULL;
-    char *full = PyMem_Malloc((size_t)base_vfs->mxPathname + 1);
-    if (full == NULL) {
-        Py_DECREF(encoded);
-        return PyErr_NoMemory();
-    }
-    int rc = base_vfs->xFullPathname(base_vfs, PyBytes_AS_STRING(encoded), base_vfs->mxPathname + 1, full);
-    Py_DECREF(encoded);
-    long long frames = -1;
-    if (rc == SQLITE_OK || rc == SQLITE_OK_SYMLINK) {
-        unsigned char first[INDEX_HEADER], second[INDEX_HEADER];
-        pthread_mutex_lock(&open_dbs_lock);
-        for (RbFile *db = open_dbs; db && frames < 0; db = db->next_db) {
-            if (db->index == NULL || strcmp(db->name, full) != 0)
-                continue;
-            const volatile unsigned char *index = db->index;
-            for (int i = 0; i < INDEX_HEADER; i++) first[i] = index[i];
-            __atomic_thread_fence(__ATOMIC_SEQ_CST);
-            for (int i = 0; i < INDEX_HEADER; i++) second[i] = index[INDEX_HEADER + i];
-            if (first[INDEX_IS_INIT] && memcmp(first, second, INDEX_HEADER) == 0) {
-                unsigned int count;
-                memcpy(&count, first + INDEX_FRAMES, sizeof count);  /* native byte order */
-                frames = count;
-            }
+    /* the name SQLite was given is the one it keeps when no link was on its way (a store's connections are opened
+     * by absolute path): asked after every commit, it is looked for as it is before being resolved (lstat a part) */
+    long long frames = frames_of(PyBytes_AS_STRING(encoded));
+    if (frames == NO_SUCH_DATABASE) {
+        char *full = PyMem_Malloc((size_t)base_vfs->mxPathname + 1);
+        if (full == NULL) {
+            Py_DECREF(encoded);
+            return PyErr_NoMemory();
         }
-        pthread_mutex_unlock(&open_dbs_lock);
+        int rc = base_vfs->xFullPathname(base_vfs, PyBytes_AS_STRING(encoded), base_vfs->mxPathname + 1, full);
+        if (rc == SQLITE_OK || rc == SQLITE_OK_SYMLINK)
+            frames = frames_of(full);
+        PyMem_Free(full);
     }
-    PyMem_Free(full);
+    Py_DECREF(encoded);
     if (frames < 0)
         Py_RETURN_NONE;
     return PyLong_FromLongLong(frames);

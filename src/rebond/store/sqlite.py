@@ -120,6 +120,7 @@ class SQLiteStore(SQLStore):
     def __init__(self, path: str, site_id: str) -> None:
         super().__init__(site_id)
         self.path = path
+        self._absolute = os.path.abspath(path)  # as the connections open it, and as SQLite names it (no link on the way)
         #: the SQLite VFS of every connection: 'rebond' (commits written in one call) or None (SQLite's default)
         self.vfs = _wal_vfs() if path != ":memory:" else None
         if path != ":memory:":
@@ -219,7 +220,7 @@ class SQLiteStore(SQLStore):
             if self.vfs is None:
                 conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
             else:
-                target = f"file:{quote(os.path.abspath(self.path))}?vfs={self.vfs}"
+                target = f"file:{quote(self._absolute)}?vfs={self.vfs}"
                 conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=30, uri=True)
             for pragma in _PRAGMAS:
                 conn.execute(pragma)
@@ -465,7 +466,7 @@ class SQLiteStore(SQLStore):
         if count and self.path != ":memory:":
             if self._checkpointer is not None:
                 self._checkpointer.wake()
-            frames = _log_frames(self.path) if self.vfs is not None else None
+            frames = _log_frames(self._absolute) if self.vfs is not None else None
             if (frames * self._frame_bytes if frames is not None else _size(self.path + "-wal")) > WAL_HARD_LIMIT:
                 self._writer.execute("PRAGMA wal_checkpoint(RESTART)")
         self._writes_since_analyze += count
