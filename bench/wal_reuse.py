@@ -37,8 +37,8 @@ def one_run(source: Path, messages: list[bytes], commits: int, kept: bool) -> tu
     server, writer = intake_stores(work)
     look = sqlite3.connect(work, isolation_level=None)
     wal = Path(f"{work}-wal")
-    look.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
     if kept:  # the file a long log left behind; SQLite writes its frames from the start again, over these blocks
+        look.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()  # an empty log first: the zeros go from its start
         with wal.open("r+b") as f:
             for _ in range(KEPT // (4 << 20)):
                 f.write(bytes(4 << 20))
