@@ -46,6 +46,22 @@ def test_the_store_uses_the_rebond_vfs_and_gathers_a_commits_frames(tmp_path: Pa
         store.close()
 
 
+def test_every_connection_of_a_store_syncs_its_commits(tmp_path: Path) -> None:
+    """The VFS writes a commit's gathered frames at the sync SQLite asks for (synchronous=FULL), where a failed write
+    fails the commit; with NORMAL the frames would be written at the wal-index barrier, which cannot report a failure
+    (a full disk): the commit would return as done (store/_walvfs.c)."""
+    store = open_store(f"sqlite:///{tmp_path / 'r.db'}", site_id="central")
+    try:
+        assert isinstance(store, SQLiteStore)
+        store.for_small_commits()  # as the intake writer's
+        store.for_reads_between_commits()  # as the drafting thread's
+        store.create({"resourceType": "Patient", "name": [{"family": "Martin"}]})
+        levels = [conn.execute("PRAGMA synchronous").fetchone()[0] for conn in store._all]
+        assert len(levels) >= 3 and set(levels) == {2}, levels  # the writer, the checkpointer, this thread's reads
+    finally:
+        store.close()
+
+
 WRITER = """
 import sys
 from rebond.store import open_store

@@ -12,7 +12,11 @@
  *   - xSync writes what is gathered before syncing, so a commit is on disk before SQLite publishes it
  *     (with synchronous=FULL the WAL is synced before the wal-index header names the new frames);
  *   - xShmBarrier on the database writes its WAL's gathered frames before the wal-index header changes,
- *     so no other connection can be told of frames that are not in the file (synchronous=NORMAL too);
+ *     so no other connection can be told of frames that are not in the file. Its connections must use
+ *     synchronous=FULL, as Rebond's all do: a barrier cannot report a failed write, so with NORMAL (no
+ *     sync at commit) a write refused there, a full disk say, would let the commit return as done and be
+ *     reported only at the next write (seen on a full tmpfs: a commit answered done whose frames were not
+ *     written). With FULL the commit's xSync writes the frames first and a failure fails the commit;
  *   - a read, a size, a truncate, a file control or a close of the WAL first writes what is gathered;
  *   - a write that does not follow the gathered ones (a frame rewritten in place) writes them first.
  * A crash loses only frames that no commit had synced: exactly what SQLite itself would lose.
