@@ -1,6 +1,7 @@
 """The install's C parts: the hot modules compiled with mypyc (setup.py), and what crosses processes from them."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import pickle
@@ -45,3 +46,57 @@ def test_what_goes_to_the_intake_writer_comes_back_whole() -> None:
     assert pickle.loads(pickle.dumps(answer)) == answer
     query = parse_search("Patient", [("identifier", "urn:oid:1.2.250.1.999.1.1|900000001"), ("birthdate", "ge1947")])
     assert pickle.loads(pickle.dumps(query)) == query
+
+
+def _hand_written_inits() -> list[type]:
+    from rebond.fhir.search import Clause, SearchQuery
+    from rebond.store.base import Stored, WriteResult
+    from rebond.store.draft import PlannedWrite, SentWrite
+    from rebond.store.indexing import IndexRows
+    from rebond.store.query import Fragment
+
+    return [PlannedWrite, SentWrite, IndexRows, Fragment, Clause, SearchQuery, Stored, WriteResult]
+
+
+@pytest.mark.parametrize("cls", _hand_written_inits(), ids=lambda cls: cls.__name__)
+def test_a_dataclass_with_its_own_init_takes_its_fields_in_order_with_their_defaults(cls: type) -> None:
+    """The dataclasses whose `__init__` is written by hand, to be compiled (store/draft.py NATIVE_INIT): a field added
+    to one and not to its `__init__` would be left unset, or shift the fields after it."""
+    fields = dataclasses.fields(cls)
+    given = {f.name: _sample(f.name, i) for i, f in enumerate(fields)}
+    in_order = cls(*given.values())
+    by_name = cls(**given)
+    for field in fields:
+        assert getattr(in_order, field.name) == given[field.name], field.name  # each told apart from the others
+    assert by_name == in_order and pickle.loads(pickle.dumps(in_order)) == in_order
+
+    required = {f.name: given[f.name] for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    first, second = cls(**required), cls(**required)
+    for field in fields:
+        if field.default_factory is not dataclasses.MISSING:  # each instance its own
+            assert getattr(first, field.name) == field.default_factory() and getattr(first, field.name) is not getattr(second, field.name)
+        elif field.default is not dataclasses.MISSING:
+            assert getattr(first, field.name) == field.default, field.name
+    assert repr(first).startswith(f"{cls.__name__}(")
+
+
+def _sample(name: str, position: int) -> object:
+    """A value of the type the field `name` holds, told apart from the others'."""
+    from rebond.fhir.searchparams import lookup
+    from rebond.store.base import Stored
+    from rebond.store.indexing import IndexRows
+
+    by_name: dict[str, object] = {
+        "rows": IndexRows(), "stored": Stored("Patient", "p1", 1, 1.5, False, b"{}"), "param": lookup("Patient", "identifier"),
+        "resource": {"resourceType": "Observation"}, "meta": {"tag": [position]}, "content": b"{}", "body": b"{}",
+        "values": [], "chain": None, "has": None, "missing": True, "deleted": True, "created": True, "unchanged": True,
+        "last_updated": 1.5, "params": [position],
+    }
+    if name in by_name:
+        return by_name[name]
+    if name in ("version", "base_version", "seq", "count", "offset"):
+        return 1000 + position
+    if name in ("string", "token", "date", "number", "quantity", "reference", "uri", "composite", "clauses", "sort",
+                "includes", "elements", "ignored"):
+        return [(f"key{position}",)]
+    return f"text {position}"

@@ -66,6 +66,21 @@ class Clause:
     chain: tuple[str, Clause] | None = None  # (target type, clause on the target)
     has: tuple[str, str, Clause] | None = None  # (source type, reference param code, clause on the source)
 
+    def __init__(self, name: str, type: str, param: SearchParam | None, modifier: str = "", values: list[Value] | None = None,
+                 missing: bool | None = None, chain: tuple[str, Clause] | None = None,
+                 has: tuple[str, str, Clause] | None = None) -> None:  # compiled (see store/draft.py NATIVE_INIT)
+        self.name = name
+        self.type = type
+        self.param = param
+        self.modifier = modifier
+        self.values = [] if values is None else values
+        self.missing = missing
+        self.chain = chain
+        self.has = has
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:  # (its class: `type` is a field's name here)
+        return by_fields(self)  # compiled with its `__init__`, it is made again through it
+
 
 @dataclass(frozen=True)
 class Include:
@@ -91,6 +106,24 @@ class SearchQuery:
     total: str = "none"
     elements: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # unknown parameters dropped under lenient handling
+
+    def __init__(self, resource_type: str | None, clauses: list[Clause] | None = None,
+                 sort: list[tuple[tuple[str, ...], str, bool]] | None = None, count: int = DEFAULT_COUNT, offset: int = 0,
+                 includes: list[Include] | None = None, summary: str | None = None, total: str = "none",
+                 elements: list[str] | None = None, ignored: list[str] | None = None) -> None:  # compiled (NATIVE_INIT)
+        self.resource_type = resource_type
+        self.clauses = [] if clauses is None else clauses
+        self.sort = [] if sort is None else sort
+        self.count = count
+        self.offset = offset
+        self.includes = [] if includes is None else includes
+        self.summary = summary
+        self.total = total
+        self.elements = [] if elements is None else elements
+        self.ignored = [] if ignored is None else ignored
+
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
+        return by_fields(self)
 
 
 def literal(value: str) -> str:

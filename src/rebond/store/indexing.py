@@ -18,6 +18,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from rebond.fhir.searchparams import SearchParam, component_param, registry
+from rebond.pickled import by_fields
 
 INFINITY = 1e18
 
@@ -116,6 +117,23 @@ class IndexRows:
     reference: list[tuple[str, str | None, str | None, str | None]] = field(default_factory=list)  # key, type, id, url
     uri: list[tuple[str, str]] = field(default_factory=list)
     composite: list[tuple[str, str, str]] = field(default_factory=list)  # key, first part, second part
+
+    def __init__(self, string: list[Any] | None = None, token: list[Any] | None = None, date: list[Any] | None = None,
+                 number: list[Any] | None = None, quantity: list[Any] | None = None, reference: list[Any] | None = None,
+                 uri: list[Any] | None = None, composite: list[Any] | None = None) -> None:
+        """Compiled, where the one `dataclass` writes is not (see store/draft.py NATIVE_INIT): a resource's rows are
+        made for every write drafted, and again where the intake writer receives them."""
+        self.string = [] if string is None else string
+        self.token = [] if token is None else token
+        self.date = [] if date is None else date
+        self.number = [] if number is None else number
+        self.quantity = [] if quantity is None else quantity
+        self.reference = [] if reference is None else reference
+        self.uri = [] if uri is None else uri
+        self.composite = [] if composite is None else composite
+
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
+        return by_fields(self)  # compiled with its `__init__`, it is made again through it
 
     def plain(self) -> tuple[list[Any], ...]:
         """The rows as lists of tuples, in the order of the fields (`from_plain` takes them back)."""

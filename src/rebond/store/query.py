@@ -6,6 +6,7 @@ from typing import Any
 
 from rebond.fhir.search import Clause, SearchQuery, Value
 from rebond.fhir.searchparams import SearchParam, lookup
+from rebond.pickled import by_fields
 from rebond.store.indexing import TOKEN_PART_SEPARATOR, component_types, format_number, normalize_text, number_range, token_part
 from rebond.store.schema import ROW_TABLES
 
@@ -16,6 +17,13 @@ PREFIX_END = "\U0010ffff"  # sorts after every character: `x >= p AND x < p || E
 class Fragment:
     sql: str
     params: list[Any] = field(default_factory=list)
+
+    def __init__(self, sql: str, params: list[Any] | None = None) -> None:  # compiled (see store/draft.py NATIVE_INIT)
+        self.sql = sql
+        self.params = [] if params is None else params
+
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
+        return by_fields(self)  # compiled with its `__init__`, it is made again through it
 
 
 def _range_condition(prefix: str, lo_col: str, hi_col: str, value: Value, is_date: bool) -> Fragment:
