@@ -34,9 +34,10 @@ class SearchError(Exception):
         self.problems = problems
 
 
-@dataclass(frozen=True)
+@dataclass(unsafe_hash=True)
 class Value:
-    """One OR'ed value of a clause, already parsed for its parameter type."""
+    """One OR'ed value of a clause, already parsed for its parameter type. Never changed once made (not frozen only
+    so that its `__init__` is compiled: store/draft.py NATIVE_INIT; hashed by its fields all the same)."""
 
     raw: str
     prefix: str = "eq"
@@ -48,6 +49,20 @@ class Value:
     text: str = ""  # string: normalized; token :text
     ref_type: str | None = None
     ref_id: str | None = None
+
+    def __init__(self, raw: str, prefix: str = "eq", lo: float = 0.0, hi: float = 0.0, system: str | None = None,
+                 code: str | None = None, any_system: bool = True, text: str = "", ref_type: str | None = None,
+                 ref_id: str | None = None) -> None:
+        self.raw = raw
+        self.prefix = prefix
+        self.lo = lo
+        self.hi = hi
+        self.system = system
+        self.code = code
+        self.any_system = any_system
+        self.text = text
+        self.ref_type = ref_type
+        self.ref_id = ref_id
 
     def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
         return by_fields(self)  # a draft's searches go to the intake writer

@@ -44,9 +44,10 @@ def _message_error(text: str, code: int, location: str) -> MessageError:
     return MessageError(text, code=code, location=location)
 
 
-@dataclass(frozen=True)
+@dataclass(unsafe_hash=True)
 class Header:
-    """What MSH says: who sent it, its id, its type, how to answer."""
+    """What MSH says: who sent it, its id, its type, how to answer. Never changed once made (not frozen only so that
+    its `__init__` is compiled: store/draft.py NATIVE_INIT; hashed by its fields all the same)."""
 
     sending_application: str
     sending_facility: str
@@ -59,6 +60,21 @@ class Header:
     version: str
     charset: str  # MSH-18 as written
     accept_ack: str  # MSH-15: set means enhanced acknowledgement mode
+
+    def __init__(self, sending_application: str, sending_facility: str, receiving_application: str,
+                 receiving_facility: str, control_id: str, message_type: str, trigger: str, processing_id: str,
+                 version: str, charset: str, accept_ack: str) -> None:
+        self.sending_application = sending_application
+        self.sending_facility = sending_facility
+        self.receiving_application = receiving_application
+        self.receiving_facility = receiving_facility
+        self.control_id = control_id
+        self.message_type = message_type
+        self.trigger = trigger
+        self.processing_id = processing_id
+        self.version = version
+        self.charset = charset
+        self.accept_ack = accept_ack
 
     def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
         return by_fields(self)  # it goes with a draft to the intake writer
