@@ -19,6 +19,7 @@ from typing import Any
 
 from rebond.fhir.searchparams import SearchParam, component_param, registry
 from rebond.pickled import by_fields
+from rebond.store.schema import ROW_TABLES
 
 INFINITY = 1e18
 
@@ -145,10 +146,38 @@ class IndexRows:
         return IndexRows(string, token, date, number, quantity, reference, uri, composite)
 
     def dedupe(self) -> None:
-        for name in ("string", "token", "date", "number", "quantity", "reference", "uri", "composite"):
-            rows = getattr(self, name)
-            if len(rows) > 1:
-                setattr(self, name, list(dict.fromkeys(rows)))
+        """Each row once (in the order first written). Field by field rather than by name: compiled, an attribute
+        named in the code is read in place, one looked up by its name goes through Python's generic lookup."""
+        self.string = _once(self.string)
+        self.token = _once(self.token)
+        self.date = _once(self.date)
+        self.number = _once(self.number)
+        self.quantity = _once(self.quantity)
+        self.reference = _once(self.reference)
+        self.uri = _once(self.uri)
+        self.composite = _once(self.composite)
+
+
+def _once(rows: list[Any]) -> list[Any]:
+    return list(dict.fromkeys(rows)) if len(rows) > 1 else rows
+
+
+#: the index table of each list `IndexRows.plain` gives, in its order
+_PLAIN_TABLES = tuple(ROW_TABLES[name] for name in ("string", "token", "date", "number", "quantity", "reference", "uri", "composite"))
+
+
+def table_rows(pending: dict[int, IndexRows]) -> dict[str, list[tuple[Any, ...]]]:
+    """The index rows of resources (their internal id → their rows) by table, as inserted: (rid, *values, n), n
+    numbering a resource's rows in the table. Here, compiled, for the intake writer, which does it for every
+    resource it writes."""
+    by_table: dict[str, list[tuple[Any, ...]]] = {}
+    for internal, rows in pending.items():
+        for table, values in zip(_PLAIN_TABLES, rows.plain(), strict=True):
+            if values:
+                out = by_table.setdefault(table, [])
+                for n, value in enumerate(values):
+                    out.append((internal, *value, n))
+    return by_table
 
 
 def split_reference(ref: str) -> tuple[str | None, str | None, str | None]:

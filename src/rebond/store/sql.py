@@ -29,9 +29,9 @@ from rebond.store.base import (
     message_digest,
 )
 from rebond.store.draft import Draft, SentWrite, content_of
-from rebond.store.indexing import IndexRows, index_resource
+from rebond.store.indexing import IndexRows, index_resource, table_rows
 from rebond.store.query import order_fragment, where_fragment
-from rebond.store.schema import INDEX_TABLES, ROW_TABLES, index_columns
+from rebond.store.schema import INDEX_TABLES, index_columns
 
 MAX_INCLUDED = 1000
 #: the INSERT of one row of each index table, its parameters in the order of `index_columns`
@@ -424,12 +424,7 @@ class SQLSession(Session):
         """Write the index rows gathered so far, one bulk insert per table."""
         if not self._pending:
             return
-        by_table: dict[str, list[tuple[Any, ...]]] = {}
-        for internal, rows in self._pending.items():
-            for attr, table in ROW_TABLES.items():
-                values = getattr(rows, attr)
-                if values:
-                    by_table.setdefault(table, []).extend((internal, *v, n) for n, v in enumerate(values))
+        by_table = table_rows(self._pending)
         self._pending.clear()
         self.store.insert_index_rows(self.cur, by_table)
 
