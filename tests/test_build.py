@@ -50,13 +50,16 @@ def test_what_goes_to_the_intake_writer_comes_back_whole() -> None:
 
 def _hand_written_inits() -> list[type]:
     from rebond.fhir.search import Clause, SearchQuery, Value
+    from rebond.hl7.intake import Answer, Prepared
+    from rebond.hl7.mapping import Applied
     from rebond.hl7.message import Header
-    from rebond.store.base import Stored, WriteResult
+    from rebond.store.base import InboxMessage, Stored, WriteResult
     from rebond.store.draft import PlannedWrite, SentWrite
     from rebond.store.indexing import IndexRows
     from rebond.store.query import Fragment
 
-    return [PlannedWrite, SentWrite, IndexRows, Fragment, Clause, SearchQuery, Value, Header, Stored, WriteResult]
+    return [PlannedWrite, SentWrite, IndexRows, Fragment, Clause, SearchQuery, Value, Header, Answer, Applied, Prepared,
+            Stored, WriteResult, InboxMessage]
 
 
 @pytest.mark.parametrize("cls", _hand_written_inits(), ids=lambda cls: cls.__name__)
@@ -69,7 +72,9 @@ def test_a_dataclass_with_its_own_init_takes_its_fields_in_order_with_their_defa
     by_name = cls(**given)
     for field in fields:
         assert getattr(in_order, field.name) == given[field.name], field.name  # each told apart from the others
-    assert by_name == in_order and pickle.loads(pickle.dumps(in_order)) == in_order
+    assert by_name == in_order
+    if cls.__name__ != "Prepared":  # goes to the intake writer packed (`Prepared.packed`), never pickled
+        assert pickle.loads(pickle.dumps(in_order)) == in_order
 
     required = {f.name: given[f.name] for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
     first, second = cls(**required), cls(**required)
@@ -85,21 +90,26 @@ def _sample(cls: type, name: str, position: int) -> object:
     """A value for the field `name` of `cls`, told apart from the other fields' values (by name: mypyc keeps a
     compiled field's type only as a class, `type` for a union)."""
     from rebond.fhir.searchparams import lookup
-    from rebond.hl7.message import Header
+    from rebond.hl7.mapping import Applied
+    from rebond.hl7.message import Header, Message
     from rebond.store.base import Stored
+    from rebond.store.draft import Draft
     from rebond.store.indexing import IndexRows
 
     if cls is Header:  # every field a text
         return f"text {position}"
     lists = ("string", "token", "date", "number", "quantity", "reference", "uri", "composite", "clauses", "sort",
-             "includes", "elements", "ignored", "params")
+             "includes", "elements", "ignored", "params", "written", "notes")
     by_name: dict[str, object] = {
         "rows": IndexRows(), "stored": Stored("Patient", "p1", 1, 1.5, False, b"{}"), "param": lookup("Patient", "identifier"),
         "resource": {"resourceType": "Observation"}, "meta": {"tag": [position]}, "content": b"{}", "body": b"{}",
         "values": [], "chain": None, "has": None, "missing": True, "deleted": True, "created": True, "unchanged": True,
         "any_system": False, "last_updated": 0.5 + position, "lo": 0.5 + position, "hi": 1.5 + position,
         "version": 1000 + position, "base_version": 1000 + position, "seq": 1000 + position, "count": 1000 + position,
-        "offset": 1000 + position,
+        "offset": 1000 + position, "message_id": 1000 + position, "redone": True, "ack": b"MSH|^~\\&|REBOND",
+        "raw": b"MSH|^~\\&|LAB" if cls.__name__ == "InboxMessage" else f"text {position}", "received": 0.5 + position, "updated": 1.5 + position, "draft": Draft(None),
+        "applied": Applied(["Observation/o1"]),
+        "header": Message("MSH|^~\\&|LAB|H1|REBOND|H1|20261202101010||ORU^R01|C42|P|2.5").header(),
     }
     if name in lists:
         return [(f"item {position}",)]

@@ -29,15 +29,23 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 KEPT_OF_OVERSIZED = 64 * 1024
 
 
-@dataclass(frozen=True)
+@dataclass(unsafe_hash=True)
 class Answer:
-    """The acknowledgement to send back, as bytes in the message's character set."""
+    """The acknowledgement to send back, as bytes in the message's character set. Never changed once made (not frozen
+    only so that its `__init__` is compiled: store/draft.py NATIVE_INIT)."""
 
     ack: bytes
     code: str  # AA, AE, AR (or CA, CE, CR)
     message_id: int | None
     redone: bool = False  # its draft was stale (what it read had changed): worked out again under the lock
     sender: str = "?"  # MSH-3|MSH-4 of the message ("?": not readable)
+
+    def __init__(self, ack: bytes, code: str, message_id: int | None, redone: bool = False, sender: str = "?") -> None:
+        self.ack = ack
+        self.code = code
+        self.message_id = message_id
+        self.redone = redone
+        self.sender = sender
 
     def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
         return by_fields(self)  # from the intake writer to the server
@@ -72,6 +80,11 @@ class Prepared:
     draft: Draft
     applied: Applied
     header: Header  # the message's, read where the draft was made
+
+    def __init__(self, draft: Draft, applied: Applied, header: Header) -> None:  # compiled (store/draft.py NATIVE_INIT)
+        self.draft = draft
+        self.applied = applied
+        self.header = header
 
     def packed(self) -> bytes:
         """As it goes to the intake writer (`unpack` there): plain values through `marshal`, which the two processes,

@@ -36,6 +36,7 @@ from rebond.fhir.errors import FhirError
 from rebond.fhir.search import literal, parse_search
 from rebond.hl7 import critical
 from rebond.hl7.message import Message, MessageError, Segment, hl7_time
+from rebond.pickled import by_fields
 from rebond.store.base import Session
 
 Resource = dict[str, Any]
@@ -87,6 +88,13 @@ class Applied:
 
     written: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    def __init__(self, written: list[str] | None = None, notes: list[str] | None = None) -> None:  # compiled (NATIVE_INIT)
+        self.written = [] if written is None else written
+        self.notes = [] if notes is None else notes
+
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
+        return by_fields(self)
 
     def summary(self) -> str:
         return "; ".join([*self.notes, ", ".join(self.written)])

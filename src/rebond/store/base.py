@@ -124,6 +124,20 @@ class InboxMessage:
     updated: float
     digest: str = ""  # SHA-256 of `raw` (hex); what is left of an applied message once its content is cleared
 
+    def __init__(self, id: int, channel: str, sender: str, control_id: str, received: float, raw: bytes, status: str,
+                 detail: str, updated: float, digest: str = "") -> None:  # frozen all the same (see Stored)
+        fields = self.__dict__
+        fields["id"] = id
+        fields["channel"] = channel
+        fields["sender"] = sender
+        fields["control_id"] = control_id
+        fields["received"] = received
+        fields["raw"] = raw
+        fields["status"] = status
+        fields["detail"] = detail
+        fields["updated"] = updated
+        fields["digest"] = digest
+
     @property
     def cleared(self) -> bool:
         """Its content was cleared (`rebond hl7 prune`): only its digest is kept, enough to recognise a re-send."""
