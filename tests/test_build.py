@@ -107,8 +107,8 @@ def _sample(cls: type, name: str, position: int) -> object:
         "any_system": False, "last_updated": 0.5 + position, "lo": 0.5 + position, "hi": 1.5 + position,
         "version": 1000 + position, "base_version": 1000 + position, "seq": 1000 + position, "count": 1000 + position,
         "offset": 1000 + position, "message_id": 1000 + position, "redone": True, "ack": b"MSH|^~\\&|REBOND",
-        "raw": b"MSH|^~\\&|LAB" if cls.__name__ == "InboxMessage" else f"text {position}", "received": 0.5 + position, "updated": 1.5 + position, "draft": Draft(None),
-        "applied": Applied(["Observation/o1"]),
+        "raw": b"MSH|^~\\&|LAB" if cls.__name__ == "InboxMessage" else f"text {position}", "received": 0.5 + position,
+        "updated": 1.5 + position, "draft": Draft(None), "applied": Applied(["Observation/o1"]),
         "header": Message("MSH|^~\\&|LAB|H1|REBOND|H1|20261202101010||ORU^R01|C42|P|2.5").header(),
     }
     if name in lists:
