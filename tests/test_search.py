@@ -267,8 +267,9 @@ def test_parameters_answered_from_other_parameters_rows(store: Store, ward: tupl
 
 
 def test_indexing_skips_only_parameters_that_cannot_select_anything() -> None:
-    """Parameters whose paths start at an element a resource lacks are not evaluated (store/indexing.py `_Plan`):
-    the rows must be those of evaluating every parameter, over real Synthea resources with their value[x] choices."""
+    """Parameters whose paths start at an element a resource lacks are not evaluated (store/indexing.py `_Plan`), and
+    those of a shape of resource seen before are not worked out again: the rows must be those of evaluating every
+    parameter, over real Synthea resources with their value[x] choices."""
     import bz2
 
     from rebond.store.indexing import IndexRows, _index_values, _plan
@@ -294,6 +295,9 @@ def test_indexing_skips_only_parameters_that_cannot_select_anything() -> None:
         choices += any(k.startswith("value") and k != "value" for k in resource)
         composites.update(row[0] for row in expected.composite)
     assert choices > 100  # Observations with valueQuantity, valueCodeableConcept…: found through `value`
+    # the parameters are worked out once for each shape (top-level keys): most resources above were answered from it
+    observations = sum(r["resourceType"] == "Observation" for r in resources)
+    assert observations > 500 and len(_plan("Observation")._of_shape) < observations / 10
     # composites on the resource itself are evaluated only when each component has an element to read
     assert {"Observation.code-value-quantity", "Observation.code-value-concept", "Observation.component-code-value-quantity"} <= composites
 
