@@ -13,7 +13,7 @@ import functools
 import re
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -162,8 +162,8 @@ def _once(rows: list[Any]) -> list[Any]:
     return list(dict.fromkeys(rows)) if len(rows) > 1 else rows
 
 
-#: the index table of each list `IndexRows.plain` gives, in its order
-_PLAIN_TABLES = tuple(ROW_TABLES[name] for name in ("string", "token", "date", "number", "quantity", "reference", "uri", "composite"))
+#: the index table of each list `IndexRows.plain` gives: its fields, in their order
+_PLAIN_TABLES = tuple(ROW_TABLES[f.name] for f in fields(IndexRows))
 
 
 def table_rows(pending: dict[int, IndexRows]) -> dict[str, list[tuple[Any, ...]]]:
