@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import ROOT, SCRATCH, database, machine, percentile
+from common import ROOT, SCRATCH, cpu_ticks, database, machine, pace_ms, percentile, stolen_share
 
 from rebond.hl7.mllp import END, START, ack_code, send_messages
 from rebond.hl7.simulate import Traffic
@@ -99,6 +99,14 @@ def writer_counts(server: RebondServer) -> tuple[int, int]:
     return int(writer.get("written") or 0), int(writer.get("batches") or 0)
 
 
+def timed_load(port: int, batches: list[list[bytes]], seconds: float) -> tuple[tuple[float, list[float], int], str]:
+    """`load`, and the machine's state around it: its pace just before and after (`pace_ms`), the share stolen meanwhile."""
+    pace_before, ticks_before = pace_ms(), cpu_ticks()
+    outcome = load(port, batches, seconds)
+    ticks_after, pace_after = cpu_ticks(), pace_ms()
+    return outcome, f"{pace_before:5.1f} {pace_after:5.1f} {stolen_share(ticks_before, ticks_after):7.1f}"
+
+
 def results_for(traffic: Traffic, connections: int, per_connection: int) -> list[list[bytes]]:
     return [[traffic.result(dt.datetime.now(dt.UTC)).encode() for _ in range(per_connection)]
             for _ in range(connections)]
@@ -121,6 +129,7 @@ def main() -> None:
         cpu: dict[tuple[int, int], dict[str, tuple[float, float]]] = {}  # ms a message, (user, system)
         senders: dict[tuple[int, int], float] = {}  # this process's CPU: the load's senders, on the same two cores
         per_commit: dict[tuple[int, int], float] = {}  # messages the intake writer took into each commit
+        states: list[str] = []  # the machine's pace around each phase, and the share the host stole during it
         for workers in args.mllp_workers:
             port = free_port()
             server = RebondServer(url, "--mllp-port", str(port), "--mllp-workers", str(workers)).start()
@@ -131,7 +140,7 @@ def main() -> None:
                 for connections in (4, 32):
                     batches = results_for(traffic, connections, int(args.seconds * 1200 / connections) + 50)
                     before, sent_before, counts_before = process_cpu(server), os.times(), writer_counts(server)
-                    rate, latencies, refused = load(port, batches, args.seconds)
+                    (rate, latencies, refused), machine_state = timed_load(port, batches, args.seconds)
                     after, sent_after, counts_after = process_cpu(server), os.times(), writer_counts(server)
                     written, commits = (a - b for a, b in zip(counts_after, counts_before, strict=True))
                     per_commit[(workers, connections)] = written / max(1, commits)
@@ -140,6 +149,7 @@ def main() -> None:
                     senders[(workers, connections)] = ((sent_after.user - sent_before.user + sent_after.system - sent_before.system)
                                                        * 1000 / max(1, len(latencies)))
                     rows.append((f"rebond/{workers}", connections, rate, latencies, refused))
+                    states.append(machine_state)
             finally:
                 server.stop()
         base_port = free_port()
@@ -155,17 +165,21 @@ def main() -> None:
                     time.sleep(0.1)
             for connections in (4, 32):
                 batches = results_for(traffic, connections, int(args.seconds * 3000 / connections) + 50)
-                rows.append(("baseline", connections, *load(base_port, batches, args.seconds)))
+                outcome, machine_state = timed_load(base_port, batches, args.seconds)
+                rows.append(("baseline", connections, *outcome))
+                states.append(machine_state)
         finally:
             baseline.terminate()
             baseline.wait()
     base = {c: rate for who, c, rate, _l, _r in rows if who == "baseline"}
     print("(rebond/N: rebond serve --mllp-workers N; 0 = the drafts made by the server process; the intake writer is a process)")
-    print(f"\n{'server':<10} {'conns':>5} {'msg/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'refused':>8} {'ratio':>6}")
-    for who, connections, rate, latencies, refused in rows:
+    print(f"\n{'server':<10} {'conns':>5} {'msg/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'refused':>8} {'ratio':>6}   pace ms: before after  stolen %")
+    for (who, connections, rate, latencies, refused), state in zip(rows, states, strict=True):
         print(f"{who:<10} {connections:>5} {rate:>8.0f} {percentile(latencies, 50):>8.1f} {percentile(latencies, 99):>8.1f}"
-              f" {refused:>8} {rate / base[connections]:>6.2f}")
+              f" {refused:>8} {rate / base[connections]:>6.2f}            {state}")
     print("(target: >= 500 messages/s with 4 connections, p99 < 50 ms; SQLite, acknowledged after the commit)")
+    print("(pace: ms for a fixed piece of interpreted work, the machine idle, just before and after the phase; lower is faster."
+          " stolen: the CPUs' time the host gave to others during it)")
     print("\nCPU per message, ms (user + system, the system part in brackets, from /proc;"
           " `senders`: this script's connections, on the same cores):")
     for (workers, connections), spent in cpu.items():
