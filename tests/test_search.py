@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from rebond.fhir.search import parse_search
-from rebond.fhir.searchparams import lookup
+from rebond.fhir.searchparams import JOINED_COMPOSITES, lookup
 from rebond.store.base import Store
 from rebond.store.indexing import index_resource
 from tests.auth import api_client
@@ -299,8 +299,9 @@ def test_indexing_skips_only_parameters_that_cannot_select_anything() -> None:
     # the parameters are worked out once for each shape (top-level keys): most resources above were answered from it
     observations = sum(r["resourceType"] == "Observation" for r in resources)
     assert observations > 500 and len(_plan("Observation")._of_shape) - shapes_before < observations / 10
-    # composites on the resource itself are evaluated only when each component has an element to read
-    assert {"Observation.code-value-quantity", "Observation.code-value-concept", "Observation.component-code-value-quantity"} <= composites
+    # composites on a component are evaluated only when the resource has components; those on the resource itself that
+    # its code's and value's rows answer make no rows (searchparams.JOINED_COMPOSITES)
+    assert "Observation.component-code-value-quantity" in composites and not composites & JOINED_COMPOSITES
 
 
 @for_any(st.text(min_size=1, max_size=30))
@@ -332,8 +333,90 @@ def test_a_composites_token_part_with_or_without_its_system(store: Store, ward: 
     assert ids_of(search(client, f"Observation?code-value-concept={LOINC}|883-9${LOINC}|LA19710-5")) == {blood_group}
     assert ids_of(search(client, "Observation?code-value-concept=883-9$la19710-5")) == set()  # codes keep their case
     assert ids_of(search(client, "Observation?code-value-concept=883-9$http://snomed.info/sct|LA19710-5")) == set()
-    rows = index_resource(obs(ids["marc"], "2823-3", 4.1, "2026-11-21T08:00:00Z")).composite
-    assert rows == [("Observation.code-value-quantity", f"2823-3\x1f{LOINC}", "4.1")]
+    assert index_resource(obs(ids["marc"], "2823-3", 4.1, "2026-11-21T08:00:00Z")).composite == []  # its code's and value's rows
+    pressure = {"resourceType": "Observation", "status": "final", "code": {"coding": [{"system": LOINC, "code": "85354-9"}]},
+                "component": [{"code": {"coding": [{"system": LOINC, "code": "8480-6"}]}, "valueQuantity": {"value": 150}}]}
+    assert index_resource(pressure).composite == [("Observation.component-code-value-quantity", f"8480-6\x1f{LOINC}", "150")]
+
+
+def test_a_composite_of_an_observation_s_code_and_value_takes_each_part_s_whole_syntax(
+        store: Store, ward: tuple[TestClient, dict[str, str]]) -> None:
+    """`code-value-quantity`, `-concept` and `-date` are answered by the Observation's code and value rows
+    (searchparams.JOINED_COMPOSITES): the value part takes prefixes and units as the value's own parameter does."""
+    client, ids = ward
+    dated = store.create({"resourceType": "Observation", "status": "final", "code": {"coding": [{"system": LOINC, "code": "11778-8"}]},
+                          "subject": {"reference": f"Patient/{ids['zoe']}"}, "valueDateTime": "2026-12-01T10:00:00Z"}).stored.id
+    assert ids_of(search(client, "Observation?code-value-quantity=2823-3$gt5")) == {ids["k_high"]}
+    assert ids_of(search(client, "Observation?code-value-quantity=2823-3$le5")) == {ids["k_norm"]}
+    assert ids_of(search(client, "Observation?code-value-quantity=2823-3$6.2|http://unitsofmeasure.org|mmol/L")) == {ids["k_high"]}
+    assert ids_of(search(client, "Observation?code-value-quantity=2823-3$6.2|http://unitsofmeasure.org|mg/dL")) == set()
+    assert ids_of(search(client, "Observation?code-value-quantity=2823-3$gt5,2951-2$gt100")) == {ids["k_high"], ids["na"]}
+    assert ids_of(search(client, "Observation?code-value-quantity=2951-2$gt5")) == {ids["na"]}  # not sodium's code with potassium's value
+    assert ids_of(search(client, f"Observation?subject=Patient/{ids['helene']}&code-value-quantity=2823-3$gt1")) == {ids["k_high"]}
+    assert ids_of(search(client, "Observation?code-value-date=11778-8$ge2026-12")) == {dated}
+    assert ids_of(search(client, "Observation?code-value-date=11778-8$lt2026-12")) == set()
+    missing = ids_of(search(client, "Observation?code-value-quantity:missing=true"))
+    assert dated in missing and not missing & {ids["k_high"], ids["k_norm"], ids["na"]}
+    assert ids_of(search(client, "Observation?code-value-quantity:missing=false")) == {ids["k_high"], ids["k_norm"], ids["na"]}
+    refused = client.get("/fhir/Observation?code-value-quantity=2823-3$beaucoup")
+    assert refused.status_code == 400 and "'beaucoup' is not a quantity" in refused.text
+    refused = client.get("/fhir/Observation?combo-code-value-quantity=2823-3$beaucoup")
+    assert refused.status_code == 400 and "'beaucoup' is not a quantity" in refused.text
+
+
+def test_the_composites_answered_by_their_components_rows_pair_exactly_those_rows() -> None:
+    """What JOINED_COMPOSITES rests on: over Synthea's Observations of three bundles and some made for what Synthea lacks
+    (a code in two systems, a date, a period, a SampledData, a concept with a text), the pairs a composite row would
+    hold are exactly the pairs of its two parameters' rows, in the forms a composite part is compared in. And
+    `code-value-string` could not be answered so: a valueCodeableConcept's text is a value-string row, never its pair."""
+    import bz2
+    from collections import Counter
+    from itertools import product
+
+    from rebond.fhir.searchparams import SearchParam
+    from rebond.store.indexing import IndexRows, composite_values, format_number, normalize_text, token_part
+    from tests.conftest import SYNTHEA
+
+    def forms(rows: IndexRows, param: SearchParam) -> set[str]:
+        if param.type == "token":
+            return {token_part(system, code) for key, system, code, _text in rows.token if key in param.keys and code}
+        if param.type == "quantity":
+            return {format_number(value) for key, *_unit, _lo, _hi, value in rows.quantity if key in param.keys}
+        if param.type == "date":
+            return {str(lo) for key, lo, _hi in rows.date if key in param.keys}
+        return {normalize_text(exact) for key, _norm, exact in rows.string if key in param.keys}
+
+    coded = {"coding": [{"system": LOINC, "code": "8310-5"}, {"system": "urn:oid:1.2.250.1.213.2.5", "code": "TEMP"}]}
+    made = [
+        {"resourceType": "Observation", "status": "final", "code": coded, "valueQuantity": {"value": 38.5, "unit": "Cel"}},
+        {"resourceType": "Observation", "status": "final", "code": coded, "valueDateTime": "2026-12-01T10:00:00+01:00"},
+        {"resourceType": "Observation", "status": "final", "code": coded,
+         "valuePeriod": {"start": "2026-12-01", "end": "2026-12-02"}},
+        {"resourceType": "Observation", "status": "final", "code": coded,
+         "valueSampledData": {"origin": {"value": 0}, "period": 10, "dimensions": 1, "data": "1 2 3"}},
+        {"resourceType": "Observation", "status": "final", "code": coded,
+         "valueCodeableConcept": {"coding": [{"system": LOINC, "code": "LA6576-8"}], "text": "Positif"}},
+    ]
+    observations = list(made)
+    for path in sorted(SYNTHEA.glob("*.json.bz2"))[2:5]:
+        with bz2.open(path) as file:
+            observations += [e["resource"] for e in orjson.loads(file.read())["entry"] if e["resource"]["resourceType"] == "Observation"]
+    paired: Counter[str] = Counter()
+    for resource in observations:
+        rows = index_resource(resource)
+        for code in ("code-value-quantity", "code-value-concept", "code-value-date", "code-value-string"):
+            param = lookup("Observation", code)
+            assert param is not None
+            first, second = (lookup("Observation", c) for c in (param.joined or ("code", "value-string")))
+            assert first is not None and second is not None
+            pairs, joined = set(composite_values(param, resource)), set(product(forms(rows, first), forms(rows, second)))
+            if param.joined:
+                assert pairs == joined, (code, resource)
+                paired[code] += bool(pairs)
+            elif pairs != joined:
+                paired["code-value-string, not a join"] += 1
+    assert paired["code-value-quantity"] > 500 and paired["code-value-concept"] > 20 and paired["code-value-date"] >= 2, paired
+    assert paired["code-value-string, not a join"] >= 1, paired
 
 
 def test_text_finds_codes_by_their_text_and_checks_each_rows_own(store: Store, ward: tuple[TestClient, dict[str, str]]) -> None:

@@ -503,6 +503,8 @@ def test_a_store_of_schema_3_gets_its_index_made_again_when_it_opens(engine_url:
             store.create({"resourceType": "Observation", "status": "final", "subject": {"reference": f"Patient/{pid}"},
                           "code": {"coding": [{"system": loinc, "code": code, "display": "Kaliémie" if code == "2823-3" else "Natrémie"}]},
                           "valueQuantity": {"value": value, "unit": "mmol/L"}})
+        for systolic in (150, 120):  # composite rows: a component's code and value
+            store.create(_pressure(pid, systolic))
         gone = store.create({"resourceType": "Observation", "status": "final", "code": {"coding": [{"system": loinc, "code": "718-7"}]},
                              "valueQuantity": {"value": 12.0}}).stored.id
         store.delete("Observation", gone)
@@ -516,7 +518,7 @@ def test_a_store_of_schema_3_gets_its_index_made_again_when_it_opens(engine_url:
         store = open_store(engine_url)
     said = [r.getMessage() for r in caplog.records]
     assert f"upgrading the search index (schema 4): sp_token made again, {sum(made['sp_token'].values())} rows" in "\n".join(said)
-    assert any("composite rows, 0 of 3 resources" in line for line in said), said
+    assert any("composite rows, 0 of 2 resources" in line for line in said), said
     try:
         assert _index_rows(engine_url) == made
         with _raw(engine_url) as (conn, _mark):
@@ -528,14 +530,56 @@ def test_a_store_of_schema_3_gets_its_index_made_again_when_it_opens(engine_url:
             return len(store.search(parse_search("Observation", [tuple(query.split("=", 1))])).matches)  # type: ignore[list-item]
 
         assert found(f"code-value-quantity={loinc}|2823-3$6.2") == 1 and found("code-value-quantity=2823-3$4.1") == 1
+        assert found(f"component-code-value-quantity={loinc}|8480-6$150") == 1 and found("component-code-value-quantity=8480-6$120") == 1
         assert found("code:text=kali") == 2 and found("code=2951-2") == 1
-        store.create({"resourceType": "Observation", "status": "final", "code": {"coding": [{"system": loinc, "code": "2823-3"}]},
-                      "valueQuantity": {"value": 6.2}})
-        assert found("code-value-quantity=2823-3$6.2") == 2
+        store.create(_pressure(pid, 150))
+        assert found("component-code-value-quantity=8480-6$150") == 2
     finally:
         store.close()
     open_store(engine_url).close()  # opened again: nothing left to do, nothing lost
     assert sum(_index_rows(engine_url)["sp_composite"].values()) == sum(made["sp_composite"].values()) + 1
+
+
+def _pressure(pid: str, systolic: float) -> dict[str, Any]:
+    loinc = "http://loinc.org"
+    return {"resourceType": "Observation", "status": "final", "subject": {"reference": f"Patient/{pid}"},
+            "code": {"coding": [{"system": loinc, "code": "85354-9"}]},
+            "component": [{"code": {"coding": [{"system": loinc, "code": "8480-6"}]}, "valueQuantity": {"value": systolic}}]}
+
+
+def test_a_store_of_schema_4_loses_the_composite_rows_an_observation_s_code_and_value_now_answer(
+        engine_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Schema 5 (store/upgrade.py): `code-value-quantity` and the like are answered by the code's and the value's rows;
+    a store of schema 4 loses the composite rows it kept for them when it opens, keeps the others, and finds the same."""
+    from rebond.store.schema import SCHEMA_VERSION
+
+    loinc = "http://loinc.org"
+    store = open_store(engine_url)
+    try:
+        pid = store.create(patient()).stored.id
+        potassium = store.create({"resourceType": "Observation", "status": "final", "subject": {"reference": f"Patient/{pid}"},
+                                  "code": {"coding": [{"system": loinc, "code": "2823-3"}]}, "valueQuantity": {"value": 6.2}}).stored.id
+        store.create(_pressure(pid, 150))
+    finally:
+        store.close()
+    made = _index_rows(engine_url)
+    assert [key for _rid, key, *_parts in made["sp_composite"]] == ["Observation.component-code-value-quantity"]
+    with _raw(engine_url) as (conn, mark):  # the row schema 4 wrote for the potassium
+        rid = conn.execute(f"SELECT rid FROM resources WHERE res_id = {mark}", (potassium,)).fetchone()[0]
+        conn.execute(f"INSERT INTO sp_composite (rid, key, part1, part2, n) VALUES ({mark}, {mark}, {mark}, {mark}, 0)",
+                     (rid, "Observation.code-value-quantity", f"2823-3\x1f{loinc}", "6.2"))
+        conn.execute("UPDATE rebond_meta SET value = '4' WHERE name = 'schema'")
+    with caplog.at_level("WARNING", logger="rebond.store"):
+        store = open_store(engine_url)
+    try:
+        assert any("schema 5): 1 composite rows no longer kept" in r.getMessage() for r in caplog.records), caplog.records
+        assert _index_rows(engine_url) == made
+        with _raw(engine_url) as (conn, _mark):
+            assert conn.execute("SELECT value FROM rebond_meta WHERE name = 'schema'").fetchone()[0] == str(SCHEMA_VERSION) == "5"
+        query = parse_search("Observation", [("code-value-quantity", f"{loinc}|2823-3$6.2")])
+        assert [m.id for m in store.search(query).matches] == [potassium]
+    finally:
+        store.close()
 
 
 def test_a_thread_reading_between_commits_reads_past_the_map_and_sees_every_commit(tmp_path: Path) -> None:
@@ -617,6 +661,7 @@ def test_rebond_db_upgrades_a_store_ahead_of_a_start(engine_url: str) -> None:
         store.create({"resourceType": "Observation", "status": "final", "subject": {"reference": f"Patient/{pid}"},
                       "code": {"coding": [{"system": "http://loinc.org", "code": "2823-3", "display": "Kaliémie"}]},
                       "valueQuantity": {"value": 6.2, "unit": "mmol/L"}})
+        store.create(_pressure(pid, 150))
     finally:
         store.close()
     made = _index_rows(engine_url)

@@ -13,6 +13,17 @@ from rebond.fhir.paths import Extractor
 #: Parameter types the store indexes and searches.
 INDEXED_TYPES = frozenset({"string", "token", "date", "reference", "number", "quantity", "uri", "composite"})
 
+#: Composites on the whole resource whose two components each select exactly what a parameter of the resource selects,
+#: so that the resource's rows of those two parameters answer them: an Observation's `code-value-quantity=A$B` is an
+#: Observation with a `code` row matching A and a `value-quantity` row matching B. Each pair a composite row would
+#: hold is one of those rows with one of these (the components are the resource's code and its one value), so the
+#: same resources match; the second part gets its whole syntax (`$gt5.4|http://unitsofmeasure.org|mmol/L`); and a
+#: lab result writes five index rows fewer a panel (B-tree inserts and WAL pages; docs/benchmarks.md, stop 29).
+#: Not `code-value-string`: `value-string` also selects the text of a valueCodeableConcept. (`value-quantity` also
+#: selects a valueSampledData, which makes no quantity row.) tests/test_search.py checks, over Synthea's
+#: Observations, that the rows of the composite as it was indexed are the pairs of the two parameters' rows.
+JOINED_COMPOSITES = frozenset({"Observation.code-value-quantity", "Observation.code-value-concept", "Observation.code-value-date"})
+
 
 @dataclass(frozen=True)
 class SearchParam:
@@ -28,6 +39,9 @@ class SearchParam:
     stored_as: tuple[str, ...] = ()
     #: and, for `patient` answered by `subject`, the one type of target it keeps
     target_type: str = ""
+    #: a composite answered by the rows of the parameters of its two components, on the same resource (JOINED_COMPOSITES):
+    #: their codes
+    joined: tuple[str, ...] = ()
 
     @functools.cached_property
     def key(self) -> str:
@@ -45,8 +59,8 @@ class SearchParam:
 
     @property
     def indexed(self) -> bool:
-        """Whether writes make rows for this parameter (an alias reads another's rows)."""
-        return not self.stored_as
+        """Whether writes make rows for this parameter (an alias reads another's rows, a joined composite two others')."""
+        return not self.stored_as and not self.joined
 
 
 @functools.cache
@@ -104,7 +118,21 @@ def registry() -> dict[str, dict[str, SearchParam]]:
             if any(by_key[k] in found for k in keys):
                 continue  # an alias of an alias: keep it indexed rather than chase the chain
             params[code] = replace(params[code], stored_as=keys, target_type=target_type)
+        for code, param in list(params.items()):
+            if param.key in JOINED_COMPOSITES:
+                params[code] = replace(param, joined=_joined(param, params))
     return out
+
+
+def _joined(param: SearchParam, params: dict[str, SearchParam]) -> tuple[str, ...]:
+    """The codes of the parameters of a composite's components, as JOINED_COMPOSITES answers it by their rows; checked
+    against what it says: a composite on the whole resource, each component a parameter of the resource of its type."""
+    codes = tuple(component_param(url, param.resource_type)[1] for url, _expression in param.components)
+    if param.expression != param.resource_type or len(codes) != 2 or any(
+            c not in params or params[c].type != component_param(url, param.resource_type)[0]
+            for c, (url, _e) in zip(codes, param.components, strict=True)):
+        raise ValueError(f"{param.key} cannot be answered by its components' rows")
+    return codes
 
 
 def _branches(param: SearchParam) -> frozenset[str]:

@@ -24,7 +24,7 @@ from psycopg_pool import ConnectionPool
 from rebond.store.base import Change, ChangePage, Session, Unavailable
 from rebond.store.schema import DROPPED_INDEXES, SCHEMA_VERSION, Types, added_columns, ddl, index_columns
 from rebond.store.sql import INSERT_TOKEN_TEXT, Cursor, SQLSession, SQLStore, stored_from_row, token_texts
-from rebond.store.upgrade import LaterSchema, check_schema, has_numbered_rows, schema_of, upgrade_index
+from rebond.store.upgrade import LaterSchema, check_schema, drop_joined_rows, has_joined_rows, has_numbered_rows, schema_of, upgrade_index
 
 if TYPE_CHECKING:
     from rebond.store import StoreFacts
@@ -234,6 +234,10 @@ class PostgresStore(SQLStore):
                     if not has_numbered_rows([row[0] for row in columns]):  # made before schema 4 (store/upgrade.py)
                         with conn.transaction(), conn.cursor() as cur:
                             upgrade_index(_PgCursor(cur), _TYPES)
+                    with conn.cursor() as cur:
+                        if has_joined_rows(_PgCursor(cur)):  # made before schema 5 (store/upgrade.py)
+                            with conn.transaction():
+                                drop_joined_rows(_PgCursor(cur))
                     conn.execute(
                         "INSERT INTO rebond_meta (name, value) VALUES ('schema', %s)"
                         " ON CONFLICT (name) DO UPDATE SET value = excluded.value",

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from rebond.fhir.search import Clause, SearchQuery, Value
-from rebond.fhir.searchparams import SearchParam, lookup
+from rebond.fhir.search import Clause, SearchQuery, Value, parse_value
+from rebond.fhir.searchparams import JOINED_COMPOSITES, SearchParam, lookup
 from rebond.pickled import by_fields
 from rebond.store.indexing import TOKEN_PART_SEPARATOR, component_types, format_number, normalize_text, number_range, token_part
 from rebond.store.schema import ROW_TABLES
@@ -167,6 +167,10 @@ def clause_fragment(clause: Clause, resource_type: str, alias: str, *, drive: bo
             [*keys.params, resource_type, *sub.params],
         )
     assert clause.param is not None
+    if clause.param.joined:
+        return _joined_fragment(clause, resource_type, alias, drive)
+    if clause.type == "composite" and any(key in JOINED_COMPOSITES for key in clause.param.stored_as):
+        return _each_key(clause, resource_type, alias, drive)
     table = ROW_TABLES[clause.type]
     if clause.chain is not None:
         target_type, inner = clause.chain
@@ -191,6 +195,41 @@ def clause_fragment(clause: Clause, resource_type: str, alias: str, *, drive: bo
         keys = key_condition(clause.param, table)
         return Fragment(f"{rid} IN (SELECT rid FROM {table} WHERE {keys.sql} AND {cond.sql})", [*keys.params, *cond.params])
     return Fragment(f"EXISTS (SELECT 1 FROM {table} p WHERE p.rid = {rid} AND {probe.sql} AND {cond.sql})", [*probe.params, *cond.params])
+
+
+def _joined_fragment(clause: Clause, resource_type: str, alias: str, drive: bool) -> Fragment:
+    """A composite answered by the rows of its components' parameters (searchparams.JOINED_COMPOSITES): for each value
+    `A$B`, a resource with a row of the first parameter matching A and a row of the second matching B, each part with
+    its parameter's whole syntax; `:missing`, whether it lacks rows of either."""
+    assert clause.param is not None
+    first, second = (lookup(resource_type, code) or clause.param for code in clause.param.joined)
+
+    def part(param: SearchParam, raw: str | None, *, leading: bool = False) -> Fragment:
+        values = [parse_value(param.type, raw, clause.name, param)] if raw is not None else None
+        one = Clause(clause.name, param.type, param, values=values, missing=False if raw is None else None)
+        return clause_fragment(one, resource_type, alias, drive=leading)
+
+    if clause.missing is not None:
+        both = _and([part(first, None), part(second, None)])
+        return Fragment(f"NOT {both.sql}", both.params) if clause.missing else both
+    return _or([_and([part(first, value.code or "", leading=drive), part(second, value.text)]) for value in clause.values])
+
+
+def _each_key(clause: Clause, resource_type: str, alias: str, drive: bool) -> Fragment:
+    """An alias asked of each parameter whose rows it reads, when one of them is answered by its components' rows
+    (`combo-code-value-quantity`: the Observation's own code and value, or a component's): OR'ed; for `:missing=true`,
+    AND'ed (missing from each)."""
+    assert clause.param is not None
+    parts = []
+    for key in clause.param.stored_as:
+        param = lookup(resource_type, key.split(".", 1)[1])
+        one = Clause(clause.name, clause.type, param, clause.modifier, clause.values, clause.missing)
+        parts.append(clause_fragment(one, resource_type, alias, drive=drive))
+    return _and(parts) if clause.missing else _or(parts)
+
+
+def _and(fragments: list[Fragment]) -> Fragment:
+    return Fragment("(" + " AND ".join(f.sql for f in fragments) + ")", [p for f in fragments for p in f.params])
 
 
 def _token_text_driver(clause: Clause, rid: str) -> Fragment:

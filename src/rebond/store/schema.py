@@ -4,8 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # 2: inbox.digest; 3: the audit trail (new tables: a store made earlier gets them when it opens); 4: index rows kept
-# in the order of their resource, a composite's token part in one form, the texts of tokens apart (store/upgrade.py)
-SCHEMA_VERSION = 4
+# in the order of their resource, a composite's token part in one form, the texts of tokens apart (store/upgrade.py);
+# 5: the composites of an Observation's code and value answered by their rows, theirs no longer kept (store/upgrade.py)
+SCHEMA_VERSION = 5
 
 #: index table -> its value columns (after rid and key), in insert order
 INDEX_TABLES: dict[str, tuple[str, ...]] = {

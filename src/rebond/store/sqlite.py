@@ -18,7 +18,7 @@ from rebond.durable import replace_durably
 from rebond.store.base import Session, StoreError, Unavailable
 from rebond.store.schema import DROPPED_INDEXES, SCHEMA_VERSION, Types, added_columns, ddl
 from rebond.store.sql import Cursor, SQLSession, SQLStore
-from rebond.store.upgrade import check_schema, has_numbered_rows, schema_of, upgrade_index
+from rebond.store.upgrade import check_schema, drop_joined_rows, has_joined_rows, has_numbered_rows, schema_of, upgrade_index
 
 if TYPE_CHECKING:
     from rebond.store import StoreFacts
@@ -146,6 +146,7 @@ class SQLiteStore(SQLStore):
             self._writer.execute(statement)
         self._add_columns()
         self._upgrade_index()
+        self._upgrade(lambda: not has_joined_rows(self._writer.cursor()), lambda: drop_joined_rows(self._writer.cursor()))
         self._drop_indexes()
         # a store made by an earlier Rebond has had its new tables made above, and its new columns added: it is of this schema
         self._writer.execute(

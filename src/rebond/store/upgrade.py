@@ -14,6 +14,11 @@ again from the resources they index, and the texts gathered from the token rows.
 both engines, in one transaction of the engine's opening (`upgrade_index`): a store is upgraded
 entirely or not at all, and another process opening it at the same time waits, then finds it done.
 Every process of a group must run this Rebond or a later one from then on.
+
+Schema 5 answers an Observation's `code-value-quantity`, `code-value-concept` and `code-value-date` with the rows of
+its code and its value (fhir/searchparams.py JOINED_COMPOSITES): their composite rows are no longer written nor read,
+and a store made before loses them when it opens (`drop_joined_rows`), in one statement. An earlier Rebond would not
+find the resources written since by such a search: it refuses a store of schema 5 (`check_schema`).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from typing import Any
 
 import orjson
 
+from rebond.fhir.searchparams import JOINED_COMPOSITES
 from rebond.store.base import StoreError
 from rebond.store.indexing import index_resource
 from rebond.store.schema import INDEX_TABLES, SCHEMA_VERSION, Types, index_columns, index_table_ddl
@@ -95,6 +101,23 @@ def gather_token_texts(cur: Any) -> None:
     """sp_token_texts from the token rows already written."""
     cur.execute("INSERT INTO sp_token_texts (key, text_norm, code) SELECT DISTINCT key, text_norm, code FROM sp_token"
                 " WHERE text_norm IS NOT NULL AND code IS NOT NULL ON CONFLICT DO NOTHING")
+
+
+_JOINED_KEYS = sorted(JOINED_COMPOSITES)
+
+
+def has_joined_rows(cur: Any) -> bool:
+    """Whether a store made before schema 5 still holds the composite rows its codes' and values' rows now answer."""
+    cur.execute(f"SELECT 1 FROM sp_composite WHERE key IN ({', '.join('?' for _ in _JOINED_KEYS)}) LIMIT 1", _JOINED_KEYS)
+    return cur.fetchone() is not None
+
+
+def drop_joined_rows(cur: Any) -> None:
+    """Schema 5: the composite rows of JOINED_COMPOSITES deleted, in the caller's transaction (`?` placeholders)."""
+    started = time.monotonic()
+    cur.execute(f"DELETE FROM sp_composite WHERE key IN ({', '.join('?' for _ in _JOINED_KEYS)})", _JOINED_KEYS)
+    log.warning("upgrading the search index (schema 5): %d composite rows no longer kept (an Observation's code and value"
+                " answer them) deleted in %.1f s", cur.rowcount, time.monotonic() - started)
 
 
 class LaterSchema(StoreError):
