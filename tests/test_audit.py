@@ -10,8 +10,9 @@ import httpx
 import orjson
 import pytest
 
-from rebond.clinical.census import group_wards, ward_census
+from rebond.clinical.census import ward_census
 from rebond.clinical.conventions import GROUP_IPP_SYSTEM
+from rebond.clinical.wards import group_wards
 from rebond.fhir.model import validate
 from rebond.security.audit import AuditTrail, _Answered, access_to_json, audit_event, audit_query, patients_in, time_ordered_id
 from rebond.store import open_store

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from rebond.clinical.census import Ward, group_wards, ward_census
+from rebond.clinical.census import ward_census
 from rebond.clinical.conventions import HOSPITAL_TZ
 from rebond.clinical.records import PatientSummary
+from rebond.clinical.wards import Ward, group_wards
 from rebond.store import open_store
 from tests.server import RebondServer
 

@@ -9,10 +9,11 @@ import httpx
 import pytest
 
 from rebond.clinical import messaging
-from rebond.clinical.census import group_wards, ward_census
+from rebond.clinical.census import ward_census
 from rebond.clinical.conventions import COMMUNICATION_CATEGORY, HOSPITAL_TZ, ON_CALL_SYSTEM, RPPS_SYSTEM, SERVICE_SYSTEM
 from rebond.clinical.escalation import ESCALATE_AFTER, escalate, passed_on, physician_for
 from rebond.clinical.records import Clinician, Entry, PatientSummary, Resource, fhir_instant, find, person_name, read
+from rebond.clinical.wards import group_wards
 from rebond.fhir.search import literal
 from rebond.hl7.intake import prepare, receive, receive_many
 from rebond.seed.demo import DemoSize, seed_demo

@@ -8,13 +8,13 @@ from urllib.parse import urlencode
 import pytest
 
 from rebond.clinical import messaging
-from rebond.clinical.census import group_wards
 from rebond.clinical.chart import patient_chart
 from rebond.clinical.interventions import answer, figures, propose
 from rebond.clinical.pharmacy import worklist
 from rebond.clinical.prescribing import formulary, prescribe
 from rebond.clinical.recording import InvalidForm
 from rebond.clinical.records import Clinician, Entry, find, person_name, read, ref_id
+from rebond.clinical.wards import group_wards
 from rebond.seed.demo import DemoSize, seed_demo
 from rebond.store import open_store
 from rebond.store.base import NotFound, PreconditionFailed, Store

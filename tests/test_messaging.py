@@ -10,7 +10,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from rebond.clinical.census import group_wards, ward_census
+from rebond.clinical.census import ward_census
 from rebond.clinical.conventions import HOSPITAL_TZ
 from rebond.clinical.messaging import (
     Box,
@@ -26,6 +26,7 @@ from rebond.clinical.messaging import (
 )
 from rebond.clinical.recording import InvalidForm
 from rebond.clinical.records import Clinician, Entry, find
+from rebond.clinical.wards import group_wards
 from rebond.seed.demo import DemoSize, SeedReport, seed_demo
 from rebond.store import open_store
 from rebond.store.base import NotFound, Store

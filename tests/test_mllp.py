@@ -344,8 +344,9 @@ def test_a_critical_result_sent_over_mllp_waits_urgent_on_the_wards_census_and_i
     on the census and in every page's top bar, opens it from the box, and goes from it to the result in the chart."""
     from urllib.parse import quote
 
-    from rebond.clinical.census import group_wards, ward_census
+    from rebond.clinical.census import ward_census
     from rebond.clinical.messaging import ward_box
+    from rebond.clinical.wards import group_wards
     from tests.web_client import signed_in
 
     store = open_store(listener.db)
@@ -377,7 +378,8 @@ def test_a_critical_result_no_one_takes_in_hand_is_passed_on_to_a_physician_by_t
     port = free_port()
     server = RebondServer(demo_db, "--mllp-port", str(port), "--escalate-after", "0.05").start()
     try:
-        from rebond.clinical.census import group_wards, ward_census
+        from rebond.clinical.census import ward_census
+        from rebond.clinical.wards import group_wards
 
         store = open_store(server.db)
         try:

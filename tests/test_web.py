@@ -8,7 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rebond.clinical.census import group_wards, ward_census
+from rebond.clinical.census import ward_census
+from rebond.clinical.wards import group_wards
 from rebond.store import open_store
 from tests.server import RebondServer, rebond
 from tests.web_client import csrf_of, entry_of, signed_in

@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from rebond.clinical.conventions import LOCATION_TYPE
+from rebond.clinical.interventions import of_prescriptions
 from rebond.clinical.medication import administration, dose_schedule, prescription
 from rebond.clinical.prescribing import allergens_of, conflicts_of, is_new, seen
 from rebond.clinical.records import (
@@ -23,6 +23,7 @@ from rebond.clinical.records import (
     ref_id,
 )
 from rebond.clinical.results import reports
+from rebond.clinical.wards import Ward, is_kind
 from rebond.store.base import NotFound, Store
 
 #: abnormal results older than this no longer raise a census alert (they stay in the chart and the results portal)
@@ -36,15 +37,6 @@ class Allergy:
     substance: str
     criticality: str  # high, low, unable-to-assess
     codes: tuple[tuple[str, str], ...] = ()  # (system, code) of its substance, to check prescriptions against
-
-
-@dataclass(frozen=True)
-class Ward:
-    id: str
-    name: str
-    code: str
-    hospital: str
-    hospital_id: str | None
 
 
 @dataclass
@@ -83,10 +75,6 @@ class WardCensus:
     @property
     def occupied(self) -> int:
         return sum(1 for b in self.beds if b.patient is not None)
-
-
-def is_kind(location: Resource, kind: str) -> bool:
-    return has_code(location.get("physicalType"), kind, LOCATION_TYPE)
 
 
 def ward_of(store: Store, ward_id: str) -> Ward:
@@ -204,8 +192,6 @@ def _alerts(store: Store, occupied: list[BedLine], patient_ids: list[str], now: 
     allergens = allergens_of(store, (r.get("medicationCodeableConcept") or {} for r in allergic)) if allergic else {}
     new = [r["id"] for r in requests if is_new(instant(r.get("authoredOn")), now)]
     read_already = seen(store, new) if new else {}
-    from rebond.clinical.interventions import of_prescriptions  # here: it reads the messaging, which reads the census
-
     raised = {rid for rid, found in of_prescriptions(store, [r["id"] for r in requests]).items() if any(i.outcome is None for i in found)}
     for request in requests:
         line = by_patient.get(patient_of_request[request["id"]] or "")
@@ -225,35 +211,3 @@ def _alerts(store: Store, occupied: list[BedLine], patient_ids: list[str], now: 
             line.doses_due += 1
         elif dose.state == "late":
             line.doses_late += 1
-
-
-@dataclass
-class HospitalWards:
-    hospital: str
-    site_id: str
-    wards: list[tuple[Ward, int]]  # each ward with its number of inpatients
-
-
-def group_wards(store: Store, *, count_inpatients: bool = True) -> list[HospitalWards]:
-    """Every hospital site with its wards, for choosing a ward; each with its inpatients counted unless told not to
-    (a page that only names the wards need not read every stay)."""
-    sites = [s for s in find(store, "Location", ("partof:missing", "true")) if is_kind(s, "si")]
-    if not sites:
-        return []
-    wards = [w for w in find(store, "Location", ("partof", any_of(f"Location/{s['id']}" for s in sites))) if is_kind(w, "wa")]
-    occupancy: dict[str, int] = {}
-    if wards and count_inpatients:
-        query = any_of(f"Location/{w['id']}" for w in wards)
-        for encounter in find(store, "Encounter", ("location", query), ("status", "in-progress")):
-            for loc in encounter.get("location") or ():
-                lid = ref_id(loc.get("location"), "Location")
-                if lid is not None:
-                    occupancy[lid] = occupancy.get(lid, 0) + 1
-    out = []
-    for site in sorted(sites, key=lambda s: str(s.get("name", ""))):
-        mine = [w for w in wards if ref_id(w.get("partOf"), "Location") == site["id"]]
-        listed = [(Ward(w["id"], str(w.get("name", "")), str((w.get("alias") or [""])[0]), str(site.get("name", "")),
-                        ref_id(w.get("managingOrganization"), "Organization")), occupancy.get(w["id"], 0))
-                  for w in sorted(mine, key=lambda w: str(w.get("name", "")))]
-        out.append(HospitalWards(str(site.get("name", "")), site["id"], listed))
-    return out

@@ -32,7 +32,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from rebond.clinical.census import group_wards
 from rebond.clinical.conventions import COMMUNICATION_CATEGORY, LOCATION_SYSTEM, SERVICE_SYSTEM
 from rebond.clinical.recording import InvalidForm, typed_text
 from rebond.clinical.records import (
@@ -51,6 +50,7 @@ from rebond.clinical.records import (
     read,
     ref_id,
 )
+from rebond.clinical.wards import group_wards
 from rebond.fhir import operations
 from rebond.fhir.search import literal
 from rebond.store.base import NotFound, Store

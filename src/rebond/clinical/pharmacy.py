@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from rebond.clinical.census import Allergy, Ward, allergies_by_patient, group_wards
+from rebond.clinical.census import Allergy, allergies_by_patient
 from rebond.clinical.conventions import PRESCRIPTION_VALIDATION, TASK_CODE_SYSTEM
 from rebond.clinical.interventions import Intervention, of_prescriptions
 from rebond.clinical.medication import Prescription, prescription
@@ -45,6 +45,7 @@ from rebond.clinical.records import (
     ref_id,
 )
 from rebond.clinical.results import Acknowledgement, acknowledgement_task
+from rebond.clinical.wards import Ward, group_wards
 from rebond.fhir import operations
 from rebond.fhir.search import parse_search
 from rebond.store.base import NotFound, PreconditionFailed, Session, Store

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from rebond.clinical.census import group_wards
+from rebond.clinical.wards import group_wards
 from rebond.downtime.pack import Pack, Source, ward_pack
 from rebond.downtime.render import render_pdf
 from rebond.durable import write_atomically

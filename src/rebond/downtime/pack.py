@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from rebond.clinical.census import Ward, ward_occupancy
+from rebond.clinical.census import ward_occupancy
 from rebond.clinical.chart import PatientChart, patient_chart
 from rebond.clinical.conventions import HOSPITAL_TZ
 from rebond.clinical.medication import Prescription
@@ -23,6 +23,7 @@ from rebond.clinical.messaging import about_patient
 from rebond.clinical.records import concept_text, find, instant
 from rebond.clinical.results import LabResult
 from rebond.clinical.staff import procedures, shifts
+from rebond.clinical.wards import Ward
 from rebond.hl7.critical import called
 from rebond.store.base import Store
 from rebond.web.i18n import Translator

@@ -23,10 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rebond.clinical.census import is_kind
 from rebond.clinical.conventions import COMMUNICATION_CATEGORY, HOSPITAL_TZ, LOCATION_SYSTEM, MODULE_STATE_SYSTEM, MODULE_SYSTEM, SITE_SYSTEM
 from rebond.clinical.recording import InvalidForm
 from rebond.clinical.records import Clinician, Entry, fhir_instant, find, identifier_value, instant
+from rebond.clinical.wards import is_kind
 from rebond.fhir import operations
 from rebond.store.base import Session, Store, StoreError
 from rebond.web.i18n import N_

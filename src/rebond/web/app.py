@@ -27,7 +27,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from rebond.clinical.admission import RangeExhausted, emergency_admission, ipp_range
-from rebond.clinical.census import HospitalWards, group_wards, ward_census, ward_occupancy, ward_of
+from rebond.clinical.census import ward_census, ward_occupancy, ward_of
 from rebond.clinical.chart import patient_chart, patient_header, with_alerts
 from rebond.clinical.conventions import HOSPITAL_TZ
 from rebond.clinical.critical_register import MAX_DAYS, as_csv, register
@@ -63,6 +63,7 @@ from rebond.clinical.recording import NOTE_KINDS, VITAL_SIGNS, InvalidForm, reco
 from rebond.clinical.records import Clinician, Entry, any_of, fhir_instant, instant, read, ref_id
 from rebond.clinical.results import acknowledge_result, reports
 from rebond.clinical.staff import Shift, StaffMember, binder, shifts, staff_by_ward
+from rebond.clinical.wards import HospitalWards, group_wards
 from rebond.downtime.library import KeptPack, PackLibrary
 from rebond.downtime.pack import source_from, ward_pack
 from rebond.downtime.render import render_pdf
