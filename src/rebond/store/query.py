@@ -202,7 +202,8 @@ def _joined_fragment(clause: Clause, resource_type: str, alias: str, drive: bool
     `A$B`, a resource with a row of the first parameter matching A and a row of the second matching B, each part with
     its parameter's whole syntax; `:missing`, whether it lacks rows of either."""
     assert clause.param is not None
-    first, second = (lookup(resource_type, code) or clause.param for code in clause.param.joined)
+    found = [lookup(clause.param.resource_type, code) for code in clause.param.joined]
+    first, second = [param for param in found if param is not None]  # both: registry() checked (searchparams._joined)
 
     def part(param: SearchParam, raw: str | None, *, leading: bool = False) -> Fragment:
         values = [parse_value(param.type, raw, clause.name, param)] if raw is not None else None
@@ -222,7 +223,7 @@ def _each_key(clause: Clause, resource_type: str, alias: str, drive: bool) -> Fr
     assert clause.param is not None
     parts = []
     for key in clause.param.stored_as:
-        param = lookup(resource_type, key.split(".", 1)[1])
+        param = lookup(clause.param.resource_type, key.split(".", 1)[1])
         one = Clause(clause.name, clause.type, param, clause.modifier, clause.values, clause.missing)
         parts.append(clause_fragment(one, resource_type, alias, drive=drive))
     return _and(parts) if clause.missing else _or(parts)
