@@ -225,8 +225,8 @@ def _joined_parts(param: SearchParam | None) -> tuple[str, ...]:
     that of a composite whose rows an alias reads: `combo-code-value-quantity`)."""
     if param is None:
         return ()
-    for other in (param, *(lookup(param.resource_type, key.split(".", 1)[1]) for key in param.stored_as)):
-        if other is not None and other.joined:
+    for other in (param, *param.aliased):
+        if other.joined:
             return other.joined
     return ()
 

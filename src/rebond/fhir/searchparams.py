@@ -58,6 +58,11 @@ class SearchParam:
         return self.stored_as or (self.key,)
 
     @property
+    def aliased(self) -> tuple[SearchParam, ...]:
+        """The parameters whose rows an alias reads (`stored_as`): of the same resource type."""
+        return tuple(_named(self.resource_type, key.split(".", 1)[1]) for key in self.stored_as)
+
+    @property
     def indexed(self) -> bool:
         """Whether writes make rows for this parameter (an alias reads another's rows, a joined composite two others')."""
         return not self.stored_as and not self.joined

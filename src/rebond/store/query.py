@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rebond.fhir.search import Clause, SearchQuery, Value, parse_value
-from rebond.fhir.searchparams import JOINED_COMPOSITES, SearchParam, lookup
+from rebond.fhir.searchparams import SearchParam, lookup
 from rebond.pickled import by_fields
 from rebond.store.indexing import TOKEN_PART_SEPARATOR, component_types, format_number, normalize_text, number_range, token_part
 from rebond.store.schema import ROW_TABLES
@@ -169,7 +169,7 @@ def clause_fragment(clause: Clause, resource_type: str, alias: str, *, drive: bo
     assert clause.param is not None
     if clause.param.joined:
         return _joined_fragment(clause, resource_type, alias, drive)
-    if clause.type == "composite" and any(key in JOINED_COMPOSITES for key in clause.param.stored_as):
+    if clause.type == "composite" and any(part.joined for part in clause.param.aliased):
         return _each_key(clause, resource_type, alias, drive)
     table = ROW_TABLES[clause.type]
     if clause.chain is not None:
@@ -222,8 +222,7 @@ def _each_key(clause: Clause, resource_type: str, alias: str, drive: bool) -> Fr
     AND'ed (missing from each)."""
     assert clause.param is not None
     parts = []
-    for key in clause.param.stored_as:
-        param = lookup(clause.param.resource_type, key.split(".", 1)[1])
+    for param in clause.param.aliased:
         one = Clause(clause.name, clause.type, param, clause.modifier, clause.values, clause.missing)
         parts.append(clause_fragment(one, resource_type, alias, drive=drive))
     return _and(parts) if clause.missing else _or(parts)
