@@ -105,10 +105,21 @@ def test_intake_takes_results_and_admissions_through_drafts(store: Store) -> Non
     assert applied == [True, True]
     answer = intake.receive(store, oru("R4", "880002", "F4", visit="V1"))
     assert answer.code == "AA" and not answer.redone
+    kept = store.message(answer.message_id or 0)
+    assert kept is not None and kept.status == "applied" and "DiagnosticReport/" in kept.detail  # kept as applied at once
     stale = intake.prepare(store, oru("R5", "880002", "F5", visit="V1"))
+    assert stale is not None
     intake.receive(store, adt("A08", "A2", "880002", "V1", family="LEGRAND"))  # the patient changes after that draft
     answer = intake.receive(store, oru("R5", "880002", "F5", visit="V1"), stale)
     assert answer.code == "AA" and answer.redone
+    # a draft that planned a provisional patient, who is admitted before its turn: the inbox says what was written
+    early = intake.prepare(store, oru("R7", "880004", "F7"))
+    assert early is not None and any(w.startswith("Patient/") for w in early.applied.written)
+    intake.receive(store, adt("A01", "A7", "880004", "V7", bed="H1-CARDIO-02A"))
+    answer = intake.receive(store, oru("R7", "880004", "F7"), early)
+    kept = store.message(answer.message_id or 0)
+    assert answer.code == "AA" and answer.redone and kept is not None and kept.status == "applied"
+    assert kept.detail != early.applied.summary() and not any(part.startswith("Patient/") for part in kept.detail.split(", "))
     assert len(store.search_ids(parse_search("Observation", [("patient.identifier", "880002")]), limit=50)) >= 2
 
 

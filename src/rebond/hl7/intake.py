@@ -177,19 +177,25 @@ class _Intake:
         return tx.receive_message(CHANNEL, self.sender, self.control_id, self.raw)
 
     def keep_and_apply(self, tx: Session) -> tuple[InboxMessage, bool]:
-        kept, new = self.keep(tx)
-        if new and self.header is not None and self.problem is None:
+        if self.header is None or self.problem is not None:
+            return self.keep(tx)
+        prepared = self.prepared
+        if prepared is None:
+            kept, new = self.keep(tx)
+        else:
+            # kept as applied, with what its draft writes, in the transaction that writes it: one row instead of a row
+            # and its update. If the draft's writes fail, the row goes with them (the batch or its savepoint rolled back)
+            # and `finish` keeps the message alone, as received
+            kept, new = tx.receive_message(CHANNEL, self.sender, self.control_id, self.raw, status="applied",
+                                           detail=prepared.applied.summary())
+        if new:
             # the draft's writes, or (what it read has changed since, or there is none) worked out again under the lock
-            prepared = self.prepared
             drafted = prepared is not None and tx.apply_draft(prepared.draft)
             self.redone = prepared is not None and not drafted
-            if drafted and prepared is not None:
-                applied = prepared.applied
-            else:
+            if not drafted:
                 message = self.message
                 assert message is not None  # it has a header
-                applied = apply_message(tx, message)
-            tx.settle_message(kept.id, "applied", applied.summary())
+                tx.settle_message(kept.id, "applied", apply_message(tx, message).summary())
         return kept, new
 
     def _unavailable(self, err: StoreError) -> Answer:

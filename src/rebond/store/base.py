@@ -255,8 +255,12 @@ class Session(abc.ABC):
         """Record what became of a journaled write (replayed, conflict, resolved)."""
 
     @abc.abstractmethod
-    def receive_message(self, channel: str, sender: str, control_id: str, raw: bytes) -> tuple[InboxMessage, bool]:
-        """Keep a message as received; (the message, True) when new, (the one kept earlier, False) for a re-send."""
+    def receive_message(self, channel: str, sender: str, control_id: str, raw: bytes, *, status: str = "received",
+                        detail: str = "") -> tuple[InboxMessage, bool]:
+        """Keep a message as received; (the message, True) when new, (the one kept earlier, False) for a re-send.
+
+        `status`, `detail`: what a new one is kept as, when the caller already knows what its transaction will make of
+        it (a drafted message: "applied", with what its draft writes)."""
 
     @abc.abstractmethod
     def settle_message(self, message_id: int, status: str, detail: str, raw: bytes | None = None) -> None:

@@ -222,7 +222,8 @@ class Draft(Session):
     def settle_journal(self, seq: int, status: str, detail: str) -> None:
         raise NeedsTransaction("a journal entry")
 
-    def receive_message(self, channel: str, sender: str, control_id: str, raw: bytes) -> tuple[InboxMessage, bool]:
+    def receive_message(self, channel: str, sender: str, control_id: str, raw: bytes, *, status: str = "received",
+                        detail: str = "") -> tuple[InboxMessage, bool]:
         raise NeedsTransaction("keeping a message")
 
     def settle_message(self, message_id: int, status: str, detail: str, raw: bytes | None = None) -> None:

@@ -171,17 +171,18 @@ class SQLSession(Session):
                 self._journal(result, "update" if base else "create", base, planned.resource)
         return True
 
-    def receive_message(self, channel: str, sender: str, control_id: str, raw: bytes) -> tuple[InboxMessage, bool]:
+    def receive_message(self, channel: str, sender: str, control_id: str, raw: bytes, *, status: str = "received",
+                        detail: str = "") -> tuple[InboxMessage, bool]:
         now = time.time()
         digest = message_digest(raw)
         self.cur.execute(
             "INSERT INTO inbox (channel, sender, control_id, received, raw, status, detail, updated, digest)"
-            " VALUES (?, ?, ?, ?, ?, 'received', '', ?, ?) ON CONFLICT (channel, sender, control_id) DO NOTHING RETURNING id",
-            (channel, sender, control_id, now, self.store.blob(raw), now, digest),
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (channel, sender, control_id) DO NOTHING RETURNING id",
+            (channel, sender, control_id, now, self.store.blob(raw), status, detail, now, digest),
         )
         row = self.cur.fetchone()
         if row is not None:
-            return InboxMessage(int(row[0]), channel, sender, control_id, now, raw, "received", "", now, digest), True
+            return InboxMessage(int(row[0]), channel, sender, control_id, now, raw, status, detail, now, digest), True
         self.cur.execute(f"SELECT {_INBOX_COLUMNS} FROM inbox WHERE channel = ? AND sender = ? AND control_id = ?",
                          (channel, sender, control_id))
         return inbox_from_row(self.cur.fetchone()), False
