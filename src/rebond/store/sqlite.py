@@ -59,7 +59,7 @@ WAL_CUT_BACK = 64 * 1024 * 1024
 
 GROUP_COMMIT_MAX = 64
 #: the writer's page cache when its commits are many and small (`for_small_commits`)
-SMALL_COMMITS_CACHE_KIB = 8192
+SMALL_COMMITS_CACHE_KIB = 2048
 ANALYZE_MIN_WRITES = 2000
 #: the checkpointer copies the WAL into the database this often while writes come in (seconds)
 CHECKPOINT_EVERY = 0.25
@@ -419,7 +419,9 @@ class SQLiteStore(SQLStore):
         """A smaller page cache for the writer: at every commit SQLite 3.40 walks the whole cache when a page split
         renumbered a page past the end of the file (a lab panel's commit nearly always has one), and walking 16,000
         pages cost ~5 % of the intake writer against ~1.5 % for 2,000 (perf); the pages it writes stay cached, the
-        file's others are mapped (mmap_size)."""
+        file's others are mapped (mmap_size). The walk misses the CPU's caches page after page: 2 MiB (some 900 pages)
+        took 5–7 % less of the writer's CPU than 8 MiB, lab panels written two a commit, alternated in one process
+        (docs/benchmarks.md, stop 30); 1 and 3 MiB no better than 2, and sixteen a commit the same."""
         self._writer.execute(f"PRAGMA cache_size=-{SMALL_COMMITS_CACHE_KIB}")
 
     def checkpoint_elsewhere(self) -> None:
