@@ -420,8 +420,9 @@ class SQLiteStore(SQLStore):
         renumbered a page past the end of the file (a lab panel's commit nearly always has one), and walking 16,000
         pages cost ~5 % of the intake writer against ~1.5 % for 2,000 (perf); the pages it writes stay cached, the
         file's others are mapped (mmap_size). The walk misses the CPU's caches page after page: 2 MiB (some 900 pages)
-        took 5–7 % less of the writer's CPU than 8 MiB, lab panels written two a commit, alternated in one process
-        (docs/benchmarks.md, stop 30); 1 and 3 MiB no better than 2, and sixteen a commit the same."""
+        took 4–8 % less of the writer's CPU than 8 MiB with one to four lab panels a commit, and as much or a little
+        less with sixteen (bench/writer_cache.py, docs/benchmarks.md stop 30); 1 MiB less still with two a commit, but
+        up to 16 % more with sixteen, whose pages no longer fit."""
         self._writer.execute(f"PRAGMA cache_size=-{SMALL_COMMITS_CACHE_KIB}")
 
     def checkpoint_elsewhere(self) -> None:
