@@ -421,8 +421,8 @@ class SQLiteStore(SQLStore):
         pages cost ~5 % of the intake writer against ~1.5 % for 2,000 (perf); the pages it writes stay cached, the
         file's others are mapped (mmap_size). The walk misses the CPU's caches page after page: 2 MiB (some 900 pages)
         took 4–8 % less of the writer's CPU than 8 MiB with one to four lab panels a commit, and as much or a little
-        less with sixteen (bench/writer_cache.py, docs/benchmarks.md stop 30); 1 MiB less still with two a commit, but
-        up to 16 % more with sixteen, whose pages no longer fit."""
+        less with sixteen (bench/writer_cache.py, docs/benchmarks.md stop 30); 1 MiB was no surer a gain with two a
+        commit (6 % less to 2 % more than 2 MiB), and up to 16 % more than 8 MiB with sixteen, whose pages no longer fit."""
         self._writer.execute(f"PRAGMA cache_size=-{SMALL_COMMITS_CACHE_KIB}")
 
     def checkpoint_elsewhere(self) -> None:
