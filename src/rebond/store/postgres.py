@@ -41,8 +41,8 @@ CONNECTION_DEFAULTS = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle":
                        "keepalives_count": 3, "tcp_user_timeout": 15_000}
 
 
-class _PgCursor(Cursor):
-    """psycopg's cursor with the `?` placeholders the shared SQL is written in."""
+class _PgCursor:
+    """psycopg's cursor with the `?` placeholders the shared SQL is written in (a `Cursor`, store/sql.py's protocol)."""
 
     _cache: dict[str, str] = {}
 

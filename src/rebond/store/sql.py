@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -67,19 +67,16 @@ def stored_from_row(row: Sequence[Any]) -> Stored:
     )
 
 
-class Cursor(abc.ABC):
-    """The few cursor operations the shared code needs, over either DB-API driver."""
+class Cursor(Protocol):
+    """The few cursor operations the shared code needs, as either DB-API driver's cursor has them: sqlite3's own, or
+    psycopg's behind `postgres._PgCursor`."""
 
-    @abc.abstractmethod
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any: ...
+    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Any: ...
 
-    @abc.abstractmethod
-    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> Any: ...
 
-    @abc.abstractmethod
     def fetchone(self) -> Any: ...
 
-    @abc.abstractmethod
     def fetchall(self) -> list[Any]: ...
 
 

@@ -267,7 +267,7 @@ class SQLiteStore(SQLStore):
     def reader(self) -> Iterator[Cursor]:
         cur = self._thread_connection().cursor()
         try:
-            yield cur  # type: ignore[misc]
+            yield cur
         finally:
             cur.close()
 
@@ -295,7 +295,7 @@ class SQLiteStore(SQLStore):
             cur = self._writer.cursor()
             self._begin(cur)
             try:
-                session = SQLSession(self, cur)  # type: ignore[arg-type]
+                session = SQLSession(self, cur)
                 yield session
                 session.flush()
             except BaseException:
@@ -388,7 +388,7 @@ class SQLiteStore(SQLStore):
                 if isolate:
                     cur.execute("SAVEPOINT work")
                 try:
-                    session = SQLSession(self, cur)  # type: ignore[arg-type]
+                    session = SQLSession(self, cur)
                     item.result = item.fn(session)
                     session.flush()
                     written += session.writes
