@@ -212,22 +212,20 @@ def parse_value(ptype: str, raw: str, name: str, param: SearchParam | None) -> V
         parts = _split_unescaped(raw, "$")
         if len(parts) != 2:
             raise SearchError([f"{name}: a composite value is two parts joined by '$'"])
-        for part, code in zip(parts, _joined_parts(param), strict=False):  # each checked as a value of its parameter
-            component = lookup(param.resource_type, code) if param is not None else None
-            if component is not None:
-                parse_value(component.type, part, name, component)
+        for part, component in zip(parts, _joined_parts(param), strict=False):  # each checked as a value of its parameter
+            parse_value(component.type, part, name, component)
         return Value(raw, code=parts[0], text=parts[1])
     return Value(raw)
 
 
-def _joined_parts(param: SearchParam | None) -> tuple[str, ...]:
+def _joined_parts(param: SearchParam | None) -> tuple[SearchParam, ...]:
     """The parameters a composite's two parts are asked of, when its components' rows answer it (its own `joined`, or
     that of a composite whose rows an alias reads: `combo-code-value-quantity`)."""
     if param is None:
         return ()
     for other in (param, *param.aliased):
         if other.joined:
-            return other.joined
+            return other.joined_params
     return ()
 
 

@@ -63,6 +63,11 @@ class SearchParam:
         return tuple(_named(self.resource_type, key.split(".", 1)[1]) for key in self.stored_as)
 
     @property
+    def joined_params(self) -> tuple[SearchParam, ...]:
+        """The two parameters whose rows answer a joined composite (`joined`; `registry()` checked they exist)."""
+        return tuple(_named(self.resource_type, code) for code in self.joined)
+
+    @property
     def indexed(self) -> bool:
         """Whether writes make rows for this parameter (an alias reads another's rows, a joined composite two others')."""
         return not self.stored_as and not self.joined

@@ -202,8 +202,7 @@ def _joined_fragment(clause: Clause, resource_type: str, alias: str, drive: bool
     `A$B`, a resource with a row of the first parameter matching A and a row of the second matching B, each part with
     its parameter's whole syntax; `:missing`, whether it lacks rows of either."""
     assert clause.param is not None
-    found = [lookup(clause.param.resource_type, code) for code in clause.param.joined]
-    first, second = [param for param in found if param is not None]  # both: registry() checked (searchparams._joined)
+    first, second = clause.param.joined_params
 
     def part(param: SearchParam, raw: str | None, *, leading: bool = False) -> Fragment:
         values = [parse_value(param.type, raw, clause.name, param)] if raw is not None else None
