@@ -104,7 +104,10 @@ def _part(part: str, store_path: Path, messages: list[bytes], panels: int, count
                 checkpoints.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
     write(drafted(messages[:WARM_UP]))
-    checkpoints.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    # RESTART, not TRUNCATE: a log truncated by another connection counts as that connection's commit for the writer's
+    # `PRAGMA data_version`, and the drafts made after it would all be checked as if others had written (store/sqlite.py
+    # _OwnCommits); the server's checkpointer never truncates
+    checkpoints.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
     measured = messages[WARM_UP:WARM_UP + panels]
     if part == "draft":
         if counting:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import marshal
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -10,8 +11,10 @@ from rebond.fhir.search import parse_search
 from rebond.hl7 import intake
 from rebond.hl7.mapping import apply_message
 from rebond.hl7.message import Message, decode
-from rebond.store.base import Store
+from rebond.store import open_store, sqlite
+from rebond.store.base import Store, Stored
 from rebond.store.draft import Draft, NeedsTransaction, PlannedWrite, SentWrite, sent_draft
+from rebond.store.sql import SQLStore
 from tests.hl7_messages import adt, oru
 
 
@@ -90,6 +93,98 @@ def test_two_results_for_a_new_patient_drafted_together_make_one_patient(store: 
     assert applied == [True, False]  # the second was worked out again under the lock
     assert len(store.search_ids(parse_search("Patient", [("identifier", "880001")]), limit=5)) == 1
     assert len(store.search_ids(parse_search("DiagnosticReport", [("patient.identifier", "880001")]), limit=5)) == 2
+
+
+def _drafted(store: Store, work: Callable[[Draft], Any]) -> Draft:
+    """A draft made as the intake makes them: in one snapshot of the store, with the mark of the state it read."""
+    draft = Draft(store)
+    with store.snapshot():
+        draft.mark = store.commit_mark()
+        work(draft)
+    return draft
+
+
+def _a_result(draft: Draft) -> None:
+    """What a lab result's draft does: finds the patient by IPP, reads it, plans an observation."""
+    assert draft.search_ids(parse_search("Patient", [("identifier", "urn:test|1")])) == ["p1"]
+    assert draft.read("Patient", "p1") is not None
+    draft.update("Observation", "o1", {"resourceType": "Observation", "status": "final", "code": {"text": "K"},
+                                       "subject": {"reference": "Patient/p1"}})
+
+
+@pytest.fixture
+def three(engine_url: str) -> Iterator[tuple[SQLStore, Store, Store]]:
+    """Three connections to one store: the intake writer's, the drafting server's, another process's (the HTTP API)."""
+    stores = [open_store(engine_url) for _ in range(3)]
+    writer = stores[0]
+    assert isinstance(writer, SQLStore)
+    writer.update("Patient", "p1", patient("Martin", "1"))
+    yield writer, stores[1], stores[2]
+    for s in stores:
+        s.close()
+
+
+def test_a_draft_is_applied_as_planned_when_only_unrelated_writes_came_after_it(three: tuple[SQLStore, Store, Store]) -> None:
+    """On SQLite the writer knows what it committed itself after a draft's state: none of it touched what the draft read
+    or the types it searched, so the draft holds without being read again. PostgreSQL checks every read: the same end."""
+    writer, server, _other = three
+    draft = _drafted(server, _a_result)
+    assert draft.mark is not None or server.commit_mark() is None
+    writer.update("Observation", "elsewhere", {"resourceType": "Observation", "status": "final", "code": {"text": "Na"}})
+    holds = writer.write(lambda tx: writer.draft_holds(draft.mark, draft.seen.keys(), draft.searched))
+    assert holds is isinstance(writer, sqlite.SQLiteStore)
+    carried = sent_draft(marshal.loads(marshal.dumps(draft.plain())))  # as the intake writer receives it
+    assert carried.mark == draft.mark and carried.searched == {"Patient"}
+    assert writer.write(lambda tx: tx.apply_draft(carried)) is True
+    assert writer.search_ids(parse_search("Observation", [("patient", "p1")])) == ["o1"]
+
+
+def test_a_draft_is_read_again_after_a_commit_by_another_connection(three: tuple[SQLStore, Store, Store]) -> None:
+    writer, server, other = three
+    unrelated = _drafted(server, _a_result)
+    other.update("Observation", "elsewhere", {"resourceType": "Observation", "status": "final", "code": {"text": "Na"}})
+    assert writer.write(lambda tx: writer.draft_holds(unrelated.mark, unrelated.seen.keys(), unrelated.searched)) is False
+    assert writer.write(lambda tx: tx.apply_draft(unrelated)) is True  # read again: it still holds
+    stale = _drafted(server, lambda d: d.update("Patient", "p1", {**patient("Martin", "1"), "gender": "female"}))
+    other.update("Patient", "p1", {**patient("Martin", "1"), "gender": "male"})
+    assert writer.write(lambda tx: tx.apply_draft(stale)) is False
+    now = writer.read("Patient", "p1")
+    assert now is not None and b'"male"' in (now.body or b"")
+
+
+def test_a_draft_is_stale_after_the_writer_itself_wrote_what_it_read_or_searched(three: tuple[SQLStore, Store, Store]) -> None:
+    writer, server, _other = three
+    read = _drafted(server, _a_result)
+    writer.update("Patient", "p1", {**patient("Martin", "1"), "gender": "male"})  # a resource it read
+    assert writer.write(lambda tx: tx.apply_draft(read)) is False
+    searched = _drafted(server, _a_result)
+    writer.update("Patient", "p2", patient("Martin", "1"))  # a type it searched: the search now finds two
+    assert writer.write(lambda tx: tx.apply_draft(searched)) is False
+    earlier = _drafted(server, lambda d: d.update("Patient", "p1", {**patient("Martin", "1"), "gender": "female"}))
+    first, second = writer.write_many([lambda tx: tx.update("Patient", "p1", patient("Martin", "1b")),
+                                       lambda tx: tx.apply_draft(earlier)])  # the same transaction, before it
+    assert first is not None and second is False
+    assert writer.read("Observation", "o1") is None
+
+
+def test_the_writer_forgets_what_it_cannot_vouch_for(three: tuple[SQLStore, Store, Store], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A version rewritten in place (its seq is older than the drafts' marks), or more of its own commits than it keeps:
+    the drafts made before are read again, and still applied when nothing they read changed."""
+    writer, server, _other = three
+    monkeypatch.setattr(sqlite, "OWN_COMMITS_KEPT", 2)
+    draft = _drafted(server, _a_result)
+    for n in range(3):
+        writer.update("Observation", f"e{n}", {"resourceType": "Observation", "status": "final", "code": {"text": "Na"}})
+    assert writer.write(lambda tx: writer.draft_holds(draft.mark, draft.seen.keys(), draft.searched)) is False
+    assert writer.write(lambda tx: tx.apply_draft(draft)) is True
+    current = writer.read("Observation", "e0")
+    assert current is not None and current.body is not None
+    draft = _drafted(server, lambda d: d.update("Observation", "o2", {"resourceType": "Observation", "status": "final",
+                                                                       "code": {"text": "K"}}))
+    upstream = Stored("Observation", "e0", current.version, current.last_updated, False, current.body.replace(b'"Na"', b'"Cl"'))
+    assert writer.write(lambda tx: tx.replicate(upstream)) is True  # this node's version replaced by the upstream's
+    assert writer.write(lambda tx: writer.draft_holds(draft.mark, draft.seen.keys(), draft.searched)) is False
+    assert writer.write(lambda tx: tx.apply_draft(draft)) is True
 
 
 def test_intake_takes_results_and_admissions_through_drafts(store: Store) -> None:

@@ -93,7 +93,7 @@ class Prepared:
                               by_fields(self.header)[1]))
 
 
-_PACKED_FORM = 2  # 2: a draft's searches as their SQL (1: pickled queries)
+_PACKED_FORM = 3  # 3: the state it read and the types it searched; 2: a draft's searches as their SQL (1: pickled queries)
 
 
 def unpack(blob: bytes | None) -> Prepared | None:
@@ -246,6 +246,7 @@ def _draft(store: Store, message: Message, header: Header) -> Prepared | None:
     draft = Draft(store)
     try:
         with store.snapshot():
+            draft.mark = store.commit_mark()
             return Prepared(draft, apply_message(draft, message), header)
     except Exception:
         return None

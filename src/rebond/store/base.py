@@ -429,6 +429,11 @@ class Store(abc.ABC):
         transaction."""
         return contextlib.nullcontext()
 
+    def commit_mark(self) -> int | None:
+        """Inside `snapshot`: a mark of the committed state it reads, by which this store's writer can tell what was
+        committed after it (SQLite: the highest seq); None when the engine cannot (store/draft.py)."""
+        return None
+
     @abc.abstractmethod
     def close(self) -> None: ...
 

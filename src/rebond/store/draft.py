@@ -140,13 +140,15 @@ class Draft(Session):
         self.searches: list[tuple[str, list[Any], int, list[str]]] = []  # (WHERE over `resources r`, its values, limit, ids)
         self.writes: dict[tuple[str, str], PlannedWrite | SentWrite] = {}  # SentWrite once sent
         self._read: dict[tuple[str, str], Stored | None] = {}  # what was read, read once: the draft sees one state
+        self.mark: int | None = None  # the state read (Store.commit_mark), when the store can say
+        self.searched: set[str] = set()  # the resource types searched
 
     def plain(self) -> tuple[Any, ...]:
         """What another process needs to apply it (`sent_draft` there), as values `marshal` carries: the versions
         read, the searches made (their SQL), the writes (index rows included, as tuples and lists); not the store it
         read from. Marshal takes a lab panel's draft in a fraction of what pickling its objects took."""
         writes = [(w if isinstance(w, SentWrite) else w.sent()).plain() for w in self.writes.values()]
-        return self.seen, self.searches, writes
+        return self.seen, self.searches, writes, self.mark, self.searched
 
     def _source(self) -> Store:
         if self.store is None:
@@ -184,6 +186,10 @@ class Draft(Session):
         where = where_fragment(query)
         ids = self._source().ids_where(where.sql, where.params, limit)
         self.searches.append((where.sql, where.params, limit, ids))
+        if query.resource_type is None:  # over every type: what it finds is checked by running it again
+            self.mark = None
+        else:
+            self.searched.add(query.resource_type)
         return ids
 
     def ids_where(self, where: str, params: list[Any], limit: int) -> list[str]:
@@ -250,10 +256,12 @@ class Draft(Session):
 
 def sent_draft(plain: tuple[Any, ...]) -> Draft:
     """A draft made in another process, from its `Draft.plain` (taken from this server's own processes only)."""
-    seen, searches, writes = plain
+    seen, searches, writes, mark, searched = plain
     draft = Draft(None)
     draft.seen = seen
     draft.searches = searches
+    draft.mark = mark
+    draft.searched = searched
     for resource_type, resource_id, content, meta, base_version, rows in writes:
         draft.writes[(resource_type, resource_id)] = SentWrite(resource_type, resource_id, content, meta, base_version,
                                                                IndexRows.from_plain(rows))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import abc
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -151,14 +151,21 @@ class SQLSession(Session):
 
     def apply_draft(self, draft: Draft) -> bool:
         """Write what a draft planned if everything it read is as it was; False (nothing written) otherwise."""
-        currents = self._currents([*draft.seen, *(key for key in draft.writes if key not in draft.seen)])
-        for key, seen in draft.seen.items():
-            current = currents[key]
-            if (0 if current is None or current.deleted else current.version) != seen:
-                return False
-        for where, params, limit, ids in draft.searches:
-            if self.ids_where(where, params, limit) != ids:
-                return False
+        if self.store.draft_holds(draft.mark, draft.seen.keys() | draft.writes.keys(), draft.searched):
+            # known unchanged without reading it again: only the resources it writes over are read, for their rows
+            currents: dict[tuple[str, str], _Current | None] = dict.fromkeys(draft.writes)
+            over = [key for key in draft.writes if draft.seen.get(key)]
+            if over:
+                currents.update(self._currents(over))
+        else:
+            currents = self._currents([*draft.seen, *(key for key in draft.writes if key not in draft.seen)])
+            for key, seen in draft.seen.items():
+                current = currents[key]
+                if (0 if current is None or current.deleted else current.version) != seen:
+                    return False
+            for where, params, limit, ids in draft.searches:
+                if self.ids_where(where, params, limit) != ids:
+                    return False
         for (rtype, rid), planned in draft.writes.items():
             current = currents[(rtype, rid)]
             resource = planned if isinstance(planned, SentWrite) else planned.resource
@@ -403,6 +410,7 @@ class SQLSession(Session):
 
     def _overwrite(self, current: _Current, copy: Stored) -> None:
         """Replace, in place, this node's own version `current` by the upstream's version of the same number."""
+        self.store.rewrote(copy.resource_type, copy.id)
         self.cur.execute("UPDATE versions SET lu = ?, method = ?, site_id = ?, body = ? WHERE seq = ?",
                          (copy.last_updated, copy.method or "update", copy.site_id or "central", self.store.blob(copy.body), current.seq))
         self.cur.execute("UPDATE resources SET lu = ?, deleted = ? WHERE rid = ?", (copy.last_updated, 1 if copy.deleted else 0,
@@ -506,6 +514,15 @@ class SQLStore(Store):
         """INSERT of one `versions` row, its parameters in the order of a version row, the xid as the engine takes it."""
         return ("INSERT INTO versions (res_type, res_id, version, lu, method, site_id, txid, body)"
                 f" VALUES (?, ?, ?, ?, ?, ?, {self.txid_sql}, ?)")
+
+    def draft_holds(self, mark: int | None, keys: Collection[tuple[str, str]], types: Collection[str]) -> bool:
+        """Known, without reading anything again, that nothing committed since the state a draft read (`mark`:
+        `commit_mark` in its snapshot), nor written so far in this transaction, is one of the resources it read or of
+        the types it searched; False when the engine cannot say (then the draft's reads are checked one by one)."""
+        return False
+
+    def rewrote(self, resource_type: str, resource_id: str) -> None:
+        """A version rewritten in place in this transaction (a site node's own version replaced by the upstream's)."""
 
     def record_version(self, cur: Cursor, internal: int, version_row: tuple[Any, ...]) -> int:
         """Append a version and point the resource at it; returns the version's seq."""

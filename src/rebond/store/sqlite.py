@@ -8,7 +8,8 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -61,6 +62,8 @@ GROUP_COMMIT_MAX = 64
 #: the writer's page cache when its commits are many and small (`for_small_commits`)
 SMALL_COMMITS_CACHE_KIB = 2048
 ANALYZE_MIN_WRITES = 2000
+#: the writer's own commits remembered for the drafts made before them (`_OwnCommits`): a few seconds of the intake's
+OWN_COMMITS_KEPT = 512
 #: the checkpointer copies the WAL into the database this often while writes come in (seconds)
 CHECKPOINT_EVERY = 0.25
 T = TypeVar("T")
@@ -112,6 +115,77 @@ def _disk_full(err: BaseException) -> Unavailable | None:
     return None
 
 
+class _OwnCommits:
+    """What the writer's connection has itself committed since another connection last committed, commit by commit: a
+    draft (store/draft.py) whose state is later than that other commit, and whose reads none of these commits touched,
+    still holds, and nothing it read needs reading again under the lock.
+
+    SQLite commits one transaction at a time, and a version's seq is above every seq committed before it. `PRAGMA
+    data_version`, on the writer's connection, changes when any other connection has committed. So at the start of
+    each write transaction: if it changed, everything up to the highest seq then stored (`after`) may be someone
+    else's, and the commits kept are dropped; the commits made since are this connection's, each kept with the highest
+    seq it wrote and the resources and resource types it wrote. A draft whose state's highest seq (its mark) is above
+    `after` saw every other connection's commit, so what was committed after its state is in the commits kept here
+    whose highest seq is above its mark, and in the transaction under way.
+    """
+
+    def __init__(self) -> None:
+        self.data_version: int | None = None
+        self.after: int | None = None  # None: nothing known yet
+        self.commits: deque[tuple[int, frozenset[tuple[str, str]], frozenset[str]]] = deque()
+        # the transaction under way: what it wrote, its highest seq, a version rewritten in place (its seq is old)
+        self.keys: set[tuple[str, str]] = set()
+        self.types: set[str] = set()
+        self.top = 0
+        self.in_place = False
+
+    def begin(self, cur: sqlite3.Cursor) -> float | None:
+        """At the start of a write transaction: the latest lastUpdated stored when another connection has committed
+        since the last one (None when none has)."""
+        self.keys.clear()
+        self.types.clear()
+        self.top, self.in_place = 0, False
+        version = cur.execute("PRAGMA data_version").fetchone()[0]
+        if version == self.data_version:
+            return None
+        self.data_version = version
+        top, latest = cur.execute("SELECT (SELECT max(seq) FROM versions), (SELECT max(lu) FROM versions)").fetchone()
+        self.after = int(top or 0)
+        self.commits.clear()
+        return float(latest) if latest is not None else None
+
+    def wrote(self, resource_type: str, resource_id: str, seq: int | None) -> None:
+        """A version written in the transaction under way; seq None: an earlier version rewritten in place."""
+        self.keys.add((resource_type, resource_id))
+        self.types.add(resource_type)
+        if seq is None:
+            self.in_place = True
+        elif seq > self.top:
+            self.top = seq
+
+    def committed(self) -> None:
+        if self.in_place:  # a seq below others' marks changed: nothing is known until the next transaction looks again
+            self.data_version = None
+        elif self.keys:
+            self.commits.append((self.top, frozenset(self.keys), frozenset(self.types)))
+            if len(self.commits) > OWN_COMMITS_KEPT:
+                self.after = self.commits.popleft()[0]
+
+    def untouched(self, mark: int | None, keys: Collection[tuple[str, str]], types: Collection[str]) -> bool:
+        """Nothing committed after the state whose highest seq is `mark`, nor written so far in the transaction under
+        way, is one of these resources or of these types."""
+        if mark is None or self.after is None or mark <= self.after:
+            return False
+        if not self.keys.isdisjoint(keys) or not self.types.isdisjoint(types):
+            return False
+        for top, written, written_types in reversed(self.commits):
+            if top <= mark:
+                return True
+            if not written.isdisjoint(keys) or not written_types.isdisjoint(types):
+                return False
+        return True
+
+
 class SQLiteStore(SQLStore):
     """Writers take turns on one connection; each reading thread has its own connection."""
 
@@ -134,6 +208,7 @@ class SQLiteStore(SQLStore):
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._checkpointer: _Checkpointer | None = None
+        self._own = _OwnCommits()
         self._writer = self._connect()
         self._frame_bytes = int(self._writer.execute("PRAGMA page_size").fetchone()[0]) + 24  # a page and its header
         try:
@@ -250,7 +325,13 @@ class SQLiteStore(SQLStore):
         if row is None:
             cur.execute("DELETE FROM versions WHERE seq = ?", (seq,))
             return None
+        self._own.wrote(rtype, rid, seq)
         return int(row[0]), seq
+
+    def record_version(self, cur: Cursor, internal: int, version_row: tuple[Any, ...]) -> int:
+        seq = super().record_version(cur, internal, version_row)
+        self._own.wrote(version_row[0], version_row[1], seq)
+        return seq
 
     def lock_key(self, cur: Cursor, key: str) -> None:
         """Nothing to do: SQLite write transactions already run one at a time."""
@@ -303,6 +384,7 @@ class SQLiteStore(SQLStore):
                 raise
             else:
                 cur.execute("COMMIT")
+                self._own.committed()
                 self._note_writes(session.writes)
             finally:
                 cur.close()
@@ -320,11 +402,20 @@ class SQLiteStore(SQLStore):
 
     def _begin(self, cur: sqlite3.Cursor) -> None:
         cur.execute("BEGIN IMMEDIATE")
-        if self._file_lock is not None:
-            # another process may have committed a later instant: versions keep increasing times across processes
-            latest = cur.execute("SELECT max(lu) FROM versions").fetchone()[0]
-            if latest is not None and latest > self._last_clock:
-                self._last_clock = float(latest)
+        latest = self._own.begin(cur)
+        # another connection may have committed a later instant: versions keep increasing times across processes
+        if latest is not None and latest > self._last_clock:
+            self._last_clock = latest
+
+    def commit_mark(self) -> int | None:
+        row = self._thread_connection().execute("SELECT max(seq) FROM versions").fetchone()
+        return int(row[0] or 0)
+
+    def rewrote(self, resource_type: str, resource_id: str) -> None:
+        self._own.wrote(resource_type, resource_id, None)
+
+    def draft_holds(self, mark: int | None, keys: Collection[tuple[str, str]], types: Collection[str]) -> bool:
+        return self._own.untouched(mark, keys, types)
 
     def write(self, work: Callable[[Session], T]) -> T:
         """Group commit: concurrent writers queue their work; whoever holds the write lock runs
@@ -402,6 +493,7 @@ class SQLiteStore(SQLStore):
                 if isolate:
                     cur.execute("RELEASE work")
             cur.execute("COMMIT")
+            self._own.committed()
             self._note_writes(written)
             return True
         except BaseException as err:  # the batch did not commit: nothing of it is durable
