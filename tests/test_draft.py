@@ -137,6 +137,10 @@ def test_a_draft_is_applied_as_planned_when_only_unrelated_writes_came_after_it(
     assert carried.mark == draft.mark and carried.searched == {"Patient"}
     assert writer.write(lambda tx: tx.apply_draft(carried)) is True
     assert writer.search_ids(parse_search("Observation", [("patient", "p1")])) == ["o1"]
+    chained = _drafted(server, lambda d: d.search_ids(parse_search("Observation", [("patient.identifier", "urn:test|1")])))
+    assert chained.searched == {"Observation", "Patient"}  # a chain reads the rows of its target's type too
+    writer.update("Patient", "p2", patient("Martin", "1"))
+    assert writer.write(lambda tx: writer.draft_holds(chained.mark, chained.seen.keys(), chained.searched)) is False
 
 
 def test_a_draft_is_read_again_after_a_commit_by_another_connection(three: tuple[SQLStore, Store, Store]) -> None:

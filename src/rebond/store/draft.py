@@ -186,10 +186,11 @@ class Draft(Session):
         where = where_fragment(query)
         ids = self._source().ids_where(where.sql, where.params, limit)
         self.searches.append((where.sql, where.params, limit, ids))
-        if query.resource_type is None:  # over every type: what it finds is checked by running it again
+        types = _types_read(query)
+        if types is None:  # over every type: what it finds is checked by running it again
             self.mark = None
         else:
-            self.searched.add(query.resource_type)
+            self.searched |= types
         return ids
 
     def ids_where(self, where: str, params: list[Any], limit: int) -> list[str]:
@@ -252,6 +253,23 @@ class Draft(Session):
 
     def prune_accesses(self, before: float) -> int:
         raise NeedsTransaction("the audit trail")
+
+
+def _types_read(query: SearchQuery) -> set[str] | None:
+    """The resource types whose rows a search reads: its own and those its chains and `_has` go through (None: all)."""
+    if query.resource_type is None:
+        return None
+    types = {query.resource_type}
+    clauses = list(query.clauses)
+    while clauses:
+        clause = clauses.pop()
+        if clause.chain is not None:
+            types.add(clause.chain[0])
+            clauses.append(clause.chain[1])
+        if clause.has is not None:
+            types.add(clause.has[0])
+            clauses.append(clause.has[2])
+    return types
 
 
 def sent_draft(plain: tuple[Any, ...]) -> Draft:

@@ -163,6 +163,10 @@ class _OwnCommits:
         elif seq > self.top:
             self.top = seq
 
+    def forget(self) -> None:
+        """A commit that failed, or may not have: nothing is known until the next transaction looks again."""
+        self.data_version = None
+
     def committed(self) -> None:
         if self.in_place:  # a seq below others' marks changed: nothing is known until the next transaction looks again
             self.data_version = None
@@ -383,7 +387,11 @@ class SQLiteStore(SQLStore):
                 cur.execute("ROLLBACK")
                 raise
             else:
-                cur.execute("COMMIT")
+                try:
+                    cur.execute("COMMIT")
+                except BaseException:
+                    self._own.forget()
+                    raise
                 self._own.committed()
                 self._note_writes(session.writes)
             finally:
@@ -497,6 +505,7 @@ class SQLiteStore(SQLStore):
             self._note_writes(written)
             return True
         except BaseException as err:  # the batch did not commit: nothing of it is durable
+            self._own.forget()
             if self._writer.in_transaction:
                 cur.execute("ROLLBACK")
             for item in batch:
