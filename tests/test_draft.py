@@ -129,7 +129,7 @@ def test_a_draft_is_applied_as_planned_when_only_unrelated_writes_came_after_it(
     or the types it searched, so the draft holds without being read again. PostgreSQL checks every read: the same end."""
     writer, server, _other = three
     draft = _drafted(server, _a_result)
-    assert draft.mark is not None or server.commit_mark() is None
+    assert (draft.mark is not None) is isinstance(server, sqlite.SQLiteStore)  # PostgreSQL cannot mark a state
     writer.update("Observation", "elsewhere", {"resourceType": "Observation", "status": "final", "code": {"text": "Na"}})
     holds = writer.write(lambda tx: writer.draft_holds(draft.mark, draft.seen.keys(), draft.searched))
     assert holds is isinstance(writer, sqlite.SQLiteStore)
@@ -158,8 +158,10 @@ def test_a_draft_is_read_again_after_a_commit_by_another_connection(three: tuple
 
 def test_a_draft_is_stale_after_the_writer_itself_wrote_what_it_read_or_searched(three: tuple[SQLStore, Store, Store]) -> None:
     writer, server, _other = three
-    read = _drafted(server, _a_result)
-    writer.update("Patient", "p1", {**patient("Martin", "1"), "gender": "male"})  # a resource it read
+    read = _drafted(server, lambda d: (d.read("Patient", "p1"), d.update("Observation", "o1", {
+        "resourceType": "Observation", "status": "final", "code": {"text": "K"}, "subject": {"reference": "Patient/p1"}})))
+    assert read.searched == set()
+    writer.update("Patient", "p1", {**patient("Martin", "1"), "gender": "male"})  # a resource it read, no search
     assert writer.write(lambda tx: tx.apply_draft(read)) is False
     searched = _drafted(server, _a_result)
     writer.update("Patient", "p2", patient("Martin", "1"))  # a type it searched: the search now finds two
