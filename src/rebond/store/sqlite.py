@@ -164,12 +164,13 @@ class _OwnCommits:
             self.top = seq
 
     def forget(self) -> None:
-        """A commit that failed, or may not have: nothing is known until the next transaction looks again."""
+        """A commit that failed, or may not have, or that changed a version in place: nothing is known until the next
+        transaction looks again."""
         self.data_version = None
 
     def committed(self) -> None:
-        if self.in_place:  # a seq below others' marks changed: nothing is known until the next transaction looks again
-            self.data_version = None
+        if self.in_place:  # a seq below others' marks changed
+            self.forget()
         elif self.keys:
             self.commits.append((self.top, frozenset(self.keys), frozenset(self.types)))
             if len(self.commits) > OWN_COMMITS_KEPT:
