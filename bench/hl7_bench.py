@@ -8,7 +8,7 @@ for a fixed time. Latency is from sending a message to reading its ACK. The base
 same run, is bench/hl7_baseline.py: the message bytes appended to a file with fsync, then
 acknowledged — the least any durable acknowledgement costs.
 
-    .venv/bin/python bench/hl7_bench.py [--seconds 20] [--mllp-workers 0 1]
+    .venv/bin/python bench/hl7_bench.py [--seconds 20] [--mllp-workers 0 1] [--wal-reads map pread]
 """
 from __future__ import annotations
 
@@ -117,6 +117,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--mllp-workers", type=int, nargs="+", default=[0, 1],
                         help="rebond serve --mllp-workers values to measure (0: drafts made by the server process, the default on 2 cores)")
+    parser.add_argument("--wal-reads", choices=("map", "pread"), nargs="+", default=["map"],
+                        help="how the servers read SQLite's WAL, each measured in turn: through a map (the default) or a"
+                             " pread() each (REBOND_WAL_READS=pread, docs/operations.md)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     with database("sqlite", "hl7") as url:
@@ -130,8 +133,10 @@ def main() -> None:
         senders: dict[tuple[int, int], float] = {}  # this process's CPU: the load's senders, on the same two cores
         per_commit: dict[tuple[int, int], float] = {}  # messages the intake writer took into each commit
         states: list[str] = []  # the machine's pace around each phase, and the share the host stole during it
-        for workers in args.mllp_workers:
+        for workers, reads in ((w, r) for w in args.mllp_workers for r in args.wal_reads):
             port = free_port()
+            os.environ["REBOND_WAL_READS"] = reads  # the server's processes take it from this one's
+            label = f"rebond/{workers}" + ("" if reads == "map" else " pread")
             server = RebondServer(url, "--mllp-port", str(port), "--mllp-workers", str(workers)).start()
             try:
                 if not rows:
@@ -143,12 +148,12 @@ def main() -> None:
                     (rate, latencies, refused), machine_state = timed_load(port, batches, args.seconds)
                     after, sent_after, counts_after = process_cpu(server), os.times(), writer_counts(server)
                     written, commits = (a - b for a, b in zip(counts_after, counts_before, strict=True))
-                    per_commit[(workers, connections)] = written / max(1, commits)
-                    cpu[(workers, connections)] = {k: tuple((a - b) * 1000 / max(1, len(latencies))  # type: ignore[misc]
+                    per_commit[(label, connections)] = written / max(1, commits)
+                    cpu[(label, connections)] = {k: tuple((a - b) * 1000 / max(1, len(latencies))  # type: ignore[misc]
                                                             for a, b in zip(after[k], before[k], strict=True)) for k in after}
-                    senders[(workers, connections)] = ((sent_after.user - sent_before.user + sent_after.system - sent_before.system)
+                    senders[(label, connections)] = ((sent_after.user - sent_before.user + sent_after.system - sent_before.system)
                                                        * 1000 / max(1, len(latencies)))
-                    rows.append((f"rebond/{workers}", connections, rate, latencies, refused))
+                    rows.append((label, connections, rate, latencies, refused))
                     states.append(machine_state)
             finally:
                 server.stop()
@@ -172,20 +177,21 @@ def main() -> None:
             baseline.terminate()
             baseline.wait()
     base = {c: rate for who, c, rate, _l, _r in rows if who == "baseline"}
-    print("(rebond/N: rebond serve --mllp-workers N; 0 = the drafts made by the server process; the intake writer is a process)")
-    print(f"\n{'server':<10} {'conns':>5} {'msg/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'refused':>8} {'ratio':>6}   pace ms: before after  stolen %")
+    print("(rebond/N: rebond serve --mllp-workers N; 0 = the drafts made by the server process; the intake writer is a process;"
+          " pread: its WAL read with a pread() each instead of through a map)")
+    print(f"\n{'server':<14} {'conns':>5} {'msg/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'refused':>8} {'ratio':>6}   pace ms: before after  stolen %")
     for (who, connections, rate, latencies, refused), state in zip(rows, states, strict=True):
-        print(f"{who:<10} {connections:>5} {rate:>8.0f} {percentile(latencies, 50):>8.1f} {percentile(latencies, 99):>8.1f}"
+        print(f"{who:<14} {connections:>5} {rate:>8.0f} {percentile(latencies, 50):>8.1f} {percentile(latencies, 99):>8.1f}"
               f" {refused:>8} {rate / base[connections]:>6.2f}            {state}")
     print("(target: >= 500 messages/s with 4 connections, p99 < 50 ms; SQLite, acknowledged after the commit)")
     print("(pace: ms for a fixed piece of interpreted work, the machine idle, just before and after the phase; lower is faster."
           " stolen: the CPUs' time the host gave to others during it)")
     print("\nCPU per message, ms (user + system, the system part in brackets, from /proc;"
           " `senders`: this script's connections, on the same cores):")
-    for (workers, connections), spent in cpu.items():
-        print(f"rebond/{workers:<3} {connections:>5}   " + "   ".join(f"{k} {u + s:.2f} [{s:.2f}]" for k, (u, s) in spent.items())
-              + f"   total {sum(u + s for u, s in spent.values()):.2f}   (senders {senders[(workers, connections)]:.2f})"
-              + f"   {per_commit[(workers, connections)]:.2f} messages a commit")
+    for (label, connections), spent in cpu.items():
+        print(f"{label:<14} {connections:>5}   " + "   ".join(f"{k} {u + s:.2f} [{s:.2f}]" for k, (u, s) in spent.items())
+              + f"   total {sum(u + s for u, s in spent.values()):.2f}   (senders {senders[(label, connections)]:.2f})"
+              + f"   {per_commit[(label, connections)]:.2f} messages a commit")
 
 
 if __name__ == "__main__":

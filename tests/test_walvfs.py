@@ -172,3 +172,71 @@ def test_without_the_vfs_a_wal_started_over_is_cut_back_as_before(tmp_path: Path
         assert store._writer.execute("PRAGMA journal_size_limit").fetchone()[0] == engine.WAL_KEPT
     finally:
         store.close()
+
+
+def test_wal_reads_through_the_map_see_every_commit_of_another_connection_and_a_log_started_over(tmp_path: Path) -> None:
+    """Pages read from the WAL are copied out of a map of the file (store/_walvfs.c wRead): what a reader gets is what
+    the other connection committed, the same as through a read() each, before and after the log is truncated and
+    started again, and a 2 KiB page at a time as in Rebond's stores."""
+    from rebond.store import _walvfs
+
+    path = tmp_path / "mapped.db"
+
+    def connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(f"file:{path}?vfs=rebond", uri=True, isolation_level=None, timeout=30)
+        conn.execute("PRAGMA page_size=2048")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        return conn
+
+    with closing(connect()) as writer, closing(connect()) as reader, closing(_plain(path)) as checkpointer:
+        writer.execute("CREATE TABLE t (n INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+
+        def write(first: int, count: int) -> None:
+            writer.execute("BEGIN IMMEDIATE")
+            writer.executemany("INSERT INTO t VALUES (?, ?)", ((n, f"result {n} " * 40) for n in range(first, first + count)))
+            writer.execute("COMMIT")
+
+        def read_back(upto: int) -> None:
+            rows = reader.execute("SELECT n, body FROM t ORDER BY n").fetchall()
+            assert rows == [(n, f"result {n} " * 40) for n in range(upto)]
+
+        for map_on in (True, False):
+            was = _walvfs.read_through_map(map_on)
+            try:
+                checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                assert (path.parent / "mapped.db-wal").stat().st_size == 0
+                writer.execute("DELETE FROM t")
+                before = _walvfs.counts()["mapped_reads"]
+                for start in range(0, 600, 50):  # each commit changes pages the reader's cache then no longer trusts
+                    write(start, 50)
+                    read_back(start + 50)
+                mapped = _walvfs.counts()["mapped_reads"] - before
+                assert mapped > 100 if map_on else mapped == 0
+                # the log copied into the database and started over: shorter than before, then written again
+                assert checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+                write(600, 10)
+                read_back(610)
+                writer.execute("DELETE FROM t WHERE n >= 600")
+            finally:
+                _walvfs.read_through_map(was)
+    with closing(_plain(path)) as after:
+        assert after.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_rebond_wal_reads_pread_turns_the_map_off_for_the_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The switch an IT team uses to rule the map out, and bench/hl7_bench.py --wal-reads to measure it: read once, when
+    the process's first store opens."""
+    from rebond.store import _walvfs
+    from rebond.store.sqlite import _wal_vfs
+
+    monkeypatch.setenv("REBOND_WAL_READS", "pread")
+    _wal_vfs.cache_clear()
+    try:
+        store = open_store(f"sqlite:///{tmp_path / 'r.db'}", site_id="central")
+        store.close()
+        assert isinstance(store, SQLiteStore) and store.vfs == "rebond"  # the rest of the VFS is still used
+    finally:
+        _wal_vfs.cache_clear()
+        assert _walvfs.read_through_map(True) is False  # it was off; back on for the tests after this one

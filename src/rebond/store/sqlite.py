@@ -73,7 +73,8 @@ T = TypeVar("T")
 def _wal_vfs() -> str | None:
     """The VFS that writes a commit's WAL frames in one call (store/_walvfs.c), if it was built and not turned off.
 
-    REBOND_SQLITE_VFS=default turns it off (to rule it out when looking into a problem).
+    REBOND_SQLITE_VFS=default turns it off, and REBOND_WAL_READS=pread its reads of the WAL through a map alone (to
+    rule them out when looking into a problem, or to measure the difference: bench/hl7_bench.py --wal-reads).
     """
     if os.environ.get("REBOND_SQLITE_VFS", "").lower() in ("default", "unix", "off"):
         return None
@@ -82,6 +83,8 @@ def _wal_vfs() -> str | None:
     except ImportError as err:
         log.warning("SQLite commits write their pages one by one: the 'rebond' VFS is not built (%s)", err)
         return None
+    if os.environ.get("REBOND_WAL_READS", "").lower() == "pread":
+        _walvfs.read_through_map(False)
     return str(_walvfs.NAME)
 
 
