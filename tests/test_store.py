@@ -782,3 +782,58 @@ def test_sqlite_stops_counting_its_memory_only_in_a_process_with_no_connection_o
         assert (first, again, used) == ("True", "True", "0")  # stopped: nothing is counted, though a store is open
     else:
         assert (first, again) == ("False", "False") and int(used) > 0  # left as it was: still counting
+
+
+def _coded(text: str, code: str) -> dict[str, Any]:
+    return {"resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": code, "display": text}]}}
+
+
+def _found_by_text(store: Store, text: str) -> set[str]:
+    return {s.id for s in store.search(parse_search("Observation", [("code:text", text)])).matches}
+
+
+def test_a_codes_text_offered_by_a_transaction_or_a_work_that_rolled_back_is_offered_again(store: Store) -> None:
+    """The writer remembers the texts of codes (sp_token_texts, what `:text` finds codes by) that it saw committed, and
+    does not offer them again (store/sqlite.py _KnownTexts). Texts offered by a transaction rolled back, or by a work
+    rolled back to its savepoint, are not remembered: the rows may have gone with them."""
+    by_text = parse_search("Observation", [("code:text", "uree")])
+    with pytest.raises(RuntimeError), store.transaction() as tx:
+        tx.create(_coded("Urée sanguine", "3094-0"))
+        tx.search_ids(by_text)  # the index rows, the text's among them, written before the end
+        raise RuntimeError("abort")
+
+    def work(text: str, code: str, fails: bool) -> Callable[[Session], str]:
+        def run(tx: Session) -> str:
+            created = tx.create(_coded(text, code)).stored.id
+            tx.search_ids(by_text)
+            if fails:
+                raise RuntimeError("this work fails after its rows are written")
+            return created
+        return run
+
+    outcomes = store.write_many([work("Créatinine", "2160-0", False), work("Glycémie", "2345-7", True)])
+    assert isinstance(outcomes[0], str) and isinstance(outcomes[1], RuntimeError)
+    assert _found_by_text(store, "glycemie") == set()
+    created = {text: store.create(_coded(text, code)).stored.id
+               for text, code in (("Urée sanguine", "3094-0"), ("Glycémie", "2345-7"), ("Créatinine", "2160-0"))}
+    assert _found_by_text(store, "uree") == {created["Urée sanguine"]}
+    assert _found_by_text(store, "glycemie") == {created["Glycémie"]}
+    assert _found_by_text(store, "creatinine") == {outcomes[0], created["Créatinine"]}
+
+
+def test_the_sqlite_writer_offers_a_codes_text_once_it_knows_it_committed(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'texts.db'}", site_id="central")
+    offered: list[str] = []
+    try:
+        store._writer.set_trace_callback(lambda sql: offered.append(sql) if "sp_token_texts" in sql else None)  # type: ignore[attr-defined]
+        store.create(_coded("Kaliémie", "2823-3"))
+        assert len(offered) == 1
+        store.create(_coded("Kaliémie", "2823-3"))
+        store.create(_coded("Kaliémie", "2823-3"))
+        assert len(offered) == 1, "a text known to be committed is not offered again"
+        store.create(_coded("Natrémie", "2951-2"))
+        assert len(offered) == 2
+        assert len(_found_by_text(store, "kaliemie")) == 3 and len(_found_by_text(store, "natremie")) == 1
+    finally:
+        store.close()

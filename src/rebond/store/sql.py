@@ -565,9 +565,14 @@ class SQLStore(Store):
     def insert_index_rows(self, cur: Cursor, by_table: dict[str, list[tuple[Any, ...]]]) -> None:
         for table, rows in by_table.items():
             cur.executemany(INDEX_INSERTS[table], rows)
-        texts = token_texts(by_table.get("sp_token", ()))
+        texts = self.unknown_texts(token_texts(by_table.get("sp_token", ())))
         if texts:
             cur.executemany(INSERT_TOKEN_TEXT, texts)
+
+    def unknown_texts(self, texts: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+        """The (key, text, code) rows to offer to sp_token_texts, of those of a transaction's token rows: all of them,
+        unless the engine knows some to be there already (the table only grows)."""
+        return texts
 
     @abc.abstractmethod
     def lock_key(self, cur: Cursor, key: str) -> None: ...
