@@ -5,6 +5,7 @@ import marshal
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import orjson
 import pytest
 
 from rebond.fhir.search import parse_search
@@ -20,6 +21,11 @@ from tests.hl7_messages import adt, oru
 
 def patient(family: str, ipp: str) -> dict[str, Any]:
     return {"resourceType": "Patient", "name": [{"family": family}], "identifier": [{"system": "urn:test", "value": ipp}]}
+
+
+def code_text(body: bytes) -> str:
+    """An Observation's code text, from its stored body."""
+    return str(orjson.loads(body)["code"]["text"])
 
 
 def parsed(raw: bytes) -> Message:
@@ -71,6 +77,28 @@ def test_a_draft_whose_reads_changed_writes_nothing(store: Store) -> None:
     assert store.write(lambda tx: tx.apply_draft(draft)) is False
     assert store.write(lambda tx: tx.apply_draft(carried)) is False
     assert store.read("Observation", "o2") is None
+
+
+def test_the_resources_a_draft_creates_are_written_together_one_deleted_before_as_its_next_version(store: Store) -> None:
+    """A lab panel's new resources go in together (SQLite: two statements for all of them, `insert_many_new`); one
+    whose id had been used and deleted (read as absent) is written as that resource's next version instead."""
+    def result(code: str) -> dict[str, Any]:
+        return {"resourceType": "Observation", "status": "final", "code": {"text": code}, "subject": {"reference": "Patient/p9"}}
+
+    store.update("Observation", "o-gone", result("old"))
+    store.delete("Observation", "o-gone")
+    draft = Draft(store)
+    for oid in ("o-a", "o-gone", "o-b", "o-c"):
+        draft.update("Observation", oid, result(oid))
+    assert draft.seen[("Observation", "o-gone")] == 0
+    assert store.write(lambda tx: tx.apply_draft(draft)) is True
+    versions = {oid: store.read("Observation", oid) for oid in ("o-a", "o-gone", "o-b", "o-c")}
+    assert {oid: (s.version, s.deleted) for oid, s in versions.items() if s is not None} == {
+        "o-a": (1, False), "o-gone": (3, False), "o-b": (1, False), "o-c": (1, False)}
+    assert sorted(store.search_ids(parse_search("Observation", [("patient", "p9")]), limit=10)) == ["o-a", "o-b", "o-c", "o-gone"]
+    assert all(s is not None and s.body is not None and code_text(s.body) == oid for oid, s in versions.items())
+    stamps = [s.last_updated for s in versions.values() if s is not None]
+    assert len(set(stamps)) == 4  # each version its own instant
 
 
 def test_what_a_draft_cannot_do_outside_the_lock(store: Store) -> None:

@@ -366,6 +366,33 @@ class SQLiteStore(SQLStore):
         self._own.wrote(rtype, rid, seq)
         return int(row[0]), seq
 
+    def insert_many_new(self, cur: Cursor, version_rows: list[tuple[Any, ...]]) -> dict[tuple[str, str], tuple[int, int]]:
+        """As `insert_new`, two statements for all of them (up to 100) instead of two each: the versions, then the
+        resource rows pointing at them, each statement's rows told apart by their type and id (RETURNING gives them
+        in no set order). A lab panel's eight or so resources took 16 statements."""
+        made: dict[tuple[str, str], tuple[int, int]] = {}
+        for start in range(0, len(version_rows), 100):
+            part = version_rows[start:start + 100]
+            values = ", ".join([f"(?, ?, ?, ?, ?, ?, {self.txid_sql}, ?)"] * len(part))
+            cur.execute(f"INSERT INTO versions (res_type, res_id, version, lu, method, site_id, txid, body) VALUES {values}"
+                        " ON CONFLICT (res_type, res_id, version) DO NOTHING RETURNING res_type, res_id, seq",
+                        [value for row in part for value in row])
+            seqs = {(rtype, rid): int(seq) for rtype, rid, seq in cur.fetchall()}
+            if not seqs:
+                continue
+            pointing = [(rtype, rid, seqs[(rtype, rid)], lu) for rtype, rid, _version, lu, *_rest in part if (rtype, rid) in seqs]
+            cur.execute(f"INSERT INTO resources (res_type, res_id, version, seq, lu, deleted) VALUES"
+                        f" {', '.join(['(?, ?, 1, ?, ?, 0)'] * len(pointing))}"
+                        " ON CONFLICT (res_type, res_id) DO NOTHING RETURNING res_type, res_id, rid",
+                        [value for row in pointing for value in row])
+            for rtype, rid, internal in cur.fetchall():
+                seq = seqs.pop((rtype, rid))
+                made[(rtype, rid)] = (int(internal), seq)
+                self._own.wrote(rtype, rid, seq)
+            for orphan in seqs.values():  # a resource row there without its first version: the version goes again
+                cur.execute("DELETE FROM versions WHERE seq = ?", (orphan,))
+        return made
+
     def record_version(self, cur: Cursor, internal: int, version_row: tuple[Any, ...]) -> int:
         seq = super().record_version(cur, internal, version_row)
         self._own.wrote(version_row[0], version_row[1], seq)
