@@ -55,7 +55,8 @@ def test_every_connection_of_a_store_syncs_its_commits(tmp_path: Path) -> None:
         assert isinstance(store, SQLiteStore)
         store.for_small_commits()  # as the intake writer's
         store.for_reads_between_commits()  # as the drafting thread's
-        store.create({"resourceType": "Patient", "name": [{"family": "Martin"}]})
+        created = store.create({"resourceType": "Patient", "name": [{"family": "Martin"}]}).stored
+        assert store.read("Patient", created.id) is not None  # this thread's connection, opened
         levels = [conn.execute("PRAGMA synchronous").fetchone()[0] for conn in store._all]
         assert len(levels) >= 3 and set(levels) == {2}, levels  # the writer, the checkpointer, this thread's reads
     finally:
@@ -240,3 +241,38 @@ def test_rebond_wal_reads_pread_turns_the_map_off_for_the_process(tmp_path: Path
     finally:
         _wal_vfs.cache_clear()
         assert _walvfs.read_through_map(True) is False  # it was off; back on for the tests after this one
+
+
+def test_a_databases_map_is_kept_between_reads_until_the_file_grows_and_shows_every_commit(tmp_path: Path) -> None:
+    """SQLite drops a database's map at each read transaction after another connection's commit; the VFS keeps it
+    while the file grew by less than 16 MiB (store/_walvfs.c pUnfetch). The reader sees every commit copied into the
+    file, pages past the kept map included, and the map is let go once the file has grown past it."""
+    from rebond.store import _walvfs
+
+    path = tmp_path / "kept.db"
+
+    def connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(f"file:{path}?vfs=rebond", uri=True, isolation_level=None, timeout=30)
+        for pragma in ("page_size=2048", "journal_mode=WAL", "synchronous=FULL", "wal_autocheckpoint=0", "mmap_size=268435456"):
+            conn.execute(f"PRAGMA {pragma}")
+        return conn
+
+    blob = bytes(range(256)) * 8  # 2 KiB
+    with closing(connect()) as writer, closing(connect()) as reader:
+        writer.execute("CREATE TABLE t (n INTEGER PRIMARY KEY, body BLOB NOT NULL)")
+        before = _walvfs.counts()
+        for step in range(40):  # 40 × 500 rows of 2 KiB: some 40 MiB, the map let go twice on the way
+            writer.execute("BEGIN IMMEDIATE")
+            writer.executemany("INSERT INTO t VALUES (?, ?)", ((n, blob + n.to_bytes(4, "big")) for n in range(step * 500, step * 500 + 500)))
+            writer.execute("COMMIT")
+            # copied into the database: the reader's next pages come from the file, through its map or past it
+            assert writer.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0] == 0
+            rows = step * 500 + 500
+            assert reader.execute("SELECT count(*), sum(length(body)) FROM t").fetchone() == (rows, rows * 2052)
+            for n in (0, rows // 2, rows - 1):
+                assert reader.execute("SELECT body FROM t WHERE n = ?", (n,)).fetchone()[0] == blob + n.to_bytes(4, "big")
+        after = _walvfs.counts()
+        assert after["maps_kept"] - before["maps_kept"] >= 30
+        assert after["maps_let_go"] - before["maps_let_go"] >= 3
+    with closing(_plain(path)) as again:
+        assert again.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

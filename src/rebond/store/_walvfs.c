@@ -57,13 +57,14 @@ struct RbFile {
     const char *name;     /* on a database: its full path (SQLite keeps it valid until xClose) */
     RbFile *next_db;      /* on a database: the next one open in this process (open_dbs) */
     volatile void *index; /* on a database: its wal-index's first region while mapped (log_frames) */
+    sqlite3_int64 mapped_size; /* on a database: its size when SQLite's map of it was last let go (pUnfetch), or -1 */
     const unsigned char *map;  /* on a WAL: WAL_WINDOW bytes of it mapped for reading (map_wal), or NULL */
     sqlite3_int64 readable;    /* on a WAL: the bytes of `map` known to be in the file */
 };
 
 static sqlite3_vfs *base_vfs;
-static sqlite3_int64 stat_frames_writes, stat_flushes, stat_mapped_reads;
-/* WAL reads through the map (wRead); off only to measure the other way (read_through_map) */
+static sqlite3_int64 stat_frames_writes, stat_flushes, stat_mapped_reads, stat_maps_kept, stat_maps_let_go;
+/* WAL reads through the map (wRead), databases' maps kept (pUnfetch); off to rule them out or measure the other way */
 static int map_reads = 1;
 /* the databases open through this VFS in this process, for log_frames(); connections open and close in any thread */
 static RbFile *open_dbs;
@@ -159,7 +160,28 @@ static int pFetch(sqlite3_file *f, sqlite3_int64 o, int n, void **pp) {
     *pp = NULL;  /* no mapping: SQLite reads the page instead */
     return SQLITE_OK;
 }
-static int pUnfetch(sqlite3_file *f, sqlite3_int64 o, void *pp) { return has(f, 3) ? R(f)->pMethods->xUnfetch(R(f), o, pp) : SQLITE_OK; }
+/* SQLite drops a database's whole map at the start of every read transaction after another connection has
+ * committed (xUnfetch with no page), only to map it again at the file's size: every page read after is mapped again,
+ * a page fault each, which with the intake writer committing every few milliseconds took 8 % of the server's CPU. The
+ * map shows the kernel's cache of the file, every write included: only its size can be out of date. So the map is
+ * kept while the file has not grown by MAP_SLACK since the map was last let go, nor got shorter (pages past the map's
+ * end are read as without a map). One fstat() a read transaction instead of a munmap() and the faults. */
+#define MAP_SLACK ((sqlite3_int64)16 << 20)
+static int pUnfetch(sqlite3_file *f, sqlite3_int64 o, void *pp) {
+    RbFile *p = (RbFile *)f;
+    if (pp == NULL && p->name && map_reads) {
+        sqlite3_int64 size;
+        if (pFileSize(f, &size) != SQLITE_OK)
+            p->mapped_size = -1;
+        else if (p->mapped_size >= 0 && size >= p->mapped_size && size - p->mapped_size < MAP_SLACK) {
+            __atomic_fetch_add(&stat_maps_kept, 1, __ATOMIC_RELAXED);
+            return SQLITE_OK;
+        } else
+            p->mapped_size = size;
+        __atomic_fetch_add(&stat_maps_let_go, 1, __ATOMIC_RELAXED);
+    }
+    return has(f, 3) ? R(f)->pMethods->xUnfetch(R(f), o, pp) : SQLITE_OK;
+}
 
 static const sqlite3_io_methods plain_methods = {
     .iVersion = 3, .xClose = pClose, .xRead = pRead, .xWrite = pWrite, .xTruncate = pTruncate, .xSync = pSync,
@@ -307,6 +329,7 @@ static int vOpen(sqlite3_vfs *vfs, const char *name, sqlite3_file *f, int flags,
         p->base.pMethods = &plain_methods;
         if ((flags & SQLITE_OPEN_MAIN_DB) && name) {
             p->name = name;
+            p->mapped_size = -1;
             pthread_mutex_lock(&open_dbs_lock);
             p->next_db = open_dbs;
             open_dbs = p;
@@ -339,8 +362,14 @@ static sqlite3_vfs rebond_vfs = {
 
 static PyObject *py_counts(PyObject *self, PyObject *unused) {
     (void)self; (void)unused;
-    return Py_BuildValue("{s:L,s:L,s:L}", "gathered_writes", (long long)stat_frames_writes, "flushes", (long long)stat_flushes,
-                         "mapped_reads", (long long)stat_mapped_reads);
+    return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L}", "gathered_writes", (long long)stat_frames_writes, "flushes",
+                         (long long)stat_flushes, "mapped_reads", (long long)stat_mapped_reads, "maps_kept",
+                         (long long)stat_maps_kept, "maps_let_go", (long long)stat_maps_let_go);
+}
+
+static PyObject *py_reads_through_map(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    return PyBool_FromLong(__atomic_load_n(&map_reads, __ATOMIC_RELAXED));
 }
 
 static PyObject *py_read_through_map(PyObject *self, PyObject *arg) {
@@ -455,7 +484,9 @@ static PyMethodDef methods[] = {
      "The frames in the WAL of the database at this path, from the wal-index a connection of this process maps; None if none does."},
     {"counts", py_counts, METH_NOARGS, "Writes gathered and written out since the module was loaded."},
     {"read_through_map", py_read_through_map, METH_O,
-     "Whether WAL reads go through a map of the file (the default) or a pread() each; returns the previous setting."},
+     "Whether WAL reads go through a map of the file, and databases keep SQLite's map of them between read transactions"
+     " (the default), or not; returns the previous setting."},
+    {"reads_through_map", py_reads_through_map, METH_NOARGS, "The setting read_through_map sets."},
     {"stop_counting_memory", py_stop_counting_memory, METH_NOARGS,
      "SQLite stops counting the memory it holds (a global mutex on every allocation), if no connection is open yet."},
     {NULL, NULL, 0, NULL},

@@ -75,8 +75,9 @@ T = TypeVar("T")
 def _wal_vfs() -> str | None:
     """The VFS that writes a commit's WAL frames in one call (store/_walvfs.c), if it was built and not turned off.
 
-    REBOND_SQLITE_VFS=default turns it off, and REBOND_WAL_READS=pread its reads of the WAL through a map alone (to
-    rule them out when looking into a problem, or to measure the difference: bench/hl7_bench.py --wal-reads).
+    REBOND_SQLITE_VFS=default turns it off, and REBOND_WAL_READS=pread its reads of the WAL through a map and the
+    databases' maps it keeps alone (to rule them out when looking into a problem, or to measure the difference:
+    bench/hl7_bench.py --wal-reads).
     """
     if os.environ.get("REBOND_SQLITE_VFS", "").lower() in ("default", "unix", "off"):
         return None
@@ -88,6 +89,13 @@ def _wal_vfs() -> str | None:
     if os.environ.get("REBOND_WAL_READS", "").lower() == "pread":
         _walvfs.read_through_map(False)
     return str(_walvfs.NAME)
+
+
+def _walvfs_reads_through_map() -> bool:
+    """Whether the 'rebond' VFS reads WALs through a map and keeps databases' maps (REBOND_WAL_READS turns it off)."""
+    from rebond.store import _walvfs
+
+    return _walvfs.reads_through_map()
 
 
 def stop_counting_memory() -> bool:
@@ -607,14 +615,15 @@ class SQLiteStore(SQLStore):
             self._checkpointer.wake()
 
     def for_reads_between_commits(self) -> None:
-        """This thread's reads go through SQLite's page cache instead of the file's map. After another connection
-        has committed, SQLite unmaps the whole file at the next read transaction, and every page read is mapped
-        again, a page fault each: with the intake writer committing every few milliseconds, unmapping and faulting
-        took 8 % of the server's CPU (perf). Read with pread instead, a draft takes 10–25 % less CPU
-        (bench/draft_reads.py), and the server took 8–21 % less a message in three alternated rounds of
-        bench/hl7_bench.py (docs/benchmarks.md, stop 25). Other threads keep the map: over a store that does not
-        change, it costs nothing more, and the pages it reads stay in the kernel's cache instead of each
-        connection's."""
+        """This thread's reads come just after another connection's commits (the server's drafts, after the intake
+        writer's). SQLite then unmaps the whole file at the next read transaction and maps it again: every page read
+        is mapped again, a page fault each, 8 % of the server's CPU (perf, stop 25). The 'rebond' VFS keeps the map
+        while the file has not grown much (store/_walvfs.c, pUnfetch): then nothing is to be done, and the drafts read
+        through it (bench/draft_reads.py: as fast as past it, or a little faster; docs/benchmarks.md, stop 32).
+        Without it, this thread reads past the map, with pread(): a draft took 10–25 % less CPU so (stop 25). Other
+        threads keep the map either way."""
+        if self.vfs is not None and _walvfs_reads_through_map():
+            return
         with self.reader() as cur:
             cur.execute("PRAGMA mmap_size=0").fetchall()
 
