@@ -379,7 +379,7 @@ class SQLSession(Session):
 
     def _create_many(self, new: list[tuple[tuple[str, str], Any]]) -> dict[tuple[str, str], WriteResult]:
         """The resources a draft creates (none of them there when it was read), in as few statements as the engine can
-        (`insert_many_new`): a lab panel's eight or so. One found there after all is left out, for `_write`."""
+        (`insert_many_new`): a lab panel's seven or so. One found there after all is left out, for `_write`."""
         if len(new) < 2:
             return {}
         firsts = [(key, planned, *self._first_version(*key, _planned_resource(planned), "update")) for key, planned in new]

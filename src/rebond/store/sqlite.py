@@ -377,7 +377,7 @@ class SQLiteStore(SQLStore):
     def insert_many_new(self, cur: Cursor, version_rows: list[tuple[Any, ...]]) -> dict[tuple[str, str], tuple[int, int]]:
         """As `insert_new`, two statements for all of them (up to 100) instead of two each: the versions, then the
         resource rows pointing at them, each statement's rows told apart by their type and id (RETURNING gives them
-        in no set order). A lab panel's eight or so resources took 16 statements."""
+        in no set order). A lab panel's seven or so resources took 14 statements."""
         made: dict[tuple[str, str], tuple[int, int]] = {}
         for start in range(0, len(version_rows), 100):
             part = version_rows[start:start + 100]
