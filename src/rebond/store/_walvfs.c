@@ -21,7 +21,8 @@
  *   - a write that does not follow the gathered ones (a frame rewritten in place) writes them first.
  * A crash loses only frames that no commit had synced: exactly what SQLite itself would lose.
  * And reads copy the frames out of a map of the file instead of making a system call each (wRead, below).
- * Every other file (the database, journals, temporary files) is passed through unchanged.
+ * Of a database, SQLite's map is kept between read transactions while the file has not grown much (pUnfetch);
+ * everything else about it, and every other file (journals, temporary files), is passed through unchanged.
  *
  * It also keeps a list of the databases open through it, with their wal-index while mapped, so that Rebond can
  * read how long a WAL's log is (log_frames): a WAL started over keeps its file, whose size then says nothing.
