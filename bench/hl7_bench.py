@@ -118,8 +118,9 @@ def main() -> None:
     parser.add_argument("--mllp-workers", type=int, nargs="+", default=[0, 1],
                         help="rebond serve --mllp-workers values to measure (0: drafts made by the server process, the default on 2 cores)")
     parser.add_argument("--wal-reads", choices=("map", "pread"), nargs="+", default=["map"],
-                        help="how the servers read SQLite's WAL, each measured in turn: through a map (the default) or a"
-                             " pread() each (REBOND_WAL_READS=pread, docs/operations.md)")
+                        help="how the servers read SQLite's WAL and database, each measured in turn: through maps the VFS"
+                             " keeps (the default), or a pread() a WAL page and SQLite's own map (REBOND_WAL_READS=pread,"
+                             " docs/operations.md)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     with database("sqlite", "hl7") as url:
@@ -129,9 +130,9 @@ def main() -> None:
         store.close()
         traffic = Traffic(seed=7)
         rows = []
-        cpu: dict[tuple[int, int], dict[str, tuple[float, float]]] = {}  # ms a message, (user, system)
-        senders: dict[tuple[int, int], float] = {}  # this process's CPU: the load's senders, on the same two cores
-        per_commit: dict[tuple[int, int], float] = {}  # messages the intake writer took into each commit
+        cpu: dict[tuple[str, int], dict[str, tuple[float, float]]] = {}  # ms a message, (user, system)
+        senders: dict[tuple[str, int], float] = {}  # this process's CPU: the load's senders, on the same two cores
+        per_commit: dict[tuple[str, int], float] = {}  # messages the intake writer took into each commit
         states: list[str] = []  # the machine's pace around each phase, and the share the host stole during it
         for workers, reads in ((w, r) for w in args.mllp_workers for r in args.wal_reads):
             port = free_port()
@@ -178,7 +179,7 @@ def main() -> None:
             baseline.wait()
     base = {c: rate for who, c, rate, _l, _r in rows if who == "baseline"}
     print("(rebond/N: rebond serve --mllp-workers N; 0 = the drafts made by the server process; the intake writer is a process;"
-          " pread: its WAL read with a pread() each instead of through a map)")
+          " pread: the SQLite VFS's maps off, REBOND_WAL_READS=pread: the WAL read with a pread() each)")
     print(f"\n{'server':<14} {'conns':>5} {'msg/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'refused':>8} {'ratio':>6}   pace ms: before after  stolen %")
     for (who, connections, rate, latencies, refused), state in zip(rows, states, strict=True):
         print(f"{who:<14} {connections:>5} {rate:>8.0f} {percentile(latencies, 50):>8.1f} {percentile(latencies, 99):>8.1f}"
