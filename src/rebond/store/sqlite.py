@@ -354,25 +354,9 @@ class SQLiteStore(SQLStore):
 
     def insert_new(self, cur: Cursor, version_row: tuple[Any, ...]) -> tuple[int, int] | None:
         """The version first, then the resource row pointing at it: two statements instead of three (no pointer to
-        fix afterwards). An id that exists already conflicts with its version 1, or with its resource row (then the
-        version just written goes)."""
-        rtype, rid, _version, lu, _method, _site, _body = version_row
-        cur.execute(self.insert_version + " ON CONFLICT (res_type, res_id, version) DO NOTHING RETURNING seq", version_row)
-        row = cur.fetchone()
-        if row is None:
-            return None
-        seq = int(row[0])
-        cur.execute(
-            "INSERT INTO resources (res_type, res_id, version, seq, lu, deleted) VALUES (?, ?, 1, ?, ?, 0)"
-            " ON CONFLICT (res_type, res_id) DO NOTHING RETURNING rid",
-            (rtype, rid, seq, lu),
-        )
-        row = cur.fetchone()
-        if row is None:
-            cur.execute("DELETE FROM versions WHERE seq = ?", (seq,))
-            return None
-        self._own.wrote(rtype, rid, seq)
-        return int(row[0]), seq
+        fix afterwards), as for several (`insert_many_new`). An id that exists already conflicts with its version 1,
+        or with its resource row (then the version just written goes)."""
+        return self.insert_many_new(cur, [version_row]).get((version_row[0], version_row[1]))
 
     def insert_many_new(self, cur: Cursor, version_rows: list[tuple[Any, ...]]) -> dict[tuple[str, str], tuple[int, int]]:
         """As `insert_new`, two statements for all of them (up to 100) instead of two each: the versions, then the
@@ -461,9 +445,7 @@ class SQLiteStore(SQLStore):
                 except BaseException:
                     self._own.forget()
                     raise
-                self._own.committed()
-                self._texts.committed()
-                self._note_writes(session.writes)
+                self._committed(session.writes)
             finally:
                 cur.close()
 
@@ -576,9 +558,7 @@ class SQLiteStore(SQLStore):
                 if isolate:
                     cur.execute("RELEASE work")
             cur.execute("COMMIT")
-            self._own.committed()
-            self._texts.committed()
-            self._note_writes(written)
+            self._committed(written)
             return True
         except BaseException as err:  # the batch did not commit: nothing of it is durable
             self._own.forget()
@@ -642,6 +622,12 @@ class SQLiteStore(SQLStore):
     def _row_estimate(self) -> int:
         row = self._writer.execute("SELECT max(seq) FROM versions").fetchone()
         return int(row[0] or 0)
+
+    def _committed(self, count: int) -> None:
+        """After a COMMIT that returned, of `count` writes: what the writer now knows committed, and the analysis."""
+        self._own.committed()
+        self._texts.committed()
+        self._note_writes(count)
 
     def _note_writes(self, count: int) -> None:
         """Called under the write lock after a commit: re-analyze when the data has grown by a fifth."""
