@@ -8,24 +8,33 @@ for a fixed time. Latency is from sending a message to reading its ACK. The base
 same run, is bench/hl7_baseline.py: the message bytes appended to a file with fsync, then
 acknowledged — the least any durable acknowledgement costs.
 
-    .venv/bin/python bench/hl7_bench.py [--seconds 20] [--mllp-workers 0 1] [--wal-reads map pread]
+    .venv/bin/python bench/hl7_bench.py [--seconds 20] [--mllp-workers 0 1] [--wal-reads map pread] [--cpus poll halt]
+
+`--cpus`: Rebond keeps idle CPUs polling while its MLLP intake is busy (ops/awake.py, the default) or lets them halt
+(`--no-poll-when-busy`); the baseline is measured both ways too, this script holding the same request for its "poll"
+phases, so that each ratio compares like with like.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import itertools
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from common import ROOT, SCRATCH, cpu_ticks, database, machine, pace_ms, percentile, stolen_share
 
 from rebond.hl7.mllp import END, START, ack_code, send_messages
 from rebond.hl7.simulate import Traffic
+from rebond.ops.awake import DEVICE
 from rebond.seed.demo import seed_demo
 from rebond.store import open_store
 from tests.pg_harness import free_port
@@ -107,6 +116,20 @@ def timed_load(port: int, batches: list[list[bytes]], seconds: float) -> tuple[t
     return outcome, f"{pace_before:5.1f} {pace_after:5.1f} {stolen_share(ticks_before, ticks_after):7.1f}"
 
 
+@contextlib.contextmanager
+def cpus_polling(poll: bool) -> Iterator[None]:
+    """The CPUs kept polling when idle while inside (the PM QoS request `rebond serve` makes when busy), or left alone."""
+    if not poll:
+        yield
+        return
+    fd = os.open(DEVICE, os.O_WRONLY)
+    try:
+        os.write(fd, struct.pack("i", 0))
+        yield
+    finally:
+        os.close(fd)
+
+
 def results_for(traffic: Traffic, connections: int, per_connection: int) -> list[list[bytes]]:
     return [[traffic.result(dt.datetime.now(dt.UTC)).encode() for _ in range(per_connection)]
             for _ in range(connections)]
@@ -121,6 +144,9 @@ def main() -> None:
                         help="how the servers read SQLite's WAL and database, each measured in turn: through maps the VFS"
                              " keeps (the default), or a pread() a WAL page and SQLite's own map (REBOND_WAL_READS=pread,"
                              " docs/operations.md)")
+    parser.add_argument("--cpus", choices=("poll", "halt"), nargs="+", default=["poll", "halt"],
+                        help="idle CPUs kept polling while the intake is busy (the default of rebond serve) or left to halt"
+                             " (--no-poll-when-busy), each measured in turn, the baseline too")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     with database("sqlite", "hl7") as url:
@@ -134,11 +160,12 @@ def main() -> None:
         senders: dict[tuple[str, int], float] = {}  # this process's CPU: the load's senders, on the same two cores
         per_commit: dict[tuple[str, int], float] = {}  # messages the intake writer took into each commit
         states: list[str] = []  # the machine's pace around each phase, and the share the host stole during it
-        for workers, reads in ((w, r) for w in args.mllp_workers for r in args.wal_reads):
+        for workers, reads, cpus in itertools.product(args.mllp_workers, args.wal_reads, args.cpus):
             port = free_port()
             os.environ["REBOND_WAL_READS"] = reads  # the server's processes take it from this one's
-            label = f"rebond/{workers}" + ("" if reads == "map" else " pread")
-            server = RebondServer(url, "--mllp-port", str(port), "--mllp-workers", str(workers)).start()
+            label = f"rebond/{workers}" + ("" if reads == "map" else " pread") + ("" if cpus == "poll" else " halt")
+            server = RebondServer(url, "--mllp-port", str(port), "--mllp-workers", str(workers),
+                                  *(() if cpus == "poll" else ("--no-poll-when-busy",))).start()
             try:
                 if not rows:
                     admissions = [traffic.admission(dt.datetime.now(dt.UTC)).encode() for _ in range(300)]
@@ -169,28 +196,30 @@ def main() -> None:
                     break
                 except OSError:
                     time.sleep(0.1)
-            for connections in (4, 32):
+            for cpus, connections in itertools.product(args.cpus, (4, 32)):
                 batches = results_for(traffic, connections, int(args.seconds * 3000 / connections) + 50)
-                outcome, machine_state = timed_load(base_port, batches, args.seconds)
-                rows.append(("baseline", connections, *outcome))
+                with cpus_polling(cpus == "poll"):
+                    outcome, machine_state = timed_load(base_port, batches, args.seconds)
+                rows.append(("baseline" + ("" if cpus == "poll" else " halt"), connections, *outcome))
                 states.append(machine_state)
         finally:
             baseline.terminate()
             baseline.wait()
-    base = {c: rate for who, c, rate, _l, _r in rows if who == "baseline"}
+    base = {(who.endswith(" halt"), c): rate for who, c, rate, _l, _r in rows if who.startswith("baseline")}
     print("(rebond/N: rebond serve --mllp-workers N; 0 = the drafts made by the server process; the intake writer is a process;"
-          " pread: the SQLite VFS's maps off, REBOND_WAL_READS=pread: the WAL read with a pread() each)")
-    print(f"\n{'server':<14} {'conns':>5} {'msg/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'refused':>8} {'ratio':>6}   pace ms: before after  stolen %")
+          " pread: the SQLite VFS's maps off, REBOND_WAL_READS=pread: the WAL read with a pread() each;"
+          " halt: idle CPUs left to halt, --no-poll-when-busy, against the baseline measured so too)")
+    print(f"\n{'server':<20} {'conns':>5} {'msg/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'refused':>8} {'ratio':>6}   pace ms: before after  stolen %")
     for (who, connections, rate, latencies, refused), state in zip(rows, states, strict=True):
-        print(f"{who:<14} {connections:>5} {rate:>8.0f} {percentile(latencies, 50):>8.1f} {percentile(latencies, 99):>8.1f}"
-              f" {refused:>8} {rate / base[connections]:>6.2f}            {state}")
+        print(f"{who:<20} {connections:>5} {rate:>8.0f} {percentile(latencies, 50):>8.1f} {percentile(latencies, 99):>8.1f}"
+              f" {refused:>8} {rate / base[(who.endswith(' halt'), connections)]:>6.2f}            {state}")
     print("(target: >= 500 messages/s with 4 connections, p99 < 50 ms; SQLite, acknowledged after the commit)")
     print("(pace: ms for a fixed piece of interpreted work, the machine idle, just before and after the phase; lower is faster."
           " stolen: the CPUs' time the host gave to others during it)")
     print("\nCPU per message, ms (user + system, the system part in brackets, from /proc;"
           " `senders`: this script's connections, on the same cores):")
     for (label, connections), spent in cpu.items():
-        print(f"{label:<14} {connections:>5}   " + "   ".join(f"{k} {u + s:.2f} [{s:.2f}]" for k, (u, s) in spent.items())
+        print(f"{label:<20} {connections:>5}   " + "   ".join(f"{k} {u + s:.2f} [{s:.2f}]" for k, (u, s) in spent.items())
               + f"   total {sum(u + s for u, s in spent.values()):.2f}   (senders {senders[(label, connections)]:.2f})"
               + f"   {per_commit[(label, connections)]:.2f} messages a commit")
 

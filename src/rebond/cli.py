@@ -51,6 +51,9 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 ESCALATE_HELP = ("minutes after which the lab's call for a critical result that no one on the ward has taken in hand is passed "
                  "on to the physician on call (0: never)")
+POLL_WHEN_BUSY_HELP = ("while MLLP messages come in at 100 a second or more, ask Linux to keep idle CPUs polling instead of "
+                       "halting (/dev/cpu_dma_latency, which Rebond's account must be able to open): a halted CPU wakes "
+                       "late to each message, on a virtual machine above all")
 
 
 @app.command()
@@ -65,6 +68,7 @@ def serve(
     mllp_port: Annotated[int | None, typer.Option(help="also take HL7 v2 messages over MLLP on this port (2575 is usual)")] = None,
     mllp_workers: Annotated[int | None, typer.Option(help="processes working out MLLP messages (default: 0 on two cores, "
                                                           "the server process does it; cores less one above)")] = None,
+    poll_when_busy: Annotated[bool, typer.Option(help=POLL_WHEN_BUSY_HELP)] = True,
     downtime_dir: Annotated[str | None, typer.Option(help="where the downtime packs are kept (default: var/downtime)")] = None,
     downtime_every: Annotated[float, typer.Option(help="minutes between two rounds of downtime packs (0: none)")] = 10,
     downtime_keep: Annotated[int, typer.Option(help="downtime packs kept per ward")] = 6,
@@ -118,7 +122,7 @@ def serve(
             if stop_packs is not None:
                 stop_packs()
         return
-    mllp = _mllp_listener(store, db, site_id, host, mllp_port, mllp_workers)
+    mllp = _mllp_listener(store, db, site_id, host, mllp_port, mllp_workers, poll_when_busy=poll_when_busy)
     if mllp is not None:
         out_console.print(f"HL7 v2 over MLLP on {host}:{mllp_port}")
     from rebond.site.node import Node
@@ -155,6 +159,7 @@ def site(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port")] = 8081,
     mllp_port: Annotated[int | None, typer.Option(help="also take HL7 v2 messages over MLLP on this port")] = None,
+    poll_when_busy: Annotated[bool, typer.Option(help=POLL_WHEN_BUSY_HELP)] = True,
     token: Annotated[str, typer.Option(envvar="REBOND_UPSTREAM_TOKEN", help="API token of this site's account on the central site (role site)")] = "",
     ipp_range: Annotated[str, typer.Option(help="FIRST-LAST: patient numbers allocated to this site for emergency admissions")] = "",
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
@@ -197,7 +202,7 @@ def site(
     node = SiteNode(store, upstream, token)
     # a site node takes its messages in this process, where its writes are journaled for the central site (a hospital's
     # own traffic); the worker and writer processes are for the central site
-    mllp = _mllp_listener(store, db, site_id, host, mllp_port, None, in_this_process=True)
+    mllp = _mllp_listener(store, db, site_id, host, mllp_port, None, in_this_process=True, poll_when_busy=poll_when_busy)
     out_console.print(f"Rebond site node {site_id} at http://{host}:{port}/ (FHIR: /fhir, status: /status), "
                       f"following {upstream} (store: {_redact(db)})")
     downtime = _pack_scheduler(db, site_id, downtime_dir or f"var/downtime-{site_id}", downtime_every, downtime_keep, node.status)
@@ -208,22 +213,24 @@ def site(
 
 
 def _mllp_listener(store: Store, db: str, site_id: str, host: str, port: int | None, workers: int | None, *,
-                   in_this_process: bool = False) -> MllpServer | None:
+                   in_this_process: bool = False, poll_when_busy: bool = True) -> MllpServer | None:
     """The MLLP listener beside the web server: the messages' writes worked out by worker processes (or this one) and
     committed by the intake writer process; or everything in this process (`in_this_process`)."""
     if port is None:
         return None
     from rebond.hl7.mllp import MllpServer
     from rebond.hl7.workers import DraftWorkers
+    from rebond.ops.awake import AwakeWhileBusy
 
+    awake = AwakeWhileBusy() if poll_when_busy else None
     if in_this_process or ":memory:" in db:  # a store in this process's memory: no other process can write to it
-        return MllpServer(store, host, port)
+        return MllpServer(store, host, port, awake=awake)
     if workers is None:
         # the intake writer is a process of its own, busy on every message; on two cores the server process drafts
         # (hl7/workers.py says why), on more the workers share the cores left
         cores = os.cpu_count() or 1
         workers = 0 if cores <= 2 else min(cores - 1, 4)
-    return MllpServer(store, host, port, drafts=DraftWorkers(db, site_id, workers, here=store))
+    return MllpServer(store, host, port, drafts=DraftWorkers(db, site_id, workers, here=store), awake=awake)
 
 
 def _pack_scheduler(db: str, site_id: str, folder: str, every: float, keep: int,

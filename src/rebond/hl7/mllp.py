@@ -24,6 +24,7 @@ from rebond.hl7.intake import CHANNEL, KEPT_OF_OVERSIZED, MAX_MESSAGE_BYTES, Ans
 from rebond.hl7.message import MessageError, acknowledgement
 from rebond.hl7.workers import DraftWorkers, WriterGone
 from rebond.moments import utc_second
+from rebond.ops.awake import AwakeWhileBusy
 from rebond.store.base import Store
 
 log = logging.getLogger("rebond.hl7")
@@ -110,13 +111,14 @@ class _Sender:
 
 class MllpServer:
     def __init__(self, store: Store, host: str, port: int, *, max_bytes: int = MAX_MESSAGE_BYTES, idle_timeout: float = 300.0,
-                 workers: int = 8, drafts: DraftWorkers | None = None) -> None:
+                 workers: int = 8, drafts: DraftWorkers | None = None, awake: AwakeWhileBusy | None = None) -> None:
         self.store = store
         self.host = host
         self.port = port
         self.max_bytes = max_bytes
         self.idle_timeout = idle_timeout
         self.drafts = drafts  # worker processes that work out each message's writes (hl7/workers.py); None: done here
+        self.awake = awake  # idle CPUs kept polling while messages come in fast (ops/awake.py); None: never
         self._limiter = anyio.CapacityLimiter(workers)  # messages applied at once, across connections
         self._server: asyncio.Server | None = None
         self.connections = 0
@@ -125,6 +127,8 @@ class MllpServer:
     async def start(self) -> None:
         if self.drafts is not None:
             await self.drafts.start()
+        if self.awake is not None:
+            self.awake.start()
         self._server = await asyncio.start_server(self.serve_connection, self.host, self.port, limit=2 ** 20)
         sockets: list[Any] = list(self._server.sockets or [])
         if sockets and self.port == 0:
@@ -139,6 +143,8 @@ class MllpServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        if self.awake is not None:
+            self.awake.stop()
         if self.drafts is not None:
             await self.drafts.stop()
 
@@ -153,6 +159,8 @@ class MllpServer:
                                              for name, sender in sorted(self.senders.items())]}
         if self.drafts is not None:
             facts["workers"] = self.drafts.status()
+        if self.awake is not None:
+            facts["cpus_polling"] = self.awake.status()
         return facts
 
     def _sender(self, name: str) -> _Sender:
@@ -189,6 +197,8 @@ class MllpServer:
                     else:
                         answer = await self._take(payload)
                     self._sender(answer.sender).note(answer.code, time.time())
+                    if self.awake is not None:
+                        self.awake.note()
                     writer.write(frame(answer.ack))
                     await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
