@@ -22,7 +22,6 @@ import datetime as dt
 import itertools
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -34,7 +33,7 @@ from common import ROOT, SCRATCH, cpu_ticks, database, machine, pace_ms, percent
 
 from rebond.hl7.mllp import END, START, ack_code, send_messages
 from rebond.hl7.simulate import Traffic
-from rebond.ops.awake import DEVICE
+from rebond.ops.awake import ask_cpus_to_poll
 from rebond.seed.demo import seed_demo
 from rebond.store import open_store
 from tests.pg_harness import free_port
@@ -122,9 +121,8 @@ def cpus_polling(poll: bool) -> Iterator[None]:
     if not poll:
         yield
         return
-    fd = os.open(DEVICE, os.O_WRONLY)
+    fd = ask_cpus_to_poll()
     try:
-        os.write(fd, struct.pack("i", 0))
         yield
     finally:
         os.close(fd)

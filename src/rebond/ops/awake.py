@@ -36,6 +36,18 @@ CALM_AFTER = 5.0
 TICK = 0.5
 
 
+def ask_cpus_to_poll(device: str = DEVICE) -> int:
+    """Ask that idle CPUs wake up at once (0 µs: the kernel's idle loop polls); the request holds until the returned
+    descriptor is closed, by `os.close` or by the process's end. OSError when the device cannot be had."""
+    fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, struct.pack("i", 0))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class AwakeWhileBusy:
     """Counts the messages (`note`) and holds the PM QoS request while they come in fast; runs in an event loop."""
 
@@ -87,19 +99,11 @@ class AwakeWhileBusy:
 
     def _hold(self, rate: float) -> None:
         try:
-            fd = os.open(self.device, os.O_WRONLY | os.O_CLOEXEC)
+            self._fd = ask_cpus_to_poll(self.device)
         except OSError as err:
             self.problem = f"{self.device} cannot be opened ({err.strerror or err}): the CPUs halt between messages"
             log.info("MLLP busy (%.0f messages/s), idle CPUs not kept polling: %s", rate, self.problem)
             return
-        try:
-            os.write(fd, struct.pack("i", 0))  # 0 µs of wake-up latency: the kernel's idle loop polls
-        except OSError as err:
-            os.close(fd)
-            self.problem = f"{self.device} refused the request ({err.strerror or err})"
-            log.info("MLLP busy, idle CPUs not kept polling: %s", self.problem)
-            return
-        self._fd = fd
         self._held_since = time.time()
         self.times_held += 1
         log.info("MLLP busy (%.0f messages/s): idle CPUs kept polling until it calms down", rate)
