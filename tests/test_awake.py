@@ -56,13 +56,18 @@ def test_the_cpus_are_kept_polling_while_messages_come_fast_and_let_go_once_they
             seen.append(("busy again", awake.held, wake_up_latency()))
             assert awake.times_held == 2 and awake.problem is None
             assert awake.status()["held"] is True and awake.status()["held_since"].endswith("Z")
+            await asyncio.sleep(1.3)  # no message at all: let go after calm_after, then no more looks at the rate
+            seen.append(("quiet", awake.held, wake_up_latency()))
+            looks = awake.looks
+            await asyncio.sleep(0.3)
+            assert awake.looks == looks, "a quiet server is not woken up to look at a rate of nothing"
         finally:
             awake.stop()
         seen.append(("stopped", awake.held, wake_up_latency()))
 
     asyncio.run(run())
     assert seen == [("slow", False, before), ("busy", True, 0), ("calming", True, 0), ("calm", False, before),
-                    ("busy again", True, 0), ("stopped", False, before)]
+                    ("busy again", True, 0), ("quiet", False, before), ("stopped", False, before)]
 
 
 def test_without_the_right_to_the_device_nothing_changes_but_the_status_says_why() -> None:

@@ -59,6 +59,7 @@ class AwakeWhileBusy:
         self.tick = tick
         self.messages = 0
         self.times_held = 0
+        self.looks = 0  # at the rate: none while no message comes in
         self.problem: str | None = None  # why the request cannot be made here; then it is not tried again
         self._fd: int | None = None
         self._held_since: float | None = None
@@ -66,28 +67,36 @@ class AwakeWhileBusy:
         self._seen = 0
         self._seen_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def held(self) -> bool:
         return self._fd is not None
 
     def note(self) -> None:
-        """One message taken in."""
+        """One message taken in; from the event loop. The rate is looked at every `tick` while messages come in or the
+        request is held, and not at all on a quiet server."""
         self.messages += 1
+        if self._timer is None and self._loop is not None:
+            self._seen, self._seen_at = self.messages - 1, time.monotonic()
+            self._timer = self._loop.call_later(self.tick, self._look)
 
     def start(self) -> None:
-        self._seen, self._seen_at = self.messages, time.monotonic()
-        self._timer = asyncio.get_running_loop().call_later(self.tick, self._look)
+        self._loop = asyncio.get_running_loop()
 
     def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._loop = None
         self._let_go()
 
     def _look(self) -> None:
+        self._timer = None
+        self.looks += 1
         now = time.monotonic()
-        rate = (self.messages - self._seen) / max(now - self._seen_at, 1e-6)
+        came = self.messages - self._seen
+        rate = came / max(now - self._seen_at, 1e-6)
         self._seen, self._seen_at = self.messages, now
         if rate >= self.busy_rate:
             self._last_busy = now
@@ -95,7 +104,8 @@ class AwakeWhileBusy:
                 self._hold(rate)
         elif self._fd is not None and now - self._last_busy >= self.calm_after:
             self._let_go()
-        self._timer = asyncio.get_running_loop().call_later(self.tick, self._look)
+        if (came or self._fd is not None) and self._loop is not None:
+            self._timer = self._loop.call_later(self.tick, self._look)
 
     def _hold(self, rate: float) -> None:
         try:
