@@ -2,9 +2,10 @@
 
 A message crosses three processes (the sender, the server, the intake writer) and each hop wakes one of them. On a
 virtual machine an idle CPU halts and hands its time back to the host; waking it for the next hop goes through the
-host, and on this project's 2-core machine the processes also ran about 20 % slower after each such wake-up. Measured
-with four connections, alternated: 799-1,063 lab panels a second with the CPUs kept polling, against 656-946 with
-them halting, ahead in each of six pairs (docs/benchmarks.md, stop 33).
+host, and on this project's 2-core machine the processes also spent more CPU on the same work after such wake-ups
+(11 % more a lab panel on average over ten runs, up to half more). Measured with four connections, `bench/hl7_bench.py`
+both ways in each of ten runs: 826-1,042 lab panels a second with the CPUs kept polling, against 693-1,020 with them
+halting (docs/benchmarks.md, stop 33).
 
 Linux lets a process ask for that through PM QoS: while `/dev/cpu_dma_latency` is held open with 0 written to it, an
 idle CPU polls (it spins, checking whether it has work) instead of halting; closing it withdraws the request. That
